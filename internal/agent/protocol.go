@@ -1,0 +1,63 @@
+// Package agent is the wire protocol between sandboxd and sandbox-agent, the small static program
+// that runs as PID 1 inside every container sandbox, and the host-side client of it.
+//
+// Transport: a unix stream socket (container driver: <sandbox dir>/run/agent.sock on the host,
+// /.sandbox/run/agent.sock inside). One connection carries one run:
+//
+//	host → agent: one JSON line, a RunRequest.
+//	agent → host: JSON lines, each an Event: zero or more "stdout"/"stderr" chunks, then exactly one
+//	              "exit" event carrying the RunResult, after which the agent closes the connection.
+//
+// If the host closes the connection before "exit", the agent kills the run's whole process tree.
+// The agent serves one run at a time; when a run ends (for any reason) it kills every other
+// process of the sandbox, so nothing a run started outlives it.
+package agent
+
+import "encoding/json"
+
+// SocketDir is where the agent listens inside the sandbox; SocketName is the socket's name in it.
+const (
+	SocketDir  = "/.sandbox/run"
+	SocketName = "agent.sock"
+)
+
+// RunRequest asks the agent to execute Code in a fresh Python process.
+type RunRequest struct {
+	Code       string            `json:"code"`
+	TimeoutMS  int64             `json:"timeout_ms"` // wall clock; the process tree is killed after it
+	Env        map[string]string `json:"env,omitempty"`
+	AllowSpawn bool              `json:"allow_spawn"` // false: seccomp forbids fork/vfork/non-thread clone
+	MaxOutput  int               `json:"max_output"`  // bytes kept per stream
+}
+
+// Event is one line from the agent.
+type Event struct {
+	Type   string     `json:"type"`             // "stdout", "stderr" or "exit"
+	Data   []byte     `json:"data,omitempty"`   // output chunk (stdout/stderr)
+	Result *RunResult `json:"result,omitempty"` // with "exit"
+}
+
+// RunResult is the outcome of a run as the agent saw it. The host decides OOM (from the cgroup)
+// and cancellation; the agent reports what happened to the process.
+type RunResult struct {
+	ExitCode        int             `json:"exit_code"`             // exit status, or 128+signal
+	Signal          int             `json:"signal,omitempty"`      // the signal that killed the process
+	TimedOut        bool            `json:"timed_out"`             // killed by the agent at TimeoutMS
+	Stdout          []byte          `json:"stdout"`                // first MaxOutput bytes
+	Stderr          []byte          `json:"stderr"`                // first MaxOutput bytes
+	StdoutTruncated bool            `json:"stdout_truncated"`      // more was written than kept
+	StderrTruncated bool            `json:"stderr_truncated"`      // more was written than kept
+	Result          json.RawMessage `json:"result,omitempty"`      // JSON of the global `result`
+	Error           *PyError        `json:"error,omitempty"`       // uncaught exception
+	DurationUS      int64           `json:"duration_us"`           // wall time of the process
+	CPUUS           int64           `json:"cpu_us"`                // user+sys of the process tree (rusage)
+	MaxRSSBytes     int64           `json:"max_rss_bytes"`         // peak RSS (rusage)
+	AgentError      string          `json:"agent_error,omitempty"` // the agent failed (not the code)
+}
+
+// PyError is an uncaught Python exception.
+type PyError struct {
+	Type      string `json:"type"`
+	Message   string `json:"message"`
+	Traceback string `json:"traceback"`
+}

@@ -1,0 +1,163 @@
+// Package driver defines how sandboxd runs sandboxes: one small interface, keyed by sandbox ID,
+// that every runtime (container today; wasm and kubernetes later) implements, and a registry of
+// drivers by name in the manner of database/sql.
+//
+// A user program that fails, times out or is OOM-killed is a *result* (ExecResult.Status), never a
+// Go error: errors are reserved for the driver itself failing.
+package driver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+)
+
+// Mount is a host directory bound into the sandbox at Path.
+type Mount struct {
+	Path     string // absolute, clean path inside the sandbox
+	HostDir  string // absolute host directory, owned by the service, that backs Path
+	ReadOnly bool   // the sandbox can read but never write (the host side still can)
+}
+
+// Spec is everything a driver needs to provision one sandbox.
+type Spec struct {
+	RootFS      string   // host directory of the image's root filesystem (never written)
+	Mounts      []Mount  // read_only and read_write paths
+	Blocked     []string // paths made inaccessible, whatever the image or a mount holds
+	CPU         float64  // cores (0.5 = half a core)
+	MemoryBytes int64    // memory limit of the whole sandbox
+	PidsLimit   int64    // process-count limit of the whole sandbox
+	TmpBytes    int64    // size of the private /tmp
+	AllowSpawn  bool     // whether run code may start subprocesses
+}
+
+// Stream names an output stream of a run.
+type Stream string
+
+const (
+	Stdout Stream = "stdout"
+	Stderr Stream = "stderr"
+)
+
+// ExecRequest is one run: a fresh Python process executing Code.
+type ExecRequest struct {
+	Code      string
+	Timeout   time.Duration     // wall-clock limit of the run; the process tree is killed after it
+	Env       map[string]string // extra environment variables
+	MaxOutput int               // bytes kept per stream; the rest is counted and flagged
+	// OnOutput, when set, receives output chunks as they are written (before truncation is
+	// decided, at most MaxOutput bytes per stream). It must not block for long.
+	OnOutput func(s Stream, p []byte)
+}
+
+// Status is the outcome of a run, as the API reports it.
+type Status string
+
+const (
+	StatusCompleted Status = "completed" // exit 0
+	StatusFailed    Status = "failed"    // non-zero exit or uncaught exception
+	StatusTimeout   Status = "timeout"   // killed at the timeout
+	StatusCancelled Status = "cancelled" // killed because the caller's ctx ended
+	StatusOOM       Status = "oom"       // killed by the memory limit
+)
+
+// PyError describes an uncaught Python exception.
+type PyError struct {
+	Type      string `json:"type"`
+	Message   string `json:"message"`
+	Traceback string `json:"traceback"`
+}
+
+// ExecResult is what a run produced.
+type ExecResult struct {
+	Status          Status
+	ExitCode        int // the process's exit code; 128+signal when killed by a signal
+	Stdout, Stderr  []byte
+	StdoutTruncated bool
+	StderrTruncated bool
+	Result          json.RawMessage // JSON of the global `result`; nil when unset
+	Error           *PyError        // uncaught exception, if any
+	Started         time.Time
+	Duration        time.Duration
+	CPU             time.Duration // user+system CPU time of the run's processes
+	MemoryPeak      int64         // peak resident memory of the run, bytes
+}
+
+// Driver runs sandboxes. Implementations are safe for concurrent use across sandbox IDs; the
+// service never calls Exec concurrently for one ID.
+type Driver interface {
+	// Name is the registry name, e.g. "container".
+	Name() string
+	// Check reports whether the runtime works on this host (for /health).
+	Check(ctx context.Context) error
+	// Create provisions sandbox id and returns once it can accept Exec. On error nothing of the
+	// sandbox is left behind. Cancelling ctx aborts provisioning and cleans up.
+	Create(ctx context.Context, id string, spec Spec) error
+	// Exec runs one program in a ready sandbox and returns when it has ended. Cancelling ctx kills
+	// the run and returns StatusCancelled. When Exec returns, no process of the run is left.
+	// Errors: ErrNotFound for an unknown id; any other error means the driver failed.
+	Exec(ctx context.Context, id string, req ExecRequest) (ExecResult, error)
+	// Destroy kills everything of sandbox id and removes its processes, mounts, cgroups, network
+	// namespace and the driver's own state of it (the Mounts' HostDirs belong to the caller and
+	// are left alone). Idempotent: destroying an unknown or destroyed id returns nil. It works for
+	// sandboxes created by an earlier process of the service (after a crash), too.
+	Destroy(ctx context.Context, id string) error
+	// List returns the IDs of sandboxes that have resources on this host, including ones left by a
+	// previous process of the service (for reconciliation at start-up).
+	List(ctx context.Context) ([]string, error)
+}
+
+// ErrNotFound is returned by Exec for a sandbox the driver does not know.
+var ErrNotFound = errors.New("sandbox not found in driver")
+
+// Factory opens a driver from its options.
+type Factory func(opts Options) (Driver, error)
+
+// Options configure a driver.
+type Options struct {
+	StateDir string // host directory the driver owns for its state: runtime state, per-sandbox dirs
+	AgentBin string // path of the static sandbox-agent binary (container driver)
+	Runtime  string // OCI runtime to use: "crun", "runc", or "" to detect
+}
+
+var (
+	mu        sync.Mutex
+	factories = map[string]Factory{}
+)
+
+// Register makes a driver available by name; it panics on a duplicate name.
+func Register(name string, f Factory) {
+	mu.Lock()
+	defer mu.Unlock()
+	if _, dup := factories[name]; dup {
+		panic("driver: Register called twice for " + name)
+	}
+	factories[name] = f
+}
+
+// Open opens the driver registered as name.
+func Open(name string, opts Options) (Driver, error) {
+	mu.Lock()
+	f, ok := factories[name]
+	mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("driver %q is not registered (have %v)", name, Names())
+	}
+	return f(opts)
+}
+
+// Names lists the registered drivers, sorted.
+func Names() []string {
+	mu.Lock()
+	defer mu.Unlock()
+	var names []string
+	for n := range factories {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}

@@ -1,0 +1,181 @@
+// Package store keeps sandboxd's records — accounts, API keys, sandboxes, runs and audit events —
+// behind one interface. Records are never deleted: a destroyed sandbox keeps its record for billing
+// and audit. Implementations: sqlite (embedded, default). Every implementation passes the shared
+// conformance suite in storetest.
+//
+// All times are UTC. Methods block on the database and honour ctx cancellation.
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+)
+
+// Errors the store classifies; wrap-aware (use errors.Is).
+var (
+	ErrNotFound = errors.New("not found")
+	ErrConflict = errors.New("already exists")
+	ErrQuota    = errors.New("concurrency limit reached")
+)
+
+// Account owns API keys and sandboxes.
+type Account struct {
+	ID        string // "acct_…"
+	Name      string // unique
+	Plan      string // "free", "pro", "enterprise" (limits live in the service's plan table)
+	CreatedAt time.Time
+}
+
+// Sandbox statuses. Live ones are provisioning, ready and running.
+const (
+	SandboxProvisioning = "provisioning"
+	SandboxReady        = "ready"
+	SandboxRunning      = "running"
+	SandboxDestroyed    = "destroyed"
+	SandboxError        = "error"
+)
+
+// LiveStatuses are the statuses that count against a plan's concurrency limit.
+var LiveStatuses = []string{SandboxProvisioning, SandboxReady, SandboxRunning}
+
+// Sandbox is one sandbox's record.
+type Sandbox struct {
+	ID            string
+	AccountID     string
+	AgentID       string
+	Mode          string
+	Status        string
+	Config        json.RawMessage // the normalised config, as the API echoes it
+	CreatedAt     time.Time
+	ReadyAt       *time.Time
+	ExpiresAt     time.Time
+	DestroyedAt   *time.Time
+	DestroyReason string          // "", "deleted", "expired", "error", "server_restart"
+	Error         json.RawMessage // nil or {"error": code, "message": text}
+}
+
+// Run is one execution's record.
+type Run struct {
+	ID              string
+	SandboxID       string
+	AccountID       string
+	Status          string // queued, running, completed, failed, timeout, cancelled, oom, error
+	Code            string
+	TimeoutSeconds  int
+	Async           bool
+	ExitCode        *int
+	Stdout          string
+	Stderr          string
+	StdoutTruncated bool
+	StderrTruncated bool
+	Result          json.RawMessage // nil when unset
+	Error           json.RawMessage // nil, or {"type","message","traceback"}
+	CreatedAt       time.Time
+	StartedAt       *time.Time
+	FinishedAt      *time.Time
+	DurationMS      int64
+	CPUMS           int64
+	MemoryPeakBytes int64
+}
+
+// Event is one audit event.
+type Event struct {
+	ID        string // "evt_…"
+	AccountID string
+	Type      string // sandbox.created, run.finished, quota.denied, auth.failed, …
+	At        time.Time
+	SandboxID string          // may be empty
+	RunID     string          // may be empty
+	AgentID   string          // may be empty
+	Detail    json.RawMessage // a JSON object; nil means {}
+}
+
+// SandboxFilter selects sandboxes; zero fields match everything. Results are newest first.
+type SandboxFilter struct {
+	AccountID string
+	Status    string
+	AgentID   string
+	Offset    int
+	Limit     int // 0 = no limit
+}
+
+// EventFilter selects audit events; zero fields match everything. Results are oldest first.
+type EventFilter struct {
+	AccountID string
+	SandboxID string
+	Type      string
+	From, To  time.Time // From inclusive, To exclusive; zero = unbounded
+	Offset    int
+	Limit     int // 0 = no limit
+}
+
+// UsageDay is one UTC day of an account's usage. A sandbox's billed minutes (each started minute
+// of its lifetime, from created_at to destroyed_at, or to now while live) count on the day it was
+// created; runs and CPU count on the day the run was created.
+type UsageDay struct {
+	Day           string // "2026-04-06"
+	Sandboxes     int
+	BilledMinutes int64
+	CPUSeconds    float64
+	Runs          int
+}
+
+// SandboxUsage sums one sandbox's runs.
+type SandboxUsage struct {
+	RunsTotal       int
+	RunsActive      int // queued or running
+	CPUMS           int64
+	MemoryPeakBytes int64 // the largest of its runs' peaks
+}
+
+// Store is the persistence interface. Implementations are safe for concurrent use.
+type Store interface {
+	// CreateAccount adds an account; ErrConflict if the name is taken.
+	CreateAccount(ctx context.Context, a Account) error
+	// AccountByName returns the account called name, or ErrNotFound.
+	AccountByName(ctx context.Context, name string) (Account, error)
+	// AddKey stores the hash of a new API key for an account. The key itself is never stored.
+	AddKey(ctx context.Context, accountID, keyID string, keyHash []byte, at time.Time) error
+	// AccountByKeyHash returns the account owning the key with that hash, or ErrNotFound.
+	AccountByKeyHash(ctx context.Context, keyHash []byte) (Account, error)
+
+	// CreateSandbox inserts sb atomically with a concurrency check: if the account already has
+	// limit or more live sandboxes it inserts nothing and returns ErrQuota. limit < 0 = unlimited.
+	CreateSandbox(ctx context.Context, sb Sandbox, limit int) error
+	// UpdateSandbox overwrites the mutable fields (Status, ReadyAt, DestroyedAt, DestroyReason,
+	// Error) of an existing record; ErrNotFound if there is none.
+	UpdateSandbox(ctx context.Context, sb Sandbox) error
+	// GetSandbox returns a sandbox; accountID "" matches any account. ErrNotFound otherwise.
+	GetSandbox(ctx context.Context, accountID, id string) (Sandbox, error)
+	// ListSandboxes returns the page selected by f and the total number matching f.
+	ListSandboxes(ctx context.Context, f SandboxFilter) ([]Sandbox, int, error)
+	// LiveSandboxes returns every sandbox, of all accounts, whose status is live.
+	LiveSandboxes(ctx context.Context) ([]Sandbox, error)
+	// SandboxUsage sums the runs of one sandbox.
+	SandboxUsage(ctx context.Context, sandboxID string) (SandboxUsage, error)
+
+	// CreateRun inserts a run; ErrConflict on a duplicate ID.
+	CreateRun(ctx context.Context, r Run) error
+	// UpdateRun overwrites every field but ID, SandboxID, AccountID, Code and CreatedAt.
+	UpdateRun(ctx context.Context, r Run) error
+	// GetRun returns one run of a sandbox, or ErrNotFound.
+	GetRun(ctx context.Context, sandboxID, runID string) (Run, error)
+	// ListRuns returns a sandbox's runs newest first, and their total.
+	ListRuns(ctx context.Context, sandboxID string, offset, limit int) ([]Run, int, error)
+	// EndOpenRuns sets every queued or running run of a sandbox to status with the given error
+	// JSON and finish time, and returns how many it changed.
+	EndOpenRuns(ctx context.Context, sandboxID, status string, errJSON json.RawMessage, at time.Time) (int, error)
+
+	// AddEvent appends an audit event.
+	AddEvent(ctx context.Context, e Event) error
+	// ListEvents returns the page selected by f (oldest first) and the total matching f.
+	ListEvents(ctx context.Context, f EventFilter) ([]Event, int, error)
+	// Usage returns an account's usage per UTC day for days in [from, to), oldest first; days
+	// with nothing are left out. now is the end of lifetime for live sandboxes.
+	Usage(ctx context.Context, accountID string, from, to, now time.Time) ([]UsageDay, error)
+
+	// Close releases the database.
+	Close() error
+}
