@@ -27,6 +27,8 @@ rm -rf "$r"/var/cache/apt/archives/*.deb "$r"/var/lib/apt/lists/* "$r"/usr/share
 mkdir -p "$r/workspace" "$r/.sandbox"
 # Precompile the standard library so a read-only root never tries to write .pyc files.
 chroot "$r" /usr/bin/python3 -m compileall -q /usr/lib/python3.11 >/dev/null 2>&1 || true
+# A content digest, reported by GET /api/images.
+echo "sha256:$(cd "$r" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)" >"$tmp/digest"
 touch "$tmp/.complete"
 rm -rf "$dir"; mv "$tmp" "$dir"
 trap - EXIT

@@ -158,7 +158,8 @@ type Store interface {
 
 	// CreateRun inserts a run; ErrConflict on a duplicate ID.
 	CreateRun(ctx context.Context, r Run) error
-	// UpdateRun overwrites every field but ID, SandboxID, AccountID, Code and CreatedAt.
+	// UpdateRun overwrites every field but ID, SandboxID, AccountID, Code and CreatedAt of the run
+	// with r.ID; ErrNotFound if there is none.
 	UpdateRun(ctx context.Context, r Run) error
 	// GetRun returns one run of a sandbox, or ErrNotFound.
 	GetRun(ctx context.Context, sandboxID, runID string) (Run, error)
@@ -168,7 +169,7 @@ type Store interface {
 	// JSON and finish time, and returns how many it changed.
 	EndOpenRuns(ctx context.Context, sandboxID, status string, errJSON json.RawMessage, at time.Time) (int, error)
 
-	// AddEvent appends an audit event.
+	// AddEvent appends an audit event; ErrConflict on a duplicate ID.
 	AddEvent(ctx context.Context, e Event) error
 	// ListEvents returns the page selected by f (oldest first) and the total matching f.
 	ListEvents(ctx context.Context, f EventFilter) ([]Event, int, error)

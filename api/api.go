@@ -1,0 +1,207 @@
+// Package api holds the JSON wire types of the Sandbox API (see the project's API contract). It has
+// no logic: the server and the Go client both use these types so they cannot drift apart.
+package api
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// CreateSandboxRequest is the body of POST /api/sandbox/create.
+type CreateSandboxRequest struct {
+	AgentID string  `json:"agent_id"`
+	Mode    string  `json:"mode,omitempty"`
+	Config  *Config `json:"config,omitempty"`
+}
+
+// Config is a sandbox's configuration. In responses it is normalised: every default filled in.
+type Config struct {
+	Image      string      `json:"image,omitempty"`
+	Filesystem *Filesystem `json:"filesystem,omitempty"`
+	Network    *Network    `json:"network,omitempty"`
+	Resources  *Resources  `json:"resources,omitempty"`
+	Process    *Process    `json:"process,omitempty"`
+}
+
+// Filesystem holds the path rules.
+type Filesystem struct {
+	ReadOnly  []string `json:"read_only"`
+	ReadWrite []string `json:"read_write"`
+	Blocked   []string `json:"blocked"`
+}
+
+// Network holds the egress rules.
+type Network struct {
+	Allow         []string `json:"allow"`
+	BlockOutbound *bool    `json:"block_outbound,omitempty"`
+}
+
+// Resources holds the limits. Timeout is in seconds.
+type Resources struct {
+	CPU     string `json:"cpu,omitempty"`
+	Memory  string `json:"memory,omitempty"`
+	Timeout *int   `json:"timeout,omitempty"`
+}
+
+// Process holds the process rules (ours).
+type Process struct {
+	AllowSpawn *bool `json:"allow_spawn,omitempty"`
+}
+
+// CreateSandboxResponse is the body of a 201/202 answer to create.
+type CreateSandboxResponse struct {
+	SandboxID string    `json:"sandbox_id"`
+	Status    string    `json:"status"`
+	Mode      string    `json:"mode"`
+	CreatedAt time.Time `json:"created_at"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// Sandbox is the whole record of a sandbox (GET /api/sandbox/{id}).
+type Sandbox struct {
+	SandboxID     string          `json:"sandbox_id"`
+	AgentID       string          `json:"agent_id"`
+	Status        string          `json:"status"`
+	Mode          string          `json:"mode"`
+	Config        json.RawMessage `json:"config"`
+	CreatedAt     time.Time       `json:"created_at"`
+	ReadyAt       *time.Time      `json:"ready_at"`
+	ExpiresAt     time.Time       `json:"expires_at"`
+	DestroyedAt   *time.Time      `json:"destroyed_at"`
+	DestroyReason *string         `json:"destroy_reason"`
+	Error         json.RawMessage `json:"error"`
+	Runs          RunCounts       `json:"runs"`
+	Usage         SandboxUsage    `json:"usage"`
+}
+
+// RunCounts counts a sandbox's runs.
+type RunCounts struct {
+	Total  int `json:"total"`
+	Active int `json:"active"`
+}
+
+// SandboxUsage is what a sandbox has consumed.
+type SandboxUsage struct {
+	CPUSeconds      float64 `json:"cpu_seconds"`
+	MemoryPeakBytes int64   `json:"memory_peak_bytes"`
+	BilledMinutes   int64   `json:"billed_minutes"`
+}
+
+// SandboxList is the body of GET /api/sandbox.
+type SandboxList struct {
+	Sandboxes []Sandbox `json:"sandboxes"`
+	Total     int       `json:"total"`
+	Page      int       `json:"page"`
+}
+
+// RunRequest is the body of POST /api/sandbox/{id}/run.
+type RunRequest struct {
+	Code    *string           `json:"code"`
+	Timeout *int              `json:"timeout,omitempty"`
+	Async   bool              `json:"async,omitempty"`
+	Env     map[string]string `json:"env,omitempty"`
+}
+
+// Run is a run object.
+type Run struct {
+	RunID           string          `json:"run_id"`
+	SandboxID       string          `json:"sandbox_id"`
+	Status          string          `json:"status"`
+	ExitCode        *int            `json:"exit_code"`
+	Stdout          string          `json:"stdout"`
+	Stderr          string          `json:"stderr"`
+	StdoutTruncated bool            `json:"stdout_truncated"`
+	StderrTruncated bool            `json:"stderr_truncated"`
+	Result          json.RawMessage `json:"result"`
+	Error           json.RawMessage `json:"error"`
+	CreatedAt       time.Time       `json:"created_at"`
+	StartedAt       *time.Time      `json:"started_at"`
+	FinishedAt      *time.Time      `json:"finished_at"`
+	DurationMS      *int64          `json:"duration_ms"`
+	Usage           RunUsage        `json:"usage"`
+}
+
+// RunUsage is what one run consumed.
+type RunUsage struct {
+	CPUMS           int64 `json:"cpu_ms"`
+	MemoryPeakBytes int64 `json:"memory_peak_bytes"`
+}
+
+// RunAccepted is the body of a 202 answer to an async run.
+type RunAccepted struct {
+	RunID     string `json:"run_id"`
+	SandboxID string `json:"sandbox_id"`
+	Status    string `json:"status"`
+}
+
+// RunList is the body of GET /api/sandbox/{id}/runs.
+type RunList struct {
+	Runs  []Run `json:"runs"`
+	Total int   `json:"total"`
+	Page  int   `json:"page"`
+}
+
+// Event is an audit event.
+type Event struct {
+	EventID   string          `json:"event_id"`
+	Type      string          `json:"type"`
+	At        time.Time       `json:"at"`
+	SandboxID *string         `json:"sandbox_id"`
+	RunID     *string         `json:"run_id"`
+	AgentID   *string         `json:"agent_id"`
+	Detail    json.RawMessage `json:"detail"`
+}
+
+// EventList is the body of GET /api/audit.
+type EventList struct {
+	Events []Event `json:"events"`
+	Total  int     `json:"total"`
+	Page   int     `json:"page"`
+}
+
+// UsageDay is one day of usage.
+type UsageDay struct {
+	Day           string  `json:"day"`
+	Sandboxes     int     `json:"sandboxes"`
+	BilledMinutes int64   `json:"billed_minutes"`
+	CPUSeconds    float64 `json:"cpu_seconds"`
+	Runs          int     `json:"runs"`
+}
+
+// Usage is the body of GET /api/usage.
+type Usage struct {
+	From          time.Time  `json:"from"`
+	To            time.Time  `json:"to"`
+	BilledMinutes int64      `json:"billed_minutes"`
+	CPUSeconds    float64    `json:"cpu_seconds"`
+	Runs          int        `json:"runs"`
+	Days          []UsageDay `json:"days"`
+}
+
+// Image is an approved image.
+type Image struct {
+	Name    string `json:"name"`
+	Mode    string `json:"mode"`
+	Digest  string `json:"digest"`
+	Default bool   `json:"default"`
+}
+
+// ImageList is the body of GET /api/images.
+type ImageList struct {
+	Images []Image `json:"images"`
+}
+
+// Health is the body of GET /health.
+type Health struct {
+	Status   string            `json:"status"`
+	Version  string            `json:"version"`
+	Runtimes map[string]string `json:"runtimes"`
+}
+
+// Error is the error envelope every failure answers with.
+type Error struct {
+	Error   string `json:"error"`
+	Message string `json:"message"`
+	Code    int    `json:"code"`
+	Docs    string `json:"docs"`
+}

@@ -1,0 +1,164 @@
+// Package config is where sandboxd's configuration enters: command-line flags, plus an optional
+// JSON file for what flags express badly (the approved images, the plans). Unknown flags, unknown
+// JSON fields and bad values are errors with a message that names the fix.
+package config
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/sandboxd/sandboxd/internal/sandbox"
+)
+
+// DefaultImage is the name of the image approved out of the box.
+const DefaultImage = "agentcop/agent-sandbox:latest"
+
+// Config is the whole configuration of the serve command.
+type Config struct {
+	Listen     string
+	DataDir    string
+	Runtime    string // crun, runc or "" (detect)
+	AgentBin   string
+	RatePerSec float64
+	RateBurst  int
+	Images     []sandbox.Image
+	Plans      map[string]sandbox.Plan
+	PidsLimit  int64
+	TmpBytes   int64
+}
+
+// file is the JSON configuration file.
+type file struct {
+	Images []struct {
+		Name    string `json:"name"`
+		Mode    string `json:"mode"`
+		RootFS  string `json:"rootfs"`
+		Default bool   `json:"default"`
+	} `json:"images"`
+	Plans map[string]struct {
+		MaxSandboxes int     `json:"max_sandboxes"`
+		MaxCPU       float64 `json:"max_cpu"`
+		MaxMemory    int64   `json:"max_memory_bytes"`
+	} `json:"plans"`
+	RatePerSec float64 `json:"rate_per_sec"`
+	RateBurst  int     `json:"rate_burst"`
+	PidsLimit  int64   `json:"pids_limit"`
+	TmpBytes   int64   `json:"tmp_bytes"`
+}
+
+type imageFlags []string
+
+func (f *imageFlags) String() string     { return strings.Join(*f, ",") }
+func (f *imageFlags) Set(v string) error { *f = append(*f, v); return nil }
+
+// ParseServe reads the serve command's flags (and the file --config names).
+func ParseServe(args []string) (Config, error) {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	c := Config{}
+	var cfgPath string
+	var images imageFlags
+	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8080", "address to serve the API on")
+	fs.StringVar(&c.DataDir, "data-dir", "data", "directory for the database and the sandboxes' files")
+	fs.StringVar(&c.Runtime, "runtime", "", "OCI runtime: crun or runc (default: detect, crun first)")
+	fs.StringVar(&c.AgentBin, "agent-bin", "", "path of the sandbox-agent binary (default: next to sandboxd)")
+	fs.StringVar(&cfgPath, "config", "", "optional JSON file with images, plans and limits")
+	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("serve takes no arguments, got %q", fs.Args())
+	}
+	if cfgPath != "" {
+		if err := c.loadFile(cfgPath); err != nil {
+			return c, err
+		}
+	}
+	for i, v := range images {
+		name, root, ok := strings.Cut(v, "=")
+		if !ok || name == "" || root == "" {
+			return c, fmt.Errorf("--image %q: want NAME=ROOTFS_DIR, e.g. --image %s=$(scripts/build-image.sh | tail -1)", v, DefaultImage)
+		}
+		c.Images = append(c.Images, sandbox.Image{Name: name, Mode: sandbox.ModeContainer, RootFS: root, Default: i == 0 && !hasDefault(c.Images, sandbox.ModeContainer)})
+	}
+	if len(c.Images) == 0 {
+		return c, fmt.Errorf("no approved image: pass --image %s=ROOTFS_DIR (build one with scripts/build-image.sh, or use make run)", DefaultImage)
+	}
+	for i := range c.Images {
+		im := &c.Images[i]
+		abs, err := filepath.Abs(im.RootFS)
+		if err != nil {
+			return c, err
+		}
+		im.RootFS = abs
+		if st, err := os.Stat(filepath.Join(abs, "usr/bin/python3")); err != nil || st.IsDir() {
+			return c, fmt.Errorf("image %s: %s has no usr/bin/python3: is it a root filesystem? (build one with scripts/build-image.sh)", im.Name, abs)
+		}
+		if d, err := os.ReadFile(filepath.Join(filepath.Dir(abs), "digest")); err == nil {
+			im.Digest = strings.TrimSpace(string(d))
+		}
+	}
+	if c.AgentBin == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return c, err
+		}
+		c.AgentBin = filepath.Join(filepath.Dir(exe), "sandbox-agent")
+	}
+	if _, err := os.Stat(c.AgentBin); err != nil {
+		return c, fmt.Errorf("sandbox-agent binary not found at %s: build it with make build, or pass --agent-bin", c.AgentBin)
+	}
+	return c, nil
+}
+
+func hasDefault(ims []sandbox.Image, mode string) bool {
+	for _, im := range ims {
+		if im.Default && im.Mode == mode {
+			return true
+		}
+	}
+	return false
+}
+
+func (c *Config) loadFile(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var f file
+	if err := dec.Decode(&f); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	for _, im := range f.Images {
+		if im.Name == "" || im.RootFS == "" {
+			return fmt.Errorf("config %s: every image needs a name and a rootfs", path)
+		}
+		mode := im.Mode
+		if mode == "" {
+			mode = sandbox.ModeContainer
+		}
+		c.Images = append(c.Images, sandbox.Image{Name: im.Name, Mode: mode, RootFS: im.RootFS, Default: im.Default})
+	}
+	if len(f.Plans) > 0 {
+		c.Plans = sandbox.DefaultPlans()
+		for name, p := range f.Plans {
+			if p.MaxCPU <= 0 || p.MaxMemory <= 0 {
+				return fmt.Errorf("config %s: plan %s needs max_cpu and max_memory_bytes above 0", path, name)
+			}
+			c.Plans[name] = sandbox.Plan{MaxSandboxes: p.MaxSandboxes, MaxCPU: p.MaxCPU, MaxMemory: p.MaxMemory}
+		}
+	}
+	if f.RatePerSec < 0 || f.RateBurst < 0 || f.PidsLimit < 0 || f.TmpBytes < 0 {
+		return errors.New("config: limits must not be negative")
+	}
+	c.RatePerSec, c.RateBurst, c.PidsLimit, c.TmpBytes = f.RatePerSec, f.RateBurst, f.PidsLimit, f.TmpBytes
+	return nil
+}

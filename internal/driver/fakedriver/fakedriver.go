@@ -1,0 +1,127 @@
+// Package fakedriver is an in-memory driver.Driver for testing the layers above the drivers (the
+// sandbox service, the HTTP API) without a container runtime. It runs no code: Exec interprets a
+// few directives so tests can script outcomes.
+//
+//	"block"        waits until the run is cancelled or times out
+//	"sleep:MS"     waits MS milliseconds, then completes
+//	"fail"         exits 1 with a Python-style error
+//	anything else  completes at once, echoing the code to stdout, result 42
+package fakedriver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sandboxd/sandboxd/internal/driver"
+)
+
+// Driver is the fake. The zero value is not usable: use New.
+type Driver struct {
+	mu         sync.Mutex
+	sandboxes  map[string]driver.Spec
+	CreateHook func(ctx context.Context, id string) error // optional: runs inside Create
+	Destroyed  []string
+}
+
+// New returns an empty fake driver.
+func New() *Driver { return &Driver{sandboxes: map[string]driver.Spec{}} }
+
+func (d *Driver) Name() string                    { return "fake" }
+func (d *Driver) Check(ctx context.Context) error { return nil }
+
+func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) error {
+	if d.CreateHook != nil {
+		if err := d.CreateHook(ctx, id); err != nil {
+			return err
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.sandboxes[id] = spec
+	return nil
+}
+
+func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (driver.ExecResult, error) {
+	d.mu.Lock()
+	_, ok := d.sandboxes[id]
+	d.mu.Unlock()
+	if !ok {
+		return driver.ExecResult{}, driver.ErrNotFound
+	}
+	start := time.Now()
+	res := driver.ExecResult{Started: start}
+	wait := func(dur time.Duration) bool {
+		t := time.NewTimer(dur)
+		defer t.Stop()
+		tc := time.NewTimer(req.Timeout)
+		defer tc.Stop()
+		select {
+		case <-t.C:
+			return true
+		case <-tc.C:
+			res.Status, res.ExitCode = driver.StatusTimeout, 137
+		case <-ctx.Done():
+			res.Status, res.ExitCode = driver.StatusCancelled, 137
+		}
+		return false
+	}
+	switch {
+	case req.Code == "block":
+		wait(24 * time.Hour)
+	case strings.HasPrefix(req.Code, "sleep:"):
+		ms, _ := strconv.Atoi(strings.TrimPrefix(req.Code, "sleep:"))
+		if wait(time.Duration(ms) * time.Millisecond) {
+			res.Status = driver.StatusCompleted
+		}
+	case req.Code == "fail":
+		res.Status, res.ExitCode = driver.StatusFailed, 1
+		res.Error = &driver.PyError{Type: "ZeroDivisionError", Message: "division by zero", Traceback: "Traceback ..."}
+	default:
+		res.Status = driver.StatusCompleted
+		res.Stdout = []byte(req.Code)
+		res.Result = json.RawMessage("42")
+		if req.OnOutput != nil {
+			req.OnOutput(driver.Stdout, res.Stdout)
+		}
+	}
+	res.Duration = time.Since(start)
+	res.CPU = time.Millisecond
+	res.MemoryPeak = 1 << 20
+	return res, nil
+}
+
+func (d *Driver) Destroy(ctx context.Context, id string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.sandboxes[id]; ok {
+		d.Destroyed = append(d.Destroyed, id)
+	}
+	delete(d.sandboxes, id)
+	return nil
+}
+
+func (d *Driver) List(ctx context.Context) ([]string, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var ids []string
+	for id := range d.sandboxes {
+		ids = append(ids, id)
+	}
+	return ids, nil
+}
+
+// Live reports whether the fake holds sandbox id.
+func (d *Driver) Live(id string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	_, ok := d.sandboxes[id]
+	return ok
+}
+
+// ErrInjected is what a CreateHook may return to simulate a provisioning failure.
+var ErrInjected = errors.New("injected failure")

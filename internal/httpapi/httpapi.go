@@ -1,0 +1,312 @@
+// Package httpapi is the only package that speaks HTTP: one route table, handlers that return
+// errors, one error→status table and the {error, message, code, docs} envelope. It authenticates
+// callers, decodes requests strictly and hands them to the sandbox service.
+package httpapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/sandbox"
+	"github.com/sandboxd/sandboxd/internal/store"
+)
+
+// Options configure the handler.
+type Options struct {
+	Version    string
+	RatePerSec float64 // requests per second per account (default 100)
+	RateBurst  int     // burst per account (default 200)
+	Logger     *slog.Logger
+}
+
+// Body size limits.
+const (
+	maxBody    = 1 << 20
+	maxRunBody = 4 << 20 // code is ≤ 1 MiB, but JSON escaping can grow it
+)
+
+type server struct {
+	svc  *sandbox.Service
+	opts Options
+	log  *slog.Logger
+
+	mu       sync.Mutex
+	limiters map[string]*rate.Limiter
+}
+
+// New returns the API's http.Handler.
+func New(svc *sandbox.Service, opts Options) http.Handler {
+	if opts.RatePerSec <= 0 {
+		opts.RatePerSec = 100
+	}
+	if opts.RateBurst <= 0 {
+		opts.RateBurst = 200
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	s := &server{svc: svc, opts: opts, log: opts.Logger, limiters: map[string]*rate.Limiter{}}
+	mux := http.NewServeMux()
+	mux.Handle("GET /health", s.handle(s.health, false))
+	for _, p := range []string{"/api", "/api/v1"} {
+		mux.Handle("POST "+p+"/sandbox/create", s.handle(s.create, true))
+		mux.Handle("GET "+p+"/sandbox", s.handle(s.list, true))
+		mux.Handle("GET "+p+"/sandbox/{id}", s.handle(s.get, true))
+		mux.Handle("DELETE "+p+"/sandbox/{id}", s.handle(s.delete, true))
+		mux.Handle("POST "+p+"/sandbox/{id}/run", s.handle(s.run, true))
+		mux.Handle("GET "+p+"/sandbox/{id}/runs", s.handle(s.listRuns, true))
+		mux.Handle("GET "+p+"/sandbox/{id}/runs/{run_id}", s.handle(s.getRun, true))
+		mux.Handle("POST "+p+"/sandbox/{id}/runs/{run_id}/cancel", s.handle(s.cancelRun, true))
+		mux.Handle("GET "+p+"/usage", s.handle(s.usage, true))
+		mux.Handle("GET "+p+"/audit", s.handle(s.audit, true))
+		mux.Handle("GET "+p+"/images", s.handle(s.images, true))
+	}
+	mux.Handle("/", s.handle(func(w http.ResponseWriter, r *http.Request, _ store.Account) error {
+		return apiError(http.StatusNotFound, "not_found", fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path))
+	}, false))
+	return mux
+}
+
+// httpError is an error httpapi itself classifies.
+type httpError struct {
+	status int
+	code   string
+	msg    string
+	header map[string]string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+func apiError(status int, code, msg string) error {
+	return &httpError{status: status, code: code, msg: msg}
+}
+
+// statusOf maps the service's error kinds to HTTP statuses.
+var statusOf = map[sandbox.Kind]int{
+	sandbox.KindInvalid:            http.StatusBadRequest,
+	sandbox.KindUnsupported:        http.StatusBadRequest,
+	sandbox.KindUnsupportedInMode:  http.StatusBadRequest,
+	sandbox.KindImageNotApproved:   http.StatusForbidden,
+	sandbox.KindNotFound:           http.StatusNotFound,
+	sandbox.KindConcurrencyLimit:   http.StatusTooManyRequests,
+	sandbox.KindRunQueueFull:       http.StatusTooManyRequests,
+	sandbox.KindSandboxDestroyed:   http.StatusConflict,
+	sandbox.KindSandboxNotReady:    http.StatusConflict,
+	sandbox.KindCapacityExhausted:  http.StatusServiceUnavailable,
+	sandbox.KindProvisioningFailed: http.StatusInternalServerError,
+	sandbox.KindUnavailable:        http.StatusServiceUnavailable,
+	sandbox.KindInternal:           http.StatusInternalServerError,
+}
+
+type handlerFunc func(w http.ResponseWriter, r *http.Request, acct store.Account) error
+
+// handle wraps a handler with authentication, rate limiting, error rendering and logging.
+func (s *server) handle(h handlerFunc, auth bool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w}
+		var acct store.Account
+		err := func() error {
+			if !auth {
+				return nil
+			}
+			var err error
+			if acct, err = s.authenticate(r); err != nil {
+				return err
+			}
+			if !s.limiter(acct.ID).Allow() {
+				return &httpError{status: http.StatusTooManyRequests, code: "rate_limited",
+					msg: "too many requests for this API key: slow down", header: map[string]string{"Retry-After": "1"}}
+			}
+			return nil
+		}()
+		if err == nil {
+			err = h(sw, r, acct)
+		}
+		if err != nil {
+			s.writeError(sw, r, err)
+		}
+		s.log.Debug("request", "method", r.Method, "path", r.URL.Path, "status", sw.status, "ms", time.Since(start).Milliseconds())
+	})
+}
+
+func (s *server) authenticate(r *http.Request) (store.Account, error) {
+	key := r.Header.Get("X-AgentCop-Key")
+	if key == "" {
+		if a := r.Header.Get("Authorization"); len(a) > 7 && strings.EqualFold(a[:7], "bearer ") {
+			key = strings.TrimSpace(a[7:])
+		}
+	}
+	unauthorized := apiError(http.StatusUnauthorized, "unauthorized", "missing or unknown API key: send it as X-AgentCop-Key: <key> or Authorization: Bearer <key>")
+	if key == "" {
+		return store.Account{}, unauthorized
+	}
+	acct, err := s.svc.Authenticate(r.Context(), key)
+	if sandbox.KindOf(err) == sandbox.KindNotFound {
+		s.svc.AuthFailed(r.Context(), "unknown key", r.RemoteAddr)
+		return store.Account{}, unauthorized
+	}
+	return acct, err
+}
+
+func (s *server) limiter(account string) *rate.Limiter {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l, ok := s.limiters[account]
+	if !ok {
+		l = rate.NewLimiter(rate.Limit(s.opts.RatePerSec), s.opts.RateBurst)
+		s.limiters[account] = l
+	}
+	return l
+}
+
+func (s *server) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	var he *httpError
+	var mbe *http.MaxBytesError
+	var se *sandbox.Error
+	env := api.Error{}
+	switch {
+	case errors.As(err, &he):
+		env.Code, env.Error, env.Message = he.status, he.code, he.msg
+		for k, v := range he.header {
+			w.Header().Set(k, v)
+		}
+	case errors.As(err, &mbe):
+		env.Code, env.Error, env.Message = http.StatusRequestEntityTooLarge, "payload_too_large",
+			fmt.Sprintf("request body is over the limit of %d bytes", mbe.Limit)
+	case errors.As(err, &se):
+		env.Code, env.Error, env.Message = statusOf[se.Kind], string(se.Kind), se.Message
+		if env.Code == 0 {
+			env.Code = http.StatusInternalServerError
+		}
+		if se.Kind == sandbox.KindConcurrencyLimit || se.Kind == sandbox.KindRunQueueFull {
+			w.Header().Set("Retry-After", "5")
+		}
+		if se.Kind == sandbox.KindInternal {
+			s.log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
+			env.Message = "internal error: the service failed; it has been logged"
+		}
+	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
+		env.Code, env.Error, env.Message = 499, "client_closed_request", "the request ended before the answer was ready"
+	default:
+		s.log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
+		env.Code, env.Error, env.Message = http.StatusInternalServerError, string(sandbox.KindInternal), "internal error: the service failed; it has been logged"
+	}
+	env.Docs = "/docs/errors#" + env.Error
+	writeJSON(w, env.Code, env)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	_ = enc.Encode(v)
+}
+
+// decode reads a JSON body strictly: unknown fields, wrong types and trailing data are errors.
+func decode(w http.ResponseWriter, r *http.Request, limit int64, v any) error {
+	body := http.MaxBytesReader(w, r.Body, limit)
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		var te *json.UnmarshalTypeError
+		var se *json.SyntaxError
+		switch {
+		case errors.As(err, &mbe):
+			return err
+		case errors.Is(err, io.EOF):
+			return apiError(http.StatusBadRequest, "invalid_request", "request body is empty: a JSON object is required")
+		case errors.As(err, &te):
+			return apiError(http.StatusBadRequest, "invalid_request", fmt.Sprintf("field %q must be of JSON type %s, not %s", te.Field, jsonType(te.Type.Kind().String()), te.Value))
+		case errors.As(err, &se):
+			return apiError(http.StatusBadRequest, "invalid_request", fmt.Sprintf("request body is not valid JSON (at byte %d): %v", se.Offset, se))
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			return apiError(http.StatusBadRequest, "invalid_request", "unknown field "+strings.TrimPrefix(err.Error(), "json: unknown field "))
+		default:
+			return apiError(http.StatusBadRequest, "invalid_request", "request body is not valid JSON: "+strings.TrimPrefix(err.Error(), "json: "))
+		}
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return err
+		}
+		return apiError(http.StatusBadRequest, "invalid_request", "request body has data after the JSON object")
+	}
+	return nil
+}
+
+func jsonType(goKind string) string {
+	switch goKind {
+	case "string":
+		return "string"
+	case "bool":
+		return "boolean"
+	case "int", "int64", "float64":
+		return "number"
+	case "slice":
+		return "array"
+	case "map", "struct", "ptr":
+		return "object"
+	}
+	return goKind
+}
+
+// page reads ?page= and ?limit=.
+func page(r *http.Request) (page, limit int, err error) {
+	page, limit = 1, 50
+	if v := r.URL.Query().Get("page"); v != "" {
+		if page, err = strconv.Atoi(v); err != nil || page < 1 {
+			return 0, 0, apiError(http.StatusBadRequest, "invalid_request", "page must be a whole number from 1")
+		}
+	}
+	if v := r.URL.Query().Get("limit"); v != "" {
+		if limit, err = strconv.Atoi(v); err != nil || limit < 1 || limit > 500 {
+			return 0, 0, apiError(http.StatusBadRequest, "invalid_request", "limit must be a whole number from 1 to 500")
+		}
+	}
+	return page, limit, nil
+}
+
+// timeParam reads an RFC 3339 time or a YYYY-MM-DD day (UTC midnight).
+func timeParam(r *http.Request, name string, def time.Time) (time.Time, error) {
+	v := r.URL.Query().Get(name)
+	if v == "" {
+		return def, nil
+	}
+	if t, err := time.Parse(time.RFC3339Nano, v); err == nil {
+		return t.UTC(), nil
+	}
+	if t, err := time.Parse(time.DateOnly, v); err == nil {
+		return t, nil
+	}
+	return time.Time{}, apiError(http.StatusBadRequest, "invalid_request", fmt.Sprintf("%s must be an RFC 3339 time or a YYYY-MM-DD day, not %q", name, v))
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

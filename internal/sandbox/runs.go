@@ -1,0 +1,276 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/store"
+)
+
+// Run statuses the service adds to the driver's outcomes.
+const (
+	RunQueued  = "queued"
+	RunRunning = "running"
+	RunError   = "error" // the service failed, not the code
+)
+
+// Run queues code in a sandbox. With req.Async it returns at once (accepted=true, the run queued);
+// otherwise it waits for the run to end and returns it. A caller that goes away while waiting
+// leaves the run to finish; its record keeps the outcome.
+func (s *Service) Run(ctx context.Context, acct store.Account, sandboxID string, req api.RunRequest) (r api.Run, accepted bool, err error) {
+	code, timeout, err := validateRun(req)
+	if err != nil {
+		return api.Run{}, false, err
+	}
+	rec, err := s.st.GetSandbox(ctx, acct.ID, sandboxID)
+	if errors.Is(err, store.ErrNotFound) {
+		return api.Run{}, false, errorf(KindNotFound, "no sandbox %q", sandboxID)
+	} else if err != nil {
+		return api.Run{}, false, internal("get sandbox", err)
+	}
+	s.mu.Lock()
+	lv := s.live[sandboxID]
+	s.mu.Unlock()
+	if lv == nil {
+		return api.Run{}, false, errorf(KindSandboxDestroyed, "sandbox %s is %s: create a new one", sandboxID, rec.Status)
+	}
+	jctx, cancel := context.WithCancel(lv.ctx)
+	j := &job{env: req.Env, ctx: jctx, cancel: cancel, done: make(chan struct{}), run: store.Run{
+		ID: newID("run_"), SandboxID: sandboxID, AccountID: acct.ID, Status: RunQueued, Code: code,
+		TimeoutSeconds: timeout, Async: req.Async, CreatedAt: now(),
+	}}
+	var queued store.Run
+	lv.mu.Lock()
+	switch {
+	case lv.closing:
+		err = errorf(KindSandboxDestroyed, "sandbox %s is being destroyed", sandboxID)
+	case lv.rec.Status == store.SandboxProvisioning:
+		err = errorf(KindSandboxNotReady, "sandbox %s is still provisioning: poll GET /api/sandbox/%s until it is ready", sandboxID, sandboxID)
+	case len(lv.queue) >= MaxQueuedRuns:
+		err = errorf(KindRunQueueFull, "sandbox %s already has %d runs waiting", sandboxID, MaxQueuedRuns)
+	default:
+		if err = s.st.CreateRun(ctx, j.run); err != nil {
+			err = internal("record run", err)
+		} else {
+			queued = j.run // the worker owns j.run once it is queued
+			lv.queue = append(lv.queue, j)
+			lv.jobs[j.run.ID] = j
+			select {
+			case lv.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
+	lv.mu.Unlock()
+	if err != nil {
+		cancel()
+		return api.Run{}, false, err
+	}
+	if req.Async {
+		return runView(queued), true, nil
+	}
+	select {
+	case <-j.done:
+		return runView(j.run), false, nil
+	case <-ctx.Done():
+		return api.Run{}, false, ctx.Err()
+	}
+}
+
+// next waits for the next queued run; nil once the sandbox is being destroyed.
+func (lv *live) next() *job {
+	for {
+		lv.mu.Lock()
+		if lv.closing {
+			lv.mu.Unlock()
+			return nil
+		}
+		if len(lv.queue) > 0 {
+			j := lv.queue[0]
+			lv.queue = lv.queue[1:]
+			lv.mu.Unlock()
+			return j
+		}
+		lv.mu.Unlock()
+		select {
+		case <-lv.wake:
+		case <-lv.ctx.Done():
+			return nil
+		}
+	}
+}
+
+// execute runs one job and records its outcome.
+func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
+	ctx := context.Background()
+	defer close(j.done)
+	defer j.cancel()
+	start := now()
+	j.run.Status, j.run.StartedAt = RunRunning, &start
+	if err := s.st.UpdateRun(ctx, j.run); err != nil {
+		s.log.Error("record run start", "run", j.run.ID, "err", err)
+	}
+	s.setStatus(lv, store.SandboxRunning)
+	s.audit(ctx, store.Event{AccountID: j.run.AccountID, Type: "run.started", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID})
+
+	res, err := drv.Exec(j.ctx, lv.id, driver.ExecRequest{
+		Code: j.run.Code, Timeout: time.Duration(j.run.TimeoutSeconds) * time.Second, Env: j.env, MaxOutput: MaxOutputBytes,
+	})
+	end := now()
+	j.run.FinishedAt = &end
+	if err != nil {
+		s.log.Error("execute run", "sandbox", lv.id, "run", j.run.ID, "err", err)
+		j.run.Status = RunError
+		j.run.Error = obj("type", "ServiceError", "message", "the sandbox failed to execute the run: "+publicMessage(err), "traceback", "")
+		j.run.DurationMS = end.Sub(start).Milliseconds()
+	} else {
+		exit := res.ExitCode
+		j.run.Status, j.run.ExitCode = string(res.Status), &exit
+		j.run.Stdout, j.run.Stderr = string(res.Stdout), string(res.Stderr)
+		j.run.StdoutTruncated, j.run.StderrTruncated = res.StdoutTruncated, res.StderrTruncated
+		j.run.Result = res.Result
+		if res.Error != nil {
+			j.run.Error, _ = json.Marshal(res.Error)
+		}
+		if !res.Started.IsZero() {
+			t := res.Started.UTC().Truncate(time.Millisecond)
+			j.run.StartedAt = &t
+		}
+		j.run.DurationMS = res.Duration.Milliseconds()
+		j.run.CPUMS = res.CPU.Milliseconds()
+		j.run.MemoryPeakBytes = res.MemoryPeak
+	}
+	if err := s.st.UpdateRun(ctx, j.run); err != nil {
+		s.log.Error("record run end", "run", j.run.ID, "err", err)
+	}
+	s.audit(ctx, store.Event{AccountID: j.run.AccountID, Type: "run.finished", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID,
+		Detail: obj("status", j.run.Status, "exit_code", j.run.ExitCode, "duration_ms", j.run.DurationMS)})
+	lv.mu.Lock()
+	delete(lv.jobs, j.run.ID)
+	lv.mu.Unlock()
+	if lv.ctx.Err() == nil {
+		s.setStatus(lv, store.SandboxReady)
+	}
+}
+
+func (s *Service) setStatus(lv *live, status string) {
+	lv.mu.Lock()
+	lv.rec.Status = status
+	rec := lv.rec
+	lv.mu.Unlock()
+	if err := s.st.UpdateSandbox(context.Background(), rec); err != nil {
+		s.log.Error("record sandbox status", "sandbox", lv.id, "err", err)
+	}
+}
+
+// finishCancelled records a run that was cancelled before it started.
+func (s *Service) finishCancelled(ctx context.Context, lv *live, j *job) {
+	t := now()
+	j.run.Status, j.run.FinishedAt = string(driver.StatusCancelled), &t
+	if err := s.st.UpdateRun(ctx, j.run); err != nil {
+		s.log.Error("record run cancelled", "run", j.run.ID, "err", err)
+	}
+	s.audit(ctx, store.Event{AccountID: j.run.AccountID, Type: "run.finished", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID,
+		Detail: obj("status", j.run.Status)})
+	lv.mu.Lock()
+	delete(lv.jobs, j.run.ID)
+	lv.mu.Unlock()
+	j.cancel()
+	close(j.done)
+}
+
+// GetRun returns one run of a sandbox.
+func (s *Service) GetRun(ctx context.Context, acct store.Account, sandboxID, runID string) (api.Run, error) {
+	if _, err := s.st.GetSandbox(ctx, acct.ID, sandboxID); errors.Is(err, store.ErrNotFound) {
+		return api.Run{}, errorf(KindNotFound, "no sandbox %q", sandboxID)
+	} else if err != nil {
+		return api.Run{}, internal("get sandbox", err)
+	}
+	r, err := s.st.GetRun(ctx, sandboxID, runID)
+	if errors.Is(err, store.ErrNotFound) {
+		return api.Run{}, errorf(KindNotFound, "no run %q in sandbox %s", runID, sandboxID)
+	} else if err != nil {
+		return api.Run{}, internal("get run", err)
+	}
+	return runView(r), nil
+}
+
+// ListRuns returns a page of a sandbox's runs, newest first.
+func (s *Service) ListRuns(ctx context.Context, acct store.Account, sandboxID string, page, limit int) (api.RunList, error) {
+	if _, err := s.st.GetSandbox(ctx, acct.ID, sandboxID); errors.Is(err, store.ErrNotFound) {
+		return api.RunList{}, errorf(KindNotFound, "no sandbox %q", sandboxID)
+	} else if err != nil {
+		return api.RunList{}, internal("get sandbox", err)
+	}
+	runs, total, err := s.st.ListRuns(ctx, sandboxID, (page-1)*limit, limit)
+	if err != nil {
+		return api.RunList{}, internal("list runs", err)
+	}
+	out := api.RunList{Runs: []api.Run{}, Total: total, Page: page}
+	for _, r := range runs {
+		out.Runs = append(out.Runs, runView(r))
+	}
+	return out, nil
+}
+
+// CancelRun kills a queued or running run and returns it; a finished run is returned as it is.
+func (s *Service) CancelRun(ctx context.Context, acct store.Account, sandboxID, runID string) (api.Run, error) {
+	if _, err := s.GetRun(ctx, acct, sandboxID, runID); err != nil {
+		return api.Run{}, err
+	}
+	s.mu.Lock()
+	lv := s.live[sandboxID]
+	s.mu.Unlock()
+	if lv != nil {
+		lv.mu.Lock()
+		j := lv.jobs[runID]
+		queuedAt := -1
+		for i, q := range lv.queue {
+			if q == j {
+				queuedAt = i
+			}
+		}
+		if queuedAt >= 0 {
+			lv.queue = append(lv.queue[:queuedAt], lv.queue[queuedAt+1:]...)
+		}
+		lv.mu.Unlock()
+		if j != nil {
+			if queuedAt >= 0 {
+				s.finishCancelled(ctx, lv, j)
+			} else {
+				j.cancel()
+			}
+			select {
+			case <-j.done:
+			case <-ctx.Done():
+				return api.Run{}, ctx.Err()
+			}
+		}
+	}
+	return s.GetRun(ctx, acct, sandboxID, runID)
+}
+
+// runView is the API's run object.
+func runView(r store.Run) api.Run {
+	out := api.Run{
+		RunID: r.ID, SandboxID: r.SandboxID, Status: r.Status, ExitCode: r.ExitCode, Stdout: r.Stdout, Stderr: r.Stderr,
+		StdoutTruncated: r.StdoutTruncated, StderrTruncated: r.StderrTruncated, Result: r.Result, Error: r.Error,
+		CreatedAt: r.CreatedAt, StartedAt: r.StartedAt, FinishedAt: r.FinishedAt,
+		Usage: api.RunUsage{CPUMS: r.CPUMS, MemoryPeakBytes: r.MemoryPeakBytes},
+	}
+	if r.FinishedAt != nil {
+		d := r.DurationMS
+		out.DurationMS = &d
+	}
+	if out.Result == nil {
+		out.Result = json.RawMessage("null")
+	}
+	if out.Error == nil {
+		out.Error = json.RawMessage("null")
+	}
+	return out
+}

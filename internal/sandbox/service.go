@@ -1,0 +1,690 @@
+// Package sandbox owns the lifecycle of sandboxes and runs: validation and defaults, plan quotas,
+// the state machine (provisioning → ready ⇄ running → destroyed | error), one FIFO run queue per
+// sandbox, expiry, reconciliation at start-up, and the usage and audit records. It speaks neither
+// HTTP nor a runtime's language: httpapi calls it, and it calls a driver.Driver and a store.Store.
+package sandbox
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/store"
+)
+
+// Modes of a sandbox.
+const (
+	ModeContainer = "container"
+	ModeWASM      = "wasm"
+)
+
+// Destroy reasons.
+const (
+	ReasonDeleted       = "deleted"
+	ReasonExpired       = "expired"
+	ReasonError         = "error"
+	ReasonServerRestart = "server_restart"
+)
+
+// Image is an approved image: a name users ask for, and the root filesystem behind it.
+type Image struct {
+	Name    string
+	Mode    string
+	RootFS  string
+	Digest  string
+	Default bool // the mode's default image
+}
+
+// Plan holds an account's limits. MaxSandboxes < 0 means unlimited.
+type Plan struct {
+	MaxSandboxes int
+	MaxCPU       float64
+	MaxMemory    int64
+}
+
+// DefaultPlans are the plans of API.md §6.
+func DefaultPlans() map[string]Plan {
+	return map[string]Plan{
+		"free":       {MaxSandboxes: 3, MaxCPU: 1, MaxMemory: 1 << 30},
+		"pro":        {MaxSandboxes: 50, MaxCPU: 4, MaxMemory: 8 << 30},
+		"enterprise": {MaxSandboxes: -1, MaxCPU: 64, MaxMemory: 256 << 30},
+	}
+}
+
+// Config configures a Service.
+type Config struct {
+	DataDir       string  // sandboxes' host directories live in DataDir/sandboxes/<id>
+	Images        []Image // the approved list
+	Plans         map[string]Plan
+	ProvisionWait time.Duration // how long create waits for ready before answering 202 (default 10s)
+	PidsLimit     int64         // process-count limit per sandbox (default 256)
+	TmpBytes      int64         // size of each sandbox's /tmp, at most its memory (default 256 MiB)
+	HostCPUs      float64       // capacity of this host (default: the CPUs Go sees)
+	HostMemory    int64         // capacity of this host (default: MemTotal)
+	Logger        *slog.Logger
+}
+
+// Service is the sandbox lifecycle. Create it with New; stop it with Close.
+type Service struct {
+	cfg     Config
+	st      store.Store
+	drivers map[string]driver.Driver // by mode
+	log     *slog.Logger
+
+	createMu sync.Mutex // serialises the quota check with the insert (the store checks too)
+	mu       sync.Mutex
+	live     map[string]*live
+	closed   bool
+	wg       sync.WaitGroup
+}
+
+// live is the in-memory state of a sandbox that has not been destroyed.
+type live struct {
+	id     string
+	sp     spec
+	ctx    context.Context // ends when the sandbox is being destroyed
+	cancel context.CancelFunc
+	expiry *time.Timer
+	ready  chan struct{} // closed when provisioning has ended, well or not
+	done   chan struct{} // closed when the sandbox's goroutine has returned
+	gone   chan struct{} // closed when destroy has finished
+
+	mu       sync.Mutex
+	rec      store.Sandbox
+	queue    []*job
+	jobs     map[string]*job // queued and running
+	wake     chan struct{}
+	closing  bool // no more runs are accepted
+	destroy1 sync.Once
+}
+
+type job struct {
+	run    store.Run
+	env    map[string]string
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{} // closed once run holds the final record
+}
+
+// New opens the service: it reconciles what a previous process left (live records are destroyed
+// with reason server_restart, their runs ended, their host resources released) and returns.
+func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]driver.Driver) (*Service, error) {
+	if cfg.DataDir == "" {
+		return nil, errors.New("sandbox: Config.DataDir is required")
+	}
+	if cfg.Plans == nil {
+		cfg.Plans = DefaultPlans()
+	}
+	if cfg.ProvisionWait <= 0 {
+		cfg.ProvisionWait = 10 * time.Second
+	}
+	if cfg.PidsLimit <= 0 {
+		cfg.PidsLimit = 256
+	}
+	if cfg.TmpBytes <= 0 {
+		cfg.TmpBytes = 256 << 20
+	}
+	if cfg.HostCPUs <= 0 {
+		cfg.HostCPUs = float64(runtime.NumCPU())
+	}
+	if cfg.HostMemory <= 0 {
+		cfg.HostMemory = hostMemory()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	s := &Service{cfg: cfg, st: st, drivers: drivers, log: cfg.Logger, live: map[string]*live{}}
+	if err := os.MkdirAll(s.sandboxesDir(), 0o711); err != nil {
+		return nil, fmt.Errorf("sandbox: data dir: %w", err)
+	}
+	if err := s.reconcile(ctx); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Service) sandboxesDir() string { return filepath.Join(s.cfg.DataDir, "sandboxes") }
+
+// Images lists the approved images.
+func (s *Service) Images() []api.Image {
+	out := make([]api.Image, 0, len(s.cfg.Images))
+	for _, im := range s.cfg.Images {
+		out = append(out, api.Image{Name: im.Name, Mode: im.Mode, Digest: im.Digest, Default: im.Default})
+	}
+	return out
+}
+
+// Health checks every driver; the map holds "ok" or the error per mode.
+func (s *Service) Health(ctx context.Context) (map[string]string, bool) {
+	out, ok := map[string]string{}, true
+	for mode, d := range s.drivers {
+		if err := d.Check(ctx); err != nil {
+			out[mode], ok = err.Error(), false
+		} else {
+			out[mode] = "ok"
+		}
+	}
+	return out, ok
+}
+
+func (s *Service) resolveImage(name, mode string) (Image, error) {
+	for _, im := range s.cfg.Images {
+		if (name == "" && im.Default && im.Mode == mode) || (name != "" && im.Name == name) {
+			if im.Mode != mode {
+				return Image{}, errorf(KindImageNotApproved, "image %q is approved for mode %q, not %q", name, im.Mode, mode)
+			}
+			return im, nil
+		}
+	}
+	if name == "" {
+		return Image{}, errorf(KindUnsupported, "mode %q is not available on this server (no image is configured for it)", mode)
+	}
+	return Image{}, errorf(KindImageNotApproved, "image %q is not on the approved list (GET /api/images lists them)", name)
+}
+
+// Create validates req, records the sandbox and provisions it. It returns once the sandbox is
+// ready, or after Config.ProvisionWait with status "provisioning" (provisioning goes on).
+func (s *Service) Create(ctx context.Context, acct store.Account, req api.CreateSandboxRequest) (api.CreateSandboxResponse, error) {
+	plan, ok := s.cfg.Plans[acct.Plan]
+	if !ok {
+		return api.CreateSandboxResponse{}, internal("unknown plan", fmt.Errorf("account %s has plan %q", acct.ID, acct.Plan))
+	}
+	sp, err := s.validateCreate(req, plan)
+	if err != nil {
+		return api.CreateSandboxResponse{}, err
+	}
+	drv, ok := s.drivers[sp.mode]
+	if !ok {
+		return api.CreateSandboxResponse{}, errorf(KindUnsupported, "mode %q is not available on this server", sp.mode)
+	}
+	if sp.cpu > s.cfg.HostCPUs || sp.memoryBytes > s.cfg.HostMemory {
+		return api.CreateSandboxResponse{}, errorf(KindCapacityExhausted, "this host cannot fit %s cores and %s of memory", formatCPU(sp.cpu), formatMemory(sp.memoryBytes))
+	}
+	cfgJSON, err := json.Marshal(sp.config)
+	if err != nil {
+		return api.CreateSandboxResponse{}, internal("encode config", err)
+	}
+	now := now()
+	rec := store.Sandbox{
+		ID: newID("sbx_"), AccountID: acct.ID, AgentID: sp.agentID, Mode: sp.mode,
+		Status: store.SandboxProvisioning, Config: cfgJSON, CreatedAt: now,
+		ExpiresAt: now.Add(time.Duration(sp.timeout) * time.Second),
+	}
+
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return api.CreateSandboxResponse{}, errorf(KindUnavailable, "the service is shutting down")
+	}
+	s.createMu.Lock()
+	err = s.st.CreateSandbox(ctx, rec, plan.MaxSandboxes)
+	s.createMu.Unlock()
+	if errors.Is(err, store.ErrQuota) {
+		s.audit(ctx, store.Event{AccountID: acct.ID, Type: "quota.denied", AgentID: sp.agentID,
+			Detail: obj("plan", acct.Plan, "limit", plan.MaxSandboxes)})
+		return api.CreateSandboxResponse{}, errorf(KindConcurrencyLimit, "your %s plan allows %d concurrent sandboxes and all are live: delete one or wait for one to expire", acct.Plan, plan.MaxSandboxes)
+	}
+	if err != nil {
+		return api.CreateSandboxResponse{}, internal("record sandbox", err)
+	}
+	s.audit(ctx, store.Event{AccountID: acct.ID, Type: "sandbox.created", SandboxID: rec.ID, AgentID: sp.agentID,
+		Detail: obj("mode", sp.mode, "image", sp.image.Name)})
+
+	lctx, cancel := context.WithCancel(context.Background())
+	lv := &live{id: rec.ID, sp: sp, ctx: lctx, cancel: cancel, rec: rec, jobs: map[string]*job{},
+		wake: make(chan struct{}, 1), ready: make(chan struct{}), done: make(chan struct{}), gone: make(chan struct{})}
+	s.mu.Lock()
+	s.live[rec.ID] = lv
+	lv.expiry = time.AfterFunc(time.Until(rec.ExpiresAt), func() { s.destroy(lv, ReasonExpired) })
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go func() {
+		defer s.wg.Done()
+		s.serve(lv, drv)
+	}()
+
+	resp := api.CreateSandboxResponse{SandboxID: rec.ID, Mode: rec.Mode, CreatedAt: rec.CreatedAt, ExpiresAt: rec.ExpiresAt}
+	t := time.NewTimer(s.cfg.ProvisionWait)
+	defer t.Stop()
+	select {
+	case <-lv.ready:
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	lv.mu.Lock()
+	resp.Status = lv.rec.Status
+	provErr := lv.rec.Error
+	lv.mu.Unlock()
+	if resp.Status == store.SandboxError {
+		var e struct{ Message string }
+		_ = json.Unmarshal(provErr, &e)
+		return resp, errorf(KindProvisioningFailed, "sandbox %s could not be provisioned: %s", rec.ID, e.Message)
+	}
+	return resp, nil
+}
+
+// serve provisions a sandbox, then executes its runs one at a time until it is destroyed.
+func (s *Service) serve(lv *live, drv driver.Driver) {
+	defer close(lv.done)
+	if !s.provision(lv, drv) {
+		return
+	}
+	for {
+		j := lv.next()
+		if j == nil {
+			return
+		}
+		s.execute(lv, drv, j)
+	}
+}
+
+func (s *Service) provision(lv *live, drv driver.Driver) bool {
+	defer close(lv.ready)
+	start := time.Now()
+	ds, err := s.driverSpec(lv)
+	if err == nil {
+		err = drv.Create(lv.ctx, lv.id, ds)
+	}
+	lv.mu.Lock()
+	defer lv.mu.Unlock()
+	ctx := context.Background()
+	if err != nil {
+		if lv.ctx.Err() != nil { // deleted while provisioning: destroy records it
+			return false
+		}
+		s.log.Error("provision sandbox", "sandbox", lv.id, "err", err)
+		_ = drv.Destroy(ctx, lv.id)
+		_ = os.RemoveAll(filepath.Join(s.sandboxesDir(), lv.id))
+		t := now()
+		lv.rec.Status, lv.rec.DestroyedAt, lv.rec.DestroyReason = store.SandboxError, &t, ReasonError
+		lv.rec.Error = obj("error", string(KindProvisioningFailed), "message", publicMessage(err))
+		lv.closing = true
+		if uerr := s.st.UpdateSandbox(ctx, lv.rec); uerr != nil {
+			s.log.Error("record sandbox error", "sandbox", lv.id, "err", uerr)
+		}
+		s.audit(ctx, store.Event{AccountID: lv.rec.AccountID, Type: "sandbox.error", SandboxID: lv.id, AgentID: lv.rec.AgentID,
+			Detail: obj("message", publicMessage(err))})
+		go s.forget(lv)
+		return false
+	}
+	t := now()
+	lv.rec.Status, lv.rec.ReadyAt = store.SandboxReady, &t
+	if err := s.st.UpdateSandbox(ctx, lv.rec); err != nil {
+		s.log.Error("record sandbox ready", "sandbox", lv.id, "err", err)
+	}
+	s.audit(ctx, store.Event{AccountID: lv.rec.AccountID, Type: "sandbox.ready", SandboxID: lv.id, AgentID: lv.rec.AgentID,
+		Detail: obj("provision_ms", time.Since(start).Milliseconds())})
+	return true
+}
+
+// forget drops a sandbox that failed to provision from the live set.
+func (s *Service) forget(lv *live) {
+	lv.expiry.Stop()
+	s.mu.Lock()
+	delete(s.live, lv.id)
+	s.mu.Unlock()
+	lv.cancel()
+	lv.destroy1.Do(func() { close(lv.gone) })
+}
+
+// publicMessage is an error's text without internal paths: the last element of its chain.
+func publicMessage(err error) string {
+	msg := err.Error()
+	if i := strings.LastIndex(msg, ": "); i >= 0 && i+2 < len(msg) {
+		return msg[i+2:]
+	}
+	return msg
+}
+
+// driverSpec creates the sandbox's host directories and describes it for the driver.
+func (s *Service) driverSpec(lv *live) (driver.Spec, error) {
+	fs := lv.sp.config.Filesystem
+	base := filepath.Join(s.sandboxesDir(), lv.id)
+	ds := driver.Spec{
+		RootFS: lv.sp.image.RootFS, Blocked: fs.Blocked, CPU: lv.sp.cpu, MemoryBytes: lv.sp.memoryBytes,
+		PidsLimit: s.cfg.PidsLimit, TmpBytes: min(s.cfg.TmpBytes, lv.sp.memoryBytes), AllowSpawn: lv.sp.allowSpawn,
+	}
+	add := func(paths []string, ro bool) error {
+		for _, p := range paths {
+			dir := MountDir(base, p)
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				return fmt.Errorf("create host dir for %s: %w", p, err)
+			}
+			ds.Mounts = append(ds.Mounts, driver.Mount{Path: p, HostDir: dir, ReadOnly: ro})
+		}
+		return nil
+	}
+	if err := add(fs.ReadOnly, true); err != nil {
+		return ds, err
+	}
+	if err := add(fs.ReadWrite, false); err != nil {
+		return ds, err
+	}
+	sortMounts(ds.Mounts)
+	return ds, nil
+}
+
+// MountDir is the host directory that backs sandbox path p, under the sandbox's base directory.
+func MountDir(base, p string) string {
+	return filepath.Join(base, "mounts", strings.ReplaceAll(strings.TrimPrefix(p, "/"), "/", "%"))
+}
+
+// sortMounts orders mounts so a parent is mounted before what lies inside it.
+func sortMounts(ms []driver.Mount) {
+	for i := 1; i < len(ms); i++ {
+		for j := i; j > 0 && strings.Count(ms[j].Path, "/") < strings.Count(ms[j-1].Path, "/"); j-- {
+			ms[j], ms[j-1] = ms[j-1], ms[j]
+		}
+	}
+}
+
+// Get returns a sandbox's whole record.
+func (s *Service) Get(ctx context.Context, acct store.Account, id string) (api.Sandbox, error) {
+	rec, err := s.st.GetSandbox(ctx, acct.ID, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return api.Sandbox{}, errorf(KindNotFound, "no sandbox %q", id)
+	}
+	if err != nil {
+		return api.Sandbox{}, internal("get sandbox", err)
+	}
+	return s.view(ctx, rec)
+}
+
+func (s *Service) view(ctx context.Context, rec store.Sandbox) (api.Sandbox, error) {
+	u, err := s.st.SandboxUsage(ctx, rec.ID)
+	if err != nil {
+		return api.Sandbox{}, internal("sandbox usage", err)
+	}
+	out := api.Sandbox{
+		SandboxID: rec.ID, AgentID: rec.AgentID, Status: rec.Status, Mode: rec.Mode, Config: rec.Config,
+		CreatedAt: rec.CreatedAt, ReadyAt: rec.ReadyAt, ExpiresAt: rec.ExpiresAt, DestroyedAt: rec.DestroyedAt,
+		Error: rec.Error, Runs: api.RunCounts{Total: u.RunsTotal, Active: u.RunsActive},
+		Usage: api.SandboxUsage{CPUSeconds: float64(u.CPUMS) / 1000, MemoryPeakBytes: u.MemoryPeakBytes,
+			BilledMinutes: billedMinutes(rec.CreatedAt, rec.DestroyedAt)},
+	}
+	if rec.DestroyReason != "" {
+		r := rec.DestroyReason
+		out.DestroyReason = &r
+	}
+	if out.Error == nil {
+		out.Error = json.RawMessage("null")
+	}
+	return out, nil
+}
+
+// billedMinutes counts each started minute of a lifetime (at least one).
+func billedMinutes(created time.Time, destroyed *time.Time) int64 {
+	end := time.Now()
+	if destroyed != nil {
+		end = *destroyed
+	}
+	d := end.Sub(created)
+	m := int64((d + time.Minute - 1) / time.Minute)
+	return max(m, 1)
+}
+
+// List returns a page of the caller's sandboxes, newest first.
+func (s *Service) List(ctx context.Context, acct store.Account, status, agentID string, page, limit int) (api.SandboxList, error) {
+	recs, total, err := s.st.ListSandboxes(ctx, store.SandboxFilter{AccountID: acct.ID, Status: status, AgentID: agentID,
+		Offset: (page - 1) * limit, Limit: limit})
+	if err != nil {
+		return api.SandboxList{}, internal("list sandboxes", err)
+	}
+	out := api.SandboxList{Sandboxes: []api.Sandbox{}, Total: total, Page: page}
+	for _, r := range recs {
+		v, err := s.view(ctx, r)
+		if err != nil {
+			return api.SandboxList{}, err
+		}
+		out.Sandboxes = append(out.Sandboxes, v)
+	}
+	return out, nil
+}
+
+// Delete destroys a sandbox now. Deleting a destroyed sandbox succeeds (idempotent).
+func (s *Service) Delete(ctx context.Context, acct store.Account, id string) error {
+	if _, err := s.st.GetSandbox(ctx, acct.ID, id); errors.Is(err, store.ErrNotFound) {
+		return errorf(KindNotFound, "no sandbox %q", id)
+	} else if err != nil {
+		return internal("get sandbox", err)
+	}
+	s.mu.Lock()
+	lv := s.live[id]
+	s.mu.Unlock()
+	if lv != nil {
+		s.destroy(lv, ReasonDeleted)
+	}
+	return nil
+}
+
+// destroy ends a live sandbox: it stops taking runs, cancels the queued and running ones, releases
+// everything the driver holds and records the sandbox as destroyed. Concurrent calls wait for the
+// first one.
+func (s *Service) destroy(lv *live, reason string) {
+	first := false
+	lv.destroy1.Do(func() {
+		first = true
+		defer close(lv.gone)
+		lv.expiry.Stop()
+		lv.mu.Lock()
+		lv.closing = true
+		queued := lv.queue
+		lv.queue = nil
+		lv.mu.Unlock()
+		lv.cancel() // aborts provisioning or the running run
+		ctx := context.Background()
+		for _, j := range queued {
+			s.finishCancelled(ctx, lv, j)
+		}
+		<-lv.done
+		lv.mu.Lock()
+		failed := lv.rec.Status == store.SandboxError
+		lv.mu.Unlock()
+		if !failed {
+			if drv, ok := s.drivers[lv.rec.Mode]; ok {
+				if err := drv.Destroy(ctx, lv.id); err != nil {
+					s.log.Error("destroy sandbox", "sandbox", lv.id, "err", err)
+				}
+			}
+			if err := os.RemoveAll(filepath.Join(s.sandboxesDir(), lv.id)); err != nil {
+				s.log.Error("remove sandbox dir", "sandbox", lv.id, "err", err)
+			}
+			lv.mu.Lock()
+			t := now()
+			lv.rec.Status, lv.rec.DestroyedAt, lv.rec.DestroyReason = store.SandboxDestroyed, &t, reason
+			rec := lv.rec
+			lv.mu.Unlock()
+			if err := s.st.UpdateSandbox(ctx, rec); err != nil {
+				s.log.Error("record sandbox destroyed", "sandbox", lv.id, "err", err)
+			}
+			s.audit(ctx, store.Event{AccountID: rec.AccountID, Type: "sandbox.destroyed", SandboxID: lv.id, AgentID: rec.AgentID,
+				Detail: obj("reason", reason)})
+		}
+		s.mu.Lock()
+		delete(s.live, lv.id)
+		s.mu.Unlock()
+	})
+	if !first {
+		<-lv.gone
+	}
+}
+
+// Close destroys every live sandbox (reason server_restart) and waits for all goroutines.
+func (s *Service) Close(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	var all []*live
+	for _, lv := range s.live {
+		all = append(all, lv)
+	}
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, lv := range all {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.destroy(lv, ReasonServerRestart)
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("close sandbox service: %w", ctx.Err())
+	}
+}
+
+// reconcile destroys what a previous process of the service left live.
+func (s *Service) reconcile(ctx context.Context) error {
+	recs, err := s.st.LiveSandboxes(ctx)
+	if err != nil {
+		return fmt.Errorf("reconcile: %w", err)
+	}
+	for _, rec := range recs {
+		if d, ok := s.drivers[rec.Mode]; ok {
+			if err := d.Destroy(ctx, rec.ID); err != nil {
+				return fmt.Errorf("reconcile: destroy %s: %w", rec.ID, err)
+			}
+		}
+		t := now()
+		if _, err := s.st.EndOpenRuns(ctx, rec.ID, "error", obj("type", "ServerRestart",
+			"message", "the service restarted while this run was queued or running", "traceback", ""), t); err != nil {
+			return fmt.Errorf("reconcile: end runs of %s: %w", rec.ID, err)
+		}
+		rec.Status, rec.DestroyedAt, rec.DestroyReason = store.SandboxDestroyed, &t, ReasonServerRestart
+		if err := s.st.UpdateSandbox(ctx, rec); err != nil {
+			return fmt.Errorf("reconcile: %w", err)
+		}
+		s.audit(ctx, store.Event{AccountID: rec.AccountID, Type: "sandbox.destroyed", SandboxID: rec.ID, AgentID: rec.AgentID,
+			Detail: obj("reason", ReasonServerRestart)})
+		s.log.Info("reconciled sandbox left live by a previous run of the service", "sandbox", rec.ID)
+	}
+	for mode, d := range s.drivers {
+		ids, err := d.List(ctx)
+		if err != nil {
+			return fmt.Errorf("reconcile: list %s sandboxes: %w", mode, err)
+		}
+		for _, id := range ids {
+			s.log.Info("removing orphaned sandbox resources", "sandbox", id, "mode", mode)
+			if err := d.Destroy(ctx, id); err != nil {
+				return fmt.Errorf("reconcile: destroy orphan %s: %w", id, err)
+			}
+		}
+	}
+	entries, err := os.ReadDir(s.sandboxesDir())
+	if err != nil {
+		return fmt.Errorf("reconcile: %w", err)
+	}
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(s.sandboxesDir(), e.Name())); err != nil {
+			return fmt.Errorf("reconcile: %w", err)
+		}
+	}
+	return nil
+}
+
+// audit records an event; a failure is logged, never returned (the action already happened).
+func (s *Service) audit(ctx context.Context, e store.Event) {
+	e.ID = newID("evt_")
+	e.At = now()
+	if err := s.st.AddEvent(context.WithoutCancel(ctx), e); err != nil {
+		s.log.Error("record audit event", "type", e.Type, "err", err)
+	}
+}
+
+// Audit returns a page of the caller's audit events, oldest first.
+func (s *Service) Audit(ctx context.Context, acct store.Account, f store.EventFilter, page, limit int) (api.EventList, error) {
+	f.AccountID, f.Offset, f.Limit = acct.ID, (page-1)*limit, limit
+	evs, total, err := s.st.ListEvents(ctx, f)
+	if err != nil {
+		return api.EventList{}, internal("list events", err)
+	}
+	out := api.EventList{Events: []api.Event{}, Total: total, Page: page}
+	for _, e := range evs {
+		d := e.Detail
+		if d == nil {
+			d = json.RawMessage("{}")
+		}
+		out.Events = append(out.Events, api.Event{EventID: e.ID, Type: e.Type, At: e.At,
+			SandboxID: optional(e.SandboxID), RunID: optional(e.RunID), AgentID: optional(e.AgentID), Detail: d})
+	}
+	return out, nil
+}
+
+// Usage returns the caller's usage per day in [from, to).
+func (s *Service) Usage(ctx context.Context, acct store.Account, from, to time.Time) (api.Usage, error) {
+	days, err := s.st.Usage(ctx, acct.ID, from, to, time.Now().UTC())
+	if err != nil {
+		return api.Usage{}, internal("usage", err)
+	}
+	out := api.Usage{From: from, To: to, Days: []api.UsageDay{}}
+	for _, d := range days {
+		out.Days = append(out.Days, api.UsageDay(d))
+		out.BilledMinutes += d.BilledMinutes
+		out.CPUSeconds += d.CPUSeconds
+		out.Runs += d.Runs
+	}
+	return out, nil
+}
+
+// AuthFailed records a failed authentication.
+func (s *Service) AuthFailed(ctx context.Context, reason, remote string) {
+	s.audit(ctx, store.Event{Type: "auth.failed", Detail: obj("reason", reason, "remote", remote)})
+}
+
+func optional(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
+}
+
+// obj builds a JSON object from key, value pairs.
+func obj(kv ...any) json.RawMessage {
+	m := make(map[string]any, len(kv)/2)
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i].(string)] = kv[i+1]
+	}
+	b, _ := json.Marshal(m)
+	return b
+}
+
+var idEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
+
+// newID returns prefix + 120 random bits.
+func newID(prefix string) string {
+	b := make([]byte, 15)
+	_, _ = rand.Read(b)
+	return prefix + idEncoding.EncodeToString(b)
+}
+
+func now() time.Time { return time.Now().UTC().Truncate(time.Millisecond) }
+
+func hostMemory() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 1 << 40
+	}
+	var kb int64
+	for _, line := range strings.Split(string(b), "\n") {
+		if _, err := fmt.Sscanf(line, "MemTotal: %d kB", &kb); err == nil {
+			return kb << 10
+		}
+	}
+	return 1 << 40
+}

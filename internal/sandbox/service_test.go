@@ -1,0 +1,346 @@
+package sandbox_test
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/fakedriver"
+	"github.com/sandboxd/sandboxd/internal/sandbox"
+	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/store/sqlite"
+)
+
+type env struct {
+	svc  *sandbox.Service
+	st   store.Store
+	drv  *fakedriver.Driver
+	dir  string
+	acct store.Account
+}
+
+func newEnv(t *testing.T, plan string) *env {
+	t.Helper()
+	dir := t.TempDir()
+	st, err := sqlite.Open(context.Background(), filepath.Join(dir, "db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	e := &env{st: st, drv: fakedriver.New(), dir: dir}
+	e.svc = e.open(t)
+	_, e.acct, _, err = sandbox.CreateKey(context.Background(), st, sandbox.DefaultPlans(), "acme", plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func (e *env) open(t *testing.T) *sandbox.Service {
+	t.Helper()
+	svc, err := sandbox.New(context.Background(), sandbox.Config{
+		DataDir: e.dir, Images: []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/nonexistent", Default: true}},
+	}, e.st, map[string]driver.Driver{"container": e.drv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { svc.Close(context.Background()) })
+	return svc
+}
+
+func (e *env) create(t *testing.T, cfg *api.Config) string {
+	t.Helper()
+	resp, err := e.svc.Create(context.Background(), e.acct, api.CreateSandboxRequest{AgentID: "agent-1", Config: cfg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Status != "ready" {
+		t.Fatalf("status %q, want ready", resp.Status)
+	}
+	return resp.SandboxID
+}
+
+func (e *env) run(t *testing.T, id, code string, async bool) api.Run {
+	t.Helper()
+	r, _, err := e.svc.Run(context.Background(), e.acct, id, api.RunRequest{Code: &code, Async: async})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func TestCreateValidation(t *testing.T) {
+	e := newEnv(t, "free")
+	cases := []struct {
+		name string
+		req  api.CreateSandboxRequest
+		want sandbox.Kind
+	}{
+		{"missing agent_id", api.CreateSandboxRequest{}, sandbox.KindInvalid},
+		{"bad agent_id", api.CreateSandboxRequest{AgentID: "a b"}, sandbox.KindInvalid},
+		{"bad mode", api.CreateSandboxRequest{AgentID: "a", Mode: "vm"}, sandbox.KindInvalid},
+		{"wasm not configured", api.CreateSandboxRequest{AgentID: "a", Mode: "wasm"}, sandbox.KindUnsupported},
+		{"image not approved", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Image: "evil:1"}}, sandbox.KindImageNotApproved},
+		{"relative path", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Filesystem: &api.Filesystem{ReadOnly: []string{"data"}}}}, sandbox.KindInvalid},
+		{"dotdot path", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Filesystem: &api.Filesystem{ReadWrite: []string{"/a/../etc"}}}}, sandbox.KindInvalid},
+		{"double slash", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Filesystem: &api.Filesystem{Blocked: []string{"//etc"}}}}, sandbox.KindInvalid},
+		{"root mount", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Filesystem: &api.Filesystem{ReadWrite: []string{"/"}}}}, sandbox.KindInvalid},
+		{"reserved", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Filesystem: &api.Filesystem{Blocked: []string{"/proc"}}}}, sandbox.KindInvalid},
+		{"path in two lists", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Filesystem: &api.Filesystem{ReadOnly: []string{"/w"}, Blocked: []string{"/w"}}}}, sandbox.KindInvalid},
+		{"egress allow", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Network: &api.Network{Allow: []string{"api.company.com"}}}}, sandbox.KindUnsupported},
+		{"egress open", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Network: &api.Network{BlockOutbound: ptr(false)}}}, sandbox.KindUnsupported},
+		{"bad allow entry", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Network: &api.Network{Allow: []string{"not a host"}}}}, sandbox.KindInvalid},
+		{"bad cpu", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Resources: &api.Resources{CPU: "half"}}}, sandbox.KindInvalid},
+		{"cpu over plan", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Resources: &api.Resources{CPU: "2"}}}, sandbox.KindInvalid},
+		{"memory too small", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Resources: &api.Resources{Memory: "1m"}}}, sandbox.KindInvalid},
+		{"memory over plan", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Resources: &api.Resources{Memory: "2g"}}}, sandbox.KindInvalid},
+		{"bad memory", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Resources: &api.Resources{Memory: "lots"}}}, sandbox.KindInvalid},
+		{"timeout too long", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Resources: &api.Resources{Timeout: ptr(3601)}}}, sandbox.KindInvalid},
+		{"timeout zero", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Resources: &api.Resources{Timeout: ptr(0)}}}, sandbox.KindInvalid},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := e.svc.Create(context.Background(), e.acct, c.req)
+			if got := sandbox.KindOf(err); err == nil || got != c.want {
+				t.Fatalf("err %v (kind %q), want kind %q", err, got, c.want)
+			}
+		})
+	}
+}
+
+func TestCreateFillsDefaults(t *testing.T) {
+	e := newEnv(t, "free")
+	id := e.create(t, &api.Config{Filesystem: &api.Filesystem{ReadOnly: []string{"/workspace/data"}}, Resources: &api.Resources{Memory: "256M"}})
+	sb, err := e.svc.Get(context.Background(), e.acct, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg api.Config
+	if err := json.Unmarshal(sb.Config, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Image != "agentcop/agent-sandbox:latest" || cfg.Resources.CPU != "1" || cfg.Resources.Memory != "256m" ||
+		*cfg.Resources.Timeout != 1800 || !*cfg.Network.BlockOutbound || *cfg.Process.AllowSpawn ||
+		len(cfg.Filesystem.ReadOnly) != 1 || cfg.Filesystem.ReadWrite == nil {
+		t.Fatalf("config not normalised: %s", sb.Config)
+	}
+	if sb.Status != "ready" || sb.ReadyAt == nil || sb.ExpiresAt.Sub(sb.CreatedAt) != 1800*time.Second {
+		t.Fatalf("record: %+v", sb)
+	}
+}
+
+func TestQuotaIsAtomic(t *testing.T) {
+	e := newEnv(t, "free")
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	created, limited := 0, 0
+	for range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := e.svc.Create(context.Background(), e.acct, api.CreateSandboxRequest{AgentID: "a"})
+			mu.Lock()
+			defer mu.Unlock()
+			switch sandbox.KindOf(err) {
+			case sandbox.KindConcurrencyLimit:
+				limited++
+			default:
+				if err != nil {
+					t.Errorf("create: %v", err)
+				}
+				created++
+			}
+		}()
+	}
+	wg.Wait()
+	if created != 3 || limited != 47 {
+		t.Fatalf("created %d, limited %d; want 3 and 47", created, limited)
+	}
+	ev, err := e.svc.Audit(context.Background(), e.acct, store.EventFilter{Type: "quota.denied"}, 1, 100)
+	if err != nil || ev.Total != 47 {
+		t.Fatalf("quota.denied events: %d, %v", ev.Total, err)
+	}
+}
+
+func TestRunsSyncAsyncFIFO(t *testing.T) {
+	e := newEnv(t, "free")
+	id := e.create(t, nil)
+	r := e.run(t, id, "print(1)", false)
+	if r.Status != "completed" || string(r.Result) != "42" || r.Stdout != "print(1)" || r.DurationMS == nil {
+		t.Fatalf("sync run: %+v", r)
+	}
+	var ids []string
+	for range 3 {
+		a := e.run(t, id, "sleep:30", true)
+		if a.Status != "queued" {
+			t.Fatalf("async status %q", a.Status)
+		}
+		ids = append(ids, a.RunID)
+	}
+	var prev time.Time
+	for _, rid := range ids {
+		got := waitRun(t, e, id, rid)
+		if got.Status != "completed" || got.StartedAt == nil {
+			t.Fatalf("run %s: %+v", rid, got)
+		}
+		if got.StartedAt.Before(prev) {
+			t.Fatalf("runs did not start in arrival order")
+		}
+		prev = *got.FinishedAt
+	}
+	list, err := e.svc.ListRuns(context.Background(), e.acct, id, 1, 2)
+	if err != nil || list.Total != 4 || len(list.Runs) != 2 || list.Runs[0].RunID != ids[2] {
+		t.Fatalf("list runs: %+v %v", list, err)
+	}
+}
+
+func waitRun(t *testing.T, e *env, id, rid string) api.Run {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		r, err := e.svc.GetRun(context.Background(), e.acct, id, rid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.FinishedAt != nil {
+			return r
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("run %s did not finish", rid)
+	return api.Run{}
+}
+
+func TestCancelAndDelete(t *testing.T) {
+	e := newEnv(t, "free")
+	ctx := context.Background()
+	id := e.create(t, nil)
+	running := e.run(t, id, "block", true)
+	queued := e.run(t, id, "print(2)", true)
+	c, err := e.svc.CancelRun(ctx, e.acct, id, queued.RunID)
+	if err != nil || c.Status != "cancelled" {
+		t.Fatalf("cancel queued: %+v %v", c, err)
+	}
+	c, err = e.svc.CancelRun(ctx, e.acct, id, running.RunID)
+	if err != nil || c.Status != "cancelled" {
+		t.Fatalf("cancel running: %+v %v", c, err)
+	}
+	blocked := e.run(t, id, "block", true)
+	if err := e.svc.Delete(ctx, e.acct, id); err != nil {
+		t.Fatal(err)
+	}
+	if got := waitRun(t, e, id, blocked.RunID); got.Status != "cancelled" {
+		t.Fatalf("run on deleted sandbox: %s", got.Status)
+	}
+	sb, _ := e.svc.Get(ctx, e.acct, id)
+	if sb.Status != "destroyed" || *sb.DestroyReason != "deleted" || sb.DestroyedAt == nil || e.drv.Live(id) {
+		t.Fatalf("after delete: %+v", sb)
+	}
+	if err := e.svc.Delete(ctx, e.acct, id); err != nil {
+		t.Fatalf("second delete: %v", err)
+	}
+	code := "print(1)"
+	if _, _, err := e.svc.Run(ctx, e.acct, id, api.RunRequest{Code: &code}); sandbox.KindOf(err) != sandbox.KindSandboxDestroyed {
+		t.Fatalf("run on destroyed: %v", err)
+	}
+	other := store.Account{ID: "acct_other", Plan: "free"}
+	if _, err := e.svc.Get(ctx, other, id); sandbox.KindOf(err) != sandbox.KindNotFound {
+		t.Fatalf("other account sees the sandbox: %v", err)
+	}
+}
+
+func TestRunQueueFull(t *testing.T) {
+	e := newEnv(t, "free")
+	id := e.create(t, nil)
+	e.run(t, id, "block", true)
+	time.Sleep(20 * time.Millisecond) // let the worker take the blocking run
+	for range sandbox.MaxQueuedRuns {
+		e.run(t, id, "print(1)", true)
+	}
+	code := "print(1)"
+	if _, _, err := e.svc.Run(context.Background(), e.acct, id, api.RunRequest{Code: &code, Async: true}); sandbox.KindOf(err) != sandbox.KindRunQueueFull {
+		t.Fatalf("65th queued run: %v", err)
+	}
+}
+
+func TestExpiry(t *testing.T) {
+	e := newEnv(t, "free")
+	id := e.create(t, &api.Config{Resources: &api.Resources{Timeout: ptr(1)}})
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		sb, _ := e.svc.Get(context.Background(), e.acct, id)
+		if sb.Status == "destroyed" {
+			if *sb.DestroyReason != "expired" || sb.DestroyedAt.Sub(sb.ExpiresAt) > time.Second || e.drv.Live(id) {
+				t.Fatalf("expired record: %+v", sb)
+			}
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("sandbox did not expire")
+}
+
+func TestProvisioningFailure(t *testing.T) {
+	e := newEnv(t, "free")
+	e.drv.CreateHook = func(context.Context, string) error { return fakedriver.ErrInjected }
+	resp, err := e.svc.Create(context.Background(), e.acct, api.CreateSandboxRequest{AgentID: "a"})
+	if sandbox.KindOf(err) != sandbox.KindProvisioningFailed {
+		t.Fatalf("err %v", err)
+	}
+	sb, _ := e.svc.Get(context.Background(), e.acct, resp.SandboxID)
+	if sb.Status != "error" || string(sb.Error) == "null" {
+		t.Fatalf("record: %+v", sb)
+	}
+}
+
+func TestSlowProvisioningAnswers202(t *testing.T) {
+	e := newEnv(t, "free")
+	e.svc.Close(context.Background())
+	svc, err := sandbox.New(context.Background(), sandbox.Config{
+		DataDir: e.dir, ProvisionWait: 20 * time.Millisecond,
+		Images: []sandbox.Image{{Name: "i", Mode: "container", RootFS: "/x", Default: true}},
+	}, e.st, map[string]driver.Driver{"container": e.drv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close(context.Background())
+	release := make(chan struct{})
+	e.drv.CreateHook = func(context.Context, string) error { <-release; return nil }
+	resp, err := svc.Create(context.Background(), e.acct, api.CreateSandboxRequest{AgentID: "a"})
+	if err != nil || resp.Status != "provisioning" {
+		t.Fatalf("create: %+v %v", resp, err)
+	}
+	code := "print(1)"
+	if _, _, err := svc.Run(context.Background(), e.acct, resp.SandboxID, api.RunRequest{Code: &code}); sandbox.KindOf(err) != sandbox.KindSandboxNotReady {
+		t.Fatalf("run while provisioning: %v", err)
+	}
+	close(release)
+}
+
+func TestReconcileAfterCrash(t *testing.T) {
+	e := newEnv(t, "free")
+	id := e.create(t, nil)
+	blocked := e.run(t, id, "block", true)
+	time.Sleep(20 * time.Millisecond)
+	// A second service on the same store, as after a crash of the first (which is never closed
+	// before the check).
+	svc2 := e.open(t)
+	sb, err := svc2.Get(context.Background(), e.acct, id)
+	if err != nil || sb.Status != "destroyed" || *sb.DestroyReason != "server_restart" {
+		t.Fatalf("after restart: %+v %v", sb, err)
+	}
+	r, _ := svc2.GetRun(context.Background(), e.acct, id, blocked.RunID)
+	if r.Status != "error" {
+		t.Fatalf("open run after restart: %s", r.Status)
+	}
+	if e.drv.Live(id) {
+		t.Fatal("driver still holds the sandbox")
+	}
+}

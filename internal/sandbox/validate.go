@@ -1,0 +1,319 @@
+package sandbox
+
+import (
+	"fmt"
+	"math"
+	"net/netip"
+	"path"
+	"regexp"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/sandboxd/sandboxd/api"
+)
+
+// Limits of the contract (API.md §2–3).
+const (
+	MaxPathsPerList   = 64
+	MaxAllowEntries   = 256
+	MaxSandboxTimeout = 3600
+	DefaultTimeout    = 1800
+	MaxRunTimeout     = 600
+	DefaultRunTimeout = 30
+	MaxCodeBytes      = 1 << 20
+	MaxEnvVars        = 64
+	MinMemory         = 16 << 20
+	DefaultMemory     = "512m"
+	DefaultCPU        = "1"
+	MaxOutputBytes    = 1 << 20
+	MaxQueuedRuns     = 64
+)
+
+var (
+	agentIDRe = regexp.MustCompile(`^[A-Za-z0-9._:-]{1,128}$`)
+	cpuRe     = regexp.MustCompile(`^[0-9]{1,4}(\.[0-9]{1,3})?$`)
+	memoryRe  = regexp.MustCompile(`^([0-9]{1,15})([kKmMgG]?)$`)
+	hostRe    = regexp.MustCompile(`^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$`)
+)
+
+// reservedPaths belong to the runtime: no rule may name them or anything under them.
+var reservedPaths = []string{"/proc", "/sys", "/dev", "/.sandbox"}
+
+// spec is a validated create request: the normalised config to echo and store, and the values the
+// service needs.
+type spec struct {
+	agentID     string
+	mode        string
+	image       Image
+	config      api.Config // normalised, every default filled in
+	cpu         float64
+	memoryBytes int64
+	timeout     int
+	allowSpawn  bool
+}
+
+func invalid(format string, args ...any) *Error { return errorf(KindInvalid, format, args...) }
+
+// validateCreate checks a create request against the contract and the caller's plan, and fills in
+// the defaults.
+func (s *Service) validateCreate(req api.CreateSandboxRequest, plan Plan) (spec, error) {
+	var sp spec
+	if req.AgentID == "" {
+		return sp, invalid("agent_id is required")
+	}
+	if !agentIDRe.MatchString(req.AgentID) {
+		return sp, invalid("agent_id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+	}
+	sp.agentID = req.AgentID
+	sp.mode = req.Mode
+	if sp.mode == "" {
+		sp.mode = ModeContainer
+	}
+	if sp.mode != ModeContainer && sp.mode != ModeWASM {
+		return sp, invalid("mode must be \"container\" or \"wasm\", not %q", req.Mode)
+	}
+	cfg := api.Config{}
+	if req.Config != nil {
+		cfg = *req.Config
+	}
+
+	// Image.
+	img, err := s.resolveImage(cfg.Image, sp.mode)
+	if err != nil {
+		return sp, err
+	}
+	sp.image = img
+	cfg.Image = img.Name
+
+	// Filesystem.
+	fs := api.Filesystem{}
+	if cfg.Filesystem != nil {
+		fs = *cfg.Filesystem
+	}
+	seen := map[string]string{}
+	for _, l := range []struct {
+		name  string
+		paths *[]string
+		mount bool
+	}{
+		{"config.filesystem.read_only", &fs.ReadOnly, true},
+		{"config.filesystem.read_write", &fs.ReadWrite, true},
+		{"config.filesystem.blocked", &fs.Blocked, false},
+	} {
+		if *l.paths == nil {
+			*l.paths = []string{}
+		}
+		if len(*l.paths) > MaxPathsPerList {
+			return sp, invalid("%s has %d entries; at most %d are allowed", l.name, len(*l.paths), MaxPathsPerList)
+		}
+		for _, p := range *l.paths {
+			if err := checkPath(l.name, p, l.mount); err != nil {
+				return sp, err
+			}
+			if other, dup := seen[p]; dup {
+				return sp, invalid("path %q is in both %s and %s", p, other, l.name)
+			}
+			seen[p] = l.name
+		}
+	}
+	cfg.Filesystem = &fs
+
+	// Network.
+	nw := api.Network{}
+	if cfg.Network != nil {
+		nw = *cfg.Network
+	}
+	if nw.Allow == nil {
+		nw.Allow = []string{}
+	}
+	if len(nw.Allow) > MaxAllowEntries {
+		return sp, invalid("config.network.allow has %d entries; at most %d are allowed", len(nw.Allow), MaxAllowEntries)
+	}
+	for _, a := range nw.Allow {
+		if err := checkAllowEntry(a); err != nil {
+			return sp, err
+		}
+	}
+	if nw.BlockOutbound == nil {
+		t := true
+		nw.BlockOutbound = &t
+	}
+	cfg.Network = &nw
+	if len(nw.Allow) > 0 || !*nw.BlockOutbound {
+		if sp.mode == ModeWASM {
+			return sp, errorf(KindUnsupportedInMode, "wasm sandboxes have no network: config.network must be {\"block_outbound\": true} with an empty allow list")
+		}
+		return sp, errorf(KindUnsupported, "network egress (config.network.allow or block_outbound: false) is not available on this server yet: sandboxes get loopback only; send {\"block_outbound\": true} with an empty allow list")
+	}
+
+	// Resources.
+	rs := api.Resources{}
+	if cfg.Resources != nil {
+		rs = *cfg.Resources
+	}
+	if rs.CPU == "" {
+		rs.CPU = DefaultCPU
+	}
+	if !cpuRe.MatchString(rs.CPU) {
+		return sp, invalid("config.resources.cpu must be a decimal number of cores such as \"0.5\", not %q", rs.CPU)
+	}
+	sp.cpu, _ = strconv.ParseFloat(rs.CPU, 64)
+	if sp.cpu < 0.01 {
+		return sp, invalid("config.resources.cpu must be at least 0.01 cores")
+	}
+	if sp.cpu > plan.MaxCPU {
+		return sp, invalid("config.resources.cpu %s is over your plan's limit of %s cores", rs.CPU, formatCPU(plan.MaxCPU))
+	}
+	rs.CPU = formatCPU(sp.cpu)
+	if rs.Memory == "" {
+		rs.Memory = DefaultMemory
+	}
+	sp.memoryBytes, err = parseMemory(rs.Memory)
+	if err != nil {
+		return sp, err
+	}
+	if sp.memoryBytes < MinMemory {
+		return sp, invalid("config.resources.memory must be at least 16m, not %q", rs.Memory)
+	}
+	if sp.memoryBytes > plan.MaxMemory {
+		return sp, invalid("config.resources.memory %s is over your plan's limit of %s", rs.Memory, formatMemory(plan.MaxMemory))
+	}
+	rs.Memory = strings.ToLower(rs.Memory)
+	if rs.Timeout == nil {
+		t := DefaultTimeout
+		rs.Timeout = &t
+	}
+	if *rs.Timeout < 1 || *rs.Timeout > MaxSandboxTimeout {
+		return sp, invalid("config.resources.timeout must be 1-%d seconds, not %d", MaxSandboxTimeout, *rs.Timeout)
+	}
+	sp.timeout = *rs.Timeout
+	cfg.Resources = &rs
+
+	// Process.
+	pr := api.Process{}
+	if cfg.Process != nil {
+		pr = *cfg.Process
+	}
+	if pr.AllowSpawn == nil {
+		f := false
+		pr.AllowSpawn = &f
+	}
+	sp.allowSpawn = *pr.AllowSpawn
+	cfg.Process = &pr
+
+	sp.config = cfg
+	return sp, nil
+}
+
+// checkPath enforces: absolute, clean, no NUL, not reserved, a mount not at "/" or "/tmp".
+func checkPath(field, p string, mount bool) error {
+	switch {
+	case p == "":
+		return invalid("%s: empty path", field)
+	case strings.ContainsRune(p, 0):
+		return invalid("%s: path contains a NUL byte", field)
+	case !utf8.ValidString(p) || len(p) > 1024:
+		return invalid("%s: path %q is not valid UTF-8 of at most 1024 bytes", field, p)
+	case !strings.HasPrefix(p, "/"):
+		return invalid("%s: path %q must be absolute", field, p)
+	case path.Clean(p) != p:
+		return invalid("%s: path %q must be clean (no \"..\", \".\", \"//\" or trailing \"/\")", field, p)
+	case p == "/":
+		return invalid("%s: \"/\" cannot be mounted or blocked", field)
+	case mount && (p == "/tmp" || strings.HasPrefix(p, "/tmp/")):
+		return invalid("%s: %q: /tmp is already a private writable directory of every sandbox", field, p)
+	}
+	for _, r := range reservedPaths {
+		if p == r || strings.HasPrefix(p, r+"/") {
+			return invalid("%s: %q is reserved for the sandbox runtime", field, p)
+		}
+	}
+	return nil
+}
+
+// checkAllowEntry accepts a hostname, a *.wildcard, an IP or a CIDR, each optionally with :port.
+func checkAllowEntry(a string) error {
+	bad := invalid("config.network.allow: %q is not a hostname, *.wildcard, IP or CIDR (optionally with :port)", a)
+	host := a
+	if ap, err := netip.ParseAddrPort(a); err == nil { // 1.2.3.4:443, [::1]:443
+		if ap.Port() == 0 {
+			return bad
+		}
+		return nil
+	}
+	if i := strings.LastIndexByte(a, ':'); i > 0 && strings.Count(a, ":") == 1 {
+		port, err := strconv.Atoi(a[i+1:])
+		if err != nil || port < 1 || port > 65535 {
+			return bad
+		}
+		host = a[:i]
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return nil
+	}
+	if _, err := netip.ParsePrefix(host); err == nil {
+		return nil
+	}
+	if len(host) > 253 || !hostRe.MatchString(host) {
+		return bad
+	}
+	return nil
+}
+
+// parseMemory reads "512m", "1g", "65536k" or a number of bytes (binary units).
+func parseMemory(s string) (int64, error) {
+	m := memoryRe.FindStringSubmatch(s)
+	if m == nil {
+		return 0, invalid("config.resources.memory must look like \"512m\", \"1g\", \"65536k\" or a number of bytes, not %q", s)
+	}
+	n, _ := strconv.ParseInt(m[1], 10, 64)
+	shift := map[string]uint{"": 0, "k": 10, "m": 20, "g": 30}[strings.ToLower(m[2])]
+	if n > math.MaxInt64>>shift {
+		return 0, invalid("config.resources.memory %q is too large", s)
+	}
+	return n << shift, nil
+}
+
+func formatCPU(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
+
+func formatMemory(b int64) string {
+	switch {
+	case b%(1<<30) == 0:
+		return fmt.Sprintf("%dg", b>>30)
+	case b%(1<<20) == 0:
+		return fmt.Sprintf("%dm", b>>20)
+	case b%(1<<10) == 0:
+		return fmt.Sprintf("%dk", b>>10)
+	}
+	return strconv.FormatInt(b, 10)
+}
+
+// validateRun checks a run request and fills in its defaults.
+func validateRun(req api.RunRequest) (code string, timeout int, err error) {
+	if req.Code == nil {
+		return "", 0, invalid("code is required")
+	}
+	if len(*req.Code) > MaxCodeBytes {
+		return "", 0, invalid("code is %d bytes; at most %d are allowed", len(*req.Code), MaxCodeBytes)
+	}
+	if strings.ContainsRune(*req.Code, 0) {
+		return "", 0, invalid("code contains a NUL byte")
+	}
+	timeout = DefaultRunTimeout
+	if req.Timeout != nil {
+		timeout = *req.Timeout
+	}
+	if timeout < 1 || timeout > MaxRunTimeout {
+		return "", 0, invalid("timeout must be 1-%d seconds, not %d", MaxRunTimeout, timeout)
+	}
+	if len(req.Env) > MaxEnvVars {
+		return "", 0, invalid("env has %d variables; at most %d are allowed", len(req.Env), MaxEnvVars)
+	}
+	for k, v := range req.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
+			return "", 0, invalid("env: %q is not a valid variable (names are non-empty without '=' or NUL; values without NUL)", k)
+		}
+	}
+	return *req.Code, timeout, nil
+}

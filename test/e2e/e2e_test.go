@@ -1,0 +1,565 @@
+// Package e2e tests sandboxd as its users see it: the real binary, serving HTTP, running real
+// container sandboxes (crun or runc) on the real image, with its SQLite database on disk.
+//
+// It needs root, an OCI runtime, the built binaries (SANDBOXD_BIN, a directory holding sandboxd and
+// sandbox-agent) and the image (SANDBOXD_ROOTFS); `make test` provides all of them. Without them
+// the tests skip, except when CI is set: then they fail.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	binDir = os.Getenv("SANDBOXD_BIN")
+	rootfs = os.Getenv("SANDBOXD_ROOTFS")
+)
+
+func requireEnv(t *testing.T) {
+	t.Helper()
+	var why string
+	switch {
+	case os.Geteuid() != 0:
+		why = "needs root"
+	case binDir == "" || rootfs == "":
+		why = "needs SANDBOXD_BIN and SANDBOXD_ROOTFS (run make test)"
+	}
+	if why == "" {
+		if _, err := os.Stat(filepath.Join(binDir, "sandboxd")); err != nil {
+			why = "no sandboxd binary in SANDBOXD_BIN: " + err.Error()
+		}
+	}
+	if why != "" {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("CI is set but the end-to-end tests cannot run: %s", why)
+		}
+		t.Skip(why)
+	}
+}
+
+// server is a running sandboxd process.
+type server struct {
+	t       *testing.T
+	cmd     *exec.Cmd
+	url     string
+	key     string
+	dataDir string
+	logs    *bytes.Buffer
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// launch starts sandboxd on dataDir and waits until it is healthy; on a fresh dataDir it reads the
+// first API key the server prints.
+func launch(addr, dataDir string) (*server, error) {
+	s := &server{url: "http://" + addr, dataDir: dataDir, logs: &bytes.Buffer{}}
+	s.cmd = exec.Command(filepath.Join(binDir, "sandboxd"), "serve", "--listen", addr, "--data-dir", dataDir,
+		"--image", "agentcop/agent-sandbox:latest="+rootfs)
+	s.cmd.Stderr = &lockedWriter{w: s.logs}
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.cmd.Start(); err != nil {
+		return nil, err
+	}
+	keyc := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			select {
+			case keyc <- strings.TrimSpace(sc.Text()):
+			default:
+			}
+		}
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get(s.url + "/health")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			s.stop()
+			return nil, fmt.Errorf("sandboxd did not become healthy: %v\n%s", err, s.logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	select {
+	case s.key = <-keyc:
+	case <-time.After(200 * time.Millisecond):
+	}
+	return s, nil
+}
+
+// stop ends the server with SIGTERM (it destroys its sandboxes) and waits for it.
+func (s *server) stop() {
+	if s.cmd.ProcessState == nil {
+		_ = s.cmd.Process.Signal(syscall.SIGTERM)
+		_ = s.cmd.Wait()
+	}
+}
+
+// startServer launches a server that the test owns.
+func startServer(t *testing.T, dataDir string) *server {
+	t.Helper()
+	s, err := launch(freeAddr(t), dataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.t = t
+	t.Cleanup(func() {
+		s.stop()
+		if t.Failed() {
+			t.Logf("sandboxd logs:\n%s", s.logs.String())
+		}
+	})
+	return s
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// newKey creates a key with the CLI (while the server runs).
+func (s *server) newKey(account, plan string) string {
+	out, err := exec.Command(filepath.Join(binDir, "sandboxd"), "keys", "create", "--data-dir", s.dataDir,
+		"--account", account, "--plan", plan).Output()
+	if err != nil {
+		s.t.Fatalf("keys create: %v", err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	return lines[len(lines)-1]
+}
+
+func (s *server) do(method, path, key string, body any) (int, map[string]any) {
+	s.t.Helper()
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		if str, ok := body.(string); ok {
+			b = []byte(str)
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, _ := http.NewRequest(method, s.url+path, rd)
+	req.Header.Set("X-AgentCop-Key", key)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		s.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var m map[string]any
+	if len(b) > 0 {
+		if err := json.Unmarshal(b, &m); err != nil {
+			s.t.Fatalf("%s %s: not JSON: %q", method, path, b)
+		}
+	}
+	return resp.StatusCode, m
+}
+
+// create makes a sandbox and fails the test unless it is ready.
+func (s *server) create(key string, cfg map[string]any) string {
+	s.t.Helper()
+	status, m := s.do("POST", "/api/sandbox/create", key, map[string]any{"agent_id": "e2e", "config": cfg})
+	if status != 201 || m["status"] != "ready" {
+		s.t.Fatalf("create: %d %v", status, m)
+	}
+	id := m["sandbox_id"].(string)
+	s.t.Cleanup(func() { s.do("DELETE", "/api/sandbox/"+id, key, nil) })
+	return id
+}
+
+// run executes code synchronously and returns the run object.
+func (s *server) run(key, id, code string, timeout int) map[string]any {
+	s.t.Helper()
+	status, m := s.do("POST", "/api/sandbox/"+id+"/run", key, map[string]any{"code": code, "timeout": timeout})
+	if status != 200 {
+		s.t.Fatalf("run: %d %v", status, m)
+	}
+	return m
+}
+
+var (
+	shared     *server
+	sharedErr  error
+	sharedOnce sync.Once
+)
+
+// sharedServer is one server for the tests that don't restart it.
+func sharedServer(t *testing.T) *server {
+	requireEnv(t)
+	sharedOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "sandboxd-e2e-")
+		if err != nil {
+			sharedErr = err
+			return
+		}
+		shared, sharedErr = launch(freeAddr(t), dir)
+	})
+	if sharedErr != nil || shared.key == "" {
+		t.Fatalf("shared server did not start: %v", sharedErr)
+	}
+	shared.t = t
+	return shared
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared != nil {
+		shared.stop()
+		if code != 0 {
+			fmt.Fprintf(os.Stderr, "shared sandboxd logs:\n%s", shared.logs.String())
+		}
+		os.RemoveAll(shared.dataDir)
+	}
+	os.Exit(code)
+}
+
+func TestSeedExample(t *testing.T) {
+	s := sharedServer(t)
+	status, m := s.do("POST", "/api/sandbox/create", s.key, `{
+	  "agent_id": "data-processor", "mode": "container",
+	  "config": {"image": "agentcop/agent-sandbox:latest",
+	    "filesystem": {"read_only": ["/workspace/data"], "read_write": ["/workspace/output"], "blocked": ["/etc", "/root"]},
+	    "network": {"block_outbound": true},
+	    "resources": {"cpu": "0.5", "memory": "512m", "timeout": 30}}}`)
+	if status != 201 || m["status"] != "ready" || m["mode"] != "container" {
+		t.Fatalf("create: %d %v", status, m)
+	}
+	id := m["sandbox_id"].(string)
+	created, _ := time.Parse(time.RFC3339, m["created_at"].(string))
+	expires, _ := time.Parse(time.RFC3339, m["expires_at"].(string))
+	if expires.Sub(created) != 30*time.Second {
+		t.Fatalf("expires_at - created_at = %v", expires.Sub(created))
+	}
+	r := s.run(s.key, id, "result = 6*7", 30)
+	if r["status"] != "completed" || r["result"] != float64(42) || r["exit_code"] != float64(0) {
+		t.Fatalf("run: %v", r)
+	}
+	r = s.run(s.key, id, "print('hi')\nimport sys; print('err', file=sys.stderr)\nresult = {'rows': 12}", 30)
+	if r["stdout"] != "hi\n" || r["stderr"] != "err\n" || r["result"].(map[string]any)["rows"] != float64(12) {
+		t.Fatalf("run: %v", r)
+	}
+	r = s.run(s.key, id, "x = 1\n1/0", 30)
+	e, _ := r["error"].(map[string]any)
+	if r["status"] != "failed" || r["exit_code"] != float64(1) || e["type"] != "ZeroDivisionError" ||
+		e["message"] != "division by zero" || !strings.Contains(e["traceback"].(string), "line 2") {
+		t.Fatalf("exception run: %v", r)
+	}
+	if status, _ = s.do("DELETE", "/api/sandbox/"+id, s.key, nil); status != 204 {
+		t.Fatalf("delete: %d", status)
+	}
+	_, m = s.do("GET", "/api/sandbox/"+id, s.key, nil)
+	if m["status"] != "destroyed" || m["destroy_reason"] != "deleted" || m["runs"].(map[string]any)["total"] != float64(3) {
+		t.Fatalf("after delete: %v", m)
+	}
+}
+
+func TestFilesystemRules(t *testing.T) {
+	s := sharedServer(t)
+	secret := fmt.Sprintf("/root/sandboxd-e2e-secret-%d", time.Now().UnixNano())
+	if err := os.WriteFile(secret, []byte("host secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(secret)
+	id := s.create(s.key, map[string]any{"filesystem": map[string]any{
+		"read_only": []string{"/workspace/data"}, "read_write": []string{"/workspace/output"},
+		"blocked": []string{"/etc", "/root", "/workspace/output/private"}}})
+	code := fmt.Sprintf(`
+import os
+out = {}
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = type(e).__name__
+attempt("write_ro", lambda: open("/workspace/data/x", "w").write("x"))
+attempt("write_rw", lambda: open("/workspace/output/x", "w").write("x"))
+attempt("read_rw", lambda: open("/workspace/output/x").read())
+attempt("list_etc", lambda: os.listdir("/etc"))
+attempt("read_passwd", lambda: open("/etc/passwd").read())
+attempt("write_etc", lambda: open("/etc/new", "w").write("x"))
+attempt("list_root", lambda: os.listdir("/root"))
+attempt("list_private", lambda: os.listdir("/workspace/output/private"))
+attempt("write_rootfs", lambda: open("/usr/x", "w").write("x"))
+attempt("write_tmp", lambda: open("/tmp/x", "w").write("x"))
+for i, p in enumerate([%q, "/proc/1/root%s", "/../../..%s", "/proc/self/root/..%s"]):
+    attempt("host_%%d" %% i, lambda: open(p).read())
+st = open("/proc/self/status").read()
+out["uid"] = os.getuid()
+out["caps"] = [l.split()[1] for l in st.splitlines() if l.startswith("CapEff")][0]
+out["nnp"] = [l.split()[1] for l in st.splitlines() if l.startswith("NoNewPrivs")][0]
+out["seccomp"] = [l.split()[1] for l in st.splitlines() if l.startswith("Seccomp:")][0]
+result = out
+`, secret, secret, secret, secret)
+	r := s.run(s.key, id, code, 30)
+	if r["status"] != "completed" {
+		t.Fatalf("run: %v", r)
+	}
+	got := r["result"].(map[string]any)
+	want := map[string]any{
+		"write_ro": "OSError", "write_rw": "ok", "read_rw": "ok", "list_etc": "PermissionError", "read_passwd": "PermissionError",
+		"write_etc": "PermissionError", "list_root": "PermissionError", "list_private": "PermissionError",
+		"write_rootfs": "OSError", "write_tmp": "ok", "uid": float64(10000), "caps": "0000000000000000", "nnp": "1", "seccomp": "2",
+	}
+	for k, v := range want {
+		g := got[k]
+		if v == "OSError" && (g == "OSError" || g == "PermissionError") { // EROFS or EACCES
+			continue
+		}
+		if g != v {
+			t.Errorf("%s: got %v, want %v", k, g, v)
+		}
+	}
+	for i := range 4 {
+		if g := got[fmt.Sprintf("host_%d", i)]; g == "ok" {
+			t.Errorf("host file reached through path %d", i)
+		}
+	}
+	// Files in /tmp and read_write paths persist between runs; interpreter state does not.
+	r = s.run(s.key, id, "import os\nresult = [open('/tmp/x').read(), os.path.exists('/workspace/output/x'), 'out' in globals()]", 30)
+	if fmt.Sprint(r["result"]) != "[x true false]" {
+		t.Fatalf("second run: %v", r["result"])
+	}
+}
+
+func TestResourceLimits(t *testing.T) {
+	s := sharedServer(t)
+	pro := s.newKey("e2e-limits", "pro")
+	id := s.create(pro, map[string]any{"resources": map[string]any{"memory": "64m"}, "process": map[string]any{"allow_spawn": true}})
+	countProcs := "import os\nresult = len([p for p in os.listdir('/proc') if p.isdigit()])"
+
+	r := s.run(pro, id, "b = b'x' * (256 << 20)\nprint(len(b))", 30)
+	if r["status"] != "oom" {
+		t.Fatalf("memory hog: %v", r["status"])
+	}
+	start := time.Now()
+	r = s.run(pro, id, "while True: pass", 2)
+	if r["status"] != "timeout" || time.Since(start) > 6*time.Second {
+		t.Fatalf("busy loop: %v after %v", r["status"], time.Since(start))
+	}
+	if r = s.run(pro, id, countProcs, 30); r["result"] != float64(2) { // the agent and this python
+		t.Fatalf("processes left after timeout: %v", r["result"])
+	}
+	bomb := "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+	r = s.run(pro, id, bomb, 3)
+	if r["status"] != "timeout" {
+		t.Fatalf("fork bomb: %v", r["status"])
+	}
+	if r = s.run(pro, id, countProcs, 30); r["status"] != "completed" || r["result"] != float64(2) {
+		t.Fatalf("after the fork bomb: %v %v", r["status"], r["result"])
+	}
+	if r = s.run(pro, id, "import subprocess\nresult = subprocess.run(['true']).returncode", 30); r["result"] != float64(0) {
+		t.Fatalf("allow_spawn true: %v", r)
+	}
+	r = s.run(pro, id, "import concurrent.futures as f\nwith f.ThreadPoolExecutor(4) as ex:\n    result = sum(ex.map(lambda x: x*x, range(10)))", 30)
+	if r["result"] != float64(285) {
+		t.Fatalf("threads: %v", r)
+	}
+
+	def := s.create(pro, nil)
+	r = s.run(pro, def, "import subprocess\nsubprocess.run(['true'])", 30)
+	if e, _ := r["error"].(map[string]any); r["status"] != "failed" || e["type"] != "PermissionError" {
+		t.Fatalf("allow_spawn false: %v", r)
+	}
+	r = s.run(pro, def, "import threading\nt = threading.Thread(target=lambda: None); t.start(); t.join()\nresult = 'threads ok'", 30)
+	if r["result"] != "threads ok" {
+		t.Fatalf("threads with allow_spawn false: %v", r)
+	}
+}
+
+func TestFreePlanConcurrency(t *testing.T) {
+	s := sharedServer(t)
+	key := s.newKey("e2e-free", "free")
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	codes := map[int]int{}
+	var ids []string
+	for range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			status, m := s.do("POST", "/api/sandbox/create", key, map[string]any{"agent_id": "burst"})
+			mu.Lock()
+			defer mu.Unlock()
+			codes[status]++
+			if status == 201 {
+				ids = append(ids, m["sandbox_id"].(string))
+			}
+		}()
+	}
+	wg.Wait()
+	for _, id := range ids {
+		s.do("DELETE", "/api/sandbox/"+id, key, nil)
+	}
+	if codes[201] != 3 || codes[429] != 47 {
+		t.Fatalf("status counts %v; want 3×201 and 47×429", codes)
+	}
+}
+
+func TestExpiry(t *testing.T) {
+	s := sharedServer(t)
+	id := s.create(s.key, map[string]any{"resources": map[string]any{"timeout": 2}})
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		_, m := s.do("GET", "/api/sandbox/"+id, s.key, nil)
+		if m["status"] == "destroyed" {
+			exp, _ := time.Parse(time.RFC3339, m["expires_at"].(string))
+			des, _ := time.Parse(time.RFC3339, m["destroyed_at"].(string))
+			if m["destroy_reason"] != "expired" || des.Sub(exp) > time.Second || des.Before(exp) {
+				t.Fatalf("expired: %v", m)
+			}
+			if n := sandboxProcesses(t, id); n != 0 {
+				t.Fatalf("%d processes of the expired sandbox remain", n)
+			}
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatal("sandbox was not destroyed at expires_at")
+}
+
+// sandboxProcesses counts host processes in the cgroup of sandbox id ("" = any sandbox).
+func sandboxProcesses(t *testing.T, id string) int {
+	t.Helper()
+	pids, _ := filepath.Glob("/proc/[0-9]*/cgroup")
+	n := 0
+	for _, p := range pids {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		if strings.Contains(string(b), "/sandboxd/"+id) {
+			n++
+		}
+	}
+	return n
+}
+
+// cgroupDirs lists the sandbox cgroups left on the host.
+func cgroupDirs() []string {
+	var out []string
+	for _, pat := range []string{"/sys/fs/cgroup/*/sandboxd/sbx_*", "/sys/fs/cgroup/sandboxd/sbx_*"} {
+		m, _ := filepath.Glob(pat)
+		out = append(out, m...)
+	}
+	return out
+}
+
+func netNamespaces() map[string]bool {
+	out := map[string]bool{}
+	links, _ := filepath.Glob("/proc/[0-9]*/ns/net")
+	for _, l := range links {
+		if target, err := os.Readlink(l); err == nil {
+			out[target] = true
+		}
+	}
+	return out
+}
+
+func TestCrashRecovery(t *testing.T) {
+	requireEnv(t)
+	netBefore := netNamespaces()
+	dir := t.TempDir()
+	s := startServer(t, dir)
+	if s.key == "" {
+		t.Fatal("first start printed no API key")
+	}
+	a := s.create(s.key, map[string]any{"filesystem": map[string]any{"read_write": []string{"/workspace/out"}}})
+	b := s.create(s.key, nil)
+	s.run(s.key, a, "open('/workspace/out/f', 'w').write('kept until destroy')", 30)
+	status, m := s.do("POST", "/api/sandbox/"+b+"/run", s.key, map[string]any{"code": "while True: pass", "async": true, "timeout": 600})
+	if status != 202 {
+		t.Fatalf("async run: %d %v", status, m)
+	}
+	runID := m["run_id"].(string)
+	time.Sleep(300 * time.Millisecond)
+	if sandboxProcesses(t, b) == 0 {
+		t.Fatal("the running sandbox has no processes: the check below would prove nothing")
+	}
+
+	if err := s.cmd.Process.Kill(); err != nil { // kill -9
+		t.Fatal(err)
+	}
+	_ = s.cmd.Wait()
+
+	s2 := startServer(t, dir)
+	for _, id := range []string{a, b} {
+		_, m := s2.do("GET", "/api/sandbox/"+id, s.key, nil)
+		if m["status"] != "destroyed" || m["destroy_reason"] != "server_restart" {
+			t.Fatalf("sandbox %s after restart: %v", id, m)
+		}
+	}
+	_, m = s2.do("GET", "/api/sandbox/"+b+"/runs/"+runID, s.key, nil)
+	if m["status"] != "error" || m["finished_at"] == nil {
+		t.Fatalf("run after restart: %v", m)
+	}
+	_, m = s2.do("GET", "/api/sandbox?limit=10", s.key, nil)
+	if m["total"] != float64(2) {
+		t.Fatalf("records after restart: %v", m)
+	}
+	_, m = s2.do("GET", "/api/audit?type=sandbox.destroyed", s.key, nil)
+	if m["total"] != float64(2) {
+		t.Fatalf("audit after restart: %v", m)
+	}
+	if n := sandboxProcesses(t, ""); n != 0 {
+		t.Fatalf("%d sandbox processes leaked", n)
+	}
+	if d := cgroupDirs(); len(d) != 0 {
+		t.Fatalf("cgroups leaked: %v", d)
+	}
+	for ns := range netNamespaces() {
+		if !netBefore[ns] {
+			t.Fatalf("network namespace %s leaked (a process still holds it)", ns)
+		}
+	}
+	mounts, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", s2.cmd.Process.Pid))
+	hostMounts, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, mi := range [][]byte{mounts, hostMounts} {
+		if bytes.Contains(mi, []byte(dir)) {
+			t.Fatalf("mounts of the data dir leaked:\n%s", mi)
+		}
+	}
+	if entries, _ := os.ReadDir(filepath.Join(dir, "sandboxes")); len(entries) != 0 {
+		t.Fatalf("sandbox dirs left: %d", len(entries))
+	}
+	// And the restarted server works.
+	c := s2.create(s.key, nil)
+	if r := s2.run(s.key, c, "result = 6*7", 30); r["result"] != float64(42) {
+		t.Fatalf("run after restart: %v", r)
+	}
+}
