@@ -332,7 +332,7 @@ func (s *Service) provision(lv *live, drv driver.Driver) bool {
 
 // forget drops a sandbox that failed to provision from the live set.
 func (s *Service) forget(lv *live) {
-	lv.expiry.Stop()
+	s.stopExpiry(lv)
 	s.mu.Lock()
 	delete(s.live, lv.id)
 	s.mu.Unlock()
@@ -478,7 +478,7 @@ func (s *Service) destroy(lv *live, reason string) {
 	lv.destroy1.Do(func() {
 		first = true
 		defer close(lv.gone)
-		lv.expiry.Stop()
+		s.stopExpiry(lv)
 		lv.mu.Lock()
 		lv.closing = true
 		queued := lv.queue
@@ -520,6 +520,14 @@ func (s *Service) destroy(lv *live, reason string) {
 	if !first {
 		<-lv.gone
 	}
+}
+
+// stopExpiry stops a sandbox's expiry timer (set under s.mu when the sandbox was created).
+func (s *Service) stopExpiry(lv *live) {
+	s.mu.Lock()
+	t := lv.expiry
+	s.mu.Unlock()
+	t.Stop()
 }
 
 // Close destroys every live sandbox (reason server_restart) and waits for all goroutines.
