@@ -1,0 +1,61 @@
+// Command sandbox-agent runs inside every container sandbox, normally as its PID 1, as an
+// unprivileged user. It listens on a unix socket (see package internal/agent for the protocol) and
+// executes each run as a fresh Python process.
+//
+//	sandbox-agent [--socket-dir DIR] [--python PATH]
+//
+// Behaviour:
+//   - One run at a time. Connections are served strictly in order: a second connection made while
+//     a run is in progress waits (in the listen backlog) until the run has ended and its processes
+//     are gone, then it is served. A connection closed before it sends a request line (e.g. the
+//     probe of agent.WaitReady) is dropped silently.
+//   - Each run is started through a launcher: the agent re-executes itself as
+//     "sandbox-agent launch …", which sets rlimits and, unless allow_spawn, no_new_privs and a
+//     seccomp filter that denies creating processes (threads still work), then execs Python with
+//     the embedded runner (runner.py).
+//   - When PID 1: one reaper reaps every zombie and hands the run's own exit status to the run;
+//     after every run, kill(-1, SIGKILL) removes every other process of the sandbox; signals that
+//     would stop a Go program (SIGTERM, SIGINT, …) are ignored, so code in the sandbox cannot stop
+//     the agent (the host stops a sandbox with SIGKILL); connections from processes inside the
+//     sandbox (a peer pid visible in the agent's pid namespace) are refused. The agent is made
+//     non-dumpable, so same-uid code cannot ptrace it or read its memory.
+//   - When not PID 1 (tests on a host): the agent never uses kill(-1); it kills the run's process
+//     group, and becomes a child subreaper so orphans of a run are reaped by it.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/agent"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == launchCommand {
+		launch(os.Args[2:]) // does not return
+	}
+	log.SetFlags(0)
+	log.SetPrefix("sandbox-agent: ")
+
+	socketDir := flag.String("socket-dir", agent.SocketDir, "directory of the agent's unix socket ("+agent.SocketName+")")
+	python := flag.String("python", "/usr/bin/python3", "the Python interpreter")
+	flag.Parse()
+	if flag.NArg() != 0 {
+		fmt.Fprintf(os.Stderr, "usage: sandbox-agent [--socket-dir DIR] [--python PATH]\n")
+		os.Exit(2)
+	}
+
+	// Same-uid code in the sandbox must not ptrace the agent or read /proc/<agent>/mem.
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		log.Printf("prctl(PR_SET_DUMPABLE, 0): %v", err)
+	}
+	a, err := newAgent(*socketDir, *python)
+	if err != nil {
+		log.Fatal(err)
+	}
+	a.serve()
+}

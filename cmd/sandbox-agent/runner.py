@@ -1,0 +1,193 @@
+# The in-sandbox runner. sandbox-agent starts `python3 -I -u -B -c BOOTSTRAP <runner-len> <limit>`
+# (see run.go) and writes this file followed by the user code to fd 3; the bootstrap reads and
+# executes this file, which reads the rest of fd 3 (the user code) to EOF.
+#
+# fd 4: one JSON object written at the end:
+#   {"result": <JSON of the global `result`, or its repr() as a JSON string>,
+#    "error": {"type", "message", "traceback"}}   (either key may be absent).
+# The code runs as a fresh __main__ module, compiled with filename "<run>". Uncaught exception:
+# traceback to stderr (via sys.excepthook), error in the JSON, exit 1. SystemExit: exit like Python,
+# not an error. KeyboardInterrupt: reported as an error, then exit by SIGINT, like Python.
+# A `result` whose JSON is longer than <limit> is replaced by a string saying it was omitted.
+#
+# The runner avoids imports on the success path (json costs ~6 ms at start-up); modules it needs
+# later are imported with the start-up sys.path, so files in the working directory cannot shadow them.
+import sys, os
+
+
+def _sandbox_run():
+    limit = int(sys.argv[2])
+    std_path = list(sys.path)
+    main_code = _sandbox_run.__code__
+
+    def imp(name):
+        m = sys.modules.get(name)
+        if m is not None:
+            return m
+        saved = sys.path[:]
+        sys.path[:] = std_path
+        try:
+            __import__(name)
+        finally:
+            sys.path[:] = saved
+        return sys.modules[name]
+
+    try:
+        os.set_inheritable(4, False)
+    except OSError:
+        pass
+    with open(3, "rb") as f:
+        src = f.read()
+
+    builtins = sys.modules["builtins"]
+    old_main = sys.modules.get("__main__")
+    mod = type(sys)("__main__")
+    g = mod.__dict__
+    g["__builtins__"] = builtins
+    sys.modules["__main__"] = mod
+    sys.argv[:] = ["-c"]
+    sys.path.insert(0, "")  # like `python -c`: the working directory comes first
+
+    exc = None
+    exit_arg = 0
+    try:
+        code = compile(src, "<run>", "exec", dont_inherit=True)
+        exec(code, g)
+    except SystemExit as e:
+        exit_arg = e.code
+    except BaseException as e:
+        tb = e.__traceback__
+        if tb is not None and tb.tb_frame.f_code is main_code:
+            tb = tb.tb_next  # drop the runner's own frame
+        exc = e.with_traceback(tb)
+
+    doc = []
+    # result
+    try:
+        rv = g.get("result")
+    except BaseException:
+        rv = None
+    if rv is not None:
+        doc.append('"result":' + _encode(rv, limit, imp))
+
+    if exc is not None:
+        err = _format_error(exc, src, imp)
+        try:
+            json = imp("json")
+            doc.append('"error":' + json.dumps(err))
+        except BaseException:
+            pass
+
+    payload = ("{" + ",".join(doc) + "}").encode("utf-8", "surrogatepass")
+    try:
+        while payload:
+            n = os.write(4, payload)
+            payload = payload[n:]
+    except OSError:
+        pass
+    try:
+        os.close(4)
+    except OSError:
+        pass
+
+    for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            s.flush()
+        except BaseException:
+            pass
+    del old_main
+
+    if exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            import _signal
+            _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+            os.kill(os.getpid(), _signal.SIGINT)
+        sys.exit(1)
+    sys.exit(exit_arg)
+
+
+def _encode(v, limit, imp):
+    """JSON text for v: its JSON if json.dumps works, else its repr() as a JSON string."""
+    s = None
+    if v is True:
+        s = "true"
+    elif v is False:
+        s = "false"
+    elif type(v) is int:
+        try:
+            s = str(v)
+        except BaseException:
+            s = None
+    if s is None:
+        try:
+            json = imp("json")
+        except BaseException:
+            return "null"
+        try:
+            s = json.dumps(v, allow_nan=False)
+        except BaseException:
+            try:
+                r = repr(v)
+                if type(r) is not str:
+                    raise TypeError
+            except BaseException:
+                r = "<unrepresentable %s object>" % _type_name(type(v))
+            if len(r) > limit:
+                r = r[:limit]
+            s = json.dumps(r)
+    if len(s) > limit:
+        try:
+            json = imp("json")
+            s = json.dumps("<result omitted: %d bytes of JSON exceed the %d-byte limit>" % (len(s), limit))
+        except BaseException:
+            s = "null"
+    return s
+
+
+def _type_name(t):
+    try:
+        mod = t.__module__
+        name = t.__qualname__
+    except BaseException:
+        return "?"
+    if mod in ("builtins", "__main__") or not isinstance(mod, str):
+        return name
+    return mod + "." + name
+
+
+def _format_error(exc, src, imp):
+    t = type(exc)
+    tb = exc.__traceback__
+    try:
+        if isinstance(exc, SyntaxError) and isinstance(exc.msg, str):
+            msg = exc.msg
+        else:
+            msg = str(exc)
+    except BaseException:
+        msg = "<exception str() failed>"
+    text = ""
+    try:
+        linecache = imp("linecache")
+        lines = src.decode("utf-8", "replace").splitlines(True)
+        linecache.cache["<run>"] = (len(src), None, lines, "<run>")
+        traceback = imp("traceback")
+        text = "".join(traceback.format_exception(t, exc, tb))
+    except BaseException:
+        pass
+    # Print it like Python would: through sys.excepthook, unless it is the default one.
+    try:
+        hook = sys.excepthook
+        if hook is sys.__excepthook__ and text:
+            sys.stderr.write(text)
+        else:
+            hook(t, exc, tb)
+    except BaseException:
+        try:
+            sys.__excepthook__(t, exc, tb)
+        except BaseException:
+            pass
+    cap = 256 << 10
+    return {"type": _type_name(t), "message": msg[:cap], "traceback": text[-cap:]}
+
+
+_sandbox_run()

@@ -1,0 +1,262 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/agent"
+)
+
+const (
+	maxRequestLine = 32 << 20         // a request line longer than this is refused
+	requestTimeout = 10 * time.Second // to send the request line after connecting
+	writeTimeout   = 60 * time.Second // per event written to the host
+)
+
+type agentServer struct {
+	sockPath string
+	python   string
+	pid1     bool
+	reaper   *reaper
+
+	ln    *net.UnixListener
+	inode uint64 // of the socket file we created
+}
+
+func newAgent(socketDir, python string) (*agentServer, error) {
+	a := &agentServer{
+		sockPath: filepath.Join(socketDir, agent.SocketName),
+		python:   python,
+		pid1:     os.Getpid() == 1,
+	}
+	if a.pid1 {
+		// Go would exit or crash on these when sent by another process; as PID 1 the agent
+		// receives them only because Go installs handlers. Receive and drop them instead
+		// (handled, not SIG_IGN, so children still start with default dispositions).
+		sigs := make(chan os.Signal, 8)
+		signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGILL, syscall.SIGTRAP,
+			syscall.SIGABRT, syscall.SIGTERM, syscall.SIGSTKFLT, syscall.SIGSYS)
+		go func() {
+			for s := range sigs {
+				log.Printf("ignoring signal %v", s)
+			}
+		}()
+	} else if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		log.Printf("prctl(PR_SET_CHILD_SUBREAPER): %v", err)
+	}
+	a.reaper = startReaper()
+	if err := a.listen(); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// listen (re)creates the socket, removing whatever is at its path.
+func (a *agentServer) listen() error {
+	if a.ln != nil {
+		a.ln.SetUnlinkOnClose(false)
+		a.ln.Close()
+		a.ln = nil
+	}
+	if err := os.Remove(a.sockPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale socket: %w", err)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: a.sockPath, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	ln.SetUnlinkOnClose(false)
+	if err := os.Chmod(a.sockPath, 0o600); err != nil {
+		ln.Close()
+		return fmt.Errorf("chmod socket: %w", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(a.sockPath, &st); err != nil {
+		ln.Close()
+		return fmt.Errorf("stat socket: %w", err)
+	}
+	a.ln, a.inode = ln, st.Ino
+	return nil
+}
+
+// checkSocket re-creates the socket if code in the sandbox removed or replaced it.
+func (a *agentServer) checkSocket() {
+	var st unix.Stat_t
+	if err := unix.Lstat(a.sockPath, &st); err == nil && st.Ino == a.inode && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+		return
+	}
+	log.Printf("socket %s was removed or replaced; re-creating it", a.sockPath)
+	for {
+		if err := a.listen(); err != nil {
+			log.Printf("%v", err)
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		return
+	}
+}
+
+func (a *agentServer) serve() {
+	log.Printf("listening on %s (pid %d, uid %d, python %s)", a.sockPath, os.Getpid(), os.Getuid(), a.python)
+	for {
+		conn, err := a.ln.AcceptUnix()
+		if err != nil {
+			log.Printf("accept: %v", err)
+			time.Sleep(10 * time.Millisecond)
+			a.checkSocket()
+			continue
+		}
+		a.handle(conn)
+		a.checkSocket()
+	}
+}
+
+// handle serves one connection: reads the request line, runs it, writes events, closes.
+func (a *agentServer) handle(conn *net.UnixConn) {
+	defer conn.Close()
+	if a.pid1 {
+		if pid, err := peerPID(conn); err != nil {
+			log.Printf("refusing connection: SO_PEERCRED: %v", err)
+			return
+		} else if pid != 0 {
+			log.Printf("refusing connection from pid %d inside the sandbox", pid)
+			return
+		}
+	}
+	conn.SetReadDeadline(time.Now().Add(requestTimeout))
+	br := bufio.NewReaderSize(conn, 64<<10)
+	line, err := readLine(br, maxRequestLine)
+	if err != nil {
+		if len(line) == 0 && errors.Is(err, io.EOF) {
+			return // a readiness probe, or a client that gave up before asking
+		}
+		log.Printf("reading request: %v", err)
+		s := newSender(conn, nil)
+		s.exit(&agent.RunResult{ExitCode: -1, AgentError: "reading request: " + err.Error()})
+		return
+	}
+	conn.SetReadDeadline(time.Time{})
+	var req agent.RunRequest
+	if err := json.Unmarshal(line, &req); err != nil {
+		s := newSender(conn, nil)
+		s.exit(&agent.RunResult{ExitCode: -1, AgentError: "bad request: " + err.Error()})
+		return
+	}
+
+	// Any read result after the request line (EOF, error) means the host went away.
+	gone := make(chan struct{})
+	go func() {
+		var b [512]byte
+		for {
+			if _, err := br.Read(b[:]); err != nil {
+				close(gone)
+				return
+			}
+		}
+	}()
+	s := newSender(conn, gone)
+	res := a.run(&req, s)
+	s.exit(res)
+}
+
+func peerPID(conn *net.UnixConn) (int32, error) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if cerr != nil {
+		return 0, cerr
+	}
+	return cred.Pid, nil
+}
+
+// readLine reads one '\n'-terminated line (without the '\n') of at most max bytes.
+// At EOF a non-empty unterminated line is returned with io.ErrUnexpectedEOF.
+func readLine(br *bufio.Reader, max int) ([]byte, error) {
+	var line []byte
+	for {
+		chunk, err := br.ReadSlice('\n')
+		if len(line)+len(chunk) > max+1 {
+			return line, fmt.Errorf("request line longer than %d bytes", max)
+		}
+		line = append(line, chunk...)
+		switch {
+		case err == nil:
+			return bytes.TrimSuffix(line, []byte{'\n'}), nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case errors.Is(err, io.EOF) && len(line) > 0:
+			return line, io.ErrUnexpectedEOF
+		default:
+			return line, err
+		}
+	}
+}
+
+// sender writes events to the host, one JSON line each. After a failed write it writes nothing
+// more and closes broken.
+type sender struct {
+	conn   net.Conn
+	gone   <-chan struct{} // closed when the host went away (read side); nil: never
+	broken chan struct{}   // closed on the first failed write
+	mu     sync.Mutex
+	failed bool
+}
+
+func newSender(conn net.Conn, gone <-chan struct{}) *sender {
+	return &sender{conn: conn, gone: gone, broken: make(chan struct{})}
+}
+
+func (s *sender) send(ev *agent.Event) {
+	b, err := json.Marshal(ev)
+	if err != nil && ev.Result != nil && ev.Result.Result != nil {
+		// Only an invalid result could do this; drop it rather than the whole event.
+		log.Printf("encoding exit event: %v; dropping the result", err)
+		ev.Result.Result = nil
+		b, err = json.Marshal(ev)
+	}
+	if err != nil {
+		log.Printf("encoding %s event: %v", ev.Type, err)
+		return
+	}
+	b = append(b, '\n')
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.failed {
+		return
+	}
+	s.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	if _, err := s.conn.Write(b); err != nil {
+		s.failed = true
+		close(s.broken)
+	}
+}
+
+func (s *sender) output(typ string, data []byte) {
+	s.send(&agent.Event{Type: typ, Data: data})
+}
+
+func (s *sender) exit(res *agent.RunResult) {
+	s.send(&agent.Event{Type: "exit", Result: res})
+}

@@ -1,0 +1,89 @@
+// Command sandboxd serves the Sandbox API and runs the sandboxes.
+//
+//	sandboxd serve --listen 127.0.0.1:8080 --data-dir data --image NAME=ROOTFS
+//	sandboxd keys create --data-dir data --account NAME --plan free|pro|enterprise
+//	sandboxd bench [--url URL --key KEY | serve flags]
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+)
+
+const usage = `usage:
+  sandboxd serve [--listen ADDR] [--data-dir DIR] --image NAME=ROOTFS [--runtime crun|runc] [--config FILE]
+  sandboxd keys create [--data-dir DIR] --account NAME [--plan free|pro|enterprise]
+  sandboxd bench [-n N] [--url URL --key KEY] [serve flags]
+`
+
+var version = "dev"
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	var err error
+	switch os.Args[1] {
+	case "serve":
+		err = serve(os.Args[2:])
+	case "keys":
+		err = keys(os.Args[2:])
+	case "bench":
+		err = bench(os.Args[2:])
+	case "-h", "--help", "help":
+		fmt.Print(usage)
+		return
+	default:
+		err = fmt.Errorf("unknown command %q", os.Args[1])
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func keys(args []string) error {
+	if len(args) < 1 || args[0] != "create" {
+		return fmt.Errorf("keys: want 'keys create --account NAME --plan PLAN'\n%s", usage)
+	}
+	fs := flag.NewFlagSet("keys create", flag.ContinueOnError)
+	dataDir := fs.String("data-dir", "data", "the server's data directory")
+	account := fs.String("account", "", "account name (created if missing)")
+	plan := fs.String("plan", "free", "plan of a new account: free, pro or enterprise")
+	if err := fs.Parse(args[1:]); err != nil {
+		return err
+	}
+	if *account == "" {
+		return errors.New("keys create: --account is required")
+	}
+	ctx := context.Background()
+	st, err := openStore(ctx, *dataDir)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	key, acct, created, err := createKey(ctx, st, *account, *plan)
+	if err != nil {
+		return err
+	}
+	switch {
+	case created:
+		fmt.Fprintf(os.Stderr, "created account %s on plan %s\n", acct.Name, acct.Plan)
+	case acct.Plan != *plan:
+		fmt.Fprintf(os.Stderr, "account %s exists and stays on plan %s\n", acct.Name, acct.Plan)
+	}
+	fmt.Println(key)
+	return nil
+}
+
+func newLogger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}

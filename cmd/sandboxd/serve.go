@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/sandboxd/sandboxd/internal/config"
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/container"
+	"github.com/sandboxd/sandboxd/internal/httpapi"
+	"github.com/sandboxd/sandboxd/internal/sandbox"
+	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/store/sqlite"
+)
+
+func openStore(ctx context.Context, dataDir string) (store.Store, error) {
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	return sqlite.Open(ctx, filepath.Join(dataDir, "sandboxd.db"))
+}
+
+func createKey(ctx context.Context, st store.Store, account, plan string) (string, store.Account, bool, error) {
+	return sandbox.CreateKey(ctx, st, sandbox.DefaultPlans(), account, plan)
+}
+
+// lockDataDir makes sure one server at a time owns a data directory.
+func lockDataDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("data dir %s is in use by another sandboxd (stop it first)", dir)
+	}
+	return f, nil
+}
+
+// daemon is a started service: the HTTP server and what it needs.
+type daemon struct {
+	cfg  config.Config
+	st   store.Store
+	svc  *sandbox.Service
+	srv  *http.Server
+	ln   net.Listener
+	lock *os.File
+}
+
+// start opens everything serve needs and starts listening; the caller runs d.srv.Serve(d.ln).
+func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, error) {
+	log := newLogger()
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	lock, err := lockDataDir(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	d := &daemon{cfg: cfg, lock: lock}
+	fail := func(err error) (*daemon, error) {
+		d.close(context.Background())
+		return nil, err
+	}
+	if d.st, err = openStore(ctx, cfg.DataDir); err != nil {
+		return fail(err)
+	}
+	if firstKey {
+		if _, err := d.st.AccountByName(ctx, "default"); errors.Is(err, store.ErrNotFound) {
+			key, _, _, err := createKey(ctx, d.st, "default", "free")
+			if err != nil {
+				return fail(err)
+			}
+			fmt.Fprintf(os.Stderr, "\nFirst start: created account \"default\" (plan free). Its API key:\n\n    %s\n\nUse it as the X-AgentCop-Key header. More keys: sandboxd keys create --data-dir %s --account NAME --plan pro\n\n", key, cfg.DataDir)
+			fmt.Println(key)
+		}
+	}
+	drv, err := driver.Open("container", driver.Options{
+		StateDir: filepath.Join(cfg.DataDir, "container"), AgentBin: cfg.AgentBin, Runtime: cfg.Runtime,
+	})
+	if err != nil {
+		return fail(fmt.Errorf("container runtime: %w", err))
+	}
+	d.svc, err = sandbox.New(ctx, sandbox.Config{
+		DataDir: cfg.DataDir, Images: cfg.Images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, TmpBytes: cfg.TmpBytes, Logger: log,
+	}, d.st, map[string]driver.Driver{sandbox.ModeContainer: drv})
+	if err != nil {
+		return fail(err)
+	}
+	if d.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+		return fail(err)
+	}
+	d.srv = &http.Server{
+		Handler:           httpapi.New(d.svc, httpapi.Options{Version: version, RatePerSec: cfg.RatePerSec, RateBurst: cfg.RateBurst, Logger: log}),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+	}
+	rt := drv.Name()
+	if r, ok := drv.(interface{ Runtime() string }); ok {
+		rt = r.Runtime()
+	}
+	log.Info("sandboxd serving", "addr", d.ln.Addr().String(), "data_dir", cfg.DataDir, "runtime", rt, "version", version)
+	return d, nil
+}
+
+// close stops serving, destroys every live sandbox and closes the store.
+func (d *daemon) close(ctx context.Context) {
+	if d.srv != nil {
+		_ = d.srv.Shutdown(ctx)
+	}
+	if d.svc != nil {
+		if err := d.svc.Close(ctx); err != nil {
+			fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)
+		}
+	}
+	if d.st != nil {
+		d.st.Close()
+	}
+	if d.lock != nil {
+		d.lock.Close()
+	}
+}
+
+func serve(args []string) error {
+	cfg, err := config.ParseServe(args)
+	if err != nil {
+		return err
+	}
+	if err := container.EnterMountNamespace(); err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	d, err := start(ctx, cfg, true)
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- d.srv.Serve(d.ln) }()
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	stop()
+	newLogger().Info("sandboxd stopping: destroying live sandboxes")
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d.close(sctx)
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}

@@ -1,0 +1,133 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+)
+
+// Run executes req on the agent listening at socketPath and returns the run's result.
+//
+// It dials, sends the request line and reads events until the "exit" event; onEvent, when not nil,
+// is called (on the calling goroutine, in order) for every "stdout"/"stderr" chunk as it arrives.
+// A slow onEvent slows the run down (back-pressure reaches the process's pipes) but does not lose
+// output.
+//
+// Errors: a nil error means the agent reported the run; RunResult.AgentError then says whether
+// the agent itself failed (e.g. the interpreter is missing). A non-nil error means there is no
+// result: the agent could not be reached, or the connection broke before the exit event (wrapping
+// io.ErrUnexpectedEOF when the agent closed it), or ctx ended.
+//
+// Cancellation: when ctx ends, Run closes the connection, which makes the agent kill the run's
+// whole process tree, and returns an error wrapping ctx.Err(). Run does not wait for the agent to
+// finish killing; the agent serves the next connection only once it has.
+func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Event)) (RunResult, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", socketPath)
+	if err != nil {
+		if ctx.Err() != nil {
+			return RunResult{}, fmt.Errorf("agent run: %w", ctx.Err())
+		}
+		return RunResult{}, fmt.Errorf("agent run: %w", err)
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+
+	line, err := json.Marshal(req)
+	if err != nil {
+		return RunResult{}, fmt.Errorf("agent run: encoding request: %w", err)
+	}
+	line = append(line, '\n')
+	if _, err := conn.Write(line); err != nil {
+		return RunResult{}, runErr(ctx, fmt.Errorf("sending request: %w", err))
+	}
+
+	br := bufio.NewReaderSize(conn, 64<<10)
+	for {
+		line, err := readLine(br, MaxEventLine)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return RunResult{}, runErr(ctx, fmt.Errorf("reading events (connection closed before the exit event?): %w", err))
+		}
+		var ev Event
+		if err := json.Unmarshal(line, &ev); err != nil {
+			return RunResult{}, runErr(ctx, fmt.Errorf("bad event from the agent: %w", err))
+		}
+		switch ev.Type {
+		case "stdout", "stderr":
+			if onEvent != nil {
+				onEvent(ev)
+			}
+		case "exit":
+			if ev.Result == nil {
+				return RunResult{}, errors.New("agent run: exit event without a result")
+			}
+			return *ev.Result, nil
+		}
+		// Unknown event types are skipped, for compatibility with newer agents.
+	}
+}
+
+// runErr prefers ctx's error: a closed connection is the expected effect of cancellation.
+func runErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("agent run: %w", ctx.Err())
+	}
+	return fmt.Errorf("agent run: %w", err)
+}
+
+// WaitReady returns nil once the agent at socketPath accepts connections, polling about every
+// millisecond; when ctx ends first it returns an error wrapping ctx.Err() (and the last dial
+// error). Each probe connects and closes without sending anything; the agent drops such
+// connections without starting a run, so probing never leaves anything behind. Since the agent
+// serves connections in order, a probe made during a run is only dropped after that run, which
+// WaitReady does not wait for.
+func WaitReady(ctx context.Context, socketPath string) error {
+	var d net.Dialer
+	t := time.NewTimer(0)
+	defer t.Stop()
+	var lastErr error
+	for {
+		conn, err := d.DialContext(ctx, "unix", socketPath)
+		if err == nil {
+			conn.Close()
+			return nil
+		}
+		lastErr = err
+		t.Reset(time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("agent at %s not ready: %w (last error: %v)", socketPath, ctx.Err(), lastErr)
+		case <-t.C:
+		}
+	}
+}
+
+// readLine reads one '\n'-terminated line (without the '\n') of at most max bytes.
+func readLine(br *bufio.Reader, max int) ([]byte, error) {
+	var line []byte
+	for {
+		chunk, err := br.ReadSlice('\n')
+		if len(line)+len(chunk) > max+1 {
+			return nil, fmt.Errorf("line longer than %d bytes", max)
+		}
+		line = append(line, chunk...)
+		switch {
+		case err == nil:
+			return bytes.TrimSuffix(line, []byte{'\n'}), nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		default:
+			return nil, err
+		}
+	}
+}

@@ -1,0 +1,780 @@
+// Package container is the sandbox driver that runs each sandbox as an OCI container with crun (or
+// runc), driven through the runtime's command line with a config.json generated from the
+// runtime-spec types. It registers itself as driver "container".
+//
+// A sandbox is one long-lived container whose PID 1 is sandbox-agent (bound read-only at
+// /.sandbox/bin/sandbox-agent); each Exec is one run the agent executes, over the unix socket
+// <state>/sandboxes/<id>/run/agent.sock. The container runs as uid 10000 with no capabilities,
+// no_new_privs, Docker's default seccomp profile, its own PID, mount, IPC, UTS, cgroup and network
+// namespaces (loopback only), a read-only root, a private size-limited /tmp, and cgroup limits
+// for CPU, memory (swap included) and process count.
+//
+// The root is an overlay (lower: the image, never written; upper: per sandbox) that the driver
+// mounts in sandboxd's private mount namespace (see EnterMountNamespace), so mount points for
+// user paths can be created without touching the image and no mount outlives sandboxd.
+//
+// Everything of a sandbox is on disk under Options.StateDir: runtime state under runtime/<name>,
+// and sandboxes/<id>/{meta.json, config.json, upper, work, rootfs, run, agent.log}. Destroy and
+// List work from disk alone, so sandboxes left by a crashed process can be found and removed.
+package container
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/driver"
+)
+
+// Name is the driver's registry name.
+const Name = "container"
+
+func init() {
+	driver.Register(Name, func(opts driver.Options) (driver.Driver, error) { return Open(opts) })
+}
+
+// Tunables.
+const (
+	readyTimeout   = 15 * time.Second // Create: container start to agent ready, at most
+	destroyTimeout = 30 * time.Second // Destroy: bound of the runtime commands
+	agentGrace     = 10 * time.Second // Exec: how long past the run's timeout the agent may take to answer
+	stragglerWait  = 500 * time.Millisecond
+	stragglerLimit = 15 * time.Second // a fork bomb thrashing at its memory limit can take seconds to die
+	logCap         = 1 << 20          // bytes of container stdout/stderr kept in agent.log
+	logTail        = 2048             // bytes of agent.log quoted in errors
+	maxSocketPath  = 107              // sun_path holds 108 bytes with the NUL
+)
+
+// probeResources are the limits of the runtime probe container.
+var probeResources = driver.Spec{CPU: 0.1, MemoryBytes: 32 << 20, PidsLimit: 8, TmpBytes: 1 << 20}
+
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+func checkID(id string) error {
+	if !idPattern.MatchString(id) {
+		return fmt.Errorf("invalid sandbox id %q (want 1-64 of A-Z a-z 0-9 _ . -)", id)
+	}
+	return nil
+}
+
+// Driver is the container driver. It is safe for concurrent use.
+type Driver struct {
+	stateDir string
+	agentBin string
+	rt       *ociRuntime   // the runtime new sandboxes use
+	all      []*ociRuntime // every runtime found, for listing and destroying older sandboxes
+	cg       cgroupLayout
+	seccomp  *specs.LinuxSeccomp
+
+	mu    sync.Mutex
+	boxes map[string]*box // sandboxes this process knows (created or loaded from disk)
+}
+
+// meta is the per-sandbox record on disk (meta.json): what Exec and Destroy need after a restart.
+type meta struct {
+	ID         string    `json:"id"`
+	Runtime    string    `json:"runtime"`
+	AllowSpawn bool      `json:"allow_spawn"`
+	Pid        int       `json:"pid"` // host PID of the container's init (the agent)
+	Created    time.Time `json:"created"`
+}
+
+type box struct {
+	meta
+	dir     string
+	logDone chan struct{} // closed when the copier of the container's stdout/stderr ends; nil after a reload
+}
+
+// Open opens the container driver: it requires EnterMountNamespace to have run, checks the agent
+// binary, and picks the OCI runtime (opts.Runtime, or crun then runc) by creating a real probe
+// container with it. It fails with an error naming the fix when no runtime works.
+func Open(opts driver.Options) (*Driver, error) {
+	if opts.StateDir == "" {
+		return nil, errors.New("container driver: Options.StateDir is required")
+	}
+	if !inPrivateMountNamespace() {
+		return nil, errors.New("container driver: call container.EnterMountNamespace() first thing in main (sandboxd must run in a private mount namespace)")
+	}
+	if os.Geteuid() != 0 {
+		return nil, errors.New("container driver: needs root")
+	}
+	stateDir, err := filepath.Abs(opts.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(stateDir, sandboxesDir), 0o700); err != nil {
+		return nil, fmt.Errorf("container driver: state dir: %w", err)
+	}
+	if opts.AgentBin == "" {
+		return nil, errors.New("container driver: Options.AgentBin (the sandbox-agent binary) is required")
+	}
+	agentBin, err := filepath.Abs(opts.AgentBin)
+	if err != nil {
+		return nil, err
+	}
+	if st, err := os.Stat(agentBin); err != nil || !st.Mode().IsRegular() || st.Mode()&0o111 == 0 {
+		return nil, fmt.Errorf("container driver: sandbox-agent binary %s is missing or not executable (build it: CGO_ENABLED=0 go build ./cmd/sandbox-agent)", agentBin)
+	}
+	cg, err := readCgroupLayout()
+	if err != nil {
+		return nil, fmt.Errorf("container driver: cgroups: %w", err)
+	}
+	prof, err := defaultSeccomp()
+	if err != nil {
+		return nil, fmt.Errorf("container driver: %w", err)
+	}
+	d := &Driver{stateDir: stateDir, agentBin: agentBin, cg: cg, seccomp: prof, boxes: map[string]*box{}}
+
+	candidates := knownRuntimes
+	switch opts.Runtime {
+	case "":
+	case "crun", "runc":
+		candidates = []string{opts.Runtime}
+	default:
+		return nil, fmt.Errorf("container driver: unknown OCI runtime %q (want crun or runc)", opts.Runtime)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var problems []string
+	for _, name := range candidates {
+		rt, err := newRuntime(name, stateDir)
+		if err == nil {
+			err = rt.probe(ctx, stateDir, agentBin, prof)
+		}
+		if err != nil {
+			problems = append(problems, err.Error())
+			continue
+		}
+		d.rt = rt
+		break
+	}
+	if d.rt == nil {
+		hint := installHint
+		if isHybridCgroup() {
+			hint += "; crun needs cgroup2 unmounted on this cgroup v1 hybrid host (EnterMountNamespace does it)"
+		}
+		return nil, fmt.Errorf("container driver: no working OCI runtime (%s): %s", strings.Join(problems, "; "), hint)
+	}
+	for _, name := range knownRuntimes {
+		if name == d.rt.name {
+			d.all = append(d.all, d.rt)
+		} else if rt, err := newRuntime(name, stateDir); err == nil {
+			d.all = append(d.all, rt)
+		}
+	}
+	d.removeStaleHelpers(ctx)
+	return d, nil
+}
+
+// Containers of the driver's own that are not sandboxes: runtime probes and floor measurements.
+const (
+	probePrefix = "probe-"
+	floorPrefix = "floor-"
+)
+
+func isHelper(id string) bool {
+	return strings.HasPrefix(id, probePrefix) || strings.HasPrefix(id, floorPrefix)
+}
+
+// removeStaleHelpers removes probe and floor containers an earlier process left behind (it
+// crashed while one ran). Best effort.
+func (d *Driver) removeStaleHelpers(ctx context.Context) {
+	for _, rt := range d.all {
+		ids, _ := rt.list(ctx)
+		for _, id := range ids {
+			if isHelper(id) {
+				_ = rt.delete(ctx, id)
+				_ = d.cg.removeCgroups(id)
+			}
+		}
+	}
+	for _, sub := range []string{"probe", "floor"} {
+		ents, _ := os.ReadDir(filepath.Join(d.stateDir, sub))
+		for _, e := range ents {
+			if !slices.ContainsFunc(d.all, func(rt *ociRuntime) bool { return rt.exists(e.Name()) }) {
+				_ = os.RemoveAll(filepath.Join(d.stateDir, sub, e.Name()))
+			}
+		}
+	}
+}
+
+// Name returns "container".
+func (d *Driver) Name() string { return Name }
+
+// Runtime returns the name of the OCI runtime new sandboxes use ("crun" or "runc").
+func (d *Driver) Runtime() string { return d.rt.name }
+
+// Check asks the runtime to list our containers: cheap, and proves the binary still answers.
+func (d *Driver) Check(ctx context.Context) error {
+	if _, err := d.rt.output(ctx, "list", "--quiet"); err != nil {
+		return fmt.Errorf("container runtime check: %w", err)
+	}
+	if _, err := os.Stat(d.agentBin); err != nil {
+		return fmt.Errorf("container runtime check: sandbox-agent: %w", err)
+	}
+	return nil
+}
+
+func (d *Driver) boxDir(id string) string { return filepath.Join(d.stateDir, sandboxesDir, id) }
+
+func socketPath(dir string) string { return filepath.Join(dir, "run", agent.SocketName) }
+
+// Create provisions sandbox id: overlay root, config.json, `<runtime> run -d`, then waits for the
+// agent. On any error (or ctx cancellation) everything is destroyed again.
+func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err error) {
+	if err := checkID(id); err != nil {
+		return err
+	}
+	dir := d.boxDir(id)
+	if n := len(socketPath(dir)); n > maxSocketPath {
+		return fmt.Errorf("create sandbox %s: agent socket path is %d bytes, over the unix limit of %d: use a shorter state directory", id, n, maxSocketPath)
+	}
+	if err := checkRootFS(spec.RootFS); err != nil {
+		return fmt.Errorf("create sandbox %s: %w", id, err)
+	}
+	// Claim the id: the state dir is created exclusively.
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("create sandbox %s: already exists", id)
+		}
+		return fmt.Errorf("create sandbox %s: %w", id, err)
+	}
+	b := &box{meta: meta{ID: id, Runtime: d.rt.name, AllowSpawn: spec.AllowSpawn, Created: time.Now().UTC()}, dir: dir}
+	d.mu.Lock()
+	d.boxes[id] = b
+	d.mu.Unlock()
+	defer func() {
+		if err != nil {
+			// Stop the container first so its output is complete, read it, then remove everything.
+			_ = d.rt.delete(context.WithoutCancel(ctx), id)
+			tail := logTailOf(b)
+			if derr := d.Destroy(context.WithoutCancel(ctx), id); derr != nil {
+				err = fmt.Errorf("%w (and cleaning up failed: %v)", err, derr)
+			}
+			err = fmt.Errorf("create sandbox %s: %w%s", id, err, tail)
+		}
+	}()
+	if err := writeJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
+		return err
+	}
+	// The overlay's root dir takes the upper dir's mode: the image's 0755.
+	for _, sub := range []string{"upper", "work", "rootfs", "run"} {
+		if err := os.Mkdir(filepath.Join(dir, sub), 0o755); err != nil {
+			return err
+		}
+	}
+	if err := os.Chown(filepath.Join(dir, "run"), sandboxUID, sandboxGID); err != nil {
+		return err
+	}
+	if err := os.Chmod(filepath.Join(dir, "run"), 0o700); err != nil {
+		return err
+	}
+	merged := filepath.Join(dir, "rootfs")
+	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", spec.RootFS, filepath.Join(dir, "upper"), filepath.Join(dir, "work"))
+	if err := unix.Mount("overlay", merged, "overlay", unix.MS_NODEV, opts); err != nil {
+		return fmt.Errorf("mount overlay root: %w", err)
+	}
+	mounts, masked, cwd, err := d.planMounts(dir, merged, spec)
+	if err != nil {
+		return err
+	}
+	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath}, cwd: cwd, mounts: mounts, masked: masked, res: spec}
+	if err := writeJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
+		return err
+	}
+	if err := d.start(ctx, b); err != nil {
+		return err
+	}
+	if err := writeJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
+		return err
+	}
+	// OOM detection depends on the memory cgroup being where we expect it: never fail silently.
+	if _, err := d.cg.oomKills(id); err != nil {
+		return fmt.Errorf("the sandbox's memory cgroup is not where expected (%s): %w", d.cg.memoryDir(id), err)
+	}
+	if err := d.waitReady(ctx, b); err != nil {
+		return err
+	}
+	return nil
+}
+
+// waitReady waits for the agent's socket to accept connections, for at most readyTimeout, and
+// fails at once if the agent (the container's init) exits meanwhile.
+func (d *Driver) waitReady(ctx context.Context, b *box) error {
+	rctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	died := make(chan struct{})
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(5 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				if exited(b.Pid) {
+					close(died)
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	err := agentWaitReady(rctx, socketPath(b.dir))
+	close(stop)
+	wg.Wait()
+	select {
+	case <-died:
+		return errors.New("the agent (container init) exited during start")
+	default:
+	}
+	if err != nil {
+		return fmt.Errorf("agent not ready: %w", err)
+	}
+	return nil
+}
+
+func checkRootFS(rootfs string) error {
+	if rootfs == "" || !filepath.IsAbs(rootfs) {
+		return fmt.Errorf("root filesystem %q is not an absolute path", rootfs)
+	}
+	if strings.ContainsAny(rootfs, ",:") {
+		return fmt.Errorf("root filesystem path %q contains ',' or ':' (not usable as an overlay lower dir)", rootfs)
+	}
+	st, err := os.Stat(rootfs)
+	if err != nil {
+		return fmt.Errorf("root filesystem: %w", err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("root filesystem %s is not a directory", rootfs)
+	}
+	return nil
+}
+
+// start runs `<runtime> run -d`, with the container's stdout/stderr copied into agent.log (capped)
+// by a goroutine that ends when the container's last process does.
+func (d *Driver) start(ctx context.Context, b *box) error {
+	logf, err := os.OpenFile(filepath.Join(b.dir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		logf.Close()
+		return err
+	}
+	b.logDone = make(chan struct{})
+	go func() {
+		defer close(b.logDone)
+		defer logf.Close()
+		defer pr.Close()
+		_, _ = io.Copy(logf, io.LimitReader(pr, logCap))
+		_, _ = io.Copy(io.Discard, pr)
+	}()
+	pidFile := filepath.Join(b.dir, "pid")
+	cmd := d.rt.command(ctx, "run", "--detach", "--pid-file", pidFile, "--bundle", b.dir, b.ID)
+	cmd.Stdout, cmd.Stderr = pw, pw
+	err = cmd.Run()
+	pw.Close()
+	if err != nil {
+		return fmt.Errorf("%s run: %w", d.rt.name, err)
+	}
+	pb, err := os.ReadFile(pidFile)
+	if err != nil {
+		return fmt.Errorf("%s run: no pid file: %w", d.rt.name, err)
+	}
+	if b.Pid, err = strconv.Atoi(strings.TrimSpace(string(pb))); err != nil {
+		return fmt.Errorf("%s run: pid file: %w", d.rt.name, err)
+	}
+	return nil
+}
+
+// logTailOf returns the end of the sandbox's agent.log, formatted for an error message.
+func logTailOf(b *box) string {
+	if b.logDone != nil {
+		select {
+		case <-b.logDone:
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	data, err := os.ReadFile(filepath.Join(b.dir, "agent.log"))
+	if err != nil || len(strings.TrimSpace(string(data))) == 0 {
+		return ""
+	}
+	if len(data) > logTail {
+		data = data[len(data)-logTail:]
+	}
+	return "; runtime/agent log: " + strings.TrimSpace(string(data))
+}
+
+// planMounts turns the spec's mounts and blocked paths into OCI mounts (in order: the agent's,
+// user mounts parents first, then blocked paths so that they win), creating missing mount points
+// inside the overlay root or inside the host dir of the user mount that holds them, so the
+// runtime never has to create one in a read-only place. It also chowns user mounts' host dirs to
+// the sandbox user. It returns extra masked paths and the working directory.
+func (d *Driver) planMounts(dir, merged string, spec driver.Spec) (ms []specs.Mount, masked []string, cwd string, err error) {
+	ms = []specs.Mount{
+		{Destination: agentPath, Type: "bind", Source: d.agentBin, Options: []string{"bind", "ro", "nosuid", "nodev"}},
+		{Destination: agent.SocketDir, Type: "bind", Source: filepath.Join(dir, "run"), Options: []string{"bind", "rw", "nosuid", "nodev", "noexec"}},
+	}
+	user := sortMounts(spec.Mounts)
+	// where finds the place that holds path p when the mounts before index n are in place: the
+	// host dir and relative path, or "" for a tmpfs the runtime mounts itself (nothing to do).
+	where := func(p string, n int) (root, rel string) {
+		for i := n - 1; i >= 0; i-- {
+			if within(p, user[i].Path) {
+				return user[i].HostDir, strings.TrimPrefix(strings.TrimPrefix(p, user[i].Path), "/")
+			}
+		}
+		if within(p, "/tmp") {
+			return "", ""
+		}
+		return merged, strings.TrimPrefix(p, "/")
+	}
+	for i, m := range user {
+		if err := checkPath("mount", m.Path); err != nil {
+			return nil, nil, "", err
+		}
+		if m.Path == "/" || slices.ContainsFunc(pseudoFS, func(p string) bool { return within(m.Path, p) }) {
+			return nil, nil, "", fmt.Errorf("mount path %q is not allowed", m.Path)
+		}
+		if !filepath.IsAbs(m.HostDir) {
+			return nil, nil, "", fmt.Errorf("mount %s: host dir %q is not absolute", m.Path, m.HostDir)
+		}
+		if st, err := os.Stat(m.HostDir); err != nil || !st.IsDir() {
+			return nil, nil, "", fmt.Errorf("mount %s: host dir %s is not a directory", m.Path, m.HostDir)
+		}
+		if root, rel := where(m.Path, i); root != "" {
+			if err := mkdirAllInRoot(root, rel); err != nil {
+				return nil, nil, "", fmt.Errorf("mount %s: mount point: %w", m.Path, err)
+			}
+		}
+		if err := chownTree(m.HostDir, sandboxUID, sandboxGID); err != nil {
+			return nil, nil, "", fmt.Errorf("mount %s: %w", m.Path, err)
+		}
+		mode := "rw"
+		if m.ReadOnly {
+			mode = "ro"
+		}
+		ms = append(ms, specs.Mount{Destination: m.Path, Type: "bind", Source: m.HostDir, Options: []string{"rbind", mode, "nosuid", "nodev"}})
+	}
+	cwd = "/tmp"
+	for _, p := range pruneBlocked(spec.Blocked) {
+		if err := checkPath("blocked", p); err != nil {
+			return nil, nil, "", err
+		}
+		if p == "/" {
+			return nil, nil, "", errors.New("blocked path \"/\" is not allowed")
+		}
+		if slices.ContainsFunc(pseudoFS, func(f string) bool { return within(p, f) }) {
+			masked = append(masked, p)
+			continue
+		}
+		if within("/tmp", p) {
+			cwd = "/"
+		}
+		kind := kindMissing
+		root, rel := where(p, len(user))
+		if root != "" {
+			if kind, err = statInRoot(root, rel); err != nil {
+				return nil, nil, "", fmt.Errorf("blocked %s: %w", p, err)
+			}
+			if kind == kindMissing {
+				if err := mkdirAllInRoot(root, rel); err != nil {
+					return nil, nil, "", fmt.Errorf("blocked %s: mount point: %w", p, err)
+				}
+			}
+		}
+		// An empty, root-owned, mode-000 directory or file is bound read-only over the path. (A
+		// mode=000 tmpfs would do for crun, but runc copies the mount point's mode onto a tmpfs.)
+		src, err := blockedSource(dir, kind == kindOther)
+		if err != nil {
+			return nil, nil, "", err
+		}
+		ms = append(ms, specs.Mount{Destination: p, Type: "bind", Source: src, Options: []string{"bind", "ro", "nosuid", "nodev", "noexec"}})
+	}
+	return ms, masked, cwd, nil
+}
+
+// blockedSource returns (creating it on first use) the sandbox's empty mode-000 file or directory
+// that blocked paths are covered with.
+func blockedSource(dir string, file bool) (string, error) {
+	src := filepath.Join(dir, "blocked-dir")
+	if file {
+		src = filepath.Join(dir, "blocked-file")
+	}
+	if _, err := os.Lstat(src); err == nil {
+		return src, nil
+	}
+	var err error
+	if file {
+		err = os.WriteFile(src, nil, 0)
+	} else {
+		err = os.Mkdir(src, 0)
+	}
+	if err == nil {
+		err = os.Chmod(src, 0) // whatever the umask
+	}
+	return src, err
+}
+
+// chownTree gives dir and everything below it (symlinks themselves, never their targets) to
+// uid:gid.
+func chownTree(dir string, uid, gid int) error {
+	return filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		return os.Lchown(p, uid, gid)
+	})
+}
+
+// lookup finds a sandbox this process created or, after a restart, one on disk.
+func (d *Driver) lookup(id string) (*box, error) {
+	if checkID(id) != nil {
+		return nil, driver.ErrNotFound
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if b, ok := d.boxes[id]; ok {
+		return b, nil
+	}
+	dir := d.boxDir(id)
+	m, err := readMeta(dir)
+	if err != nil || m.Pid == 0 {
+		return nil, driver.ErrNotFound
+	}
+	b := &box{meta: m, dir: dir}
+	d.boxes[id] = b
+	return b, nil
+}
+
+func readMeta(dir string) (meta, error) {
+	var m meta
+	b, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+	if err != nil {
+		return m, err
+	}
+	err = json.Unmarshal(b, &m)
+	return m, err
+}
+
+// Exec runs req in sandbox id through its agent.
+func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (driver.ExecResult, error) {
+	b, err := d.lookup(id)
+	if err != nil {
+		return driver.ExecResult{}, err
+	}
+	oomBefore, err := d.cg.oomKills(id)
+	if err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: container is gone: %w", id, err)
+	}
+	areq := agent.RunRequest{
+		Code:       req.Code,
+		TimeoutMS:  req.Timeout.Milliseconds(),
+		Env:        req.Env,
+		AllowSpawn: b.AllowSpawn,
+		MaxOutput:  req.MaxOutput,
+	}
+	runCtx := ctx
+	if req.Timeout > 0 {
+		var cancel context.CancelFunc
+		runCtx, cancel = context.WithTimeout(ctx, req.Timeout+agentGrace)
+		defer cancel()
+	}
+	onEvent := func(ev agent.Event) {
+		if req.OnOutput == nil || len(ev.Data) == 0 {
+			return
+		}
+		switch ev.Type {
+		case "stdout":
+			req.OnOutput(driver.Stdout, ev.Data)
+		case "stderr":
+			req.OnOutput(driver.Stderr, ev.Data)
+		}
+	}
+	started := time.Now()
+	res, runErr := agentRun(runCtx, socketPath(b.dir), areq, onEvent)
+	wall := time.Since(started)
+	// Whatever happened, no process of the run may be left when we return.
+	if err := d.killStragglers(id, b.Pid); err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
+	}
+	oomAfter, oomErr := d.cg.oomKills(id)
+	if runErr != nil {
+		if ctx.Err() != nil {
+			return driver.ExecResult{Status: driver.StatusCancelled, ExitCode: 128 + int(syscall.SIGKILL), Started: started, Duration: wall}, nil
+		}
+		if oomErr == nil && oomAfter > oomBefore {
+			runErr = fmt.Errorf("%w (the sandbox hit its memory limit)", runErr)
+		}
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, runErr)
+	}
+	if res.AgentError != "" {
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: agent: %s", id, res.AgentError)
+	}
+	out := driver.ExecResult{
+		ExitCode:        res.ExitCode,
+		Stdout:          res.Stdout,
+		Stderr:          res.Stderr,
+		StdoutTruncated: res.StdoutTruncated,
+		StderrTruncated: res.StderrTruncated,
+		Result:          res.Result,
+		Started:         started,
+		Duration:        time.Duration(res.DurationUS) * time.Microsecond,
+		CPU:             time.Duration(res.CPUUS) * time.Microsecond,
+		MemoryPeak:      res.MaxRSSBytes,
+	}
+	if out.Duration == 0 {
+		out.Duration = wall
+	}
+	if res.Error != nil {
+		out.Error = &driver.PyError{Type: res.Error.Type, Message: res.Error.Message, Traceback: res.Error.Traceback}
+	}
+	killed := res.Signal == int(syscall.SIGKILL) || res.ExitCode == 128+int(syscall.SIGKILL)
+	switch {
+	case res.TimedOut:
+		out.Status = driver.StatusTimeout
+	case killed && oomErr == nil && oomAfter > oomBefore:
+		out.Status = driver.StatusOOM
+	case res.ExitCode == 0:
+		out.Status = driver.StatusCompleted
+	default:
+		out.Status = driver.StatusFailed
+	}
+	return out, nil
+}
+
+// killStragglers waits until the sandbox's only process is its init (the agent) — the agent kills
+// the run's processes itself — and SIGKILLs what is left after stragglerWait.
+func (d *Driver) killStragglers(id string, initPid int) error {
+	start, lastKill := time.Now(), time.Time{}
+	for {
+		pids, err := d.cg.procs(id)
+		if err != nil {
+			return fmt.Errorf("list sandbox processes: %w", err)
+		}
+		pids = slices.DeleteFunc(pids, func(p int) bool { return p == initPid })
+		if len(pids) == 0 {
+			return nil
+		}
+		el := time.Since(start)
+		if el > stragglerLimit {
+			return fmt.Errorf("%d processes of the run survive SIGKILL: %v", len(pids), pids)
+		}
+		// Again every stragglerWait: a process forked while the last signals went out escaped them.
+		if el > stragglerWait && time.Since(lastKill) > stragglerWait {
+			for _, p := range pids {
+				_ = syscall.Kill(p, syscall.SIGKILL)
+			}
+			lastKill = time.Now()
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// Destroy kills and removes sandbox id: the container (runtime delete --force), the overlay
+// mount, the cgroups in every hierarchy, and the state dir. Idempotent; works from disk alone.
+// Cleaning up is not abandoned when ctx ends: it runs to the end (bounded by destroyTimeout).
+func (d *Driver) Destroy(ctx context.Context, id string) error {
+	if err := checkID(id); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), destroyTimeout)
+	defer cancel()
+	dir := d.boxDir(id)
+	var errs []error
+	rts := d.all
+	if m, err := readMeta(dir); err == nil {
+		for _, rt := range d.all {
+			if rt.name == m.Runtime {
+				rts = []*ociRuntime{rt}
+			}
+		}
+	}
+	for _, rt := range rts {
+		if err := rt.delete(ctx, id); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := d.cg.removeCgroups(id); err != nil {
+		errs = append(errs, err)
+	}
+	merged := filepath.Join(dir, "rootfs")
+	if err := unix.Unmount(merged, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		errs = append(errs, fmt.Errorf("unmount %s: %w", merged, err))
+	}
+	d.mu.Lock()
+	b := d.boxes[id]
+	d.mu.Unlock()
+	if b != nil && b.logDone != nil {
+		select {
+		case <-b.logDone:
+		case <-time.After(2 * time.Second):
+			errs = append(errs, errors.New("container output did not close after the container was killed"))
+		}
+	}
+	if mounted, err := isMountPoint(merged); err != nil || mounted {
+		errs = append(errs, fmt.Errorf("%s is still mounted (%v): state dir kept", merged, err))
+	} else if err := os.RemoveAll(dir); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("destroy sandbox %s: %w", id, errors.Join(errs...))
+	}
+	d.mu.Lock()
+	delete(d.boxes, id)
+	d.mu.Unlock()
+	return nil
+}
+
+// List returns the IDs of our containers known to any runtime plus the sandboxes with a state dir.
+func (d *Driver) List(ctx context.Context) ([]string, error) {
+	seen := map[string]bool{}
+	for _, rt := range d.all {
+		ids, err := rt.list(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, id := range ids {
+			if !isHelper(id) {
+				seen[id] = true
+			}
+		}
+	}
+	ents, err := os.ReadDir(filepath.Join(d.stateDir, sandboxesDir))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	for _, e := range ents {
+		if e.IsDir() && checkID(e.Name()) == nil {
+			seen[e.Name()] = true
+		}
+	}
+	ids := make([]string, 0, len(seen))
+	for id := range seen {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids, nil
+}

@@ -1,0 +1,738 @@
+package container
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/driver"
+)
+
+func TestRegistered(t *testing.T) {
+	if !slices.Contains(driver.Names(), "container") {
+		t.Fatalf("driver.Names() = %v, want container in it", driver.Names())
+	}
+}
+
+func TestPrintOne(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		id := newSandbox(t, d, baseSpec())
+		var streamed []byte
+		res, err := d.Exec(context.Background(), id, driver.ExecRequest{
+			Code: "print(1)", Timeout: 10 * time.Second, MaxOutput: 1024,
+			OnOutput: func(s driver.Stream, p []byte) {
+				if s == driver.Stdout {
+					streamed = append(streamed, p...)
+				}
+			},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Status != driver.StatusCompleted || res.ExitCode != 0 || string(res.Stdout) != "1\n" {
+			t.Fatalf("got %s exit %d stdout %q stderr %q", res.Status, res.ExitCode, res.Stdout, res.Stderr)
+		}
+		if string(streamed) != "1\n" {
+			t.Errorf("OnOutput saw %q, want \"1\\n\"", streamed)
+		}
+		if res.Duration <= 0 || res.Started.IsZero() {
+			t.Errorf("duration %v started %v", res.Duration, res.Started)
+		}
+		res = run(t, d, id, "raise ValueError('boom')", 10*time.Second)
+		if res.Status != driver.StatusFailed || res.ExitCode == 0 {
+			t.Fatalf("uncaught exception: status %s exit %d, want failed", res.Status, res.ExitCode)
+		}
+		if _, err := d.Exec(context.Background(), "t-nosuchsandbox", driver.ExecRequest{Code: "print(1)"}); !errors.Is(err, driver.ErrNotFound) {
+			t.Fatalf("exec in unknown sandbox: %v, want ErrNotFound", err)
+		}
+	})
+}
+
+// fsProbe is Python that tries operations and prints {name: "ok" | errno name}.
+const fsProbe = `
+import errno, json, os
+out = {}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+def write(p, data="x"):
+    with open(p, "w") as f:
+        f.write(data)
+def read(p):
+    with open(p) as f:
+        return f.read()
+`
+
+// denied are the errors that count as "refused" for a write or an access.
+var denied = []string{"EACCES", "EROFS", "EPERM"}
+
+func runProbe(t *testing.T, d *Driver, id, body string) map[string]string {
+	t.Helper()
+	out := mustRun(t, d, id, fsProbe+body+"\nprint(json.dumps(out))\n")
+	var m map[string]string
+	if err := json.Unmarshal([]byte(out), &m); err != nil {
+		t.Fatalf("probe output %q: %v", out, err)
+	}
+	return m
+}
+
+func expect(t *testing.T, got map[string]string, name string, want ...string) {
+	t.Helper()
+	if v, ok := got[name]; !ok || !slices.Contains(want, v) {
+		t.Errorf("%s: got %q, want one of %v", name, v, want)
+	}
+}
+
+func TestFilesystem(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		host := t.TempDir()
+		roDir, rwDir := filepath.Join(host, "ro"), filepath.Join(host, "rw")
+		for _, p := range []string{roDir + "/secret", rwDir, host + "/deep"} {
+			if err := os.MkdirAll(p, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.WriteFile(roDir+"/in.txt", []byte("input"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(roDir+"/secret/key.txt", []byte("key"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		// A mount point that does not exist in the image: created in the overlay, never in it.
+		newMount := "/srv/sbx-" + randomHex(3) + "/deep"
+		spec := baseSpec()
+		spec.Mounts = []driver.Mount{
+			{Path: "/workspace/data", HostDir: roDir, ReadOnly: true},
+			{Path: "/workspace/output", HostDir: rwDir},
+			{Path: newMount, HostDir: host + "/deep", ReadOnly: true},
+		}
+		spec.Blocked = []string{"/etc", "/root", "/workspace/data/secret", "/usr/lib/os-release", "/nonexistent/dir", "/workspace/data/missing"}
+		id := newSandbox(t, d, spec)
+
+		got := runProbe(t, d, id, `
+attempt("ro_read", lambda: read("/workspace/data/in.txt"))
+attempt("ro_list", lambda: os.listdir("/workspace/data"))
+attempt("ro_write_new", lambda: write("/workspace/data/new.txt"))
+attempt("ro_overwrite", lambda: write("/workspace/data/in.txt"))
+attempt("ro_mkdir", lambda: os.mkdir("/workspace/data/d"))
+attempt("ro_unlink", lambda: os.unlink("/workspace/data/in.txt"))
+attempt("rw_write", lambda: write("/workspace/output/out.txt", "result"))
+attempt("rw_read", lambda: read("/workspace/output/out.txt"))
+attempt("rw_mkdir", lambda: os.mkdir("/workspace/output/sub"))
+attempt("etc_list", lambda: os.listdir("/etc"))
+attempt("etc_read", lambda: read("/etc/passwd"))
+attempt("etc_write", lambda: write("/etc/evil"))
+attempt("root_list", lambda: os.listdir("/root"))
+attempt("root_write", lambda: write("/root/evil"))
+attempt("secret_list", lambda: os.listdir("/workspace/data/secret"))
+attempt("secret_read", lambda: read("/workspace/data/secret/key.txt"))
+attempt("file_read", lambda: read("/usr/lib/os-release"))
+attempt("file_write", lambda: write("/usr/lib/os-release"))
+attempt("missing_list", lambda: os.listdir("/nonexistent/dir"))
+attempt("missing_create", lambda: write("/nonexistent/dir/x"))
+attempt("missing_in_mount_create", lambda: write("/workspace/data/missing/x"))
+attempt("rootfs_write", lambda: write("/evil"))
+attempt("rootfs_usr_write", lambda: write("/usr/bin/evil"))
+attempt("rootfs_mkdir", lambda: os.mkdir("/opt/evil"))
+attempt("rootfs_chmod", lambda: os.chmod("/usr/bin/python3", 0o777))
+attempt("new_mount_list", lambda: os.listdir("`+newMount+`"))
+attempt("tmp_write", lambda: write("/tmp/persist.txt", "kept"))
+attempt("agent_write", lambda: write("/.sandbox/bin/sandbox-agent"))
+`)
+		expect(t, got, "ro_read", "ok")
+		expect(t, got, "ro_list", "ok")
+		for _, k := range []string{"ro_write_new", "ro_overwrite", "ro_mkdir", "ro_unlink"} {
+			expect(t, got, k, denied...)
+		}
+		for _, k := range []string{"rw_write", "rw_read", "rw_mkdir", "tmp_write", "new_mount_list"} {
+			expect(t, got, k, "ok")
+		}
+		for _, k := range []string{"etc_list", "etc_read", "etc_write", "root_list", "root_write", "secret_list",
+			"secret_read", "file_read", "file_write", "missing_list", "missing_create", "missing_in_mount_create",
+			"rootfs_write", "rootfs_usr_write", "rootfs_mkdir", "rootfs_chmod", "agent_write"} {
+			expect(t, got, k, denied...)
+		}
+		// The read_write file is on the host, owned by the sandbox user.
+		b, err := os.ReadFile(rwDir + "/out.txt")
+		if err != nil || string(b) != "result" {
+			t.Errorf("host side of read_write: %q, %v", b, err)
+		}
+		var st syscall.Stat_t
+		if err := syscall.Stat(rwDir+"/out.txt", &st); err == nil && st.Uid != sandboxUID {
+			t.Errorf("out.txt uid %d, want %d", st.Uid, sandboxUID)
+		}
+		// The read_only host dir is unchanged.
+		if b, _ := os.ReadFile(roDir + "/in.txt"); string(b) != "input" {
+			t.Errorf("read_only file changed: %q", b)
+		}
+		// The image was not written: the new mount point exists only in the overlay.
+		if _, err := os.Lstat(filepath.Join(rootfs, filepath.Dir(newMount))); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("mount point %s was created in the image: %v", newMount, err)
+		}
+		if _, err := os.Lstat(filepath.Join(rootfs, "nonexistent")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("blocked mount point was created in the image: %v", err)
+		}
+		// /tmp persists between runs.
+		if out := mustRun(t, d, id, `print(open("/tmp/persist.txt").read())`); out != "kept\n" {
+			t.Errorf("/tmp between runs: %q", out)
+		}
+	})
+}
+
+func TestTmpSizeLimit(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		spec := baseSpec()
+		spec.TmpBytes = 4 << 20
+		id := newSandbox(t, d, spec)
+		got := runProbe(t, d, id, `attempt("big", lambda: write("/tmp/big", "x" * (8 << 20)))`)
+		expect(t, got, "big", "ENOSPC")
+	})
+}
+
+func TestHostUnreachable(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		marker, err := os.CreateTemp("", "sbxd-host-marker-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		marker.WriteString("host secret")
+		marker.Close()
+		os.Chmod(marker.Name(), 0o644)
+		t.Cleanup(func() { os.Remove(marker.Name()) })
+		p := marker.Name()
+		id := newSandbox(t, d, baseSpec())
+		got := runProbe(t, d, id, `
+import glob
+p = "`+p+`"
+for i, q in enumerate([p, "/proc/1/root" + p, "/proc/self/root" + p, "/../../.." + p, "/proc/1/cwd/../../.." + p,
+                       "/proc/1/root/../../.." + p, "/tmp/../.." + p]):
+    attempt("marker%d" % i, lambda: read(q))
+def scan():
+    hits = [q for q in glob.glob("/proc/*/root" + p)] + [q for q in glob.glob("/proc/*/cwd/" + os.path.basename(p))]
+    if any(os.path.exists(h) for h in hits):
+        return
+    raise FileNotFoundError(2, "none")
+attempt("proc_scan", scan)
+attempt("shadow", lambda: read("/proc/1/root/etc/shadow"))
+attempt("host_pid1", lambda: read("/proc/1/cmdline").index("sandbox-agent") >= 0 or (_ for _ in ()).throw(OSError(1, "not agent")))
+attempt("sys_write", lambda: write("/sys/kernel/mm/transparent_hugepage/enabled", "never"))
+attempt("proc_sys_write", lambda: write("/proc/sys/kernel/hostname", "evil"))
+attempt("kcore", lambda: read("/proc/kcore"))
+`)
+		for i := 0; i < 7; i++ {
+			// ENOENT: resolves inside the sandbox; EACCES: /proc/1 is the non-dumpable agent.
+			expect(t, got, "marker"+string(rune('0'+i)), "ENOENT", "EACCES")
+		}
+		expect(t, got, "proc_scan", "ENOENT")
+		expect(t, got, "shadow", denied...)
+		expect(t, got, "host_pid1", "ok") // PID 1 is the agent: own PID namespace
+		expect(t, got, "sys_write", append(denied, "ENOENT")...)
+		expect(t, got, "proc_sys_write", denied...)
+		expect(t, got, "kcore", append(denied, "ENOENT", "EIO")...)
+	})
+}
+
+func TestIdentity(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		id := newSandbox(t, d, baseSpec())
+		out := mustRun(t, d, id, `
+import os, socket
+st = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+for k in ("Uid", "Gid", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp"):
+    print(k, " ".join(st[k].split()))
+print("hostname", socket.gethostname())
+print("cwd", os.getcwd())
+`)
+		want := []string{
+			"Uid 10000 10000 10000 10000", "Gid 10000 10000 10000 10000",
+			"CapInh 0000000000000000", "CapPrm 0000000000000000", "CapEff 0000000000000000",
+			"CapBnd 0000000000000000", "CapAmb 0000000000000000", "NoNewPrivs 1", "Seccomp 2",
+			"hostname sandbox",
+		}
+		for _, w := range want {
+			if !strings.Contains(out, w+"\n") {
+				t.Errorf("missing %q in:\n%s", w, out)
+			}
+		}
+	})
+}
+
+func TestNetwork(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		id := newSandbox(t, d, baseSpec())
+		got := runProbe(t, d, id, `
+import socket, time
+def outside():
+    s = socket.socket()
+    s.settimeout(2)
+    t0 = time.monotonic()
+    try:
+        s.connect(("1.1.1.1", 53))
+    finally:
+        out["outside_seconds"] = "%.2f" % (time.monotonic() - t0)
+        s.close()
+attempt("outside", outside)
+def loopback():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    c = socket.create_connection(srv.getsockname(), timeout=2)
+    a, _ = srv.accept()
+    c.sendall(b"hi")
+    assert a.recv(2) == b"hi"
+attempt("loopback", loopback)
+attempt("ifaces", lambda: [n for _, n in socket.if_nameindex()] == ["lo"] or (_ for _ in ()).throw(OSError(1, str(socket.if_nameindex()))))
+`)
+		expect(t, got, "outside", "ENETUNREACH", "EHOSTUNREACH")
+		if s := got["outside_seconds"]; s > "0.50" {
+			t.Errorf("connect to 1.1.1.1 took %ss, want an immediate failure", s)
+		}
+		expect(t, got, "loopback", "ok")
+		expect(t, got, "ifaces", "ok")
+	})
+}
+
+func TestOOM(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		spec := baseSpec()
+		spec.MemoryBytes = 64 << 20
+		id := newSandbox(t, d, spec)
+		res := run(t, d, id, `
+chunks = []
+while True:
+    chunks.append(bytearray(8 << 20))
+`, 20*time.Second)
+		if res.Status != driver.StatusOOM {
+			t.Fatalf("status %s exit %d stderr %q, want oom", res.Status, res.ExitCode, res.Stderr)
+		}
+		if out := mustRun(t, d, id, "print(1)"); out != "1\n" {
+			t.Fatalf("after OOM: %q", out)
+		}
+	})
+}
+
+// onlyInit asserts the sandbox's only process is its agent.
+func onlyInit(t *testing.T, d *Driver, id string) {
+	t.Helper()
+	b, err := d.lookup(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pids, err := d.cg.procs(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pids) != 1 || pids[0] != b.Pid {
+		t.Fatalf("processes in the sandbox: %v, want only the agent %d", pids, b.Pid)
+	}
+}
+
+func TestTimeout(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		id := newSandbox(t, d, baseSpec())
+		start := time.Now()
+		res := run(t, d, id, "while True: pass", time.Second)
+		if res.Status != driver.StatusTimeout {
+			t.Fatalf("status %s, want timeout", res.Status)
+		}
+		if el := time.Since(start); el > 5*time.Second {
+			t.Errorf("timeout took %v", el)
+		}
+		onlyInit(t, d, id)
+		if out := mustRun(t, d, id, "print(1)"); out != "1\n" {
+			t.Fatalf("after timeout: %q", out)
+		}
+	})
+}
+
+func TestCancel(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		id := newSandbox(t, d, baseSpec())
+		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+		defer cancel()
+		res, err := d.Exec(ctx, id, driver.ExecRequest{Code: "import time; time.sleep(60)", Timeout: time.Minute, MaxOutput: 1024})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Status != driver.StatusCancelled {
+			t.Fatalf("status %s, want cancelled", res.Status)
+		}
+		onlyInit(t, d, id)
+		if out := mustRun(t, d, id, "print(1)"); out != "1\n" {
+			t.Fatalf("after cancel: %q", out)
+		}
+	})
+}
+
+func TestForkBomb(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		spec := baseSpec()
+		spec.AllowSpawn = true
+		spec.PidsLimit = 64
+		id := newSandbox(t, d, spec)
+		res := run(t, d, id, `
+import os
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+`, 3*time.Second)
+		if res.Status == driver.StatusCompleted {
+			t.Fatalf("fork bomb completed?")
+		}
+		onlyInit(t, d, id)
+		if out := mustRun(t, d, id, "print(1)"); out != "1\n" {
+			t.Fatalf("after fork bomb: %q", out)
+		}
+	})
+}
+
+func TestAllowSpawn(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		for _, allow := range []bool{false, true} {
+			spec := baseSpec()
+			spec.AllowSpawn = allow
+			id := newSandbox(t, d, spec)
+			out := mustRun(t, d, id, `
+import subprocess, threading
+try:
+    subprocess.run(["true"], check=True)
+    print("spawn ok")
+except PermissionError:
+    print("spawn denied")
+r = []
+th = threading.Thread(target=lambda: r.append(1)); th.start(); th.join()
+print("threads", len(r))
+`)
+			want := "spawn denied\nthreads 1\n"
+			if allow {
+				want = "spawn ok\nthreads 1\n"
+			}
+			if out != want {
+				t.Errorf("allow_spawn=%v: %q, want %q", allow, out, want)
+			}
+		}
+	})
+}
+
+// assertGone checks that nothing of sandbox id is left on the host.
+func assertGone(t *testing.T, d *Driver, id string, pid int) {
+	t.Helper()
+	if pid > 0 && !processGone(pid, 2*time.Second) {
+		t.Errorf("agent process %d still alive", pid)
+	}
+	dir := d.boxDir(id)
+	if _, err := os.Lstat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("state dir %s still there: %v", dir, err)
+	}
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mi), id) {
+		t.Errorf("a mount of %s is left in /proc/self/mountinfo", id)
+	}
+	for _, m := range d.cg.mounts {
+		if _, err := os.Lstat(sandboxDir(m, id)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("cgroup %s still there", sandboxDir(m, id))
+		}
+	}
+	for _, rt := range d.all {
+		if rt.exists(id) {
+			t.Errorf("%s still has state for %s", rt.name, id)
+		}
+	}
+	ids, err := d.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(ids, id) {
+		t.Errorf("List still shows %s", id)
+	}
+}
+
+// processGone waits until pid does not exist or is a zombie (the host's init reaps orphans lazily).
+func processGone(pid int, wait time.Duration) bool {
+	deadline := time.Now().Add(wait)
+	for {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil {
+			return true
+		}
+		// pid (comm) S ...: the state follows the last ')'.
+		if i := strings.LastIndexByte(string(b), ')'); i > 0 && i+2 < len(b) && b[i+2] == 'Z' {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestDestroyLeavesNothing(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		ctx := context.Background()
+		id := "t-" + randomHex(8)
+		spec := baseSpec()
+		spec.AllowSpawn = true
+		spec.Mounts = []driver.Mount{{Path: "/workspace/out", HostDir: t.TempDir()}}
+		if err := d.Create(ctx, id, spec); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Destroy(ctx, id) })
+		b, _ := d.lookup(id)
+		ids, err := d.List(ctx)
+		if err != nil || !slices.Contains(ids, id) {
+			t.Fatalf("List = %v, %v; want %s in it", ids, err, id)
+		}
+		// Leave a background process behind in the sandbox, started by a run.
+		mustRun(t, d, id, `import subprocess; subprocess.Popen(["sleep", "1000"], start_new_session=True); print(1)`)
+		if err := d.Destroy(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		assertGone(t, d, id, b.Pid)
+		if err := d.Destroy(ctx, id); err != nil {
+			t.Fatalf("second destroy: %v", err)
+		}
+		if err := d.Destroy(ctx, "t-neverexisted"); err != nil {
+			t.Fatalf("destroy unknown: %v", err)
+		}
+		if _, err := d.Exec(ctx, id, driver.ExecRequest{Code: "print(1)"}); !errors.Is(err, driver.ErrNotFound) {
+			t.Fatalf("exec after destroy: %v, want ErrNotFound", err)
+		}
+	})
+}
+
+// TestDestroyAfterRestart simulates a crash: the sandbox's overlay mount vanishes with the old
+// process's mount namespace, its in-memory state is lost, and a new driver must find and remove it.
+func TestDestroyAfterRestart(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		ctx := context.Background()
+		dir := t.TempDir()
+		old, err := Open(driver.Options{StateDir: dir, AgentBin: agentBin, Runtime: d.rt.name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := "t-" + randomHex(8)
+		if err := old.Create(ctx, id, baseSpec()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { old.Destroy(ctx, id) })
+		b, _ := old.lookup(id)
+		if err := unix.Unmount(filepath.Join(old.boxDir(id), "rootfs"), unix.MNT_DETACH); err != nil {
+			t.Fatal(err)
+		}
+		// A new process: default runtime choice, nothing in memory.
+		fresh, err := Open(driver.Options{StateDir: dir, AgentBin: agentBin})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids, err := fresh.List(ctx)
+		if err != nil || !slices.Contains(ids, id) {
+			t.Fatalf("List after restart = %v, %v; want %s", ids, err, id)
+		}
+		// The sandbox still answers, from disk state alone.
+		if out := mustRun(t, fresh, id, "print(1)"); out != "1\n" {
+			t.Fatalf("exec after restart: %q", out)
+		}
+		if err := fresh.Destroy(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		assertGone(t, fresh, id, b.Pid)
+	})
+}
+
+func TestCreateFailureCleansUp(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		ctx := context.Background()
+		for name, spec := range map[string]driver.Spec{
+			"mount over a file": func() driver.Spec {
+				s := baseSpec()
+				s.Mounts = []driver.Mount{{Path: "/usr/bin/python3/x", HostDir: t.TempDir()}}
+				return s
+			}(),
+			"missing rootfs": func() driver.Spec { s := baseSpec(); s.RootFS = "/nonexistent/rootfs"; return s }(),
+			"no python (agent still starts)": func() driver.Spec {
+				s := baseSpec()
+				s.RootFS = t.TempDir()
+				return s
+			}(),
+		} {
+			id := "t-" + randomHex(8)
+			err := d.Create(ctx, id, spec)
+			if name == "no python (agent still starts)" {
+				// The agent is static: the sandbox starts; the run fails.
+				if err != nil {
+					t.Errorf("%s: %v", name, err)
+					continue
+				}
+				res, err := d.Exec(ctx, id, driver.ExecRequest{Code: "print(1)", Timeout: 5 * time.Second})
+				if err == nil && res.Status == driver.StatusCompleted {
+					t.Errorf("%s: run completed without python", name)
+				}
+				if err := d.Destroy(ctx, id); err != nil {
+					t.Error(err)
+				}
+			} else if err == nil {
+				t.Errorf("%s: create succeeded", name)
+				d.Destroy(ctx, id)
+			}
+			assertGone(t, d, id, 0)
+		}
+		// A cancelled context aborts and cleans up.
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		id := "t-" + randomHex(8)
+		if err := d.Create(cctx, id, baseSpec()); err == nil {
+			t.Error("create with a cancelled context succeeded")
+		}
+		assertGone(t, d, id, 0)
+	})
+}
+
+func TestList(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		a, b := newSandbox(t, d, baseSpec()), newSandbox(t, d, baseSpec())
+		ids, err := d.List(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Contains(ids, a) || !slices.Contains(ids, b) {
+			t.Fatalf("List = %v, want %s and %s", ids, a, b)
+		}
+		if err := d.Check(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+func TestConcurrentSandboxes(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		const n = 4
+		errs := make(chan error, n)
+		for i := 0; i < n; i++ {
+			go func() {
+				ctx := context.Background()
+				id := "t-" + randomHex(8)
+				if err := d.Create(ctx, id, baseSpec()); err != nil {
+					errs <- err
+					return
+				}
+				defer d.Destroy(ctx, id)
+				res, err := d.Exec(ctx, id, driver.ExecRequest{Code: "print(41+1)", Timeout: 10 * time.Second, MaxOutput: 100})
+				if err == nil && string(res.Stdout) != "42\n" {
+					err = errors.New("bad output " + string(res.Stdout))
+				}
+				errs <- err
+			}()
+		}
+		for i := 0; i < n; i++ {
+			if err := <-errs; err != nil {
+				t.Error(err)
+			}
+		}
+	})
+}
+
+func TestFloor(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		took, err := d.Floor(context.Background(), rootfs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if took <= 0 || took > 10*time.Second {
+			t.Fatalf("floor %v", took)
+		}
+		ents, _ := os.ReadDir(filepath.Join(d.stateDir, "floor"))
+		if len(ents) != 0 {
+			t.Errorf("floor left %d bundles", len(ents))
+		}
+	})
+}
+
+// TestTimings reports the medians of Create, Exec print(1) and Floor (go test -v -run Timings).
+func TestTimings(t *testing.T) {
+	if testing.Short() {
+		t.Skip("timings: not in -short")
+	}
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		const n = 20
+		ctx := context.Background()
+		var creates, execs, floors, destroys []time.Duration
+		for i := 0; i < n; i++ {
+			id := "t-" + randomHex(8)
+			t0 := time.Now()
+			if err := d.Create(ctx, id, baseSpec()); err != nil {
+				t.Fatal(err)
+			}
+			creates = append(creates, time.Since(t0))
+			for j := 0; j < 2; j++ {
+				t0 = time.Now()
+				res, err := d.Exec(ctx, id, driver.ExecRequest{Code: "print(1)", Timeout: 10 * time.Second, MaxOutput: 100})
+				if err != nil || res.Status != driver.StatusCompleted {
+					t.Fatalf("exec: %v %v", res.Status, err)
+				}
+				execs = append(execs, time.Since(t0))
+			}
+			t0 = time.Now()
+			if err := d.Destroy(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			destroys = append(destroys, time.Since(t0))
+			f, err := d.Floor(ctx, rootfs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			floors = append(floors, f)
+		}
+		t.Logf("%s medians over %d: create %v · exec print(1) %v · destroy %v · floor %v",
+			d.rt.name, n, median(creates), median(execs), median(destroys), median(floors))
+	})
+}
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2].Round(100 * time.Microsecond)
+}
+
+func TestAgentDiesAtStart(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		dir := t.TempDir()
+		bad := filepath.Join(dir, "bad-agent")
+		if err := os.WriteFile(bad, []byte("#!/bin/sh\necho agent-boom >&2\nexit 3\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		bd, err := Open(driver.Options{StateDir: filepath.Join(dir, "s"), AgentBin: bad, Runtime: d.rt.name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := "t-" + randomHex(8)
+		start := time.Now()
+		err = bd.Create(context.Background(), id, baseSpec())
+		if err == nil {
+			bd.Destroy(context.Background(), id)
+			t.Fatal("create succeeded with an agent that exits")
+		}
+		t.Logf("create error: %v", err)
+		if !strings.Contains(err.Error(), "agent-boom") {
+			t.Errorf("error lacks the agent's output: %v", err)
+		}
+		if el := time.Since(start); el > 5*time.Second {
+			t.Errorf("failing took %v, want fast", el)
+		}
+		assertGone(t, bd, id, 0)
+	})
+}

@@ -1,0 +1,140 @@
+package container
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Path resolution inside a directory treated as a root (the sandbox's overlay root, a mount's host
+// directory): symlinks, ".." and absolute links are resolved as if root were "/", by the kernel
+// (openat2 RESOLVE_IN_ROOT), so a crafted image or host directory can never make the driver touch
+// a path outside root.
+
+const inRootResolve = unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS | unix.RESOLVE_NO_XDEV
+
+// kind of a path inside a root.
+type pathKind int
+
+const (
+	kindMissing pathKind = iota
+	kindDir
+	kindOther // a regular file or anything else that is not a directory
+)
+
+func openInRoot(rootFD int, rel string, flags uint64) (int, error) {
+	if rel == "" {
+		rel = "."
+	}
+	for {
+		fd, err := unix.Openat2(rootFD, rel, &unix.OpenHow{Flags: flags | unix.O_CLOEXEC, Resolve: inRootResolve})
+		if err == unix.EINTR || err == unix.EAGAIN {
+			continue
+		}
+		return fd, err
+	}
+}
+
+// statInRoot reports what rel (a path relative to root, "/" separated) is, following symlinks
+// inside root.
+func statInRoot(root, rel string) (pathKind, error) {
+	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("open %s: %w", root, err)
+	}
+	defer unix.Close(rootFD)
+	fd, err := openInRoot(rootFD, rel, unix.O_PATH)
+	if errors.Is(err, unix.ENOENT) {
+		return kindMissing, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("resolve %s in %s: %w", rel, root, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, err
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+		return kindDir, nil
+	}
+	return kindOther, nil
+}
+
+// mkdirAllInRoot creates directory rel and its missing parents inside root (mode 0755, owned by
+// the caller), resolving every existing component inside root.
+func mkdirAllInRoot(root, rel string) error {
+	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", root, err)
+	}
+	defer unix.Close(rootFD)
+	parts := strings.Split(path.Clean("/"+rel), "/")[1:]
+	cur := ""
+	for _, p := range parts {
+		if p == "" {
+			continue
+		}
+		next := path.Join(cur, p)
+		fd, err := openInRoot(rootFD, next, unix.O_PATH|unix.O_DIRECTORY)
+		if err == nil {
+			unix.Close(fd)
+			cur = next
+			continue
+		}
+		if !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("resolve %s in %s: %w", next, root, err)
+		}
+		parentFD, err := openInRoot(rootFD, cur, unix.O_PATH|unix.O_DIRECTORY)
+		if err != nil {
+			return fmt.Errorf("resolve %s in %s: %w", cur, root, err)
+		}
+		err = unix.Mkdirat(parentFD, p, 0o755)
+		unix.Close(parentFD)
+		if err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("mkdir %s in %s: %w", next, root, err)
+		}
+		// Re-resolve: if what exists now is not a directory (a dangling link, a file), fail.
+		fd, err = openInRoot(rootFD, next, unix.O_PATH|unix.O_DIRECTORY)
+		if err != nil {
+			return fmt.Errorf("mkdir %s in %s: %w", next, root, err)
+		}
+		unix.Close(fd)
+		cur = next
+	}
+	return nil
+}
+
+// isMountPoint reports whether dir is a mount point in our namespace (its device differs from its
+// parent's, or it is the root of an overlay/tmpfs mounted on the same device).
+func isMountPoint(dir string) (bool, error) {
+	var st, pst unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return false, nil
+		}
+		return false, err
+	}
+	if err := unix.Lstat(path.Dir(dir), &pst); err != nil {
+		return false, err
+	}
+	if st.Dev != pst.Dev {
+		return true, nil
+	}
+	// Same device: check mountinfo to be sure (bind mounts of the same filesystem).
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return false, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && unescapeMountinfo(f[4]) == dir {
+			return true, nil
+		}
+	}
+	return false, nil
+}

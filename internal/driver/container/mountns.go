@@ -1,0 +1,144 @@
+package container
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// mountNSEnv marks a process that EnterMountNamespace re-executed in a private mount namespace. Its
+// value is the mount namespace the parent was in, so the child can check it really left it.
+const mountNSEnv = "SANDBOXD_PARENT_MOUNTNS"
+
+// hybridUnified is where a cgroup v1 "hybrid" host mounts its (nearly empty) cgroup2 hierarchy.
+const hybridUnified = "/sys/fs/cgroup/unified"
+
+var (
+	nsMu      sync.Mutex
+	nsEntered bool
+)
+
+// EnterMountNamespace puts the calling process in a private mount namespace of its own, and must be
+// called first thing in main (and in TestMain), before any goroutine that matters is started:
+//
+//   - In the original process it re-executes the running binary (same argv and environment, plus a
+//     marker variable) with CLONE_NEWNS unshared and "/" made recursively private, forwards
+//     SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to it, and exits with its status: it
+//     does not return unless the re-exec could not start (then it returns the error, e.g. EPERM
+//     when not root).
+//   - In the re-executed process it checks that its mount namespace differs from the parent's,
+//     and, on a cgroup v1 hybrid host (cgroup2 at /sys/fs/cgroup/unified next to v1 controllers),
+//     unmounts that cgroup2 mount, since crun refuses hybrid hosts. Then it returns nil.
+//
+// The effect: every mount the container driver makes (each sandbox's overlay root) lives only in
+// that namespace and disappears with the process, so a crash never leaks a mount on the host; and
+// crun works on hybrid hosts. The child runs with PR_SET_PDEATHSIG=SIGKILL, so it does not outlive
+// its parent. Calling it again in the same process is a no-op.
+func EnterMountNamespace() error {
+	nsMu.Lock()
+	defer nsMu.Unlock()
+	if nsEntered {
+		return nil
+	}
+	own, err := os.Readlink("/proc/self/ns/mnt")
+	if err != nil {
+		return fmt.Errorf("mount namespace: %w", err)
+	}
+	if parent := os.Getenv(mountNSEnv); parent != "" && parent != own {
+		// We are the re-executed child, in a namespace of our own.
+		os.Unsetenv(mountNSEnv)
+		// Go already made "/" MS_REC|MS_PRIVATE after unsharing; make sure, in case a parent other
+		// than ours set the variable.
+		if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+			return fmt.Errorf("mount namespace: make / private: %w", err)
+		}
+		if err := dropHybridCgroup2(); err != nil {
+			return err
+		}
+		nsEntered = true
+		return nil
+	}
+	return reexecInMountNamespace(own)
+}
+
+// inPrivateMountNamespace reports whether EnterMountNamespace succeeded in this process.
+func inPrivateMountNamespace() bool {
+	nsMu.Lock()
+	defer nsMu.Unlock()
+	return nsEntered
+}
+
+// isHybridCgroup reports whether the host mounts cgroup v1 controllers and a cgroup2 hierarchy at
+// /sys/fs/cgroup/unified (as seen in the current mount namespace).
+func isHybridCgroup() bool {
+	var root, uni unix.Statfs_t
+	if unix.Statfs("/sys/fs/cgroup", &root) != nil || unix.Statfs(hybridUnified, &uni) != nil {
+		return false
+	}
+	return root.Type == unix.TMPFS_MAGIC && uni.Type == unix.CGROUP2_SUPER_MAGIC
+}
+
+func dropHybridCgroup2() error {
+	if !isHybridCgroup() {
+		return nil
+	}
+	if err := unix.Unmount(hybridUnified, unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("mount namespace: unmount %s (cgroup v1 hybrid host): %w", hybridUnified, err)
+	}
+	return nil
+}
+
+func reexecInMountNamespace(ownNS string) error {
+	// The binary's path (not /proc/self/exe) so the child keeps the program's name in ps.
+	exe, err := os.Executable()
+	if err != nil || strings.HasSuffix(exe, " (deleted)") {
+		exe = "/proc/self/exe"
+	}
+	cmd := exec.Command(exe, os.Args[1:]...)
+	cmd.Args[0] = os.Args[0]
+	cmd.Env = append(os.Environ(), mountNSEnv+"="+ownNS)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Unshareflags: syscall.CLONE_NEWNS,
+		// Pdeathsig fires when the thread that started the child ends: keep this goroutine on its
+		// thread for good (we never return on success).
+		Pdeathsig: syscall.SIGKILL,
+	}
+	runtime.LockOSThread()
+	sigs := []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2}
+	sigc := make(chan os.Signal, 8)
+	signal.Notify(sigc, sigs...)
+	if err := cmd.Start(); err != nil {
+		signal.Stop(sigc)
+		runtime.UnlockOSThread()
+		return fmt.Errorf("enter a private mount namespace (re-exec with CLONE_NEWNS; needs root): %w", err)
+	}
+	go func() {
+		for s := range sigc {
+			_ = cmd.Process.Signal(s)
+		}
+	}()
+	err = cmd.Wait()
+	signal.Stop(sigc)
+	if err == nil {
+		os.Exit(0)
+	}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			os.Exit(128 + int(ws.Signal()))
+		}
+		os.Exit(ee.ExitCode())
+	}
+	fmt.Fprintf(os.Stderr, "sandboxd: private mount namespace child: %v\n", err)
+	os.Exit(1)
+	return nil
+}

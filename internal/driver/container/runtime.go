@@ -1,0 +1,198 @@
+package container
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// knownRuntimes are the OCI runtimes the driver can drive, in order of preference.
+var knownRuntimes = []string{"crun", "runc"}
+
+const installHint = "install it with scripts/install-deps.sh"
+
+// ociRuntime drives one OCI runtime's CLI with its state under root.
+type ociRuntime struct {
+	name string // "crun" or "runc"
+	bin  string // absolute path of the binary
+	root string // --root: the runtime's state directory, ours alone
+}
+
+func newRuntime(name, stateDir string) (*ociRuntime, error) {
+	bin, err := exec.LookPath(name)
+	if err != nil {
+		return nil, fmt.Errorf("%s not found in PATH: %s", name, installHint)
+	}
+	return &ociRuntime{name: name, bin: bin, root: filepath.Join(stateDir, "runtime", name)}, nil
+}
+
+func (r *ociRuntime) command(ctx context.Context, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, r.bin, append([]string{"--root", r.root}, args...)...)
+	cmd.WaitDelay = 5 * time.Second
+	return cmd
+}
+
+// output runs a runtime command and returns its stdout; errors carry its stderr.
+func (r *ociRuntime) output(ctx context.Context, args ...string) ([]byte, error) {
+	cmd := r.command(ctx, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.Bytes(), fmt.Errorf("%s %s: %w: %s", r.name, args[0], err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.Bytes(), nil
+}
+
+// exists reports whether the runtime has state for container id.
+func (r *ociRuntime) exists(id string) bool {
+	_, err := os.Stat(filepath.Join(r.root, id))
+	return err == nil
+}
+
+// delete kills (SIGKILL) and deletes container id; a container that does not exist is fine.
+func (r *ociRuntime) delete(ctx context.Context, id string) error {
+	if !r.exists(id) {
+		return nil
+	}
+	if r.name == "runc" && r.killAndWait(ctx, id) {
+		if _, err := r.output(ctx, "delete", id); err == nil || !r.exists(id) {
+			return nil
+		}
+	}
+	_, err := r.output(ctx, "delete", "--force", id)
+	if err != nil && !r.exists(id) {
+		return nil // gone anyway (e.g. "does not exist" after a concurrent delete)
+	}
+	return err
+}
+
+// killAndWait SIGKILLs the container's init (and so its whole PID namespace) and waits until it
+// has exited. runc's own `delete --force` polls at 100 ms; this takes a few ms. It reports false
+// when it could not tell, and the caller falls back to `delete --force`.
+func (r *ociRuntime) killAndWait(ctx context.Context, id string) bool {
+	b, err := os.ReadFile(filepath.Join(r.root, id, "state.json"))
+	if err != nil {
+		return false
+	}
+	var st struct {
+		Pid int `json:"init_process_pid"`
+	}
+	if json.Unmarshal(b, &st) != nil || st.Pid <= 0 {
+		return false
+	}
+	if !exited(st.Pid) {
+		if _, err := r.output(ctx, "kill", id, "KILL"); err != nil && !exited(st.Pid) {
+			return false
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !exited(st.Pid) {
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return true
+}
+
+// exited reports whether process pid is gone or a zombie.
+func exited(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i > 0 && i+2 < len(b) && (b[i+2] == 'Z' || b[i+2] == 'X')
+}
+
+// list returns the IDs of the containers under our root.
+func (r *ociRuntime) list(ctx context.Context) ([]string, error) {
+	if _, err := os.Stat(r.root); errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	out, err := r.output(ctx, "list", "--format", "json")
+	if err != nil {
+		return nil, err
+	}
+	var cs []struct {
+		ID string `json:"id"`
+	}
+	if s := bytes.TrimSpace(out); len(s) > 0 && !bytes.Equal(s, []byte("null")) {
+		if err := json.Unmarshal(s, &cs); err != nil {
+			return nil, fmt.Errorf("%s list: %w", r.name, err)
+		}
+	}
+	ids := make([]string, 0, len(cs))
+	for _, c := range cs {
+		ids = append(ids, c.ID)
+	}
+	return ids, nil
+}
+
+// probe proves the runtime can create a container on this host with the sandbox's settings
+// (namespaces, cgroups with limits, seccomp, read-only root, no capabilities): it creates one from
+// an empty root with the agent binary bound in, then deletes it without ever starting it.
+func (r *ociRuntime) probe(ctx context.Context, stateDir, agentBin string, prof *specs.LinuxSeccomp) error {
+	if _, err := r.output(ctx, "--version"); err != nil {
+		return err
+	}
+	id := probePrefix + randomHex(6)
+	dir := filepath.Join(stateDir, "probe", id)
+	rootfs := filepath.Join(dir, "rootfs")
+	if err := os.MkdirAll(rootfs, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	cs := containerSpec{
+		id: id, rootfs: rootfs, args: []string{agentPath}, cwd: "/",
+		mounts: []specs.Mount{{Destination: agentPath, Type: "bind", Source: agentBin, Options: []string{"bind", "ro", "nosuid", "nodev"}}},
+		res:    probeResources,
+	}
+	if err := writeJSON(filepath.Join(dir, "config.json"), makeSpec(cs, prof)); err != nil {
+		return err
+	}
+	// The created container keeps its stdio open: give it a file, not a pipe we would wait on.
+	logf, err := os.Create(filepath.Join(dir, "create.log"))
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := r.command(ctx, "create", "--bundle", dir, id)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	runErr := cmd.Run()
+	delErr := r.delete(context.WithoutCancel(ctx), id)
+	if cl, err := readCgroupLayout(); err == nil {
+		_ = cl.removeCgroups(id)
+	}
+	if runErr != nil {
+		out, _ := os.ReadFile(logf.Name())
+		return fmt.Errorf("%s create: %w: %s", r.name, runErr, strings.TrimSpace(string(out)))
+	}
+	return delErr
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func writeJSON(name string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(name, b, 0o600)
+}

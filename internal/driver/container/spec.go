@@ -1,0 +1,206 @@
+package container
+
+import (
+	"fmt"
+	"path"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/moby/profiles/seccomp"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/sandboxd/sandboxd/internal/driver"
+)
+
+// Fixed facts of every sandbox container.
+const (
+	sandboxUID   = 10000 // the unprivileged user every process of a sandbox runs as
+	sandboxGID   = 10000
+	hostname     = "sandbox"
+	agentPath    = "/.sandbox/bin/sandbox-agent" // where the agent binary is bound, read-only
+	cpuPeriod    = 100000                        // µs
+	nofileLimit  = 1024
+	devShmSize   = "16m"
+	ociVersion   = "1.0.2" // the newest spec version both crun 1.8 and runc 1.1 claim
+	sandboxesDir = "sandboxes"
+)
+
+// standardEnv is the environment of the agent (and, through it, of the runs).
+var standardEnv = []string{
+	"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+	"HOME=/tmp",
+	"LANG=C.UTF-8",
+	"TMPDIR=/tmp",
+}
+
+// maskedPaths and readonlyPaths are the runc/Docker defaults.
+var (
+	maskedPaths = []string{
+		"/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+		"/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+		"/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+	}
+	readonlyPaths = []string{
+		"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+	}
+)
+
+// pseudoFS are the standard mounts whose content is not the image's: a blocked path under one of
+// them is masked (maskedPaths) instead of mounted over.
+var pseudoFS = []string{"/proc", "/sys", "/dev"}
+
+// reserved paths can't be user mounts or blocked.
+var reserved = []string{"/.sandbox"}
+
+// within reports whether p is dir or below it (both clean and absolute).
+func within(p, dir string) bool {
+	return p == dir || dir == "/" || strings.HasPrefix(p, dir+"/")
+}
+
+func depth(p string) int {
+	if p == "/" {
+		return 0
+	}
+	return strings.Count(p, "/")
+}
+
+// containerSpec is the input of makeSpec.
+type containerSpec struct {
+	id     string
+	rootfs string   // host path of the container's root (mounted read-only)
+	args   []string // process
+	cwd    string
+	mounts []specs.Mount // after the standard ones, in order
+	masked []string      // extra masked paths
+	res    driver.Spec   // CPU, MemoryBytes, PidsLimit, TmpBytes are used
+}
+
+// standardMounts are the runc defaults (minus the cgroup mount), plus the sandbox's /tmp.
+func standardMounts(tmpBytes int64) []specs.Mount {
+	tmpOpts := []string{"nosuid", "nodev", "mode=1777"}
+	if tmpBytes > 0 {
+		tmpOpts = append(tmpOpts, "size="+strconv.FormatInt(tmpBytes, 10))
+	}
+	return []specs.Mount{
+		{Destination: "/proc", Type: "proc", Source: "proc", Options: []string{"nosuid", "noexec", "nodev"}},
+		{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
+		{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"}},
+		{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=" + devShmSize}},
+		{Destination: "/dev/mqueue", Type: "mqueue", Source: "mqueue", Options: []string{"nosuid", "noexec", "nodev"}},
+		{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
+		{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: tmpOpts},
+	}
+}
+
+// makeSpec builds the config.json of a sandbox container. prof is the seccomp profile (nil: none).
+func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
+	res := &specs.LinuxResources{
+		Devices: []specs.LinuxDeviceCgroup{{Allow: false, Access: "rwm"}},
+	}
+	if cs.res.CPU > 0 {
+		quota := int64(cs.res.CPU * cpuPeriod)
+		if quota < 1000 {
+			quota = 1000
+		}
+		period := uint64(cpuPeriod)
+		res.CPU = &specs.LinuxCPU{Quota: &quota, Period: &period}
+	}
+	if cs.res.MemoryBytes > 0 {
+		limit, swap := cs.res.MemoryBytes, cs.res.MemoryBytes
+		res.Memory = &specs.LinuxMemory{Limit: &limit, Swap: &swap}
+	}
+	if cs.res.PidsLimit > 0 {
+		pids := cs.res.PidsLimit
+		res.Pids = &specs.LinuxPids{Limit: &pids}
+	}
+	mounts := append(standardMounts(cs.res.TmpBytes), cs.mounts...)
+	return &specs.Spec{
+		Version: ociVersion,
+		Process: &specs.Process{
+			User: specs.User{UID: sandboxUID, GID: sandboxGID},
+			Args: cs.args,
+			Env:  standardEnv,
+			Cwd:  cs.cwd,
+			// Present and empty: every set is empty, so the process has no capability at all.
+			Capabilities:    &specs.LinuxCapabilities{},
+			Rlimits:         []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: nofileLimit, Soft: nofileLimit}},
+			NoNewPrivileges: true,
+		},
+		Root:     &specs.Root{Path: cs.rootfs, Readonly: true},
+		Hostname: hostname,
+		Mounts:   mounts,
+		Linux: &specs.Linux{
+			Resources:   res,
+			CgroupsPath: cgroupParent + "/" + cs.id,
+			Namespaces: []specs.LinuxNamespace{
+				{Type: specs.PIDNamespace}, {Type: specs.NetworkNamespace}, {Type: specs.IPCNamespace},
+				{Type: specs.UTSNamespace}, {Type: specs.MountNamespace}, {Type: specs.CgroupNamespace},
+			},
+			Seccomp:       prof,
+			MaskedPaths:   append(append([]string(nil), maskedPaths...), cs.masked...),
+			ReadonlyPaths: readonlyPaths,
+		},
+	}
+}
+
+// defaultSeccomp returns Docker's default seccomp profile for a process without capabilities.
+func defaultSeccomp() (*specs.LinuxSeccomp, error) {
+	s := &specs.Spec{Process: &specs.Process{Capabilities: &specs.LinuxCapabilities{}}}
+	p, err := seccomp.GetDefaultProfile(s)
+	if err != nil {
+		return nil, fmt.Errorf("seccomp default profile: %w", err)
+	}
+	if p == nil {
+		return nil, fmt.Errorf("seccomp default profile is empty")
+	}
+	return p, nil
+}
+
+// checkPath validates a sandbox path: absolute, clean, no NUL.
+func checkPath(what, p string) error {
+	if p == "" || !path.IsAbs(p) || path.Clean(p) != p || strings.ContainsRune(p, 0) {
+		return fmt.Errorf("%s path %q is not an absolute clean path", what, p)
+	}
+	for _, r := range reserved {
+		if within(p, r) {
+			return fmt.Errorf("%s path %q is reserved for the sandbox runtime", what, p)
+		}
+	}
+	return nil
+}
+
+// sortMounts orders user mounts so that a mount comes after every mount containing it.
+func sortMounts(ms []driver.Mount) []driver.Mount {
+	out := append([]driver.Mount(nil), ms...)
+	sort.SliceStable(out, func(i, j int) bool {
+		if di, dj := depth(out[i].Path), depth(out[j].Path); di != dj {
+			return di < dj
+		}
+		return out[i].Path < out[j].Path
+	})
+	return out
+}
+
+// pruneBlocked returns the blocked paths sorted by depth with every path inside another blocked
+// one dropped (it is already inaccessible, and nothing can be mounted in a mode-000 tmpfs).
+func pruneBlocked(bs []string) []string {
+	in := append([]string(nil), bs...)
+	sort.SliceStable(in, func(i, j int) bool {
+		if di, dj := depth(in[i]), depth(in[j]); di != dj {
+			return di < dj
+		}
+		return in[i] < in[j]
+	})
+	var out []string
+next:
+	for _, b := range in {
+		for _, o := range out {
+			if within(b, o) {
+				continue next
+			}
+		}
+		out = append(out, b)
+	}
+	return out
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what sandboxd's container driver and the image build need, from Debian packages:
+# crun and runc (the OCI runtimes the driver drives; crun preferred) and debootstrap (builds the
+# default image, scripts/build-image.sh). Idempotent: apt-get runs only when something is missing
+# (after an `apt-get update`), non-interactively. Needs root (or sudo) only in that case.
+#
+# Usage: scripts/install-deps.sh
+set -euo pipefail
+
+# command → Debian package providing it
+declare -A pkgs=(
+  [crun]=crun
+  [runc]=runc
+  [debootstrap]=debootstrap
+)
+
+# debootstrap lives in /usr/sbin, which a non-root PATH may lack.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+
+missing=()
+for cmd in "${!pkgs[@]}"; do
+  have "$cmd" || missing+=("${pkgs[$cmd]}")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all present (crun, runc, debootstrap)" >&2
+  exit 0
+fi
+
+# Sorted and deduplicated.
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+sudo=
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "install-deps: need root to install: ${missing[*]}" >&2; exit 1; }
+  sudo=sudo
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
+$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+for cmd in "${!pkgs[@]}"; do
+  have "$cmd" || { echo "install-deps: $cmd still missing after install" >&2; exit 1; }
+done
+echo "install-deps: done" >&2
