@@ -45,6 +45,11 @@ func launch(args []string) {
 	if err := unix.Setrlimit(unix.RLIMIT_CORE, &unix.Rlimit{}); err != nil {
 		fail("setrlimit(RLIMIT_CORE): %v", err)
 	}
+	// At the memory limit the kernel's OOM killer must pick the run, never the agent (PID 1: its
+	// death ends the sandbox). Raising one's own score needs no privilege; children inherit it.
+	if err := os.WriteFile("/proc/self/oom_score_adj", []byte("1000"), 0); err != nil {
+		fail("oom_score_adj: %v", err)
+	}
 	if !allowSpawn {
 		if err := installNoSpawnFilter(); err != nil {
 			fail("seccomp: %v", err)

@@ -38,11 +38,17 @@ func lockDataDir(dir string) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("data dir %s is in use by another sandboxd (stop it first)", dir)
+	// A server killed a moment ago may still be exiting: give it a few seconds.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("data dir %s is in use by another sandboxd (stop it first)", dir)
+		}
 	}
-	return f, nil
 }
 
 // daemon is a started service: the HTTP server and what it needs.

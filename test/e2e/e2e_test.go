@@ -461,47 +461,67 @@ func TestExpiry(t *testing.T) {
 	t.Fatal("sandbox was not destroyed at expires_at")
 }
 
-// sandboxProcesses counts host processes in the cgroup of sandbox id ("" = any sandbox).
+// sandboxProcesses counts live host processes in the cgroup of sandbox id ("" = any sandbox).
+// Zombies are not counted: a killed container's init is reparented to the host's init, which
+// reaps it in its own time (this host's PID 1 takes seconds); a zombie runs nothing and holds no
+// memory, mount or namespace.
 func sandboxProcesses(t *testing.T, id string) int {
 	t.Helper()
-	pids, _ := filepath.Glob("/proc/[0-9]*/cgroup")
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
 	n := 0
-	for _, p := range pids {
-		b, err := os.ReadFile(p)
-		if err != nil {
+	for _, d := range dirs {
+		b, err := os.ReadFile(d + "/cgroup")
+		if err != nil || !strings.Contains(string(b), "/sandboxd/"+id) {
 			continue
 		}
-		if strings.Contains(string(b), "/sandboxd/"+id) {
-			n++
+		if st, err := os.ReadFile(d + "/stat"); err == nil {
+			if f := strings.Fields(string(st[bytes.LastIndexByte(st, ')')+1:])); len(f) > 0 && f[0] == "Z" {
+				continue
+			}
 		}
+		n++
 	}
 	return n
 }
 
-// cgroupDirs lists the sandbox cgroups left on the host.
-func cgroupDirs() []string {
+// cgroupDirs lists the cgroups of the given sandboxes left on the host. (Checks are scoped to this
+// test's sandboxes: other packages' tests create sandboxes at the same time.)
+func cgroupDirs(ids ...string) []string {
 	var out []string
-	for _, pat := range []string{"/sys/fs/cgroup/*/sandboxd/sbx_*", "/sys/fs/cgroup/sandboxd/sbx_*"} {
-		m, _ := filepath.Glob(pat)
-		out = append(out, m...)
+	for _, id := range ids {
+		for _, pat := range []string{"/sys/fs/cgroup/*/sandboxd/" + id, "/sys/fs/cgroup/sandboxd/" + id} {
+			m, _ := filepath.Glob(pat)
+			out = append(out, m...)
+		}
 	}
 	return out
 }
 
-func netNamespaces() map[string]bool {
+// netNamespaces returns the network namespaces held by the processes of sandbox id ("" = by every
+// process on the host).
+func netNamespaces(id string) map[string]bool {
 	out := map[string]bool{}
-	links, _ := filepath.Glob("/proc/[0-9]*/ns/net")
-	for _, l := range links {
-		if target, err := os.Readlink(l); err == nil {
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, d := range dirs {
+		if id != "" {
+			if b, err := os.ReadFile(d + "/cgroup"); err != nil || !strings.Contains(string(b), "/sandboxd/"+id) {
+				continue
+			}
+		}
+		if target, err := os.Readlink(d + "/ns/net"); err == nil {
 			out[target] = true
 		}
 	}
 	return out
 }
 
+func hostNet() string {
+	ns, _ := os.Readlink("/proc/self/ns/net")
+	return ns
+}
+
 func TestCrashRecovery(t *testing.T) {
 	requireEnv(t)
-	netBefore := netNamespaces()
 	dir := t.TempDir()
 	s := startServer(t, dir)
 	if s.key == "" {
@@ -518,6 +538,10 @@ func TestCrashRecovery(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	if sandboxProcesses(t, b) == 0 {
 		t.Fatal("the running sandbox has no processes: the check below would prove nothing")
+	}
+	sandboxNets := netNamespaces(b)
+	if len(sandboxNets) != 1 || sandboxNets[hostNet()] {
+		t.Fatalf("sandbox %s should have one network namespace of its own, has %v", b, sandboxNets)
 	}
 
 	if err := s.cmd.Process.Kill(); err != nil { // kill -9
@@ -544,15 +568,15 @@ func TestCrashRecovery(t *testing.T) {
 	if m["total"] != float64(2) {
 		t.Fatalf("audit after restart: %v", m)
 	}
-	if n := sandboxProcesses(t, ""); n != 0 {
+	if n := sandboxProcesses(t, a) + sandboxProcesses(t, b); n != 0 {
 		t.Fatalf("%d sandbox processes leaked", n)
 	}
-	if d := cgroupDirs(); len(d) != 0 {
+	if d := cgroupDirs(a, b); len(d) != 0 {
 		t.Fatalf("cgroups leaked: %v", d)
 	}
-	for ns := range netNamespaces() {
-		if !netBefore[ns] {
-			t.Fatalf("network namespace %s leaked (a process still holds it)", ns)
+	for ns := range sandboxNets {
+		if netNamespaces("")[ns] {
+			t.Fatalf("network namespace %s of sandbox %s leaked (a process still holds it)", ns, b)
 		}
 	}
 	mounts, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", s2.cmd.Process.Pid))
@@ -569,5 +593,32 @@ func TestCrashRecovery(t *testing.T) {
 	c := s2.create(s.key, nil)
 	if r := s2.run(s.key, c, "result = 6*7", 30); r["result"] != float64(42) {
 		t.Fatalf("run after restart: %v", r)
+	}
+
+	// SIGTERM: a clean stop destroys the live sandboxes before exiting 0.
+	if status, m = s2.do("POST", "/api/sandbox/"+c+"/run", s.key, map[string]any{"code": "while True: pass", "async": true}); status != 202 {
+		t.Fatalf("async run: %d %v", status, m)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if err := s2.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.cmd.Wait(); err != nil {
+		t.Fatalf("sandboxd exit after SIGTERM: %v", err)
+	}
+	if n := sandboxProcesses(t, c); n != 0 {
+		t.Fatalf("%d sandbox processes outlive a clean stop", n)
+	}
+	if d := cgroupDirs(c); len(d) != 0 {
+		t.Fatalf("cgroups outlive a clean stop: %v", d)
+	}
+	s3 := startServer(t, dir)
+	_, m = s3.do("GET", "/api/sandbox/"+c, s.key, nil)
+	if m["status"] != "destroyed" || m["destroy_reason"] != "server_restart" {
+		t.Fatalf("sandbox after a clean stop: %v", m)
+	}
+	_, m = s3.do("GET", "/api/sandbox/"+c+"/runs?limit=1", s.key, nil)
+	if runs := m["runs"].([]any); runs[0].(map[string]any)["status"] != "cancelled" {
+		t.Fatalf("run cut by a clean stop: %v", runs[0])
 	}
 }
