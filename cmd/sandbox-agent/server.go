@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -139,7 +138,7 @@ func (a *agentServer) handle(conn *net.UnixConn) {
 	}
 	conn.SetReadDeadline(time.Now().Add(requestTimeout))
 	br := bufio.NewReaderSize(conn, 64<<10)
-	line, err := readLine(br, maxRequestLine)
+	line, err := agent.ReadLine(br, maxRequestLine)
 	if err != nil {
 		if len(line) == 0 && errors.Is(err, io.EOF) {
 			return // a readiness probe, or a client that gave up before asking
@@ -189,29 +188,6 @@ func peerPID(conn *net.UnixConn) (int32, error) {
 		return 0, cerr
 	}
 	return cred.Pid, nil
-}
-
-// readLine reads one '\n'-terminated line (without the '\n') of at most max bytes.
-// At EOF a non-empty unterminated line is returned with io.ErrUnexpectedEOF.
-func readLine(br *bufio.Reader, max int) ([]byte, error) {
-	var line []byte
-	for {
-		chunk, err := br.ReadSlice('\n')
-		if len(line)+len(chunk) > max+1 {
-			return line, fmt.Errorf("request line longer than %d bytes", max)
-		}
-		line = append(line, chunk...)
-		switch {
-		case err == nil:
-			return bytes.TrimSuffix(line, []byte{'\n'}), nil
-		case errors.Is(err, bufio.ErrBufferFull):
-			continue
-		case errors.Is(err, io.EOF) && len(line) > 0:
-			return line, io.ErrUnexpectedEOF
-		default:
-			return line, err
-		}
-	}
 }
 
 // sender writes events to the host, one JSON line each. After a failed write it writes nothing

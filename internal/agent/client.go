@@ -51,7 +51,7 @@ func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Ev
 
 	br := bufio.NewReaderSize(conn, 64<<10)
 	for {
-		line, err := readLine(br, MaxEventLine)
+		line, err := ReadLine(br, MaxEventLine)
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
@@ -112,13 +112,15 @@ func WaitReady(ctx context.Context, socketPath string) error {
 	}
 }
 
-// readLine reads one '\n'-terminated line (without the '\n') of at most max bytes.
-func readLine(br *bufio.Reader, max int) ([]byte, error) {
+// ReadLine reads one '\n'-terminated line (without the '\n') of at most max bytes: the framing of
+// the protocol in both directions. At EOF a non-empty unterminated line is returned with
+// io.ErrUnexpectedEOF.
+func ReadLine(br *bufio.Reader, max int) ([]byte, error) {
 	var line []byte
 	for {
 		chunk, err := br.ReadSlice('\n')
 		if len(line)+len(chunk) > max+1 {
-			return nil, fmt.Errorf("line longer than %d bytes", max)
+			return line, fmt.Errorf("line longer than %d bytes", max)
 		}
 		line = append(line, chunk...)
 		switch {
@@ -126,8 +128,10 @@ func readLine(br *bufio.Reader, max int) ([]byte, error) {
 			return bytes.TrimSuffix(line, []byte{'\n'}), nil
 		case errors.Is(err, bufio.ErrBufferFull):
 			continue
+		case errors.Is(err, io.EOF) && len(line) > 0:
+			return line, io.ErrUnexpectedEOF
 		default:
-			return nil, err
+			return line, err
 		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -124,6 +125,11 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 	if cfg.DataDir == "" {
 		return nil, errors.New("sandbox: Config.DataDir is required")
 	}
+	dir, err := filepath.Abs(cfg.DataDir) // host dirs handed to drivers must be absolute
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: data dir: %w", err)
+	}
+	cfg.DataDir = dir
 	if cfg.Plans == nil {
 		cfg.Plans = DefaultPlans()
 	}
@@ -373,22 +379,12 @@ func (s *Service) driverSpec(lv *live) (driver.Spec, error) {
 	if err := add(fs.ReadWrite, false); err != nil {
 		return ds, err
 	}
-	sortMounts(ds.Mounts)
 	return ds, nil
 }
 
 // MountDir is the host directory that backs sandbox path p, under the sandbox's base directory.
 func MountDir(base, p string) string {
-	return filepath.Join(base, "mounts", strings.ReplaceAll(strings.TrimPrefix(p, "/"), "/", "%"))
-}
-
-// sortMounts orders mounts so a parent is mounted before what lies inside it.
-func sortMounts(ms []driver.Mount) {
-	for i := 1; i < len(ms); i++ {
-		for j := i; j > 0 && strings.Count(ms[j].Path, "/") < strings.Count(ms[j-1].Path, "/"); j-- {
-			ms[j], ms[j-1] = ms[j-1], ms[j]
-		}
-	}
+	return filepath.Join(base, "mounts", url.PathEscape(strings.TrimPrefix(p, "/"))) // "/" → %2F: one name per path
 }
 
 // Get returns a sandbox's whole record.

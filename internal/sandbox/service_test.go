@@ -344,3 +344,17 @@ func TestReconcileAfterCrash(t *testing.T) {
 		t.Fatal("driver still holds the sandbox")
 	}
 }
+
+func TestMountDirsAreDistinct(t *testing.T) {
+	seen := map[string]string{}
+	for _, p := range []string{"/a/b", "/a%b", "/a%2Fb", "/a", "/a b", "/a/b/c"} {
+		d := sandbox.MountDir("/base", p)
+		if other, dup := seen[d]; dup {
+			t.Fatalf("%s and %s share host dir %s", p, other, d)
+		}
+		if filepath.Dir(d) != "/base/mounts" {
+			t.Fatalf("%s maps outside the mounts dir: %s", p, d)
+		}
+		seen[d] = p
+	}
+}

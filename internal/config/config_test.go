@@ -1,0 +1,65 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestParseServe(t *testing.T) {
+	dir := t.TempDir()
+	root := filepath.Join(dir, "rootfs")
+	if err := os.MkdirAll(filepath.Join(root, "usr/bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "usr/bin/python3"), nil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	agent := filepath.Join(dir, "sandbox-agent")
+	if err := os.WriteFile(agent, nil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	badCfg := filepath.Join(dir, "bad.json")
+	if err := os.WriteFile(badCfg, []byte(`{"imagez": []}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img := "--image=" + DefaultImage + "=" + root
+	cases := []struct {
+		name    string
+		args    []string
+		errHas  string
+		checkFn func(t *testing.T, c Config)
+	}{
+		{"ok, relative data dir made absolute", []string{img, "--agent-bin", agent, "--data-dir", "rel"}, "", func(t *testing.T, c Config) {
+			if !filepath.IsAbs(c.DataDir) || filepath.Base(c.DataDir) != "rel" {
+				t.Fatalf("data dir %q", c.DataDir)
+			}
+			if len(c.Images) != 1 || !c.Images[0].Default || c.Images[0].RootFS != root {
+				t.Fatalf("images %+v", c.Images)
+			}
+		}},
+		{"no image", []string{"--agent-bin", agent}, "no approved image", nil},
+		{"bad image flag", []string{"--image", "x", "--agent-bin", agent}, "NAME=ROOTFS_DIR", nil},
+		{"not a rootfs", []string{"--image", "x=" + dir, "--agent-bin", agent}, "no usr/bin/python3", nil},
+		{"no agent", []string{img, "--agent-bin", filepath.Join(dir, "nope")}, "sandbox-agent binary not found", nil},
+		{"unknown flag", []string{img, "--colour"}, "flag provided but not defined", nil},
+		{"unknown config field", []string{img, "--agent-bin", agent, "--config", badCfg}, "unknown field", nil},
+		{"stray argument", []string{img, "extra"}, "takes no arguments", nil},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cfg, err := ParseServe(c.args)
+			if c.errHas == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				c.checkFn(t, cfg)
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), c.errHas) {
+				t.Fatalf("err %v, want one containing %q", err, c.errHas)
+			}
+		})
+	}
+}
