@@ -43,7 +43,7 @@ type server struct {
 	log  *slog.Logger
 
 	mu       sync.Mutex
-	limiters map[string]*rate.Limiter
+	limiters map[string]*rate.Limiter // by API key hash
 }
 
 // New returns the API's http.Handler.
@@ -123,10 +123,11 @@ func (s *server) handle(h handlerFunc, auth bool) http.Handler {
 				return nil
 			}
 			var err error
-			if acct, err = s.authenticate(r); err != nil {
+			var key string
+			if acct, key, err = s.authenticate(r); err != nil {
 				return err
 			}
-			if !s.limiter(acct.ID).Allow() {
+			if !s.limiter(string(sandbox.HashKey(key))).Allow() {
 				return &httpError{status: http.StatusTooManyRequests, code: "rate_limited",
 					msg: "too many requests for this API key: slow down", header: map[string]string{"Retry-After": "1"}}
 			}
@@ -142,7 +143,8 @@ func (s *server) handle(h handlerFunc, auth bool) http.Handler {
 	})
 }
 
-func (s *server) authenticate(r *http.Request) (store.Account, error) {
+// authenticate returns the caller's account and API key.
+func (s *server) authenticate(r *http.Request) (store.Account, string, error) {
 	key := r.Header.Get("X-AgentCop-Key")
 	if key == "" {
 		if a := r.Header.Get("Authorization"); len(a) > 7 && strings.EqualFold(a[:7], "bearer ") {
@@ -151,23 +153,24 @@ func (s *server) authenticate(r *http.Request) (store.Account, error) {
 	}
 	unauthorized := apiError(http.StatusUnauthorized, "unauthorized", "missing or unknown API key: send it as X-AgentCop-Key: <key> or Authorization: Bearer <key>")
 	if key == "" {
-		return store.Account{}, unauthorized
+		return store.Account{}, "", unauthorized
 	}
 	acct, err := s.svc.Authenticate(r.Context(), key)
 	if sandbox.KindOf(err) == sandbox.KindNotFound {
 		s.svc.AuthFailed(r.Context(), "unknown key", r.RemoteAddr)
-		return store.Account{}, unauthorized
+		return store.Account{}, "", unauthorized
 	}
-	return acct, err
+	return acct, key, err
 }
 
-func (s *server) limiter(account string) *rate.Limiter {
+// limiter returns the rate limiter of an API key, by its hash (only valid keys get one).
+func (s *server) limiter(keyHash string) *rate.Limiter {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	l, ok := s.limiters[account]
+	l, ok := s.limiters[keyHash]
 	if !ok {
 		l = rate.NewLimiter(rate.Limit(s.opts.RatePerSec), s.opts.RateBurst)
-		s.limiters[account] = l
+		s.limiters[keyHash] = l
 	}
 	return l
 }
