@@ -119,6 +119,13 @@ type Run struct {
 	FinishedAt      *time.Time      `json:"finished_at"`
 	DurationMS      *int64          `json:"duration_ms"`
 	Usage           RunUsage        `json:"usage"`
+	Network         RunNetwork      `json:"network"`
+}
+
+// RunNetwork counts a run's egress attempts (each one is in the audit log).
+type RunNetwork struct {
+	Allowed int64 `json:"allowed"`
+	Denied  int64 `json:"denied"`
 }
 
 // RunUsage is what one run consumed.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what sandboxd's container driver and the image build need, from Debian packages:
 # crun and runc (the OCI runtimes the driver drives; crun preferred) and debootstrap (builds the
-# default image, scripts/build-image.sh). Idempotent: apt-get runs only when something is missing
+# default image, scripts/build-image.sh) and iproute2 (the e2e tests build a fake internet with ip).
+# Idempotent: apt-get runs only when something is missing
 # (after an `apt-get update`), non-interactively. Needs root (or sudo) only in that case.
 #
 # Usage: scripts/install-deps.sh
@@ -12,6 +13,7 @@ declare -A pkgs=(
   [crun]=crun
   [runc]=runc
   [debootstrap]=debootstrap
+  [ip]=iproute2
 )
 
 # debootstrap lives in /usr/sbin, which a non-root PATH may lack.
@@ -23,7 +25,7 @@ for cmd in "${!pkgs[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all present (crun, runc, debootstrap)" >&2
+  echo "install-deps: all present (crun, runc, debootstrap, ip)" >&2
   exit 0
 fi
 

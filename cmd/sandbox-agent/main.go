@@ -28,6 +28,8 @@ import (
 	"fmt"
 	"log"
 	"os"
+	"runtime"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -53,9 +55,30 @@ func main() {
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		log.Printf("prctl(PR_SET_DUMPABLE, 0): %v", err)
 	}
+	reserveThreads(16)
 	a, err := newAgent(*socketDir, *python)
 	if err != nil {
 		log.Fatal(err)
 	}
 	a.serve()
+}
+
+// reserveThreads makes the Go runtime start n OS threads now and keep them idle for later. Under a
+// fork bomb the sandbox's pids limit (which counts threads) leaves no room for a new thread, and a
+// Go program that cannot get one when it needs one dies: the agent must have them beforehand to
+// outlive the bomb and kill it. (The runtime parks unlocked threads instead of ending them.)
+func reserveThreads(n int) {
+	var started, release sync.WaitGroup
+	started.Add(n)
+	release.Add(1)
+	for range n {
+		go func() {
+			runtime.LockOSThread()
+			started.Done()
+			release.Wait()
+			runtime.UnlockOSThread()
+		}()
+	}
+	started.Wait()
+	release.Done()
 }

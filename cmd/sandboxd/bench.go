@@ -61,6 +61,7 @@ func bench(args []string) error {
 	if !ok {
 		return errors.New("bench: the container driver has no floor measurement")
 	}
+	defer floorDrv.Close()
 	if *url == "" {
 		d, err := start(ctx, cfg, false)
 		if err != nil {
@@ -84,13 +85,17 @@ func bench(args []string) error {
 	if _, err := c.run(live); err != nil { // warm-up
 		return err
 	}
-	var floor, create, run, full []time.Duration
+	var floor, netCost, create, run, full []time.Duration
 	for i := 0; i < *n; i++ {
 		d, err := floorDrv.Floor(ctx, rootfs)
 		if err != nil {
 			return fmt.Errorf("floor: %w", err)
 		}
 		floor = append(floor, d)
+		if d, err = floorDrv.NetworkCost(ctx); err != nil {
+			return err
+		}
+		netCost = append(netCost, d)
 
 		t0 := time.Now()
 		id, err := c.create()
@@ -129,6 +134,7 @@ func bench(args []string) error {
 	}{
 		{"floor: crun run python3 print(1)", floor},
 		{"create -> ready", create},
+		{"  of which network setup", netCost},
 		{"sync run print(1), live sandbox", run},
 		{"create + first run + delete", full},
 	} {

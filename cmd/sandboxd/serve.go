@@ -4,17 +4,20 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/container"
+	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/httpapi"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 	"github.com/sandboxd/sandboxd/internal/store"
@@ -56,6 +59,7 @@ type daemon struct {
 	cfg  config.Config
 	st   store.Store
 	svc  *sandbox.Service
+	drv  driver.Driver
 	srv  *http.Server
 	ln   net.Listener
 	lock *os.File
@@ -89,18 +93,33 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 			fmt.Println(key)
 		}
 	}
-	drv, err := driver.Open("container", driver.Options{
+	// The driver reports egress decisions from its first sandbox on; the service that records
+	// them is built after it (it needs the driver), so decisions go through this pointer.
+	var sink atomic.Pointer[sandbox.Service]
+	opts := driver.Options{
 		StateDir: filepath.Join(cfg.DataDir, "container"), AgentBin: cfg.AgentBin, Runtime: cfg.Runtime,
-	})
+		NetworkPool: cfg.NetworkPool,
+		OnNetwork: func(d egress.Decision) {
+			if s := sink.Load(); s != nil {
+				s.NetworkDecision(d)
+			}
+		},
+	}
+	if cfg.StaticHosts != nil {
+		opts.Resolver = cfg.StaticHosts
+	}
+	drv, err := driver.Open("container", opts)
 	if err != nil {
 		return fail(fmt.Errorf("container runtime: %w", err))
 	}
+	d.drv = drv
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
 		DataDir: cfg.DataDir, Images: cfg.Images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, TmpBytes: cfg.TmpBytes, Logger: log,
 	}, d.st, map[string]driver.Driver{sandbox.ModeContainer: drv})
 	if err != nil {
 		return fail(err)
 	}
+	sink.Store(d.svc)
 	if d.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return fail(err)
 	}
@@ -117,13 +136,19 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 	return d, nil
 }
 
-// close stops serving, destroys every live sandbox and closes the store.
+// close stops serving, destroys every live sandbox, closes the driver (its host network rules
+// and egress gateway) and the store.
 func (d *daemon) close(ctx context.Context) {
 	if d.srv != nil {
 		_ = d.srv.Shutdown(ctx)
 	}
 	if d.svc != nil {
 		if err := d.svc.Close(ctx); err != nil {
+			fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)
+		}
+	}
+	if c, ok := d.drv.(io.Closer); ok {
+		if err := c.Close(); err != nil {
 			fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)
 		}
 	}

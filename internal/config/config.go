@@ -9,10 +9,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 
+	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 )
 
@@ -31,6 +33,10 @@ type Config struct {
 	Plans      map[string]sandbox.Plan
 	PidsLimit  int64
 	TmpBytes   int64
+	// Egress: where sandbox addresses come from (zero: the driver's default), and static host
+	// records the gateway resolves instead of asking the host's resolver (nil: none).
+	NetworkPool netip.Prefix
+	StaticHosts egress.StaticResolver
 }
 
 // file is the JSON configuration file.
@@ -50,6 +56,10 @@ type file struct {
 	RateBurst  int     `json:"rate_burst"`
 	PidsLimit  int64   `json:"pids_limit"`
 	TmpBytes   int64   `json:"tmp_bytes"`
+	Egress     struct {
+		Pool        string              `json:"pool"`
+		StaticHosts map[string][]string `json:"static_hosts"`
+	} `json:"egress"`
 }
 
 type imageFlags []string
@@ -164,5 +174,23 @@ func (c *Config) loadFile(path string) error {
 		return errors.New("config: limits must not be negative")
 	}
 	c.RatePerSec, c.RateBurst, c.PidsLimit, c.TmpBytes = f.RatePerSec, f.RateBurst, f.PidsLimit, f.TmpBytes
+	if f.Egress.Pool != "" {
+		if c.NetworkPool, err = netip.ParsePrefix(f.Egress.Pool); err != nil {
+			return fmt.Errorf("config %s: egress.pool: %w", path, err)
+		}
+	}
+	for name, addrs := range f.Egress.StaticHosts {
+		if c.StaticHosts == nil {
+			c.StaticHosts = egress.StaticResolver{}
+		}
+		for _, a := range addrs {
+			ip, err := netip.ParseAddr(a)
+			if err != nil {
+				return fmt.Errorf("config %s: egress.static_hosts[%q]: %w", path, name, err)
+			}
+			key := strings.ToLower(strings.TrimSuffix(name, "."))
+			c.StaticHosts[key] = append(c.StaticHosts[key], ip)
+		}
+	}
 	return nil
 }

@@ -11,9 +11,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
 // Mount is a host directory bound into the sandbox at Path.
@@ -33,6 +36,9 @@ type Spec struct {
 	PidsLimit   int64    // process-count limit of the whole sandbox
 	TmpBytes    int64    // size of the private /tmp
 	AllowSpawn  bool     // whether run code may start subprocesses
+	// Network is the egress policy. Drivers without networking (wasm) refuse a policy that asks
+	// for egress; the container driver gives every sandbox its own network namespace.
+	Network egress.Policy
 }
 
 // Stream names an output stream of a run.
@@ -122,6 +128,13 @@ type Options struct {
 	StateDir string // host directory the driver owns for its state: runtime state, per-sandbox dirs
 	AgentBin string // path of the static sandbox-agent binary (container driver)
 	Runtime  string // OCI runtime to use: "crun", "runc", or "" to detect
+
+	// Egress (container driver). Resolver resolves names for the egress gateway (nil: the host's
+	// resolver); NetworkPool is where sandbox addresses come from (zero: the driver's default);
+	// OnNetwork receives every egress decision (may be nil). OnNetwork must not block for long.
+	Resolver    egress.Resolver
+	NetworkPool netip.Prefix
+	OnNetwork   func(egress.Decision)
 }
 
 var (

@@ -96,7 +96,7 @@ func TestErrorsUseTheEnvelope(t *testing.T) {
 		{"empty body", "POST", "/api/sandbox/create", f.key, ``, 400, "invalid_request", "empty"},
 		{"too large", "POST", "/api/sandbox/create", f.key, big, 413, "payload_too_large", ""},
 		{"image", "POST", "/api/sandbox/create", f.key, `{"agent_id":"a","config":{"image":"foo:1"}}`, 403, "image_not_approved", `"foo:1"`},
-		{"egress", "POST", "/api/sandbox/create", f.key, `{"agent_id":"a","config":{"network":{"allow":["api.company.com"]}}}`, 400, "unsupported", "egress"},
+		{"bad allow entry", "POST", "/api/sandbox/create", f.key, `{"agent_id":"a","config":{"network":{"allow":["not a host"]}}}`, 400, "invalid_request", "config.network.allow"},
 		{"missing sandbox", "GET", "/api/sandbox/sbx_nope", f.key, "", 404, "not_found", ""},
 		{"no route", "GET", "/api/nothing", f.key, "", 404, "not_found", ""},
 		{"bad page", "GET", "/api/sandbox?page=0", f.key, "", 400, "invalid_request", "page"},

@@ -116,12 +116,14 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	}
 	s.setStatus(lv, store.SandboxRunning)
 	s.audit(ctx, store.Event{AccountID: j.run.AccountID, Type: "run.started", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID})
+	lv.net.start(j.run.ID)
 
 	res, err := drv.Exec(j.ctx, lv.id, driver.ExecRequest{
 		Code: j.run.Code, Timeout: time.Duration(j.run.TimeoutSeconds) * time.Second, Env: j.env, MaxOutput: MaxOutputBytes,
 	})
 	end := now()
 	j.run.FinishedAt = &end
+	j.run.NetworkAllowed, j.run.NetworkDenied = s.endNetwork(lv, j.run.ID)
 	if err != nil {
 		s.log.Error("execute run", "sandbox", lv.id, "run", j.run.ID, "err", err)
 		j.run.Status = RunError
@@ -260,7 +262,8 @@ func runView(r store.Run) api.Run {
 		RunID: r.ID, SandboxID: r.SandboxID, Status: r.Status, ExitCode: r.ExitCode, Stdout: r.Stdout, Stderr: r.Stderr,
 		StdoutTruncated: r.StdoutTruncated, StderrTruncated: r.StderrTruncated, Result: r.Result, Error: r.Error,
 		CreatedAt: r.CreatedAt, StartedAt: r.StartedAt, FinishedAt: r.FinishedAt,
-		Usage: api.RunUsage{CPUMS: r.CPUMS, MemoryPeakBytes: r.MemoryPeakBytes},
+		Usage:   api.RunUsage{CPUMS: r.CPUMS, MemoryPeakBytes: r.MemoryPeakBytes},
+		Network: api.RunNetwork{Allowed: r.NetworkAllowed, Denied: r.NetworkDenied},
 	}
 	if r.FinishedAt != nil {
 		d := r.DurationMS

@@ -109,6 +109,8 @@ type live struct {
 	wake     chan struct{}
 	closing  bool // no more runs are accepted
 	destroy1 sync.Once
+
+	net netCounters
 }
 
 type job struct {
@@ -362,6 +364,7 @@ func (s *Service) driverSpec(lv *live) (driver.Spec, error) {
 	ds := driver.Spec{
 		RootFS: lv.sp.image.RootFS, Blocked: fs.Blocked, CPU: lv.sp.cpu, MemoryBytes: lv.sp.memoryBytes,
 		PidsLimit: s.cfg.PidsLimit, TmpBytes: min(s.cfg.TmpBytes, lv.sp.memoryBytes), AllowSpawn: lv.sp.allowSpawn,
+		Network: lv.sp.network,
 	}
 	add := func(paths []string, ro bool) error {
 		for _, p := range paths {
@@ -486,6 +489,7 @@ func (s *Service) destroy(lv *live, reason string) {
 			s.finishCancelled(ctx, lv, j)
 		}
 		<-lv.done
+		s.flushNetwork(lv)
 		lv.mu.Lock()
 		failed := lv.rec.Status == store.SandboxError
 		lv.mu.Unlock()

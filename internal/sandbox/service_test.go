@@ -3,7 +3,9 @@ package sandbox_test
 import (
 	"context"
 	"encoding/json"
+	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -11,6 +13,7 @@ import (
 	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/fakedriver"
+	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 	"github.com/sandboxd/sandboxd/internal/store"
 	"github.com/sandboxd/sandboxd/internal/store/sqlite"
@@ -94,8 +97,6 @@ func TestCreateValidation(t *testing.T) {
 		{"root mount", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Filesystem: &api.Filesystem{ReadWrite: []string{"/"}}}}, sandbox.KindInvalid},
 		{"reserved", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Filesystem: &api.Filesystem{Blocked: []string{"/proc"}}}}, sandbox.KindInvalid},
 		{"path in two lists", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Filesystem: &api.Filesystem{ReadOnly: []string{"/w"}, Blocked: []string{"/w"}}}}, sandbox.KindInvalid},
-		{"egress allow", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Network: &api.Network{Allow: []string{"api.company.com"}}}}, sandbox.KindUnsupported},
-		{"egress open", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Network: &api.Network{BlockOutbound: ptr(false)}}}, sandbox.KindUnsupported},
 		{"bad allow entry", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Network: &api.Network{Allow: []string{"not a host"}}}}, sandbox.KindInvalid},
 		{"bad cpu", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Resources: &api.Resources{CPU: "half"}}}, sandbox.KindInvalid},
 		{"cpu over plan", api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Resources: &api.Resources{CPU: "2"}}}, sandbox.KindInvalid},
@@ -356,5 +357,40 @@ func TestMountDirsAreDistinct(t *testing.T) {
 			t.Fatalf("%s maps outside the mounts dir: %s", p, d)
 		}
 		seen[d] = p
+	}
+}
+
+func TestNetworkDecisionsAreCountedAndAudited(t *testing.T) {
+	e := newEnv(t, "free")
+	ctx := context.Background()
+	id := e.create(t, &api.Config{Network: &api.Network{Allow: []string{"api.company.com", "*.data.company.com:443"}}})
+	sb, _ := e.svc.Get(ctx, e.acct, id)
+	if !strings.Contains(string(sb.Config), `"allow":["api.company.com","*.data.company.com:443"]`) {
+		t.Fatalf("config: %s", sb.Config)
+	}
+	run := e.run(t, id, "block", true)
+	time.Sleep(20 * time.Millisecond) // the run is executing
+	for range 3 {
+		e.svc.NetworkDecision(egress.Decision{SandboxID: id, Allowed: true, Host: "api.company.com", Port: 443, Proto: "https"})
+	}
+	for _, host := range []string{"evil.example", ""} {
+		e.svc.NetworkDecision(egress.Decision{SandboxID: id, Host: host, Addr: netip.MustParseAddr("198.18.0.20"), Port: 53, Proto: "udp", Reason: "denied"})
+	}
+	// A summary of refusals not reported one by one counts for all of them.
+	e.svc.NetworkDecision(egress.Decision{SandboxID: id, Proto: "udp", Reason: "40 more refused packets", Count: 40})
+	e.svc.NetworkDecision(egress.Decision{SandboxID: "sbx_unknown", Proto: "udp"}) // ignored
+	got, err := e.svc.CancelRun(ctx, e.acct, id, run.RunID)
+	if err != nil || got.Network.Allowed != 3 || got.Network.Denied != 42 {
+		t.Fatalf("run network counts: %+v %v", got.Network, err)
+	}
+	denied, _ := e.svc.Audit(ctx, e.acct, store.EventFilter{SandboxID: id, Type: "network.denied"}, 1, 10)
+	if denied.Total != 3 || *denied.Events[0].RunID != run.RunID ||
+		!strings.Contains(string(denied.Events[2].Detail), `"count":40`) ||
+		!strings.Contains(string(denied.Events[0].Detail), `"address":"198.18.0.20"`) {
+		t.Fatalf("network.denied events: %+v", denied)
+	}
+	allowed, _ := e.svc.Audit(ctx, e.acct, store.EventFilter{SandboxID: id, Type: "network.allowed"}, 1, 10)
+	if allowed.Total != 1 || string(allowed.Events[0].Detail) != `{"count":3,"host":"api.company.com"}` {
+		t.Fatalf("network.allowed events: %+v", allowed)
 	}
 }

@@ -3,7 +3,6 @@ package sandbox
 import (
 	"fmt"
 	"math"
-	"net/netip"
 	"path"
 	"regexp"
 	"strconv"
@@ -11,6 +10,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
 // Limits of the contract (API.md §2–3).
@@ -34,7 +34,6 @@ var (
 	agentIDRe = regexp.MustCompile(`^[A-Za-z0-9._:-]{1,128}$`)
 	cpuRe     = regexp.MustCompile(`^[0-9]{1,4}(\.[0-9]{1,3})?$`)
 	memoryRe  = regexp.MustCompile(`^([0-9]{1,15})([kKmMgG]?)$`)
-	hostRe    = regexp.MustCompile(`^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$`)
 )
 
 // reservedPaths belong to the runtime: no rule may name them or anything under them.
@@ -51,6 +50,7 @@ type spec struct {
 	memoryBytes int64
 	timeout     int
 	allowSpawn  bool
+	network     egress.Policy
 }
 
 func invalid(format string, args ...any) *Error { return errorf(KindInvalid, format, args...) }
@@ -130,21 +130,16 @@ func (s *Service) validateCreate(req api.CreateSandboxRequest, plan Plan) (spec,
 	if len(nw.Allow) > MaxAllowEntries {
 		return sp, invalid("config.network.allow has %d entries; at most %d are allowed", len(nw.Allow), MaxAllowEntries)
 	}
-	for _, a := range nw.Allow {
-		if err := checkAllowEntry(a); err != nil {
-			return sp, err
-		}
-	}
 	if nw.BlockOutbound == nil {
 		t := true
 		nw.BlockOutbound = &t
 	}
 	cfg.Network = &nw
-	if len(nw.Allow) > 0 || !*nw.BlockOutbound {
-		if sp.mode == ModeWASM {
-			return sp, errorf(KindUnsupportedInMode, "wasm sandboxes have no network: config.network must be {\"block_outbound\": true} with an empty allow list")
-		}
-		return sp, errorf(KindUnsupported, "network egress (config.network.allow or block_outbound: false) is not available on this server yet: sandboxes get loopback only; send {\"block_outbound\": true} with an empty allow list")
+	if sp.network, err = egress.ParsePolicy(*nw.BlockOutbound, nw.Allow); err != nil {
+		return sp, invalid("config.network.allow: %v", err)
+	}
+	if sp.mode == ModeWASM && (len(nw.Allow) > 0 || !*nw.BlockOutbound) {
+		return sp, errorf(KindUnsupportedInMode, "wasm sandboxes have no network: config.network must be {\"block_outbound\": true} with an empty allow list")
 	}
 
 	// Resources.
@@ -228,35 +223,6 @@ func checkPath(field, p string, mount bool) error {
 		if p == r || strings.HasPrefix(p, r+"/") {
 			return invalid("%s: %q is reserved for the sandbox runtime", field, p)
 		}
-	}
-	return nil
-}
-
-// checkAllowEntry accepts a hostname, a *.wildcard, an IP or a CIDR, each optionally with :port.
-func checkAllowEntry(a string) error {
-	bad := invalid("config.network.allow: %q is not a hostname, *.wildcard, IP or CIDR (optionally with :port)", a)
-	host := a
-	if ap, err := netip.ParseAddrPort(a); err == nil { // 1.2.3.4:443, [::1]:443
-		if ap.Port() == 0 {
-			return bad
-		}
-		return nil
-	}
-	if i := strings.LastIndexByte(a, ':'); i > 0 && strings.Count(a, ":") == 1 {
-		port, err := strconv.Atoi(a[i+1:])
-		if err != nil || port < 1 || port > 65535 {
-			return bad
-		}
-		host = a[:i]
-	}
-	if _, err := netip.ParseAddr(host); err == nil {
-		return nil
-	}
-	if _, err := netip.ParsePrefix(host); err == nil {
-		return nil
-	}
-	if len(host) > 253 || !hostRe.MatchString(host) {
-		return bad
 	}
 	return nil
 }

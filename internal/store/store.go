@@ -78,6 +78,8 @@ type Run struct {
 	DurationMS      int64
 	CPUMS           int64
 	MemoryPeakBytes int64
+	NetworkAllowed  int64 // egress attempts allowed while the run ran
+	NetworkDenied   int64 // egress attempts denied while the run ran
 }
 
 // Event is one audit event.

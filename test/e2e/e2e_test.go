@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/google/nftables"
 )
 
 var (
@@ -72,10 +74,11 @@ func freeAddr(t *testing.T) string {
 
 // launch starts sandboxd on dataDir and waits until it is healthy; on a fresh dataDir it reads the
 // first API key the server prints.
-func launch(addr, dataDir string) (*server, error) {
+func launch(addr, dataDir string, extra ...string) (*server, error) {
 	s := &server{url: "http://" + addr, dataDir: dataDir, logs: &bytes.Buffer{}}
-	s.cmd = exec.Command(filepath.Join(binDir, "sandboxd"), "serve", "--listen", addr, "--data-dir", dataDir,
-		"--image", "agentcop/agent-sandbox:latest="+rootfs)
+	args := append([]string{"serve", "--listen", addr, "--data-dir", dataDir,
+		"--image", "agentcop/agent-sandbox:latest=" + rootfs}, extra...)
+	s.cmd = exec.Command(filepath.Join(binDir, "sandboxd"), args...)
 	s.cmd.Stderr = &lockedWriter{w: s.logs}
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
@@ -127,7 +130,13 @@ func (s *server) stop() {
 // startServer launches a server that the test owns.
 func startServer(t *testing.T, dataDir string) *server {
 	t.Helper()
-	s, err := launch(freeAddr(t), dataDir)
+	return startServerWith(t, dataDir)
+}
+
+// startServerWith launches a server with extra serve flags.
+func startServerWith(t *testing.T, dataDir string, extra ...string) *server {
+	t.Helper()
+	s, err := launch(freeAddr(t), dataDir, extra...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -442,6 +451,10 @@ func TestFreePlanConcurrency(t *testing.T) {
 func TestExpiry(t *testing.T) {
 	s := sharedServer(t)
 	id := s.create(s.key, map[string]any{"resources": map[string]any{"timeout": 2}})
+	veths := sandboxVeths(t, id)
+	if len(veths) != 1 {
+		t.Fatalf("sandbox %s has veths %v, want one", id, veths)
+	}
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
 		_, m := s.do("GET", "/api/sandbox/"+id, s.key, nil)
@@ -453,6 +466,9 @@ func TestExpiry(t *testing.T) {
 			}
 			if n := sandboxProcesses(t, id); n != 0 {
 				t.Fatalf("%d processes of the expired sandbox remain", n)
+			}
+			if left := networkLeft(t, veths); len(left) != 0 {
+				t.Fatalf("left after expiry: %v", left)
 			}
 			return
 		}
@@ -539,6 +555,10 @@ func TestCrashRecovery(t *testing.T) {
 	if sandboxProcesses(t, b) == 0 {
 		t.Fatal("the running sandbox has no processes: the check below would prove nothing")
 	}
+	veths := sandboxVeths(t, a, b)
+	if len(veths) != 2 {
+		t.Fatalf("want a veth per sandbox, found %v", veths)
+	}
 	sandboxNets := netNamespaces(b)
 	if len(sandboxNets) != 1 || sandboxNets[hostNet()] {
 		t.Fatalf("sandbox %s should have one network namespace of its own, has %v", b, sandboxNets)
@@ -574,6 +594,9 @@ func TestCrashRecovery(t *testing.T) {
 	if d := cgroupDirs(a, b); len(d) != 0 {
 		t.Fatalf("cgroups leaked: %v", d)
 	}
+	if left := networkLeft(t, veths); len(left) != 0 {
+		t.Fatalf("network leaked: %v", left)
+	}
 	for ns := range sandboxNets {
 		if netNamespaces("")[ns] {
 			t.Fatalf("network namespace %s of sandbox %s leaked (a process still holds it)", ns, b)
@@ -594,6 +617,11 @@ func TestCrashRecovery(t *testing.T) {
 	if r := s2.run(s.key, c, "result = 6*7", 30); r["result"] != float64(42) {
 		t.Fatalf("run after restart: %v", r)
 	}
+	cVeths := sandboxVeths(t, c)
+	tables := nftTables(t, cVeths)
+	if len(tables) != 1 {
+		t.Fatalf("sandbox %s's rules should live in one host table, found %v", c, tables)
+	}
 
 	// SIGTERM: a clean stop destroys the live sandboxes before exiting 0.
 	if status, m = s2.do("POST", "/api/sandbox/"+c+"/run", s.key, map[string]any{"code": "while True: pass", "async": true}); status != 202 {
@@ -611,6 +639,20 @@ func TestCrashRecovery(t *testing.T) {
 	}
 	if d := cgroupDirs(c); len(d) != 0 {
 		t.Fatalf("cgroups outlive a clean stop: %v", d)
+	}
+	if left := networkLeft(t, cVeths); len(left) != 0 {
+		t.Fatalf("network outlives a clean stop: %v", left)
+	}
+	if nc, err := nftables.New(); err != nil {
+		t.Fatal(err)
+	} else if tbls, err := nc.ListTables(); err != nil {
+		t.Fatal(err)
+	} else {
+		for _, tb := range tbls {
+			if tb.Name == tables[0] {
+				t.Fatalf("host table %s outlives a clean stop", tb.Name)
+			}
+		}
 	}
 	s3 := startServer(t, dir)
 	_, m = s3.do("GET", "/api/sandbox/"+c, s.key, nil)

@@ -6,16 +6,24 @@
 // /.sandbox/bin/sandbox-agent); each Exec is one run the agent executes, over the unix socket
 // <state>/sandboxes/<id>/run/agent.sock. The container runs as uid 10000 with no capabilities,
 // no_new_privs, Docker's default seccomp profile, its own PID, mount, IPC, UTS, cgroup and network
-// namespaces (loopback only), a read-only root, a private size-limited /tmp, and cgroup limits
-// for CPU, memory (swap included) and process count.
+// namespaces, a read-only root, a private size-limited /tmp, and cgroup limits for CPU, memory
+// (swap included) and process count.
+//
+// Network: each sandbox's network namespace is made by package netsetup (a veth pair to the host,
+// nftables on both sides) and joined by the container; the driver's egress gateway (package
+// egress) listens on the host side's address — DNS (53, also what /etc/resolv.conf names), the
+// HTTP proxy (3128, in every run's HTTP(S)_PROXY) and the transparent proxy the host's rules send
+// the sandbox's other TCP to — and enforces Spec.Network. Every decision goes to
+// Options.OnNetwork.
 //
 // The root is an overlay (lower: the image, never written; upper: per sandbox) that the driver
 // mounts in sandboxd's private mount namespace (see EnterMountNamespace), so mount points for
 // user paths can be created without touching the image and no mount outlives sandboxd.
 //
 // Everything of a sandbox is on disk under Options.StateDir: runtime state under runtime/<name>,
-// and sandboxes/<id>/{meta.json, config.json, upper, work, rootfs, run, agent.log}. Destroy and
-// List work from disk alone, so sandboxes left by a crashed process can be found and removed.
+// sandboxes/<id>/{meta.json, config.json, resolv.conf, upper, work, rootfs, run, agent.log}, and
+// the network namespaces under net/ns/<id>. Destroy and List work from disk (and the host's
+// links) alone, so sandboxes left by a crashed process can be found and removed.
 package container
 
 import (
@@ -25,6 +33,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -40,6 +49,8 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/agent"
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/netsetup"
 )
 
 // Name is the driver's registry name.
@@ -81,6 +92,8 @@ type Driver struct {
 	all      []*ociRuntime // every runtime found, for listing and destroying older sandboxes
 	cg       cgroupLayout
 	seccomp  *specs.LinuxSeccomp
+	net      *netsetup.Manager // per-sandbox network plumbing
+	gw       *egress.Gateway   // per-sandbox DNS, HTTP proxy and transparent proxy
 
 	mu    sync.Mutex
 	boxes map[string]*box // sandboxes this process knows (created or loaded from disk)
@@ -93,6 +106,7 @@ type meta struct {
 	AllowSpawn bool      `json:"allow_spawn"`
 	Pid        int       `json:"pid"` // host PID of the container's init (the agent)
 	Created    time.Time `json:"created"`
+	Gateway    string    `json:"gateway,omitempty"` // the sandbox's egress gateway address
 }
 
 type box struct {
@@ -103,7 +117,9 @@ type box struct {
 
 // Open opens the container driver: it requires EnterMountNamespace to have run, checks the agent
 // binary, and picks the OCI runtime (opts.Runtime, or crun then runc) by creating a real probe
-// container with it. It fails with an error naming the fix when no runtime works.
+// container with it. It fails with an error naming the fix when no runtime works. Then it sets up
+// networking: the netsetup manager (which removes the veths and host rules a crashed process
+// left) and the egress gateway. Close releases them.
 func Open(opts driver.Options) (*Driver, error) {
 	if opts.StateDir == "" {
 		return nil, errors.New("container driver: Options.StateDir is required")
@@ -179,7 +195,40 @@ func Open(opts driver.Options) (*Driver, error) {
 		}
 	}
 	d.removeStaleHelpers(ctx)
+	if err := d.openNetwork(opts); err != nil {
+		return nil, fmt.Errorf("container driver: %w", err)
+	}
 	return d, nil
+}
+
+// netDir is the netsetup manager's state dir (the network namespace files).
+const netDir = "net"
+
+func (d *Driver) openNetwork(opts driver.Options) error {
+	m, err := netsetup.New(netsetup.Config{
+		StateDir: filepath.Join(d.stateDir, netDir), Pool: opts.NetworkPool, OnDecision: opts.OnNetwork,
+	})
+	if err != nil {
+		return fmt.Errorf("network: %w", err)
+	}
+	// The gateway adds the always-denied set and the host's addresses itself; other sandboxes
+	// are the pool.
+	gw, err := egress.NewGateway(egress.Config{
+		Resolver: opts.Resolver, OnDecision: opts.OnNetwork, Denied: []netip.Prefix{m.Pool()},
+	})
+	if err != nil {
+		m.Close()
+		return fmt.Errorf("egress gateway: %w", err)
+	}
+	d.net, d.gw = m, gw
+	return nil
+}
+
+// Close stops the driver's egress gateway and network manager, waiting for teardowns in
+// progress. Sandboxes are left as they are (a new driver on the same state dir finds and removes
+// them); their network is cut until then.
+func (d *Driver) Close() error {
+	return errors.Join(d.gw.Close(), d.net.Close())
 }
 
 // Containers of the driver's own that are not sandboxes: runtime probes and floor measurements.
@@ -290,11 +339,15 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err := unix.Mount("overlay", merged, "overlay", unix.MS_NODEV, opts); err != nil {
 		return fmt.Errorf("mount overlay root: %w", err)
 	}
+	nb, err := d.setupNetwork(ctx, b, spec.Network)
+	if err != nil {
+		return err
+	}
 	mounts, masked, cwd, err := d.planMounts(dir, merged, spec)
 	if err != nil {
 		return err
 	}
-	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath}, cwd: cwd, mounts: mounts, masked: masked, res: spec}
+	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath}, cwd: cwd, mounts: mounts, masked: masked, res: spec, netns: nb.NSPath}
 	if err := writeJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
 		return err
 	}
@@ -312,6 +365,38 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		return err
 	}
 	return nil
+}
+
+// setupNetwork gives sandbox b its network namespace (netsetup) and attaches the egress gateway
+// to its gateway address; it writes the resolv.conf that names the gateway. Destroy undoes it.
+func (d *Driver) setupNetwork(ctx context.Context, b *box, p egress.Policy) (*netsetup.Sandbox, error) {
+	nb, err := d.net.Setup(ctx, b.ID, p)
+	if err != nil {
+		return nil, fmt.Errorf("network: %w", err)
+	}
+	if err := d.gw.Attach(b.ID, nb.Gateway, p); err != nil {
+		return nil, fmt.Errorf("network: %w", err)
+	}
+	b.Gateway = nb.Gateway.String()
+	if err := os.WriteFile(filepath.Join(b.dir, "resolv.conf"), []byte("nameserver "+b.Gateway+"\n"), 0o644); err != nil {
+		return nil, err
+	}
+	return nb, nil
+}
+
+// proxyEnv is what every run's environment gets when the sandbox has a gateway: the gateway's
+// HTTP proxy for HTTP and HTTPS, loopback exempt. These variables are the driver's: they replace
+// the caller's (clients that ignore them are caught by the transparent proxy anyway).
+func proxyEnv(gateway string) map[string]string {
+	if gateway == "" {
+		return nil
+	}
+	proxy := "http://" + netip.AddrPortFrom(netip.MustParseAddr(gateway), netsetup.ProxyPort).String()
+	noProxy := "localhost,127.0.0.1,::1"
+	return map[string]string{
+		"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+		"NO_PROXY": noProxy, "no_proxy": noProxy,
+	}
 }
 
 // waitReady waits for the agent's socket to accept connections, for at most readyTimeout, and
@@ -436,6 +521,17 @@ func (d *Driver) planMounts(dir, merged string, spec driver.Spec) (ms []specs.Mo
 	ms = []specs.Mount{
 		{Destination: agentPath, Type: "bind", Source: d.agentBin, Options: []string{"bind", "ro", "nosuid", "nodev"}},
 		{Destination: agent.SocketDir, Type: "bind", Source: filepath.Join(dir, "run"), Options: []string{"bind", "rw", "nosuid", "nodev", "noexec"}},
+	}
+	// The resolver is the gateway: /etc/resolv.conf names it (user mounts and blocked paths,
+	// mounted after, may cover it; DNS to 127.0.0.1:53 reaches the gateway too).
+	if resolv := filepath.Join(dir, "resolv.conf"); fileExists(resolv) {
+		ok, err := regularFileInRoot(merged, "etc/resolv.conf")
+		if err != nil {
+			return nil, nil, "", fmt.Errorf("resolv.conf mount point: %w", err)
+		}
+		if ok {
+			ms = append(ms, specs.Mount{Destination: "/etc/resolv.conf", Type: "bind", Source: resolv, Options: []string{"bind", "ro", "nosuid", "nodev", "noexec"}})
+		}
 	}
 	user := sortMounts(spec.Mounts)
 	// where finds the place that holds path p when the mounts before index n are in place: the
@@ -589,10 +685,20 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	if err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: container is gone: %w", id, err)
 	}
+	env := req.Env
+	if pe := proxyEnv(b.Gateway); pe != nil {
+		env = make(map[string]string, len(req.Env)+len(pe))
+		for k, v := range req.Env {
+			env[k] = v
+		}
+		for k, v := range pe {
+			env[k] = v
+		}
+	}
 	areq := agent.RunRequest{
 		Code:       req.Code,
 		TimeoutMS:  req.Timeout.Milliseconds(),
-		Env:        req.Env,
+		Env:        env,
 		AllowSpawn: b.AllowSpawn,
 		MaxOutput:  req.MaxOutput,
 	}
@@ -693,9 +799,10 @@ func (d *Driver) killStragglers(id string, initPid int) error {
 	}
 }
 
-// Destroy kills and removes sandbox id: the container (runtime delete --force), the overlay
-// mount, the cgroups in every hierarchy, and the state dir. Idempotent; works from disk alone.
-// Cleaning up is not abandoned when ctx ends: it runs to the end (bounded by destroyTimeout).
+// Destroy kills and removes sandbox id: the container (runtime delete --force), its egress gateway,
+// its network plumbing (rules at once; veth and namespace in the background), the overlay mount,
+// the cgroups in every hierarchy, and the state dir. Idempotent; works from disk alone. Cleaning
+// up is not abandoned when ctx ends: it runs to the end (bounded by destroyTimeout).
 func (d *Driver) Destroy(ctx context.Context, id string) error {
 	if err := checkID(id); err != nil {
 		return err
@@ -718,6 +825,10 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 		}
 	}
 	if err := d.cg.removeCgroups(id); err != nil {
+		errs = append(errs, err)
+	}
+	d.gw.Detach(id)
+	if err := d.net.Teardown(id); err != nil {
 		errs = append(errs, err)
 	}
 	merged := filepath.Join(dir, "rootfs")
@@ -748,7 +859,8 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 	return nil
 }
 
-// List returns the IDs of our containers known to any runtime plus the sandboxes with a state dir.
+// List returns the IDs of our containers known to any runtime plus the sandboxes with a state dir
+// or network plumbing.
 func (d *Driver) List(ctx context.Context) ([]string, error) {
 	seen := map[string]bool{}
 	for _, rt := range d.all {
@@ -769,6 +881,15 @@ func (d *Driver) List(ctx context.Context) ([]string, error) {
 	for _, e := range ents {
 		if e.IsDir() && checkID(e.Name()) == nil {
 			seen[e.Name()] = true
+		}
+	}
+	netIDs, err := d.net.List()
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range netIDs {
+		if checkID(id) == nil {
+			seen[id] = true
 		}
 	}
 	ids := make([]string, 0, len(seen))

@@ -3,6 +3,7 @@ package container
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
 // Floor measures what a sandbox's run is compared against: the wall time of one plain foreground
@@ -50,6 +52,31 @@ func (d *Driver) Floor(ctx context.Context, rootfs string) (time.Duration, error
 	}
 	if got := strings.TrimSpace(stdout.String()); got != "1" {
 		return 0, fmt.Errorf("floor: python printed %q, want \"1\" (stderr: %s)", got, strings.TrimSpace(stderr.String()))
+	}
+	return took, nil
+}
+
+// NetworkCost measures what a sandbox's network adds to its creation: the wall time of the
+// network setup Create performs (namespace, veth pair, addresses and routes, nftables rules on
+// both sides, the egress gateway's listeners) for a throwaway sandbox allowing one host. The
+// network is torn down afterwards; only the setup is timed.
+func (d *Driver) NetworkCost(ctx context.Context) (time.Duration, error) {
+	id := floorPrefix + "net-" + randomHex(6)
+	b := &box{meta: meta{ID: id}, dir: filepath.Join(d.stateDir, "floor", id)}
+	if err := os.MkdirAll(b.dir, 0o700); err != nil {
+		return 0, err
+	}
+	p, err := egress.ParsePolicy(true, []string{"api.company.com"})
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	_, err = d.setupNetwork(ctx, b, p)
+	took := time.Since(start)
+	d.gw.Detach(id)
+	err = errors.Join(err, d.net.Teardown(id), os.RemoveAll(b.dir))
+	if err != nil {
+		return 0, fmt.Errorf("network cost: %w", err)
 	}
 	return took, nil
 }

@@ -138,3 +138,49 @@ func isMountPoint(dir string) (bool, error) {
 	}
 	return false, nil
 }
+
+func fileExists(p string) bool {
+	_, err := os.Lstat(p)
+	return err == nil
+}
+
+// regularFileInRoot makes rel (e.g. "etc/resolv.conf") a regular file inside root, to bind a file
+// over: its parent directories are created if missing, a symlink or other non-directory there
+// is replaced by an empty file (in the overlay's upper layer, never in the image), a missing one
+// created. It reports false, without error, when rel is a directory.
+func regularFileInRoot(root, rel string) (bool, error) {
+	dir, name := path.Split(path.Clean("/" + rel))
+	if err := mkdirAllInRoot(root, dir); err != nil {
+		return false, err
+	}
+	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false, fmt.Errorf("open %s: %w", root, err)
+	}
+	defer unix.Close(rootFD)
+	dirFD, err := openInRoot(rootFD, dir, unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		return false, fmt.Errorf("resolve %s in %s: %w", dir, root, err)
+	}
+	defer unix.Close(dirFD)
+	var st unix.Stat_t
+	err = unix.Fstatat(dirFD, name, &st, unix.AT_SYMLINK_NOFOLLOW)
+	switch {
+	case err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG:
+		return true, nil
+	case err == nil && st.Mode&unix.S_IFMT == unix.S_IFDIR:
+		return false, nil
+	case err == nil:
+		if err := unix.Unlinkat(dirFD, name, 0); err != nil {
+			return false, fmt.Errorf("replace %s: %w", rel, err)
+		}
+	case !errors.Is(err, unix.ENOENT):
+		return false, fmt.Errorf("stat %s: %w", rel, err)
+	}
+	fd, err := unix.Openat(dirFD, name, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+	if err != nil {
+		return false, fmt.Errorf("create %s: %w", rel, err)
+	}
+	unix.Close(fd)
+	return true, nil
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
 // The tests run real containers: root, crun and/or runc, the default image (scripts/build-image.sh,
@@ -24,8 +26,12 @@ var (
 	setupErr error  // why the container tests cannot run
 	rootfs   string // the image's root filesystem
 	agentBin string // the sandbox-agent binary
-	stateDir string // shared state dir of the test drivers
+	stateDir string // state dirs of the test drivers: one per runtime below it
 )
+
+// testPool is where the test drivers' sandbox addresses come from (not the default pool, which a
+// sandboxd of the e2e tests may use at the same time).
+var testPool = netip.MustParsePrefix("10.215.0.0/16")
 
 func TestMain(m *testing.M) {
 	if os.Geteuid() != 0 {
@@ -46,6 +52,12 @@ func TestMain(m *testing.M) {
 				fmt.Fprintf(os.Stderr, "cleanup: %v\n", err)
 			}
 		}
+		if err := d.Close(); err != nil {
+			fmt.Fprintf(os.Stderr, "cleanup: %v\n", err)
+		}
+	}
+	if inet != nil {
+		inet.stop()
 	}
 	if tmp != "" {
 		os.RemoveAll(tmp)
@@ -150,7 +162,7 @@ func openDriver(t testing.TB, name string) *Driver {
 	if d := drivers[name]; d != nil {
 		return d
 	}
-	d, err := Open(driver.Options{StateDir: stateDir, AgentBin: agentBin, Runtime: name})
+	d, err := Open(driver.Options{StateDir: filepath.Join(stateDir, name), AgentBin: agentBin, Runtime: name, NetworkPool: testPool})
 	if err != nil {
 		t.Fatalf("open driver with %s: %v", name, err)
 	}
@@ -168,9 +180,10 @@ func forEachRuntime(t *testing.T, f func(t *testing.T, d *Driver)) {
 	}
 }
 
-// baseSpec is a sandbox spec with the service's defaults.
+// baseSpec is a sandbox spec with the service's defaults (egress: block_outbound, nothing allowed).
 func baseSpec() driver.Spec {
-	return driver.Spec{RootFS: rootfs, CPU: 1, MemoryBytes: 256 << 20, PidsLimit: 64, TmpBytes: 64 << 20}
+	return driver.Spec{RootFS: rootfs, CPU: 1, MemoryBytes: 256 << 20, PidsLimit: 64, TmpBytes: 64 << 20,
+		Network: egress.Policy{BlockOutbound: true}}
 }
 
 // newSandbox creates a sandbox and registers its destruction, checking that nothing is left.

@@ -74,6 +74,7 @@ type containerSpec struct {
 	mounts []specs.Mount // after the standard ones, in order
 	masked []string      // extra masked paths
 	res    driver.Spec   // CPU, MemoryBytes, PidsLimit, TmpBytes are used
+	netns  string        // network namespace to join ("": a new one, loopback only)
 }
 
 // standardMounts are the runc defaults (minus the cgroup mount), plus the sandbox's /tmp.
@@ -115,6 +116,7 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 		res.Pids = &specs.LinuxPids{Limit: &pids}
 	}
 	mounts := append(standardMounts(cs.res.TmpBytes), cs.mounts...)
+	netNS := specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: cs.netns}
 	return &specs.Spec{
 		Version: ociVersion,
 		Process: &specs.Process{
@@ -134,7 +136,7 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 			Resources:   res,
 			CgroupsPath: cgroupParent + "/" + cs.id,
 			Namespaces: []specs.LinuxNamespace{
-				{Type: specs.PIDNamespace}, {Type: specs.NetworkNamespace}, {Type: specs.IPCNamespace},
+				{Type: specs.PIDNamespace}, netNS, {Type: specs.IPCNamespace},
 				{Type: specs.UTSNamespace}, {Type: specs.MountNamespace}, {Type: specs.CgroupNamespace},
 			},
 			Seccomp:       prof,

@@ -642,6 +642,7 @@ func testRunRoundTrip(t *testing.T, st store.Store) {
 	completed.StartedAt = ptr(at(2*time.Second + time.Millisecond))
 	completed.FinishedAt = ptr(at(2*time.Second + 42*time.Millisecond + time.Microsecond))
 	completed.DurationMS, completed.CPUMS, completed.MemoryPeakBytes = 41, 38, 1<<40
+	completed.NetworkAllowed, completed.NetworkDenied = 3, 2
 
 	failed := run("run_failed", sb.ID, a.ID, at(3*time.Second), "failed")
 	failed.ExitCode = ptr(-9)

@@ -1,0 +1,429 @@
+package container
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/egress"
+)
+
+// The fake internet of these tests: a network namespace of the test's own behind the veth
+// sbxdt-inet (10.216.255.1/30 on the host's side, .2 on the other), holding 198.51.100.10
+// ("api.company.com") and .20 ("evil.example") with an HTTP server each and a UDP echo server on
+// .20:9999; the host routes 198.51.100.0/24 there (TEST-NET-2: nobody's real network, and not a
+// range the gateway treats as private, so names resolving there are reachable when allowed; no
+// address of it is the host's, which other packages' tests running at the same time rely on).
+// Everything a sandbox of these tests sends outside goes to 198.51.100.0/24 or to the
+// always-denied set, which never leaves the host.
+const (
+	inetLink = "sbxdt-inet"
+	linkHost = "10.216.255.1"
+	linkPeer = "10.216.255.2"
+	apiIP    = "198.51.100.10"
+	evilIP   = "198.51.100.20"
+	echoPort = 9999
+)
+
+type fakeNet struct {
+	ns      netns.NsHandle
+	servers []*http.Server
+	udp     net.PacketConn
+	mu      sync.Mutex
+	udpSeen int
+}
+
+var (
+	inetOnce sync.Once
+	inet     *fakeNet
+	inetErr  error
+)
+
+// fakeInternet starts the fake internet once for the test binary (TestMain stops it).
+func fakeInternet(t testing.TB) *fakeNet {
+	t.Helper()
+	need(t)
+	inetOnce.Do(func() { inet, inetErr = startInternet() })
+	if inetErr != nil {
+		t.Fatalf("fake internet: %v", inetErr)
+	}
+	return inet
+}
+
+func startInternet() (f *fakeNet, err error) {
+	if l, err := netlink.LinkByName(inetLink); err == nil { // left by a crashed run
+		_ = netlink.LinkDel(l)
+	}
+	f = &fakeNet{}
+	defer func() {
+		if err != nil {
+			f.stop()
+		}
+	}()
+	// A goroutine whose thread stays in the new namespace and dies with it.
+	if err := inNewNS(func(ns netns.NsHandle) { f.ns = ns }); err != nil {
+		return nil, err
+	}
+	la := netlink.NewLinkAttrs()
+	la.Name = inetLink
+	la.Flags = net.FlagUp
+	veth := &netlink.Veth{LinkAttrs: la, PeerName: "eth0", PeerNamespace: netlink.NsFd(f.ns), PeerTxQLen: -1}
+	if err := netlink.LinkAdd(veth); err != nil {
+		return nil, err
+	}
+	if err := netlink.AddrAdd(veth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(linkHost), Mask: net.CIDRMask(30, 32)}}); err != nil {
+		return nil, err
+	}
+	h, err := netlink.NewHandleAt(f.ns)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	eth, err := h.LinkByName("eth0")
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range []struct {
+		ip   string
+		bits int
+	}{{linkPeer, 30}, {apiIP, 32}, {evilIP, 32}} {
+		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(a.ip), Mask: net.CIDRMask(a.bits, 32)}}); err != nil {
+			return nil, err
+		}
+	}
+	lo, _ := h.LinkByName("lo")
+	for _, l := range []netlink.Link{eth, lo} {
+		if err := h.LinkSetUp(l); err != nil {
+			return nil, err
+		}
+	}
+	route := &netlink.Route{LinkIndex: veth.Index, Dst: &net.IPNet{IP: net.ParseIP("198.51.100.0"), Mask: net.CIDRMask(24, 32)}, Gw: net.ParseIP(linkPeer)}
+	if err := netlink.RouteAdd(route); err != nil {
+		return nil, fmt.Errorf("route to the fake internet: %w", err)
+	}
+	// Never dial out for real: the fake internet's addresses must route to it.
+	for _, a := range []string{apiIP, evilIP} {
+		deadline := time.Now().Add(2 * time.Second)
+		for {
+			rs, err := netlink.RouteGet(net.ParseIP(a))
+			if err == nil && len(rs) > 0 && rs[0].LinkIndex == veth.Index {
+				break
+			}
+			if time.Now().After(deadline) {
+				return nil, fmt.Errorf("%s does not route to %s: %v %v", a, inetLink, rs, err)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	for _, s := range []struct{ addr, body string }{{apiIP, "hello from api"}, {evilIP, "evil"}} {
+		ln, err := f.listen("tcp4", s.addr+":80")
+		if err != nil {
+			return nil, err
+		}
+		body := s.body
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, body) }), ReadHeaderTimeout: 5 * time.Second}
+		f.servers = append(f.servers, srv)
+		go srv.Serve(ln.(net.Listener))
+	}
+	pc, err := f.listen("udp4", fmt.Sprintf("%s:%d", evilIP, echoPort))
+	if err != nil {
+		return nil, err
+	}
+	f.udp = pc.(net.PacketConn)
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := f.udp.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			f.mu.Lock()
+			f.udpSeen++
+			f.mu.Unlock()
+			_, _ = f.udp.WriteTo(buf[:n], from)
+		}
+	}()
+	return f, nil
+}
+
+// inNewNS runs fn on a thread in a new network namespace; the thread never leaves it and dies
+// with its goroutine.
+func inNewNS(fn func(netns.NsHandle)) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- err
+			return
+		}
+		ns, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		fn(ns)
+		errc <- nil
+	}()
+	return <-errc
+}
+
+// listen opens a listener (tcp) or packet conn (udp) inside the fake internet.
+func (f *fakeNet) listen(network, addr string) (any, error) {
+	type res struct {
+		v   any
+		err error
+	}
+	c := make(chan res, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		if err := netns.Set(f.ns); err != nil {
+			c <- res{nil, err}
+			return
+		}
+		if strings.HasPrefix(network, "udp") {
+			pc, err := net.ListenPacket(network, addr)
+			c <- res{pc, err}
+			return
+		}
+		ln, err := net.Listen(network, addr)
+		c <- res{ln, err}
+	}()
+	r := <-c
+	return r.v, r.err
+}
+
+func (f *fakeNet) udpCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.udpSeen
+}
+
+func (f *fakeNet) stop() {
+	for _, s := range f.servers {
+		s.Close()
+	}
+	if f.udp != nil {
+		f.udp.Close()
+	}
+	if l, err := netlink.LinkByName(inetLink); err == nil {
+		_ = netlink.LinkDel(l)
+	}
+	if f.ns.IsOpen() {
+		f.ns.Close()
+	}
+}
+
+// assertNetworkGone checks (after the background part of Destroy) that sandbox id has no veth,
+// namespace file or mount, and no rules in the host table.
+func assertNetworkGone(t *testing.T, d *Driver, id string) {
+	t.Helper()
+	if err := d.net.Wait(); err != nil {
+		t.Errorf("network teardown: %v", err)
+	}
+	veth := d.net.HostIfName(id)
+	if _, err := netlink.LinkByName(veth); err == nil {
+		t.Errorf("veth %s of %s is still there", veth, id)
+	}
+	if _, err := os.Lstat(d.net.NSPath(id)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("network namespace file of %s: %v", id, err)
+	}
+	c, err := nftables.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ch := range chains {
+		if ch.Table.Name == d.net.Table() && strings.HasSuffix(ch.Name, veth) {
+			t.Errorf("chain %s of %s is still in table %s", ch.Name, id, ch.Table.Name)
+		}
+	}
+}
+
+// egressProbe runs inside a sandbox that allows api.company.com only; it prints what each
+// attempt gave ("ok:…" or "err:<exception>:…") and how long it took.
+const egressProbe = `
+import json, os, socket, time, urllib.request
+out = {}
+def check(name, f):
+    t0 = time.monotonic()
+    try:
+        out[name] = "ok:" + str(f())
+    except Exception as e:
+        out[name] = "err:%s:%s" % (type(e).__name__, str(e)[:160])
+    out[name + "_s"] = round(time.monotonic() - t0, 3)
+def get(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+def raw(ip, host):
+    s = socket.create_connection((ip, 80), timeout=5)
+    s.sendall(("GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host).encode())
+    data = b""
+    while True:
+        b = s.recv(4096)
+        if not b:
+            break
+        data += b
+    s.close()
+    if not data:
+        raise ConnectionResetError("closed without an answer")
+    head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
+    return head.split("\r\n")[0] + " | " + body.strip()
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.connect((EVIL, 9999))
+    s.send(b"x")
+    return s.recv(100)
+check("proxy_env", lambda: os.environ["HTTP_PROXY"] + " " + os.environ["NO_PROXY"])
+check("api", lambda: get("http://api.company.com/"))
+check("evil", lambda: get("http://evil.example/"))
+check("metadata", lambda: get("http://169.254.169.254/latest/meta-data/"))
+check("host_spoof", lambda: raw(EVIL, "api.company.com"))
+check("raw_evil", lambda: raw(EVIL, "evil.example"))
+check("raw_metadata", lambda: raw("169.254.169.254", "169.254.169.254"))
+check("dns_api", lambda: socket.getaddrinfo("api.company.com", 80, socket.AF_INET)[0][4][0])
+check("dns_evil", lambda: socket.getaddrinfo("evil.example", 80, socket.AF_INET)[0][4][0])
+check("udp", udp)
+print(json.dumps(out))
+`
+
+func TestEgress(t *testing.T) {
+	in := fakeInternet(t)
+	for _, name := range knownRuntimes {
+		t.Run(name, func(t *testing.T) {
+			base := openDriver(t, name) // skips when the runtime is missing
+			var mu sync.Mutex
+			var decisions []egress.Decision
+			d, err := Open(driver.Options{
+				StateDir: filepath.Join(stateDir, "egress-"+name), AgentBin: agentBin, Runtime: base.rt.name, NetworkPool: testPool,
+				Resolver: egress.StaticResolver{
+					"api.company.com": {netip.MustParseAddr(apiIP)},
+					"evil.example":    {netip.MustParseAddr(evilIP)},
+				},
+				OnNetwork: func(x egress.Decision) {
+					mu.Lock()
+					decisions = append(decisions, x)
+					mu.Unlock()
+				},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			policy, err := egress.ParsePolicy(true, []string{"api.company.com"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			spec := baseSpec()
+			spec.Network = policy
+			id := newSandbox(t, d, spec)
+			udpBefore := in.udpCount()
+			out := mustRun(t, d, id, "EVIL = "+fmt.Sprintf("%q", evilIP)+"\n"+egressProbe)
+			var got map[string]any
+			if err := json.Unmarshal([]byte(out), &got); err != nil {
+				t.Fatalf("probe output %q: %v", out, err)
+			}
+			for k, v := range got {
+				if !strings.HasSuffix(k, "_s") {
+					t.Logf("%-13s %v (%vs)", k, v, got[k+"_s"])
+				}
+			}
+			str := func(k string) string { s, _ := got[k].(string); return s }
+			secs := func(k string) float64 { f, _ := got[k+"_s"].(float64); return f }
+			want := func(k, prefix string) {
+				t.Helper()
+				if !strings.HasPrefix(str(k), prefix) {
+					t.Errorf("%s: %q, want %q…", k, str(k), prefix)
+				}
+			}
+			wantFastErr := func(k string) {
+				t.Helper()
+				if !strings.HasPrefix(str(k), "err:") {
+					t.Errorf("%s: %q, want a failure", k, str(k))
+				}
+				if secs(k) > 1 {
+					t.Errorf("%s failed after %.2fs, want fast", k, secs(k))
+				}
+			}
+			b, _ := d.lookup(id)
+			want("proxy_env", "ok:http://"+b.Gateway+":3128 localhost,127.0.0.1")
+			want("api", "ok:hello from api")
+			want("dns_api", "ok:"+apiIP)
+			want("host_spoof", "ok:HTTP/1.1 200 OK | hello from api")
+			for _, k := range []string{"evil", "metadata", "dns_evil", "udp"} {
+				wantFastErr(k)
+			}
+			// A direct connection is answered by the transparent proxy: 403 with the reason.
+			for _, k := range []string{"raw_evil", "raw_metadata"} {
+				if !strings.HasPrefix(str(k), "ok:HTTP/1.1 403") || !strings.Contains(str(k), "denied") || secs(k) > 1 {
+					t.Errorf("%s: %q after %.2fs, want a fast 403 with the reason", k, str(k), secs(k))
+				}
+			}
+			want("evil", "err:HTTPError:HTTP Error 403")
+			want("metadata", "err:HTTPError:HTTP Error 403")
+			want("dns_evil", "err:gaierror")
+			if n := in.udpCount() - udpBefore; n != 0 {
+				t.Errorf("the fake internet received %d datagrams", n)
+			}
+			// Decisions: allowed api.company.com; denied evil.example, the metadata address, UDP.
+			has := func(what string, f func(egress.Decision) bool) {
+				t.Helper()
+				ok := waitForCond(2*time.Second, func() bool {
+					mu.Lock()
+					defer mu.Unlock()
+					return slices.ContainsFunc(decisions, func(x egress.Decision) bool { return x.SandboxID == id && f(x) })
+				})
+				if !ok {
+					mu.Lock()
+					t.Errorf("no decision %s among %+v", what, decisions)
+					mu.Unlock()
+				}
+			}
+			has("allowed api.company.com", func(x egress.Decision) bool { return x.Allowed && x.Host == "api.company.com" })
+			has("denied evil.example", func(x egress.Decision) bool { return !x.Allowed && x.Host == "evil.example" })
+			has("denied 169.254.169.254", func(x egress.Decision) bool {
+				return !x.Allowed && x.Addr == netip.MustParseAddr("169.254.169.254")
+			})
+			has("denied udp", func(x egress.Decision) bool {
+				return !x.Allowed && x.Proto == "udp" && x.Addr == netip.MustParseAddr(evilIP) && x.Port == echoPort
+			})
+
+			if err := d.Destroy(context.Background(), id); err != nil {
+				t.Fatal(err)
+			}
+			assertGone(t, d, id, b.Pid)
+		})
+	}
+}
+
+func waitForCond(d time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
+}
