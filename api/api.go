@@ -212,3 +212,32 @@ type Error struct {
 	Code    int    `json:"code"`
 	Docs    string `json:"docs"`
 }
+
+// FileWritten is the body of a 201 answer to PUT /api/sandbox/{id}/files?path=…
+type FileWritten struct {
+	Path   string `json:"path"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"` // hex of the bytes stored (also the file's ETag on download)
+}
+
+// FileEntry is one entry of a directory listing.
+type FileEntry struct {
+	Name       string    `json:"name"`
+	Size       int64     `json:"size"`
+	Type       string    `json:"type"` // "file", "dir", "symlink" or "other"
+	ModifiedAt time.Time `json:"modified_at"`
+}
+
+// FileList is the body of GET /api/sandbox/{id}/files?path=<a directory>.
+type FileList struct {
+	Path    string      `json:"path"`
+	Entries []FileEntry `json:"entries"`
+}
+
+// OutputChunk is the data of a "stdout" or "stderr" event of GET …/runs/{run_id}/events (a
+// text/event-stream). Each event's id is "<stdout bytes>.<stderr bytes>" sent so far, including
+// this chunk: a client that reconnects with Last-Event-ID gets the rest. The stream ends with one
+// "end" event whose data is the final Run.
+type OutputChunk struct {
+	Data string `json:"data"`
+}

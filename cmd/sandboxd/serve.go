@@ -115,6 +115,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 	d.drv = drv
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
 		DataDir: cfg.DataDir, Images: cfg.Images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, TmpBytes: cfg.TmpBytes, Logger: log,
+		MaxUploadBytes: cfg.MaxUploadBytes,
 	}, d.st, map[string]driver.Driver{sandbox.ModeContainer: drv})
 	if err != nil {
 		return fail(err)

@@ -33,6 +33,8 @@ type Config struct {
 	Plans      map[string]sandbox.Plan
 	PidsLimit  int64
 	TmpBytes   int64
+	// MaxUploadBytes is the files API's per-file limit (0: the service's default, 100 MiB).
+	MaxUploadBytes int64
 	// Egress: where sandbox addresses come from (zero: the driver's default), and static host
 	// records the gateway resolves instead of asking the host's resolver (nil: none).
 	NetworkPool netip.Prefix
@@ -56,6 +58,7 @@ type file struct {
 	RateBurst  int     `json:"rate_burst"`
 	PidsLimit  int64   `json:"pids_limit"`
 	TmpBytes   int64   `json:"tmp_bytes"`
+	MaxUpload  int64   `json:"max_upload_bytes"`
 	Egress     struct {
 		Pool        string              `json:"pool"`
 		StaticHosts map[string][]string `json:"static_hosts"`
@@ -170,10 +173,11 @@ func (c *Config) loadFile(path string) error {
 			c.Plans[name] = sandbox.Plan{MaxSandboxes: p.MaxSandboxes, MaxCPU: p.MaxCPU, MaxMemory: p.MaxMemory}
 		}
 	}
-	if f.RatePerSec < 0 || f.RateBurst < 0 || f.PidsLimit < 0 || f.TmpBytes < 0 {
+	if f.RatePerSec < 0 || f.RateBurst < 0 || f.PidsLimit < 0 || f.TmpBytes < 0 || f.MaxUpload < 0 {
 		return errors.New("config: limits must not be negative")
 	}
 	c.RatePerSec, c.RateBurst, c.PidsLimit, c.TmpBytes = f.RatePerSec, f.RateBurst, f.PidsLimit, f.TmpBytes
+	c.MaxUploadBytes = f.MaxUpload
 	if f.Egress.Pool != "" {
 		if c.NetworkPool, err = netip.ParsePrefix(f.Egress.Pool); err != nil {
 			return fmt.Errorf("config %s: egress.pool: %w", path, err)

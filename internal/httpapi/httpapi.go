@@ -69,6 +69,10 @@ func New(svc *sandbox.Service, opts Options) http.Handler {
 		mux.Handle("GET "+p+"/sandbox/{id}/runs", s.handle(s.listRuns, true))
 		mux.Handle("GET "+p+"/sandbox/{id}/runs/{run_id}", s.handle(s.getRun, true))
 		mux.Handle("POST "+p+"/sandbox/{id}/runs/{run_id}/cancel", s.handle(s.cancelRun, true))
+		mux.Handle("GET "+p+"/sandbox/{id}/runs/{run_id}/events", s.handle(s.runEvents, true))
+		mux.Handle("PUT "+p+"/sandbox/{id}/files", s.handle(s.putFile, true))
+		mux.Handle("GET "+p+"/sandbox/{id}/files", s.handle(s.getFile, true))
+		mux.Handle("DELETE "+p+"/sandbox/{id}/files", s.handle(s.deleteFile, true))
 		mux.Handle("GET "+p+"/usage", s.handle(s.usage, true))
 		mux.Handle("GET "+p+"/audit", s.handle(s.audit, true))
 		mux.Handle("GET "+p+"/images", s.handle(s.images, true))
@@ -106,6 +110,9 @@ var statusOf = map[sandbox.Kind]int{
 	sandbox.KindSandboxNotReady:    http.StatusConflict,
 	sandbox.KindCapacityExhausted:  http.StatusServiceUnavailable,
 	sandbox.KindProvisioningFailed: http.StatusInternalServerError,
+	sandbox.KindPathNotAllowed:     http.StatusForbidden,
+	sandbox.KindPayloadTooLarge:    http.StatusRequestEntityTooLarge,
+	sandbox.KindConflict:           http.StatusConflict,
 	sandbox.KindUnavailable:        http.StatusServiceUnavailable,
 	sandbox.KindInternal:           http.StatusInternalServerError,
 }

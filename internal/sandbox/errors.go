@@ -22,7 +22,10 @@ const (
 	KindSandboxNotReady    Kind = "sandbox_not_ready"
 	KindCapacityExhausted  Kind = "capacity_exhausted"
 	KindProvisioningFailed Kind = "provisioning_failed"
-	KindUnavailable        Kind = "unavailable" // the service is shutting down
+	KindPathNotAllowed     Kind = "path_not_allowed"  // files API: outside the mounts, blocked, escaping
+	KindPayloadTooLarge    Kind = "payload_too_large" // files API: over the upload limit
+	KindConflict           Kind = "conflict"          // files API: a directory where a file is meant, …
+	KindUnavailable        Kind = "unavailable"       // the service is shutting down
 	KindInternal           Kind = "internal_error"
 )
 

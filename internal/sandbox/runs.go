@@ -39,7 +39,7 @@ func (s *Service) Run(ctx context.Context, acct store.Account, sandboxID string,
 		return api.Run{}, false, errorf(KindSandboxDestroyed, "sandbox %s is %s: create a new one", sandboxID, rec.Status)
 	}
 	jctx, cancel := context.WithCancel(lv.ctx)
-	j := &job{env: req.Env, ctx: jctx, cancel: cancel, done: make(chan struct{}), run: store.Run{
+	j := &job{env: req.Env, ctx: jctx, cancel: cancel, done: make(chan struct{}), out: newOutputLog(), run: store.Run{
 		ID: newID("run_"), SandboxID: sandboxID, AccountID: acct.ID, Status: RunQueued, Code: code,
 		TimeoutSeconds: timeout, Async: req.Async, CreatedAt: now(),
 	}}
@@ -108,6 +108,7 @@ func (lv *live) next() *job {
 func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	ctx := context.Background()
 	defer close(j.done)
+	defer j.out.finish()
 	defer j.cancel()
 	start := now()
 	j.run.Status, j.run.StartedAt = RunRunning, &start
@@ -120,6 +121,7 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 
 	res, err := drv.Exec(j.ctx, lv.id, driver.ExecRequest{
 		Code: j.run.Code, Timeout: time.Duration(j.run.TimeoutSeconds) * time.Second, Env: j.env, MaxOutput: MaxOutputBytes,
+		OnOutput: j.out.add,
 	})
 	end := now()
 	j.run.FinishedAt = &end
@@ -182,6 +184,7 @@ func (s *Service) finishCancelled(ctx context.Context, lv *live, j *job) {
 	delete(lv.jobs, j.run.ID)
 	lv.mu.Unlock()
 	j.cancel()
+	j.out.finish()
 	close(j.done)
 }
 

@@ -66,15 +66,16 @@ func DefaultPlans() map[string]Plan {
 
 // Config configures a Service.
 type Config struct {
-	DataDir       string  // sandboxes' host directories live in DataDir/sandboxes/<id>
-	Images        []Image // the approved list
-	Plans         map[string]Plan
-	ProvisionWait time.Duration // how long create waits for ready before answering 202 (default 10s)
-	PidsLimit     int64         // process-count limit per sandbox (default 256)
-	TmpBytes      int64         // size of each sandbox's /tmp, at most its memory (default 256 MiB)
-	HostCPUs      float64       // capacity of this host (default: the CPUs Go sees)
-	HostMemory    int64         // capacity of this host (default: MemTotal)
-	Logger        *slog.Logger
+	DataDir        string  // sandboxes' host directories live in DataDir/sandboxes/<id>
+	Images         []Image // the approved list
+	Plans          map[string]Plan
+	ProvisionWait  time.Duration // how long create waits for ready before answering 202 (default 10s)
+	PidsLimit      int64         // process-count limit per sandbox (default 256)
+	TmpBytes       int64         // size of each sandbox's /tmp, at most its memory (default 256 MiB)
+	HostCPUs       float64       // capacity of this host (default: the CPUs Go sees)
+	HostMemory     int64         // capacity of this host (default: MemTotal)
+	MaxUploadBytes int64         // per-file upload limit of the files API (default DefaultMaxUploadBytes)
+	Logger         *slog.Logger
 }
 
 // Service is the sandbox lifecycle. Create it with New; stop it with Close.
@@ -119,6 +120,7 @@ type job struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	done   chan struct{} // closed once run holds the final record
+	out    *outputLog    // the run's output as written, for followers (FollowRun)
 }
 
 // New opens the service: it reconciles what a previous process left (live records are destroyed

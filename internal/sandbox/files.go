@@ -1,0 +1,228 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"io"
+	"io/fs"
+	"path"
+	"path/filepath"
+	"strings"
+
+	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/hostfs"
+	"github.com/sandboxd/sandboxd/internal/store"
+)
+
+// DefaultMaxUploadBytes is the per-file upload limit unless Config.MaxUploadBytes says otherwise.
+const DefaultMaxUploadBytes = 100 << 20
+
+// fileTarget is a user path resolved to the mount that holds it.
+type fileTarget struct {
+	lv   *live
+	path string      // the clean absolute path in the sandbox
+	rel  string      // relative to the mount's host directory ("" for the mount itself)
+	dir  *hostfs.Dir // the mount's host directory; the caller closes it
+}
+
+// resolveFile finds the declared read_only or read_write path that holds p in a live sandbox.
+// p must be absolute without "." or ".." parts; a trailing "/" is allowed. Outside every
+// declared path or inside a blocked one → path_not_allowed.
+func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID, p string) (*fileTarget, error) {
+	lv, err := s.liveSandbox(ctx, acct, sandboxID)
+	if err != nil {
+		return nil, err
+	}
+	if p == "" {
+		return nil, errorf(KindInvalid, "path is required: ?path=/workspace/data/file.csv")
+	}
+	if !strings.HasPrefix(p, "/") {
+		return nil, errorf(KindPathNotAllowed, "path %q must be absolute", p)
+	}
+	for _, part := range strings.Split(p, "/") {
+		if part == ".." || part == "." {
+			return nil, errorf(KindPathNotAllowed, "path %q must not contain %q", p, part)
+		}
+	}
+	if strings.ContainsRune(p, 0) {
+		return nil, errorf(KindPathNotAllowed, "path %q contains a NUL byte", p)
+	}
+	clean := path.Clean(p)
+	fsys := lv.sp.config.Filesystem
+	for _, b := range fsys.Blocked {
+		if within(clean, b) {
+			return nil, errorf(KindPathNotAllowed, "path %s is inside the blocked path %s", clean, b)
+		}
+	}
+	mount := ""
+	for _, m := range append(append([]string{}, fsys.ReadOnly...), fsys.ReadWrite...) {
+		if within(clean, m) && len(m) > len(mount) {
+			mount = m
+		}
+	}
+	if mount == "" {
+		return nil, errorf(KindPathNotAllowed, "path %s is outside the sandbox's read_only and read_write paths (%s)",
+			clean, strings.Join(append(append([]string{}, fsys.ReadOnly...), fsys.ReadWrite...), ", "))
+	}
+	base := filepath.Join(s.sandboxesDir(), lv.id)
+	dir, err := hostfs.Open(MountDir(base, mount), filepath.Join(base, "staging"))
+	if err != nil {
+		return nil, s.fileGone(lv, err)
+	}
+	return &fileTarget{lv: lv, path: clean, rel: strings.TrimPrefix(strings.TrimPrefix(clean, mount), "/"), dir: dir}, nil
+}
+
+// within reports whether p is dir or below it (both clean and absolute).
+func within(p, dir string) bool {
+	return p == dir || dir == "/" || strings.HasPrefix(p, dir+"/")
+}
+
+// liveSandbox returns sandbox id of acct if it is live and provisioned.
+func (s *Service) liveSandbox(ctx context.Context, acct store.Account, id string) (*live, error) {
+	rec, err := s.st.GetSandbox(ctx, acct.ID, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, errorf(KindNotFound, "no sandbox %q", id)
+	} else if err != nil {
+		return nil, internal("get sandbox", err)
+	}
+	s.mu.Lock()
+	lv := s.live[id]
+	s.mu.Unlock()
+	if lv == nil {
+		return nil, errorf(KindSandboxDestroyed, "sandbox %s is %s: its files are gone with it", id, rec.Status)
+	}
+	lv.mu.Lock()
+	status, closing := lv.rec.Status, lv.closing
+	lv.mu.Unlock()
+	switch {
+	case closing:
+		return nil, errorf(KindSandboxDestroyed, "sandbox %s is being destroyed", id)
+	case status == store.SandboxProvisioning:
+		return nil, errorf(KindSandboxNotReady, "sandbox %s is still provisioning: poll GET /api/sandbox/%s until it is ready", id, id)
+	}
+	return lv, nil
+}
+
+// fileGone classifies a failure of the host directory: the sandbox went away meanwhile, or an
+// internal error.
+func (s *Service) fileGone(lv *live, err error) error {
+	if lv.ctx.Err() != nil {
+		return errorf(KindSandboxDestroyed, "sandbox %s was destroyed meanwhile", lv.id)
+	}
+	return internal("sandbox files", err)
+}
+
+// fileError maps hostfs's errors to the API's.
+func (s *Service) fileError(t *fileTarget, err error) error {
+	switch {
+	case errors.Is(err, hostfs.ErrEscapes):
+		return errorf(KindPathNotAllowed, "path %s leads outside its mount (through a symlink)", t.path)
+	case errors.Is(err, hostfs.ErrNotRegular):
+		return errorf(KindPathNotAllowed, "path %s is a special file (FIFO, device or socket)", t.path)
+	case errors.Is(err, hostfs.ErrTooLarge):
+		return errorf(KindPayloadTooLarge, "the file is larger than the upload limit of %d bytes", s.maxUpload())
+	case errors.Is(err, hostfs.ErrIsDir):
+		return errorf(KindConflict, "path %s is a directory", t.path)
+	case errors.Is(err, hostfs.ErrNotDir):
+		return errorf(KindConflict, "a parent of %s is a file, not a directory", t.path)
+	case errors.Is(err, hostfs.ErrNotEmpty):
+		return errorf(KindConflict, "directory %s is not empty", t.path)
+	case errors.Is(err, hostfs.ErrRoot):
+		return errorf(KindPathNotAllowed, "path %s is a declared mount itself: name a file inside it", t.path)
+	case errors.Is(err, fs.ErrNotExist):
+		return errorf(KindNotFound, "no file %s in sandbox %s", t.path, t.lv.id)
+	}
+	return s.fileGone(t.lv, err)
+}
+
+func (s *Service) maxUpload() int64 {
+	if s.cfg.MaxUploadBytes > 0 {
+		return s.cfg.MaxUploadBytes
+	}
+	return DefaultMaxUploadBytes
+}
+
+// MaxUploadBytes is the per-file upload limit.
+func (s *Service) MaxUploadBytes() int64 { return s.maxUpload() }
+
+// WriteFile stores body as the file p of a sandbox (creating parent directories), atomically,
+// and records a file.written event. A body over the upload limit is payload_too_large and
+// stores nothing.
+func (s *Service) WriteFile(ctx context.Context, acct store.Account, sandboxID, p string, body io.Reader) (api.FileWritten, error) {
+	t, err := s.resolveFile(ctx, acct, sandboxID, p)
+	if err != nil {
+		return api.FileWritten{}, err
+	}
+	defer t.dir.Close()
+	if strings.HasSuffix(p, "/") {
+		return api.FileWritten{}, errorf(KindInvalid, "path %s names a directory: name the file to write", p)
+	}
+	size, sum, err := t.dir.Write(t.rel, body, s.maxUpload())
+	if err != nil {
+		var mbe interface{ MaxBytesLimit() int64 }
+		if errors.As(err, &mbe) {
+			err = hostfs.ErrTooLarge
+		}
+		return api.FileWritten{}, s.fileError(t, err)
+	}
+	s.audit(ctx, store.Event{AccountID: acct.ID, Type: "file.written", SandboxID: sandboxID, AgentID: t.lv.rec.AgentID,
+		Detail: obj("path", t.path, "size", size, "sha256", sum)})
+	return api.FileWritten{Path: t.path, Size: size, SHA256: sum}, nil
+}
+
+// OpenedFile is a file or directory of a sandbox opened for reading. Close it.
+type OpenedFile struct {
+	*hostfs.File
+	Path string
+	t    *fileTarget
+	s    *Service
+	acct store.Account
+}
+
+// OpenFile opens the file or directory p of a sandbox for reading.
+func (s *Service) OpenFile(ctx context.Context, acct store.Account, sandboxID, p string) (*OpenedFile, error) {
+	t, err := s.resolveFile(ctx, acct, sandboxID, p)
+	if err != nil {
+		return nil, err
+	}
+	defer t.dir.Close()
+	f, err := t.dir.OpenFile(t.rel)
+	if err != nil {
+		return nil, s.fileError(t, err)
+	}
+	return &OpenedFile{File: f, Path: t.path, t: t, s: s, acct: acct}, nil
+}
+
+// List returns the entries of an opened directory.
+func (f *OpenedFile) List() (api.FileList, error) {
+	infos, err := f.ReadDir()
+	if err != nil {
+		return api.FileList{}, f.s.fileError(f.t, err)
+	}
+	out := api.FileList{Path: f.Path, Entries: make([]api.FileEntry, 0, len(infos))}
+	for _, i := range infos {
+		out.Entries = append(out.Entries, api.FileEntry{Name: i.Name, Size: i.Size, Type: i.Type, ModifiedAt: i.ModTime})
+	}
+	return out, nil
+}
+
+// Audited records that n bytes of the opened file were served (file.read).
+func (f *OpenedFile) Audited(ctx context.Context, n int64) {
+	f.s.audit(ctx, store.Event{AccountID: f.acct.ID, Type: "file.read", SandboxID: f.t.lv.id, AgentID: f.t.lv.rec.AgentID,
+		Detail: obj("path", f.Path, "size", f.Info.Size, "bytes", n)})
+}
+
+// DeleteFile removes the file (or empty directory) p of a sandbox and records file.deleted.
+func (s *Service) DeleteFile(ctx context.Context, acct store.Account, sandboxID, p string) error {
+	t, err := s.resolveFile(ctx, acct, sandboxID, p)
+	if err != nil {
+		return err
+	}
+	defer t.dir.Close()
+	if err := t.dir.Remove(t.rel); err != nil {
+		return s.fileError(t, err)
+	}
+	s.audit(ctx, store.Event{AccountID: acct.ID, Type: "file.deleted", SandboxID: sandboxID, AgentID: t.lv.rec.AgentID,
+		Detail: obj("path", t.path)})
+	return nil
+}
