@@ -19,6 +19,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver/container"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/httpapi"
+	"github.com/sandboxd/sandboxd/internal/metrics"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 	"github.com/sandboxd/sandboxd/internal/store"
 	"github.com/sandboxd/sandboxd/internal/store/sqlite"
@@ -113,10 +114,16 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 		return fail(fmt.Errorf("container runtime: %w", err))
 	}
 	d.drv = drv
+	m := metrics.New(func() map[[2]string]int {
+		if s := sink.Load(); s != nil {
+			return s.LiveCounts()
+		}
+		return nil
+	})
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
 		DataDir: cfg.DataDir, Images: cfg.Images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, TmpBytes: cfg.TmpBytes, Logger: log,
-		MaxUploadBytes: cfg.MaxUploadBytes,
-	}, d.st, map[string]driver.Driver{sandbox.ModeContainer: drv})
+		MaxUploadBytes: cfg.MaxUploadBytes, Observer: m,
+	}, m.Store(d.st), map[string]driver.Driver{sandbox.ModeContainer: drv})
 	if err != nil {
 		return fail(err)
 	}
@@ -125,7 +132,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 		return fail(err)
 	}
 	d.srv = &http.Server{
-		Handler:           httpapi.New(d.svc, httpapi.Options{Version: version, RatePerSec: cfg.RatePerSec, RateBurst: cfg.RateBurst, Logger: log}),
+		Handler:           httpapi.New(d.svc, httpapi.Options{Version: version, RatePerSec: cfg.RatePerSec, RateBurst: cfg.RateBurst, Logger: log, Metrics: m.Handler()}),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}

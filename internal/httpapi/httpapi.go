@@ -29,6 +29,7 @@ type Options struct {
 	RatePerSec float64 // requests per second per account (default 100)
 	RateBurst  int     // burst per account (default 200)
 	Logger     *slog.Logger
+	Metrics    http.Handler // served at GET /metrics without a key (nil: no route)
 }
 
 // Body size limits.
@@ -60,6 +61,9 @@ func New(svc *sandbox.Service, opts Options) http.Handler {
 	s := &server{svc: svc, opts: opts, log: opts.Logger, limiters: map[string]*rate.Limiter{}}
 	mux := http.NewServeMux()
 	mux.Handle("GET /health", s.handle(s.health, false))
+	if opts.Metrics != nil {
+		mux.Handle("GET /metrics", opts.Metrics)
+	}
 	for _, p := range []string{"/api", "/api/v1"} {
 		mux.Handle("POST "+p+"/sandbox/create", s.handle(s.create, true))
 		mux.Handle("GET "+p+"/sandbox", s.handle(s.list, true))

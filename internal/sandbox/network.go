@@ -55,6 +55,7 @@ func (s *Service) NetworkDecision(d egress.Decision) {
 	} else {
 		n := int64(max(1, d.Count))
 		c.denied += n
+		s.cfg.Observer.EgressDenied(int(n))
 		if c.deniedEvents < maxDeniedEvents {
 			c.deniedEvents++
 			write = true

@@ -151,6 +151,7 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	if err := s.st.UpdateRun(ctx, j.run); err != nil {
 		s.log.Error("record run end", "run", j.run.ID, "err", err)
 	}
+	s.cfg.Observer.RunFinished(lv.rec.Mode, j.run.Status, end.Sub(start))
 	s.audit(ctx, store.Event{AccountID: j.run.AccountID, Type: "run.finished", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID,
 		Detail: obj("status", j.run.Status, "exit_code", j.run.ExitCode, "duration_ms", j.run.DurationMS)})
 	lv.mu.Lock()

@@ -75,6 +75,7 @@ type Config struct {
 	HostCPUs       float64       // capacity of this host (default: the CPUs Go sees)
 	HostMemory     int64         // capacity of this host (default: MemTotal)
 	MaxUploadBytes int64         // per-file upload limit of the files API (default DefaultMaxUploadBytes)
+	Observer       Observer      // receives measurements for metrics (nil: none)
 	Logger         *slog.Logger
 }
 
@@ -139,6 +140,9 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 	}
 	if cfg.ProvisionWait <= 0 {
 		cfg.ProvisionWait = 10 * time.Second
+	}
+	if cfg.Observer == nil {
+		cfg.Observer = noObserver{}
 	}
 	if cfg.PidsLimit <= 0 {
 		cfg.PidsLimit = 256
@@ -207,6 +211,24 @@ func (s *Service) resolveImage(name, mode string) (Image, error) {
 // Create validates req, records the sandbox and provisions it. It returns once the sandbox is
 // ready, or after Config.ProvisionWait with status "provisioning" (provisioning goes on).
 func (s *Service) Create(ctx context.Context, acct store.Account, req api.CreateSandboxRequest) (api.CreateSandboxResponse, error) {
+	start := time.Now()
+	resp, err := s.create(ctx, acct, req)
+	outcome := resp.Status
+	if err != nil {
+		outcome = string(KindOf(err))
+		if k := KindOf(err); k == KindConcurrencyLimit || k == KindCapacityExhausted {
+			s.cfg.Observer.QuotaRejected(string(k))
+		}
+	}
+	mode := req.Mode
+	if mode == "" {
+		mode = ModeContainer
+	}
+	s.cfg.Observer.Created(mode, outcome, time.Since(start))
+	return resp, err
+}
+
+func (s *Service) create(ctx context.Context, acct store.Account, req api.CreateSandboxRequest) (api.CreateSandboxResponse, error) {
 	plan, ok := s.cfg.Plans[acct.Plan]
 	if !ok {
 		return api.CreateSandboxResponse{}, internal("unknown plan", fmt.Errorf("account %s has plan %q", acct.ID, acct.Plan))
@@ -495,6 +517,7 @@ func (s *Service) destroy(lv *live, reason string) {
 		lv.mu.Lock()
 		failed := lv.rec.Status == store.SandboxError
 		lv.mu.Unlock()
+		s.cfg.Observer.Destroyed(lv.rec.Mode, reason)
 		if !failed {
 			if drv, ok := s.drivers[lv.rec.Mode]; ok {
 				if err := drv.Destroy(ctx, lv.id); err != nil {

@@ -301,6 +301,34 @@ func TestSeedExample(t *testing.T) {
 	if m["status"] != "destroyed" || m["destroy_reason"] != "deleted" || m["runs"].(map[string]any)["total"] != float64(3) {
 		t.Fatalf("after delete: %v", m)
 	}
+	metrics := s.metrics()
+	for _, want := range []string{
+		`sandboxd_create_seconds_count{mode="container",outcome="ready"}`,
+		`sandboxd_run_seconds_count{mode="container",status="completed"}`,
+		`sandboxd_run_seconds_count{mode="container",status="failed"}`,
+		`sandboxd_sandboxes_destroyed_total{mode="container",reason="deleted"}`,
+		`sandboxd_sandboxes{mode="container",status="ready"}`,
+		`sandboxd_store_seconds_count{op="create_sandbox",result="ok"}`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+}
+
+// metrics scrapes GET /metrics (no key).
+func (s *server) metrics() string {
+	s.t.Helper()
+	resp, err := http.Get(s.url + "/metrics")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		s.t.Fatalf("/metrics: %d %s", resp.StatusCode, b)
+	}
+	return string(b)
 }
 
 func TestFilesystemRules(t *testing.T) {

@@ -311,6 +311,9 @@ func TestNetworkEgress(t *testing.T) {
 	if total, _ := m["total"].(float64); total < 1 {
 		t.Errorf("no network.allowed event: %v", m)
 	}
+	if metrics := s.metrics(); !strings.Contains(metrics, "sandboxd_egress_denied_total ") || strings.Contains(metrics, "sandboxd_egress_denied_total 0\n") {
+		t.Errorf("/metrics counts no denied egress")
+	}
 
 	// Nothing of the sandbox's network survives its deletion.
 	veths := sandboxVeths(t, id, other)
