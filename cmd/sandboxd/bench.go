@@ -10,8 +10,13 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sandboxd/sandboxd/api"
@@ -20,15 +25,18 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver/container"
 )
 
-// bench measures the API's latencies next to the floor: a plain `crun run` of python3 on the same
-// image, measured in the same run, interleaved with the API's calls so that load hits both alike.
+// bench measures sandboxd against baselines measured in the same run, interleaved with the API's
+// calls so that load hits both alike: a detached `crun run -d` + delete of the same kind of bundle
+// for create, the host's own `python3 -c 'print(1)'` for a run, a foreground `crun run` of it for
+// create + run + delete. Then throughput, and the cost of many idle sandboxes.
 func bench(args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	n := fs.Int("n", 30, "iterations")
-	url := fs.String("url", "", "benchmark a running server at this URL instead of starting one")
-	key := fs.String("key", "", "API key for --url (pro or enterprise plan)")
+	n := fs.Int("n", 200, "latency samples per figure")
+	idle := fs.Int("idle", 1000, "idle sandboxes for the scale figures (0: skip)")
+	tputFor := fs.Duration("throughput-for", 10*time.Second, "how long the throughput figure runs (0: skip)")
+	asJSON := fs.Bool("json", false, "print the figures as JSON")
 	var serveArgs []string
-	fs.Func("image", "approved image NAME=ROOTFS (also the floor's rootfs)", func(v string) error {
+	fs.Func("image", "approved image NAME=ROOTFS (also the baselines' rootfs)", func(v string) error {
 		serveArgs = append(serveArgs, "--image", v)
 		return nil
 	})
@@ -62,59 +70,76 @@ func bench(args []string) error {
 		return errors.New("bench: the container driver has no floor measurement")
 	}
 	defer floorDrv.Close()
-	if *url == "" {
-		d, err := start(ctx, cfg, false)
-		if err != nil {
-			return err
-		}
-		go d.srv.Serve(d.ln)
-		defer d.close(ctx)
-		*url = "http://" + d.ln.Addr().String()
-		if *key, _, _, err = createKey(ctx, d.st, "bench", "enterprise"); err != nil {
-			return err
-		}
-	}
-	c := &benchClient{url: strings.TrimRight(*url, "/"), key: *key}
-	rootfs := cfg.Images[0].RootFS
-
-	live, err := c.create()
+	d, err := start(ctx, cfg, false)
 	if err != nil {
 		return err
 	}
-	defer c.delete(live)
+	go d.srv.Serve(d.ln)
+	defer d.close(ctx)
+	key, _, _, err := createKey(ctx, d.st, "bench", "enterprise")
+	if err != nil {
+		return err
+	}
+	c := &benchClient{url: "http://" + d.ln.Addr().String(), key: key}
+	rootfs := cfg.Images[0].RootFS
+	rep := &report{Date: time.Now().UTC().Format(time.RFC3339), CPUs: runtime.NumCPU(), Runtime: floorDrv.Runtime(), Samples: *n}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		rep.Kernel = strings.TrimSpace(string(b))
+	}
+	progress := func(format string, a ...any) {
+		if !*asJSON {
+			fmt.Fprintf(os.Stderr, format+"\n", a...)
+		}
+	}
+
+	// Latencies, interleaved.
+	progress("bench: %d latency samples…", *n)
+	live, err := c.create(benchConfig)
+	if err != nil {
+		return err
+	}
 	if _, err := c.run(live); err != nil { // warm-up
 		return err
 	}
-	var floor, netCost, create, run, full []time.Duration
+	var s struct{ floorD, create, del, netCost, hostPy, run, floor, full []time.Duration }
 	for i := 0; i < *n; i++ {
-		d, err := floorDrv.Floor(ctx, rootfs)
+		dd, err := floorDrv.FloorDetached(ctx, rootfs)
 		if err != nil {
-			return fmt.Errorf("floor: %w", err)
-		}
-		floor = append(floor, d)
-		if d, err = floorDrv.NetworkCost(ctx); err != nil {
 			return err
 		}
-		netCost = append(netCost, d)
-
+		s.floorD = append(s.floorD, dd)
+		if dd, err = floorDrv.NetworkCost(ctx); err != nil {
+			return err
+		}
+		s.netCost = append(s.netCost, dd)
 		t0 := time.Now()
-		id, err := c.create()
+		id, err := c.create(benchConfig)
 		if err != nil {
 			return err
 		}
-		create = append(create, time.Since(t0))
+		s.create = append(s.create, time.Since(t0))
+		t0 = time.Now()
 		if err := c.delete(id); err != nil {
 			return err
 		}
-
-		if d, err = c.run(live); err != nil {
-			return err
-		}
-		run = append(run, d)
+		s.del = append(s.del, time.Since(t0))
 
 		t0 = time.Now()
-		id, err = c.create()
-		if err != nil {
+		if out, err := exec.Command("python3", "-c", "print(1)").Output(); err != nil || string(out) != "1\n" {
+			return fmt.Errorf("host python3: %q %v", out, err)
+		}
+		s.hostPy = append(s.hostPy, time.Since(t0))
+		if dd, err = c.run(live); err != nil {
+			return err
+		}
+		s.run = append(s.run, dd)
+
+		if dd, err = floorDrv.Floor(ctx, rootfs); err != nil {
+			return err
+		}
+		s.floor = append(s.floor, dd)
+		t0 = time.Now()
+		if id, err = c.create(benchConfig); err != nil {
 			return err
 		}
 		if _, err := c.run(id); err != nil {
@@ -123,37 +148,257 @@ func bench(args []string) error {
 		if err := c.delete(id); err != nil {
 			return err
 		}
-		full = append(full, time.Since(t0))
+		s.full = append(s.full, time.Since(t0))
 	}
-	fp50 := pct(floor, 50)
-	fmt.Printf("sandboxd bench: %d iterations, runtime %s, image %s\n", *n, floorDrv.Runtime(), rootfs)
-	fmt.Printf("%-36s %9s %9s %9s %9s\n", "measure", "p50", "p90", "p99", "p50/floor")
-	for _, row := range []struct {
-		name string
-		d    []time.Duration
-	}{
-		{"floor: crun run python3 print(1)", floor},
-		{"create -> ready", create},
-		{"  of which network setup", netCost},
-		{"sync run print(1), live sandbox", run},
-		{"create + first run + delete", full},
-	} {
-		fmt.Printf("%-36s %9s %9s %9s %8.2fx\n", row.name, ms(pct(row.d, 50)), ms(pct(row.d, 90)), ms(pct(row.d, 99)),
-			float64(pct(row.d, 50))/float64(fp50))
+	baseD := figure{Name: "baseline: crun run -d + delete", Samples: s.floorD}
+	baseHost := figure{Name: "baseline: host python3 print(1)", Samples: s.hostPy}
+	baseRun := figure{Name: "baseline: crun run python3 print(1)", Samples: s.floor}
+	rep.add(baseD, nil, "")
+	rep.add(figure{Name: "container create -> ready (allow list)", Samples: s.create}, &baseD, "p50 ≤ 25 ms, p99 ≤ 80 ms")
+	rep.add(figure{Name: "  of which network setup", Samples: s.netCost}, &baseD, "≤ 10 ms")
+	rep.add(figure{Name: "delete (request path)", Samples: s.del}, &baseD, "p50 ≤ 10 ms")
+	rep.add(baseHost, nil, "")
+	rep.add(figure{Name: "sync run print(1), live sandbox", Samples: s.run}, &baseHost, "p50 ≤ 5 ms")
+	rep.add(baseRun, nil, "")
+	rep.add(figure{Name: "create + first run + delete", Samples: s.full}, &baseRun, "p50 ≤ 35 ms")
+	if err := c.delete(live); err != nil {
+		return err
 	}
+
+	if *tputFor > 0 {
+		progress("bench: throughput for %v…", *tputFor)
+		rps, err := throughput(c, 20, 32, *tputFor)
+		if err != nil {
+			return err
+		}
+		rep.Values = append(rep.Values, value{Name: "sync runs/s, print(1), 20 sandboxes, 32 clients", Value: rps, Unit: "runs/s", Target: "≥ 300"})
+	}
+	if *idle > 0 {
+		progress("bench: %d idle sandboxes…", *idle)
+		if err := scale(c, rep, *idle, s.create); err != nil {
+			return err
+		}
+	}
+	if *asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	rep.print()
 	return nil
 }
 
+// benchConfig is the default config with the egress allow list on.
+var benchConfig = map[string]any{"network": map[string]any{"allow": []string{"api.company.com"}, "block_outbound": true}}
+
+// throughput runs print(1) synchronously in sandboxes sandboxes from clients concurrent clients
+// for d, and returns the completed runs per second.
+func throughput(c *benchClient, sandboxes, clients int, d time.Duration) (float64, error) {
+	ids := make([]string, sandboxes)
+	for i := range ids {
+		id, err := c.create(benchConfig)
+		if err != nil {
+			return 0, err
+		}
+		ids[i] = id
+		defer c.delete(id)
+	}
+	var done atomic.Int64
+	var firstErr error
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(d)
+	start := time.Now()
+	for k := 0; k < clients; k++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := k; time.Now().Before(deadline); i += clients {
+				if _, err := c.run(ids[i%len(ids)]); err != nil {
+					mu.Lock()
+					firstErr = errors.Join(firstErr, err)
+					mu.Unlock()
+					return
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return 0, firstErr
+	}
+	return float64(done.Load()) / time.Since(start).Seconds(), nil
+}
+
+// scale creates n idle sandboxes, measures what each costs in memory (the host's MemAvailable
+// drop per sandbox: everything it owns, kernel included; and the PSS of its processes) and the
+// create latency with them live against create1 (with one live), then deletes them.
+func scale(c *benchClient, rep *report, n int, create1 []time.Duration) error {
+	runtime.GC()
+	before := memAvailable()
+	ids := make([]string, 0, n)
+	defer func() {
+		for _, id := range ids {
+			c.delete(id)
+		}
+	}()
+	t0 := time.Now()
+	for i := 0; i < n; i++ {
+		id, err := c.create(benchConfig)
+		if err != nil {
+			return fmt.Errorf("idle sandbox %d: %w", i+1, err)
+		}
+		ids = append(ids, id)
+	}
+	fill := time.Since(t0)
+	time.Sleep(2 * time.Second) // let the sandboxes settle (agents idle, page cache)
+	perSandbox := float64(before-memAvailable()) / float64(n)
+	pss := sandboxPSS()
+	var createN []time.Duration
+	for i := 0; i < min(len(create1), 100); i++ {
+		t := time.Now()
+		id, err := c.create(benchConfig)
+		if err != nil {
+			return err
+		}
+		createN = append(createN, time.Since(t))
+		if err := c.delete(id); err != nil {
+			return err
+		}
+	}
+	t0 = time.Now()
+	for len(ids) > 0 {
+		if err := c.delete(ids[len(ids)-1]); err != nil {
+			return err
+		}
+		ids = ids[:len(ids)-1]
+	}
+	drain := time.Since(t0)
+	base := figure{Name: "create -> ready, 1 live", Samples: create1}
+	rep.add(figure{Name: fmt.Sprintf("create -> ready, %d live", n), Samples: createN}, &base, "p99 ≤ 2× with 1 live")
+	rep.Values = append(rep.Values,
+		value{Name: fmt.Sprintf("live idle container sandboxes (created in %.1fs, deleted in %.1fs)", fill.Seconds(), drain.Seconds()), Value: float64(n), Unit: "sandboxes", Target: "1,000"},
+		value{Name: "memory per idle sandbox (host MemAvailable drop)", Value: perSandbox / (1 << 20), Unit: "MiB", Target: "≤ 10 MiB"},
+		value{Name: "memory per idle sandbox (PSS of its processes)", Value: pss / (1 << 20) / float64(n), Unit: "MiB", Target: "≤ 10 MiB"})
+	return nil
+}
+
+// memAvailable is the host's MemAvailable in bytes.
+func memAvailable() int64 {
+	b, _ := os.ReadFile("/proc/meminfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "MemAvailable:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// sandboxPSS sums the proportional set size of every process in a sandbox cgroup, in bytes.
+func sandboxPSS() float64 {
+	dirs, _ := os.ReadDir("/proc")
+	var total float64
+	for _, e := range dirs {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		cg, err := os.ReadFile("/proc/" + e.Name() + "/cgroup")
+		if err != nil || !strings.Contains(string(cg), "/sandboxd/sbx_") {
+			continue
+		}
+		b, _ := os.ReadFile("/proc/" + e.Name() + "/smaps_rollup")
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "Pss:"); ok {
+				kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+				total += kb * 1024
+			}
+		}
+	}
+	return total
+}
+
+// figure is a latency sample set.
+type figure struct {
+	Name    string
+	Samples []time.Duration
+}
+
+// report is everything bench prints.
+type report struct {
+	Date    string  `json:"date"`
+	CPUs    int     `json:"cpus"`
+	Kernel  string  `json:"kernel"`
+	Runtime string  `json:"runtime"`
+	Samples int     `json:"samples"`
+	Rows    []row   `json:"latencies"`
+	Values  []value `json:"values"`
+}
+
+type row struct {
+	Name     string  `json:"name"`
+	N        int     `json:"n"`
+	P50MS    float64 `json:"p50_ms"`
+	P90MS    float64 `json:"p90_ms"`
+	P99MS    float64 `json:"p99_ms"`
+	Baseline string  `json:"baseline,omitempty"`
+	RatioP50 float64 `json:"ratio_p50,omitempty"` // p50 / the baseline's p50
+	RatioP99 float64 `json:"ratio_p99,omitempty"`
+	Target   string  `json:"target,omitempty"`
+}
+
+type value struct {
+	Name   string  `json:"name"`
+	Value  float64 `json:"value"`
+	Unit   string  `json:"unit"`
+	Target string  `json:"target,omitempty"`
+}
+
+func msOf(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func (r *report) add(f figure, base *figure, target string) {
+	rw := row{Name: f.Name, N: len(f.Samples), P50MS: msOf(pct(f.Samples, 50)), P90MS: msOf(pct(f.Samples, 90)),
+		P99MS: msOf(pct(f.Samples, 99)), Target: target}
+	if base != nil {
+		rw.Baseline = base.Name
+		rw.RatioP50 = float64(pct(f.Samples, 50)) / float64(pct(base.Samples, 50))
+		rw.RatioP99 = float64(pct(f.Samples, 99)) / float64(pct(base.Samples, 99))
+	}
+	r.Rows = append(r.Rows, rw)
+}
+
+func (r *report) print() {
+	fmt.Printf("sandboxd bench %s: %d CPUs, kernel %s, runtime %s, %d samples per figure\n", r.Date, r.CPUs, r.Kernel, r.Runtime, r.Samples)
+	fmt.Printf("%-46s %9s %9s %9s %8s %8s  %s\n", "latency", "p50", "p90", "p99", "p50/base", "p99/base", "target")
+	for _, rw := range r.Rows {
+		ratio := func(v float64) string {
+			if rw.Baseline == "" {
+				return "-"
+			}
+			return fmt.Sprintf("%.2fx", v)
+		}
+		fmt.Printf("%-46s %7.1fms %7.1fms %7.1fms %8s %8s  %s\n", rw.Name, rw.P50MS, rw.P90MS, rw.P99MS, ratio(rw.RatioP50), ratio(rw.RatioP99), rw.Target)
+	}
+	for _, v := range r.Values {
+		fmt.Printf("%-46s %9.1f %s  %s\n", v.Name, v.Value, v.Unit, v.Target)
+	}
+}
+
 func pct(d []time.Duration, p int) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
 	s := slices.Clone(d)
 	slices.Sort(s)
 	i := (len(s)*p + 99) / 100
 	return s[max(i-1, 0)]
 }
 
-func ms(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d.Microseconds())/1000) }
-
 type benchClient struct{ url, key string }
+
+// benchHTTP keeps a connection per concurrent client (the default keeps 2 idle per host).
+var benchHTTP = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
 
 func (c *benchClient) do(method, path string, body, out any) error {
 	var rd io.Reader
@@ -166,7 +411,7 @@ func (c *benchClient) do(method, path string, body, out any) error {
 		return err
 	}
 	req.Header.Set("X-AgentCop-Key", c.key)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := benchHTTP.Do(req)
 	if err != nil {
 		return err
 	}
@@ -181,9 +426,13 @@ func (c *benchClient) do(method, path string, body, out any) error {
 	return nil
 }
 
-func (c *benchClient) create() (string, error) {
+func (c *benchClient) create(cfg map[string]any) (string, error) {
 	var r api.CreateSandboxResponse
-	err := c.do("POST", "/api/sandbox/create", map[string]any{"agent_id": "bench"}, &r)
+	body := map[string]any{"agent_id": "bench"}
+	if cfg != nil {
+		body["config"] = cfg
+	}
+	err := c.do("POST", "/api/sandbox/create", body, &r)
 	if err == nil && r.Status != "ready" {
 		err = fmt.Errorf("create: status %s", r.Status)
 	}

@@ -19,6 +19,17 @@ import (
 // overlay, no agent), with the same namespaces, user, seccomp profile and cgroup limits as a
 // sandbox. The container and its bundle are removed afterwards; only the run itself is timed.
 func (d *Driver) Floor(ctx context.Context, rootfs string) (time.Duration, error) {
+	return d.floor(ctx, rootfs, false)
+}
+
+// FloorDetached measures what a sandbox's creation is compared against: the wall time of a
+// detached `<runtime> run -d` of the same kind of bundle as Floor's (its init a python3 that
+// waits) followed by `<runtime> delete --force`.
+func (d *Driver) FloorDetached(ctx context.Context, rootfs string) (time.Duration, error) {
+	return d.floor(ctx, rootfs, true)
+}
+
+func (d *Driver) floor(ctx context.Context, rootfs string, detached bool) (time.Duration, error) {
 	if err := checkRootFS(rootfs); err != nil {
 		return 0, fmt.Errorf("floor: %w", err)
 	}
@@ -33,18 +44,32 @@ func (d *Driver) Floor(ctx context.Context, rootfs string) (time.Duration, error
 		_ = d.cg.removeCgroups(id)
 		_ = os.RemoveAll(dir)
 	}()
+	args := []string{"/usr/bin/python3", "-c", "print(1)"}
+	if detached {
+		args = []string{"/usr/bin/python3", "-c", "import time; time.sleep(60)"}
+	}
 	cs := containerSpec{
-		id: id, rootfs: rootfs, cwd: "/tmp",
-		args: []string{"/usr/bin/python3", "-c", "print(1)"},
-		res:  driver.Spec{CPU: 1, MemoryBytes: 512 << 20, PidsLimit: 64, TmpBytes: 64 << 20},
+		id: id, rootfs: rootfs, cwd: "/tmp", args: args,
+		res: driver.Spec{CPU: 1, MemoryBytes: 512 << 20, PidsLimit: 64, TmpBytes: 64 << 20},
 	}
 	if err := writeJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
 		return 0, err
 	}
-	cmd := d.rt.command(ctx, "run", "--bundle", dir, id)
 	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	start := time.Now()
+	if detached {
+		// No pipes: the container's init would hold them open and the command never "ends".
+		cmd := d.rt.command(ctx, "run", "-d", "--bundle", dir, id)
+		if err := cmd.Run(); err != nil {
+			return 0, fmt.Errorf("floor: %s run -d: %w", d.rt.name, err)
+		}
+		if err := d.rt.delete(ctx, id); err != nil {
+			return 0, fmt.Errorf("floor: %s delete: %w", d.rt.name, err)
+		}
+		return time.Since(start), nil
+	}
+	cmd := d.rt.command(ctx, "run", "--bundle", dir, id)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	took := time.Since(start)
 	if err != nil {
