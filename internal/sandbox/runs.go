@@ -164,6 +164,10 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 
 func (s *Service) setStatus(lv *live, status string) {
 	lv.mu.Lock()
+	if lv.rec.Status == store.SandboxDestroyed || lv.rec.Status == store.SandboxError {
+		lv.mu.Unlock()
+		return // recorded as ended (DELETE records before the running run has stopped)
+	}
 	lv.rec.Status = status
 	rec := lv.rec
 	lv.mu.Unlock()

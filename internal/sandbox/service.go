@@ -488,7 +488,7 @@ func (s *Service) Delete(ctx context.Context, acct store.Account, id string) err
 	lv := s.live[id]
 	s.mu.Unlock()
 	if lv != nil {
-		s.destroy(lv, ReasonDeleted)
+		s.end(lv, ReasonDeleted, true)
 	}
 	return nil
 }
@@ -496,11 +496,18 @@ func (s *Service) Delete(ctx context.Context, acct store.Account, id string) err
 // destroy ends a live sandbox: it stops taking runs, cancels the queued and running ones, releases
 // everything the driver holds and records the sandbox as destroyed. Concurrent calls wait for the
 // first one.
-func (s *Service) destroy(lv *live, reason string) {
+func (s *Service) destroy(lv *live, reason string) { s.end(lv, reason, false) }
+
+// end is destroy. With recordFirst (DELETE), the sandbox is recorded destroyed (and leaves the
+// live set) as soon as its runs are cancelled, and its resources are released in the background
+// — off the request path, within the service's wait group, so Close still waits for them; a crash
+// meanwhile leaves them to the start-up reconciliation, which removes whatever the driver still
+// lists. Without it (expiry, shutdown) the record is written once everything is released, and the
+// call returns then.
+func (s *Service) end(lv *live, reason string, recordFirst bool) {
 	first := false
 	lv.destroy1.Do(func() {
 		first = true
-		defer close(lv.gone)
 		s.stopExpiry(lv)
 		lv.mu.Lock()
 		lv.closing = true
@@ -512,39 +519,70 @@ func (s *Service) destroy(lv *live, reason string) {
 		for _, j := range queued {
 			s.finishCancelled(ctx, lv, j)
 		}
-		<-lv.done
-		s.flushNetwork(lv)
-		lv.mu.Lock()
-		failed := lv.rec.Status == store.SandboxError
-		lv.mu.Unlock()
-		s.cfg.Observer.Destroyed(lv.rec.Mode, reason)
-		if !failed {
-			if drv, ok := s.drivers[lv.rec.Mode]; ok {
-				if err := drv.Destroy(ctx, lv.id); err != nil {
-					s.log.Error("destroy sandbox", "sandbox", lv.id, "err", err)
-				}
-			}
-			if err := os.RemoveAll(filepath.Join(s.sandboxesDir(), lv.id)); err != nil {
-				s.log.Error("remove sandbox dir", "sandbox", lv.id, "err", err)
-			}
-			lv.mu.Lock()
-			t := now()
-			lv.rec.Status, lv.rec.DestroyedAt, lv.rec.DestroyReason = store.SandboxDestroyed, &t, reason
-			rec := lv.rec
-			lv.mu.Unlock()
-			if err := s.st.UpdateSandbox(ctx, rec); err != nil {
-				s.log.Error("record sandbox destroyed", "sandbox", lv.id, "err", err)
-			}
-			s.audit(ctx, store.Event{AccountID: rec.AccountID, Type: "sandbox.destroyed", SandboxID: lv.id, AgentID: rec.AgentID,
-				Detail: obj("reason", reason)})
+		if !recordFirst {
+			s.release(lv, reason)
+			s.record(lv, reason)
+			close(lv.gone)
+			return
 		}
-		s.mu.Lock()
-		delete(s.live, lv.id)
-		s.mu.Unlock()
+		<-lv.ready // provisioning ends at once when cancelled
+		s.record(lv, reason)
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer close(lv.gone)
+			s.release(lv, reason)
+		}()
 	})
-	if !first {
+	if !first && !recordFirst {
 		<-lv.gone
 	}
+}
+
+// release waits for the sandbox's goroutine (its running run killed) and frees what the driver
+// holds and the sandbox's host directories.
+func (s *Service) release(lv *live, reason string) {
+	<-lv.done
+	s.flushNetwork(lv)
+	lv.mu.Lock()
+	failed := lv.rec.Status == store.SandboxError
+	lv.mu.Unlock()
+	if failed {
+		return // provisioning cleaned up after itself
+	}
+	ctx := context.Background()
+	if drv, ok := s.drivers[lv.rec.Mode]; ok {
+		if err := drv.Destroy(ctx, lv.id); err != nil {
+			s.log.Error("destroy sandbox", "sandbox", lv.id, "err", err)
+		}
+	}
+	if err := os.RemoveAll(filepath.Join(s.sandboxesDir(), lv.id)); err != nil {
+		s.log.Error("remove sandbox dir", "sandbox", lv.id, "err", err)
+	}
+}
+
+// record writes the sandbox's destroyed record and event, and drops it from the live set.
+func (s *Service) record(lv *live, reason string) {
+	lv.mu.Lock()
+	failed := lv.rec.Status == store.SandboxError
+	if !failed {
+		t := now()
+		lv.rec.Status, lv.rec.DestroyedAt, lv.rec.DestroyReason = store.SandboxDestroyed, &t, reason
+	}
+	rec := lv.rec
+	lv.mu.Unlock()
+	if !failed {
+		ctx := context.Background()
+		s.cfg.Observer.Destroyed(rec.Mode, reason)
+		if err := s.st.UpdateSandbox(ctx, rec); err != nil {
+			s.log.Error("record sandbox destroyed", "sandbox", lv.id, "err", err)
+		}
+		s.audit(ctx, store.Event{AccountID: rec.AccountID, Type: "sandbox.destroyed", SandboxID: lv.id, AgentID: rec.AgentID,
+			Detail: obj("reason", reason)})
+	}
+	s.mu.Lock()
+	delete(s.live, lv.id)
+	s.mu.Unlock()
 }
 
 // stopExpiry stops a sandbox's expiry timer (set under s.mu when the sandbox was created).

@@ -241,8 +241,14 @@ func TestCancelAndDelete(t *testing.T) {
 		t.Fatalf("run on deleted sandbox: %s", got.Status)
 	}
 	sb, _ := e.svc.Get(ctx, e.acct, id)
-	if sb.Status != "destroyed" || *sb.DestroyReason != "deleted" || sb.DestroyedAt == nil || e.drv.Live(id) {
+	if sb.Status != "destroyed" || *sb.DestroyReason != "deleted" || sb.DestroyedAt == nil {
 		t.Fatalf("after delete: %+v", sb)
+	}
+	// The driver's resources are released off the request path, soon after.
+	for deadline := time.Now().Add(2 * time.Second); e.drv.Live(id); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the driver still holds the deleted sandbox")
+		}
 	}
 	if err := e.svc.Delete(ctx, e.acct, id); err != nil {
 		t.Fatalf("second delete: %v", err)

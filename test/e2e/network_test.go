@@ -325,12 +325,22 @@ func TestNetworkEgress(t *testing.T) {
 	if left := networkLeft(t, veths); len(left) != 0 {
 		t.Errorf("left after delete: %v", left)
 	}
-	filepath.WalkDir(filepath.Join(dir, "data"), func(p string, _ fs.DirEntry, _ error) error {
-		if strings.Contains(p, id) || strings.Contains(p, other) {
-			t.Errorf("%s left after delete", p)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		var left []string
+		filepath.WalkDir(filepath.Join(dir, "data"), func(p string, _ fs.DirEntry, _ error) error {
+			if strings.Contains(p, id) || strings.Contains(p, other) {
+				left = append(left, p)
+			}
+			return nil
+		})
+		if len(left) == 0 {
+			break
 		}
-		return nil
-	})
+		if time.Now().After(deadline) {
+			t.Errorf("left after delete: %v", left)
+			break
+		}
+	}
 }
 
 // sandboxVeths names the host-side veths of the given sandboxes (found by their alias, which
