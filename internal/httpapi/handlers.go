@@ -1,7 +1,9 @@
 package httpapi
 
 import (
+	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/sandboxd/sandboxd/api"
@@ -32,7 +34,7 @@ func (s *server) create(w http.ResponseWriter, r *http.Request, acct store.Accou
 	if resp.Status != store.SandboxReady {
 		status = http.StatusAccepted
 	}
-	w.Header().Set("Location", "/api/sandbox/"+resp.SandboxID)
+	w.Header().Set("Location", apiPrefix(r)+"/sandbox/"+resp.SandboxID)
 	writeJSON(w, status, resp)
 	return nil
 }
@@ -52,6 +54,12 @@ func (s *server) list(w http.ResponseWriter, r *http.Request, acct store.Account
 		return err
 	}
 	q := r.URL.Query()
+	switch st := q.Get("status"); st {
+	case "", store.SandboxProvisioning, store.SandboxReady, store.SandboxRunning, store.SandboxDestroyed, store.SandboxError:
+	default:
+		return apiError(http.StatusBadRequest, "invalid_request",
+			fmt.Sprintf("status %q is not a sandbox status (provisioning, ready, running, destroyed, error)", st))
+	}
 	out, err := s.svc.List(r.Context(), acct, q.Get("status"), q.Get("agent_id"), p, l)
 	if err != nil {
 		return err
@@ -78,7 +86,7 @@ func (s *server) run(w http.ResponseWriter, r *http.Request, acct store.Account)
 		return err
 	}
 	if accepted {
-		w.Header().Set("Location", "/api/sandbox/"+run.SandboxID+"/runs/"+run.RunID)
+		w.Header().Set("Location", apiPrefix(r)+"/sandbox/"+run.SandboxID+"/runs/"+run.RunID)
 		writeJSON(w, http.StatusAccepted, api.RunAccepted{RunID: run.RunID, SandboxID: run.SandboxID, Status: run.Status})
 		return nil
 	}
@@ -163,4 +171,12 @@ func (s *server) audit(w http.ResponseWriter, r *http.Request, acct store.Accoun
 func (s *server) images(w http.ResponseWriter, r *http.Request, _ store.Account) error {
 	writeJSON(w, http.StatusOK, api.ImageList{Images: s.svc.Images()})
 	return nil
+}
+
+// apiPrefix is the prefix the request came in under: "/api/v1" or "/api".
+func apiPrefix(r *http.Request) string {
+	if strings.HasPrefix(r.URL.Path, "/api/v1/") {
+		return "/api/v1"
+	}
+	return "/api"
 }

@@ -4,6 +4,7 @@
 package httpapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -60,31 +62,62 @@ func New(svc *sandbox.Service, opts Options) http.Handler {
 	}
 	s := &server{svc: svc, opts: opts, log: opts.Logger, limiters: map[string]*rate.Limiter{}}
 	mux := http.NewServeMux()
-	mux.Handle("GET /health", s.handle(s.health, false))
-	if opts.Metrics != nil {
-		mux.Handle("GET /metrics", opts.Metrics)
-	}
-	for _, p := range []string{"/api", "/api/v1"} {
-		mux.Handle("POST "+p+"/sandbox/create", s.handle(s.create, true))
-		mux.Handle("GET "+p+"/sandbox", s.handle(s.list, true))
-		mux.Handle("GET "+p+"/sandbox/{id}", s.handle(s.get, true))
-		mux.Handle("DELETE "+p+"/sandbox/{id}", s.handle(s.delete, true))
-		mux.Handle("POST "+p+"/sandbox/{id}/run", s.handle(s.run, true))
-		mux.Handle("GET "+p+"/sandbox/{id}/runs", s.handle(s.listRuns, true))
-		mux.Handle("GET "+p+"/sandbox/{id}/runs/{run_id}", s.handle(s.getRun, true))
-		mux.Handle("POST "+p+"/sandbox/{id}/runs/{run_id}/cancel", s.handle(s.cancelRun, true))
-		mux.Handle("GET "+p+"/sandbox/{id}/runs/{run_id}/events", s.handle(s.runEvents, true))
-		mux.Handle("PUT "+p+"/sandbox/{id}/files", s.handle(s.putFile, true))
-		mux.Handle("GET "+p+"/sandbox/{id}/files", s.handle(s.getFile, true))
-		mux.Handle("DELETE "+p+"/sandbox/{id}/files", s.handle(s.deleteFile, true))
-		mux.Handle("GET "+p+"/usage", s.handle(s.usage, true))
-		mux.Handle("GET "+p+"/audit", s.handle(s.audit, true))
-		mux.Handle("GET "+p+"/images", s.handle(s.images, true))
+	for _, rt := range s.routes() {
+		if rt.handler != nil { // GET /metrics has none without Options.Metrics
+			mux.Handle(rt.pattern, rt.handler)
+		}
 	}
 	mux.Handle("/", s.handle(func(w http.ResponseWriter, r *http.Request, _ store.Account) error {
 		return apiError(http.StatusNotFound, "not_found", fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path))
 	}, false))
 	return mux
+}
+
+// route is one entry of the route table: a net/http pattern ("METHOD /path") and its handler.
+type route struct {
+	pattern string
+	handler http.Handler
+}
+
+// routes is the API's one route table: New serves it, Routes lists it, and api/openapi.json
+// describes it (a test holds them together).
+func (s *server) routes() []route {
+	rs := []route{
+		{"GET /health", s.handle(s.health, false)},
+		{"GET /metrics", s.opts.Metrics},
+	}
+	for _, p := range []string{"/api", "/api/v1"} {
+		rs = append(rs, []route{
+			{"POST " + p + "/sandbox/create", s.handle(s.create, true)},
+			{"GET " + p + "/sandbox", s.handle(s.list, true)},
+			{"GET " + p + "/sandbox/{id}", s.handle(s.get, true)},
+			{"DELETE " + p + "/sandbox/{id}", s.handle(s.delete, true)},
+			{"POST " + p + "/sandbox/{id}/run", s.handle(s.run, true)},
+			{"GET " + p + "/sandbox/{id}/runs", s.handle(s.listRuns, true)},
+			{"GET " + p + "/sandbox/{id}/runs/{run_id}", s.handle(s.getRun, true)},
+			{"POST " + p + "/sandbox/{id}/runs/{run_id}/cancel", s.handle(s.cancelRun, true)},
+			{"GET " + p + "/sandbox/{id}/runs/{run_id}/events", s.handle(s.runEvents, true)},
+			{"PUT " + p + "/sandbox/{id}/files", s.handle(s.putFile, true)},
+			{"GET " + p + "/sandbox/{id}/files", s.handle(s.getFile, true)},
+			{"DELETE " + p + "/sandbox/{id}/files", s.handle(s.deleteFile, true)},
+			{"GET " + p + "/usage", s.handle(s.usage, true)},
+			{"GET " + p + "/audit", s.handle(s.audit, true)},
+			{"GET " + p + "/images", s.handle(s.images, true)},
+			{"GET " + p + "/openapi.json", s.handle(s.openAPI, false)},
+		}...)
+	}
+	return rs
+}
+
+// Routes lists the pattern ("METHOD /path", as net/http writes it) of every route New serves,
+// GET /metrics included (New serves it when Options.Metrics is set); the catch-all that answers
+// 404 not_found is not a route.
+func Routes() []string {
+	var out []string
+	for _, rt := range (&server{}).routes() {
+		out = append(out, rt.pattern)
+	}
+	return out
 }
 
 // httpError is an error httpapi itself classifies.
@@ -200,6 +233,8 @@ func (s *server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, &mbe):
 		env.Code, env.Error, env.Message = http.StatusRequestEntityTooLarge, "payload_too_large",
 			fmt.Sprintf("request body is over the limit of %d bytes", mbe.Limit)
+	case r.Context().Err() != nil: // the client went away: whatever failed failed because of it
+		env.Code, env.Error, env.Message = 499, "client_closed_request", "the request ended before the answer was ready"
 	case errors.As(err, &se):
 		env.Code, env.Error, env.Message = statusOf[se.Kind], string(se.Kind), se.Message
 		if env.Code == 0 {
@@ -232,8 +267,23 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 // decode reads a JSON body strictly: unknown fields, wrong types and trailing data are errors.
 func decode(w http.ResponseWriter, r *http.Request, limit int64, v any) error {
-	body := http.MaxBytesReader(w, r.Body, limit)
-	dec := json.NewDecoder(body)
+	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err != nil {
+		return err
+	}
+	if err := decodeJSON(raw, v); err != nil {
+		return err
+	}
+	// encoding/json matches names case-insensitively, keeps the last of duplicate keys and takes
+	// null for anything: the contract is stricter.
+	if err := exactKeys(json.NewDecoder(bytes.NewReader(raw)), reflect.TypeOf(v).Elem(), ""); err != nil {
+		return apiError(http.StatusBadRequest, "invalid_request", err.Error())
+	}
+	return nil
+}
+
+func decodeJSON(raw []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var mbe *http.MaxBytesError
@@ -324,3 +374,105 @@ func (w *statusWriter) WriteHeader(code int) {
 }
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// exactKeys walks the JSON value at dec's position against Go type t: object keys must be a
+// struct's json names exactly (case included), no key may repeat, and null only goes where the Go
+// type can hold it (pointer, slice, map, interface, json.RawMessage). path names the value in
+// errors ("config.resources.cpu").
+func exactKeys(dec *json.Decoder, t reflect.Type, path string) error {
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if tok == nil {
+		switch t.Kind() {
+		case reflect.Pointer, reflect.Slice, reflect.Map, reflect.Interface:
+			return nil
+		}
+		name := path
+		if name == "" {
+			name = "the body"
+		}
+		return fmt.Errorf("field %q must not be null", name)
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	delim, ok := tok.(json.Delim)
+	if !ok {
+		return nil // a scalar: its type was checked by the decoder
+	}
+	switch delim {
+	case '[':
+		for dec.More() {
+			if err := exactKeys(dec, elemOf(t), path+"[]"); err != nil {
+				return err
+			}
+		}
+	case '{':
+		seen := map[string]bool{}
+		for dec.More() {
+			kt, err := dec.Token()
+			if err != nil {
+				return err
+			}
+			key := kt.(string)
+			full := key
+			if path != "" {
+				full = path + "." + key
+			}
+			if seen[key] {
+				return fmt.Errorf("field %q appears twice", full)
+			}
+			seen[key] = true
+			var ft reflect.Type = anyType
+			switch t.Kind() {
+			case reflect.Struct:
+				f, ok := fieldByJSONName(t, key)
+				if !ok {
+					return fmt.Errorf("unknown field %q (names are case-sensitive)", full)
+				}
+				ft = f
+			case reflect.Map:
+				ft = t.Elem()
+			}
+			if err := exactKeys(dec, ft, full); err != nil {
+				return err
+			}
+		}
+	}
+	_, err = dec.Token() // the closing delimiter
+	return err
+}
+
+var anyType = reflect.TypeOf((*any)(nil)).Elem()
+
+func elemOf(t reflect.Type) reflect.Type {
+	if t.Kind() == reflect.Slice || t.Kind() == reflect.Array {
+		return t.Elem()
+	}
+	return anyType
+}
+
+// fieldByJSONName finds the field of struct t whose json name is exactly name. A json.RawMessage
+// field, or one of interface type, takes anything (returned as any).
+func fieldByJSONName(t reflect.Type, name string) (reflect.Type, bool) {
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		tag, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if tag == "-" || !f.IsExported() {
+			continue
+		}
+		if tag == "" {
+			tag = f.Name
+		}
+		if tag != name {
+			continue
+		}
+		if f.Type == reflect.TypeOf(json.RawMessage(nil)) {
+			return anyType, true
+		}
+		return f.Type, true
+	}
+	return nil, false
+}

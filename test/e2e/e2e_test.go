@@ -252,7 +252,8 @@ func sharedServer(t *testing.T) *server {
 }
 
 func TestMain(m *testing.M) {
-	code := m.Run()
+	checkResponses()
+	code := responsesChecked(m.Run())
 	if shared != nil {
 		shared.stop()
 		if code != 0 {
