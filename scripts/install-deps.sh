@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what sandboxd's container driver and the image build need, from Debian packages:
 # crun and runc (the OCI runtimes the driver drives; crun preferred) and debootstrap (builds the
-# default image, scripts/build-image.sh) and iproute2 (the e2e tests build a fake internet with ip).
+# default image, scripts/build-image.sh), iproute2 (the e2e tests build a fake internet with ip) and
+# python3 with pip, setuptools and wheel (the Python SDK's tests, and its offline pip install).
 # Idempotent: apt-get runs only when something is missing
 # (after an `apt-get update`), non-interactively. Needs root (or sudo) only in that case.
 #
@@ -14,18 +15,29 @@ declare -A pkgs=(
   [runc]=runc
   [debootstrap]=debootstrap
   [ip]=iproute2
+  [python3]=python3
 )
 
 # debootstrap lives in /usr/sbin, which a non-root PATH may lack.
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+# Python modules → Debian package (checked with Debian's own python3).
+declare -A pymods=(
+  [pip]=python3-pip
+  [setuptools]=python3-setuptools
+  [wheel]=python3-wheel
+)
 
 missing=()
 for cmd in "${!pkgs[@]}"; do
   have "$cmd" || missing+=("${pkgs[$cmd]}")
 done
 
+for mod in "${!pymods[@]}"; do
+  [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import $mod" 2>/dev/null || missing+=("${pymods[$mod]}")
+done
+
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all present (crun, runc, debootstrap, ip)" >&2
+  echo "install-deps: all present (crun, runc, debootstrap, ip, python3 with pip, setuptools, wheel)" >&2
   exit 0
 fi
 

@@ -3,6 +3,7 @@
 //	sandboxd serve --listen 127.0.0.1:8080 --data-dir data --image NAME=ROOTFS
 //	sandboxd keys create --data-dir data --account NAME --plan free|pro|enterprise
 //	sandboxd bench [--url URL --key KEY | serve flags]
+//	sandboxd create|ls|get|run|logs|cp|rm …   (clients of a running server: see client.go)
 package main
 
 import (
@@ -18,6 +19,12 @@ const usage = `usage:
   sandboxd serve [--listen ADDR] [--data-dir DIR] --image NAME=ROOTFS [--runtime crun|runc] [--config FILE]
   sandboxd keys create [--data-dir DIR] --account NAME [--plan free|pro|enterprise]
   sandboxd bench [-n N] [--url URL --key KEY] [serve flags]
+client commands (a running server: --url or SANDBOXD_URL, --key or SANDBOXD_API_KEY; --json for the API's JSON):
+  sandboxd create [--agent-id ID --mode M --image I --ro PATH --rw PATH --blocked PATH --allow HOST
+                   --cpu N --memory SIZE --timeout S --allow-spawn | --config FILE.json]   prints the ID
+  sandboxd ls [ID:/DIR] · sandboxd get ID · sandboxd rm ID|ID:/PATH...
+  sandboxd run ID [CODE | --file F | -] [--timeout S] [--env K=V] [--detach] · sandboxd logs ID RUN_ID
+  sandboxd cp LOCAL ID:/PATH · sandboxd cp ID:/PATH LOCAL
 `
 
 var version = "dev"
@@ -35,6 +42,8 @@ func main() {
 		err = keys(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
+	case "create", "ls", "get", "run", "logs", "cp", "rm":
+		os.Exit(clientMain(os.Args[1], os.Args[2:]))
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 		return

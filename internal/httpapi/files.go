@@ -3,9 +3,12 @@ package httpapi
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/internal/driver"
@@ -97,16 +100,48 @@ func (s *server) runEvents(w http.ResponseWriter, r *http.Request, acct store.Ac
 	h.Set("X-Accel-Buffering", "no")
 	w.WriteHeader(http.StatusOK)
 	_ = rc.Flush()
+	var mu sync.Mutex // events and keep-alives share the stream
+	ended := false    // the handler has returned: w is no longer ours
+	write := func(s string) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if ended {
+			return io.ErrClosedPipe
+		}
+		if _, err := io.WriteString(w, s); err != nil {
+			return err
+		}
+		return rc.Flush()
+	}
 	event := func(name, id string, v any) error {
 		data, _ := json.Marshal(v)
 		if id != "" {
 			id = "id: " + id + "\n"
 		}
-		if _, err := fmt.Fprintf(w, "%sevent: %s\ndata: %s\n\n", id, name, data); err != nil {
-			return err
-		}
-		return rc.Flush()
+		return write(fmt.Sprintf("%sevent: %s\ndata: %s\n\n", id, name, data))
 	}
+	// A comment line during silences keeps proxies from closing the stream.
+	stop := make(chan struct{})
+	defer func() {
+		close(stop)
+		mu.Lock()
+		ended = true
+		mu.Unlock()
+	}()
+	go func() {
+		t := time.NewTicker(s.opts.KeepAlive)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				if write(": keep-alive\n\n") != nil {
+					return
+				}
+			}
+		}
+	}()
 	run, err := s.svc.FollowRun(r.Context(), acct, r.PathValue("id"), r.PathValue("run_id"), at,
 		func(st driver.Stream, p []byte, at sandbox.Offsets) error {
 			return event(string(st), formatOffsets(at), api.OutputChunk{Data: string(p)})

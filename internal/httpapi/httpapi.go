@@ -31,7 +31,8 @@ type Options struct {
 	RatePerSec float64 // requests per second per account (default 100)
 	RateBurst  int     // burst per account (default 200)
 	Logger     *slog.Logger
-	Metrics    http.Handler // served at GET /metrics without a key (nil: no route)
+	Metrics    http.Handler  // served at GET /metrics without a key (nil: no route)
+	KeepAlive  time.Duration // interval of keep-alive comments in event streams (default 15s)
 }
 
 // Body size limits.
@@ -59,6 +60,9 @@ func New(svc *sandbox.Service, opts Options) http.Handler {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
+	}
+	if opts.KeepAlive <= 0 {
+		opts.KeepAlive = 15 * time.Second
 	}
 	s := &server{svc: svc, opts: opts, log: opts.Logger, limiters: map[string]*rate.Limiter{}}
 	mux := http.NewServeMux()

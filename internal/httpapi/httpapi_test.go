@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/fakedriver"
@@ -191,5 +192,24 @@ func TestConcurrencyLimitAndRateLimit(t *testing.T) {
 	_, m, _ := call(t, "GET", f.url+"/api/sandbox", f.key, "")
 	if m["error"] != "rate_limited" {
 		t.Fatalf("want rate_limited, got %v", m)
+	}
+}
+
+// A quiet run's event stream carries keep-alive comments.
+func TestEventsKeepAlive(t *testing.T) {
+	f := setup(t, httpapi.Options{KeepAlive: 20 * time.Millisecond})
+	_, m, _ := call(t, "POST", f.url+"/api/sandbox/create", f.key, `{"agent_id":"a"}`)
+	id := m["sandbox_id"].(string)
+	_, m, _ = call(t, "POST", f.url+"/api/sandbox/"+id+"/run", f.key, `{"code":"sleep:300","async":true}`)
+	req, _ := http.NewRequest("GET", f.url+"/api/sandbox/"+id+"/runs/"+m["run_id"].(string)+"/events", nil)
+	req.Header.Set("X-AgentCop-Key", f.key)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if n := strings.Count(string(b), ": keep-alive\n\n"); n < 3 || !strings.Contains(string(b), "event: end\n") {
+		t.Errorf("%d keep-alives in %q", n, b)
 	}
 }

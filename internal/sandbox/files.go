@@ -40,8 +40,8 @@ func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID
 		return nil, errorf(KindPathNotAllowed, "path %q must be absolute", p)
 	}
 	for _, part := range strings.Split(p, "/") {
-		if part == ".." || part == "." {
-			return nil, errorf(KindPathNotAllowed, "path %q must not contain %q", p, part)
+		if part == ".." {
+			return nil, errorf(KindPathNotAllowed, "path %q must not contain \"..\"", p)
 		}
 	}
 	if strings.ContainsRune(p, 0) {
@@ -116,7 +116,7 @@ func (s *Service) fileGone(lv *live, err error) error {
 func (s *Service) fileError(t *fileTarget, err error) error {
 	switch {
 	case errors.Is(err, hostfs.ErrEscapes):
-		return errorf(KindPathNotAllowed, "path %s leads outside its mount (through a symlink)", t.path)
+		return errorf(KindPathNotAllowed, "path %s leads outside its mount through a symlink (the files API follows only relative symlinks that stay inside the mount)", t.path)
 	case errors.Is(err, hostfs.ErrNotRegular):
 		return errorf(KindPathNotAllowed, "path %s is a special file (FIFO, device or socket)", t.path)
 	case errors.Is(err, hostfs.ErrTooLarge):
@@ -189,6 +189,10 @@ func (s *Service) OpenFile(ctx context.Context, acct store.Account, sandboxID, p
 	f, err := t.dir.OpenFile(t.rel)
 	if err != nil {
 		return nil, s.fileError(t, err)
+	}
+	if strings.HasSuffix(p, "/") && f.Info.Type != "dir" {
+		f.Close()
+		return nil, errorf(KindConflict, "path %s ends with \"/\" but %s is a file, not a directory", p, t.path)
 	}
 	return &OpenedFile{File: f, Path: t.path, t: t, s: s, acct: acct}, nil
 }
