@@ -3,10 +3,11 @@ SHELL   := /bin/bash
 LISTEN  ?= 127.0.0.1:8080
 DATA    ?= data
 IMAGE   := agentcop/agent-sandbox:latest
+WASM    := python:3.11-wasi
 GOFLAGS ?=
 export CGO_ENABLED := 0
 
-.PHONY: all deps image build run test bench clean
+.PHONY: all deps image wasm build run test bench clean
 
 all: build
 
@@ -17,19 +18,26 @@ deps:
 image: deps
 	@scripts/build-image.sh >/dev/null
 
+# The WASM image: CPython 3.11 for wasm32-wasi built from Debian's sources (about 4-8 minutes the
+# first time), cached in ~/.cache/sandboxd/python-wasm.
+wasm:
+	@scripts/build-python-wasm.sh >/dev/null
+
 build:
 	go build $(GOFLAGS) -o bin/sandboxd ./cmd/sandboxd
 	go build $(GOFLAGS) -o bin/sandbox-agent ./cmd/sandbox-agent
 
-run: image build
-	bin/sandboxd serve --listen $(LISTEN) --data-dir $(DATA) --image $(IMAGE)=$$(scripts/build-image.sh)
+run: image wasm build
+	bin/sandboxd serve --listen $(LISTEN) --data-dir $(DATA) --image $(IMAGE)=$$(scripts/build-image.sh) \
+		--wasm-image $(WASM)=$$(scripts/build-python-wasm.sh 2>/dev/null)
 
-test: image build
+test: image wasm build
 	go vet ./...
-	SANDBOXD_ROOTFS=$$(scripts/build-image.sh) SANDBOXD_BIN=$(CURDIR)/bin go test -count=1 -timeout 40m ./...
+	SANDBOXD_ROOTFS=$$(scripts/build-image.sh) SANDBOXD_PYTHON_WASM=$$(scripts/build-python-wasm.sh 2>/dev/null) \
+		SANDBOXD_BIN=$(CURDIR)/bin go test -count=1 -timeout 40m ./...
 
-bench: image build
-	bin/sandboxd bench --image $(IMAGE)=$$(scripts/build-image.sh)
+bench: image wasm build
+	bin/sandboxd bench --image $(IMAGE)=$$(scripts/build-image.sh) --wasm-image $(WASM)=$$(scripts/build-python-wasm.sh 2>/dev/null)
 
 clean:
 	rm -rf bin

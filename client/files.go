@@ -152,6 +152,9 @@ func (c *Client) ListFiles(ctx context.Context, id, dir string) (*api.FileList, 
 	}
 	var out api.FileList
 	resp, err := c.do(ctx, filesRequest("GET", id, dir), http.StatusOK)
+	if IsCode(err, CodeConflict) { // the server: a path ending in "/" that is a file
+		return nil, fmt.Errorf("%s: %w", strings.TrimSuffix(dir, "/"), ErrNotDirectory)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -12,7 +12,7 @@
 //   - Each run is started through a launcher: the agent re-executes itself as
 //     "sandbox-agent launch …", which sets rlimits and, unless allow_spawn, no_new_privs and a
 //     seccomp filter that denies creating processes (threads still work), then execs Python with
-//     the embedded runner (runner.py).
+//     the embedded runner (internal/pyrunner/runner.py).
 //   - When PID 1: one reaper reaps every zombie and hands the run's own exit status to the run;
 //     after every run, kill(-1, SIGKILL) removes every other process of the sandbox; signals that
 //     would stop a Go program (SIGTERM, SIGINT, …) are ignored, so code in the sandbox cannot stop
@@ -45,9 +45,10 @@ func main() {
 
 	socketDir := flag.String("socket-dir", agent.SocketDir, "directory of the agent's unix socket ("+agent.SocketName+")")
 	python := flag.String("python", "/usr/bin/python3", "the Python interpreter")
+	prestart := flag.String("prestart", "", "start the first run's process at once: 0 (allow_spawn false) or 1 (true)")
 	flag.Parse()
-	if flag.NArg() != 0 {
-		fmt.Fprintf(os.Stderr, "usage: sandbox-agent [--socket-dir DIR] [--python PATH]\n")
+	if flag.NArg() != 0 || (*prestart != "" && *prestart != "0" && *prestart != "1") {
+		fmt.Fprintf(os.Stderr, "usage: sandbox-agent [--socket-dir DIR] [--python PATH] [--prestart 0|1]\n")
 		os.Exit(2)
 	}
 
@@ -59,6 +60,9 @@ func main() {
 	a, err := newAgent(*socketDir, *python)
 	if err != nil {
 		log.Fatal(err)
+	}
+	if *prestart != "" {
+		a.prestart(*prestart == "1", agent.DefaultMaxOutput)
 	}
 	a.serve()
 }

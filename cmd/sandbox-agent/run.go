@@ -1,13 +1,11 @@
 package main
 
 import (
-	_ "embed"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log"
 	"os"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,22 +15,34 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
-//go:embed runner.py
-var runnerSource string
+// runnerSource is the runner every run executes (package pyrunner).
+var runnerSource = pyrunner.Source
 
-// bootstrap is Python's -c program: it reads argv[1] bytes of runner source from fd 3 and runs
-// them; the runner then reads the user code from the rest of fd 3. (Passing the runner itself
-// with -c would put all of it in every process listing.)
+// bootstrap is Python's -c program: it reads argv[1] bytes of runner source from fd 3 and compiles
+// them, then waits for the run: a block "<8 hex digits: length>K=V\0K=V\0…" with the run's
+// environment, which replaces os.environ, after which it runs the runner, which reads the user
+// code from the rest of fd 3. The agent starts the next run's process as soon as a run ends, so a
+// run finds its Python started and waiting (a fresh process per run all the same). (Passing the
+// runner itself with -c would put all of it in every process listing.)
 const bootstrap = `import os, sys
-n = int(sys.argv[1]); b = b""
-while len(b) < n:
-    c = os.read(3, n - len(b))
-    if not c: raise SystemExit("sandbox-agent: short runner")
-    b += c
-del n, c
-exec(compile(b, "<sandbox-runner>", "exec"))
+def _rd(n):
+    b = b""
+    while len(b) < n:
+        c = os.read(3, n - len(b))
+        if not c: raise SystemExit(0)
+        b += c
+    return b
+_r = compile(_rd(int(sys.argv[1])), "<sandbox-runner>", "exec")
+_e = _rd(int(_rd(8), 16))
+os.environ.clear()
+for _kv in _e.split(b"\0")[:-1]:
+    _k, _, _v = _kv.partition(b"=")
+    os.environb[_k] = _v
+del _rd, _e, _kv, _k, _v
+exec(_r)
 `
 
 const (
@@ -41,12 +51,135 @@ const (
 	chunkSize    = 32 << 10        // max bytes of one stdout/stderr event
 )
 
-var baseEnv = map[string]string{
-	"PATH":                    "/usr/local/bin:/usr/bin:/bin",
-	"HOME":                    "/tmp",
-	"LANG":                    "C.UTF-8",
-	"PYTHONDONTWRITEBYTECODE": "1",
-	"PYTHONUNBUFFERED":        "1",
+// proc is a started run process (the launcher, then Python waiting on fd 3 for its run) with the
+// agent's ends of its descriptors.
+type proc struct {
+	pid                              int
+	exited                           <-chan exitInfo
+	allowSpawn                       bool
+	maxOut                           int
+	runnerSent                       chan struct{} // closed once the runner source is in the code pipe
+	outR, errR, codeW, resR, statusR *os.File
+}
+
+func (p *proc) close() {
+	for _, f := range []*os.File{p.outR, p.errR, p.codeW, p.resR, p.statusR} {
+		f.Close()
+	}
+}
+
+// spawn starts a run process: the launcher with descriptors 0 /dev/null, 1 stdout, 2 stderr,
+// 3 code, 4 result, 5 status (see launch.go), which execs Python with the bootstrap; Python
+// compiles the runner and waits for the run on fd 3.
+func (a *agentServer) spawn(allowSpawn bool, maxOut int) (*proc, error) {
+	var parents, children []*os.File
+	fail := func(err error) (*proc, error) {
+		for _, f := range append(parents, children...) {
+			f.Close()
+		}
+		return nil, err
+	}
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return fail(fmt.Errorf("open /dev/null: %w", err))
+	}
+	children = append(children, devnull)
+	for fd := 1; fd <= 5; fd++ {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return fail(fmt.Errorf("pipe: %w", err))
+		}
+		if fd == 3 {
+			parents, children = append(parents, w), append(children, r)
+		} else {
+			parents, children = append(parents, r), append(children, w)
+		}
+	}
+	fds := make([]uintptr, len(children))
+	for i, f := range children {
+		fds[i] = f.Fd() // also puts the child's ends in blocking mode
+	}
+	spawn := "0"
+	if allowSpawn {
+		spawn = "1"
+	}
+	argv := []string{"sandbox-agent", launchCommand, spawn, a.python,
+		a.python, "-I", "-u", "-B", "-c", bootstrap, strconv.Itoa(len(runnerSource)), strconv.Itoa(maxOut)}
+	env, _ := buildEnv(nil)
+	dir := "/"
+	if st, err := os.Stat("/tmp"); err == nil && st.IsDir() {
+		dir = "/tmp"
+	}
+	attr := &syscall.ProcAttr{
+		Dir: dir, Env: env, Files: fds,
+		Sys: &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL},
+	}
+	pid, exited, err := a.reaper.start(func() (int, error) {
+		return syscall.ForkExec("/proc/self/exe", argv, attr)
+	})
+	if err != nil {
+		return fail(fmt.Errorf("starting the launcher: %w", err))
+	}
+	for _, f := range children {
+		f.Close()
+	}
+	p := &proc{pid: pid, exited: exited, allowSpawn: allowSpawn, maxOut: maxOut, runnerSent: make(chan struct{}),
+		outR: parents[0], errR: parents[1], codeW: parents[2], resR: parents[3], statusR: parents[4]}
+	// The runner source goes first; the pipe holds it while Python starts.
+	go func() {
+		defer close(p.runnerSent)
+		if _, err := io.WriteString(p.codeW, runnerSource); err != nil {
+			log.Printf("writing the runner: %v", err)
+		}
+	}()
+	return p, nil
+}
+
+// prestart starts the next run's process now (after a run has ended and its processes are
+// gone; the fork is quick, Python's start-up goes on in the background) and returns its pid. The
+// next run takes it if it fits.
+func (a *agentServer) prestart(allowSpawn bool, maxOut int) int {
+	p, err := a.spawn(allowSpawn, maxOut)
+	if err != nil {
+		log.Printf("pre-starting a run process: %v", err)
+		return 0
+	}
+	a.warmMu.Lock()
+	old := a.warm
+	a.warm = p
+	a.warmMu.Unlock()
+	if old != nil {
+		a.discard(old)
+	}
+	return p.pid
+}
+
+// take returns the pre-started process if it fits and is alive, else starts one.
+func (a *agentServer) take(allowSpawn bool, maxOut int) (*proc, error) {
+	a.warmMu.Lock()
+	p := a.warm
+	a.warm = nil
+	a.warmMu.Unlock()
+	if p != nil {
+		select {
+		case ex := <-p.exited: // died while waiting (e.g. killed): not usable
+			log.Printf("pre-started run process %d ended while idle (%v)", p.pid, ex.status)
+			p.close()
+		default:
+			if p.allowSpawn == allowSpawn && p.maxOut == maxOut {
+				return p, nil
+			}
+			a.discard(p)
+		}
+	}
+	return a.spawn(allowSpawn, maxOut)
+}
+
+// discard kills an unused process.
+func (a *agentServer) discard(p *proc) {
+	unix.Kill(-p.pid, unix.SIGKILL)
+	<-p.exited
+	p.close()
 }
 
 // run executes one request and returns its result; output chunks go to s as they arrive.
@@ -61,86 +194,29 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 		res.AgentError = err.Error()
 		return res
 	}
-	dir := "/"
-	if st, err := os.Stat("/tmp"); err == nil && st.IsDir() {
-		dir = "/tmp"
-	}
-
-	// Descriptors of the launcher (and then Python): see launch.go.
-	var parentEnds, childEnds []*os.File
-	defer func() {
-		for _, f := range append(parentEnds, childEnds...) {
-			f.Close()
-		}
-	}()
-	devnull, err := os.Open(os.DevNull)
+	p, err := a.take(req.AllowSpawn, maxOut)
 	if err != nil {
-		res.AgentError = "open /dev/null: " + err.Error()
+		res.AgentError = err.Error()
 		return res
 	}
-	childEnds = append(childEnds, devnull)
-	pipe := func(childReads bool) (parent, child *os.File, err error) {
-		r, w, err := os.Pipe()
-		if err != nil {
-			return nil, nil, err
-		}
-		if childReads {
-			parent, child = w, r
-		} else {
-			parent, child = r, w
-		}
-		parentEnds = append(parentEnds, parent)
-		childEnds = append(childEnds, child)
-		return parent, child, nil
-	}
-	var files [6]*os.File
-	var parents [6]*os.File
-	files[0] = devnull
-	for fd := 1; fd <= 5; fd++ {
-		p, c, err := pipe(fd == 3)
-		if err != nil {
-			res.AgentError = "pipe: " + err.Error()
-			return res
-		}
-		parents[fd], files[fd] = p, c
-	}
-	outR, errR, codeW, resR, statusR := parents[1], parents[2], parents[3], parents[4], parents[5]
-	fds := make([]uintptr, len(files))
-	for i, f := range files {
-		fds[i] = f.Fd() // also puts the child's ends in blocking mode
-	}
-
-	spawn := "0"
-	if req.AllowSpawn {
-		spawn = "1"
-	}
-	argv := []string{"sandbox-agent", launchCommand, spawn, a.python,
-		a.python, "-I", "-u", "-B", "-c", bootstrap, strconv.Itoa(len(runnerSource)), strconv.Itoa(maxOut)}
-	attr := &syscall.ProcAttr{
-		Dir:   dir,
-		Env:   env,
-		Files: fds,
-		Sys:   &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL},
-	}
+	defer p.close()
+	pid, exited := p.pid, p.exited
+	outR, errR, codeW, resR, statusR := p.outR, p.errR, p.codeW, p.resR, p.statusR
 	start := time.Now()
-	pid, exited, err := a.reaper.start(func() (int, error) {
-		return syscall.ForkExec("/proc/self/exe", argv, attr)
-	})
-	for _, f := range childEnds {
-		f.Close()
+	var envBlock strings.Builder
+	for _, kv := range env {
+		envBlock.WriteString(kv)
+		envBlock.WriteByte(0)
 	}
-	childEnds = nil
-	if err != nil {
-		res.AgentError = "starting the launcher: " + err.Error()
-		return res
-	}
+	header := fmt.Sprintf("%08x", envBlock.Len()) + envBlock.String()
 
 	var wg sync.WaitGroup
 	wg.Add(5)
 	go func() {
 		defer wg.Done()
-		// Writes fail only if Python is gone.
-		if _, err := io.WriteString(codeW, runnerSource); err == nil {
+		// Writes fail only if Python is gone. The runner source was written at spawn.
+		<-p.runnerSent
+		if _, err := io.WriteString(codeW, header); err == nil {
 			io.WriteString(codeW, req.Code)
 		}
 		codeW.Close()
@@ -160,6 +236,7 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 		timeout = t.C
 	}
 	var ex exitInfo
+	hostGone := false
 	select {
 	case ex = <-exited:
 	case <-timeout:
@@ -168,14 +245,21 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 		ex = <-exited
 	case <-s.gone:
 		log.Printf("host closed the connection; killing the run")
+		hostGone = true
 		a.killRun(pid)
 		ex = <-exited
 	case <-s.broken:
 		log.Printf("writing to the host failed; killing the run")
+		hostGone = true
 		a.killRun(pid)
 		ex = <-exited
 	}
 	a.killRun(pid) // whatever the run started is not to outlive it
+	if !hostGone {
+		// The host learns the standby's PID from this result; a host that went away (a
+		// cancelled run) would take it for a leftover of the run, so the next run starts its own.
+		res.StandbyPID = a.prestart(req.AllowSpawn, maxOut)
+	}
 
 	deadline := time.Now().Add(drainTimeout)
 	for _, f := range []*os.File{outR, errR, resR, statusR} {
@@ -291,21 +375,4 @@ func readCapped(f *os.File, max int64) []byte {
 	return b
 }
 
-func buildEnv(extra map[string]string) ([]string, error) {
-	m := make(map[string]string, len(baseEnv)+len(extra))
-	for k, v := range baseEnv {
-		m[k] = v
-	}
-	for k, v := range extra {
-		if k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0) {
-			return nil, fmt.Errorf("invalid environment variable %q", k)
-		}
-		m[k] = v
-	}
-	env := make([]string, 0, len(m))
-	for k, v := range m {
-		env = append(env, k+"="+v)
-	}
-	sort.Strings(env)
-	return env, nil
-}
+func buildEnv(extra map[string]string) ([]string, error) { return pyrunner.Env(nil, extra) }

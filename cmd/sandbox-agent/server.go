@@ -32,6 +32,9 @@ type agentServer struct {
 	pid1     bool
 	reaper   *reaper
 
+	warmMu sync.Mutex
+	warm   *proc // the next run's process, started and waiting (nil: none)
+
 	ln    *net.UnixListener
 	inode uint64 // of the socket file we created
 }

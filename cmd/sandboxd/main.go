@@ -42,6 +42,8 @@ func main() {
 		err = keys(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
+	case "wasm-worker": // hidden: a worker process of the wasm driver (see wasmworker.go)
+		wasmWorker(os.Args[2:])
 	case "create", "ls", "get", "run", "logs", "cp", "rm":
 		os.Exit(clientMain(os.Args[1], os.Args[2:]))
 	case "-h", "--help", "help":

@@ -60,7 +60,7 @@ type daemon struct {
 	cfg  config.Config
 	st   store.Store
 	svc  *sandbox.Service
-	drv  driver.Driver
+	drvs []driver.Driver // to close at the end
 	srv  *http.Server
 	ln   net.Listener
 	lock *os.File
@@ -113,7 +113,28 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 	if err != nil {
 		return fail(fmt.Errorf("container runtime: %w", err))
 	}
-	d.drv = drv
+	d.drvs = append(d.drvs, drv)
+	drivers := map[string]driver.Driver{sandbox.ModeContainer: drv}
+	if wasmImages := imagesOf(cfg.Images, sandbox.ModeWASM); len(wasmImages) > 0 {
+		wd, err := driver.Open("wasm", driver.Options{StateDir: filepath.Join(cfg.DataDir, "wasm")})
+		if err != nil {
+			return fail(fmt.Errorf("wasm mode: %w", err))
+		}
+		d.drvs = append(d.drvs, wd)
+		drivers[sandbox.ModeWASM] = wd
+		// Compile python.wasm and fill the worker pools now, not at the first create.
+		if p, ok := wd.(interface {
+			Prepare(context.Context, string) error
+		}); ok {
+			for _, im := range wasmImages {
+				go func() {
+					if err := p.Prepare(context.WithoutCancel(ctx), im.RootFS); err != nil {
+						log.Error("prepare wasm image", "image", im.Name, "err", err)
+					}
+				}()
+			}
+		}
+	}
 	m := metrics.New(func() map[[2]string]int {
 		if s := sink.Load(); s != nil {
 			return s.LiveCounts()
@@ -123,7 +144,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
 		DataDir: cfg.DataDir, Images: cfg.Images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, TmpBytes: cfg.TmpBytes, Logger: log,
 		MaxUploadBytes: cfg.MaxUploadBytes, Observer: m,
-	}, m.Store(d.st), map[string]driver.Driver{sandbox.ModeContainer: drv})
+	}, m.Store(d.st), drivers)
 	if err != nil {
 		return fail(err)
 	}
@@ -144,6 +165,17 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 	return d, nil
 }
 
+// imagesOf returns the images of one mode.
+func imagesOf(ims []sandbox.Image, mode string) []sandbox.Image {
+	var out []sandbox.Image
+	for _, im := range ims {
+		if im.Mode == mode {
+			out = append(out, im)
+		}
+	}
+	return out
+}
+
 // close stops serving, destroys every live sandbox, closes the driver (its host network rules
 // and egress gateway) and the store.
 func (d *daemon) close(ctx context.Context) {
@@ -155,9 +187,11 @@ func (d *daemon) close(ctx context.Context) {
 			fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)
 		}
 	}
-	if c, ok := d.drv.(io.Closer); ok {
-		if err := c.Close(); err != nil {
-			fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)
+	for _, drv := range d.drvs {
+		if c, ok := drv.(io.Closer); ok {
+			if err := c.Close(); err != nil {
+				fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)
+			}
 		}
 	}
 	if d.st != nil {

@@ -665,3 +665,24 @@ s.sendall(json.dumps({"code": "open(%%r, 'w').write('x')" %% %q, "timeout_ms": 1
 	}
 	run(t, sock, agent.RunRequest{Code: "print(1)"})
 }
+
+// A run finds its Python pre-started: the standby the previous run reported serves the next one,
+// with the next one's own environment, and nothing of a run's state reaches the next.
+func TestStandby(t *testing.T) {
+	t.Parallel()
+	sock := startAgent(t, "--prestart", "1")
+	first := run(t, sock, agent.RunRequest{Code: "import os\nos.environ['LEAK'] = 'x'\nglobal_state = 1\nresult = os.getpid()", AllowSpawn: true})
+	if first.StandbyPID == 0 {
+		t.Fatal("no standby reported")
+	}
+	second := run(t, sock, agent.RunRequest{Code: "import os\nresult = [os.getpid(), os.environ.get('LEAK'), os.environ.get('MINE'), 'global_state' in globals()]",
+		Env: map[string]string{"MINE": "yes"}, AllowSpawn: true})
+	if string(second.Result) != fmt.Sprintf("[%d,null,\"yes\",false]", first.StandbyPID) {
+		t.Errorf("second run: %s (standby was %d)", second.Result, first.StandbyPID)
+	}
+	// A standby of the wrong kind is replaced, not used.
+	third := run(t, sock, agent.RunRequest{Code: "import os\nresult = os.getpid()", AllowSpawn: false})
+	if string(third.Result) == fmt.Sprint(second.StandbyPID) {
+		t.Error("a standby started with allow_spawn true served a run with allow_spawn false")
+	}
+}

@@ -21,6 +21,9 @@ import (
 // DefaultImage is the name of the image approved out of the box.
 const DefaultImage = "agentcop/agent-sandbox:latest"
 
+// DefaultWasmImage is the name of the WASM image approved out of the box.
+const DefaultWasmImage = "python:3.11-wasi"
+
 // Config is the whole configuration of the serve command.
 type Config struct {
 	Listen     string
@@ -75,13 +78,14 @@ func ParseServe(args []string) (Config, error) {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	c := Config{}
 	var cfgPath string
-	var images imageFlags
+	var images, wasmImages imageFlags
 	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8080", "address to serve the API on")
 	fs.StringVar(&c.DataDir, "data-dir", "data", "directory for the database and the sandboxes' files")
 	fs.StringVar(&c.Runtime, "runtime", "", "OCI runtime: crun or runc (default: detect, crun first)")
 	fs.StringVar(&c.AgentBin, "agent-bin", "", "path of the sandbox-agent binary (default: next to sandboxd)")
 	fs.StringVar(&cfgPath, "config", "", "optional JSON file with images, plans and limits")
 	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
+	fs.Var(&wasmImages, "wasm-image", "approved WASM image as NAME=DIR holding python.wasm and lib/ (repeatable; the first is the wasm default)")
 	err := fs.Parse(args)
 	if err != nil {
 		return c, err
@@ -104,6 +108,13 @@ func ParseServe(args []string) (Config, error) {
 		}
 		c.Images = append(c.Images, sandbox.Image{Name: name, Mode: sandbox.ModeContainer, RootFS: root, Default: i == 0 && !hasDefault(c.Images, sandbox.ModeContainer)})
 	}
+	for i, v := range wasmImages {
+		name, root, ok := strings.Cut(v, "=")
+		if !ok || name == "" || root == "" {
+			return c, fmt.Errorf("--wasm-image %q: want NAME=DIR, e.g. --wasm-image %s=$(scripts/build-python-wasm.sh | tail -1)", v, DefaultWasmImage)
+		}
+		c.Images = append(c.Images, sandbox.Image{Name: name, Mode: sandbox.ModeWASM, RootFS: root, Default: i == 0 && !hasDefault(c.Images, sandbox.ModeWASM)})
+	}
 	if len(c.Images) == 0 {
 		return c, fmt.Errorf("no approved image: pass --image %s=ROOTFS_DIR (build one with scripts/build-image.sh, or use make run)", DefaultImage)
 	}
@@ -114,6 +125,19 @@ func ParseServe(args []string) (Config, error) {
 			return c, err
 		}
 		im.RootFS = abs
+		if im.Mode == sandbox.ModeWASM {
+			if st, err := os.Stat(filepath.Join(abs, "python.wasm")); err != nil || st.IsDir() {
+				return c, fmt.Errorf("wasm image %s: %s has no python.wasm (build one with scripts/build-python-wasm.sh)", im.Name, abs)
+			}
+			if info, err := os.ReadFile(filepath.Join(abs, "BUILDINFO")); err == nil {
+				for _, l := range strings.Split(string(info), "\n") {
+					if v, ok := strings.CutPrefix(l, "python_wasm_sha256="); ok {
+						im.Digest = "sha256:" + strings.TrimSpace(v)
+					}
+				}
+			}
+			continue
+		}
 		if st, err := os.Stat(filepath.Join(abs, "usr/bin/python3")); err != nil || st.IsDir() {
 			return c, fmt.Errorf("image %s: %s has no usr/bin/python3: is it a root filesystem? (build one with scripts/build-image.sh)", im.Name, abs)
 		}

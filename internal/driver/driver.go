@@ -135,6 +135,13 @@ type Options struct {
 	Resolver    egress.Resolver
 	NetworkPool netip.Prefix
 	OnNetwork   func(egress.Decision)
+
+	// WASM driver. WasmWorker is the command (program and leading arguments) that starts a worker
+	// process; the driver appends the worker's own flags. Empty: this executable's hidden
+	// "wasm-worker" subcommand (tests set their own test binary). WasmPool is how many idle,
+	// compiled workers the driver keeps per image (0: its default, 2).
+	WasmWorker []string
+	WasmPool   int
 }
 
 var (

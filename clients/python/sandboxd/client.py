@@ -458,7 +458,10 @@ class Client:
         (a "/" is appended to ``path`` when missing). NotADirectoryError for a file."""
         if not path.endswith("/"):
             path += "/"
-        resp = self.open("GET", _sandbox(sandbox_id, "files"), query={"path": path})
+        try:
+            resp = self.open("GET", _sandbox(sandbox_id, "files"), query={"path": path})
+        except errors.Conflict as e:  # the server: a path ending in "/" that is a file
+            raise NotADirectoryError("%s is a file in sandbox %s, not a directory" % (path.rstrip("/"), sandbox_id)) from e
         try:
             ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip()
             if ctype != "application/json" or resp.getheader("ETag"):

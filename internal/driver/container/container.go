@@ -41,6 +41,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -113,6 +114,7 @@ type box struct {
 	meta
 	dir     string
 	logDone chan struct{} // closed when the copier of the container's stdout/stderr ends; nil after a reload
+	standby atomic.Int64  // the agent's standby process for the next run (PID inside the sandbox; 0: none)
 }
 
 // Open opens the container driver: it requires EnterMountNamespace to have run, checks the agent
@@ -347,7 +349,12 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err != nil {
 		return err
 	}
-	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath}, cwd: cwd, mounts: mounts, masked: masked, res: spec, netns: nb.NSPath}
+	// The agent starts the first run's Python at once (see agent.RunResult.StandbyPID).
+	prestart := "0"
+	if spec.AllowSpawn {
+		prestart = "1"
+	}
+	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath, "--prestart", prestart}, cwd: cwd, mounts: mounts, masked: masked, res: spec, netns: nb.NSPath}
 	if err := writeJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
 		return err
 	}
@@ -723,7 +730,8 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	res, runErr := agentRun(runCtx, socketPath(b.dir), areq, onEvent)
 	wall := time.Since(started)
 	// Whatever happened, no process of the run may be left when we return.
-	if err := d.killStragglers(id, b.Pid); err != nil {
+	b.standby.Store(int64(res.StandbyPID))
+	if err := d.killStragglers(id, b.Pid, res.StandbyPID); err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
 	}
 	oomAfter, oomErr := d.cg.oomKills(id)
@@ -771,16 +779,18 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	return out, nil
 }
 
-// killStragglers waits until the sandbox's only process is its init (the agent) — the agent kills
-// the run's processes itself — and SIGKILLs what is left after stragglerWait.
-func (d *Driver) killStragglers(id string, initPid int) error {
+// killStragglers waits until the sandbox's only processes are its init (the agent) and the
+// agent's standby process for the next run (standby: its PID in the sandbox's PID namespace, as
+// the agent reports it; 0: none) — the agent kills the
+// run's processes itself — and SIGKILLs what is left after stragglerWait.
+func (d *Driver) killStragglers(id string, initPid, standby int) error {
 	start, lastKill := time.Now(), time.Time{}
 	for {
 		pids, err := d.cg.procs(id)
 		if err != nil {
 			return fmt.Errorf("list sandbox processes: %w", err)
 		}
-		pids = slices.DeleteFunc(pids, func(p int) bool { return p == initPid })
+		pids = slices.DeleteFunc(pids, func(p int) bool { return p == initPid || (standby > 0 && innerPID(p) == standby) })
 		if len(pids) == 0 {
 			return nil
 		}
@@ -797,6 +807,25 @@ func (d *Driver) killStragglers(id string, initPid int) error {
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// innerPID is the PID of host process pid in its innermost PID namespace (the last NSpid field);
+// 0 if it cannot be read (the process is gone).
+func innerPID(pid int) int {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
+			f := strings.Fields(v)
+			if len(f) > 0 {
+				n, _ := strconv.Atoi(f[len(f)-1])
+				return n
+			}
+		}
+	}
+	return 0
 }
 
 // Destroy kills and removes sandbox id: the container (runtime delete --force), its egress gateway,

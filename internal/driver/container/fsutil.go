@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/cgroup"
 )
 
 // Path resolution inside a directory treated as a root (the sandbox's overlay root, a mount's host
@@ -132,7 +134,7 @@ func isMountPoint(dir string) (bool, error) {
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
-		if len(f) > 4 && unescapeMountinfo(f[4]) == dir {
+		if len(f) > 4 && cgroup.UnescapeMountinfo(f[4]) == dir {
 			return true, nil
 		}
 	}

@@ -1,13 +1,20 @@
-# The in-sandbox runner. sandbox-agent starts `python3 -I -u -B -c BOOTSTRAP <runner-len> <limit>`
-# (see run.go) and writes this file followed by the user code to fd 3; the bootstrap reads and
-# executes this file, which reads the rest of fd 3 (the user code) to EOF.
+# The in-sandbox runner: executes one run's code and reports `result` and the uncaught exception.
+# Every driver runs this file (package pyrunner embeds it), so the semantics below are the same in
+# every mode. It is started as `python -I -u -B -c BOOTSTRAP <runner-len> <limit> [<code> <result>]`
+# where BOOTSTRAP reads and executes this file; then:
 #
-# fd 4: one JSON object written at the end:
-#   {"result": <JSON of the global `result`, or its repr() as a JSON string>,
-#    "error": {"type", "message", "traceback"}}   (either key may be absent).
+#   code:   the user's code. Default: the rest of fd 3 after this file (sandbox-agent writes this
+#           file followed by the code to fd 3). With argv[3]: the file of that name, read whole
+#           (WASI has no inherited descriptors beyond stdio; the wasm driver serves these files).
+#   result: one JSON object written at the end. Default: fd 4. With argv[4]: the file of that name,
+#           opened before the code runs.
+#     {"result": <JSON of the global `result`, or its repr() as a JSON string>,
+#      "error": {"type", "message", "traceback"}}   (either key may be absent).
+#
 # The code runs as a fresh __main__ module, compiled with filename "<run>". Uncaught exception:
 # traceback to stderr (via sys.excepthook), error in the JSON, exit 1. SystemExit: exit like Python,
-# not an error. KeyboardInterrupt: reported as an error, then exit by SIGINT, like Python.
+# not an error. KeyboardInterrupt: reported as an error, then exit by SIGINT, like Python (130
+# where there are no signals, as Python does).
 # A `result` whose JSON is longer than <limit> is replaced by a string saying it was omitted.
 #
 # The runner avoids imports on the success path (json costs ~6 ms at start-up); modules it needs
@@ -32,11 +39,16 @@ def _sandbox_run():
             sys.path[:] = saved
         return sys.modules[name]
 
-    try:
-        os.set_inheritable(4, False)
-    except OSError:
-        pass
-    with open(3, "rb") as f:
+    code_src = sys.argv[3] if len(sys.argv) > 3 else 3
+    if len(sys.argv) > 4:
+        res_fd = os.open(sys.argv[4], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    else:
+        res_fd = 4
+        try:
+            os.set_inheritable(4, False)
+        except OSError:
+            pass
+    with open(code_src, "rb") as f:
         src = f.read()
 
     builtins = sys.modules["builtins"]
@@ -81,12 +93,12 @@ def _sandbox_run():
     payload = ("{" + ",".join(doc) + "}").encode("utf-8", "surrogatepass")
     try:
         while payload:
-            n = os.write(4, payload)
+            n = os.write(res_fd, payload)
             payload = payload[n:]
     except OSError:
         pass
     try:
-        os.close(4)
+        os.close(res_fd)
     except OSError:
         pass
 
@@ -99,9 +111,13 @@ def _sandbox_run():
 
     if exc is not None:
         if isinstance(exc, KeyboardInterrupt):
-            import _signal
-            _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
-            os.kill(os.getpid(), _signal.SIGINT)
+            try:
+                import _signal
+                _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+                os.kill(os.getpid(), _signal.SIGINT)
+            except BaseException:
+                pass
+            sys.exit(130)
         sys.exit(1)
     sys.exit(exit_arg)
 

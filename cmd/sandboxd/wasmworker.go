@@ -1,0 +1,13 @@
+package main
+
+import (
+	"os"
+
+	"github.com/sandboxd/sandboxd/internal/driver/wasm"
+)
+
+// wasmWorker runs the hidden `sandboxd wasm-worker` subcommand: one worker process of the wasm
+// driver, started by the driver itself (see package wasm). It never returns.
+func wasmWorker(args []string) {
+	os.Exit(wasm.WorkerMain(args))
+}

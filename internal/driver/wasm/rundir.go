@@ -1,0 +1,248 @@
+package wasm
+
+import (
+	"io"
+	"io/fs"
+	"sort"
+	"sync"
+	"time"
+
+	experimentalsys "github.com/tetratelabs/wazero/experimental/sys"
+	"github.com/tetratelabs/wazero/sys"
+)
+
+// runDirPath is where a run's private directory is mounted in the guest.
+const runDirPath = "/.sandbox"
+
+// runDir is one run's private directory, in memory: the runner's source and the user's code to
+// read, and the file the runner writes its report to. Each entry can be opened once: the runner
+// opens all three before the user's code runs, so the code finds the directory empty (it can
+// neither read the runner's input again nor forge its report). Nothing touches the disk.
+type runDir struct {
+	experimentalsys.UnimplementedFS
+	mu      sync.Mutex
+	entries map[string]*runEntry
+	made    time.Time
+}
+
+type runEntry struct {
+	data   []byte // content to read (nil for the report)
+	write  bool   // the report: write-only
+	opened bool
+}
+
+// newRunDir returns the directory for one run.
+func newRunDir(runner, code []byte) *runDir {
+	return &runDir{made: time.Now(), entries: map[string]*runEntry{
+		"runner": {data: runner},
+		"code":   {data: code},
+		"result": {write: true},
+	}}
+}
+
+// report returns what the runner wrote to "result".
+func (d *runDir) report() []byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.entries["result"].data
+}
+
+func (d *runDir) String() string { return runDirPath }
+
+// maxReport bounds the report: the result's JSON (limited by the runner) plus the error's
+// message and traceback (256 KiB each at most).
+const maxReport = 64 << 20
+
+func (d *runDir) OpenFile(p string, flag experimentalsys.Oflag, _ fs.FileMode) (experimentalsys.File, experimentalsys.Errno) {
+	rel, errno := cleanRel(p)
+	if errno != 0 {
+		return nil, errno
+	}
+	if rel == "" {
+		if flag&writeFlags != 0 {
+			return nil, experimentalsys.EISDIR
+		}
+		return &runDirFile{d: d}, 0
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := d.entries[rel]
+	if e == nil || e.opened {
+		if flag&experimentalsys.O_CREAT != 0 {
+			return nil, experimentalsys.EACCES
+		}
+		return nil, experimentalsys.ENOENT
+	}
+	acc := flag & (experimentalsys.O_RDONLY | experimentalsys.O_RDWR | experimentalsys.O_WRONLY)
+	if e.write != (acc == experimentalsys.O_WRONLY) || flag&experimentalsys.O_DIRECTORY != 0 {
+		return nil, experimentalsys.EACCES
+	}
+	e.opened = true
+	return &memFile{d: d, e: e, name: rel}, 0
+}
+
+func (d *runDir) stat(rel string) (sys.Stat_t, experimentalsys.Errno) {
+	if rel == "" {
+		return sys.Stat_t{Mode: fs.ModeDir | 0o500, Nlink: 2, Ino: 1, Mtim: d.made.UnixNano()}, 0
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := d.entries[rel]
+	if e == nil || e.opened {
+		return sys.Stat_t{}, experimentalsys.ENOENT
+	}
+	return e.stat(d.made), 0
+}
+
+func (e *runEntry) stat(t time.Time) sys.Stat_t {
+	mode := fs.FileMode(0o400)
+	if e.write {
+		mode = 0o200
+	}
+	return sys.Stat_t{Mode: mode, Nlink: 1, Size: int64(len(e.data)), Mtim: t.UnixNano(), Atim: t.UnixNano(), Ctim: t.UnixNano()}
+}
+
+func (d *runDir) Stat(p string) (sys.Stat_t, experimentalsys.Errno) {
+	rel, errno := cleanRel(p)
+	if errno != 0 {
+		return sys.Stat_t{}, errno
+	}
+	return d.stat(rel)
+}
+
+func (d *runDir) Lstat(p string) (sys.Stat_t, experimentalsys.Errno) { return d.Stat(p) }
+
+// runDirFile is the directory itself (listing what is still unopened).
+type runDirFile struct {
+	experimentalsys.UnimplementedFile
+	d    *runDir
+	done bool
+}
+
+func (f *runDirFile) Stat() (sys.Stat_t, experimentalsys.Errno) { return f.d.stat("") }
+func (f *runDirFile) Ino() (sys.Inode, experimentalsys.Errno)   { return 1, 0 }
+func (f *runDirFile) IsDir() (bool, experimentalsys.Errno)      { return true, 0 }
+func (f *runDirFile) IsAppend() bool                            { return false }
+func (f *runDirFile) SetAppend(bool) experimentalsys.Errno      { return experimentalsys.EISDIR }
+func (f *runDirFile) Read([]byte) (int, experimentalsys.Errno)  { return 0, experimentalsys.EISDIR }
+func (f *runDirFile) Write([]byte) (int, experimentalsys.Errno) { return 0, experimentalsys.EISDIR }
+func (f *runDirFile) Pread([]byte, int64) (int, experimentalsys.Errno) {
+	return 0, experimentalsys.EISDIR
+}
+func (f *runDirFile) Pwrite([]byte, int64) (int, experimentalsys.Errno) {
+	return 0, experimentalsys.EISDIR
+}
+func (f *runDirFile) Truncate(int64) experimentalsys.Errno { return experimentalsys.EISDIR }
+
+func (f *runDirFile) Seek(off offset, whence int) (int64, experimentalsys.Errno) {
+	if off != 0 || whence != io.SeekStart {
+		return 0, experimentalsys.EINVAL
+	}
+	f.done = false
+	return 0, 0
+}
+
+func (f *runDirFile) Readdir(n int) ([]experimentalsys.Dirent, experimentalsys.Errno) {
+	if f.done {
+		return nil, 0
+	}
+	f.d.mu.Lock()
+	var names []string
+	for name, e := range f.d.entries {
+		if !e.opened {
+			names = append(names, name)
+		}
+	}
+	f.d.mu.Unlock()
+	sort.Strings(names)
+	f.done = true
+	out := make([]experimentalsys.Dirent, 0, len(names))
+	for i, name := range names {
+		out = append(out, experimentalsys.Dirent{Name: name, Ino: uint64(i + 2)})
+	}
+	return out, 0
+}
+
+// memFile is an opened entry: a reader of its data, or the writer of the report.
+type memFile struct {
+	experimentalsys.UnimplementedFile
+	d      *runDir
+	e      *runEntry
+	name   string
+	off    int64
+	closed bool
+}
+
+func (f *memFile) Stat() (sys.Stat_t, experimentalsys.Errno) {
+	f.d.mu.Lock()
+	defer f.d.mu.Unlock()
+	return f.e.stat(f.d.made), 0
+}
+
+func (f *memFile) IsDir() (bool, experimentalsys.Errno) { return false, 0 }
+
+func (f *memFile) Read(buf []byte) (int, experimentalsys.Errno) {
+	n, errno := f.Pread(buf, f.off)
+	f.off += int64(n)
+	return n, errno
+}
+
+func (f *memFile) Pread(buf []byte, off int64) (int, experimentalsys.Errno) {
+	if f.closed {
+		return 0, experimentalsys.EBADF
+	}
+	if f.e.write {
+		return 0, experimentalsys.EBADF
+	}
+	if off < 0 {
+		return 0, experimentalsys.EINVAL
+	}
+	if off >= int64(len(f.e.data)) {
+		return 0, 0
+	}
+	return copy(buf, f.e.data[off:]), 0
+}
+
+func (f *memFile) Seek(off offset, whence int) (int64, experimentalsys.Errno) {
+	if f.closed {
+		return 0, experimentalsys.EBADF
+	}
+	var base int64
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		base = f.off
+	case io.SeekEnd:
+		f.d.mu.Lock()
+		base = int64(len(f.e.data))
+		f.d.mu.Unlock()
+	default:
+		return 0, experimentalsys.EINVAL
+	}
+	if base+off < 0 {
+		return 0, experimentalsys.EINVAL
+	}
+	f.off = base + off
+	return f.off, 0
+}
+
+func (f *memFile) Write(buf []byte) (int, experimentalsys.Errno) {
+	if f.closed {
+		return 0, experimentalsys.EBADF
+	}
+	if !f.e.write {
+		return 0, experimentalsys.EBADF
+	}
+	f.d.mu.Lock()
+	defer f.d.mu.Unlock()
+	if len(f.e.data)+len(buf) > maxReport {
+		return 0, experimentalsys.EIO
+	}
+	f.e.data = append(f.e.data, buf...)
+	return len(buf), 0
+}
+
+func (f *memFile) Close() experimentalsys.Errno {
+	f.closed = true
+	return 0
+}

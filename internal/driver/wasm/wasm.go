@@ -1,0 +1,918 @@
+// Package wasm is the sandbox driver that runs Python compiled to WebAssembly (CPython 3.11 for
+// WASI, python.wasm) under the wazero runtime, with WASI mounts as the sandbox's filesystem. It
+// registers itself as driver "wasm".
+//
+// # Image
+//
+// A sandbox's image (Spec.RootFS) is a directory holding python.wasm and lib/python3.11/ (the
+// unzipped standard library; scripts/build-python-wasm.sh makes one). The guest sees <image>/lib
+// read-only at /usr/local/lib and runs with PYTHONHOME=/usr/local.
+//
+// # Worker processes
+//
+// The guest never runs inside sandboxd: every sandbox is served by a worker process, sandboxd
+// re-executed as `sandboxd wasm-worker` (Options.WasmWorker), in its own process group, with
+// PR_SET_PDEATHSIG=SIGKILL, talking to the driver over a unix socket on its stdin
+// (protocol.go). A worker loads wazero with the compiler engine and the on-disk compilation cache
+// shared by all workers (<StateDir>/compilation-cache; a cold compile of python.wasm takes
+// about 2–3 s, a warm one about 75 ms), compiles python.wasm once, then drops to an unprivileged
+// user (uid/gid 10000, no capabilities, no_new_privs, like the container driver's sandboxes) and
+// serves one sandbox: each run is a fresh instance of that compiled module. The worker opens no
+// host path after that: the driver passes it the mounts' directories as descriptors. A crash of
+// the guest, of wazero or of the worker, or its kill, never reaches sandboxd, and the sandbox gets
+// a fresh worker for its next run.
+//
+// For a fast Create, the driver keeps a pool of idle, compiled workers per image
+// (Options.WasmPool, default 2), refilled in the background, one at a time, at the least CPU
+// weight. Create claims one and hands it the sandbox's configuration; it waits for a compile only
+// when the pool is empty. Prepare fills an image's pool ahead of the first Create.
+//
+// # Resources
+//
+// Every worker starts in a cgroup of its own, <cgroupRoot>/<instance>/w-<random> (package cgroup;
+// v1, v2 and the v1 hybrid layout; <instance> is a hash of the state dir, so two sandboxds never
+// touch each other's groups), and the first worker of a sandbox brings it along: its cgroup becomes
+// the sandbox's (recorded in meta.json), and Create only writes the limits. Moving a process into
+// a cgroup would cost milliseconds (an RCU grace period per hierarchy); a replacement worker after
+// a kill is moved in, off the create path. The limits:
+//   - cpu: a CFS quota of Spec.CPU cores. This is how `cpu` is enforced: the worker's threads
+//     (the guest, wazero, the Go runtime) get at most that many cores' worth of time.
+//   - memory: the guest's linear memory is capped at Spec.MemoryBytes by the memory allocator
+//     (a grow past it fails, and Python raises MemoryError). The cgroup limit is a backstop for
+//     the whole worker: Spec.MemoryBytes + Spec.TmpBytes (the private /tmp is a tmpfs charged to
+//     the sandbox) + WorkerOverhead, the worker's own memory (measured: about 41 MiB anonymous —
+//     Go runtime, wazero, the compiled code — plus about 22 MiB of page cache between runs, 56–64
+//     MiB at a run's peak beyond the linear memory). A cgroup OOM kill ends the run as "oom".
+//   - pids: Spec.PidsLimit, but at least WorkerMinPids: the worker's Go runtime needs threads; the
+//     guest can start neither processes nor threads.
+//
+// # Runs
+//
+// A run executes python -I -u -B -c BOOTSTRAP, which runs the runner shared with the container
+// driver (package pyrunner) from the run's private in-memory directory /.sandbox (the runner's
+// source, the code, and the file it reports `result` and the uncaught exception to; each opened
+// once, by the runner, before the code runs). stdout and stderr stream to ExecRequest.OnOutput as
+// the guest writes them, at most MaxOutput bytes each. ExecResult.CPU is the cgroup's CPU time
+// during the run; ExecResult.MemoryPeak is the high-water mark of the instance's linear memory
+// (WebAssembly memory never shrinks, so it is the guest's peak heap plus static data and stack).
+// Status "oom": an uncaught MemoryError, a trap after the guest was refused memory past its cap,
+// or a cgroup OOM kill of the worker.
+//
+// # Filesystem
+//
+// The guest's filesystem is its WASI mounts, nothing else: the standard library (read-only) at
+// /usr/local/lib, a private /tmp (the sandbox's own tmpfs under its state dir, Spec.TmpBytes),
+// each Spec.Mounts entry at its Path (read-only when ReadOnly). Every mount is served by hostFS,
+// which resolves guest paths beneath the mount's directory in the kernel (openat2
+// RESOLVE_BENEATH) and refuses link creation. Spec.Blocked paths are absent: outside every mount
+// they simply do not exist; a mount at or under a blocked path is not mounted at all; a blocked
+// path inside a mount is cut out of it by hostFS (lookups ENOENT, creation EACCES, hidden from
+// listings, and the directories leading to it cannot be renamed; in such a mount no symlink is
+// followed, so no other name reaches it).
+//
+// # The four traps of wazero (see the project's research findings)
+//
+//  1. Symlink escape: sysfs.DirFS lets the guest create relative symlinks that the host then
+//     follows out of the mount. hostFS refuses Symlink and Link (EPERM) and resolves every path in
+//     the kernel beneath the mount, so neither guest-made nor pre-existing host symlinks, nor
+//     "..", leave it.
+//  2. time.sleep ignores deadlines: nothing inside the worker is trusted to stop on time. The
+//     driver enforces the run's timeout (and ctx cancellation) itself by SIGKILLing the worker's
+//     process group at the deadline, whatever the guest is doing (sleeping, computing, blocked).
+//  3. WithCloseOnContextDone makes CPU-bound Python 2–3.5× slower: it is off. Killing the worker
+//     is the way a run is stopped; the sandbox then gets a fresh worker from the pool (moved into
+//     its cgroup, given the same configuration) for its next run.
+//  4. The default memory allocator grows linear memory by copying (host RSS ≈ 4× the guest's):
+//     memoryAllocator reserves the cap with mmap and grows in place, so the worker's RSS stays
+//     near the guest's use.
+//
+// # State
+//
+// Everything of a sandbox is <StateDir>/sandboxes/<id>/ (meta.json, tmp/) and the cgroup
+// meta.json names. List finds the state dirs, and Destroy removes both (killing whatever is left
+// in the cgroup), so sandboxes left by a crashed sandboxd are found and removed; their workers
+// died with it (Pdeathsig, and EOF on their control socket). Cgroups of no sandbox (pool workers
+// of a crashed process) are removed when a driver opens the same state dir.
+package wasm
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/cgroup"
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
+)
+
+// Name is the driver's registry name.
+const Name = "wasm"
+
+func init() {
+	driver.Register(Name, func(opts driver.Options) (driver.Driver, error) { return Open(opts) })
+}
+
+// Defaults and limits.
+const (
+	// DefaultPool is the number of idle workers kept per image when Options.WasmPool is 0.
+	DefaultPool = 2
+	// WorkerOverhead is what a sandbox's memory cgroup allows on top of the guest's cap and its
+	// /tmp: the worker's own memory, charged to the sandbox since the worker's cgroup becomes the
+	// sandbox's. Measured with TestWorkerOverhead on python.wasm 3.11: 41 MiB anonymous and
+	// 22 MiB page cache between runs, 56–64 MiB beyond the linear memory at a run's peak (runs
+	// importing json, sqlite3, zlib, decimal). 96 MiB leaves room for the Go heap's slack.
+	WorkerOverhead = 96 << 20
+	// WorkerMinPids is the least pids limit of a sandbox's cgroup: the worker's threads.
+	WorkerMinPids = 64
+
+	cgroupRoot   = "/sandboxd-wasm" // the driver's cgroups: cgroupRoot/<instance>/w-<hex>
+	sandboxesDir = "sandboxes"
+	cacheDirName = "compilation-cache"
+	stdlibPath   = "/usr/local/lib"
+	tmpPath      = "/tmp"
+)
+
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+func checkID(id string) error {
+	if !idPattern.MatchString(id) {
+		return fmt.Errorf("invalid sandbox id %q (want 1-64 of A-Z a-z 0-9 _ . -)", id)
+	}
+	return nil
+}
+
+// Driver is the wasm driver. It is safe for concurrent use.
+type Driver struct {
+	stateDir  string
+	workerCmd []string
+	poolSize  int
+	cg        cgroup.Layout
+	cgParent  string // cgroupRoot/<hash of stateDir>: this driver's cgroups, apart from other sandboxds'
+
+	mu     sync.Mutex
+	pools  map[string]*pool // by image directory
+	boxes  map[string]*box
+	closed bool
+}
+
+// box is a sandbox this process created.
+type box struct {
+	id     string
+	dir    string
+	image  string
+	cfg    configMsg
+	limits cgroup.Limits
+	meta   meta
+
+	mu        sync.Mutex
+	group     string // the sandbox's cgroup: its first worker's ("" until it has one)
+	w         *proc  // the current worker; nil after it was killed or died
+	destroyed bool
+}
+
+// meta is the per-sandbox record on disk (meta.json): for people, and for Destroy after a
+// restart (the cgroup).
+type meta struct {
+	ID      string    `json:"id"`
+	Image   string    `json:"image"`
+	Created time.Time `json:"created"`
+	Cgroup  string    `json:"cgroup,omitempty"`
+}
+
+// Open opens the wasm driver: it needs root (cgroups, the /tmp tmpfs), a kernel with openat2, a
+// cgroup layout with the memory controller, and the worker command (opts.WasmWorker, default
+// this executable's wasm-worker subcommand). Pools start on first use of an image (or Prepare).
+func Open(opts driver.Options) (*Driver, error) {
+	if opts.StateDir == "" {
+		return nil, errors.New("wasm driver: Options.StateDir is required")
+	}
+	if os.Geteuid() != 0 {
+		return nil, errors.New("wasm driver: needs root (cgroups and the sandboxes' /tmp)")
+	}
+	stateDir, err := filepath.Abs(opts.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	for _, sub := range []string{sandboxesDir, cacheDirName} {
+		if err := os.MkdirAll(filepath.Join(stateDir, sub), 0o700); err != nil {
+			return nil, fmt.Errorf("wasm driver: state dir: %w", err)
+		}
+	}
+	if err := checkOpenat2(stateDir); err != nil {
+		return nil, fmt.Errorf("wasm driver: %w", err)
+	}
+	cg, err := cgroup.ReadLayout()
+	if err != nil {
+		return nil, fmt.Errorf("wasm driver: cgroups: %w", err)
+	}
+	cmd := opts.WasmWorker
+	if len(cmd) == 0 {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("wasm driver: worker command: %w", err)
+		}
+		cmd = []string{exe, WorkerCommand}
+	}
+	if _, err := os.Stat(cmd[0]); err != nil {
+		return nil, fmt.Errorf("wasm driver: worker command: %w", err)
+	}
+	size := opts.WasmPool
+	if size <= 0 {
+		size = DefaultPool
+	}
+	sum := sha256.Sum256([]byte(stateDir))
+	d := &Driver{stateDir: stateDir, workerCmd: cmd, poolSize: size, cg: cg,
+		cgParent: cgroupRoot + "/" + hex.EncodeToString(sum[:6]),
+		pools:    map[string]*pool{}, boxes: map[string]*box{}}
+	d.removeStaleCgroups()
+	return d, nil
+}
+
+// removeStaleCgroups removes the driver's empty cgroups that no sandbox owns: those of pool
+// workers of an earlier process on the same state dir (its workers died with it). Groups with
+// processes are left alone (a sandbox being created, or another driver's pool on this state dir).
+func (d *Driver) removeStaleCgroups() {
+	owned := map[string]bool{}
+	ents, _ := os.ReadDir(filepath.Join(d.stateDir, sandboxesDir))
+	for _, e := range ents {
+		if m, err := readMeta(filepath.Join(d.stateDir, sandboxesDir, e.Name())); err == nil && m.Cgroup != "" {
+			owned[m.Cgroup] = true
+		}
+	}
+	names, _ := d.cg.Children(d.cgParent)
+	for _, n := range names {
+		g := d.cgParent + "/" + n
+		if owned[g] {
+			continue
+		}
+		if pids, err := d.cg.Procs(g); err == nil && len(pids) == 0 {
+			_ = d.cg.Remove(g)
+		}
+	}
+}
+
+func readMeta(dir string) (meta, error) {
+	var m meta
+	b, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+	if err != nil {
+		return m, err
+	}
+	err = json.Unmarshal(b, &m)
+	return m, err
+}
+
+// checkOpenat2 makes sure the kernel resolves paths beneath a directory (Linux 5.6+): hostFS
+// depends on it.
+func checkOpenat2(dir string) error {
+	root, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(root)
+	fd, err := unix.Openat2(root, ".", &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: unix.RESOLVE_BENEATH})
+	if err != nil {
+		return fmt.Errorf("the kernel cannot resolve paths beneath a directory (openat2, Linux 5.6+): %w", err)
+	}
+	unix.Close(fd)
+	return nil
+}
+
+// Name returns "wasm".
+func (d *Driver) Name() string { return Name }
+
+func (d *Driver) cacheDir() string { return filepath.Join(d.stateDir, cacheDirName) }
+
+func (d *Driver) boxDir(id string) string { return filepath.Join(d.stateDir, sandboxesDir, id) }
+
+// Check reports whether the driver can run sandboxes: the worker command is there, the state
+// dir is writable, and no image's pool is failing to start workers.
+func (d *Driver) Check(ctx context.Context) error {
+	if _, err := os.Stat(d.workerCmd[0]); err != nil {
+		return fmt.Errorf("wasm driver check: worker command: %w", err)
+	}
+	f, err := os.CreateTemp(d.stateDir, ".check-")
+	if err != nil {
+		return fmt.Errorf("wasm driver check: state dir: %w", err)
+	}
+	f.Close()
+	os.Remove(f.Name())
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for image, p := range d.pools {
+		if err := p.err(); err != nil {
+			return fmt.Errorf("wasm driver check: image %s: %w", image, err)
+		}
+	}
+	return nil
+}
+
+// checkImage verifies that dir looks like a wasm image.
+func checkImage(dir string) error {
+	if dir == "" || !filepath.IsAbs(dir) {
+		return fmt.Errorf("image %q is not an absolute path", dir)
+	}
+	if st, err := os.Stat(filepath.Join(dir, "python.wasm")); err != nil || !st.Mode().IsRegular() {
+		return fmt.Errorf("image %s has no python.wasm", dir)
+	}
+	if st, err := os.Stat(filepath.Join(dir, "lib", "python3.11")); err != nil || !st.IsDir() {
+		return fmt.Errorf("image %s has no lib/python3.11", dir)
+	}
+	return nil
+}
+
+// poolFor returns the pool of image, starting it on first use.
+func (d *Driver) poolFor(image string) (*pool, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, errors.New("wasm driver is closed")
+	}
+	p := d.pools[image]
+	if p == nil {
+		p = newPool(d, image, d.poolSize)
+		d.pools[image] = p
+	}
+	return p, nil
+}
+
+// Prepare starts image's pool, if not yet, and waits until it holds an idle worker, so the next
+// Create finds one (sandboxd calls it for its wasm images at start-up). It returns early with the
+// error of a failed worker start (the pool keeps retrying in the background) or when ctx ends.
+func (d *Driver) Prepare(ctx context.Context, image string) error {
+	if err := checkImage(image); err != nil {
+		return fmt.Errorf("wasm driver: %w", err)
+	}
+	p, err := d.poolFor(image)
+	if err != nil {
+		return err
+	}
+	return p.wait(ctx)
+}
+
+// planConfig turns a spec into the worker's configuration: the standard library and /tmp
+// mounts, the user mounts (those at or below a blocked path left out: blocked wins), and the
+// blocked paths that lie inside a mount.
+func planConfig(spec driver.Spec, tmpDir string) (configMsg, error) {
+	c := configMsg{MemoryBytes: spec.MemoryBytes}
+	for _, b := range spec.Blocked {
+		if err := checkPath("blocked", b); err != nil {
+			return c, err
+		}
+	}
+	blocked := func(p string) bool {
+		return slices.ContainsFunc(spec.Blocked, func(b string) bool { return b == "/" || p == b || strings.HasPrefix(p, b+"/") })
+	}
+	var mounts []mountMsg
+	add := func(m mountMsg) {
+		if !blocked(m.Path) {
+			mounts = append(mounts, m)
+		}
+	}
+	add(mountMsg{Path: stdlibPath, HostDir: filepath.Join(spec.RootFS, "lib"), ReadOnly: true})
+	if dynload := filepath.Join(spec.RootFS, "lib", "python3.11", "lib-dynload"); !isDir(dynload) {
+		// Python looks for it to settle its exec_prefix (and warns on stderr without it); WASI
+		// Python has no extension modules to load from it.
+		add(mountMsg{Path: stdlibPath + "/python3.11/lib-dynload", ReadOnly: true, Empty: true})
+	}
+	userTmp := false
+	for _, m := range spec.Mounts {
+		if err := checkPath("mount", m.Path); err != nil {
+			return c, err
+		}
+		if m.Path == "/" || within(strings.TrimPrefix(m.Path, "/"), ".sandbox") {
+			return c, fmt.Errorf("mount path %q is not allowed", m.Path)
+		}
+		if !filepath.IsAbs(m.HostDir) {
+			return c, fmt.Errorf("mount %s: host dir %q is not absolute", m.Path, m.HostDir)
+		}
+		if st, err := os.Stat(m.HostDir); err != nil || !st.IsDir() {
+			return c, fmt.Errorf("mount %s: host dir %s is not a directory", m.Path, m.HostDir)
+		}
+		if slices.ContainsFunc(mounts, func(o mountMsg) bool { return o.Path == m.Path }) {
+			return c, fmt.Errorf("mount path %s appears twice", m.Path)
+		}
+		userTmp = userTmp || m.Path == tmpPath
+		add(mountMsg{Path: m.Path, HostDir: m.HostDir, ReadOnly: m.ReadOnly})
+	}
+	if !userTmp {
+		add(mountMsg{Path: tmpPath, HostDir: tmpDir})
+	}
+	sort.SliceStable(mounts, func(i, j int) bool { return mounts[i].Path < mounts[j].Path })
+	c.Mounts = mounts
+	for _, b := range spec.Blocked {
+		if slices.ContainsFunc(mounts, func(m mountMsg) bool { return strings.HasPrefix(b, m.Path+"/") }) {
+			c.Blocked = append(c.Blocked, b)
+		}
+	}
+	return c, nil
+}
+
+func isDir(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.IsDir()
+}
+
+// checkPath validates a sandbox path: absolute, clean, no NUL.
+func checkPath(what, p string) error {
+	if p == "" || !path.IsAbs(p) || path.Clean(p) != p || strings.ContainsRune(p, 0) {
+		return fmt.Errorf("%s path %q is not an absolute clean path", what, p)
+	}
+	return nil
+}
+
+// refuseEgress fails for a network policy that asks for egress: a WASI guest has no sockets.
+func refuseEgress(spec driver.Spec) error {
+	if !spec.Network.BlockOutbound || len(spec.Network.Rules) > 0 {
+		return errors.New("wasm sandboxes have no network: the policy must block outbound traffic and allow nothing")
+	}
+	return nil
+}
+
+// Create provisions sandbox id: its state dir and /tmp, its cgroup, and a worker from the image's
+// pool, moved into the cgroup and configured. On any error (or ctx cancellation) everything is
+// removed again.
+func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err error) {
+	if err := checkID(id); err != nil {
+		return err
+	}
+	if err := refuseEgress(spec); err != nil {
+		return fmt.Errorf("create sandbox %s: %w", id, err)
+	}
+	if err := checkImage(spec.RootFS); err != nil {
+		return fmt.Errorf("create sandbox %s: %w", id, err)
+	}
+	if spec.MemoryBytes < 16<<20 {
+		return fmt.Errorf("create sandbox %s: memory %d is below 16 MiB", id, spec.MemoryBytes)
+	}
+	p, err := d.poolFor(spec.RootFS)
+	if err != nil {
+		return err
+	}
+	dir := d.boxDir(id)
+	tmpDir := filepath.Join(dir, "tmp")
+	cfg, err := planConfig(spec, tmpDir)
+	if err != nil {
+		return fmt.Errorf("create sandbox %s: %w", id, err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("create sandbox %s: already exists", id)
+		}
+		return fmt.Errorf("create sandbox %s: %w", id, err)
+	}
+	pids := max(spec.PidsLimit, WorkerMinPids)
+	b := &box{id: id, dir: dir, image: spec.RootFS, cfg: cfg,
+		limits: cgroup.Limits{CPU: spec.CPU, CPUWeight: 100, MemoryBytes: spec.MemoryBytes + max(spec.TmpBytes, 0) + WorkerOverhead, Pids: pids},
+		meta:   meta{ID: id, Image: spec.RootFS, Created: time.Now().UTC()}}
+	d.mu.Lock()
+	d.boxes[id] = b
+	d.mu.Unlock()
+	defer func() {
+		if err != nil {
+			if derr := d.Destroy(context.WithoutCancel(ctx), id); derr != nil {
+				err = fmt.Errorf("%w (and cleaning up failed: %v)", err, derr)
+			}
+			err = fmt.Errorf("create sandbox %s: %w", id, err)
+		}
+	}()
+	if err := writeJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
+		return err
+	}
+	if err := os.Mkdir(tmpDir, 0o700); err != nil {
+		return err
+	}
+	if spec.TmpBytes > 0 {
+		opts := fmt.Sprintf("mode=0700,uid=%d,gid=%d,size=%d", workerUID, workerGID, spec.TmpBytes)
+		if err := unix.Mount("tmpfs", tmpDir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, opts); err != nil {
+			return fmt.Errorf("mount /tmp: %w", err)
+		}
+	} else if err := os.Chown(tmpDir, workerUID, workerGID); err != nil {
+		return err
+	}
+	// The worker runs as workerUID: the user mounts become its own, as in the container driver.
+	for _, m := range spec.Mounts {
+		if err := chownTree(m.HostDir, workerUID, workerGID); err != nil {
+			return fmt.Errorf("mount %s: %w", m.Path, err)
+		}
+	}
+	w, err := p.get(ctx)
+	if err != nil {
+		return err
+	}
+	return d.attach(ctx, b, w)
+}
+
+// attach makes w the worker of b and configures it. The first worker's cgroup becomes the
+// sandbox's (recorded in meta.json, given the sandbox's limits); a later one (after a kill) is
+// moved into it. On error w is killed.
+func (d *Driver) attach(ctx context.Context, b *box, w *proc) error {
+	b.mu.Lock()
+	first := b.group == ""
+	if first {
+		b.group = w.group
+	}
+	group := b.group
+	b.mu.Unlock()
+	if first {
+		b.meta.Cgroup = group
+		if err := writeJSON(filepath.Join(b.dir, "meta.json"), b.meta); err != nil {
+			w.kill()
+			return err
+		}
+		if err := d.cg.Set(group, b.limits); err != nil {
+			w.kill()
+			return fmt.Errorf("the sandbox's cgroup limits: %w", err)
+		}
+	} else {
+		if err := d.cg.AddProc(group, w.pid); err != nil {
+			d.discard(w)
+			return fmt.Errorf("move the worker into the sandbox's cgroup: %w", err)
+		}
+		_ = d.cg.Remove(w.group) // empty now
+	}
+	if err := w.configure(ctx, b.cfg); err != nil {
+		w.kill()
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.destroyed {
+		w.kill()
+		return driver.ErrNotFound
+	}
+	b.w = w
+	return nil
+}
+
+// worker returns b's worker, claiming a new one from the pool when the last was killed or died.
+func (d *Driver) worker(ctx context.Context, b *box) (*proc, error) {
+	b.mu.Lock()
+	w, destroyed := b.w, b.destroyed
+	if w != nil && !w.alive() {
+		b.w, w = nil, nil
+	}
+	b.mu.Unlock()
+	if destroyed {
+		return nil, driver.ErrNotFound
+	}
+	if w != nil {
+		return w, nil
+	}
+	p, err := d.poolFor(b.image)
+	if err != nil {
+		return nil, err
+	}
+	if w, err = p.get(ctx); err != nil {
+		return nil, err
+	}
+	if err := d.attach(ctx, b, w); err != nil {
+		return nil, err
+	}
+	return w, nil
+}
+
+// dropWorker forgets b's worker w (after killing it).
+func (b *box) dropWorker(w *proc) {
+	b.mu.Lock()
+	if b.w == w {
+		b.w = nil
+	}
+	b.mu.Unlock()
+}
+
+func (d *Driver) lookup(id string) (*box, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	b := d.boxes[id]
+	if b == nil {
+		return nil, driver.ErrNotFound
+	}
+	return b, nil
+}
+
+// baseEnv is every run's environment before ExecRequest.Env (the same as sandbox-agent's, plus
+// PYTHONHOME; PYTHON* variables are ignored anyway under -I).
+// wasmEnv is what runs get on top of pyrunner.BaseEnv: the standard library's home.
+var wasmEnv = map[string]string{"PYTHONHOME": "/usr/local"}
+
+func buildEnv(extra map[string]string) ([]string, error) { return pyrunner.Env(wasmEnv, extra) }
+
+// Exec runs req in sandbox id: a fresh instance in the sandbox's worker. The timeout and ctx are
+// enforced by killing the worker (the sandbox gets a new one for its next run).
+func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (driver.ExecResult, error) {
+	b, err := d.lookup(id)
+	if err != nil {
+		return driver.ExecResult{}, err
+	}
+	env, err := buildEnv(req.Env)
+	if err != nil {
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
+	}
+	return d.exec(ctx, b, runMsg{Code: req.Code, Env: env, MaxOutput: req.MaxOutput}, req)
+}
+
+// exec runs m in b's worker; see Exec.
+func (d *Driver) exec(ctx context.Context, b *box, m runMsg, req driver.ExecRequest) (driver.ExecResult, error) {
+	w, err := d.worker(ctx, b)
+	if err != nil {
+		if ctx.Err() != nil {
+			return driver.ExecResult{Status: driver.StatusCancelled, ExitCode: 128 + int(syscall.SIGKILL), Started: time.Now()}, nil
+		}
+		if errors.Is(err, driver.ErrNotFound) {
+			return driver.ExecResult{}, err
+		}
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", b.id, err)
+	}
+	b.mu.Lock()
+	group := b.group
+	b.mu.Unlock()
+	cpuBefore, _ := d.cg.CPUUsage(group)
+	oomBefore, _ := d.cg.OOMKills(group)
+	if m.MaxOutput <= 0 {
+		m.MaxOutput = defaultMaxOutput
+	}
+
+	started := time.Now()
+	if err := w.fw.sendJSON(frameRun, m); err != nil {
+		w.kill()
+		b.dropWorker(w)
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w: %v%s", b.id, errWorkerGone, err, w.logTail())
+	}
+	type frame struct {
+		typ byte
+		p   []byte
+		err error
+	}
+	frames := make(chan frame)
+	stopRead := make(chan struct{})
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		for {
+			t, p, err := readFrame(w.br)
+			select {
+			case frames <- frame{t, p, err}:
+			case <-stopRead:
+				return
+			}
+			if err != nil || t == frameExit {
+				return
+			}
+		}
+	}()
+	defer func() {
+		close(stopRead)
+		<-readDone
+	}()
+	var timeout <-chan time.Time
+	if req.Timeout > 0 {
+		t := time.NewTimer(req.Timeout)
+		defer t.Stop()
+		timeout = t.C
+	}
+
+	var res driver.ExecResult
+	res.Started = started
+	var ex *exitMsg
+	var readErr error
+	killed := driver.Status("")
+loop:
+	for {
+		select {
+		case f := <-frames:
+			if f.err != nil {
+				readErr = f.err
+				break loop
+			}
+			switch f.typ {
+			case frameStdout, frameStderr:
+				s, buf := driver.Stdout, &res.Stdout
+				if f.typ == frameStderr {
+					s, buf = driver.Stderr, &res.Stderr
+				}
+				*buf = append(*buf, f.p...)
+				if req.OnOutput != nil {
+					req.OnOutput(s, f.p)
+				}
+			case frameExit:
+				var e exitMsg
+				if err := json.Unmarshal(f.p, &e); err != nil {
+					readErr = fmt.Errorf("exit message: %w", err)
+				} else {
+					ex = &e
+				}
+				break loop
+			default:
+				readErr = fmt.Errorf("unexpected frame %q from the worker", f.typ)
+				break loop
+			}
+		case <-timeout:
+			killed = driver.StatusTimeout
+			break loop
+		case <-ctx.Done():
+			killed = driver.StatusCancelled
+			break loop
+		}
+	}
+	wall := time.Since(started)
+	if ex == nil {
+		// The run did not end by itself: the worker is killed (or already dead) and replaced
+		// for the next run.
+		w.kill()
+		b.dropWorker(w)
+	}
+	res.Duration = wall
+	if cpu, err := d.cg.CPUUsage(group); err == nil {
+		res.CPU = max(cpu-cpuBefore, 0)
+	}
+	oomAfter, oomErr := d.cg.OOMKills(group)
+	cgroupOOM := oomErr == nil && oomAfter > oomBefore
+
+	b.mu.Lock()
+	destroyed := b.destroyed
+	b.mu.Unlock()
+	switch {
+	case killed != "":
+		res.Status, res.ExitCode = killed, 128+int(syscall.SIGKILL)
+		return res, nil
+	case ex == nil && cgroupOOM:
+		res.Status, res.ExitCode = driver.StatusOOM, 128+int(syscall.SIGKILL)
+		return res, nil
+	case ex == nil && (destroyed || ctx.Err() != nil):
+		res.Status, res.ExitCode = driver.StatusCancelled, 128+int(syscall.SIGKILL)
+		return res, nil
+	case ex == nil:
+		state := "still running"
+		if w.waitExit(time.Second) {
+			state = w.state.String()
+		}
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w (%s): %v%s", b.id, errWorkerGone, state, readErr, w.logTail())
+	}
+	res.ExitCode = ex.ExitCode
+	res.StdoutTruncated, res.StderrTruncated = ex.StdoutTruncated, ex.StderrTruncated
+	res.MemoryPeak = ex.MemoryPeak
+	if ex.DurationNS > 0 {
+		res.Duration = time.Duration(ex.DurationNS)
+	}
+	if len(ex.Report) > 0 {
+		var doc struct {
+			Result json.RawMessage `json:"result"`
+			Error  *driver.PyError `json:"error"`
+		}
+		if err := json.Unmarshal(ex.Report, &doc); err == nil {
+			if len(doc.Result) > 0 && string(doc.Result) != "null" {
+				res.Result = doc.Result
+			}
+			res.Error = doc.Error
+		}
+	}
+	switch {
+	case cgroupOOM:
+		res.Status = driver.StatusOOM
+	case res.ExitCode != 0 && outOfMemory(res.Error, ex):
+		res.Status = driver.StatusOOM
+	case res.ExitCode == 0:
+		res.Status = driver.StatusCompleted
+	default:
+		res.Status = driver.StatusFailed
+	}
+	return res, nil
+}
+
+// outOfMemory reports whether a failed run failed for want of memory: an uncaught MemoryError;
+// or, when the guest was refused memory past its cap, a trap or a failure without a reported
+// exception (the runner could not report it: formatting needs memory too).
+func outOfMemory(e *driver.PyError, ex *exitMsg) bool {
+	if e != nil {
+		return e.Type == "MemoryError"
+	}
+	return ex.GrowRefused
+}
+
+// Destroy kills sandbox id's worker and removes its cgroup (killing anything left in it), its
+// /tmp and its state dir. Idempotent; works from disk alone (after a crash of sandboxd).
+// Cleaning up is not abandoned when ctx ends.
+func (d *Driver) Destroy(ctx context.Context, id string) error {
+	if err := checkID(id); err != nil {
+		return err
+	}
+	_ = ctx // cleaning up is short and must not be abandoned
+	dir := d.boxDir(id)
+	d.mu.Lock()
+	b := d.boxes[id]
+	d.mu.Unlock()
+	var group string
+	if b != nil {
+		b.mu.Lock()
+		b.destroyed = true
+		w := b.w
+		b.w = nil
+		group = b.group
+		b.mu.Unlock()
+		if w != nil {
+			w.kill()
+		}
+	} else if m, err := readMeta(dir); err == nil {
+		group = m.Cgroup
+	}
+	var errs []error
+	if group != "" && strings.HasPrefix(group, d.cgParent+"/") {
+		if err := d.cg.Remove(group); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	tmp := filepath.Join(dir, "tmp")
+	if err := unix.Unmount(tmp, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		errs = append(errs, fmt.Errorf("unmount %s: %w", tmp, err))
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("destroy sandbox %s: %w", id, errors.Join(errs...))
+	}
+	d.mu.Lock()
+	if d.boxes[id] == b {
+		delete(d.boxes, id)
+	}
+	d.mu.Unlock()
+	return nil
+}
+
+// List returns the sandboxes with a state dir (a sandbox's cgroup is recorded there; cgroups of
+// no sandbox are removed when the driver opens).
+func (d *Driver) List(ctx context.Context) ([]string, error) {
+	ents, err := os.ReadDir(filepath.Join(d.stateDir, sandboxesDir))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	var ids []string
+	for _, e := range ents {
+		if e.IsDir() && checkID(e.Name()) == nil {
+			ids = append(ids, e.Name())
+		}
+	}
+	slices.Sort(ids)
+	return ids, nil
+}
+
+// Close stops the pools and kills their idle workers. Sandboxes are left as they are (their
+// workers die with sandboxd; a new driver on the same state dir lists and removes them). The
+// driver is not usable afterwards.
+func (d *Driver) Close() error {
+	d.mu.Lock()
+	d.closed = true
+	pools := d.pools
+	d.pools = map[string]*pool{}
+	d.mu.Unlock()
+	for _, p := range pools {
+		p.close()
+	}
+	// The driver's cgroup parent goes too once no sandbox is left in it.
+	for _, m := range d.cg.Mounts() {
+		_ = os.Remove(cgroup.Dir(m, d.cgParent))
+	}
+	return nil
+}
+
+// chownTree gives dir and everything below it (symlinks themselves, never their targets) to
+// uid:gid.
+func chownTree(dir string, uid, gid int) error {
+	return filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		return os.Lchown(p, uid, gid)
+	})
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func writeJSON(name string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(name, b, 0o600)
+}
