@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -346,22 +347,22 @@ func (g *Gateway) start(id string, listen netip.Addr, p Policy) (*sandbox, error
 	return s, nil
 }
 
-// interfaceOf names the interface that holds a ("" if none does).
+// interfaceOf names the interface that holds a ("" if none does). One netlink dump of the
+// host's addresses: asking each interface for its own (net.Interface.Addrs) dumps them all every
+// time, quadratic with a thousand sandbox veths.
 func interfaceOf(a netip.Addr) string {
-	ifs, err := net.Interfaces()
+	family := netlink.FAMILY_V4
+	if a.Is6() && !a.Is4In6() {
+		family = netlink.FAMILY_V6
+	}
+	addrs, err := netlink.AddrList(nil, family)
 	if err != nil {
 		return ""
 	}
-	for _, ifc := range ifs {
-		addrs, err := ifc.Addrs()
-		if err != nil {
-			continue
-		}
-		for _, x := range addrs {
-			if n, ok := x.(*net.IPNet); ok {
-				if y, ok := netip.AddrFromSlice(n.IP); ok && y.Unmap() == a {
-					return ifc.Name
-				}
+	for _, x := range addrs {
+		if y, ok := netip.AddrFromSlice(x.IP); ok && y.Unmap() == a.Unmap() {
+			if ifc, err := net.InterfaceByIndex(x.LinkIndex); err == nil {
+				return ifc.Name
 			}
 		}
 	}
