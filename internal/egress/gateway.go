@@ -361,8 +361,8 @@ func interfaceOf(a netip.Addr) string {
 	}
 	for _, x := range addrs {
 		if y, ok := netip.AddrFromSlice(x.IP); ok && y.Unmap() == a.Unmap() {
-			if ifc, err := net.InterfaceByIndex(x.LinkIndex); err == nil {
-				return ifc.Name
+			if l, err := netlink.LinkByIndex(x.LinkIndex); err == nil { // one link, not a dump
+				return l.Attrs().Name
 			}
 		}
 	}
