@@ -2,7 +2,7 @@
 // unprivileged user. It listens on a unix socket (see package internal/agent for the protocol) and
 // executes each run as a fresh Python process.
 //
-//	sandbox-agent [--socket-dir DIR] [--python PATH]
+//	sandbox-agent [--socket-dir DIR] [--python PATH] [--prestart 0|1]
 //
 // Behaviour:
 //   - One run at a time. Connections are served strictly in order: a second connection made while
@@ -13,6 +13,12 @@
 //     "sandbox-agent launch …", which sets rlimits and, unless allow_spawn, no_new_privs and a
 //     seccomp filter that denies creating processes (threads still work), then execs Python with
 //     the embedded runner (internal/pyrunner/runner.py).
+//   - The next run's process is started ahead: as soon as a run's processes are gone (and at start
+//     with --prestart, whose value is the sandbox's allow_spawn), the agent starts a launcher →
+//     Python that compiles the runner and waits on fd 3 for a run's environment and code. Its PID
+//     goes back with the run's result (StandbyPID) so the host does not take it for a leftover.
+//     A run takes it if it was started with the same allow_spawn and output limit, else it is
+//     killed and the run starts its own. Its start-up CPU counts in the run's cpu usage.
 //   - When PID 1: one reaper reaps every zombie and hands the run's own exit status to the run;
 //     after every run, kill(-1, SIGKILL) removes every other process of the sandbox; signals that
 //     would stop a Go program (SIGTERM, SIGINT, …) are ignored, so code in the sandbox cannot stop
