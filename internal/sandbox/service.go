@@ -220,9 +220,13 @@ func (s *Service) Create(ctx context.Context, acct store.Account, req api.Create
 			s.cfg.Observer.QuotaRejected(string(k))
 		}
 	}
-	mode := req.Mode
-	if mode == "" {
+	mode := req.Mode // a label of metrics: only the modes there are, whatever the request said
+	switch mode {
+	case "":
 		mode = ModeContainer
+	case ModeContainer, ModeWASM:
+	default:
+		mode = "invalid"
 	}
 	s.cfg.Observer.Created(mode, outcome, time.Since(start))
 	return resp, err

@@ -3,6 +3,7 @@ package sandbox_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -398,5 +399,40 @@ func TestNetworkDecisionsAreCountedAndAudited(t *testing.T) {
 	allowed, _ := e.svc.Audit(ctx, e.acct, store.EventFilter{SandboxID: id, Type: "network.allowed"}, 1, 10)
 	if allowed.Total != 1 || string(allowed.Events[0].Detail) != `{"count":3,"host":"api.company.com"}` {
 		t.Fatalf("network.allowed events: %+v", allowed)
+	}
+}
+
+type createdObs struct {
+	mu   sync.Mutex
+	seen [][2]string
+}
+
+func (o *createdObs) Created(mode, outcome string, _ time.Duration) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.seen = append(o.seen, [2]string{mode, outcome})
+}
+func (o *createdObs) Destroyed(string, string)                  {}
+func (o *createdObs) RunFinished(string, string, time.Duration) {}
+func (o *createdObs) EgressDenied(int)                          {}
+func (o *createdObs) QuotaRejected(string)                      {}
+
+// The metrics see only the modes there are: a request's made-up mode cannot mint label values.
+func TestObserverLabelsAreBounded(t *testing.T) {
+	e := newEnv(t, "free")
+	obs := &createdObs{}
+	svc, err := sandbox.New(context.Background(), sandbox.Config{DataDir: t.TempDir(), Observer: obs,
+		Images: []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/nonexistent", Default: true}},
+	}, e.st, map[string]driver.Driver{"container": e.drv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { svc.Close(context.Background()) })
+	for _, mode := range []string{"", "x-made-up-1", "x-made-up-2"} {
+		svc.Create(context.Background(), e.acct, api.CreateSandboxRequest{AgentID: "a", Mode: mode})
+	}
+	want := [][2]string{{"container", "ready"}, {"invalid", "invalid_request"}, {"invalid", "invalid_request"}}
+	if fmt.Sprint(obs.seen) != fmt.Sprint(want) {
+		t.Errorf("observed %v, want %v", obs.seen, want)
 	}
 }

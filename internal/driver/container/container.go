@@ -36,7 +36,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -50,6 +49,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/agent"
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/netsetup"
 )
@@ -75,15 +75,6 @@ const (
 
 // probeResources are the limits of the runtime probe container.
 var probeResources = driver.Spec{CPU: 0.1, MemoryBytes: 32 << 20, PidsLimit: 8, TmpBytes: 1 << 20}
-
-var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
-
-func checkID(id string) error {
-	if !idPattern.MatchString(id) {
-		return fmt.Errorf("invalid sandbox id %q (want 1-64 of A-Z a-z 0-9 _ . -)", id)
-	}
-	return nil
-}
 
 // Driver is the container driver. It is safe for concurrent use.
 type Driver struct {
@@ -289,7 +280,7 @@ func socketPath(dir string) string { return filepath.Join(dir, "run", agent.Sock
 // Create provisions sandbox id: overlay root, config.json, `<runtime> run -d`, then waits for the
 // agent. On any error (or ctx cancellation) everything is destroyed again.
 func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err error) {
-	if err := checkID(id); err != nil {
+	if err := statedir.CheckID(id); err != nil {
 		return err
 	}
 	dir := d.boxDir(id)
@@ -321,7 +312,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 			err = fmt.Errorf("create sandbox %s: %w%s", id, err, tail)
 		}
 	}()
-	if err := writeJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
+	if err := statedir.WriteJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
 		return err
 	}
 	// The overlay's root dir takes the upper dir's mode: the image's 0755.
@@ -355,13 +346,13 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		prestart = "1"
 	}
 	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath, "--prestart", prestart}, cwd: cwd, mounts: mounts, masked: masked, res: spec, netns: nb.NSPath}
-	if err := writeJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
+	if err := statedir.WriteJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
 		return err
 	}
 	if err := d.start(ctx, b); err != nil {
 		return err
 	}
-	if err := writeJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
+	if err := statedir.WriteJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
 		return err
 	}
 	// OOM detection depends on the memory cgroup being where we expect it: never fail silently.
@@ -572,7 +563,7 @@ func (d *Driver) planMounts(dir, merged string, spec driver.Spec) (ms []specs.Mo
 				return nil, nil, "", fmt.Errorf("mount %s: mount point: %w", m.Path, err)
 			}
 		}
-		if err := chownTree(m.HostDir, sandboxUID, sandboxGID); err != nil {
+		if err := statedir.ChownTree(m.HostDir, sandboxUID, sandboxGID); err != nil {
 			return nil, nil, "", fmt.Errorf("mount %s: %w", m.Path, err)
 		}
 		mode := "rw"
@@ -641,20 +632,9 @@ func blockedSource(dir string, file bool) (string, error) {
 	return src, err
 }
 
-// chownTree gives dir and everything below it (symlinks themselves, never their targets) to
-// uid:gid.
-func chownTree(dir string, uid, gid int) error {
-	return filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		return os.Lchown(p, uid, gid)
-	})
-}
-
 // lookup finds a sandbox this process created or, after a restart, one on disk.
 func (d *Driver) lookup(id string) (*box, error) {
-	if checkID(id) != nil {
+	if statedir.CheckID(id) != nil {
 		return nil, driver.ErrNotFound
 	}
 	d.mu.Lock()
@@ -833,7 +813,7 @@ func innerPID(pid int) int {
 // the cgroups in every hierarchy, and the state dir. Idempotent; works from disk alone. Cleaning
 // up is not abandoned when ctx ends: it runs to the end (bounded by destroyTimeout).
 func (d *Driver) Destroy(ctx context.Context, id string) error {
-	if err := checkID(id); err != nil {
+	if err := statedir.CheckID(id); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), destroyTimeout)
@@ -908,7 +888,7 @@ func (d *Driver) List(ctx context.Context) ([]string, error) {
 		return nil, err
 	}
 	for _, e := range ents {
-		if e.IsDir() && checkID(e.Name()) == nil {
+		if e.IsDir() && statedir.CheckID(e.Name()) == nil {
 			seen[e.Name()] = true
 		}
 	}
@@ -917,7 +897,7 @@ func (d *Driver) List(ctx context.Context) ([]string, error) {
 		return nil, err
 	}
 	for _, id := range netIDs {
-		if checkID(id) == nil {
+		if statedir.CheckID(id) == nil {
 			seen[id] = true
 		}
 	}

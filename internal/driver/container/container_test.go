@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 )
 
 func TestRegistered(t *testing.T) {
@@ -112,7 +113,7 @@ func TestFilesystem(t *testing.T) {
 			t.Fatal(err)
 		}
 		// A mount point that does not exist in the image: created in the overlay, never in it.
-		newMount := "/srv/sbx-" + randomHex(3) + "/deep"
+		newMount := "/srv/sbx-" + statedir.RandomHex(3) + "/deep"
 		spec := baseSpec()
 		spec.Mounts = []driver.Mount{
 			{Path: "/workspace/data", HostDir: roDir, ReadOnly: true},
@@ -491,7 +492,7 @@ func processGone(pid int, wait time.Duration) bool {
 func TestDestroyLeavesNothing(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
 		ctx := context.Background()
-		id := "t-" + randomHex(8)
+		id := "t-" + statedir.RandomHex(8)
 		spec := baseSpec()
 		spec.AllowSpawn = true
 		spec.Mounts = []driver.Mount{{Path: "/workspace/out", HostDir: t.TempDir()}}
@@ -532,7 +533,7 @@ func TestDestroyAfterRestart(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		id := "t-" + randomHex(8)
+		id := "t-" + statedir.RandomHex(8)
 		if err := old.Create(ctx, id, baseSpec()); err != nil {
 			old.Close()
 			t.Fatal(err)
@@ -590,7 +591,7 @@ func TestCreateFailureCleansUp(t *testing.T) {
 				return s
 			}(),
 		} {
-			id := "t-" + randomHex(8)
+			id := "t-" + statedir.RandomHex(8)
 			err := d.Create(ctx, id, spec)
 			if name == "no python (agent still starts)" {
 				// The agent is static: the sandbox starts; the run fails.
@@ -614,7 +615,7 @@ func TestCreateFailureCleansUp(t *testing.T) {
 		// A cancelled context aborts and cleans up.
 		cctx, cancel := context.WithCancel(ctx)
 		cancel()
-		id := "t-" + randomHex(8)
+		id := "t-" + statedir.RandomHex(8)
 		if err := d.Create(cctx, id, baseSpec()); err == nil {
 			t.Error("create with a cancelled context succeeded")
 		}
@@ -645,7 +646,7 @@ func TestConcurrentSandboxes(t *testing.T) {
 		for i := 0; i < n; i++ {
 			go func() {
 				ctx := context.Background()
-				id := "t-" + randomHex(8)
+				id := "t-" + statedir.RandomHex(8)
 				if err := d.Create(ctx, id, baseSpec()); err != nil {
 					errs <- err
 					return
@@ -692,7 +693,7 @@ func TestTimings(t *testing.T) {
 		ctx := context.Background()
 		var creates, execs, floors, destroys []time.Duration
 		for i := 0; i < n; i++ {
-			id := "t-" + randomHex(8)
+			id := "t-" + statedir.RandomHex(8)
 			t0 := time.Now()
 			if err := d.Create(ctx, id, baseSpec()); err != nil {
 				t.Fatal(err)
@@ -740,7 +741,7 @@ func TestAgentDiesAtStart(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer bd.Close()
-		id := "t-" + randomHex(8)
+		id := "t-" + statedir.RandomHex(8)
 		start := time.Now()
 		err = bd.Create(context.Background(), id, baseSpec())
 		if err == nil {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
@@ -33,7 +34,7 @@ func (d *Driver) floor(ctx context.Context, rootfs string, detached bool) (time.
 	if err := checkRootFS(rootfs); err != nil {
 		return 0, fmt.Errorf("floor: %w", err)
 	}
-	id := floorPrefix + randomHex(6)
+	id := floorPrefix + statedir.RandomHex(6)
 	dir := filepath.Join(d.stateDir, "floor", id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return 0, err
@@ -52,7 +53,7 @@ func (d *Driver) floor(ctx context.Context, rootfs string, detached bool) (time.
 		id: id, rootfs: rootfs, cwd: "/tmp", args: args,
 		res: driver.Spec{CPU: 1, MemoryBytes: 512 << 20, PidsLimit: 64, TmpBytes: 64 << 20},
 	}
-	if err := writeJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
+	if err := statedir.WriteJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
 		return 0, err
 	}
 	var stdout, stderr bytes.Buffer
@@ -86,7 +87,7 @@ func (d *Driver) floor(ctx context.Context, rootfs string, detached bool) (time.
 // both sides, the egress gateway's listeners) for a throwaway sandbox allowing one host. The
 // network is torn down afterwards; only the setup is timed.
 func (d *Driver) NetworkCost(ctx context.Context) (time.Duration, error) {
-	id := floorPrefix + "net-" + randomHex(6)
+	id := floorPrefix + "net-" + statedir.RandomHex(6)
 	b := &box{meta: meta{ID: id}, dir: filepath.Join(d.stateDir, "floor", id)}
 	if err := os.MkdirAll(b.dir, 0o700); err != nil {
 		return 0, err

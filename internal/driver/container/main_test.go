@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
@@ -189,7 +190,7 @@ func baseSpec() driver.Spec {
 // newSandbox creates a sandbox and registers its destruction, checking that nothing is left.
 func newSandbox(t *testing.T, d *Driver, spec driver.Spec) string {
 	t.Helper()
-	id := "t-" + randomHex(8)
+	id := "t-" + statedir.RandomHex(8)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := d.Create(ctx, id, spec); err != nil {

@@ -3,8 +3,6 @@ package container
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +14,8 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 )
 
 // knownRuntimes are the OCI runtimes the driver can drive, in order of preference.
@@ -148,7 +148,7 @@ func (r *ociRuntime) probe(ctx context.Context, stateDir, agentBin string, prof 
 	if _, err := r.output(ctx, "--version"); err != nil {
 		return err
 	}
-	id := probePrefix + randomHex(6)
+	id := probePrefix + statedir.RandomHex(6)
 	dir := filepath.Join(stateDir, "probe", id)
 	rootfs := filepath.Join(dir, "rootfs")
 	if err := os.MkdirAll(rootfs, 0o755); err != nil {
@@ -160,7 +160,7 @@ func (r *ociRuntime) probe(ctx context.Context, stateDir, agentBin string, prof 
 		mounts: []specs.Mount{{Destination: agentPath, Type: "bind", Source: agentBin, Options: []string{"bind", "ro", "nosuid", "nodev"}}},
 		res:    probeResources,
 	}
-	if err := writeJSON(filepath.Join(dir, "config.json"), makeSpec(cs, prof)); err != nil {
+	if err := statedir.WriteJSON(filepath.Join(dir, "config.json"), makeSpec(cs, prof)); err != nil {
 		return err
 	}
 	// The created container keeps its stdio open: give it a file, not a pipe we would wait on.
@@ -181,18 +181,4 @@ func (r *ociRuntime) probe(ctx context.Context, stateDir, agentBin string, prof 
 		return fmt.Errorf("%s create: %w: %s", r.name, runErr, strings.TrimSpace(string(out)))
 	}
 	return delErr
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
-func writeJSON(name string, v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(name, b, 0o600)
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/container"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
@@ -153,7 +154,7 @@ func baseSpec(image string) driver.Spec {
 // newSandbox creates a sandbox and registers its destruction, checking that nothing is left.
 func newSandbox(t *testing.T, d *Driver, spec driver.Spec) string {
 	t.Helper()
-	id := "t-" + randomHex(8)
+	id := "t-" + statedir.RandomHex(8)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if err := d.Create(ctx, id, spec); err != nil {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 )
 
 func p50(ds []time.Duration) time.Duration {
@@ -72,7 +73,7 @@ func TestMeasure(t *testing.T) {
 		for len(p.idle) < p.size {
 			time.Sleep(10 * time.Millisecond)
 		}
-		id := "t-" + randomHex(8)
+		id := "t-" + statedir.RandomHex(8)
 		start := time.Now()
 		if err := d.Create(ctx, id, baseSpec(pyImage)); err != nil {
 			t.Fatal(err)

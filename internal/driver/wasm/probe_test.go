@@ -17,6 +17,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 )
 
 func TestRegistered(t *testing.T) {
@@ -461,7 +462,7 @@ func TestPool(t *testing.T) {
 	// filler and start their own.
 	var ids []string
 	for i := 0; i < 3; i++ {
-		id := "t-" + randomHex(8)
+		id := "t-" + statedir.RandomHex(8)
 		if err := d.Create(ctx, id, baseSpec(probeImage)); err != nil {
 			t.Fatal(err)
 		}
@@ -502,7 +503,7 @@ func TestPool(t *testing.T) {
 			}
 		}
 	}
-	if err := d.Create(ctx, "t-"+randomHex(8), baseSpec(probeImage)); err == nil {
+	if err := d.Create(ctx, "t-"+statedir.RandomHex(8), baseSpec(probeImage)); err == nil {
 		t.Error("Create after Close succeeded")
 	}
 

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/cgroup"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 )
 
 // proc is the driver's handle of one worker process.
@@ -59,7 +60,7 @@ const (
 // moving a process between cgroups costs milliseconds (the kernel waits for an RCU grace period
 // per hierarchy), so Create never moves one.
 func (d *Driver) startProc(ctx context.Context, image string, background bool) (_ *proc, err error) {
-	group := d.cgParent + "/w-" + randomHex(8)
+	group := d.cgParent + "/w-" + statedir.RandomHex(8)
 	lim := cgroup.Limits{CPUWeight: 100}
 	if background {
 		lim.CPUWeight = 1

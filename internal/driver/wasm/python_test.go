@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 )
 
 // TestPythonSemantics: the runner's semantics, the same as the container driver's (package
@@ -506,7 +507,7 @@ func tail(b []byte, n int) string {
 func TestPythonDestroy(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	id := "t-" + randomHex(8)
+	id := "t-" + statedir.RandomHex(8)
 	if err := d.Create(context.Background(), id, baseSpec(pyImage)); err != nil {
 		t.Fatal(err)
 	}
@@ -536,7 +537,7 @@ func TestPythonDestroy(t *testing.T) {
 func TestPythonReconcile(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	id := "t-" + randomHex(8)
+	id := "t-" + statedir.RandomHex(8)
 	if err := d.Create(context.Background(), id, baseSpec(pyImage)); err != nil {
 		t.Fatal(err)
 	}
@@ -587,7 +588,7 @@ func TestCheck(t *testing.T) {
 			return s
 		}(),
 	} {
-		id := "t-" + randomHex(8)
+		id := "t-" + statedir.RandomHex(8)
 		if err := d.Create(context.Background(), id, spec); err == nil {
 			d.Destroy(context.Background(), id)
 			t.Errorf("%s: Create succeeded", name)

@@ -97,7 +97,6 @@ package wasm
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -107,7 +106,6 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"sort"
 	"strings"
@@ -119,6 +117,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
@@ -148,15 +147,6 @@ const (
 	stdlibPath   = "/usr/local/lib"
 	tmpPath      = "/tmp"
 )
-
-var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
-
-func checkID(id string) error {
-	if !idPattern.MatchString(id) {
-		return fmt.Errorf("invalid sandbox id %q (want 1-64 of A-Z a-z 0-9 _ . -)", id)
-	}
-	return nil
-}
 
 // Driver is the wasm driver. It is safe for concurrent use.
 type Driver struct {
@@ -449,7 +439,7 @@ func refuseEgress(spec driver.Spec) error {
 // pool, moved into the cgroup and configured. On any error (or ctx cancellation) everything is
 // removed again.
 func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err error) {
-	if err := checkID(id); err != nil {
+	if err := statedir.CheckID(id); err != nil {
 		return err
 	}
 	if err := refuseEgress(spec); err != nil {
@@ -492,7 +482,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 			err = fmt.Errorf("create sandbox %s: %w", id, err)
 		}
 	}()
-	if err := writeJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
+	if err := statedir.WriteJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
 		return err
 	}
 	if err := os.Mkdir(tmpDir, 0o700); err != nil {
@@ -508,7 +498,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	}
 	// The worker runs as workerUID: the user mounts become its own, as in the container driver.
 	for _, m := range spec.Mounts {
-		if err := chownTree(m.HostDir, workerUID, workerGID); err != nil {
+		if err := statedir.ChownTree(m.HostDir, workerUID, workerGID); err != nil {
 			return fmt.Errorf("mount %s: %w", m.Path, err)
 		}
 	}
@@ -532,7 +522,7 @@ func (d *Driver) attach(ctx context.Context, b *box, w *proc) error {
 	b.mu.Unlock()
 	if first {
 		b.meta.Cgroup = group
-		if err := writeJSON(filepath.Join(b.dir, "meta.json"), b.meta); err != nil {
+		if err := statedir.WriteJSON(filepath.Join(b.dir, "meta.json"), b.meta); err != nil {
 			w.kill()
 			return err
 		}
@@ -810,7 +800,7 @@ func outOfMemory(e *driver.PyError, ex *exitMsg) bool {
 // /tmp and its state dir. Idempotent; works from disk alone (after a crash of sandboxd).
 // Cleaning up is not abandoned when ctx ends.
 func (d *Driver) Destroy(ctx context.Context, id string) error {
-	if err := checkID(id); err != nil {
+	if err := statedir.CheckID(id); err != nil {
 		return err
 	}
 	_ = ctx // cleaning up is short and must not be abandoned
@@ -865,7 +855,7 @@ func (d *Driver) List(ctx context.Context) ([]string, error) {
 	}
 	var ids []string
 	for _, e := range ents {
-		if e.IsDir() && checkID(e.Name()) == nil {
+		if e.IsDir() && statedir.CheckID(e.Name()) == nil {
 			ids = append(ids, e.Name())
 		}
 	}
@@ -890,29 +880,4 @@ func (d *Driver) Close() error {
 		_ = os.Remove(cgroup.Dir(m, d.cgParent))
 	}
 	return nil
-}
-
-// chownTree gives dir and everything below it (symlinks themselves, never their targets) to
-// uid:gid.
-func chownTree(dir string, uid, gid int) error {
-	return filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		return os.Lchown(p, uid, gid)
-	})
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
-func writeJSON(name string, v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(name, b, 0o600)
 }
