@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -105,8 +106,13 @@ func bench(args []string) error {
 	if _, err := c.run(live); err != nil { // warm-up
 		return err
 	}
-	var s struct{ floorD, create, del, netCost, hostPy, run, floor, full []time.Duration }
+	// Every sample starts with the warm pool settled: no sandbox being provisioned in the
+	// background meanwhile (it would slow down what is measured, baselines included), and creates
+	// find a warm sandbox, as they do when they come no faster than the pool refills.
+	settle := func() { <-d.svc.WarmSettled() }
+	var s struct{ floorD, create, cold, del, netCost, hostPy, run, floor, full []time.Duration }
 	for i := 0; i < *n; i++ {
+		settle()
 		dd, err := floorDrv.FloorDetached(ctx, rootfs)
 		if err != nil {
 			return err
@@ -116,18 +122,21 @@ func bench(args []string) error {
 			return err
 		}
 		s.netCost = append(s.netCost, dd)
+		settle()
 		t0 := time.Now()
 		id, err := c.create(benchConfig)
 		if err != nil {
 			return err
 		}
 		s.create = append(s.create, time.Since(t0))
+		settle()
 		t0 = time.Now()
 		if err := c.delete(id); err != nil {
 			return err
 		}
 		s.del = append(s.del, time.Since(t0))
 
+		settle()
 		t0 = time.Now()
 		if out, err := exec.Command("/usr/bin/python3", "-c", "print(1)").Output(); err != nil || string(out) != "1\n" {
 			return fmt.Errorf("host /usr/bin/python3: %q %v", out, err)
@@ -142,6 +151,7 @@ func bench(args []string) error {
 			return err
 		}
 		s.floor = append(s.floor, dd)
+		settle()
 		t0 = time.Now()
 		if id, err = c.create(benchConfig); err != nil {
 			return err
@@ -154,11 +164,26 @@ func bench(args []string) error {
 		}
 		s.full = append(s.full, time.Since(t0))
 	}
+	// The same create without the warm pool: what a create pays when it finds none.
+	d.svc.SetWarmPool(0)
+	for i := 0; i < *n; i++ {
+		t0 := time.Now()
+		id, err := c.create(benchConfig)
+		if err != nil {
+			return err
+		}
+		s.cold = append(s.cold, time.Since(t0))
+		if err := c.delete(id); err != nil {
+			return err
+		}
+	}
+	d.svc.SetWarmPool(cfg.WarmPool)
 	baseD := figure{Name: "baseline: crun run -d + delete", Samples: s.floorD}
 	baseHost := figure{Name: "baseline: host python3 print(1)", Samples: s.hostPy}
 	baseRun := figure{Name: "baseline: crun run python3 print(1)", Samples: s.floor}
 	rep.add(baseD, nil, "")
 	rep.add(figure{Name: "container create -> ready (allow list)", Samples: s.create}, &baseD, "p50 ≤ 25 ms, p99 ≤ 80 ms")
+	rep.add(figure{Name: "container create -> ready, cold (no warm sandbox)", Samples: s.cold}, &baseD, "")
 	rep.add(figure{Name: "  of which network setup", Samples: s.netCost}, &baseD, "≤ 10 ms")
 	rep.add(figure{Name: "delete (request path)", Samples: s.del}, &baseD, "p50 ≤ 10 ms")
 	rep.add(baseHost, nil, "")
@@ -177,7 +202,7 @@ func bench(args []string) error {
 	}
 	if *tputFor > 0 {
 		progress("bench: throughput for %v…", *tputFor)
-		rps, err := throughput(c, 20, 32, *tputFor)
+		rps, err := throughput(c, 20, 32, *tputFor, settle)
 		if err != nil {
 			return err
 		}
@@ -185,7 +210,15 @@ func bench(args []string) error {
 	}
 	if *idle > 0 {
 		progress("bench: %d idle sandboxes…", *idle)
-		if err := scale(c, rep, *idle, s.create); err != nil {
+		// released waits until the driver holds nothing of a deleted sandbox (DELETE answers first).
+		released := func(id string) {
+			for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(time.Millisecond) {
+				if _, err := os.Stat(filepath.Join(tmp, "container", "sandboxes", id)); os.IsNotExist(err) {
+					return
+				}
+			}
+		}
+		if err := scale(c, rep, *idle, s.create, settle, released); err != nil {
 			return err
 		}
 	}
@@ -272,7 +305,7 @@ var benchConfig = map[string]any{"network": map[string]any{"allow": []string{"ap
 
 // throughput runs print(1) synchronously in sandboxes sandboxes from clients concurrent clients
 // for d, and returns the completed runs per second.
-func throughput(c *benchClient, sandboxes, clients int, d time.Duration) (float64, error) {
+func throughput(c *benchClient, sandboxes, clients int, d time.Duration, settle func()) (float64, error) {
 	ids := make([]string, sandboxes)
 	for i := range ids {
 		id, err := c.create(benchConfig)
@@ -286,6 +319,7 @@ func throughput(c *benchClient, sandboxes, clients int, d time.Duration) (float6
 	var firstErr error
 	var mu sync.Mutex
 	var wg sync.WaitGroup
+	settle()
 	deadline := time.Now().Add(d)
 	start := time.Now()
 	for k := 0; k < clients; k++ {
@@ -313,7 +347,7 @@ func throughput(c *benchClient, sandboxes, clients int, d time.Duration) (float6
 // scale creates n idle sandboxes, measures what each costs in memory (the host's MemAvailable
 // drop per sandbox: everything it owns, kernel included; and the PSS of its processes) and the
 // create latency with them live against create1 (with one live), then deletes them.
-func scale(c *benchClient, rep *report, n int, create1 []time.Duration) error {
+func scale(c *benchClient, rep *report, n int, create1 []time.Duration, settle func(), released func(id string)) error {
 	runtime.GC()
 	before := memAvailable()
 	ids := make([]string, 0, n)
@@ -336,6 +370,7 @@ func scale(c *benchClient, rep *report, n int, create1 []time.Duration) error {
 	pss := sandboxPSS()
 	var createN []time.Duration
 	for i := 0; i < min(len(create1), 100); i++ {
+		settle()
 		t := time.Now()
 		id, err := c.create(benchConfig)
 		if err != nil {
@@ -345,6 +380,7 @@ func scale(c *benchClient, rep *report, n int, create1 []time.Duration) error {
 		if err := c.delete(id); err != nil {
 			return err
 		}
+		released(id) // as in the 1-live series, where much else runs between a delete and the next create
 	}
 	t0 = time.Now()
 	for len(ids) > 0 {

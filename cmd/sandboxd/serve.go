@@ -143,7 +143,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 	})
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
 		DataDir: cfg.DataDir, Images: cfg.Images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, TmpBytes: cfg.TmpBytes, Logger: log,
-		MaxUploadBytes: cfg.MaxUploadBytes, Observer: m,
+		MaxUploadBytes: cfg.MaxUploadBytes, WarmPool: cfg.WarmPool, Observer: m,
 	}, m.Store(d.st), drivers)
 	if err != nil {
 		return fail(err)

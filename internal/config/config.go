@@ -24,6 +24,12 @@ const DefaultImage = "agentcop/agent-sandbox:latest"
 // DefaultWasmImage is the name of the WASM image approved out of the box.
 const DefaultWasmImage = "python:3.11-wasi"
 
+// The warm pool's default and upper bound (sandboxes per shape; see sandbox.Config.WarmPool).
+const (
+	DefaultWarmPool = 2
+	MaxWarmPool     = 64
+)
+
 // Config is the whole configuration of the serve command.
 type Config struct {
 	Listen     string
@@ -38,6 +44,9 @@ type Config struct {
 	TmpBytes   int64
 	// MaxUploadBytes is the files API's per-file limit (0: the service's default, 100 MiB).
 	MaxUploadBytes int64
+	// WarmPool is how many provisioned sandboxes the service keeps ready per shape asked for
+	// (--warm-pool, file key warm_pool; default DefaultWarmPool, 0 turns the pool off).
+	WarmPool int
 	// Egress: where sandbox addresses come from (zero: the driver's default), and static host
 	// records the gateway resolves instead of asking the host's resolver (nil: none).
 	NetworkPool netip.Prefix
@@ -62,6 +71,7 @@ type file struct {
 	PidsLimit  int64   `json:"pids_limit"`
 	TmpBytes   int64   `json:"tmp_bytes"`
 	MaxUpload  int64   `json:"max_upload_bytes"`
+	WarmPool   *int    `json:"warm_pool"`
 	Egress     struct {
 		Pool        string              `json:"pool"`
 		StaticHosts map[string][]string `json:"static_hosts"`
@@ -85,6 +95,7 @@ func ParseServe(args []string) (Config, error) {
 	fs.StringVar(&c.AgentBin, "agent-bin", "", "path of the sandbox-agent binary (default: next to sandboxd)")
 	fs.StringVar(&cfgPath, "config", "", "optional JSON file with images, plans and limits")
 	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
+	warm := fs.Int("warm-pool", -1, fmt.Sprintf("provisioned sandboxes kept ready per shape asked for (0: none; default %d)", DefaultWarmPool))
 	fs.Var(&wasmImages, "wasm-image", "approved WASM image as NAME=DIR holding python.wasm and lib/ (repeatable; the first is the wasm default)")
 	err := fs.Parse(args)
 	if err != nil {
@@ -96,10 +107,17 @@ func ParseServe(args []string) (Config, error) {
 	if c.DataDir, err = filepath.Abs(c.DataDir); err != nil {
 		return c, err
 	}
+	c.WarmPool = DefaultWarmPool
 	if cfgPath != "" {
 		if err := c.loadFile(cfgPath); err != nil {
 			return c, err
 		}
+	}
+	if *warm >= 0 {
+		c.WarmPool = *warm
+	}
+	if c.WarmPool > MaxWarmPool {
+		return c, fmt.Errorf("warm pool of %d sandboxes per shape: at most %d", c.WarmPool, MaxWarmPool)
 	}
 	for i, v := range images {
 		name, root, ok := strings.Cut(v, "=")
@@ -202,6 +220,12 @@ func (c *Config) loadFile(path string) error {
 	}
 	c.RatePerSec, c.RateBurst, c.PidsLimit, c.TmpBytes = f.RatePerSec, f.RateBurst, f.PidsLimit, f.TmpBytes
 	c.MaxUploadBytes = f.MaxUpload
+	if f.WarmPool != nil {
+		if *f.WarmPool < 0 {
+			return fmt.Errorf("config %s: warm_pool must not be negative", path)
+		}
+		c.WarmPool = *f.WarmPool
+	}
 	if f.Egress.Pool != "" {
 		if c.NetworkPool, err = netip.ParsePrefix(f.Egress.Pool); err != nil {
 			return fmt.Errorf("config %s: egress.pool: %w", path, err)

@@ -24,6 +24,14 @@ func TestParseServe(t *testing.T) {
 	if err := os.WriteFile(badCfg, []byte(`{"imagez": []}`), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	cfgFile := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	warm3, warmNeg := cfgFile("warm3.json", `{"warm_pool": 3}`), cfgFile("warmneg.json", `{"warm_pool": -1}`)
 	img := "--image=" + DefaultImage + "=" + root
 	cases := []struct {
 		name    string
@@ -39,6 +47,23 @@ func TestParseServe(t *testing.T) {
 				t.Fatalf("images %+v", c.Images)
 			}
 		}},
+		{"warm pool default", []string{img, "--agent-bin", agent}, "", func(t *testing.T, c Config) {
+			if c.WarmPool != DefaultWarmPool {
+				t.Fatalf("warm pool %d, want %d", c.WarmPool, DefaultWarmPool)
+			}
+		}},
+		{"warm pool from the file", []string{img, "--agent-bin", agent, "--config", warm3}, "", func(t *testing.T, c Config) {
+			if c.WarmPool != 3 {
+				t.Fatalf("warm pool %d, want 3", c.WarmPool)
+			}
+		}},
+		{"warm pool flag over the file", []string{img, "--agent-bin", agent, "--config", warm3, "--warm-pool", "0"}, "", func(t *testing.T, c Config) {
+			if c.WarmPool != 0 {
+				t.Fatalf("warm pool %d, want 0 (off)", c.WarmPool)
+			}
+		}},
+		{"warm pool negative in the file", []string{img, "--agent-bin", agent, "--config", warmNeg}, "warm_pool must not be negative", nil},
+		{"warm pool too big", []string{img, "--agent-bin", agent, "--warm-pool", "65"}, "at most 64", nil},
 		{"no image", []string{"--agent-bin", agent}, "no approved image", nil},
 		{"bad image flag", []string{"--image", "x", "--agent-bin", agent}, "NAME=ROOTFS_DIR", nil},
 		{"not a rootfs", []string{"--image", "x=" + dir, "--agent-bin", agent}, "no usr/bin/python3", nil},

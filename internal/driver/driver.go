@@ -117,6 +117,14 @@ type Driver interface {
 	List(ctx context.Context) ([]string, error)
 }
 
+// NetworkSetter is implemented by drivers whose ready sandboxes can take another egress policy
+// (the service gives a sandbox from its warm pool its owner's policy this way). p must have the
+// shape of the policy the sandbox was created with — the same BlockOutbound, and Rules empty or
+// not as before — or SetNetwork fails; from its return on, only p is enforced.
+type NetworkSetter interface {
+	SetNetwork(ctx context.Context, id string, p egress.Policy) error
+}
+
 // ErrNotFound is returned by Exec for a sandbox the driver does not know.
 var ErrNotFound = errors.New("sandbox not found in driver")
 

@@ -50,7 +50,7 @@ func (s *sandbox) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		s.dnsDenied(name, fmt.Sprintf("invalid host name: %v", err))
 		return
 	}
-	if !s.policy.AllowsName(name, 0) {
+	if !s.policy().AllowsName(name, 0) {
 		m.Rcode = dns.RcodeNameError
 		s.dnsDenied(name, fmt.Sprintf("%s is not on the allow list", name))
 		return
@@ -74,7 +74,7 @@ func (s *sandbox) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	var ok []netip.Addr
 	var why string
 	for _, a := range all {
-		if r := s.g.denyReason(a, 0, s.policy); r != "" {
+		if r := s.g.denyReason(a, 0, s.policy()); r != "" {
 			if why == "" {
 				why = r
 			}

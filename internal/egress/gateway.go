@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -207,6 +208,28 @@ func (g *Gateway) Attach(sandboxID string, listen netip.Addr, p Policy) error {
 	return err
 }
 
+// SetPolicy replaces the policy an attached sandbox's gateway enforces, from its next decision on
+// (a sandbox taken from a warm pool gets its owner's policy this way). Names and addresses the
+// gateway answered or pinned under the old policy are forgotten, so nothing allowed before is
+// reachable through them. It fails for a sandbox that is not attached.
+func (g *Gateway) SetPolicy(sandboxID string, p Policy) error {
+	g.mu.Lock()
+	s := g.sandboxes[sandboxID]
+	g.mu.Unlock()
+	if s == nil {
+		return fmt.Errorf("egress: sandbox %s is not attached", sandboxID)
+	}
+	s.pol.Store(&Policy{BlockOutbound: p.BlockOutbound, Rules: slices.Clone(p.Rules)})
+	s.mu.Lock()
+	clear(s.pins)
+	clear(s.dnsAllowedNames)
+	clear(s.dnsDeniedNames)
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *sandbox) policy() Policy { return *s.pol.Load() }
+
 // Detach stops a sandbox's gateway: it closes its listeners and all its connections (proxied ones
 // included) and waits for its goroutines. Detaching an unknown sandbox does nothing.
 func (g *Gateway) Detach(sandboxID string) {
@@ -245,7 +268,7 @@ type sandbox struct {
 	g      *Gateway
 	id     string
 	listen netip.Addr
-	policy Policy
+	pol    atomic.Pointer[Policy] // replaced whole by SetPolicy; read through policy()
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -268,7 +291,6 @@ type sandbox struct {
 func (g *Gateway) start(id string, listen netip.Addr, p Policy) (*sandbox, error) {
 	s := &sandbox{
 		g: g, id: id, listen: listen,
-		policy:          Policy{BlockOutbound: p.BlockOutbound, Rules: slices.Clone(p.Rules)},
 		slots:           make(chan struct{}, g.maxConns),
 		dnsSem:          make(chan struct{}, maxDNSInFlight),
 		conns:           map[net.Conn]struct{}{},
@@ -277,6 +299,7 @@ func (g *Gateway) start(id string, listen netip.Addr, p Policy) (*sandbox, error
 		dnsAllowedNames: map[string]struct{}{},
 		dnsDeniedNames:  map[string]time.Time{},
 	}
+	s.pol.Store(&Policy{BlockOutbound: p.BlockOutbound, Rules: slices.Clone(p.Rules)})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 
 	dev := ""
@@ -648,14 +671,14 @@ func (s *sandbox) checkAddr(a netip.Addr, port uint16) (host, reason string) {
 	if len(names) > 0 {
 		host = names[0]
 	}
-	if r := s.g.denyReason(a, port, s.policy); r != "" {
+	if r := s.g.denyReason(a, port, s.policy()); r != "" {
 		return host, r
 	}
-	if s.policy.AllowsAddr(a, port) {
+	if s.policy().AllowsAddr(a, port) {
 		return host, ""
 	}
 	for _, n := range names {
-		if s.policy.AllowsName(n, port) {
+		if s.policy().AllowsName(n, port) {
 			return n, ""
 		}
 	}
@@ -675,8 +698,8 @@ func (s *sandbox) resolveChecked(ctx context.Context, name string, port uint16) 
 	if err := checkName(name); err != nil {
 		return nil, first, fmt.Sprintf("invalid host name %q: %v", truncate(name, 64), err), nil
 	}
-	if !s.policy.AllowsName(name, port) {
-		if s.policy.AllowsName(name, 0) {
+	if !s.policy().AllowsName(name, port) {
+		if s.policy().AllowsName(name, 0) {
 			return nil, first, fmt.Sprintf("port %d is not allowed for %s", port, name), nil
 		}
 		return nil, first, fmt.Sprintf("%s is not on the allow list", name), nil
@@ -687,7 +710,7 @@ func (s *sandbox) resolveChecked(ctx context.Context, name string, port uint16) 
 	}
 	var why string
 	for _, a := range all {
-		if r := s.g.denyReason(a, port, s.policy); r != "" {
+		if r := s.g.denyReason(a, port, s.policy()); r != "" {
 			if why == "" {
 				why = r
 			}
@@ -752,7 +775,7 @@ func (s *sandbox) open(host string, port uint16, proto string, orig netip.AddrPo
 			switch {
 			case slices.Contains(addrs, o):
 				addrs = append([]netip.Addr{o}, slices.DeleteFunc(addrs, func(x netip.Addr) bool { return x == o })...)
-			case slices.Contains(s.pinnedNames(o), d.Host) && s.g.denyReason(o, port, s.policy) == "":
+			case slices.Contains(s.pinnedNames(o), d.Host) && s.g.denyReason(o, port, s.policy()) == "":
 				addrs = append([]netip.Addr{o}, addrs...)
 			default:
 				d.Detail = fmt.Sprintf("original destination %s is not an address of %s; connected to the gateway's own resolution instead", o, d.Host)

@@ -38,7 +38,7 @@ func (s *sandbox) serveTransparent(c *net.TCPConn) {
 		return
 	}
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
-	if r := s.g.denyReason(orig.Addr(), orig.Port(), s.policy); r != "" {
+	if r := s.g.denyReason(orig.Addr(), orig.Port(), s.policy()); r != "" {
 		s.refuseReserved(c, orig, r)
 		return
 	}

@@ -276,6 +276,31 @@ func (m *Manager) HostIfName(id string) string {
 	return ifPrefix + hex.EncodeToString(sum[:5])
 }
 
+// SetPolicy records p as sandbox id's policy. The host rules made at Setup depend only on its
+// shape — BlockOutbound, and whether Rules is empty — so p must have the shape of the policy the
+// sandbox was set up with (ErrShape otherwise); the rules themselves are the gateway's to enforce.
+func (m *Manager) SetPolicy(id string, p egress.Policy) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	b, ok := m.boxes[id]
+	if !ok {
+		return fmt.Errorf("netsetup: sandbox %s is not set up", id)
+	}
+	if SameShape(b.policy, p) {
+		b.policy = p
+		return nil
+	}
+	return fmt.Errorf("netsetup: sandbox %s: %w", id, ErrShape)
+}
+
+// ErrShape is returned by SetPolicy for a policy that would need other host rules.
+var ErrShape = errors.New("the policy needs other host rules than the sandbox was set up with")
+
+// SameShape reports whether policies a and b get the same host rules.
+func SameShape(a, b egress.Policy) bool {
+	return a.BlockOutbound == b.BlockOutbound && (len(a.Rules) == 0) == (len(b.Rules) == 0)
+}
+
 // NSPath is where sandbox id's network namespace is bound.
 func (m *Manager) NSPath(id string) string { return filepath.Join(m.nsDir, id) }
 

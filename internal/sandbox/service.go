@@ -75,6 +75,7 @@ type Config struct {
 	HostCPUs       float64       // capacity of this host (default: the CPUs Go sees)
 	HostMemory     int64         // capacity of this host (default: MemTotal)
 	MaxUploadBytes int64         // per-file upload limit of the files API (default DefaultMaxUploadBytes)
+	WarmPool       int           // provisioned sandboxes kept ready per shape asked for (0: none; see warmPool)
 	Observer       Observer      // receives measurements for metrics (nil: none)
 	Logger         *slog.Logger
 }
@@ -91,12 +92,14 @@ type Service struct {
 	live     map[string]*live
 	closed   bool
 	wg       sync.WaitGroup
+	pool     *warmPool
 }
 
 // live is the in-memory state of a sandbox that has not been destroyed.
 type live struct {
 	id     string
 	sp     spec
+	warm   bool            // taken from the warm pool: provisioned already
 	ctx    context.Context // ends when the sandbox is being destroyed
 	cancel context.CancelFunc
 	expiry *time.Timer
@@ -166,6 +169,7 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 	if err := s.reconcile(ctx); err != nil {
 		return nil, err
 	}
+	s.pool = newWarmPool(s, cfg.WarmPool)
 	return s, nil
 }
 
@@ -254,7 +258,7 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 	}
 	now := now()
 	rec := store.Sandbox{
-		ID: newID("sbx_"), AccountID: acct.ID, AgentID: sp.agentID, Mode: sp.mode,
+		AccountID: acct.ID, AgentID: sp.agentID, Mode: sp.mode,
 		Status: store.SandboxProvisioning, Config: cfgJSON, CreatedAt: now,
 		ExpiresAt: now.Add(time.Duration(sp.timeout) * time.Second),
 	}
@@ -265,9 +269,17 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 	if closed {
 		return api.CreateSandboxResponse{}, errorf(KindUnavailable, "the service is shutting down")
 	}
+	warmID, warm := s.pool.take(sp)
+	rec.ID = warmID
+	if !warm {
+		rec.ID = newID("sbx_")
+	}
 	s.createMu.Lock()
 	err = s.st.CreateSandbox(ctx, rec, plan.MaxSandboxes)
 	s.createMu.Unlock()
+	if err != nil && warm {
+		s.pool.give(sp, warmID)
+	}
 	if errors.Is(err, store.ErrQuota) {
 		s.audit(ctx, store.Event{AccountID: acct.ID, Type: "quota.denied", AgentID: sp.agentID,
 			Detail: obj("plan", acct.Plan, "limit", plan.MaxSandboxes)})
@@ -280,7 +292,7 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 		Detail: obj("mode", sp.mode, "image", sp.image.Name)})
 
 	lctx, cancel := context.WithCancel(context.Background())
-	lv := &live{id: rec.ID, sp: sp, ctx: lctx, cancel: cancel, rec: rec, jobs: map[string]*job{},
+	lv := &live{id: rec.ID, sp: sp, warm: warm, ctx: lctx, cancel: cancel, rec: rec, jobs: map[string]*job{},
 		wake: make(chan struct{}, 1), ready: make(chan struct{}), done: make(chan struct{}), gone: make(chan struct{})}
 	s.mu.Lock()
 	s.live[rec.ID] = lv
@@ -330,9 +342,21 @@ func (s *Service) serve(lv *live, drv driver.Driver) {
 func (s *Service) provision(lv *live, drv driver.Driver) bool {
 	defer close(lv.ready)
 	start := time.Now()
-	ds, err := s.driverSpec(lv)
-	if err == nil {
-		err = drv.Create(lv.ctx, lv.id, ds)
+	var err error
+	if lv.warm {
+		if err = adopt(lv.ctx, drv, lv.id, lv.sp); err != nil {
+			// Not usable after all: provision it afresh under its ID.
+			s.log.Error("adopt a warm sandbox", "sandbox", lv.id, "err", err)
+			lv.warm = false
+			s.pool.discard(lv.sp.mode, lv.id)
+		}
+	}
+	if !lv.warm {
+		var ds driver.Spec
+		ds, err = s.driverSpec(lv.id, lv.sp)
+		if err == nil {
+			err = drv.Create(lv.ctx, lv.id, ds)
+		}
 	}
 	lv.mu.Lock()
 	defer lv.mu.Unlock()
@@ -362,7 +386,7 @@ func (s *Service) provision(lv *live, drv driver.Driver) bool {
 		s.log.Error("record sandbox ready", "sandbox", lv.id, "err", err)
 	}
 	s.audit(ctx, store.Event{AccountID: lv.rec.AccountID, Type: "sandbox.ready", SandboxID: lv.id, AgentID: lv.rec.AgentID,
-		Detail: obj("provision_ms", time.Since(start).Milliseconds())})
+		Detail: obj("provision_ms", time.Since(start).Milliseconds(), "warm", lv.warm)})
 	return true
 }
 
@@ -385,14 +409,14 @@ func publicMessage(err error) string {
 	return msg
 }
 
-// driverSpec creates the sandbox's host directories and describes it for the driver.
-func (s *Service) driverSpec(lv *live) (driver.Spec, error) {
-	fs := lv.sp.config.Filesystem
-	base := filepath.Join(s.sandboxesDir(), lv.id)
+// driverSpec creates the host directories of sandbox id and describes it for the driver.
+func (s *Service) driverSpec(id string, sp spec) (driver.Spec, error) {
+	fs := sp.config.Filesystem
+	base := filepath.Join(s.sandboxesDir(), id)
 	ds := driver.Spec{
-		RootFS: lv.sp.image.RootFS, Blocked: fs.Blocked, CPU: lv.sp.cpu, MemoryBytes: lv.sp.memoryBytes,
-		PidsLimit: s.cfg.PidsLimit, TmpBytes: min(s.cfg.TmpBytes, lv.sp.memoryBytes), AllowSpawn: lv.sp.allowSpawn,
-		Network: lv.sp.network,
+		RootFS: sp.image.RootFS, Blocked: fs.Blocked, CPU: sp.cpu, MemoryBytes: sp.memoryBytes,
+		PidsLimit: s.cfg.PidsLimit, TmpBytes: min(s.cfg.TmpBytes, sp.memoryBytes), AllowSpawn: sp.allowSpawn,
+		Network: sp.network,
 	}
 	add := func(paths []string, ro bool) error {
 		for _, p := range paths {
@@ -607,6 +631,7 @@ func (s *Service) Close(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	var wg sync.WaitGroup
+	wg.Go(s.pool.close)
 	for _, lv := range all {
 		wg.Add(1)
 		go func() {
@@ -623,6 +648,14 @@ func (s *Service) Close(ctx context.Context) error {
 		return fmt.Errorf("close sandbox service: %w", ctx.Err())
 	}
 }
+
+// SetWarmPool sets how many warm sandboxes the service keeps per shape (0: none); the ones over
+// it are destroyed. (Config.WarmPool is the initial value.)
+func (s *Service) SetWarmPool(n int) { s.pool.resize(n) }
+
+// WarmSettled returns a channel closed once no warm sandbox is being provisioned (benchmarks wait
+// on it so that background provisioning does not disturb what they measure).
+func (s *Service) WarmSettled() <-chan struct{} { return s.pool.settled() }
 
 // reconcile destroys what a previous process of the service left live.
 func (s *Service) reconcile(ctx context.Context) error {

@@ -26,6 +26,7 @@ type env struct {
 	drv  *fakedriver.Driver
 	dir  string
 	acct store.Account
+	warm int // Config.WarmPool of the services open makes
 }
 
 func newEnv(t *testing.T, plan string) *env {
@@ -49,6 +50,7 @@ func (e *env) open(t *testing.T) *sandbox.Service {
 	t.Helper()
 	svc, err := sandbox.New(context.Background(), sandbox.Config{
 		DataDir: e.dir, Images: []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/nonexistent", Default: true}},
+		WarmPool: e.warm,
 	}, e.st, map[string]driver.Driver{"container": e.drv})
 	if err != nil {
 		t.Fatal(err)

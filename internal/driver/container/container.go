@@ -382,6 +382,18 @@ func (d *Driver) setupNetwork(ctx context.Context, b *box, p egress.Policy) (*ne
 	return nb, nil
 }
 
+// SetNetwork replaces the egress policy of ready sandbox id (driver.NetworkSetter): the host rules
+// stay (p must have their shape), the gateway enforces p from now on.
+func (d *Driver) SetNetwork(ctx context.Context, id string, p egress.Policy) error {
+	if _, err := d.lookup(id); err != nil {
+		return err
+	}
+	if err := d.net.SetPolicy(id, p); err != nil {
+		return err
+	}
+	return d.gw.SetPolicy(id, p)
+}
+
 // proxyEnv is what every run's environment gets when the sandbox has a gateway: the gateway's
 // HTTP proxy for HTTP and HTTPS, loopback exempt. These variables are the driver's: they replace
 // the caller's (clients that ignore them are caught by the transparent proxy anyway).

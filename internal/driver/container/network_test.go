@@ -427,3 +427,55 @@ func waitForCond(d time.Duration, cond func() bool) bool {
 	}
 	return true
 }
+
+// TestSetNetwork: a sandbox made with one allow list enforces another after SetNetwork (how the
+// service hands a warm sandbox to its owner): what the old list allowed — names it answered,
+// addresses it pinned — is refused, what the new one allows works; a policy of another shape is
+// refused.
+func TestSetNetwork(t *testing.T) {
+	fakeInternet(t)
+	base := openDriver(t, "crun")
+	d, err := Open(driver.Options{
+		StateDir: filepath.Join(stateDir, "setnetwork"), AgentBin: agentBin, Runtime: base.rt.name, NetworkPool: testPool,
+		Resolver: egress.StaticResolver{
+			"api.company.com": {netip.MustParseAddr(apiIP)},
+			"evil.example":    {netip.MustParseAddr(evilIP)},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	old, _ := egress.ParsePolicy(true, []string{"evil.example"})
+	spec := baseSpec()
+	spec.Network = old
+	id := newSandbox(t, d, spec)
+	if out := mustRun(t, d, id, "import socket\nprint(socket.getaddrinfo('evil.example', 80, socket.AF_INET)[0][4][0])"); strings.TrimSpace(out) != evilIP {
+		t.Fatalf("under the first policy evil.example resolves to %q", out)
+	}
+	for _, p := range []egress.Policy{{BlockOutbound: false}, {BlockOutbound: true}} {
+		if err := d.SetNetwork(context.Background(), id, p); err == nil {
+			t.Fatalf("SetNetwork took a policy of another shape: %+v", p)
+		}
+	}
+	policy, _ := egress.ParsePolicy(true, []string{"api.company.com"})
+	if err := d.SetNetwork(context.Background(), id, policy); err != nil {
+		t.Fatal(err)
+	}
+	out := mustRun(t, d, id, "EVIL = "+fmt.Sprintf("%q", evilIP)+"\n"+egressProbe)
+	var got map[string]any
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("probe output %q: %v", out, err)
+	}
+	for k, want := range map[string]string{
+		"api": "ok:hello from api", "dns_api": "ok:" + apiIP, "evil": "err:HTTPError:HTTP Error 403",
+		"dns_evil": "err:gaierror", "raw_evil": "ok:HTTP/1.1 403", "host_spoof": "ok:HTTP/1.1 200 OK | hello from api",
+	} {
+		if s, _ := got[k].(string); !strings.HasPrefix(s, want) {
+			t.Errorf("%s: %q, want %q…", k, s, want)
+		}
+	}
+	if err := d.SetNetwork(context.Background(), "sbx_nosuchsandbox", policy); err == nil {
+		t.Error("SetNetwork of an unknown sandbox succeeded")
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
 // Driver is the fake. The zero value is not usable: use New.
@@ -113,6 +114,27 @@ func (d *Driver) List(ctx context.Context) ([]string, error) {
 		ids = append(ids, id)
 	}
 	return ids, nil
+}
+
+// SetNetwork replaces the policy of sandbox id (driver.NetworkSetter), as Spec reports it.
+func (d *Driver) SetNetwork(ctx context.Context, id string, p egress.Policy) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	sp, ok := d.sandboxes[id]
+	if !ok {
+		return driver.ErrNotFound
+	}
+	sp.Network = p
+	d.sandboxes[id] = sp
+	return nil
+}
+
+// Spec returns the spec sandbox id was created with (its policy as SetNetwork left it).
+func (d *Driver) Spec(id string) (driver.Spec, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	sp, ok := d.sandboxes[id]
+	return sp, ok
 }
 
 // Live reports whether the fake holds sandbox id.

@@ -1,0 +1,267 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/sandboxd/sandboxd/internal/driver"
+)
+
+// Warm pool tunables.
+const (
+	warmShapes     = 4                // shapes kept warm at once; the least recently asked for goes first
+	warmRetryAfter = 30 * time.Second // after a failed refill, how long a shape waits before the next
+)
+
+// warmPool keeps sandboxes that are provisioned but belong to no one yet ("warm"), so that a create
+// takes one instead of provisioning from nothing. Sandboxes are kept per shape — what a create asks
+// for apart from its owner: mode, image, limits, paths, allow_spawn and the shape of its egress
+// policy (block_outbound, and whether the allow list is empty). The allow list itself is given to
+// the sandbox when it is taken (driver.NetworkSetter); drivers without it only share a shape
+// between equal policies.
+//
+// The pool learns shapes from demand: each create names its shape, the pool keeps Config.WarmPool
+// sandboxes of the warmShapes shapes asked for last, and provisions a replacement in the
+// background whenever one is taken. A warm sandbox has the ID it will keep (no record exists
+// until a create takes it), its host directories and everything the driver gives a sandbox; it
+// has run nothing. A crash leaves warm sandboxes to the start-up reconciliation, which destroys
+// what the drivers list and no record claims; Close destroys them.
+type warmPool struct {
+	s      *Service
+	ctx    context.Context // ends at close: provisioning in flight is aborted
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	size   int // warm sandboxes per shape; 0: the pool is off
+	shapes map[string]*shape
+	closed bool
+	wg     sync.WaitGroup // refill goroutines
+	busy   int            // provisioning in flight, over all shapes
+	idle   chan struct{}  // closed when busy drops to 0; replaced when it rises
+}
+
+// shape is the pool of one shape.
+type shape struct {
+	key     string
+	sp      spec     // the spec warm sandboxes are made from (the last create's, policy included)
+	ready   []string // warm sandbox IDs, oldest first
+	filling int      // being provisioned
+	used    time.Time
+	retry   time.Time // no refill before (after a failure)
+}
+
+func newWarmPool(s *Service, size int) *warmPool {
+	p := &warmPool{s: s, size: size, shapes: map[string]*shape{}, idle: make(chan struct{})}
+	close(p.idle)
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	return p
+}
+
+// shapeKey is what two creates must share to be served by the same warm sandboxes.
+func (p *warmPool) shapeKey(sp spec) string {
+	_, canSet := p.s.drivers[sp.mode].(driver.NetworkSetter)
+	k := struct {
+		Mode, Image, RootFS string
+		CPU                 float64
+		Memory              int64
+		AllowSpawn          bool
+		FS                  any
+		Network             any
+	}{sp.mode, sp.image.Name, sp.image.RootFS, sp.cpu, sp.memoryBytes, sp.allowSpawn, sp.config.Filesystem, sp.network}
+	if canSet {
+		k.Network = [2]bool{sp.network.BlockOutbound, len(sp.network.Rules) == 0}
+	}
+	b, _ := json.Marshal(k)
+	return string(b)
+}
+
+// take returns the ID of a warm sandbox of sp's shape, if one is ready, and has the shape's pool
+// refilled. Either way sp's shape becomes the most recently asked for.
+func (p *warmPool) take(sp spec) (string, bool) {
+	key := p.shapeKey(sp)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed || p.size <= 0 {
+		return "", false
+	}
+	sh := p.shapes[key]
+	if sh == nil {
+		sh = &shape{key: key}
+		p.shapes[key] = sh
+		p.evictLocked()
+	}
+	sh.sp, sh.used = sp, time.Now()
+	var id string
+	if n := len(sh.ready); n > 0 {
+		id, sh.ready = sh.ready[0], sh.ready[1:]
+	}
+	p.refillLocked(sh)
+	return id, id != ""
+}
+
+// give puts back a sandbox take returned that was not used (its create failed before the sandbox
+// was recorded). If the shape's refill has made it full meanwhile, its newest sandbox goes instead.
+func (p *warmPool) give(sp spec, id string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	sh := p.shapes[p.shapeKey(sp)]
+	if sh == nil || p.closed {
+		p.mu.Unlock()
+		p.discard(sp.mode, id) // not in the background: close may be waiting already
+		p.mu.Lock()
+		return
+	}
+	sh.ready = append([]string{id}, sh.ready...)
+	if over := len(sh.ready) - p.size; over > 0 {
+		p.discardAll(sp.mode, slices.Clone(sh.ready[p.size:]))
+		sh.ready = sh.ready[:p.size]
+	}
+}
+
+// evictLocked drops the least recently used shapes beyond warmShapes; their warm sandboxes are
+// destroyed in the background (provisioning in flight destroys its sandbox when it ends).
+func (p *warmPool) evictLocked() {
+	for len(p.shapes) > warmShapes {
+		var old *shape
+		for _, sh := range p.shapes {
+			if old == nil || sh.used.Before(old.used) {
+				old = sh
+			}
+		}
+		delete(p.shapes, old.key)
+		p.discardAll(old.sp.mode, old.ready)
+	}
+}
+
+// refillLocked starts provisioning for what sh lacks.
+func (p *warmPool) refillLocked(sh *shape) {
+	if time.Now().Before(sh.retry) {
+		return
+	}
+	for ; len(sh.ready)+sh.filling < p.size; sh.filling++ {
+		if p.busy == 0 {
+			p.idle = make(chan struct{})
+		}
+		p.busy++
+		p.wg.Add(1)
+		go p.provision(sh, sh.sp)
+	}
+}
+
+// provision makes one warm sandbox of shape sh from sp.
+func (p *warmPool) provision(sh *shape, sp spec) {
+	defer p.wg.Done()
+	id := newID("sbx_")
+	err := p.create(id, sp)
+	p.mu.Lock()
+	sh.filling--
+	keep := err == nil && !p.closed && p.shapes[sh.key] == sh && len(sh.ready) < p.size
+	if keep {
+		sh.ready = append(sh.ready, id)
+	}
+	if err != nil && p.ctx.Err() == nil {
+		sh.retry = time.Now().Add(warmRetryAfter)
+		p.s.log.Error("provision a warm sandbox", "mode", sp.mode, "err", err)
+	}
+	p.mu.Unlock()
+	if err == nil && !keep {
+		p.discard(sp.mode, id)
+	}
+	p.mu.Lock()
+	if p.busy--; p.busy == 0 {
+		close(p.idle)
+	}
+	p.mu.Unlock()
+}
+
+// create provisions sandbox id from sp; on error nothing of it is left.
+func (p *warmPool) create(id string, sp spec) error {
+	drv := p.s.drivers[sp.mode]
+	ds, err := p.s.driverSpec(id, sp)
+	if err == nil {
+		err = drv.Create(p.ctx, id, ds)
+	}
+	if err != nil {
+		_ = drv.Destroy(context.Background(), id)
+		_ = os.RemoveAll(filepath.Join(p.s.sandboxesDir(), id))
+	}
+	return err
+}
+
+// discard destroys a warm sandbox and its host directories.
+func (p *warmPool) discard(mode, id string) {
+	if drv, ok := p.s.drivers[mode]; ok {
+		if err := drv.Destroy(context.Background(), id); err != nil {
+			p.s.log.Error("destroy a warm sandbox", "sandbox", id, "err", err)
+		}
+	}
+	if err := os.RemoveAll(filepath.Join(p.s.sandboxesDir(), id)); err != nil {
+		p.s.log.Error("remove a warm sandbox's dir", "sandbox", id, "err", err)
+	}
+}
+
+// discardAll destroys warm sandboxes in the background, within the pool's wait group.
+func (p *warmPool) discardAll(mode string, ids []string) {
+	if len(ids) == 0 {
+		return
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for _, id := range ids {
+			p.discard(mode, id)
+		}
+	}()
+}
+
+// resize sets how many warm sandboxes each shape keeps; the ones over it are destroyed.
+func (p *warmPool) resize(n int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.size = max(n, 0)
+	if p.closed {
+		return
+	}
+	for _, sh := range p.shapes {
+		if len(sh.ready) > p.size {
+			p.discardAll(sh.sp.mode, slices.Clone(sh.ready[p.size:]))
+			sh.ready = sh.ready[:p.size]
+		}
+		p.refillLocked(sh)
+	}
+}
+
+// settled returns a channel closed once no warm sandbox is being provisioned.
+func (p *warmPool) settled() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.idle
+}
+
+// close aborts provisioning, destroys every warm sandbox and waits until that is done.
+func (p *warmPool) close() {
+	p.mu.Lock()
+	p.closed = true
+	for _, sh := range p.shapes {
+		p.discardAll(sh.sp.mode, sh.ready)
+		sh.ready = nil
+	}
+	p.mu.Unlock()
+	p.cancel()
+	p.wg.Wait()
+}
+
+// adopt gives a warm sandbox its owner's egress policy. Its shape guarantees the policy it was made
+// with differs at most in the allow list, which a driver.NetworkSetter replaces; for other drivers
+// the shape includes the whole policy.
+func adopt(ctx context.Context, drv driver.Driver, id string, sp spec) error {
+	if ns, ok := drv.(driver.NetworkSetter); ok {
+		return ns.SetNetwork(ctx, id, sp.network)
+	}
+	return nil
+}

@@ -1,0 +1,184 @@
+package sandbox_test
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/driver/fakedriver"
+	"github.com/sandboxd/sandboxd/internal/sandbox"
+	"github.com/sandboxd/sandboxd/internal/store"
+)
+
+// newWarmEnv is newEnv with a service that keeps warm sandboxes of each shape.
+func newWarmEnv(t *testing.T, plan string, warm int) *env {
+	t.Helper()
+	e := newEnv(t, plan)
+	if err := e.svc.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	e.warm = warm
+	e.svc = e.open(t)
+	return e
+}
+
+// settle waits until no warm sandbox is being provisioned.
+func (e *env) settle(t *testing.T) {
+	t.Helper()
+	select {
+	case <-e.svc.WarmSettled():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the warm pool did not settle")
+	}
+}
+
+// unowned lists the sandboxes the driver holds that no record names: the warm ones.
+func (e *env) unowned(t *testing.T) []string {
+	t.Helper()
+	ids, _ := e.drv.List(context.Background())
+	var out []string
+	for _, id := range ids {
+		if _, err := e.st.GetSandbox(context.Background(), e.acct.ID, id); err != nil {
+			out = append(out, id)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// warmReady reports whether sandbox id's ready event says it came from the warm pool.
+func (e *env) warmReady(t *testing.T, id string) bool {
+	t.Helper()
+	evs, err := e.svc.Audit(context.Background(), e.acct, store.EventFilter{SandboxID: id, Type: "sandbox.ready"}, 1, 10)
+	if err != nil || len(evs.Events) != 1 {
+		t.Fatalf("ready events of %s: %v %v", id, evs, err)
+	}
+	var d struct{ Warm bool }
+	if err := json.Unmarshal(evs.Events[0].Detail, &d); err != nil {
+		t.Fatal(err)
+	}
+	return d.Warm
+}
+
+func allow(hosts ...string) *api.Config {
+	return &api.Config{Network: &api.Network{Allow: hosts}, Filesystem: &api.Filesystem{ReadWrite: []string{"/workspace"}}}
+}
+
+func TestWarmPool(t *testing.T) {
+	e := newWarmEnv(t, "pro", 2)
+	a := e.create(t, allow("a.example.com"))
+	if e.warmReady(t, a) {
+		t.Fatal("the first create of a shape found a warm sandbox")
+	}
+	e.settle(t)
+	warm := e.unowned(t)
+	if len(warm) != 2 {
+		t.Fatalf("warm sandboxes after the first create: %v, want 2", warm)
+	}
+	for _, id := range warm { // provisioned with their host directories, owned by no one
+		if st, err := os.Stat(filepath.Join(e.dir, "sandboxes", id, "mounts", "workspace")); err != nil || !st.IsDir() {
+			t.Fatalf("warm sandbox %s has no host dir for /workspace: %v", id, err)
+		}
+	}
+
+	// Same shape, another allow list: a warm sandbox, given this create's policy.
+	b := e.create(t, allow("b.example.com"))
+	if !slices.Contains(warm, b) || !e.warmReady(t, b) {
+		t.Fatalf("create got %s, not one of the warm %v", b, warm)
+	}
+	sp, _ := e.drv.Spec(b)
+	if len(sp.Network.Rules) != 1 || sp.Network.Rules[0].Host != "b.example.com" {
+		t.Fatalf("the warm sandbox enforces %+v, want b.example.com only", sp.Network)
+	}
+	if r := e.run(t, b, "hello", false); r.Status != "completed" {
+		t.Fatalf("run in a warm sandbox: %+v", r)
+	}
+	e.settle(t)
+	if n := len(e.unowned(t)); n != 2 {
+		t.Fatalf("the pool was not refilled: %d warm", n)
+	}
+
+	// Another shape (block_outbound false; other paths) is not served by these.
+	c := e.create(t, &api.Config{Network: &api.Network{BlockOutbound: ptr(false)}})
+	if slices.Contains(warm, c) || e.warmReady(t, c) {
+		t.Fatalf("a create of another shape got a warm sandbox of the first")
+	}
+
+	// Close destroys the warm sandboxes and their directories with everything else.
+	if err := e.svc.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if ids, _ := e.drv.List(context.Background()); len(ids) != 0 {
+		t.Fatalf("left in the driver after Close: %v", ids)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(e.dir, "sandboxes")); len(ents) != 0 {
+		t.Fatalf("sandbox dirs left after Close: %d", len(ents))
+	}
+}
+
+func TestWarmPoolQuota(t *testing.T) {
+	e := newWarmEnv(t, "free", 2) // free: three live sandboxes
+	for range 3 {
+		e.create(t, nil)
+	}
+	e.settle(t)
+	warm := e.unowned(t)
+	_, err := e.svc.Create(context.Background(), e.acct, api.CreateSandboxRequest{AgentID: "agent-1"})
+	if sandbox.KindOf(err) != sandbox.KindConcurrencyLimit {
+		t.Fatalf("second create on the free plan: %v", err)
+	}
+	e.settle(t)
+	if got := e.unowned(t); !slices.Equal(got, warm) {
+		t.Fatalf("a refused create lost or used a warm sandbox: %v, was %v", got, warm)
+	}
+}
+
+func TestWarmPoolShapesAndResize(t *testing.T) {
+	e := newWarmEnv(t, "pro", 1)
+	// Six shapes: only the four asked for last stay warm.
+	for _, cpu := range []string{"0.1", "0.2", "0.3", "0.4", "0.5", "0.6"} {
+		e.create(t, &api.Config{Resources: &api.Resources{CPU: cpu}})
+		e.settle(t)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(e.unowned(t)) != 4 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond) // evicted shapes are destroyed in the background
+	}
+	if n := len(e.unowned(t)); n != 4 {
+		t.Fatalf("%d warm sandboxes, want 4 (one per shape kept)", n)
+	}
+	e.svc.SetWarmPool(0)
+	for len(e.unowned(t)) != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if w := e.unowned(t); len(w) != 0 {
+		t.Fatalf("warm sandboxes left with the pool off: %v", w)
+	}
+	if id := e.create(t, &api.Config{Resources: &api.Resources{CPU: "0.6"}}); e.warmReady(t, id) {
+		t.Fatal("a create found a warm sandbox with the pool off")
+	}
+}
+
+func TestWarmPoolProvisioningFails(t *testing.T) {
+	e := newWarmEnv(t, "pro", 2)
+	e.drv.CreateHook = func(ctx context.Context, id string) error {
+		if _, err := e.st.GetSandbox(ctx, e.acct.ID, id); err != nil {
+			return fakedriver.ErrInjected // the pool's (no record names them) fail
+		}
+		return nil
+	}
+	e.create(t, nil)
+	e.settle(t)
+	if w := e.unowned(t); len(w) != 0 {
+		t.Fatalf("failed warm provisioning left %v", w)
+	}
+	// Creates still work (provisioned on demand) while the pool waits to retry.
+	if id := e.create(t, nil); e.warmReady(t, id) {
+		t.Fatal("got a warm sandbox from a pool whose provisioning failed")
+	}
+}

@@ -1,0 +1,123 @@
+package e2e
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// driverSandboxes lists the sandboxes the container driver of the server on dataDir holds.
+func driverSandboxes(dataDir string) []string {
+	ents, _ := os.ReadDir(filepath.Join(dataDir, "container", "sandboxes"))
+	var ids []string
+	for _, e := range ents {
+		ids = append(ids, e.Name())
+	}
+	return ids
+}
+
+// waitWarm waits until the driver holds want sandboxes besides owned, and returns those.
+func waitWarm(t *testing.T, dataDir string, want int, owned ...string) []string {
+	t.Helper()
+	var warm []string
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		warm = slices.DeleteFunc(driverSandboxes(dataDir), func(id string) bool { return slices.Contains(owned, id) })
+		if len(warm) == want {
+			return warm
+		}
+	}
+	t.Fatalf("warm sandboxes: %v, want %d", warm, want)
+	return nil
+}
+
+// assertReleased fails unless nothing of the given sandboxes is left on the host.
+func assertReleased(t *testing.T, dataDir string, ids, veths []string) {
+	t.Helper()
+	for _, id := range ids {
+		if n := sandboxProcesses(t, id); n != 0 {
+			t.Errorf("%d processes of sandbox %s left", n, id)
+		}
+	}
+	if d := cgroupDirs(ids...); len(d) != 0 {
+		t.Errorf("cgroups left: %v", d)
+	}
+	if left := networkLeft(t, veths); len(left) != 0 {
+		t.Errorf("network left: %v", left)
+	}
+	if left := driverSandboxes(dataDir); len(left) != 0 {
+		t.Errorf("driver state left: %v", left)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(dataDir, "sandboxes")); len(ents) != 0 {
+		t.Errorf("sandbox dirs left: %d", len(ents))
+	}
+	if mi, _ := os.ReadFile("/proc/self/mountinfo"); bytes.Contains(mi, []byte(dataDir)) {
+		t.Errorf("mounts of the data dir left")
+	}
+}
+
+// TestWarmPool: the server keeps sandboxes of the shape asked for ready; a create of that shape
+// takes one — with its own allow list, its own paths, every rule — and a clean stop or a crash
+// leaves nothing of the warm ones.
+func TestWarmPool(t *testing.T) {
+	requireEnv(t)
+	dir := t.TempDir()
+	s := startServer(t, dir)
+	key := s.newKey("e2e-warm", "pro")
+	cfg := func(host string) map[string]any {
+		return map[string]any{"filesystem": map[string]any{"read_write": []string{"/workspace/out"}},
+			"network": map[string]any{"allow": []string{host}}}
+	}
+	a := s.create(key, cfg("api.company.com"))
+	warm := waitWarm(t, dir, 2, a)
+	b := s.create(key, cfg("other.example"))
+	if !slices.Contains(warm, b) {
+		t.Fatalf("create got %s, not one of the warm sandboxes %v", b, warm)
+	}
+	_, ev := s.do("GET", "/api/audit?type=sandbox.ready&sandbox_id="+b, key, nil)
+	if evs, _ := ev["events"].([]any); len(evs) != 1 || evs[0].(map[string]any)["detail"].(map[string]any)["warm"] != true {
+		t.Fatalf("ready event of a warm sandbox: %v", ev)
+	}
+	r := s.run(key, b, `import os
+open('/workspace/out/f', 'w').write('from a warm sandbox')
+result = {"procs": len([p for p in os.listdir('/proc') if p.isdigit()]), "uid": os.getuid(),
+          "proxy": os.environ.get("HTTPS_PROXY", ""), "tmp": os.listdir('/tmp'), "out": os.listdir('/workspace/out')}`, 30)
+	res, _ := r["result"].(map[string]any)
+	if r["status"] != "completed" || res["procs"] != float64(2) || res["uid"] != float64(10000) || res["proxy"] == "" ||
+		len(res["tmp"].([]any)) != 0 || fmt.Sprint(res["out"]) != "[f]" {
+		t.Fatalf("run in a warm sandbox: %v", r)
+	}
+	if got, _ := os.ReadFile(filepath.Join(dir, "sandboxes", b, "mounts", "workspace%2Fout", "f")); string(got) != "from a warm sandbox" {
+		t.Fatalf("the warm sandbox's mount holds %q", got)
+	}
+	// The pool refills; everything is released by a clean stop.
+	all := append(waitWarm(t, dir, 2, a, b), a, b)
+	veths := sandboxVeths(t, all...)
+	if len(veths) != 4 {
+		t.Fatalf("veths of %v: %v", all, veths)
+	}
+	if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Wait(); err != nil {
+		t.Fatalf("sandboxd exit after SIGTERM: %v", err)
+	}
+	assertReleased(t, dir, all, veths)
+
+	// After a crash, the next start removes the warm sandboxes the dead process left.
+	s2 := startServer(t, dir)
+	c := s2.create(key, nil)
+	warm = waitWarm(t, dir, 2, c)
+	veths = sandboxVeths(t, append(warm, c)...)
+	if err := s2.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = s2.cmd.Wait()
+	s3 := startServer(t, dir)
+	s3.stop()
+	assertReleased(t, dir, append(warm, c), veths)
+}
