@@ -4,6 +4,9 @@
 // Metrics (all prefixed sandboxd_):
 //
 //	sandboxes{mode,status}                 gauge: live sandboxes (provisioning, ready, running)
+//	                                       and warm ones (warm: provisioned, owned by no one)
+//	warm_pool_total{mode,result}           counter: creates that found a warm sandbox (hit) or
+//	                                       none (miss), while the warm pool is on
 //	sandboxes_destroyed_total{mode,reason} counter
 //	create_seconds{mode,outcome}           histogram: create requests (outcome: ready,
 //	                                       provisioning or the error code)
@@ -37,6 +40,7 @@ type Metrics struct {
 	denied    prometheus.Counter
 	quota     *prometheus.CounterVec
 	store     *prometheus.HistogramVec
+	warm      *prometheus.CounterVec
 }
 
 // New registers sandboxd's metrics; live reports the live sandboxes by (mode, status) at each
@@ -57,8 +61,10 @@ func New(live func() map[[2]string]int) *Metrics {
 		store: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "sandboxd_store_seconds",
 			Help: "Latency of store calls, by operation and result.", Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 12)},
 			[]string{"op", "result"}),
+		warm: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sandboxd_warm_pool_total",
+			Help: "Creates that found a warm sandbox of their shape (hit) or none (miss)."}, []string{"mode", "result"}),
 	}
-	m.reg.MustRegister(m.destroyed, m.creates, m.runs, m.denied, m.quota, m.store,
+	m.reg.MustRegister(m.destroyed, m.creates, m.runs, m.denied, m.quota, m.store, m.warm,
 		&liveCollector{fn: live, desc: prometheus.NewDesc("sandboxd_sandboxes", "Live sandboxes, by mode and status.", []string{"mode", "status"}, nil)},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -69,7 +75,8 @@ func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
 }
 
-// Created, Destroyed, RunFinished, EgressDenied and QuotaRejected implement sandbox.Observer.
+// Created, Destroyed, RunFinished, EgressDenied, QuotaRejected and WarmTaken implement
+// sandbox.Observer.
 
 func (m *Metrics) Created(mode, outcome string, took time.Duration) {
 	m.creates.WithLabelValues(mode, outcome).Observe(took.Seconds())
@@ -85,6 +92,14 @@ func (m *Metrics) EgressDenied(n int) { m.denied.Add(float64(n)) }
 
 func (m *Metrics) QuotaRejected(kind string) { m.quota.WithLabelValues(kind).Inc() }
 
+func (m *Metrics) WarmTaken(mode string, hit bool) {
+	result := "miss"
+	if hit {
+		result = "hit"
+	}
+	m.warm.WithLabelValues(mode, result).Inc()
+}
+
 // liveCollector reports the live sandboxes at scrape time.
 type liveCollector struct {
 	fn   func() map[[2]string]int
@@ -96,7 +111,7 @@ func (c *liveCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 func (c *liveCollector) Collect(ch chan<- prometheus.Metric) {
 	counts := c.fn()
 	for _, mode := range []string{"container", "wasm"} {
-		for _, status := range []string{"provisioning", "ready", "running"} {
+		for _, status := range []string{"provisioning", "ready", "running", "warm"} {
 			ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(counts[[2]string{mode, status}]), mode, status)
 		}
 	}

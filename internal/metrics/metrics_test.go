@@ -59,3 +59,21 @@ func TestExposition(t *testing.T) {
 		}
 	}
 }
+
+func TestWarmPoolMetrics(t *testing.T) {
+	m := New(func() map[[2]string]int { return map[[2]string]int{{"container", "warm"}: 2} })
+	m.WarmTaken("container", true)
+	m.WarmTaken("container", true)
+	m.WarmTaken("wasm", false)
+	out := scrape(t, m)
+	for _, want := range []string{
+		`sandboxd_sandboxes{mode="container",status="warm"} 2`,
+		`sandboxd_sandboxes{mode="wasm",status="warm"} 0`,
+		`sandboxd_warm_pool_total{mode="container",result="hit"} 2`,
+		`sandboxd_warm_pool_total{mode="wasm",result="miss"} 1`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("no %s in:\n%s", want, out)
+		}
+	}
+}

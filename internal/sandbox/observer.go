@@ -18,6 +18,13 @@ type Observer interface {
 	QuotaRejected(kind string)
 }
 
+// WarmObserver is an Observer that also wants to know about the warm pool: WarmTaken is called
+// for each create (that passed validation) while the pool is on, hit when it found a warm
+// sandbox of its shape.
+type WarmObserver interface {
+	WarmTaken(mode string, hit bool)
+}
+
 type noObserver struct{}
 
 func (noObserver) Created(string, string, time.Duration)     {}
@@ -27,7 +34,7 @@ func (noObserver) EgressDenied(int)                          {}
 func (noObserver) QuotaRejected(string)                      {}
 
 // LiveCounts returns how many sandboxes are live, by mode and status ("provisioning", "ready",
-// "running").
+// "running"), and how many are warm (status "warm": provisioned, owned by no one yet).
 func (s *Service) LiveCounts() map[[2]string]int {
 	s.mu.Lock()
 	lvs := make([]*live, 0, len(s.live))
@@ -35,7 +42,7 @@ func (s *Service) LiveCounts() map[[2]string]int {
 		lvs = append(lvs, lv)
 	}
 	s.mu.Unlock()
-	out := map[[2]string]int{}
+	out := s.pool.counts()
 	for _, lv := range lvs {
 		lv.mu.Lock()
 		out[[2]string{lv.rec.Mode, lv.rec.Status}]++

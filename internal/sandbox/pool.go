@@ -101,6 +101,9 @@ func (p *warmPool) take(sp spec) (string, bool) {
 		id, sh.ready = sh.ready[0], sh.ready[1:]
 	}
 	p.refillLocked(sh)
+	if o, ok := p.s.cfg.Observer.(WarmObserver); ok {
+		o.WarmTaken(sp.mode, id != "")
+	}
 	return id, id != ""
 }
 
@@ -234,6 +237,17 @@ func (p *warmPool) resize(n int) {
 		}
 		p.refillLocked(sh)
 	}
+}
+
+// counts returns the warm sandboxes by (mode, "warm").
+func (p *warmPool) counts() map[[2]string]int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := map[[2]string]int{}
+	for _, sh := range p.shapes {
+		out[[2]string{sh.sp.mode, "warm"}] += len(sh.ready)
+	}
+	return out
 }
 
 // settled returns a channel closed once no warm sandbox is being provisioned.

@@ -80,6 +80,9 @@ func TestWarmPool(t *testing.T) {
 	if len(warm) != 2 {
 		t.Fatalf("warm sandboxes after the first create: %v, want 2", warm)
 	}
+	if n := e.svc.LiveCounts()[[2]string{"container", "warm"}]; n != 2 {
+		t.Fatalf("LiveCounts reports %d warm sandboxes, want 2", n)
+	}
 	for _, id := range warm { // provisioned with their host directories, owned by no one
 		if st, err := os.Stat(filepath.Join(e.dir, "sandboxes", id, "mounts", "workspace")); err != nil || !st.IsDir() {
 			t.Fatalf("warm sandbox %s has no host dir for /workspace: %v", id, err)
