@@ -671,14 +671,15 @@ func (s *sandbox) checkAddr(a netip.Addr, port uint16) (host, reason string) {
 	if len(names) > 0 {
 		host = names[0]
 	}
-	if r := s.g.denyReason(a, port, s.policy()); r != "" {
+	pol := s.policy() // one policy for the whole decision
+	if r := s.g.denyReason(a, port, pol); r != "" {
 		return host, r
 	}
-	if s.policy().AllowsAddr(a, port) {
+	if pol.AllowsAddr(a, port) {
 		return host, ""
 	}
 	for _, n := range names {
-		if s.policy().AllowsName(n, port) {
+		if pol.AllowsName(n, port) {
 			return n, ""
 		}
 	}
@@ -698,8 +699,9 @@ func (s *sandbox) resolveChecked(ctx context.Context, name string, port uint16) 
 	if err := checkName(name); err != nil {
 		return nil, first, fmt.Sprintf("invalid host name %q: %v", truncate(name, 64), err), nil
 	}
-	if !s.policy().AllowsName(name, port) {
-		if s.policy().AllowsName(name, 0) {
+	pol := s.policy() // one policy for the whole decision
+	if !pol.AllowsName(name, port) {
+		if pol.AllowsName(name, 0) {
 			return nil, first, fmt.Sprintf("port %d is not allowed for %s", port, name), nil
 		}
 		return nil, first, fmt.Sprintf("%s is not on the allow list", name), nil
@@ -710,7 +712,7 @@ func (s *sandbox) resolveChecked(ctx context.Context, name string, port uint16) 
 	}
 	var why string
 	for _, a := range all {
-		if r := s.g.denyReason(a, port, s.policy()); r != "" {
+		if r := s.g.denyReason(a, port, pol); r != "" {
 			if why == "" {
 				why = r
 			}
