@@ -35,6 +35,10 @@ type agentServer struct {
 	warmMu sync.Mutex
 	warm   *proc // the next run's process, started and waiting (nil: none)
 
+	runnerMu   sync.Mutex
+	runnerCode []byte // the runner compiled by this Python (marshal), once a process has sent it
+	dumping    bool   // a process is sending it
+
 	ln    *net.UnixListener
 	inode uint64 // of the socket file we created
 }

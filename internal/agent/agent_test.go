@@ -686,3 +686,31 @@ func TestStandby(t *testing.T) {
 		t.Error("a standby started with allow_spawn true served a run with allow_spawn false")
 	}
 }
+
+// The runner is compiled once: the first run process compiles it and hands its code object to the
+// agent, later ones load that ("c" in their command line) — and behave the same: results,
+// tracebacks without the runner's frames, SystemExit.
+func TestCompiledRunner(t *testing.T) {
+	t.Parallel()
+	sock := startAgent(t)
+	kind := "import sys\nresult = open('/proc/self/cmdline', 'rb').read().split(b'\\0')[6].decode()[:1]"
+	var kinds []string
+	for range 3 {
+		var k string
+		if err := json.Unmarshal(run(t, sock, agent.RunRequest{Code: kind}).Result, &k); err != nil {
+			t.Fatal(err)
+		}
+		kinds = append(kinds, k)
+	}
+	if kinds[0] != "d" || kinds[2] != "c" {
+		t.Fatalf("runner kinds of three runs: %v, want d first and c by the third", kinds)
+	}
+	res := run(t, sock, agent.RunRequest{Code: "def f():\n    raise ValueError('boom')\nf()"})
+	if res.ExitCode != 1 || res.Error == nil || res.Error.Type != "ValueError" ||
+		!strings.Contains(res.Error.Traceback, `File "<run>", line 3`) || strings.Contains(res.Error.Traceback, "sandbox-runner") {
+		t.Fatalf("exception from a loaded runner: %+v", res)
+	}
+	if res = run(t, sock, agent.RunRequest{Code: "raise SystemExit(3)"}); res.ExitCode != 3 || res.Error != nil {
+		t.Fatalf("SystemExit from a loaded runner: %+v", res)
+	}
+}
