@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -21,12 +22,17 @@ func driverSandboxes(dataDir string) []string {
 	return ids
 }
 
-// waitWarm waits until the driver holds want sandboxes besides owned, and returns those.
-func waitWarm(t *testing.T, dataDir string, want int, owned ...string) []string {
+// waitWarm waits until the server reports want warm (ready, unowned) container sandboxes, and
+// returns the sandboxes its driver holds besides owned.
+func waitWarm(t *testing.T, s *server, want int, owned ...string) []string {
 	t.Helper()
+	gauge := fmt.Sprintf(`sandboxd_sandboxes{mode="container",status="warm"} %d`, want)
 	var warm []string
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		warm = slices.DeleteFunc(driverSandboxes(dataDir), func(id string) bool { return slices.Contains(owned, id) })
+		if !strings.Contains(s.metrics(), gauge) {
+			continue
+		}
+		warm = slices.DeleteFunc(driverSandboxes(s.dataDir), func(id string) bool { return slices.Contains(owned, id) })
 		if len(warm) == want {
 			return warm
 		}
@@ -73,7 +79,7 @@ func TestWarmPool(t *testing.T) {
 			"network": map[string]any{"allow": []string{host}}}
 	}
 	a := s.create(key, cfg("api.company.com"))
-	warm := waitWarm(t, dir, 2, a)
+	warm := waitWarm(t, s, 2, a)
 	b := s.create(key, cfg("other.example"))
 	if !slices.Contains(warm, b) {
 		t.Fatalf("create got %s, not one of the warm sandboxes %v", b, warm)
@@ -95,7 +101,7 @@ result = {"procs": len([p for p in os.listdir('/proc') if p.isdigit()]), "uid": 
 		t.Fatalf("the warm sandbox's mount holds %q", got)
 	}
 	// The pool refills; everything is released by a clean stop.
-	all := append(waitWarm(t, dir, 2, a, b), a, b)
+	all := append(waitWarm(t, s, 2, a, b), a, b)
 	veths := sandboxVeths(t, all...)
 	if len(veths) != 4 {
 		t.Fatalf("veths of %v: %v", all, veths)
@@ -111,7 +117,7 @@ result = {"procs": len([p for p in os.listdir('/proc') if p.isdigit()]), "uid": 
 	// After a crash, the next start removes the warm sandboxes the dead process left.
 	s2 := startServer(t, dir)
 	c := s2.create(key, nil)
-	warm = waitWarm(t, dir, 2, c)
+	warm = waitWarm(t, s2, 2, c)
 	veths = sandboxVeths(t, append(warm, c)...)
 	if err := s2.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)

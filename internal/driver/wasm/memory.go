@@ -20,8 +20,9 @@ type memoryAllocator struct {
 	limit uint64 // bytes, a multiple of wasmPage
 
 	mu      sync.Mutex
-	peak    uint64 // largest size ever granted (the linear memory's high-water mark)
-	refused bool   // a grow past limit was refused
+	peak    uint64        // largest size ever granted (the linear memory's high-water mark)
+	refused bool          // a grow past limit was refused
+	freed   []*mmapMemory // memories wazero freed, unmapped by release
 }
 
 func newMemoryAllocator(limit int64) *memoryAllocator {
@@ -79,9 +80,25 @@ func (m *mmapMemory) Reallocate(size uint64) []byte {
 	return m.buf[:size:size]
 }
 
-// Free implements experimental.LinearMemory.
+// Free implements experimental.LinearMemory. The unmapping is left to release: wazero frees an
+// instance's memory when the instance ends, and unmapping what a run touched costs about half a
+// millisecond that the worker spends after it has reported the run.
 func (m *mmapMemory) Free() {
+	m.a.mu.Lock()
+	defer m.a.mu.Unlock()
 	if m.buf != nil {
+		m.a.freed = append(m.a.freed, m)
+	}
+}
+
+// release unmaps the memories freed so far. The worker calls it once an instance has ended and
+// its run is reported, before it starts another instance.
+func (a *memoryAllocator) release() {
+	a.mu.Lock()
+	freed := a.freed
+	a.freed = nil
+	a.mu.Unlock()
+	for _, m := range freed {
 		_ = unix.Munmap(m.buf)
 		m.buf, m.committed = nil, 0
 	}

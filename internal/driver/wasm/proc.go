@@ -171,14 +171,7 @@ func workerEnv() []string {
 }
 
 // alive reports whether the process has not exited yet.
-func (p *proc) alive() bool {
-	select {
-	case <-p.exited:
-		return false
-	default:
-		return true
-	}
-}
+func (p *proc) alive() bool { return !isClosed(p.exited) }
 
 // kill SIGKILLs the worker's process group and waits until it is reaped and its output closed.
 // Idempotent.

@@ -23,6 +23,10 @@ import (
 //	                               mounts' directory descriptors attached (SCM_RIGHTS): the worker
 //	                               never opens a host path itself
 //	worker → host  frameConfigured replyMsg
+//	host → worker  frameStandby    (empty) start the next run's instance now, if there is none:
+//	                               sent after frameConfigured and after each runner run, once
+//	                               the host has read the run's CPU time (the standby's start-up
+//	                               is no run's); no reply
 //	then per run:
 //	host → worker  frameRun        runMsg
 //	worker → host  frameStdout/frameStderr chunks as the guest writes them (at most MaxOutput
@@ -35,6 +39,7 @@ const (
 	frameConfig     = 'C'
 	frameConfigured = 'K'
 	frameRun        = 'X'
+	frameStandby    = 'S'
 	frameStdout     = 'o'
 	frameStderr     = 'e'
 	frameExit       = 'x'
@@ -84,11 +89,12 @@ type runMsg struct {
 // exitMsg is how a run ended, as the worker saw it.
 type exitMsg struct {
 	ExitCode        int             `json:"exit_code"`
-	Trap            string          `json:"trap,omitempty"`   // the guest trapped (or the runtime failed): why
-	Report          json.RawMessage `json:"report,omitempty"` // what the runner wrote to /.sandbox/result
-	DurationNS      int64           `json:"duration_ns"`      // instantiation to exit
-	MemoryPeak      int64           `json:"memory_peak"`      // linear memory high-water mark, bytes
-	GrowRefused     bool            `json:"grow_refused"`     // the guest asked for memory past its cap
+	Trap            string          `json:"trap,omitempty"`    // the guest trapped (or the runtime failed): why
+	Report          json.RawMessage `json:"report,omitempty"`  // what the runner wrote to /.sandbox/result
+	DurationNS      int64           `json:"duration_ns"`       // run handed over (a fresh instance: instantiation) to exit
+	Standby         bool            `json:"standby,omitempty"` // the run was served by the standby
+	MemoryPeak      int64           `json:"memory_peak"`       // linear memory high-water mark, bytes
+	GrowRefused     bool            `json:"grow_refused"`      // the guest asked for memory past its cap
 	StdoutTruncated bool            `json:"stdout_truncated"`
 	StderrTruncated bool            `json:"stderr_truncated"`
 }

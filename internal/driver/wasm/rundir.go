@@ -14,31 +14,67 @@ import (
 // runDirPath is where a run's private directory is mounted in the guest.
 const runDirPath = "/.sandbox"
 
-// runDir is one run's private directory, in memory: the runner's source and the user's code to
-// read, and the file the runner writes its report to. Each entry can be opened once: the runner
-// opens all three before the user's code runs, so the code finds the directory empty (it can
+// runDir is one run's private directory, in memory: the runner's source to read, the run's
+// header ("run": what the bootstrap waits for, see worker.go) and the user's code, and the file
+// the runner writes its report to. Each entry can be opened once: the bootstrap and the runner
+// open all four before the user's code runs, so the code finds the directory empty (it can
 // neither read the runner's input again nor forge its report). Nothing touches the disk.
+//
+// The directory exists before its run does (the instance is a standby, started ahead of the run):
+// "run" and "code" are empty until deliver; a read of "run" blocks until then, so the guest
+// waits in the bootstrap. cancel ends the wait with EOF instead (the standby exits unused).
 type runDir struct {
 	experimentalsys.UnimplementedFS
 	mu      sync.Mutex
 	entries map[string]*runEntry
 	made    time.Time
+
+	handed   chan struct{} // closed by deliver or cancel: "run" can be read
+	handOnce sync.Once
+	parked   chan struct{} // closed when the guest first reads "run" (it waits, or goes on)
+	parkOnce sync.Once
+	taken    chan struct{} // closed when the guest has read the run's header: the run is its own
+	takeOnce sync.Once
+	onTake   func() // called once, by the guest's goroutine, when it takes the run
 }
 
 type runEntry struct {
 	data   []byte // content to read (nil for the report)
 	write  bool   // the report: write-only
+	wait   bool   // "run": reads wait for deliver or cancel
 	opened bool
 }
 
-// newRunDir returns the directory for one run.
-func newRunDir(runner, code []byte) *runDir {
-	return &runDir{made: time.Now(), entries: map[string]*runEntry{
-		"runner": {data: runner},
-		"code":   {data: code},
-		"result": {write: true},
-	}}
+// newRunDir returns the directory for one run whose code and header come later (deliver).
+// onTake, if not nil, is called when the guest reads the header.
+func newRunDir(runner []byte, onTake func()) *runDir {
+	return &runDir{made: time.Now(), onTake: onTake,
+		handed: make(chan struct{}), parked: make(chan struct{}), taken: make(chan struct{}),
+		entries: map[string]*runEntry{
+			"runner": {data: runner},
+			"run":    {wait: true},
+			"code":   {},
+			"result": {write: true},
+		}}
 }
+
+// deliver hands the run to the guest: its header (what the bootstrap reads from "run") and its
+// code. Only the first of deliver and cancel counts.
+func (d *runDir) deliver(header, code []byte) {
+	d.handOnce.Do(func() {
+		d.mu.Lock()
+		d.entries["run"].data = header
+		d.entries["code"].data = code
+		d.mu.Unlock()
+		close(d.handed)
+	})
+}
+
+// cancel makes "run" read as empty: the bootstrap then exits without running anything.
+func (d *runDir) cancel() { d.handOnce.Do(func() { close(d.handed) }) }
+
+// took reports whether the guest has read the run's header.
+func (d *runDir) took() bool { return isClosed(d.taken) }
 
 // report returns what the runner wrote to "result".
 func (d *runDir) report() []byte {
@@ -196,6 +232,19 @@ func (f *memFile) Pread(buf []byte, off int64) (int, experimentalsys.Errno) {
 	}
 	if off < 0 {
 		return 0, experimentalsys.EINVAL
+	}
+	if f.e.wait {
+		// The guest waits here for its run (its goroutine blocks; nothing else does).
+		f.d.parkOnce.Do(func() { close(f.d.parked) })
+		<-f.d.handed
+		if len(f.e.data) > 0 {
+			f.d.takeOnce.Do(func() {
+				if f.d.onTake != nil {
+					f.d.onTake()
+				}
+				close(f.d.taken)
+			})
+		}
 	}
 	if off >= int64(len(f.e.data)) {
 		return 0, 0

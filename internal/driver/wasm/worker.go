@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"path"
@@ -18,6 +19,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -42,19 +44,48 @@ const WorkerCommand = "wasm-worker"
 // memory allocator instead (see memoryAllocator), which the guest cannot tell apart.
 const compileLimitPages = 65536
 
-// bootstrap is the -c program of every run: it starts in /tmp (the working directory of runs in
-// every mode; "/" when the sandbox has no /tmp) and executes the runner from the run's private
-// directory, which then reads the code from there (see pyrunner).
-const bootstrap = `import os
-try:
-    os.chdir("/tmp")
-except OSError:
-    pass
-with open("` + runDirPath + `/runner", "rb") as f:
-    b = f.read()
-del f
-exec(compile(b, "<sandbox-runner>", "exec"))
+// bootstrap is the -c program of every run. It compiles the runner from the run's private
+// directory, then reads the run's header from /.sandbox/run — which blocks until the run is
+// handed to the instance: an instance is started ahead of its run (a standby, see instance) and
+// waits here. The header is "<max output>\n" followed by the run's environment as "K=V\0"…; the
+// environment replaces os.environ (and so the C environment), the limit becomes the runner's
+// argv[2]. Then it enters /tmp (the working directory of runs in every mode; "/" when the sandbox
+// has no /tmp) and executes the runner, which reads the code from the same directory (see
+// pyrunner). An empty header (a standby that was not needed) ends the instance at once.
+const bootstrap = `import os, sys
+def _start():
+    with open("` + runDirPath + `/runner", "rb") as f:
+        r = compile(f.read(), "<sandbox-runner>", "exec")
+    with open("` + runDirPath + `/run", "rb") as f:
+        h = f.read()
+    if not h:
+        raise SystemExit(0)
+    limit, _, env = h.partition(b"\n")
+    sys.argv[2] = limit.decode()
+    os.environ.clear()
+    for kv in env.split(b"\0")[:-1]:
+        k, _, v = kv.partition(b"=")
+        os.environb[k] = v
+    try:
+        os.chdir("/tmp")
+    except OSError:
+        pass
+    return r
+exec(_start())
 `
+
+// runArgs is the command line of a runner instance: the runner's limit (argv[2]) is a
+// placeholder until the bootstrap reads the run's.
+var runArgs = []string{"python", "-I", "-u", "-B", "-c", bootstrap, "0", "0", runDirPath + "/code", runDirPath + "/result"}
+
+// runHeader is what the bootstrap reads from /.sandbox/run: the output limit and the environment.
+func runHeader(maxOut int, env []string) []byte {
+	b := []byte(strconv.Itoa(maxOut) + "\n")
+	for _, kv := range env {
+		b = append(append(b, kv...), 0)
+	}
+	return b
+}
 
 // trapExitCode is the exit code of a run whose guest trapped (the interpreter crashed): what a
 // native process killed by SIGABRT reports.
@@ -98,6 +129,7 @@ type worker struct {
 	configured bool
 	memory     int64
 	mounts     []workerMount
+	standby    *instance // the next run's instance, started and waiting (nil: none)
 }
 
 type workerOptions struct {
@@ -184,12 +216,16 @@ func runWorker(o workerOptions) error {
 			if !w.configured {
 				return errors.New("run before config")
 			}
-			ex := w.run(m)
+			ex, inst := w.run(m)
 			if err := w.fw.sendJSON(frameExit, ex); err != nil {
 				return err
 			}
-			// Collect what the instance left on the Go heap, without holding up the next run.
-			go runtime.GC()
+			inst.alloc.release()
+		case frameStandby:
+			if !w.configured {
+				return errors.New("standby before config")
+			}
+			w.startStandby()
 		default:
 			return fmt.Errorf("unexpected frame %q", f.typ)
 		}
@@ -366,16 +402,39 @@ func holder(ms []workerMount, p string) *workerMount {
 func relTo(p, base string) string { return strings.TrimPrefix(strings.TrimPrefix(p, base), "/") }
 
 // stream forwards a guest's output stream to the host as it is written, keeping at most max
-// bytes; the rest is dropped and flagged.
+// bytes; the rest is dropped and flagged. Until its run is attached (a standby's start-up) it
+// holds what the guest writes, at most maxHeld bytes, and passes it on at attach, as part of the
+// run's output — where a start-up's output went before instances were started ahead of runs.
 type stream struct {
-	fw        *frameWriter
-	typ       byte
+	fw  *frameWriter
+	typ byte
+
+	mu        sync.Mutex
+	attached  bool
+	held      []byte
 	max       int
 	n         int
 	truncated bool
 }
 
+// maxHeld bounds what a stream holds before its run is attached.
+const maxHeld = 64 << 10
+
 func (s *stream) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.attached {
+		take := min(len(p), maxHeld-len(s.held))
+		s.held = append(s.held, p[:take]...)
+		s.truncated = s.truncated || take < len(p)
+		return len(p), nil
+	}
+	s.forward(p)
+	return len(p), nil
+}
+
+// forward sends p, within the budget (s.mu held).
+func (s *stream) forward(p []byte) {
 	take := min(len(p), s.max-s.n)
 	if take > 0 {
 		if err := s.fw.send(s.typ, p[:take]); err != nil {
@@ -387,27 +446,54 @@ func (s *stream) Write(p []byte) (int, error) {
 	if take < len(p) {
 		s.truncated = true
 	}
-	return len(p), nil
+}
+
+// attach makes the stream its run's, with a budget of max bytes, and sends what it held.
+func (s *stream) attach(max int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.attached {
+		return
+	}
+	s.attached, s.max = true, max
+	if len(s.held) > 0 {
+		s.forward(s.held)
+		s.held = nil
+	}
+}
+
+func (s *stream) wasTruncated() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.truncated
 }
 
 // defaultMaxOutput is the per-stream budget when a run asks for none.
 const defaultMaxOutput = 1 << 20
 
-// run executes one run in a fresh instance of the compiled module.
-func (w *worker) run(m runMsg) exitMsg {
-	maxOut := m.MaxOutput
-	if maxOut <= 0 {
-		maxOut = defaultMaxOutput
-	}
-	stdout := &stream{fw: w.fw, typ: frameStdout, max: maxOut}
-	stderr := &stream{fw: w.fw, typ: frameStderr, max: maxOut}
-	args := m.Args
-	var rd *runDir
-	if len(args) == 0 {
-		rd = newRunDir([]byte(pyrunner.Source), []byte(m.Code))
-		args = []string{"python", "-I", "-u", "-B", "-c", bootstrap, "0", strconv.Itoa(maxOut),
-			runDirPath + "/code", runDirPath + "/result"}
-	}
+// instance is one fresh instance of the compiled module, running in its own goroutine. A runner
+// instance (rd set) can start before its run: CPython starts up and the bootstrap waits in its
+// read of /.sandbox/run until deliver hands it the run (or discard tells it to exit). The
+// worker keeps one such standby per sandbox, started after the previous run's instance has
+// ended (frameStandby), so a run finds its interpreter started: still a fresh instance, which
+// has run nothing before its run and is closed after it.
+type instance struct {
+	env            []string // the environment it was started with (WASI environ)
+	rd             *runDir  // nil for a run with its own command line (runMsg.Args)
+	stdout, stderr *stream
+	alloc          *memoryAllocator
+	maxOutput      int           // the run's output budget per stream, set before deliver
+	done           chan struct{} // closed when the instance has ended and been closed
+	err            error         // instantiate's, set before done closes
+	ended          time.Time     // set before done closes
+}
+
+// start starts a fresh instance with command line args and environment env; rd, if not nil, is
+// mounted at /.sandbox. Output is held until the run is attached.
+func (w *worker) start(args, env []string, rd *runDir) *instance {
+	inst := &instance{env: env, rd: rd,
+		stdout: &stream{fw: w.fw, typ: frameStdout}, stderr: &stream{fw: w.fw, typ: frameStderr},
+		alloc: newMemoryAllocator(w.memory), done: make(chan struct{})}
 	fsc := wazero.NewFSConfig()
 	for _, mt := range w.mounts {
 		if mt.fs == nil {
@@ -419,18 +505,168 @@ func (w *worker) run(m runMsg) exitMsg {
 	if rd != nil {
 		fsc = fsc.(sysfs.FSConfig).WithSysFSMount(rd, runDirPath)
 	}
-	cfg := w.base.WithArgs(args...).WithStdout(stdout).WithStderr(stderr).WithFSConfig(fsc)
-	for _, kv := range m.Env {
+	cfg := w.base.WithArgs(args...).WithStdout(inst.stdout).WithStderr(inst.stderr).WithFSConfig(fsc)
+	for _, kv := range env {
 		if k, v, ok := strings.Cut(kv, "="); ok {
 			cfg = cfg.WithEnv(k, v)
 		}
 	}
-	alloc := newMemoryAllocator(w.memory)
-	ctx := experimental.WithMemoryAllocator(context.Background(), alloc)
+	ctx := experimental.WithMemoryAllocator(context.Background(), inst.alloc)
+	go func() {
+		inst.err = instantiate(ctx, w.rt, w.compiled, cfg)
+		inst.ended = time.Now()
+		close(inst.done)
+	}()
+	return inst
+}
 
-	start := time.Now()
-	err := instantiate(ctx, w.rt, w.compiled, cfg)
-	ex := exitMsg{DurationNS: time.Since(start).Nanoseconds()}
+// isDone reports whether the instance has ended.
+func (inst *instance) isDone() bool { return isClosed(inst.done) }
+
+// isClosed reports whether ch is closed (or has a value ready), without waiting.
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// discard ends an instance that will get no run (a standby waiting for one ends at once; one
+// still starting up ends when it reaches the wait) and waits until it is gone.
+func (inst *instance) discard() {
+	if inst.rd != nil {
+		inst.rd.cancel()
+	}
+	<-inst.done
+	inst.alloc.release()
+}
+
+// standbyEnv is the environment a standby starts with: every run's before ExecRequest.Env.
+var standbyEnv, _ = buildEnv(nil)
+
+// startStandby starts the sandbox's standby, unless it has one. A standby that ended by itself
+// (it failed to start) is replaced.
+func (w *worker) startStandby() {
+	if w.standby != nil {
+		if !w.standby.isDone() {
+			return
+		}
+		w.standby.discard()
+	}
+	var inst *instance
+	rd := newRunDir([]byte(pyrunner.Source), func() { inst.attach() })
+	inst = w.start(runArgs, standbyEnv, rd)
+	w.standby = inst
+	go func() {
+		select {
+		case <-rd.parked:
+		case <-inst.done:
+			return
+		}
+		select {
+		case <-rd.handed: // a run is waiting: no collection now (the Go runtime's pacing does it)
+		default:
+			// Collect what the last instances left on the Go heap, and give the memory back,
+			// while the sandbox is idle: an idle worker holds little, and no run pays for (or is
+			// throttled by its CPU quota for) a collection.
+			debug.FreeOSMemory()
+		}
+	}()
+}
+
+// dropStandby ends the standby, if any.
+func (w *worker) dropStandby() {
+	if w.standby != nil {
+		w.standby.discard()
+		w.standby = nil
+	}
+}
+
+// attach makes the instance's output the run's, with the run's budget.
+func (inst *instance) attach() {
+	inst.stdout.attach(inst.maxOutput)
+	inst.stderr.attach(inst.maxOutput)
+}
+
+// startupEnv reports whether variable k is read by CPython (under -I) while it starts, before
+// the bootstrap sets the run's environment: the locale's. A run that sets one of these
+// differently from the standby gets a fresh instance started with its environment.
+func startupEnv(k string) bool {
+	return k == "LANG" || strings.HasPrefix(k, "LC_") || strings.HasPrefix(k, "PYTHON")
+}
+
+// sameStartupEnv reports whether two environments agree on every startupEnv variable.
+func sameStartupEnv(a, b []string) bool {
+	pick := func(env []string) map[string]string {
+		m := map[string]string{}
+		for _, kv := range env {
+			if k, v, _ := strings.Cut(kv, "="); startupEnv(k) {
+				m[k] = v
+			}
+		}
+		return m
+	}
+	return maps.Equal(pick(a), pick(b))
+}
+
+// run executes one run in a fresh instance of the compiled module: the standby when there is one
+// that fits (its start-up then is not part of the run), else one started now. It returns how the
+// run ended and its instance, ended, whose memory the caller releases once the run is reported.
+func (w *worker) run(m runMsg) (exitMsg, *instance) {
+	maxOut := m.MaxOutput
+	if maxOut <= 0 {
+		maxOut = defaultMaxOutput
+	}
+	if len(m.Args) > 0 {
+		// A command line of its own (Baseline, tests): no runner, so no use for the standby,
+		// which is ended first so that it takes no memory and no CPU from the run.
+		w.dropStandby()
+		from := time.Now()
+		inst := w.start(m.Args, m.Env, nil)
+		inst.stdout.attach(maxOut)
+		inst.stderr.attach(maxOut)
+		<-inst.done
+		return inst.exit(from, false), inst
+	}
+	inst := w.standby
+	w.standby = nil
+	if inst != nil && (inst.isDone() || !sameStartupEnv(inst.env, m.Env)) {
+		inst.discard()
+		inst = nil
+	}
+	header := runHeader(maxOut, m.Env)
+	for {
+		warm := inst != nil
+		if !warm {
+			var fresh *instance
+			rd := newRunDir([]byte(pyrunner.Source), func() { fresh.attach() })
+			fresh = w.start(runArgs, m.Env, rd)
+			inst = fresh
+		}
+		from := time.Now()
+		inst.maxOutput = maxOut
+		inst.rd.deliver(header, []byte(m.Code))
+		<-inst.done
+		if warm && !inst.rd.took() {
+			// The standby ended before it took the run (it failed to start): what it printed is
+			// not the run's; the run gets a fresh instance.
+			inst.alloc.release()
+			inst = nil
+			continue
+		}
+		// An instance that failed before it took the run: its output is the run's.
+		inst.attach()
+		return inst.exit(from, warm), inst
+	}
+}
+
+// exit describes how the instance's run ended; from is when the run began (for a standby: when
+// it was handed the run, so its start-up is not counted).
+func (inst *instance) exit(from time.Time, warm bool) exitMsg {
+	ex := exitMsg{DurationNS: inst.ended.Sub(from).Nanoseconds(), Standby: warm}
+	err := inst.err
 	var exit *sys.ExitError
 	switch {
 	case err == nil:
@@ -446,13 +682,13 @@ func (w *worker) run(m runMsg) exitMsg {
 		if _, why, ok := strings.Cut(first, "] failed: "); ok {
 			first = why // drop wazero's "module[] function[_start] failed: "
 		}
-		fmt.Fprintf(stderr, "sandbox: the interpreter crashed (%s)\n", first)
+		fmt.Fprintf(inst.stderr, "sandbox: the interpreter crashed (%s)\n", first)
 	}
-	peak, refused := alloc.stats()
+	peak, refused := inst.alloc.stats()
 	ex.MemoryPeak, ex.GrowRefused = int64(peak), refused
-	ex.StdoutTruncated, ex.StderrTruncated = stdout.truncated, stderr.truncated
-	if rd != nil {
-		if rep := rd.report(); len(rep) > 0 && json.Valid(rep) {
+	ex.StdoutTruncated, ex.StderrTruncated = inst.stdout.wasTruncated(), inst.stderr.wasTruncated()
+	if inst.rd != nil {
+		if rep := inst.rd.report(); len(rep) > 0 && json.Valid(rep) {
 			ex.Report = rep
 		}
 	}
