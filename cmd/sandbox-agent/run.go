@@ -143,6 +143,7 @@ func (a *agentServer) spawn(allowSpawn bool, maxOut int) (*proc, error) {
 	argv := []string{"sandbox-agent", launchCommand, spawn, a.python,
 		a.python, "-I", "-u", "-B", "-c", bootstrap, kind + strconv.Itoa(len(runner)), strconv.Itoa(maxOut)}
 	env, _ := buildEnv(nil)
+	env = append(env, launcherGOMAXPROCS) // the launcher's own; it unsets it before exec
 	dir := "/"
 	if st, err := os.Stat("/tmp"); err == nil && st.IsDir() {
 		dir = "/tmp"

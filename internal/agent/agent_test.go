@@ -714,3 +714,16 @@ func TestCompiledRunner(t *testing.T) {
 		t.Fatalf("SystemExit from a loaded runner: %+v", res)
 	}
 }
+
+// What the launcher needs for itself (GOMAXPROCS) does not reach the run, not even its process's
+// initial environment.
+func TestLauncherEnvDoesNotLeak(t *testing.T) {
+	t.Parallel()
+	sock := startAgent(t)
+	for range 2 { // a process started for the run, then a standby
+		res := run(t, sock, agent.RunRequest{Code: "import os\nresult = ['GOMAXPROCS' in os.environ, b'GOMAXPROCS' in open('/proc/self/environ', 'rb').read()]"})
+		if string(res.Result) != "[false,false]" {
+			t.Fatalf("GOMAXPROCS in the run's environment: %s", res.Result)
+		}
+	}
+}

@@ -276,6 +276,17 @@ func (m *Manager) HostIfName(id string) string {
 	return ifPrefix + hex.EncodeToString(sum[:5])
 }
 
+// Released reports whether nothing of sandbox id's plumbing is left: not set up, and no teardown
+// in progress (the background part ends when the kernel has destroyed the namespace and its
+// veth).
+func (m *Manager) Released(id string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, busy := m.pending[id]
+	_, live := m.boxes[id]
+	return !busy && !live
+}
+
 // SetPolicy records p as sandbox id's policy. The host rules made at Setup depend only on its
 // shape — BlockOutbound, and whether Rules is empty — so p must have the shape of the policy the
 // sandbox was set up with (ErrShape otherwise); the rules themselves are the gateway's to enforce.

@@ -973,3 +973,44 @@ func TestParsePacket(t *testing.T) {
 		t.Error("a truncated packet parsed")
 	}
 }
+
+// Released is false from Setup until the background part of Teardown is over (the veth gone);
+// SetPolicy takes a policy of the same shape only.
+func TestReleasedAndSetPolicy(t *testing.T) {
+	m, _ := newManager(t, Config{})
+	const id = "t-released"
+	allowSome := egress.Policy{BlockOutbound: true, Rules: []egress.Rule{{Host: "api.company.com"}}}
+	sb, err := m.Setup(context.Background(), id, allowSome)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Released(id) {
+		t.Fatal("Released while set up")
+	}
+	for _, c := range []struct {
+		p  egress.Policy
+		ok bool
+	}{
+		{egress.Policy{BlockOutbound: true, Rules: []egress.Rule{{Host: "other.example"}}}, true},
+		{egress.Policy{BlockOutbound: true}, false},  // nothing allowed: refused at connect, not redirected
+		{egress.Policy{BlockOutbound: false}, false}, // NAT
+	} {
+		if err := m.SetPolicy(id, c.p); (err == nil) != c.ok || (err != nil && !errors.Is(err, ErrShape)) {
+			t.Errorf("SetPolicy(%+v) = %v, want ok=%v", c.p, err, c.ok)
+		}
+	}
+	if err := m.SetPolicy("t-unknown", allowSome); err == nil {
+		t.Error("SetPolicy of an unknown sandbox succeeded")
+	}
+	if err := m.Teardown(id); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !m.Released(id); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("not released 10 s after Teardown")
+		}
+	}
+	if _, err := netlink.LinkByName(sb.HostIf); err == nil {
+		t.Error("Released while the host veth exists")
+	}
+}

@@ -80,8 +80,8 @@ func (p *warmPool) shapeKey(sp spec) string {
 	return string(b)
 }
 
-// take returns the ID of a warm sandbox of sp's shape, if one is ready, and has the shape's pool
-// refilled. Either way sp's shape becomes the most recently asked for.
+// take returns the ID of a warm sandbox of sp's shape, if one is ready. Either way sp's shape
+// becomes the most recently asked for; the caller calls replenish once its create is done.
 func (p *warmPool) take(sp spec) (string, bool) {
 	key := p.shapeKey(sp)
 	p.mu.Lock()
@@ -100,11 +100,20 @@ func (p *warmPool) take(sp spec) (string, bool) {
 	if n := len(sh.ready); n > 0 {
 		id, sh.ready = sh.ready[0], sh.ready[1:]
 	}
-	p.refillLocked(sh)
 	if o, ok := p.s.cfg.Observer.(WarmObserver); ok {
 		o.WarmTaken(sp.mode, id != "")
 	}
 	return id, id != ""
+}
+
+// replenish starts provisioning what sp's shape lacks. Creates call it when they are done, so
+// that provisioning in the background does not compete with them for the CPU.
+func (p *warmPool) replenish(sp spec) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if sh := p.shapes[p.shapeKey(sp)]; sh != nil && !p.closed {
+		p.refillLocked(sh)
+	}
 }
 
 // give puts back a sandbox take returned that was not used (its create failed before the sandbox

@@ -270,6 +270,7 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 		return api.CreateSandboxResponse{}, errorf(KindUnavailable, "the service is shutting down")
 	}
 	warmID, warm := s.pool.take(sp)
+	defer s.pool.replenish(sp) // once this create is done
 	rec.ID = warmID
 	if !warm {
 		rec.ID = newID("sbx_")

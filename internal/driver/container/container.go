@@ -382,6 +382,16 @@ func (d *Driver) setupNetwork(ctx context.Context, b *box, p egress.Policy) (*ne
 	return nb, nil
 }
 
+// Released reports whether nothing of sandbox id is left: its state dir gone and its network
+// released down to the kernel's destruction of its namespace (see netsetup.Manager.Released).
+// For benchmarks, which wait for it so that a teardown does not overlap what they measure.
+func (d *Driver) Released(id string) bool {
+	if _, err := os.Stat(d.boxDir(id)); !errors.Is(err, fs.ErrNotExist) {
+		return false
+	}
+	return d.net.Released(id)
+}
+
 // SetNetwork replaces the egress policy of ready sandbox id (driver.NetworkSetter): the host rules
 // stay (p must have their shape), the gateway enforces p from now on.
 func (d *Driver) SetNetwork(ctx context.Context, id string, p egress.Policy) error {
