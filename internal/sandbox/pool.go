@@ -27,7 +27,7 @@ const (
 //
 // The pool learns shapes from demand: each create names its shape, the pool keeps Config.WarmPool
 // sandboxes of the warmShapes shapes asked for last, and provisions a replacement in the
-// background whenever one is taken. A warm sandbox has the ID it will keep (no record exists
+// background once the create that took one is done. A warm sandbox has the ID it will keep (no record exists
 // until a create takes it), its host directories and everything the driver gives a sandbox; it
 // has run nothing. A crash leaves warm sandboxes to the start-up reconciliation, which destroys
 // what the drivers list and no record claims; Close destroys them.
