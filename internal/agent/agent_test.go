@@ -727,3 +727,42 @@ func TestLauncherEnvDoesNotLeak(t *testing.T) {
 		}
 	}
 }
+
+// A run ends as Python's own exit would (the runner skips only the interpreter's teardown):
+// what it leaves behind is finalised and flushed, atexit handlers run in order, daemon threads
+// do not hold it up, the status is Python's.
+func TestExitLikePython(t *testing.T) {
+	t.Parallel()
+	sock := startAgent(t)
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name, code, stdout, stderr string
+		exit                       int
+	}{
+		{"atexit handlers, last registered first", "import atexit\natexit.register(print, 'first')\natexit.register(print, 'second')", "second\nfirst\n", "", 0},
+		{"atexit exception is reported, exit unchanged", "import atexit\ndef f(): raise ValueError('in atexit')\natexit.register(f)", "", "ValueError: in atexit", 0},
+		{"__del__ of a global", "class A:\n    def __del__(self): print('del')\na = A()", "del\n", "", 0},
+		{"__del__ in a cycle", "class A:\n    def __del__(self): print('cycle')\na = A()\na.me = a", "cycle\n", "", 0},
+		{"unclosed file flushed", "f = open(" + fmt.Sprintf("%q", dir+"/f") + ", 'w')\nf.write('kept')", "", "", 0},
+		{"daemon thread does not hold the exit", "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\nprint('done')", "done\n", "", 0},
+		{"exit status wraps like Python's", "raise SystemExit(300)", "", "", 44},
+		{"exit with None", "raise SystemExit", "", "", 0},
+		{"output of atexit after an error", "import atexit\natexit.register(print, 'ae')\n1/0", "ae\n", "ZeroDivisionError", 1},
+	}
+	for _, c := range cases {
+		start := time.Now()
+		res := run(t, sock, agent.RunRequest{Code: c.code})
+		if string(res.Stdout) != c.stdout || !strings.Contains(string(res.Stderr), c.stderr) || res.ExitCode != c.exit {
+			t.Errorf("%s: exit %d stdout %q stderr %q", c.name, res.ExitCode, res.Stdout, res.Stderr)
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Errorf("%s: took %v", c.name, time.Since(start))
+		}
+	}
+	if b, err := os.ReadFile(dir + "/f"); err != nil || string(b) != "kept" {
+		t.Errorf("a file the run left open holds %q (%v), want it flushed", b, err)
+	}
+}
