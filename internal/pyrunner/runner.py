@@ -114,11 +114,7 @@ def _sandbox_run():
     except OSError:
         pass
 
-    for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            s.flush()
-        except BaseException:
-            pass
+    _flush()
     del old_main
 
     if exc is not None:
@@ -132,6 +128,14 @@ def _sandbox_run():
             sys.exit(130)
         _leave(1, g)
     _leave(exit_arg, g)
+
+
+def _flush():
+    for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            s.flush()
+        except BaseException:
+            pass
 
 
 def _leave(arg, g):
@@ -166,11 +170,7 @@ def _leave(arg, g):
         gc.collect()
     except BaseException:
         pass
-    for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            s.flush()
-        except BaseException:
-            pass
+    _flush()
     os._exit(code)
 
 
