@@ -185,3 +185,27 @@ func TestWarmPoolProvisioningFails(t *testing.T) {
 		t.Fatal("got a warm sandbox from a pool whose provisioning failed")
 	}
 }
+
+// A warm sandbox that cannot take its owner's policy (say, its agent died while it waited) is
+// destroyed and the create provisions afresh under the same ID.
+func TestWarmPoolAdoptFails(t *testing.T) {
+	e := newWarmEnv(t, "pro", 1)
+	e.create(t, allow("a.example.com"))
+	e.settle(t)
+	warm := e.unowned(t)
+	e.drv.SetNetworkErr = fakedriver.ErrInjected
+	id := e.create(t, allow("b.example.com"))
+	e.drv.SetNetworkErr = nil
+	if !slices.Contains(warm, id) || e.warmReady(t, id) {
+		t.Fatalf("create got %s (warm were %v); want the warm ID, provisioned afresh", id, warm)
+	}
+	if sp, ok := e.drv.Spec(id); !ok || len(sp.Network.Rules) != 1 || sp.Network.Rules[0].Host != "b.example.com" {
+		t.Fatalf("the sandbox enforces %+v, want b.example.com only", sp.Network)
+	}
+	if !slices.Contains(e.drv.Destroyed, id) {
+		t.Errorf("the unusable warm sandbox %s was not destroyed first", id)
+	}
+	if r := e.run(t, id, "hello", false); r.Status != "completed" {
+		t.Fatalf("run: %+v", r)
+	}
+}

@@ -395,8 +395,12 @@ func (d *Driver) Released(id string) bool {
 // SetNetwork replaces the egress policy of ready sandbox id (driver.NetworkSetter): the host rules
 // stay (p must have their shape), the gateway enforces p from now on.
 func (d *Driver) SetNetwork(ctx context.Context, id string, p egress.Policy) error {
-	if _, err := d.lookup(id); err != nil {
+	b, err := d.lookup(id)
+	if err != nil {
 		return err
+	}
+	if exited(b.Pid) { // a warm sandbox whose agent died while it waited is of no use
+		return fmt.Errorf("sandbox %s: its agent (the container's init) has exited", id)
 	}
 	if err := d.net.SetPolicy(id, p); err != nil {
 		return err

@@ -26,6 +26,8 @@ type Driver struct {
 	mu         sync.Mutex
 	sandboxes  map[string]driver.Spec
 	CreateHook func(ctx context.Context, id string) error // optional: runs inside Create
+	// SetNetworkErr, when set, is what SetNetwork returns (a sandbox that cannot take a policy).
+	SetNetworkErr error
 	Destroyed  []string
 }
 
@@ -123,6 +125,9 @@ func (d *Driver) SetNetwork(ctx context.Context, id string, p egress.Policy) err
 	sp, ok := d.sandboxes[id]
 	if !ok {
 		return driver.ErrNotFound
+	}
+	if d.SetNetworkErr != nil {
+		return d.SetNetworkErr
 	}
 	sp.Network = p
 	d.sandboxes[id] = sp
