@@ -39,8 +39,7 @@ func TestExposition(t *testing.T) {
 	if _, err := ts.GetSandbox(context.Background(), "", "sbx_missing"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("get: %v", err)
 	}
-	out := scrape(t, m)
-	for _, want := range []string{
+	wantLines(t, scrape(t, m),
 		`sandboxd_sandboxes{mode="container",status="ready"} 3`,
 		`sandboxd_sandboxes{mode="wasm",status="running"} 1`,
 		`sandboxd_sandboxes{mode="container",status="provisioning"} 0`,
@@ -53,7 +52,13 @@ func TestExposition(t *testing.T) {
 		`sandboxd_store_seconds_count{op="get_sandbox",result="error"} 1`,
 		`go_goroutines`,
 		`process_resident_memory_bytes`,
-	} {
+	)
+}
+
+// wantLines fails the test for each of wants that the exposition out does not hold.
+func wantLines(t *testing.T, out string, wants ...string) {
+	t.Helper()
+	for _, want := range wants {
 		if !strings.Contains(out, want) {
 			t.Errorf("no %s in:\n%s", want, out)
 		}
@@ -65,15 +70,10 @@ func TestWarmPoolMetrics(t *testing.T) {
 	m.WarmTaken("container", true)
 	m.WarmTaken("container", true)
 	m.WarmTaken("wasm", false)
-	out := scrape(t, m)
-	for _, want := range []string{
+	wantLines(t, scrape(t, m),
 		`sandboxd_sandboxes{mode="container",status="warm"} 2`,
 		`sandboxd_sandboxes{mode="wasm",status="warm"} 0`,
 		`sandboxd_warm_pool_total{mode="container",result="hit"} 2`,
 		`sandboxd_warm_pool_total{mode="wasm",result="miss"} 1`,
-	} {
-		if !strings.Contains(out, want) {
-			t.Errorf("no %s in:\n%s", want, out)
-		}
-	}
+	)
 }

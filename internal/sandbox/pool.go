@@ -120,16 +120,15 @@ func (p *warmPool) replenish(sp spec) {
 // was recorded). If the shape's refill has made it full meanwhile, its newest sandbox goes instead.
 func (p *warmPool) give(sp spec, id string) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	sh := p.shapes[p.shapeKey(sp)]
 	if sh == nil || p.closed {
 		p.mu.Unlock()
 		p.discard(sp.mode, id) // not in the background: close may be waiting already
-		p.mu.Lock()
 		return
 	}
+	defer p.mu.Unlock()
 	sh.ready = append([]string{id}, sh.ready...)
-	if over := len(sh.ready) - p.size; over > 0 {
+	if len(sh.ready) > p.size {
 		p.discardAll(sp.mode, slices.Clone(sh.ready[p.size:]))
 		sh.ready = sh.ready[:p.size]
 	}

@@ -28,7 +28,7 @@ type Driver struct {
 	CreateHook func(ctx context.Context, id string) error // optional: runs inside Create
 	// SetNetworkErr, when set, is what SetNetwork returns (a sandbox that cannot take a policy).
 	SetNetworkErr error
-	Destroyed  []string
+	Destroyed     []string
 }
 
 // New returns an empty fake driver.

@@ -555,9 +555,8 @@ func (w *worker) startStandby() {
 		}
 		w.standby.discard()
 	}
-	var inst *instance
-	rd := newRunDir([]byte(pyrunner.Source), func() { inst.attach() })
-	inst = w.start(runArgs, standbyEnv, rd)
+	inst := w.startRunner(standbyEnv)
+	rd := inst.rd
 	w.standby = inst
 	go func() {
 		select {
@@ -574,6 +573,15 @@ func (w *worker) startStandby() {
 			debug.FreeOSMemory()
 		}
 	}()
+}
+
+// startRunner starts a runner instance with environment env: it waits in the bootstrap for its
+// run, whose output it takes on when it takes the run.
+func (w *worker) startRunner(env []string) *instance {
+	var inst *instance
+	rd := newRunDir([]byte(pyrunner.Source), func() { inst.attach() })
+	inst = w.start(runArgs, env, rd)
+	return inst
 }
 
 // dropStandby ends the standby, if any.
@@ -640,10 +648,7 @@ func (w *worker) run(m runMsg) (exitMsg, *instance) {
 	for {
 		warm := inst != nil
 		if !warm {
-			var fresh *instance
-			rd := newRunDir([]byte(pyrunner.Source), func() { fresh.attach() })
-			fresh = w.start(runArgs, m.Env, rd)
-			inst = fresh
+			inst = w.startRunner(m.Env)
 		}
 		from := time.Now()
 		inst.maxOutput = maxOut
