@@ -13,6 +13,12 @@
 //     "sandbox-agent launch …", which sets rlimits and, unless allow_spawn, no_new_privs and a
 //     seccomp filter that denies creating processes (threads still work), then execs Python with
 //     the embedded runner (internal/pyrunner/runner.py).
+//   - Once the sandbox's zygote (see zygote.go: a Python outside the sandbox's PID namespace,
+//     started by the host) connects and says "zygote", runs are forked by it instead: same
+//     descriptors, credentials, seccomp filters and working directory as a launched run, without
+//     an interpreter's start-up. Its standby is forked once the run's answer is sent (the host
+//     tells the zygote's children apart by their parent, so the result carries no StandbyPID). If
+//     the zygote goes away the agent launches runs again.
 //   - The next run's process is started ahead: as soon as a run's processes are gone (and at start
 //     with --prestart, whose value is the sandbox's allow_spawn), the agent starts a launcher →
 //     Python that compiles the runner and waits on fd 3 for a run's environment and code. Its PID
@@ -45,6 +51,9 @@ import (
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == launchCommand {
 		launch(os.Args[2:]) // does not return
+	}
+	if len(os.Args) > 1 && os.Args[1] == zygoteCommand {
+		zygoteMain(os.Args[2:]) // does not return
 	}
 	log.SetFlags(0)
 	log.SetPrefix("sandbox-agent: ")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -91,6 +92,11 @@ func (p *proc) close() {
 // 3 code, 4 result, 5 status (see launch.go), which execs Python with the bootstrap; Python
 // compiles the runner and waits for the run on fd 3.
 func (a *agentServer) spawn(allowSpawn bool, maxOut int) (*proc, error) {
+	return a.spawnHow(allowSpawn, maxOut, true)
+}
+
+// spawnHow is spawn; with launch false it only forks from the zygote (and fails without one).
+func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc, error) {
 	var parents, children []*os.File
 	fail := func(err error) (*proc, error) {
 		for _, f := range append(parents, children...) {
@@ -113,6 +119,25 @@ func (a *agentServer) spawn(allowSpawn bool, maxOut int) (*proc, error) {
 		} else {
 			parents, children = append(parents, r), append(children, w)
 		}
+	}
+	if z := a.zyg; z != nil && z.alive() {
+		pid, exited, err := z.fork(allowSpawn, maxOut, []int{int(children[0].Fd()), int(children[1].Fd()), int(children[2].Fd()), int(children[3].Fd()), int(children[4].Fd()), int(children[5].Fd())})
+		if err == nil {
+			for _, f := range children {
+				f.Close()
+			}
+			sent := make(chan struct{})
+			close(sent) // the zygote has the runner
+			return &proc{pid: pid, exited: exited, allowSpawn: allowSpawn, maxOut: maxOut, runnerSent: sent,
+				outR: parents[0], errR: parents[1], codeW: parents[2], resR: parents[3], statusR: parents[4]}, nil
+		}
+		if !launch {
+			return fail(err)
+		}
+		log.Printf("%v: launching the run instead", err)
+	}
+	if !launch {
+		return fail(errors.New("no zygote"))
 	}
 	// The runner: compiled once by the first process, which hands its code object back on fd 6,
 	// and loaded by the next ones (compiling costs ~1.3 ms of CPU per run, loading ~0.02 ms).
@@ -203,11 +228,31 @@ func (a *agentServer) readCompiled(r *os.File, done chan<- struct{}) {
 // maxCompiledRunner bounds the compiled runner the agent keeps.
 const maxCompiledRunner = 1 << 20
 
+// adoptZygote makes z the zygote runs are forked from (replacing the previous one) and replaces
+// the idle pre-started process with one of z's.
+func (a *agentServer) adoptZygote(z *zygote) {
+	if a.zyg != nil {
+		a.zyg.close()
+	}
+	a.zyg = z
+	a.warmMu.Lock()
+	old := a.warm
+	a.warmMu.Unlock()
+	if old != nil {
+		a.prestart(old.allowSpawn, old.maxOut)
+	}
+}
+
 // prestart starts the next run's process now (after a run has ended and its processes are
 // gone; the fork is quick, Python's start-up goes on in the background) and returns its pid. The
 // next run takes it if it fits.
 func (a *agentServer) prestart(allowSpawn bool, maxOut int) int {
-	p, err := a.spawn(allowSpawn, maxOut)
+	return a.prestartHow(allowSpawn, maxOut, true)
+}
+
+// prestartHow is prestart; with launch false only from the zygote (see spawnHow).
+func (a *agentServer) prestartHow(allowSpawn bool, maxOut int, launch bool) int {
+	p, err := a.spawnHow(allowSpawn, maxOut, launch)
 	if err != nil {
 		log.Printf("pre-starting a run process: %v", err)
 		return 0
@@ -326,9 +371,15 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 		ex = <-exited
 	}
 	a.killRun(pid) // whatever the run started is not to outlive it
-	if !hostGone {
+	switch {
+	case hostGone:
 		// The host learns the standby's PID from this result; a host that went away (a
 		// cancelled run) would take it for a leftover of the run, so the next run starts its own.
+	case a.zyg != nil && a.zyg.alive():
+		// The host tells the zygote's children from a run's processes without their PID: the
+		// standby is forked once the host has the answer.
+		a.afterExit = func() { a.prestartHow(req.AllowSpawn, maxOut, false) }
+	default:
 		res.StandbyPID = a.prestart(req.AllowSpawn, maxOut)
 	}
 

@@ -35,6 +35,9 @@ type agentServer struct {
 	warmMu sync.Mutex
 	warm   *proc // the next run's process, started and waiting (nil: none)
 
+	zyg       *zygote // forks the runs' processes once one has said hello (nil: the agent launches them)
+	afterExit func()  // what the run just served left to do once its answer is sent (nil: nothing)
+
 	runnerMu   sync.Mutex
 	runnerCode []byte // the runner compiled by this Python (marshal), once a process has sent it
 	dumping    bool   // a process is sending it
@@ -131,9 +134,15 @@ func (a *agentServer) serve() {
 	}
 }
 
-// handle serves one connection: reads the request line, runs it, writes events, closes.
+// handle serves one connection: reads the request line, runs it, writes events, closes. A
+// zygote's hello instead makes the connection the agent's line to its zygote.
 func (a *agentServer) handle(conn *net.UnixConn) {
-	defer conn.Close()
+	keep := false
+	defer func() {
+		if !keep {
+			conn.Close()
+		}
+	}()
 	if a.pid1 {
 		if pid, err := peerPID(conn); err != nil {
 			log.Printf("refusing connection: SO_PEERCRED: %v", err)
@@ -156,6 +165,11 @@ func (a *agentServer) handle(conn *net.UnixConn) {
 		return
 	}
 	conn.SetReadDeadline(time.Time{})
+	if string(line) == zygoteHello {
+		keep = true
+		a.adoptZygote(newZygote(conn, br))
+		return
+	}
 	var req agent.RunRequest
 	if err := json.Unmarshal(line, &req); err != nil {
 		s := newSender(conn, nil)
@@ -177,6 +191,10 @@ func (a *agentServer) handle(conn *net.UnixConn) {
 	s := newSender(conn, gone)
 	res := a.run(&req, s)
 	s.exit(res)
+	if f := a.afterExit; f != nil {
+		a.afterExit = nil
+		f()
+	}
 }
 
 func peerPID(conn *net.UnixConn) (int32, error) {

@@ -109,6 +109,21 @@ func bench(args []string) error {
 	// background meanwhile (it would slow down what is measured, baselines included), and creates
 	// find a warm sandbox, as they do when they come no faster than the pool refills.
 	settle := func() { <-d.svc.WarmSettled() }
+	// released waits until the driver holds nothing of a deleted sandbox (DELETE answers first).
+	var rel interface{ Released(string) bool }
+	for _, drv := range d.drvs {
+		if r, ok := drv.(interface{ Released(string) bool }); ok && drv.Name() == container.Name {
+			rel = r
+		}
+	}
+	if rel == nil {
+		return errors.New("bench: the container driver cannot tell when a sandbox is released")
+	}
+	released := func(id string) {
+		for end := time.Now().Add(10 * time.Second); time.Now().Before(end) && !rel.Released(id); {
+			time.Sleep(time.Millisecond)
+		}
+	}
 	var s struct{ floorD, create, cold, del, netCost, hostPy, run, floor, full []time.Duration }
 	for i := 0; i < *n; i++ {
 		settle()
@@ -134,6 +149,9 @@ func bench(args []string) error {
 			return err
 		}
 		s.del = append(s.del, time.Since(t0))
+		// The run and its baseline do not share the machine with the deleted sandbox's teardown,
+		// which goes on after DELETE has answered (the kernel's, mostly: namespaces, cgroups).
+		released(id)
 
 		settle()
 		t0 = time.Now()
@@ -209,21 +227,6 @@ func bench(args []string) error {
 	}
 	if *idle > 0 {
 		progress("bench: %d idle sandboxes…", *idle)
-		// released waits until the driver holds nothing of a deleted sandbox (DELETE answers first).
-		var rel interface{ Released(string) bool }
-		for _, drv := range d.drvs {
-			if r, ok := drv.(interface{ Released(string) bool }); ok && drv.Name() == container.Name {
-				rel = r
-			}
-		}
-		if rel == nil {
-			return errors.New("bench: the container driver cannot tell when a sandbox is released")
-		}
-		released := func(id string) {
-			for end := time.Now().Add(10 * time.Second); time.Now().Before(end) && !rel.Released(id); {
-				time.Sleep(time.Millisecond)
-			}
-		}
 		if err := scale(c, rep, *idle, s.create, settle, released); err != nil {
 			return err
 		}

@@ -33,6 +33,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -86,6 +87,9 @@ type Driver struct {
 	seccomp  *specs.LinuxSeccomp
 	net      *netsetup.Manager // per-sandbox network plumbing
 	gw       *egress.Gateway   // per-sandbox DNS, HTTP proxy and transparent proxy
+
+	nsenter      string // util-linux nsenter, which starts zygotes ("": sandboxes get none)
+	zygoteFilter []byte // d.seccomp compiled for zygotes (see zygote.go)
 
 	mu    sync.Mutex
 	boxes map[string]*box // sandboxes this process knows (created or loaded from disk)
@@ -149,6 +153,7 @@ func Open(opts driver.Options) (*Driver, error) {
 		return nil, fmt.Errorf("container driver: %w", err)
 	}
 	d := &Driver{stateDir: stateDir, agentBin: agentBin, cg: cg, seccomp: prof, boxes: map[string]*box{}}
+	d.openZygotes()
 
 	candidates := knownRuntimes
 	switch opts.Runtime {
@@ -361,6 +366,10 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	}
 	if err := d.waitReady(ctx, b); err != nil {
 		return err
+	}
+	// Without a zygote the sandbox works all the same (the agent launches each run): not an error.
+	if err := d.startZygote(b); err != nil {
+		log.Printf("container driver: sandbox %s: %v (its runs are launched by the agent)", id, err)
 	}
 	return nil
 }
@@ -737,7 +746,8 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	wall := time.Since(started)
 	// Whatever happened, no process of the run may be left when we return.
 	b.standby.Store(int64(res.StandbyPID))
-	if err := d.killStragglers(id, b.Pid, res.StandbyPID); err != nil {
+	// With an answer, the run has been reaped: a child of the zygote is the next run's standby.
+	if err := d.killStragglers(id, b.Pid, res.StandbyPID, runErr == nil); err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
 	}
 	oomAfter, oomErr := d.cg.oomKills(id)
@@ -785,18 +795,15 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	return out, nil
 }
 
-// killStragglers waits until the sandbox's only processes are its init (the agent) and the
-// agent's standby process for the next run (standby: its PID in the sandbox's PID namespace, as
-// the agent reports it; 0: none) — the agent kills the
-// run's processes itself — and SIGKILLs what is left after stragglerWait.
-func (d *Driver) killStragglers(id string, initPid, standby int) error {
+// killStragglers waits until the sandbox has no process of a run left (see runProcesses) — the
+// agent kills the run's processes itself — and SIGKILLs what is left after stragglerWait.
+func (d *Driver) killStragglers(id string, initPid, standby int, forked bool) error {
 	start, lastKill := time.Now(), time.Time{}
 	for {
-		pids, err := d.cg.procs(id)
+		pids, err := d.runProcesses(id, initPid, standby, forked)
 		if err != nil {
 			return fmt.Errorf("list sandbox processes: %w", err)
 		}
-		pids = slices.DeleteFunc(pids, func(p int) bool { return p == initPid || (standby > 0 && innerPID(p) == standby) })
 		if len(pids) == 0 {
 			return nil
 		}
@@ -815,23 +822,37 @@ func (d *Driver) killStragglers(id string, initPid, standby int) error {
 	}
 }
 
-// innerPID is the PID of host process pid in its innermost PID namespace (the last NSpid field);
-// 0 if it cannot be read (the process is gone).
-func innerPID(pid int) int {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+// runProcesses lists the processes (host PIDs) of sandbox id that are not the sandbox's own:
+// everything in its cgroups but its init (the agent, initPid), its zygote (the process outside the
+// sandbox's PID namespace) and the agent's standby process for the next run: the one whose PID in
+// the sandbox is standby (0: none) and, if forked, any child of the zygote. (The agent answers a
+// run only once the zygote has reaped it: after an answer, a child of the zygote is a standby.
+// Without an answer it may be the run.)
+func (d *Driver) runProcesses(id string, initPid, standby int, forked bool) ([]int, error) {
+	pids, err := d.cg.procs(id)
 	if err != nil {
-		return 0
+		return nil, err
 	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
-			f := strings.Fields(v)
-			if len(f) > 0 {
-				n, _ := strconv.Atoi(f[len(f)-1])
-				return n
-			}
+	type info struct {
+		ns   []int
+		ppid int
+	}
+	infos := make(map[int]info, len(pids))
+	zygotes := map[int]bool{}
+	for _, p := range pids {
+		if p == initPid {
+			continue
+		}
+		ns, ppid := procStatus(p)
+		infos[p] = info{ns, ppid}
+		if len(ns) == 1 {
+			zygotes[p] = true
 		}
 	}
-	return 0
+	return slices.DeleteFunc(pids, func(p int) bool {
+		in := infos[p]
+		return p == initPid || len(in.ns) <= 1 || (forked && zygotes[in.ppid]) || (standby > 0 && in.ns[len(in.ns)-1] == standby)
+	}), nil
 }
 
 // Destroy kills and removes sandbox id: the container (runtime delete --force), its egress gateway,
@@ -854,6 +875,7 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 			}
 		}
 	}
+	d.killZygotes(id) // outside the container's PID namespace: the runtime would not kill it
 	for _, rt := range rts {
 		if err := rt.delete(ctx, id); err != nil {
 			errs = append(errs, err)

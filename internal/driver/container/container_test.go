@@ -328,22 +328,26 @@ while True:
 	})
 }
 
-// onlyInit asserts the sandbox's only process is its agent.
+// onlyInit asserts the sandbox's only processes are its own: no process of a run is left.
 func onlyInit(t *testing.T, d *Driver, id string) {
 	t.Helper()
 	b, err := d.lookup(id)
 	if err != nil {
 		t.Fatal(err)
 	}
-	pids, err := d.cg.procs(id)
+	all, err := d.cg.procs(id)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The agent's standby process for the next run, started after this run's processes were gone,
-	// is not the run's.
-	pids = slices.DeleteFunc(pids, func(p int) bool { return b.standby.Load() != 0 && int64(innerPID(p)) == b.standby.Load() })
-	if len(pids) != 1 || pids[0] != b.Pid {
-		t.Fatalf("processes in the sandbox: %v, want only the agent %d", pids, b.Pid)
+	if !slices.Contains(all, b.Pid) {
+		t.Fatalf("the agent %d is not among the sandbox's processes %v", b.Pid, all)
+	}
+	pids, err := d.runProcesses(id, b.Pid, int(b.standby.Load()), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pids) != 0 {
+		t.Fatalf("processes of a run left in the sandbox: %v", pids)
 	}
 }
 

@@ -1,0 +1,130 @@
+# The zygote: a Python that has started once and forks every run's process (see zygote.go for
+# where it lives and what it was given before this code runs). Globals set by the bootstrap:
+#   _blob: the runner's source, then NUL, then the no-spawn seccomp program (struct sock_filter
+#          array; empty: none) that a run without allow_spawn installs on itself.
+#   sys.argv[1]: the agent's socket.
+#
+# Protocol on the connection to the agent (after the line "zygote"):
+#   agent → zygote: 23-byte requests "F<id: 8 hex> <allow_spawn 0|1> <max_output: 10 digits>\n"
+#                   carrying 6 descriptors (SCM_RIGHTS) that become the run's 0-5: /dev/null,
+#                   stdout, stderr, code, result, status.
+#   zygote → agent: "P <id> <pid>\n" once the process is forked (pid: in the sandbox's PID
+#                   namespace; 0 if it died before it could say), then "X <id> <wait status>
+#                   <user µs> <system µs> <max RSS KiB>\n" once it is reaped.
+# The forked process is what a fresh `python -I -u -B` started by the launcher is: its own session,
+# the descriptors above and no other, no_new_privs and the container's seccomp profile (inherited),
+# the no-spawn filter unless allow_spawn, dumpable, /tmp as working directory. Then it reads its
+# environment and code from fd 3 like the launcher's bootstrap, and runs the runner.
+import os, sys, socket, select, fcntl, ctypes, gc
+
+
+def _zygote():
+    runner_src, _, nospawn = _blob.partition(b"\0")
+    runner = compile(runner_src, "<sandbox-runner>", "exec")
+    libc = ctypes.CDLL(None, use_errno=True)
+    prog = None
+    if nospawn:
+        class SockFprog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        filt = ctypes.create_string_buffer(nospawn, len(nospawn))
+        prog = SockFprog(len(nospawn) // 8, ctypes.addressof(filt))
+    # Nothing but the agent may read this process's memory or ptrace it; each child turns it back.
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(sys.argv[1])
+    sock.sendall(b"zygote\n")
+    ctl = sock.fileno()
+    children = {}  # pidfd -> (id, pid)
+    poller = select.poll()
+    poller.register(ctl, select.POLLIN)
+    gc.collect()
+    gc.freeze()  # the children's collections skip what the zygote made
+
+    def send(line):
+        sock.sendall(line.encode())
+
+    while True:
+        for fd, _ in poller.poll():
+            if fd != ctl:
+                rid, pid = children.pop(fd)
+                poller.unregister(fd)
+                os.close(fd)
+                _, status, ru = os.wait4(pid, 0)
+                send("X %s %d %d %d %d\n" % (rid, status, int(ru.ru_utime * 1e6), int(ru.ru_stime * 1e6), ru.ru_maxrss))
+                continue
+            msg, fds, _, _ = socket.recv_fds(sock, 23, 6)
+            while msg and len(msg) < 23:
+                more = sock.recv(23 - len(msg))
+                if not more:
+                    break
+                msg += more
+            if len(msg) < 23 or len(fds) != 6 or msg[:1] != b"F":
+                os._exit(0)  # the agent is gone (or broke the protocol): the sandbox is ending
+            rid = msg[1:9].decode()
+            allow_spawn = msg[10:11] == b"1"
+            max_out = int(msg[12:22])
+            r = w = -1
+            try:
+                r, w = os.pipe()
+                pid = os.fork()
+            except OSError:  # e.g. the sandbox's pids limit: no process, and the zygote goes on
+                for f in fds + [r, w]:
+                    if f >= 0:
+                        os.close(f)
+                send("P %s 0\nX %s %d 0 0 0\n" % (rid, rid, 127 << 8))
+                continue
+            if pid == 0:
+                sock.detach()  # its descriptor is closed below; the object must not close another
+                _child(fds, w, allow_spawn, max_out, runner, libc, prog)
+            os.close(w)
+            for f in fds:
+                os.close(f)
+            b = os.read(r, 32)
+            os.close(r)
+            send("P %s %d\n" % (rid, int(b) if b else 0))
+            pfd = os.pidfd_open(pid)
+            children[pfd] = (rid, pid)
+            poller.register(pfd, select.POLLIN)
+
+
+def _child(fds, w, allow_spawn, max_out, runner, libc, prog):
+    try:
+        os.write(w, b"%d" % os.getpid())
+        os.setsid()
+        high = [fcntl.fcntl(f, fcntl.F_DUPFD, 64) for f in fds]
+        for i, f in enumerate(high):
+            os.dup2(f, i)
+        os.closerange(6, 1 << 20)
+        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, as after an exec
+        if not allow_spawn:
+            if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+        os.chdir("/tmp" if os.path.isdir("/tmp") else "/")
+    except BaseException as e:
+        try:
+            os.write(5, ("zygote child: %r" % (e,)).encode())
+        finally:
+            os._exit(127)
+    os.close(5)
+    # From here on it is the launcher's bootstrap: environment, then the runner.
+    def rd(n):
+        b = b""
+        while len(b) < n:
+            c = os.read(3, n - len(b))
+            if not c:
+                os._exit(0)
+            b += c
+        return b
+    env = rd(int(rd(8), 16))
+    os.environ.clear()
+    for kv in env.split(b"\0")[:-1]:
+        k, _, v = kv.partition(b"=")
+        os.environb[k] = v
+    sys.argv[:] = ["-c", "", str(max_out)]
+    g = {"__name__": "__sandbox_runner__", "__builtins__": __builtins__}
+    del fds, w, libc, prog, rd, env
+    exec(runner, g)
+    os._exit(0)
+
+
+_zygote()

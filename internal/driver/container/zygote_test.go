@@ -1,0 +1,246 @@
+package container
+
+import (
+	"context"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sandboxd/sandboxd/internal/driver"
+)
+
+// zygoteOf returns the host PID of sandbox id's zygote (the process of its cgroup outside its PID
+// namespace), waiting for it; it fails the test if there is none or more than one.
+func zygoteOf(t *testing.T, d *Driver, id string) int {
+	t.Helper()
+	pids, err := d.cg.procs(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var zs []int
+	for _, p := range pids {
+		if ns, _ := procStatus(p); len(ns) == 1 {
+			zs = append(zs, p)
+		}
+	}
+	if len(zs) != 1 {
+		t.Fatalf("zygotes in the sandbox's cgroup: %v, want one", zs)
+	}
+	return zs[0]
+}
+
+// fromZygote runs code until a run reports it was forked by the zygote (its parent is outside the
+// sandbox: getppid() is 0) and returns that run's stdout after the first line.
+func fromZygote(t *testing.T, d *Driver, id, code string) string {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out := mustRun(t, d, id, "import os; print(os.getppid())\n"+code)
+		first, rest, _ := strings.Cut(out, "\n")
+		if first == "0" {
+			return rest
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no run was forked by a zygote in 10 s (parent %s)", first)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func statusFields(t *testing.T, text string, names ...string) map[string]string {
+	t.Helper()
+	m := map[string]string{}
+	for _, l := range strings.Split(text, "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if ok {
+			m[k] = strings.TrimSpace(v)
+		}
+	}
+	out := map[string]string{}
+	for _, n := range names {
+		v, ok := m[n]
+		if !ok {
+			t.Fatalf("no %s in:\n%s", n, text)
+		}
+		out[n] = v
+	}
+	return out
+}
+
+// TestZygote: runs are forked by a zygote that lives in every namespace and cgroup of the sandbox
+// but its PID namespace; a run forked by it has the same credentials, limits, cgroups and seccomp
+// profile as the agent the runtime started, sees only the agent and itself, and the zygote goes
+// with the sandbox.
+func TestZygote(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		for _, spawn := range []bool{false, true} {
+			spec := baseSpec()
+			spec.AllowSpawn = spawn
+			ctx := context.Background()
+			id := newSandbox(t, d, spec)
+			b, err := d.lookup(id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := fromZygote(t, d, id, `
+print(sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, os.getpid()])
+print(open("/proc/self/status").read())
+print("--")
+print(open("/proc/self/cgroup").read())
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+def err(r):
+    return errno.errorcode.get(ctypes.get_errno(), "?") if r == -1 else "ok"
+print("unshare", err(libc.unshare(0x10000000)))             # CLONE_NEWUSER: not in the profile
+print("personality", err(libc.personality(0x0040000)))     # ADDR_NO_RANDOMIZE: not an allowed value
+print("vsock", err(libc.socket(40, 1, 0)))                  # AF_VSOCK: not an allowed family
+print("inet", "ok" if libc.socket(2, 1, 0) >= 0 else "fail")
+print("clone3", err(libc.syscall(435, 0, 0)))
+try:
+    pid = os.fork()
+except OSError as e:
+    print("fork", errno.errorcode[e.errno])
+else:
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("fork ok")
+`)
+			procs, rest, _ := strings.Cut(out, "\n")
+			if procs != "True" {
+				t.Errorf("allow_spawn=%v: the run sees other processes than the agent and itself", spawn)
+			}
+			status, rest, _ := strings.Cut(rest, "\n--\n")
+			cgroups, calls, _ := strings.Cut(rest, "\n\n")
+			agentStatus, err := os.ReadFile("/proc/" + strconv.Itoa(b.Pid) + "/status")
+			if err != nil {
+				t.Fatal(err)
+			}
+			same := []string{"Umask", "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Cpus_allowed_list"}
+			run, agent := statusFields(t, status, same...), statusFields(t, string(agentStatus), same...)
+			for _, n := range same {
+				if run[n] != agent[n] {
+					t.Errorf("allow_spawn=%v: %s of a run is %q, of the agent %q", spawn, n, run[n], agent[n])
+				}
+			}
+			agentCgroups, err := os.ReadFile("/proc/" + strconv.Itoa(b.Pid) + "/cgroup")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.TrimSpace(cgroups) != strings.TrimSpace(string(agentCgroups)) {
+				// Both in the sandbox's cgroup namespace: the agent's as seen from the host is
+				// the path; the run's, from inside, is "/" — compare membership instead.
+				for _, l := range strings.Split(strings.TrimSpace(cgroups), "\n") {
+					if !strings.HasSuffix(l, ":/") {
+						t.Errorf("allow_spawn=%v: run not at its cgroup namespace's root: %q", spawn, l)
+					}
+				}
+			}
+			want := "unshare EPERM\npersonality EPERM\nvsock EPERM\ninet ok\nclone3 ENOSYS\nfork ok\n"
+			if !spawn {
+				want = "unshare EPERM\npersonality EPERM\nvsock EPERM\ninet ok\nclone3 ENOSYS\nfork EPERM\n"
+			}
+			if !strings.HasPrefix(calls, want) {
+				t.Errorf("allow_spawn=%v: syscalls:\n%s\nwant:\n%s", spawn, calls, want)
+			}
+
+			// The zygote: in the sandbox's cgroups and namespaces but its PID namespace, where its
+			// children go; the sandbox's uid, nothing more.
+			z := zygoteOf(t, d, id)
+			for _, ns := range []string{"mnt", "net", "ipc", "uts", "cgroup", "pid_for_children"} {
+				want := ns
+				if ns == "pid_for_children" {
+					want = "pid"
+				}
+				zl, err1 := os.Readlink("/proc/" + strconv.Itoa(z) + "/ns/" + ns)
+				al, err2 := os.Readlink("/proc/" + strconv.Itoa(b.Pid) + "/ns/" + want)
+				if err1 != nil || err2 != nil || zl != al {
+					t.Errorf("zygote's %s namespace %q (%v), the agent's %s %q (%v)", ns, zl, err1, want, al, err2)
+				}
+			}
+			zp, _ := os.Readlink("/proc/" + strconv.Itoa(z) + "/ns/pid")
+			ap, _ := os.Readlink("/proc/" + strconv.Itoa(b.Pid) + "/ns/pid")
+			if zp == ap {
+				t.Errorf("the zygote is in the sandbox's PID namespace")
+			}
+			zs, err := os.ReadFile("/proc/" + strconv.Itoa(z) + "/status")
+			if err != nil {
+				t.Fatal(err)
+			}
+			zf := statusFields(t, string(zs), "Uid", "Gid", "Groups", "CapEff", "CapBnd", "NoNewPrivs", "Seccomp")
+			for k, v := range map[string]string{"Uid": agent["Uid"], "Gid": agent["Gid"], "Groups": "", "CapEff": "0000000000000000",
+				"CapBnd": "0000000000000000", "NoNewPrivs": "1", "Seccomp": "2"} {
+				if zf[k] != v {
+					t.Errorf("zygote's %s is %q, want %q", k, zf[k], v)
+				}
+			}
+			// Non-dumpable: its /proc files are root's. Its children (the standby) are dumpable, as
+			// after an exec: theirs are the sandbox user's.
+			owner := func(pid int) int {
+				st, err := os.Stat("/proc/" + strconv.Itoa(pid) + "/environ")
+				if err != nil {
+					return -1
+				}
+				return int(st.Sys().(*syscall.Stat_t).Uid)
+			}
+			if o := owner(z); o != 0 {
+				t.Errorf("the zygote's /proc files belong to uid %d, want 0 (not dumpable)", o)
+			}
+			// The standby is forked after the answer, and turns dumpable once it runs: wait for it.
+			var children []int
+			for end := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				children = children[:0]
+				all, _ := d.cg.procs(id)
+				for _, p := range all {
+					if _, ppid := procStatus(p); ppid == z && owner(p) == sandboxUID {
+						children = append(children, p)
+					}
+				}
+				if len(children) == 1 || time.Now().After(end) {
+					break
+				}
+			}
+			if len(children) != 1 {
+				t.Errorf("the zygote has %d dumpable children after a run, want 1 (the standby)", len(children))
+			}
+			if adj, _ := os.ReadFile("/proc/" + strconv.Itoa(z) + "/oom_score_adj"); strings.TrimSpace(string(adj)) != "1000" {
+				t.Errorf("zygote's oom_score_adj %q, want 1000", adj)
+			}
+			onlyInit(t, d, id)
+
+			if err := d.Destroy(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat("/proc/" + strconv.Itoa(z)); err == nil {
+				if ns, _ := procStatus(z); ns != nil {
+					t.Errorf("the zygote %d outlives its sandbox", z)
+				}
+			}
+		}
+	})
+}
+
+// TestZygoteGone: a sandbox whose zygote was killed keeps running code (the agent launches runs).
+func TestZygoteGone(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		id := newSandbox(t, d, baseSpec())
+		fromZygote(t, d, id, "")
+		z := zygoteOf(t, d, id)
+		if err := syscall.Kill(z, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 3; i++ {
+			res := run(t, d, id, "import os; print(os.getppid())", 20*time.Second)
+			if res.Status != driver.StatusCompleted {
+				t.Fatalf("run %d after the zygote died: %s %s", i, res.Status, res.Stderr)
+			}
+		}
+		if out := mustRun(t, d, id, "import os; print(os.getppid())"); out != "1\n" {
+			t.Errorf("parent of a run without a zygote: %q, want 1 (the agent)", out)
+		}
+		onlyInit(t, d, id)
+	})
+}
