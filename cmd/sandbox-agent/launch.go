@@ -10,6 +10,8 @@ import (
 	"github.com/elastic/go-seccomp-bpf/arch"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/agent"
 )
 
 // The launcher: "sandbox-agent launch <allow-spawn 0|1> <program> <argv0> <args…>", started by the
@@ -125,5 +127,5 @@ func installNoSpawnFilter() error {
 	if err != nil {
 		return err
 	}
-	return installFilter(rawFilter(filterBytes(raw)))
+	return installFilter(rawFilter(agent.FilterBytes(raw)))
 }

@@ -113,7 +113,7 @@ func zygoteMain(args []string) {
 	if err != nil {
 		fail("no-spawn filter: %v", err)
 	}
-	blob := zygoteSource + "\x00" + runnerSource + "\x00" + string(filterBytes(raw))
+	blob := zygoteSource + "\x00" + runnerSource + "\x00" + string(agent.FilterBytes(raw))
 	if _, err := io.WriteString(w, blob); err != nil { // well under the pipe's 64 KiB
 		fail("writing the zygote's program: %v", err)
 	}
@@ -160,18 +160,7 @@ func zygoteMain(args []string) {
 	fail("exec %s: %v", python, err)
 }
 
-// filterBytes is a BPF program as the kernel's struct sock_filter array.
-func filterBytes(raw []bpf.RawInstruction) []byte {
-	b := make([]byte, 0, 8*len(raw))
-	for _, r := range raw {
-		b = binary.NativeEndian.AppendUint16(b, r.Op)
-		b = append(b, r.Jt, r.Jf)
-		b = binary.NativeEndian.AppendUint32(b, r.K)
-	}
-	return b
-}
-
-// rawFilter is the inverse of filterBytes.
+// rawFilter is the inverse of agent.FilterBytes.
 func rawFilter(b []byte) []unix.SockFilter {
 	f := make([]unix.SockFilter, len(b)/8)
 	for i := range f {

@@ -125,6 +125,13 @@ type NetworkSetter interface {
 	SetNetwork(ctx context.Context, id string, p egress.Policy) error
 }
 
+// Warmer is implemented by drivers that go on starting a sandbox in the background after Create
+// has returned (the container driver starts its zygote). Warm returns once that is done, or when
+// ctx ends; the service's warm pool calls it, so that a warm sandbox is started all the way.
+type Warmer interface {
+	Warm(ctx context.Context, id string) error
+}
+
 // ErrNotFound is returned by Exec for a sandbox the driver does not know.
 var ErrNotFound = errors.New("sandbox not found in driver")
 

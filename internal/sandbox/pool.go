@@ -197,6 +197,9 @@ func (p *warmPool) create(id string, sp spec) error {
 	if err == nil {
 		err = drv.Create(p.ctx, id, ds)
 	}
+	if w, ok := drv.(driver.Warmer); ok && err == nil {
+		err = w.Warm(p.ctx, id)
+	}
 	if err != nil {
 		_ = drv.Destroy(context.Background(), id)
 		_ = os.RemoveAll(filepath.Join(p.s.sandboxesDir(), id))

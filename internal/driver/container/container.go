@@ -110,6 +110,8 @@ type box struct {
 	dir     string
 	logDone chan struct{} // closed when the copier of the container's stdout/stderr ends; nil after a reload
 	standby atomic.Int64  // the agent's standby process for the next run (PID inside the sandbox; 0: none)
+	zygote  chan struct{} // closed once startZygote has returned; nil after a reload
+	zygoted bool          // startZygote started one (read once zygote is closed)
 }
 
 // Open opens the container driver: it requires EnterMountNamespace to have run, checks the agent
@@ -367,11 +369,51 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err := d.waitReady(ctx, b); err != nil {
 		return err
 	}
-	// Without a zygote the sandbox works all the same (the agent launches each run): not an error.
-	if err := d.startZygote(b); err != nil {
-		log.Printf("container driver: sandbox %s: %v (its runs are launched by the agent)", id, err)
-	}
+	// In the background (Warm waits for it, Destroy too). Without a zygote the sandbox works all
+	// the same — the agent launches each run — so that is no error.
+	b.zygote = make(chan struct{})
+	go func() {
+		defer close(b.zygote)
+		started, err := d.startZygote(b)
+		if err != nil {
+			log.Printf("container driver: sandbox %s: %v (its runs are launched by the agent)", id, err)
+		}
+		b.zygoted = started
+	}()
 	return nil
+}
+
+// Warm waits until sandbox id's zygote runs and has forked the agent's standby (driver.Warmer),
+// or there is none, or ctx ends.
+func (d *Driver) Warm(ctx context.Context, id string) error {
+	b, err := d.lookup(id)
+	if err != nil {
+		return err
+	}
+	if b.zygote == nil {
+		return nil
+	}
+	select {
+	case <-b.zygote:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if !b.zygoted {
+		return nil
+	}
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	for end := time.Now().Add(zygoteWait); time.Now().Before(end); {
+		if zygoteReady(d.cg, id) {
+			return nil
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil // no zygote after all: the agent launches the runs
 }
 
 // setupNetwork gives sandbox b its network namespace (netsetup) and attaches the egress gateway
@@ -874,6 +916,13 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 				rts = []*ociRuntime{rt}
 			}
 		}
+	}
+	d.mu.Lock()
+	if b := d.boxes[id]; b != nil && b.zygote != nil {
+		d.mu.Unlock()
+		<-b.zygote // a zygote being started is in the sandbox's cgroups (or dead) after this
+	} else {
+		d.mu.Unlock()
 	}
 	d.killZygotes(id) // outside the container's PID namespace: the runtime would not kill it
 	for _, rt := range rts {

@@ -1,7 +1,7 @@
 package container
 
 import (
-	"encoding/binary"
+	"debug/elf"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -12,12 +12,15 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	seccomp "github.com/elastic/go-seccomp-bpf"
 	"github.com/elastic/go-seccomp-bpf/arch"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/agent"
 )
 
 // Every sandbox gets a zygote once its agent is ready: a Python that has started once and forks
@@ -32,24 +35,25 @@ import (
 // the PID namespace (passed on fd 4), then "sandbox-agent zygote"; it moves the process into each of the sandbox's
 // cgroups and sets its oom_score_adj before it hands over the seccomp program on fd 3, whose end
 // lets the zygote go on. The zygote's stdout and stderr go to zygote.log in the sandbox dir.
-// sandboxd reaps it; it is killed with the sandbox (Destroy) and not with sandboxd.
-func (d *Driver) startZygote(b *box) error {
+// sandboxd reaps it; it is killed with the sandbox (Destroy) and not with sandboxd. It reports
+// whether it started one.
+func (d *Driver) startZygote(b *box) (bool, error) {
 	if d.nsenter == "" || d.zygoteFilter == nil {
-		return nil
+		return false, nil
 	}
 	logf, err := os.OpenFile(filepath.Join(b.dir, "zygote.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer logf.Close()
 	r, w, err := os.Pipe()
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer w.Close()
 	pidns, err := os.Open("/proc/" + strconv.Itoa(b.Pid) + "/ns/pid")
 	if err != nil {
-		return fmt.Errorf("zygote: %w", err)
+		return false, fmt.Errorf("zygote: %w", err)
 	}
 	defer pidns.Close()
 	cmd := exec.Command(d.nsenter, "-t", strconv.Itoa(b.Pid), "-m", "-n", "-i", "-u", "-C", "--",
@@ -61,13 +65,13 @@ func (d *Driver) startZygote(b *box) error {
 	err = cmd.Start()
 	r.Close()
 	if err != nil {
-		return fmt.Errorf("zygote: %w", err)
+		return false, fmt.Errorf("zygote: %w", err)
 	}
 	go cmd.Wait()
 	pid := cmd.Process.Pid
-	fail := func(err error) error {
+	fail := func(err error) (bool, error) {
 		cmd.Process.Kill()
-		return fmt.Errorf("zygote: %w", err)
+		return false, fmt.Errorf("zygote: %w", err)
 	}
 	if err := d.joinCgroups(b.ID, pid); err != nil {
 		return fail(err)
@@ -78,7 +82,7 @@ func (d *Driver) startZygote(b *box) error {
 	if _, err := w.Write(d.zygoteFilter); err != nil {
 		return fail(err)
 	}
-	return nil
+	return true, nil
 }
 
 // joinCgroups moves pid into sandbox id's group in every hierarchy where the group exists (the
@@ -123,6 +127,33 @@ func procStatus(pid int) (nspid []int, ppid int) {
 	return nspid, ppid
 }
 
+// zygoteWait bounds Warm's wait for a zygote's standby.
+const zygoteWait = 5 * time.Second
+
+// zygoteReady reports whether sandbox id has a zygote with a child (the agent forks its standby
+// from the zygote as soon as the zygote has said hello).
+func zygoteReady(cg cgroupLayout, id string) bool {
+	pids, err := cg.procs(id)
+	if err != nil {
+		return false
+	}
+	zygotes := map[int]bool{}
+	ppids := make([]int, 0, len(pids))
+	for _, p := range pids {
+		ns, ppid := procStatus(p)
+		if len(ns) == 1 {
+			zygotes[p] = true
+		}
+		ppids = append(ppids, ppid)
+	}
+	for _, pp := range ppids {
+		if zygotes[pp] {
+			return true
+		}
+	}
+	return false
+}
+
 // killZygotes SIGKILLs the processes of sandbox id's cgroup that are outside its PID namespace.
 func (d *Driver) killZygotes(id string) {
 	pids, err := d.cg.procs(id)
@@ -147,12 +178,33 @@ func (d *Driver) openZygotes() {
 		log.Printf("container driver: no nsenter (util-linux): runs are started without a zygote: %v", err)
 		return
 	}
+	// The zygote's launcher starts as root inside the sandbox's mount namespace: it must not load
+	// anything from the sandbox's files (a dynamic binary would run the image's ld.so as root).
+	if err := staticBinary(d.agentBin); err != nil {
+		log.Printf("container driver: runs are started without a zygote: %v", err)
+		return
+	}
 	f, err := seccompProgram(d.seccomp)
 	if err != nil {
 		log.Printf("container driver: runs are started without a zygote: %v", err)
 		return
 	}
 	d.nsenter, d.zygoteFilter = p, f
+}
+
+// staticBinary checks that the ELF file at path asks for no interpreter (no dynamic loading).
+func staticBinary(path string) error {
+	f, err := elf.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return fmt.Errorf("%s is dynamically linked (build it with CGO_ENABLED=0)", path)
+		}
+	}
+	return nil
 }
 
 // seccompProgram compiles an OCI seccomp profile to a BPF program for this machine's architecture
@@ -239,11 +291,5 @@ func seccompProgram(prof *specs.LinuxSeccomp) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make([]byte, 0, 8*len(raw))
-	for _, r := range raw {
-		out = binary.NativeEndian.AppendUint16(out, r.Op)
-		out = append(out, r.Jt, r.Jf)
-		out = binary.NativeEndian.AppendUint32(out, r.K)
-	}
-	return out, nil
+	return agent.FilterBytes(raw), nil
 }

@@ -2,12 +2,16 @@ package container
 
 import (
 	"context"
+	"encoding/binary"
 	"os"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 )
@@ -240,6 +244,73 @@ func TestZygoteGone(t *testing.T) {
 		}
 		if out := mustRun(t, d, id, "import os; print(os.getppid())"); out != "1\n" {
 			t.Errorf("parent of a run without a zygote: %q, want 1 (the agent)", out)
+		}
+		onlyInit(t, d, id)
+	})
+}
+
+// TestSeccompProgram: what the zygote's profile compiler accepts and refuses (the profile's
+// effect on real syscalls is TestZygote's).
+func TestSeccompProgram(t *testing.T) {
+	docker, err := defaultSeccomp()
+	if err != nil {
+		t.Fatal(err)
+	}
+	errno := func(n uint) *uint { return &n }
+	allowRead := []specs.LinuxSyscall{{Names: []string{"read", "socketcall"}, Action: specs.ActAllow}}
+	for _, tc := range []struct {
+		name    string
+		prof    *specs.LinuxSeccomp
+		wantErr string
+		def     uint32 // the default action's return value
+	}{
+		{name: "Docker's default", prof: docker, def: unix.SECCOMP_RET_ERRNO | uint32(unix.EPERM)},
+		{name: "default errno", prof: &specs.LinuxSeccomp{DefaultAction: specs.ActErrno, DefaultErrnoRet: errno(38), Syscalls: allowRead},
+			def: unix.SECCOMP_RET_ERRNO | 38},
+		{name: "none", wantErr: "no seccomp profile"},
+		{name: "kill", prof: &specs.LinuxSeccomp{DefaultAction: specs.ActKill, Syscalls: allowRead}, wantErr: "not supported"},
+		{name: "masked", prof: &specs.LinuxSeccomp{DefaultAction: specs.ActErrno, Syscalls: []specs.LinuxSyscall{{Names: []string{"clone"},
+			Action: specs.ActAllow, Args: []specs.LinuxSeccompArg{{Index: 0, Value: 1, ValueTwo: 1, Op: specs.OpMaskedEqual}}}}}, wantErr: "not supported"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, err := seccompProgram(tc.prof)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(b) == 0 || len(b)%8 != 0 {
+				t.Fatalf("%d bytes: not a BPF program", len(b))
+			}
+			rets := map[uint32]bool{}
+			for i := 0; i < len(b); i += 8 {
+				if code := binary.NativeEndian.Uint16(b[i:]); code == unix.BPF_RET|unix.BPF_K {
+					rets[binary.NativeEndian.Uint32(b[i+4:])] = true
+				}
+			}
+			if rets[unix.SECCOMP_RET_KILL_THREAD] {
+				t.Errorf("the stand-in default (kill thread) is left in the program")
+			}
+			if !rets[tc.def] {
+				t.Errorf("no return of the default action %#x in %v", tc.def, rets)
+			}
+		})
+	}
+}
+
+// TestWarm: once Warm has returned, the very first run is forked by the zygote.
+func TestWarm(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		id := newSandbox(t, d, baseSpec())
+		if err := d.Warm(context.Background(), id); err != nil {
+			t.Fatal(err)
+		}
+		if out := mustRun(t, d, id, "import os; print(os.getppid())"); out != "0\n" {
+			t.Errorf("parent of the first run after Warm: %q, want 0 (the zygote, outside the sandbox)", out)
 		}
 		onlyInit(t, d, id)
 	})
