@@ -404,7 +404,7 @@ func (d *Driver) Warm(ctx context.Context, id string) error {
 	t := time.NewTicker(2 * time.Millisecond)
 	defer t.Stop()
 	for end := time.Now().Add(zygoteWait); time.Now().Before(end); {
-		if zygoteReady(d.cg, id) {
+		if d.zygoteReady(id) {
 			return nil
 		}
 		select {
@@ -871,30 +871,18 @@ func (d *Driver) killStragglers(id string, initPid, standby int, forked bool) er
 // run only once the zygote has reaped it: after an answer, a child of the zygote is a standby.
 // Without an answer it may be the run.)
 func (d *Driver) runProcesses(id string, initPid, standby int, forked bool) ([]int, error) {
-	pids, err := d.cg.procs(id)
+	procs, zygotes, err := d.sandboxProcs(id)
 	if err != nil {
 		return nil, err
 	}
-	type info struct {
-		ns   []int
-		ppid int
-	}
-	infos := make(map[int]info, len(pids))
-	zygotes := map[int]bool{}
-	for _, p := range pids {
-		if p == initPid {
-			continue
-		}
-		ns, ppid := procStatus(p)
-		infos[p] = info{ns, ppid}
-		if len(ns) == 1 {
-			zygotes[p] = true
+	var out []int
+	for _, p := range procs {
+		own := p.pid == initPid || len(p.ns) <= 1 || (forked && zygotes[p.ppid]) || (standby > 0 && p.ns[len(p.ns)-1] == standby)
+		if !own {
+			out = append(out, p.pid)
 		}
 	}
-	return slices.DeleteFunc(pids, func(p int) bool {
-		in := infos[p]
-		return p == initPid || len(in.ns) <= 1 || (forked && zygotes[in.ppid]) || (standby > 0 && in.ns[len(in.ns)-1] == standby)
-	}), nil
+	return out, nil
 }
 
 // Destroy kills and removes sandbox id: the container (runtime delete --force), its egress gateway,

@@ -132,38 +132,49 @@ const zygoteWait = 5 * time.Second
 
 // zygoteReady reports whether sandbox id has a zygote with a child (the agent forks its standby
 // from the zygote as soon as the zygote has said hello).
-func zygoteReady(cg cgroupLayout, id string) bool {
-	pids, err := cg.procs(id)
+func (d *Driver) zygoteReady(id string) bool {
+	procs, zygotes, err := d.sandboxProcs(id)
 	if err != nil {
 		return false
 	}
-	zygotes := map[int]bool{}
-	ppids := make([]int, 0, len(pids))
-	for _, p := range pids {
-		ns, ppid := procStatus(p)
-		if len(ns) == 1 {
-			zygotes[p] = true
-		}
-		ppids = append(ppids, ppid)
-	}
-	for _, pp := range ppids {
-		if zygotes[pp] {
+	for _, p := range procs {
+		if zygotes[p.ppid] {
 			return true
 		}
 	}
 	return false
 }
 
-// killZygotes SIGKILLs the processes of sandbox id's cgroup that are outside its PID namespace.
-func (d *Driver) killZygotes(id string) {
+// sandboxProc is a process of a sandbox's cgroups: host PID, parent's host PID, NSpid (nil: gone).
+type sandboxProc struct {
+	pid, ppid int
+	ns        []int
+}
+
+// sandboxProcs lists the processes of sandbox id's cgroups and the set of its zygotes (those
+// outside every PID namespace below the host's).
+func (d *Driver) sandboxProcs(id string) ([]sandboxProc, map[int]bool, error) {
 	pids, err := d.cg.procs(id)
 	if err != nil {
-		return
+		return nil, nil, err
 	}
-	for _, p := range pids {
-		if ns, _ := procStatus(p); len(ns) == 1 {
-			_ = syscall.Kill(p, syscall.SIGKILL)
+	procs := make([]sandboxProc, len(pids))
+	zygotes := map[int]bool{}
+	for i, p := range pids {
+		ns, ppid := procStatus(p)
+		procs[i] = sandboxProc{pid: p, ppid: ppid, ns: ns}
+		if len(ns) == 1 {
+			zygotes[p] = true
 		}
+	}
+	return procs, zygotes, nil
+}
+
+// killZygotes SIGKILLs the processes of sandbox id's cgroup that are outside its PID namespace.
+func (d *Driver) killZygotes(id string) {
+	_, zygotes, _ := d.sandboxProcs(id)
+	for p := range zygotes {
+		_ = syscall.Kill(p, syscall.SIGKILL)
 	}
 }
 
