@@ -28,7 +28,7 @@ def _zygote():
             _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
         filt = ctypes.create_string_buffer(nospawn, len(nospawn))
         prog = SockFprog(len(nospawn) // 8, ctypes.addressof(filt))
-    # Nothing but the agent may read this process's memory or ptrace it; each child turns it back.
+    # No process of the sandbox's user may ptrace this one or read its memory; each child turns it back.
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(sys.argv[1])
