@@ -30,7 +30,10 @@ var runnerSource = pyrunner.Source
 // agent starts the next run's process as soon as a run ends, so a run finds its Python started and
 // waiting (a fresh process per run all the same). (Passing the runner itself with -c would put all
 // of it in every process listing.)
-const bootstrap = `import os, sys
+const bootstrap = bootstrapRead + bootstrapLoad + bootstrapRun
+
+// bootstrapRead defines _rd(n): n bytes from fd 3 (exit 0 at its end).
+const bootstrapRead = `import os, sys
 def _rd(n):
     b = b""
     while len(b) < n:
@@ -38,7 +41,10 @@ def _rd(n):
         if not c: raise SystemExit(0)
         b += c
     return b
-_k, sys.argv[1] = sys.argv[1][0], sys.argv[1][1:]
+`
+
+// bootstrapLoad reads the runner into _r (the launched processes only).
+const bootstrapLoad = `_k, sys.argv[1] = sys.argv[1][0], sys.argv[1][1:]
 _r = _rd(int(sys.argv[1]))
 if _k == "c":
     import marshal
@@ -55,7 +61,11 @@ if _k == "d":
         pass
     os.close(6)
     del _w
-_e = _rd(int(_rd(8), 16))
+`
+
+// bootstrapRun is the end of every run process's start, launched or forked by the zygote: it
+// reads the run's environment block from fd 3, makes it os.environ, and runs the runner _r.
+const bootstrapRun = `_e = _rd(int(_rd(8), 16))
 os.environ.clear()
 for _kv in _e.split(b"\0")[:-1]:
     _k, _, _v = _kv.partition(b"=")
@@ -121,7 +131,11 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 		}
 	}
 	if z := a.zyg; z != nil && z.alive() {
-		pid, exited, err := z.fork(allowSpawn, maxOut, []int{int(children[0].Fd()), int(children[1].Fd()), int(children[2].Fd()), int(children[3].Fd()), int(children[4].Fd()), int(children[5].Fd())})
+		fds := make([]int, len(children))
+		for i, f := range children {
+			fds[i] = int(f.Fd())
+		}
+		pid, exited, err := z.fork(allowSpawn, maxOut, fds)
 		if err == nil {
 			for _, f := range children {
 				f.Close()

@@ -43,7 +43,8 @@ import (
 // with no supplementary groups (which empties its capabilities); sets umask 022, RLIMIT_NOFILE and
 // RLIMIT_CORE 0; sets no_new_privs and installs the profile on every thread; then execs
 // `python -I -u -B -c zygoteBootstrap <socket>` with the same environment as the agent's and, on
-// fd 3, zygote.py, NUL, the runner, NUL, the no-spawn filter (see launch.go). zygote.py connects
+// fd 3, zygote.py, NUL, the runner, NUL, the end of the launcher's bootstrap (run.go), NUL, the
+// no-spawn filter (see launch.go). zygote.py connects
 // to the agent (whose peer check sees a process outside the sandbox: allowed), says "zygote", and
 // forks runs on request (protocol: see zygote.py).
 //
@@ -59,7 +60,7 @@ var zygoteSource string
 const zygoteHello = "zygote"
 
 // zygoteBootstrap is the zygote's -c program: it reads fd 3 to its end and runs zygote.py with
-// _blob (the rest: runner, NUL, no-spawn filter).
+// _blob (the rest: see zygote.py).
 const zygoteBootstrap = `import os
 _b = b""
 while True:
@@ -113,7 +114,7 @@ func zygoteMain(args []string) {
 	if err != nil {
 		fail("no-spawn filter: %v", err)
 	}
-	blob := zygoteSource + "\x00" + runnerSource + "\x00" + string(agent.FilterBytes(raw))
+	blob := zygoteSource + "\x00" + runnerSource + "\x00" + bootstrapRead + bootstrapRun + "\x00" + string(agent.FilterBytes(raw))
 	if _, err := io.WriteString(w, blob); err != nil { // well under the pipe's 64 KiB
 		fail("writing the zygote's program: %v", err)
 	}
@@ -193,8 +194,7 @@ type zygote struct {
 	conn *net.UnixConn
 	dead chan struct{} // closed when the connection ends
 
-	mu      sync.Mutex
-	sendMu  sync.Mutex
+	mu      sync.Mutex // guards pending against read; fork is called by one goroutine at a time (the agent's serve loop)
 	next    uint32
 	pending map[string]*zchild
 }
@@ -288,9 +288,7 @@ func (z *zygote) fork(allowSpawn bool, maxOut int, fds []int) (int, <-chan exitI
 		spawn = '1'
 	}
 	msg := fmt.Sprintf("F%s %c %010d\n", id, spawn, maxOut)
-	z.sendMu.Lock()
 	_, _, err := z.conn.WriteMsgUnix([]byte(msg), unix.UnixRights(fds...), nil)
-	z.sendMu.Unlock()
 	if err != nil {
 		z.mu.Lock()
 		delete(z.pending, id)

@@ -1,7 +1,8 @@
 # The zygote: a Python that has started once and forks every run's process (see zygote.go for
 # where it lives and what it was given before this code runs). Globals set by the bootstrap:
-#   _blob: the runner's source, then NUL, then the no-spawn seccomp program (struct sock_filter
-#          array; empty: none) that a run without allow_spawn installs on itself.
+#   _blob: the runner's source, NUL, the end of the launcher's bootstrap (bootstrapRead +
+#          bootstrapRun in run.go), NUL, the no-spawn seccomp program (struct sock_filter array)
+#          that a run without allow_spawn installs on itself.
 #   sys.argv[1]: the agent's socket.
 #
 # Protocol on the connection to the agent (after the line "zygote"):
@@ -13,14 +14,15 @@
 #                   <user µs> <system µs> <max RSS KiB>\n" once it is reaped.
 # The forked process is what a fresh `python -I -u -B` started by the launcher is: its own session,
 # the descriptors above and no other, no_new_privs and the container's seccomp profile (inherited),
-# the no-spawn filter unless allow_spawn, dumpable, /tmp as working directory. Then it reads its
-# environment and code from fd 3 like the launcher's bootstrap, and runs the runner.
+# the no-spawn filter unless allow_spawn, dumpable, /tmp as working directory. Then it runs the
+# launcher's bootstrap from where that has the runner: environment and code from fd 3, the runner.
 import os, sys, socket, select, fcntl, ctypes, gc
 
 
 def _zygote():
-    runner_src, _, nospawn = _blob.partition(b"\0")
+    runner_src, start_src, nospawn = _blob.split(b"\0", 2)
     runner = compile(runner_src, "<sandbox-runner>", "exec")
+    start = compile(start_src, "<sandbox-bootstrap>", "exec")
     libc = ctypes.CDLL(None, use_errno=True)
     prog = None
     if nospawn:
@@ -75,7 +77,7 @@ def _zygote():
                 continue
             if pid == 0:
                 sock.detach()  # its descriptor is closed below; the object must not close another
-                _child(fds, w, allow_spawn, max_out, runner, libc, prog)
+                _child(fds, w, allow_spawn, max_out, runner, start, libc, prog)
             os.close(w)
             for f in fds:
                 os.close(f)
@@ -87,7 +89,7 @@ def _zygote():
             poller.register(pfd, select.POLLIN)
 
 
-def _child(fds, w, allow_spawn, max_out, runner, libc, prog):
+def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog):
     try:
         os.write(w, b"%d" % os.getpid())
         os.setsid()
@@ -106,24 +108,10 @@ def _child(fds, w, allow_spawn, max_out, runner, libc, prog):
         finally:
             os._exit(127)
     os.close(5)
-    # From here on it is the launcher's bootstrap: environment, then the runner.
-    def rd(n):
-        b = b""
-        while len(b) < n:
-            c = os.read(3, n - len(b))
-            if not c:
-                os._exit(0)
-            b += c
-        return b
-    env = rd(int(rd(8), 16))
-    os.environ.clear()
-    for kv in env.split(b"\0")[:-1]:
-        k, _, v = kv.partition(b"=")
-        os.environb[k] = v
     sys.argv[:] = ["-c", "", str(max_out)]
-    g = {"__name__": "__sandbox_runner__", "__builtins__": __builtins__}
-    del fds, w, libc, prog, rd, env
-    exec(runner, g)
+    g = {"__name__": "__main__", "__builtins__": __builtins__, "_r": runner}
+    del fds, w, libc, prog
+    exec(start, g)  # the launcher's bootstrap from the runner on: environment, then the runner
     os._exit(0)
 
 

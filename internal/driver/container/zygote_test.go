@@ -130,18 +130,23 @@ else:
 					t.Errorf("allow_spawn=%v: %s of a run is %q, of the agent %q", spawn, n, run[n], agent[n])
 				}
 			}
+			// Inside, the run sits at the root of the sandbox's cgroup namespace in every hierarchy;
+			// from the host, its zygote (hence the run) is in exactly the agent's cgroups.
+			for _, l := range strings.Split(strings.TrimSpace(cgroups), "\n") {
+				if !strings.HasSuffix(l, ":/") {
+					t.Errorf("allow_spawn=%v: run not at its cgroup namespace's root: %q", spawn, l)
+				}
+			}
 			agentCgroups, err := os.ReadFile("/proc/" + strconv.Itoa(b.Pid) + "/cgroup")
 			if err != nil {
 				t.Fatal(err)
 			}
-			if strings.TrimSpace(cgroups) != strings.TrimSpace(string(agentCgroups)) {
-				// Both in the sandbox's cgroup namespace: the agent's as seen from the host is
-				// the path; the run's, from inside, is "/" — compare membership instead.
-				for _, l := range strings.Split(strings.TrimSpace(cgroups), "\n") {
-					if !strings.HasSuffix(l, ":/") {
-						t.Errorf("allow_spawn=%v: run not at its cgroup namespace's root: %q", spawn, l)
-					}
-				}
+			zygoteCgroups, err := os.ReadFile("/proc/" + strconv.Itoa(zygoteOf(t, d, id)) + "/cgroup")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(zygoteCgroups) != string(agentCgroups) {
+				t.Errorf("the zygote's cgroups:\n%s\nthe agent's:\n%s", zygoteCgroups, agentCgroups)
 			}
 			want := "unshare EPERM\npersonality EPERM\nvsock EPERM\ninet ok\nclone3 ENOSYS\nfork ok\n"
 			if !spawn {
