@@ -1,14 +1,15 @@
 // Command sandbox-agent runs inside every container sandbox, normally as its PID 1, as an
-// unprivileged user. It listens on a unix socket (see package internal/agent for the protocol) and
-// executes each run as a fresh Python process.
+// unprivileged user. It serves the unix socket the host bound and passed it as descriptor 3 (see
+// package internal/agent for the protocol; the agent never creates a socket, so nothing in the
+// sandbox can reach, remove or replace it) and executes each run as a fresh Python process.
 //
-//	sandbox-agent [--socket-dir DIR] [--python PATH] [--prestart 0|1]
+//	sandbox-agent [--python PATH] [--prestart 0|1]
 //
 // Behaviour:
 //   - One run at a time. Connections are served strictly in order: a second connection made while
 //     a run is in progress waits (in the listen backlog) until the run has ended and its processes
-//     are gone, then it is served. A connection closed before it sends a request line (e.g. the
-//     probe of agent.WaitReady) is dropped silently.
+//     are gone, then it is served. A connection closed before it sends a request line is dropped
+//     silently; a ping (agent.WaitReady) is answered "ready".
 //   - Each run is started through a launcher: the agent re-executes itself as
 //     "sandbox-agent launch …", which sets rlimits and, unless allow_spawn, no_new_privs and a
 //     seccomp filter that denies creating processes (threads still work), then execs Python with
@@ -58,12 +59,11 @@ func main() {
 	log.SetFlags(0)
 	log.SetPrefix("sandbox-agent: ")
 
-	socketDir := flag.String("socket-dir", agent.SocketDir, "directory of the agent's unix socket ("+agent.SocketName+")")
 	python := flag.String("python", "/usr/bin/python3", "the Python interpreter")
 	prestart := flag.String("prestart", "", "start the first run's process at once: 0 (allow_spawn false) or 1 (true)")
 	flag.Parse()
 	if flag.NArg() != 0 || (*prestart != "" && *prestart != "0" && *prestart != "1") {
-		fmt.Fprintf(os.Stderr, "usage: sandbox-agent [--socket-dir DIR] [--python PATH] [--prestart 0|1]\n")
+		fmt.Fprintf(os.Stderr, "usage: sandbox-agent [--python PATH] [--prestart 0|1] (its listening socket on fd 3)\n")
 		os.Exit(2)
 	}
 
@@ -72,7 +72,7 @@ func main() {
 		log.Printf("prctl(PR_SET_DUMPABLE, 0): %v", err)
 	}
 	reserveThreads(16)
-	a, err := newAgent(*socketDir, *python)
+	a, err := newAgent(*python)
 	if err != nil {
 		log.Fatal(err)
 	}

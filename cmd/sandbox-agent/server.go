@@ -10,7 +10,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -27,10 +26,9 @@ const (
 )
 
 type agentServer struct {
-	sockPath string
-	python   string
-	pid1     bool
-	reaper   *reaper
+	python string
+	pid1   bool
+	reaper *reaper
 
 	warmMu sync.Mutex
 	warm   *proc // the next run's process, started and waiting (nil: none)
@@ -42,15 +40,13 @@ type agentServer struct {
 	runnerCode []byte // the runner compiled by this Python (marshal), once a process has sent it
 	dumping    bool   // a process is sending it
 
-	ln    *net.UnixListener
-	inode uint64 // of the socket file we created
+	ln *net.UnixListener // the host's socket, inherited (agent.ListenFD)
 }
 
-func newAgent(socketDir, python string) (*agentServer, error) {
+func newAgent(python string) (*agentServer, error) {
 	a := &agentServer{
-		sockPath: filepath.Join(socketDir, agent.SocketName),
-		python:   python,
-		pid1:     os.Getpid() == 1,
+		python: python,
+		pid1:   os.Getpid() == 1,
 	}
 	if a.pid1 {
 		// Go would exit or crash on these when sent by another process; as PID 1 the agent
@@ -74,97 +70,103 @@ func newAgent(socketDir, python string) (*agentServer, error) {
 	return a, nil
 }
 
-// listen (re)creates the socket, removing whatever is at its path.
+// listen takes the listening socket the host bound and passed as agent.ListenFD.
 func (a *agentServer) listen() error {
-	if a.ln != nil {
-		a.ln.SetUnlinkOnClose(false)
-		a.ln.Close()
-		a.ln = nil
+	f := os.NewFile(agent.ListenFD, "agent socket")
+	if f == nil {
+		return fmt.Errorf("no descriptor %d: the host passes the agent's listening socket there", agent.ListenFD)
 	}
-	if err := os.Remove(a.sockPath); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove stale socket: %w", err)
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: a.sockPath, Net: "unix"})
+	unix.CloseOnExec(agent.ListenFD)
+	l, err := net.FileListener(f)
+	f.Close()
 	if err != nil {
-		return fmt.Errorf("listen: %w", err)
+		return fmt.Errorf("descriptor %d is not the agent's listening socket: %w", agent.ListenFD, err)
 	}
-	ln.SetUnlinkOnClose(false)
-	if err := os.Chmod(a.sockPath, 0o600); err != nil {
-		ln.Close()
-		return fmt.Errorf("chmod socket: %w", err)
+	ln, ok := l.(*net.UnixListener)
+	if !ok {
+		l.Close()
+		return fmt.Errorf("descriptor %d is not a unix socket", agent.ListenFD)
 	}
-	var st unix.Stat_t
-	if err := unix.Lstat(a.sockPath, &st); err != nil {
-		ln.Close()
-		return fmt.Errorf("stat socket: %w", err)
-	}
-	a.ln, a.inode = ln, st.Ino
+	a.ln = ln
 	return nil
 }
 
-// checkSocket re-creates the socket if code in the sandbox removed or replaced it.
-func (a *agentServer) checkSocket() {
-	var st unix.Stat_t
-	if err := unix.Lstat(a.sockPath, &st); err == nil && st.Ino == a.inode && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
-		return
-	}
-	log.Printf("socket %s was removed or replaced; re-creating it", a.sockPath)
-	for {
-		if err := a.listen(); err != nil {
-			log.Printf("%v", err)
-			time.Sleep(100 * time.Millisecond)
-			continue
-		}
-		return
-	}
-}
-
+// serve serves the connections' requests one at a time. Each connection's first line is read
+// by a goroutine of its own, so a connection slow to say what it wants (the zygote's, which the
+// host makes before the zygote's Python has started) holds up no other.
 func (a *agentServer) serve() {
-	log.Printf("listening on %s (pid %d, uid %d, python %s)", a.sockPath, os.Getpid(), os.Getuid(), a.python)
-	for {
-		conn, err := a.ln.AcceptUnix()
-		if err != nil {
-			log.Printf("accept: %v", err)
-			time.Sleep(10 * time.Millisecond)
-			a.checkSocket()
-			continue
-		}
-		a.handle(conn)
-		a.checkSocket()
-	}
-}
-
-// handle serves one connection: reads the request line, runs it, writes events, closes. A
-// zygote's hello instead makes the connection the agent's line to its zygote.
-func (a *agentServer) handle(conn *net.UnixConn) {
-	keep := false
-	defer func() {
-		if !keep {
-			conn.Close()
+	log.Printf("serving (pid %d, uid %d, python %s)", os.Getpid(), os.Getuid(), a.python)
+	reqs := make(chan request)
+	go func() {
+		for {
+			conn, err := a.ln.AcceptUnix()
+			if err != nil {
+				log.Printf("accept: %v", err)
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			go a.readRequest(conn, reqs)
 		}
 	}()
+	for r := range reqs {
+		a.handle(r)
+	}
+}
+
+// request is a connection and its first line (or the error reading it).
+type request struct {
+	conn *net.UnixConn
+	br   *bufio.Reader
+	line []byte
+	err  error
+}
+
+// readRequest reads conn's first line and passes it on to the serve loop; it drops a connection
+// from inside the sandbox (none can reach the socket; checked all the same) and one closed
+// before it said anything.
+func (a *agentServer) readRequest(conn *net.UnixConn, reqs chan<- request) {
 	if a.pid1 {
 		if pid, err := peerPID(conn); err != nil {
 			log.Printf("refusing connection: SO_PEERCRED: %v", err)
+			conn.Close()
 			return
 		} else if pid != 0 {
 			log.Printf("refusing connection from pid %d inside the sandbox", pid)
+			conn.Close()
 			return
 		}
 	}
 	conn.SetReadDeadline(time.Now().Add(requestTimeout))
 	br := bufio.NewReaderSize(conn, 64<<10)
 	line, err := agent.ReadLine(br, maxRequestLine)
-	if err != nil {
-		if len(line) == 0 && errors.Is(err, io.EOF) {
-			return // a readiness probe, or a client that gave up before asking
+	if err != nil && len(line) == 0 && errors.Is(err, io.EOF) {
+		conn.Close() // a client that gave up before asking
+		return
+	}
+	conn.SetReadDeadline(time.Time{})
+	reqs <- request{conn: conn, br: br, line: line, err: err}
+}
+
+// handle serves one request: runs it, writes events, closes. A zygote's hello instead makes the
+// connection the agent's line to its zygote.
+func (a *agentServer) handle(r request) {
+	conn, br, line := r.conn, r.br, r.line
+	keep := false
+	defer func() {
+		if !keep {
+			conn.Close()
 		}
+	}()
+	if err := r.err; err != nil {
 		log.Printf("reading request: %v", err)
 		s := newSender(conn, nil)
 		s.exit(&agent.RunResult{ExitCode: -1, AgentError: "reading request: " + err.Error()})
 		return
 	}
-	conn.SetReadDeadline(time.Time{})
+	if string(line) == agent.Ping {
+		newSender(conn, nil).send(&agent.Event{Type: "ready"})
+		return
+	}
 	if string(line) == zygoteHello {
 		keep = true
 		a.adoptZygote(newZygote(conn, br))

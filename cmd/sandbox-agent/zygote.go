@@ -31,8 +31,10 @@ import (
 //
 //	nsenter -t <agent> -m -n -i -u -C -- /.sandbox/bin/sandbox-agent zygote <uid> <gid> <nofile> <python>
 //
-// with the sandbox's PID namespace on fd 4, which the launcher enters with setns: that decides only
-// where its children go, so it is in every namespace of the sandbox except its PID namespace. Its children are processes of the sandbox like any run; the
+// with the sandbox's PID namespace on fd 4, which the launcher enters with setns (that decides only
+// where its children go, so it is in every namespace of the sandbox except its PID namespace), and
+// on fd 5 a connection to the agent that the host made (the agent's socket is not reachable from
+// inside the sandbox). Its children are processes of the sandbox like any run; the
 // zygote itself is not in the sandbox's /proc and cannot be signalled from it, so a run sees the
 // agent and itself, as with the launcher. The host moves it into every cgroup of the sandbox and
 // sets its oom_score_adj to 1000 before it lets it go on (by closing fd 3).
@@ -44,14 +46,16 @@ import (
 // RLIMIT_CORE 0; sets no_new_privs and installs the profile on every thread; then execs
 // `python -I -u -B -c zygoteBootstrap <socket>` with the same environment as the agent's and, on
 // fd 3, zygote.py, NUL, the runner, NUL, the end of the launcher's bootstrap (run.go), NUL, the
-// no-spawn filter (see launch.go). zygote.py connects
-// to the agent (whose peer check sees a process outside the sandbox: allowed), says "zygote", and
-// forks runs on request (protocol: see zygote.py).
+// no-spawn filter (see launch.go). zygote.py says "zygote" on fd 5 (the agent's peer check sees
+// the host, which connected it: allowed) and forks runs on request (protocol: see zygote.py).
 //
 // The agent keeps launching runs itself (launch.go) until a zygote has said hello, and again if
 // its zygote goes away.
 
 const zygoteCommand = "zygote"
+
+// zygoteConnFD is the zygote's connection to the agent, made and passed by the host.
+const zygoteConnFD = 5
 
 //go:embed zygote.py
 var zygoteSource string
@@ -156,8 +160,7 @@ func zygoteMain(args []string) {
 	}
 
 	env, _ := buildEnv(nil)
-	sock := agent.SocketDir + "/" + agent.SocketName
-	err = syscall.Exec(python, []string{python, "-I", "-u", "-B", "-c", zygoteBootstrap, sock}, env)
+	err = syscall.Exec(python, []string{python, "-I", "-u", "-B", "-c", zygoteBootstrap, strconv.Itoa(zygoteConnFD)}, env)
 	fail("exec %s: %v", python, err)
 }
 

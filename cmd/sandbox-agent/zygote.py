@@ -3,7 +3,7 @@
 #   _blob: the runner's source, NUL, the end of the launcher's bootstrap (bootstrapRead +
 #          bootstrapRun in run.go), NUL, the no-spawn seccomp program (struct sock_filter array)
 #          that a run without allow_spawn installs on itself.
-#   sys.argv[1]: the agent's socket.
+#   sys.argv[1]: the descriptor of the connection to the agent (the host made it).
 #
 # Protocol on the connection to the agent (after the line "zygote"):
 #   agent → zygote: 23-byte requests "F<id: 8 hex> <allow_spawn 0|1> <max_output: 10 digits>\n"
@@ -32,8 +32,7 @@ def _zygote():
         prog = SockFprog(len(nospawn) // 8, ctypes.addressof(filt))
     # No process of the sandbox's user may ptrace this one or read its memory; each child turns it back.
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(sys.argv[1])
+    sock = socket.socket(fileno=int(sys.argv[1]))
     sock.sendall(b"zygote\n")
     ctl = sock.fileno()
     children = {}  # pidfd -> (id, pid)

@@ -1,7 +1,8 @@
 package agent_test
 
-// These tests build cmd/sandbox-agent, start it as an ordinary process (not PID 1) with a
-// temporary socket directory and /usr/bin/python3, and drive it with the client. One test
+// These tests build cmd/sandbox-agent, start it as an ordinary process (not PID 1) with its
+// listening socket (agent.Listen, in a temporary directory) and /usr/bin/python3, and drive it
+// with the client. One test
 // (TestPID1) runs it as PID 1 of a new pid namespace; it needs root.
 
 import (
@@ -61,12 +62,15 @@ func testMain(m *testing.M) int {
 // startAgent starts the agent on the host and returns its socket path once it is ready.
 func startAgent(t *testing.T, args ...string) string {
 	t.Helper()
-	dir := t.TempDir()
+	sock, ln := listen(t, t.TempDir())
 	var logs bytes.Buffer
-	cmd := exec.Command(agentBin, append([]string{"--socket-dir", dir, "--python", python}, args...)...)
+	cmd := exec.Command(agentBin, append([]string{"--python", python}, args...)...)
 	cmd.Stderr = &syncWriter{w: &logs}
+	cmd.ExtraFiles = []*os.File{ln}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	err := cmd.Start()
+	ln.Close()
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -76,13 +80,23 @@ func startAgent(t *testing.T, args ...string) string {
 			t.Logf("agent log:\n%s", logs.String())
 		}
 	})
-	sock := filepath.Join(dir, agent.SocketName)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := agent.WaitReady(ctx, sock); err != nil {
 		t.Fatal(err)
 	}
 	return sock
+}
+
+// listen binds the agent's socket in dir and returns its path and the listening file.
+func listen(t *testing.T, dir string) (string, *os.File) {
+	t.Helper()
+	sock := filepath.Join(dir, agent.SocketName)
+	ln, err := agent.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sock, ln
 }
 
 type syncWriter struct {
@@ -516,6 +530,14 @@ func TestWaitReady(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("WaitReady on a missing socket: %v", err)
 	}
+	// A bound socket accepts connections before any agent serves it: not ready.
+	bound, ln := listen(t, t.TempDir())
+	defer ln.Close()
+	ctx, cancel = context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := agent.WaitReady(ctx, bound); !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "ping") {
+		t.Errorf("WaitReady on a socket no agent serves: %v", err)
+	}
 	sock := startAgent(t)
 	for range 3 { // probes leave nothing behind
 		if err := agent.WaitReady(context.Background(), sock); err != nil {
@@ -582,14 +604,19 @@ func TestPID1(t *testing.T) {
 	os.Chmod(filepath.Dir(dir), 0o755)
 	os.Chmod(dir, 0o755)
 	os.Chown(dir, 10000, 10000)
+	sock, ln := listen(t, dir)
+	os.Chmod(sock, 0o777) // so that the test's attack below gets as far as the peer check
 	var logs bytes.Buffer
 	cmd := exec.Command(unshare, "--pid", "--fork", "--mount-proc", "--kill-child", "-S", "10000", "-G", "10000",
-		agentBin, "--socket-dir", dir, "--python", python)
+		agentBin, "--python", python)
 	cmd.Stderr = &syncWriter{w: &logs}
+	cmd.ExtraFiles = []*os.File{ln}
 	// The agent loses a parent-death signal when unshare changes its uid: kill the whole group.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	cmd.WaitDelay = time.Second
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	ln.Close()
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -599,7 +626,6 @@ func TestPID1(t *testing.T) {
 			t.Logf("agent log:\n%s", logs.String())
 		}
 	})
-	sock := filepath.Join(dir, agent.SocketName)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := agent.WaitReady(ctx, sock); err != nil {
@@ -631,13 +657,18 @@ result = [a.pid, b.pid]
 		t.Errorf("processes other than the agent after a run: %s, want [1]", res.Result)
 	}
 
-	// Code in the sandbox cannot use the agent socket: a request it queues is never run.
+	// Code in the sandbox that reaches the agent's socket (in a sandbox it can't: the socket is in
+	// the host's directory; here it shares the host's mount namespace) cannot use it: a request it
+	// queues is never run.
 	marker := filepath.Join(dir, "pwned")
 	res = run(t, sock, agent.RunRequest{Code: fmt.Sprintf(`
 import json, socket
 s = socket.socket(socket.AF_UNIX)
 s.connect(%q)
-s.sendall(json.dumps({"code": "open(%%r, 'w').write('x')" %% %q, "timeout_ms": 1000}).encode() + b"\n")
+try:
+    s.sendall(json.dumps({"code": "open(%%r, 'w').write('x')" %% %q, "timeout_ms": 1000}).encode() + b"\n")
+except BrokenPipeError:
+    pass  # refused at once
 `, sock, marker)})
 	if res.ExitCode != 0 {
 		t.Fatalf("exit %d, stderr %s", res.ExitCode, res.Stderr)

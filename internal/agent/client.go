@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"time"
 )
 
@@ -85,24 +86,20 @@ func runErr(ctx context.Context, err error) error {
 	return fmt.Errorf("agent run: %w", err)
 }
 
-// WaitReady returns nil once the agent at socketPath accepts connections, polling about every
-// millisecond; when ctx ends first it returns an error wrapping ctx.Err() (and the last dial
-// error). Each probe connects and closes without sending anything; the agent drops such
-// connections without starting a run, so probing never leaves anything behind. Since the agent
-// serves connections in order, a probe made during a run is only dropped after that run, which
-// WaitReady does not wait for.
+// WaitReady returns nil once the agent at socketPath answers a Ping, polling about every
+// millisecond; when ctx ends first it returns an error wrapping ctx.Err() (and the last error).
+// The socket accepts connections as soon as Listen has bound it, before the agent runs: a
+// connection only proves anything once the agent answers on it. A ping starts no run and leaves
+// nothing behind; since the agent serves connections in order, one made during a run is answered
+// after that run.
 func WaitReady(ctx context.Context, socketPath string) error {
-	var d net.Dialer
 	t := time.NewTimer(0)
 	defer t.Stop()
 	var lastErr error
 	for {
-		conn, err := d.DialContext(ctx, "unix", socketPath)
-		if err == nil {
-			conn.Close()
+		if lastErr = ping(ctx, socketPath); lastErr == nil {
 			return nil
 		}
-		lastErr = err
 		t.Reset(time.Millisecond)
 		select {
 		case <-ctx.Done():
@@ -110,6 +107,49 @@ func WaitReady(ctx context.Context, socketPath string) error {
 		case <-t.C:
 		}
 	}
+}
+
+// ping sends Ping and reads the "ready" answer.
+func ping(ctx context.Context, socketPath string) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", socketPath)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	if _, err := conn.Write([]byte(Ping + "\n")); err != nil {
+		return err
+	}
+	line, err := ReadLine(bufio.NewReader(conn), 1<<10)
+	if err != nil {
+		return fmt.Errorf("no answer to a ping: %w", err)
+	}
+	var ev Event
+	if err := json.Unmarshal(line, &ev); err != nil || ev.Type != "ready" {
+		return fmt.Errorf("unexpected answer to a ping: %q", line)
+	}
+	return nil
+}
+
+// Listen creates a unix stream socket bound at path (which must not exist; its directory should
+// be one only the host can write), listening, and returns it as a file to hand to the agent as
+// descriptor ListenFD. The caller closes its copy once the agent has it; the path then reaches the
+// agent for as long as the agent lives.
+func Listen(path string) (*os.File, error) {
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("agent socket: %w", err)
+	}
+	ln.SetUnlinkOnClose(false)
+	f, err := ln.File() // a dup, in blocking mode
+	ln.Close()
+	if err != nil {
+		os.Remove(path)
+		return nil, fmt.Errorf("agent socket: %w", err)
+	}
+	return f, nil
 }
 
 // ReadLine reads one '\n'-terminated line (without the '\n') of at most max bytes: the framing of

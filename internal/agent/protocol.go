@@ -1,12 +1,18 @@
 // Package agent is the wire protocol between sandboxd and sandbox-agent, the small static program
 // that runs as PID 1 inside every container sandbox, and the host-side client of it.
 //
-// Transport: a unix stream socket (container driver: <sandbox dir>/run/agent.sock on the host,
-// /.sandbox/run/agent.sock inside). One connection carries one run:
+// Transport: a unix stream socket that the host creates and binds (Listen) at a path of its own —
+// the container driver's is <sandbox dir>/agent.sock, in a directory only root can enter and that
+// no sandbox mounts — and hands to the agent as an inherited listening descriptor: the agent never
+// binds a path, and nothing inside the sandbox names, replaces or reaches the socket. One
+// connection carries one run:
 //
 //	host → agent: one JSON line, a RunRequest.
 //	agent → host: JSON lines, each an Event: zero or more "stdout"/"stderr" chunks, then exactly one
 //	              "exit" event carrying the RunResult, after which the agent closes the connection.
+//
+// Two other first lines: Ping (the agent answers one "ready" event and closes: WaitReady), and the
+// zygote's hello (see cmd/sandbox-agent).
 //
 // If the host closes the connection before "exit", the agent kills the run's whole process tree.
 // The agent serves one run at a time; when a run ends (for any reason) it kills every other
@@ -15,11 +21,15 @@ package agent
 
 import "encoding/json"
 
-// SocketDir is where the agent listens inside the sandbox; SocketName is the socket's name in it.
-const (
-	SocketDir  = "/.sandbox/run"
-	SocketName = "agent.sock"
-)
+// SocketName is the name of the agent's socket in the directory the host binds it in.
+const SocketName = "agent.sock"
+
+// ListenFD is the descriptor on which the agent finds its listening socket (Listen's file, passed
+// by the host as the first inherited descriptor after stdio).
+const ListenFD = 3
+
+// Ping is the request line that asks the agent whether it serves (WaitReady).
+const Ping = "ping"
 
 // RunRequest asks the agent to execute Code in a fresh Python process.
 type RunRequest struct {
@@ -32,7 +42,7 @@ type RunRequest struct {
 
 // Event is one line from the agent.
 type Event struct {
-	Type   string     `json:"type"`             // "stdout", "stderr" or "exit"
+	Type   string     `json:"type"`             // "stdout", "stderr", "exit" (or "ready", the answer to Ping)
 	Data   []byte     `json:"data,omitempty"`   // output chunk (stdout/stderr)
 	Result *RunResult `json:"result,omitempty"` // with "exit"
 }

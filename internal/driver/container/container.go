@@ -4,7 +4,8 @@
 //
 // A sandbox is one long-lived container whose PID 1 is sandbox-agent (bound read-only at
 // /.sandbox/bin/sandbox-agent); each Exec is one run the agent executes, over the unix socket
-// <state>/sandboxes/<id>/run/agent.sock. The container runs as uid 10000 with no capabilities,
+// <state>/sandboxes/<id>/agent.sock, which the driver binds in that root-only directory (mounted
+// nowhere in the sandbox) and hands to the agent as an inherited descriptor. The container runs as uid 10000 with no capabilities,
 // no_new_privs, Docker's default seccomp profile, its own PID, mount, IPC, UTS, cgroup and network
 // namespaces, a read-only root, a private size-limited /tmp, and cgroup limits for CPU, memory
 // (swap included) and process count.
@@ -21,7 +22,7 @@
 // user paths can be created without touching the image and no mount outlives sandboxd.
 //
 // Everything of a sandbox is on disk under Options.StateDir: runtime state under runtime/<name>,
-// sandboxes/<id>/{meta.json, config.json, resolv.conf, upper, work, rootfs, run, agent.log}, and
+// sandboxes/<id>/{meta.json, config.json, resolv.conf, upper, work, rootfs, agent.sock, agent.log}, and
 // the network namespaces under net/ns/<id>. Destroy and List work from disk (and the host's
 // links) alone, so sandboxes left by a crashed process can be found and removed.
 package container
@@ -282,7 +283,7 @@ func (d *Driver) Check(ctx context.Context) error {
 
 func (d *Driver) boxDir(id string) string { return filepath.Join(d.stateDir, sandboxesDir, id) }
 
-func socketPath(dir string) string { return filepath.Join(dir, "run", agent.SocketName) }
+func socketPath(dir string) string { return filepath.Join(dir, agent.SocketName) }
 
 // Create provisions sandbox id: overlay root, config.json, `<runtime> run -d`, then waits for the
 // agent. On any error (or ctx cancellation) everything is destroyed again.
@@ -323,16 +324,10 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		return err
 	}
 	// The overlay's root dir takes the upper dir's mode: the image's 0755.
-	for _, sub := range []string{"upper", "work", "rootfs", "run"} {
+	for _, sub := range []string{"upper", "work", "rootfs"} {
 		if err := os.Mkdir(filepath.Join(dir, sub), 0o755); err != nil {
 			return err
 		}
-	}
-	if err := os.Chown(filepath.Join(dir, "run"), sandboxUID, sandboxGID); err != nil {
-		return err
-	}
-	if err := os.Chmod(filepath.Join(dir, "run"), 0o700); err != nil {
-		return err
 	}
 	merged := filepath.Join(dir, "rootfs")
 	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", spec.RootFS, filepath.Join(dir, "upper"), filepath.Join(dir, "work"))
@@ -474,7 +469,7 @@ func proxyEnv(gateway string) map[string]string {
 	}
 }
 
-// waitReady waits for the agent's socket to accept connections, for at most readyTimeout, and
+// waitReady waits for the agent to answer on its socket, for at most readyTimeout, and
 // fails at once if the agent (the container's init) exits meanwhile.
 func (d *Driver) waitReady(ctx context.Context, b *box) error {
 	rctx, cancel := context.WithTimeout(ctx, readyTimeout)
@@ -551,11 +546,21 @@ func (d *Driver) start(ctx context.Context, b *box) error {
 		_, _ = io.Copy(logf, io.LimitReader(pr, logCap))
 		_, _ = io.Copy(io.Discard, pr)
 	}()
+	// The agent's socket: bound here, in the sandbox's root-only state dir, and passed to the agent
+	// as its descriptor 3 (agent.ListenFD): the only way to it is this path, which nothing inside
+	// the sandbox can see, create or replace.
+	ln, err := agent.Listen(socketPath(b.dir))
+	if err != nil {
+		pw.Close()
+		return err
+	}
 	pidFile := filepath.Join(b.dir, "pid")
-	cmd := d.rt.command(ctx, "run", "--detach", "--pid-file", pidFile, "--bundle", b.dir, b.ID)
+	cmd := d.rt.command(ctx, "run", "--detach", "--preserve-fds", "1", "--pid-file", pidFile, "--bundle", b.dir, b.ID)
 	cmd.Stdout, cmd.Stderr = pw, pw
+	cmd.ExtraFiles = []*os.File{ln}
 	err = cmd.Run()
 	pw.Close()
+	ln.Close()
 	if err != nil {
 		return fmt.Errorf("%s run: %w", d.rt.name, err)
 	}
@@ -595,7 +600,6 @@ func logTailOf(b *box) string {
 func (d *Driver) planMounts(dir, merged string, spec driver.Spec) (ms []specs.Mount, masked []string, cwd string, err error) {
 	ms = []specs.Mount{
 		{Destination: agentPath, Type: "bind", Source: d.agentBin, Options: []string{"bind", "ro", "nosuid", "nodev"}},
-		{Destination: agent.SocketDir, Type: "bind", Source: filepath.Join(dir, "run"), Options: []string{"bind", "rw", "nosuid", "nodev", "noexec"}},
 	}
 	// The resolver is the gateway: /etc/resolv.conf names it (user mounts and blocked paths,
 	// mounted after, may cover it; DNS to 127.0.0.1:53 reaches the gateway too).

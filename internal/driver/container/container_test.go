@@ -762,3 +762,77 @@ func TestAgentDiesAtStart(t *testing.T) {
 		assertGone(t, bd, id, 0)
 	})
 }
+
+// TestAgentChannel attacks the agent's channel from inside a sandbox: nothing there is, names or
+// leads to an agent socket (the driver binds it in the host's state dir and passes it as a
+// descriptor), so code in one sandbox can neither replace it nor reach another sandbox's; and
+// runs keep landing in their own sandbox.
+func TestAgentChannel(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		dirs := [2]string{t.TempDir(), t.TempDir()}
+		var ids [2]string
+		for i := range ids {
+			spec := baseSpec()
+			spec.Mounts = []driver.Mount{{Path: "/workspace/output", HostDir: dirs[i]}}
+			ids[i] = newSandbox(t, d, spec)
+		}
+		attacker := ids[0]
+		out := mustRun(t, d, attacker, `
+import json, os, stat
+found = []
+for top in ["/"]:
+    for root, dirs, files in os.walk(top):
+        if root in ("/proc", "/sys", "/dev"):
+            dirs[:] = []
+            continue
+        for n in dirs + files:
+            p = os.path.join(root, n)
+            try:
+                if stat.S_ISSOCK(os.lstat(p).st_mode):
+                    found.append(p)
+            except OSError:
+                pass
+fds = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        if os.readlink("/proc/self/fd/" + fd).startswith("socket:"):
+            fds.append(fd)
+    except OSError:
+        pass
+planted = []
+for p in ["/.sandbox/run", "/.sandbox/run/agent.sock", "/.sandbox/agent.sock"]:
+    try:
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        os.symlink("/proc/1/root/x", p)
+        planted.append(p)
+    except OSError:
+        pass
+print(json.dumps({"sockets": found, "socket_fds": fds, "planted": planted,
+    "sandbox_dir": sorted(os.listdir("/.sandbox")),
+    "agent_sock_in_mountinfo": "agent.sock" in open("/proc/self/mountinfo").read()}))
+`)
+		var got struct {
+			Sockets     []string `json:"sockets"`
+			SocketFDs   []string `json:"socket_fds"`
+			Planted     []string `json:"planted"`
+			Dir         []string `json:"sandbox_dir"`
+			InMountinfo bool     `json:"agent_sock_in_mountinfo"`
+		}
+		if err := json.Unmarshal([]byte(out), &got); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		if len(got.Sockets) > 0 || len(got.SocketFDs) > 0 || len(got.Planted) > 0 || got.InMountinfo || !slices.Equal(got.Dir, []string{"bin"}) {
+			t.Errorf("agent channel visible in the sandbox: %+v", got)
+		}
+		if _, err := os.Stat(socketPath(d.boxDir(attacker))); err != nil {
+			t.Errorf("the host's agent socket: %v", err)
+		}
+		// Runs still land where they are sent.
+		for i, id := range ids {
+			mustRun(t, d, id, "open('/workspace/output/who', 'w').write("+strconv.Quote(id)+")")
+			if b, err := os.ReadFile(filepath.Join(dirs[i], "who")); err != nil || string(b) != id {
+				t.Errorf("run sent to %s wrote %q (%v) in its dir", id, b, err)
+			}
+		}
+	})
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,9 +33,10 @@ import (
 // agent then launches each run itself.
 
 // startZygote starts sandbox b's zygote: nsenter into every namespace of the agent (b.Pid) but
-// the PID namespace (passed on fd 4), then "sandbox-agent zygote"; it moves the process into each of the sandbox's
-// cgroups and sets its oom_score_adj before it hands over the seccomp program on fd 3, whose end
-// lets the zygote go on. The zygote's stdout and stderr go to zygote.log in the sandbox dir.
+// the PID namespace (passed on fd 4), then "sandbox-agent zygote" with a connection to the agent
+// on fd 5 (made here: the agent's socket is out of the sandbox's reach); it moves the process into
+// each of the sandbox's cgroups and sets its oom_score_adj before it hands over the seccomp program
+// on fd 3, whose end lets the zygote go on. The zygote's stdout and stderr go to zygote.log in the sandbox dir.
 // sandboxd reaps it; it is killed with the sandbox (Destroy) and not with sandboxd. It reports
 // whether it started one.
 func (d *Driver) startZygote(b *box) (bool, error) {
@@ -56,11 +58,21 @@ func (d *Driver) startZygote(b *box) (bool, error) {
 		return false, fmt.Errorf("zygote: %w", err)
 	}
 	defer pidns.Close()
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socketPath(b.dir), Net: "unix"})
+	if err != nil {
+		return false, fmt.Errorf("zygote: connect to the agent: %w", err)
+	}
+	connf, err := conn.File()
+	conn.Close()
+	if err != nil {
+		return false, fmt.Errorf("zygote: %w", err)
+	}
+	defer connf.Close()
 	cmd := exec.Command(d.nsenter, "-t", strconv.Itoa(b.Pid), "-m", "-n", "-i", "-u", "-C", "--",
 		agentPath, "zygote", strconv.Itoa(sandboxUID), strconv.Itoa(sandboxGID), strconv.Itoa(nofileLimit), sandboxPython)
 	cmd.Env = []string{}
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = []*os.File{r, pidns}
+	cmd.ExtraFiles = []*os.File{r, pidns, connf}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	err = cmd.Start()
 	r.Close()
