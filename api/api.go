@@ -41,6 +41,7 @@ type Resources struct {
 	CPU     string `json:"cpu,omitempty"`
 	Memory  string `json:"memory,omitempty"`
 	Timeout *int   `json:"timeout,omitempty"`
+	Disk    string `json:"disk,omitempty"` // every byte the sandbox can write (ours)
 }
 
 // Process holds the process rules (ours).
@@ -85,6 +86,7 @@ type SandboxUsage struct {
 	CPUSeconds      float64 `json:"cpu_seconds"`
 	MemoryPeakBytes int64   `json:"memory_peak_bytes"`
 	BilledMinutes   int64   `json:"billed_minutes"`
+	DiskUsedBytes   int64   `json:"disk_used_bytes"` // on its disk: now, or when it was destroyed
 }
 
 // SandboxList is the body of GET /api/sandbox.

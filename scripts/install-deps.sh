@@ -3,7 +3,8 @@
 # crun and runc (the OCI runtimes the driver drives; crun preferred) and debootstrap (builds the
 # default image, scripts/build-image.sh), iproute2 (the e2e tests build a fake internet with ip) and
 # python3 with pip, setuptools and wheel (the Python SDK's tests, and its offline pip install),
-# nsenter from util-linux (starts each container sandbox's zygote; part of every Debian base).
+# nsenter from util-linux (starts each container sandbox's zygote; part of every Debian base),
+# mkfs.ext4 from e2fsprogs (formats the template of every sandbox's disk; part of Debian's base).
 # Idempotent: apt-get runs only when something is missing
 # (after an `apt-get update`), non-interactively. Needs root (or sudo) only in that case.
 #
@@ -18,6 +19,7 @@ declare -A pkgs=(
   [ip]=iproute2
   [python3]=python3
   [nsenter]=util-linux
+  [mkfs.ext4]=e2fsprogs
 )
 
 # debootstrap lives in /usr/sbin, which a non-root PATH may lack.
@@ -39,7 +41,7 @@ for mod in "${!pymods[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, python3 with pip, setuptools, wheel)" >&2
+  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, mkfs.ext4, python3 with pip, setuptools, wheel)" >&2
   exit 0
 fi
 

@@ -39,6 +39,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"os"
 	"runtime"
@@ -49,12 +50,20 @@ import (
 	"github.com/sandboxd/sandboxd/internal/agent"
 )
 
+const holdCommand = "hold"
+
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == launchCommand {
 		launch(os.Args[2:]) // does not return
 	}
 	if len(os.Args) > 1 && os.Args[1] == zygoteCommand {
 		zygoteMain(os.Args[2:]) // does not return
+	}
+	if len(os.Args) == 2 && os.Args[1] == holdCommand {
+		// "sandbox-agent hold": started by the host in a new user namespace, it keeps it until
+		// the host closes its stdin (the container driver's userns.go).
+		io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
 	}
 	log.SetFlags(0)
 	log.SetPrefix("sandbox-agent: ")

@@ -23,6 +23,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/container"
+	"github.com/sandboxd/sandboxd/internal/mountns"
 )
 
 // bench measures sandboxd against baselines measured in the same run, interleaved with the API's
@@ -51,7 +52,7 @@ func bench(args []string) error {
 	if *runtimeName != "" {
 		serveArgs = append(serveArgs, "--runtime", *runtimeName)
 	}
-	if err := container.EnterMountNamespace(); err != nil { // re-executes: before any side effect
+	if err := mountns.Enter(); err != nil { // re-executes: before any side effect
 		return err
 	}
 	tmp, err := os.MkdirTemp("", "sandboxd-bench-")

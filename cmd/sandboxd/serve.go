@@ -15,11 +15,12 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/config"
+	"github.com/sandboxd/sandboxd/internal/disk"
 	"github.com/sandboxd/sandboxd/internal/driver"
-	"github.com/sandboxd/sandboxd/internal/driver/container"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/httpapi"
 	"github.com/sandboxd/sandboxd/internal/metrics"
+	"github.com/sandboxd/sandboxd/internal/mountns"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 	"github.com/sandboxd/sandboxd/internal/store"
 	"github.com/sandboxd/sandboxd/internal/store/sqlite"
@@ -141,8 +142,18 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 		}
 		return nil
 	})
+	// Every sandbox's disk: images in the data directory, mounted in sandboxd's mount namespace.
+	disks, err := disk.NewManager(filepath.Join(cfg.DataDir, "disks"))
+	if err != nil {
+		return fail(err)
+	}
+	mountDir, err := mountns.Dir(cfg.DataDir)
+	if err != nil {
+		return fail(err)
+	}
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
-		DataDir: cfg.DataDir, Images: cfg.Images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, TmpBytes: cfg.TmpBytes, Logger: log,
+		DataDir: cfg.DataDir, Images: cfg.Images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, Logger: log,
+		DiskBytes: cfg.DiskBytes, DiskFreeFloor: cfg.DiskFreeFloor, IDs: cfg.IDs, Disks: disks, MountDir: mountDir,
 		MaxUploadBytes: cfg.MaxUploadBytes, WarmPool: cfg.WarmPool, Observer: m,
 	}, m.Store(d.st), drivers)
 	if err != nil {
@@ -207,7 +218,7 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := container.EnterMountNamespace(); err != nil {
+	if err := mountns.Enter(); err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -41,7 +41,12 @@ type Config struct {
 	Images     []sandbox.Image
 	Plans      map[string]sandbox.Plan
 	PidsLimit  int64
-	TmpBytes   int64
+	// Disks: the default resources.disk (0: the service's), the free space the data directory
+	// keeps (creates are refused below it; 0: the service's), the host ids of sandboxes (zero: the
+	// service's).
+	DiskBytes     int64
+	DiskFreeFloor int64
+	IDs           sandbox.IDRange
 	// MaxUploadBytes is the files API's per-file limit (0: the service's default, 100 MiB).
 	MaxUploadBytes int64
 	// WarmPool is how many provisioned sandboxes the service keeps ready per shape asked for
@@ -65,14 +70,21 @@ type file struct {
 		MaxSandboxes int     `json:"max_sandboxes"`
 		MaxCPU       float64 `json:"max_cpu"`
 		MaxMemory    int64   `json:"max_memory_bytes"`
+		MaxDisk      int64   `json:"max_disk_bytes"`
 	} `json:"plans"`
 	RatePerSec float64 `json:"rate_per_sec"`
 	RateBurst  int     `json:"rate_burst"`
 	PidsLimit  int64   `json:"pids_limit"`
-	TmpBytes   int64   `json:"tmp_bytes"`
-	MaxUpload  int64   `json:"max_upload_bytes"`
-	WarmPool   *int    `json:"warm_pool"`
-	Egress     struct {
+	TmpBytes   *int64  `json:"tmp_bytes"` // gone: an error that says so
+	DiskBytes  int64   `json:"disk_bytes"`
+	DiskFloor  int64   `json:"disk_free_floor_bytes"`
+	IDs        *struct {
+		First     uint32 `json:"first"`
+		Sandboxes int    `json:"sandboxes"`
+	} `json:"ids"`
+	MaxUpload int64 `json:"max_upload_bytes"`
+	WarmPool  *int  `json:"warm_pool"`
+	Egress    struct {
 		Pool        string              `json:"pool"`
 		StaticHosts map[string][]string `json:"static_hosts"`
 	} `json:"egress"`
@@ -212,13 +224,32 @@ func (c *Config) loadFile(path string) error {
 			if p.MaxCPU <= 0 || p.MaxMemory <= 0 {
 				return fmt.Errorf("config %s: plan %s needs max_cpu and max_memory_bytes above 0", path, name)
 			}
-			c.Plans[name] = sandbox.Plan{MaxSandboxes: p.MaxSandboxes, MaxCPU: p.MaxCPU, MaxMemory: p.MaxMemory}
+			if p.MaxDisk == 0 {
+				p.MaxDisk = sandbox.DefaultDiskBytes
+			}
+			if p.MaxDisk < sandbox.MinDisk {
+				return fmt.Errorf("config %s: plan %s: max_disk_bytes must be at least %d", path, name, sandbox.MinDisk)
+			}
+			c.Plans[name] = sandbox.Plan{MaxSandboxes: p.MaxSandboxes, MaxCPU: p.MaxCPU, MaxMemory: p.MaxMemory, MaxDisk: p.MaxDisk}
 		}
 	}
-	if f.RatePerSec < 0 || f.RateBurst < 0 || f.PidsLimit < 0 || f.TmpBytes < 0 || f.MaxUpload < 0 {
+	if f.TmpBytes != nil {
+		return fmt.Errorf("config %s: tmp_bytes is gone: /tmp is on each sandbox's disk, with its read_write paths (set disk_bytes, or resources.disk per sandbox)", path)
+	}
+	if f.RatePerSec < 0 || f.RateBurst < 0 || f.PidsLimit < 0 || f.DiskBytes < 0 || f.DiskFloor < 0 || f.MaxUpload < 0 {
 		return errors.New("config: limits must not be negative")
 	}
-	c.RatePerSec, c.RateBurst, c.PidsLimit, c.TmpBytes = f.RatePerSec, f.RateBurst, f.PidsLimit, f.TmpBytes
+	if f.DiskBytes != 0 && f.DiskBytes < sandbox.MinDisk {
+		return fmt.Errorf("config %s: disk_bytes must be at least %d", path, sandbox.MinDisk)
+	}
+	c.RatePerSec, c.RateBurst, c.PidsLimit = f.RatePerSec, f.RateBurst, f.PidsLimit
+	c.DiskBytes, c.DiskFreeFloor = f.DiskBytes, f.DiskFloor
+	if f.IDs != nil {
+		c.IDs = sandbox.IDRange{First: f.IDs.First, Sandboxes: f.IDs.Sandboxes}
+		if err := c.IDs.Check(); err != nil {
+			return fmt.Errorf("config %s: ids: %w", path, err)
+		}
+	}
 	c.MaxUploadBytes = f.MaxUpload
 	if f.WarmPool != nil {
 		if *f.WarmPool < 0 {

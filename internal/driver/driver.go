@@ -1,6 +1,6 @@
 // Package driver defines how sandboxd runs sandboxes: one small interface, keyed by sandbox ID,
-// that every runtime (container today; wasm and kubernetes later) implements, and a registry of
-// drivers by name in the manner of database/sql.
+// that every runtime (container, wasm) implements, and a registry of drivers by name in the
+// manner of database/sql.
 //
 // A user program that fails, times out or is OOM-killed is a *result* (ExecResult.Status), never a
 // Go error: errors are reserved for the driver itself failing.
@@ -19,11 +19,29 @@ import (
 	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
+// IDsPerSandbox is how many host uids, and as many gids, a sandbox has: Spec.HostIDs and the ones
+// after it. No two live sandboxes share one, so no per-user kernel limit (inotify instances,
+// pipe buffers, message queues, pending signals, processes) is shared between sandboxes. The
+// container driver maps a container's ids 0…IDsPerSandbox-1 onto them (a user namespace).
+const IDsPerSandbox = 1 << 16
+
+// SandboxUser is the uid and gid code runs as, counted from a sandbox's first id: uid 10000 in a
+// container, HostIDs+SandboxUser on the host (the owner of the files a sandbox writes).
+const SandboxUser = 10000
+
+// HelperIDs are the host ids of the drivers' own short-lived containers that are no sandbox
+// (runtime probes, benchmark baselines): a range no sandbox is given (the service's id range
+// must end before it).
+const HelperIDs uint32 = 1<<31 - IDsPerSandbox
+
 // Mount is a host directory bound into the sandbox at Path.
 type Mount struct {
-	Path     string // absolute, clean path inside the sandbox
-	HostDir  string // absolute host directory, owned by the service, that backs Path
-	ReadOnly bool   // the sandbox can read but never write (the host side still can)
+	Path string // absolute, clean path inside the sandbox
+	// HostDir is the absolute host directory, owned by the service, that backs Path. Every user
+	// must be able to traverse the directories leading to it (a container's user namespace
+	// resolves it); the driver makes it the sandbox user's.
+	HostDir  string
+	ReadOnly bool // the sandbox can read but never write (the host side still can)
 }
 
 // Spec is everything a driver needs to provision one sandbox.
@@ -34,8 +52,13 @@ type Spec struct {
 	CPU         float64  // cores (0.5 = half a core)
 	MemoryBytes int64    // memory limit of the whole sandbox
 	PidsLimit   int64    // process-count limit of the whole sandbox
-	TmpBytes    int64    // size of the private /tmp
-	AllowSpawn  bool     // whether run code may start subprocesses
+	// TmpDir is the host directory that backs the sandbox's /tmp (on its disk, like the HostDirs
+	// of Mounts: its size bounds them together; traversable like them).
+	TmpDir string
+	// HostIDs is the first of the sandbox's IDsPerSandbox host uids and gids (> 0): every process
+	// of the sandbox runs as one of them, and no other live sandbox has them.
+	HostIDs    uint32
+	AllowSpawn bool // whether run code may start subprocesses
 	// Network is the egress policy. Drivers without networking (wasm) refuse a policy that asks
 	// for egress; the container driver gives every sandbox its own network namespace.
 	Network egress.Policy

@@ -11,22 +11,23 @@ type Kind string
 
 // The kinds of error the service returns.
 const (
-	KindInvalid            Kind = "invalid_request"
-	KindUnsupported        Kind = "unsupported"
-	KindUnsupportedInMode  Kind = "unsupported_in_mode"
-	KindImageNotApproved   Kind = "image_not_approved"
-	KindNotFound           Kind = "not_found"
-	KindConcurrencyLimit   Kind = "concurrency_limit"
-	KindRunQueueFull       Kind = "run_queue_full"
-	KindSandboxDestroyed   Kind = "sandbox_destroyed"
-	KindSandboxNotReady    Kind = "sandbox_not_ready"
-	KindCapacityExhausted  Kind = "capacity_exhausted"
-	KindProvisioningFailed Kind = "provisioning_failed"
-	KindPathNotAllowed     Kind = "path_not_allowed"  // files API: outside the mounts, blocked, escaping
-	KindPayloadTooLarge    Kind = "payload_too_large" // files API: over the upload limit
-	KindConflict           Kind = "conflict"          // files API: a directory where a file is meant, …
-	KindUnavailable        Kind = "unavailable"       // the service is shutting down
-	KindInternal           Kind = "internal_error"
+	KindInvalid             Kind = "invalid_request"
+	KindUnsupported         Kind = "unsupported"
+	KindUnsupportedInMode   Kind = "unsupported_in_mode"
+	KindImageNotApproved    Kind = "image_not_approved"
+	KindNotFound            Kind = "not_found"
+	KindConcurrencyLimit    Kind = "concurrency_limit"
+	KindRunQueueFull        Kind = "run_queue_full"
+	KindSandboxDestroyed    Kind = "sandbox_destroyed"
+	KindSandboxNotReady     Kind = "sandbox_not_ready"
+	KindCapacityExhausted   Kind = "capacity_exhausted"
+	KindProvisioningFailed  Kind = "provisioning_failed"
+	KindPathNotAllowed      Kind = "path_not_allowed"     // files API: outside the mounts, blocked, escaping
+	KindPayloadTooLarge     Kind = "payload_too_large"    // files API: over the upload limit
+	KindInsufficientStorage Kind = "insufficient_storage" // files API: the sandbox's disk is full
+	KindConflict            Kind = "conflict"             // files API: a directory where a file is meant, …
+	KindUnavailable         Kind = "unavailable"          // the service is shutting down
+	KindInternal            Kind = "internal_error"
 )
 
 // Error is an error with a kind and a message fit for the API's users. The wrapped error, if any,

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/internal/hostfs"
 	"github.com/sandboxd/sandboxd/internal/store"
@@ -64,8 +66,11 @@ func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID
 		return nil, errorf(KindPathNotAllowed, "path %s is outside the sandbox's read_only and read_write paths (%s)",
 			clean, strings.Join(append(append([]string{}, fsys.ReadOnly...), fsys.ReadWrite...), ", "))
 	}
-	base := filepath.Join(s.sandboxesDir(), lv.id)
-	dir, err := hostfs.Open(MountDir(base, mount), filepath.Join(base, "staging"))
+	h := s.hostOf(lv.id)
+	if h == nil {
+		return nil, errorf(KindSandboxDestroyed, "sandbox %s was destroyed meanwhile", lv.id)
+	}
+	dir, err := hostfs.Open(MountDir(h.root, mount), filepath.Join(h.root, ".staging"))
 	if err != nil {
 		return nil, s.fileGone(lv, err)
 	}
@@ -131,6 +136,10 @@ func (s *Service) fileError(t *fileTarget, err error) error {
 		return errorf(KindPathNotAllowed, "path %s is a declared mount itself: name a file inside it", t.path)
 	case errors.Is(err, fs.ErrNotExist):
 		return errorf(KindNotFound, "no file %s in sandbox %s", t.path, t.lv.id)
+	case errors.Is(err, unix.ENOSPC), errors.Is(err, unix.EDQUOT):
+		h := s.hostOf(t.lv.id)
+		return errorf(KindInsufficientStorage, "the file does not fit on the sandbox's disk of %s (config.resources.disk), of which its files use %s: delete files or create the sandbox with a larger disk",
+			formatBytes(h.size), formatBytes(h.diskUsed()))
 	}
 	return s.fileGone(t.lv, err)
 }

@@ -3,8 +3,6 @@ package sandbox
 import (
 	"context"
 	"encoding/json"
-	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"time"
@@ -20,7 +18,7 @@ const (
 
 // warmPool keeps sandboxes that are provisioned but belong to no one yet ("warm"), so that a create
 // takes one instead of provisioning from nothing. Sandboxes are kept per shape — what a create asks
-// for apart from its owner: mode, image, limits, paths, allow_spawn and the shape of its egress
+// for apart from its owner: mode, image, limits (disk included), paths, allow_spawn and the shape of its egress
 // policy (block_outbound, and whether the allow list is empty). The allow list itself is given to
 // the sandbox when it is taken (driver.NetworkSetter); drivers without it only share a shape
 // between equal policies.
@@ -68,11 +66,11 @@ func (p *warmPool) shapeKey(sp spec) string {
 	k := struct {
 		Mode, Image, RootFS string
 		CPU                 float64
-		Memory              int64
+		Memory, Disk        int64
 		AllowSpawn          bool
 		FS                  any
 		Network             any
-	}{sp.mode, sp.image.Name, sp.image.RootFS, sp.cpu, sp.memoryBytes, sp.allowSpawn, sp.config.Filesystem, sp.network}
+	}{sp.mode, sp.image.Name, sp.image.RootFS, sp.cpu, sp.memoryBytes, sp.diskBytes, sp.allowSpawn, sp.config.Filesystem, sp.network}
 	if canSet {
 		k.Network = [2]bool{sp.network.BlockOutbound, len(sp.network.Rules) == 0}
 	}
@@ -193,7 +191,7 @@ func (p *warmPool) provision(sh *shape, sp spec) {
 // create provisions sandbox id from sp; on error nothing of it is left.
 func (p *warmPool) create(id string, sp spec) error {
 	drv := p.s.drivers[sp.mode]
-	ds, err := p.s.driverSpec(id, sp)
+	ds, err := p.s.newHost(id, sp)
 	if err == nil {
 		err = drv.Create(p.ctx, id, ds)
 	}
@@ -201,22 +199,22 @@ func (p *warmPool) create(id string, sp spec) error {
 		err = w.Warm(p.ctx, id)
 	}
 	if err != nil {
-		_ = drv.Destroy(context.Background(), id)
-		_ = os.RemoveAll(filepath.Join(p.s.sandboxesDir(), id))
+		p.s.releaseHost(id, drv.Destroy(context.Background(), id) == nil)
 	}
 	return err
 }
 
-// discard destroys a warm sandbox and its host directories.
+// discard destroys a warm sandbox and its host side.
 func (p *warmPool) discard(mode, id string) {
+	destroyed := false
 	if drv, ok := p.s.drivers[mode]; ok {
-		if err := drv.Destroy(context.Background(), id); err != nil {
+		err := drv.Destroy(context.Background(), id)
+		if err != nil {
 			p.s.log.Error("destroy a warm sandbox", "sandbox", id, "err", err)
 		}
+		destroyed = err == nil
 	}
-	if err := os.RemoveAll(filepath.Join(p.s.sandboxesDir(), id)); err != nil {
-		p.s.log.Error("remove a warm sandbox's dir", "sandbox", id, "err", err)
-	}
+	p.s.releaseHost(id, destroyed)
 }
 
 // discardAll destroys warm sandboxes in the background, within the pool's wait group.

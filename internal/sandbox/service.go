@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -21,6 +20,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/disk"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/store"
 )
@@ -53,30 +53,48 @@ type Plan struct {
 	MaxSandboxes int
 	MaxCPU       float64
 	MaxMemory    int64
+	MaxDisk      int64 // resources.disk, at most
 }
 
 // DefaultPlans are the plans of API.md §6.
 func DefaultPlans() map[string]Plan {
 	return map[string]Plan{
-		"free":       {MaxSandboxes: 3, MaxCPU: 1, MaxMemory: 1 << 30},
-		"pro":        {MaxSandboxes: 50, MaxCPU: 4, MaxMemory: 8 << 30},
-		"enterprise": {MaxSandboxes: -1, MaxCPU: 64, MaxMemory: 256 << 30},
+		"free":       {MaxSandboxes: 3, MaxCPU: 1, MaxMemory: 1 << 30, MaxDisk: 1 << 30},
+		"pro":        {MaxSandboxes: 50, MaxCPU: 4, MaxMemory: 8 << 30, MaxDisk: 20 << 30},
+		"enterprise": {MaxSandboxes: -1, MaxCPU: 64, MaxMemory: 256 << 30, MaxDisk: 500 << 30},
 	}
 }
 
+// Disk defaults.
+const (
+	DefaultDiskBytes     = 1 << 30 // resources.disk when a create does not say
+	DefaultDiskFreeFloor = 1 << 30 // Config.DiskFreeFloor's default
+)
+
 // Config configures a Service.
 type Config struct {
-	DataDir        string  // sandboxes' host directories live in DataDir/sandboxes/<id>
-	Images         []Image // the approved list
-	Plans          map[string]Plan
-	ProvisionWait  time.Duration // how long create waits for ready before answering 202 (default 10s)
-	PidsLimit      int64         // process-count limit per sandbox (default 256)
-	TmpBytes       int64         // size of each sandbox's /tmp, at most its memory (default 256 MiB)
-	HostCPUs       float64       // capacity of this host (default: the CPUs Go sees)
-	HostMemory     int64         // capacity of this host (default: MemTotal)
-	MaxUploadBytes int64         // per-file upload limit of the files API (default DefaultMaxUploadBytes)
-	WarmPool       int           // provisioned sandboxes kept ready per shape asked for (0: none; see warmPool)
-	Observer       Observer      // receives measurements for metrics (nil: none)
+	DataDir       string  // sandboxes' host directories live in DataDir/sandboxes/<id>
+	Images        []Image // the approved list
+	Plans         map[string]Plan
+	ProvisionWait time.Duration // how long create waits for ready before answering 202 (default 10s)
+	PidsLimit     int64         // process-count limit per sandbox (default 256)
+	// DiskBytes is resources.disk when a create does not say (default DefaultDiskBytes, at most
+	// the plan's MaxDisk). DiskFreeFloor: creates are refused (capacity_exhausted) while the data
+	// directory's file system has less free space (default DefaultDiskFreeFloor).
+	DiskBytes     int64
+	DiskFreeFloor int64
+	// Disks makes each sandbox's disk, mounted below MountDir (a mountns.Dir: containers' user
+	// namespaces traverse it). nil: no disks — host directories are plain directories of the data
+	// directory and nothing bounds them; for the tests of the layers above only (serve always
+	// has disks).
+	Disks          *disk.Manager
+	MountDir       string
+	IDs            IDRange  // host ids of sandboxes (zero: DefaultIDRange)
+	HostCPUs       float64  // capacity of this host (default: the CPUs Go sees)
+	HostMemory     int64    // capacity of this host (default: MemTotal)
+	MaxUploadBytes int64    // per-file upload limit of the files API (default DefaultMaxUploadBytes)
+	WarmPool       int      // provisioned sandboxes kept ready per shape asked for (0: none; see warmPool)
+	Observer       Observer // receives measurements for metrics (nil: none)
 	Logger         *slog.Logger
 }
 
@@ -90,6 +108,8 @@ type Service struct {
 	createMu sync.Mutex // serialises the quota check with the insert (the store checks too)
 	mu       sync.Mutex
 	live     map[string]*live
+	hosts    map[string]*host // host sides provisioned, of live and warm sandboxes (see host.go)
+	ids      *idAllocator
 	closed   bool
 	wg       sync.WaitGroup
 	pool     *warmPool
@@ -150,8 +170,20 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 	if cfg.PidsLimit <= 0 {
 		cfg.PidsLimit = 256
 	}
-	if cfg.TmpBytes <= 0 {
-		cfg.TmpBytes = 256 << 20
+	if cfg.DiskBytes <= 0 {
+		cfg.DiskBytes = DefaultDiskBytes
+	}
+	if cfg.DiskFreeFloor <= 0 {
+		cfg.DiskFreeFloor = DefaultDiskFreeFloor
+	}
+	if cfg.IDs == (IDRange{}) {
+		cfg.IDs = DefaultIDRange()
+	}
+	if err := cfg.IDs.Check(); err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	if cfg.Disks != nil && cfg.MountDir == "" {
+		return nil, errors.New("sandbox: Config.MountDir is required with Config.Disks")
 	}
 	if cfg.HostCPUs <= 0 {
 		cfg.HostCPUs = float64(runtime.NumCPU())
@@ -162,7 +194,8 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Service{cfg: cfg, st: st, drivers: drivers, log: cfg.Logger, live: map[string]*live{}}
+	s := &Service{cfg: cfg, st: st, drivers: drivers, log: cfg.Logger, live: map[string]*live{},
+		hosts: map[string]*host{}, ids: newIDAllocator(cfg.IDs)}
 	if err := os.MkdirAll(s.sandboxesDir(), 0o711); err != nil {
 		return nil, fmt.Errorf("sandbox: data dir: %w", err)
 	}
@@ -251,6 +284,9 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 	}
 	if sp.cpu > s.cfg.HostCPUs || sp.memoryBytes > s.cfg.HostMemory {
 		return api.CreateSandboxResponse{}, errorf(KindCapacityExhausted, "this host cannot fit %s cores and %s of memory", formatCPU(sp.cpu), formatMemory(sp.memoryBytes))
+	}
+	if err := s.checkFreeSpace(); err != nil {
+		return api.CreateSandboxResponse{}, err
 	}
 	cfgJSON, err := json.Marshal(sp.config)
 	if err != nil {
@@ -354,7 +390,7 @@ func (s *Service) provision(lv *live, drv driver.Driver) bool {
 	}
 	if !lv.warm {
 		var ds driver.Spec
-		ds, err = s.driverSpec(lv.id, lv.sp)
+		ds, err = s.newHost(lv.id, lv.sp)
 		if err == nil {
 			err = drv.Create(lv.ctx, lv.id, ds)
 		}
@@ -367,8 +403,7 @@ func (s *Service) provision(lv *live, drv driver.Driver) bool {
 			return false
 		}
 		s.log.Error("provision sandbox", "sandbox", lv.id, "err", err)
-		_ = drv.Destroy(ctx, lv.id)
-		_ = os.RemoveAll(filepath.Join(s.sandboxesDir(), lv.id))
+		s.releaseHost(lv.id, drv.Destroy(ctx, lv.id) == nil)
 		t := now()
 		lv.rec.Status, lv.rec.DestroyedAt, lv.rec.DestroyReason = store.SandboxError, &t, ReasonError
 		lv.rec.Error = obj("error", string(KindProvisioningFailed), "message", publicMessage(err))
@@ -410,39 +445,6 @@ func publicMessage(err error) string {
 	return msg
 }
 
-// driverSpec creates the host directories of sandbox id and describes it for the driver.
-func (s *Service) driverSpec(id string, sp spec) (driver.Spec, error) {
-	fs := sp.config.Filesystem
-	base := filepath.Join(s.sandboxesDir(), id)
-	ds := driver.Spec{
-		RootFS: sp.image.RootFS, Blocked: fs.Blocked, CPU: sp.cpu, MemoryBytes: sp.memoryBytes,
-		PidsLimit: s.cfg.PidsLimit, TmpBytes: min(s.cfg.TmpBytes, sp.memoryBytes), AllowSpawn: sp.allowSpawn,
-		Network: sp.network,
-	}
-	add := func(paths []string, ro bool) error {
-		for _, p := range paths {
-			dir := MountDir(base, p)
-			if err := os.MkdirAll(dir, 0o755); err != nil {
-				return fmt.Errorf("create host dir for %s: %w", p, err)
-			}
-			ds.Mounts = append(ds.Mounts, driver.Mount{Path: p, HostDir: dir, ReadOnly: ro})
-		}
-		return nil
-	}
-	if err := add(fs.ReadOnly, true); err != nil {
-		return ds, err
-	}
-	if err := add(fs.ReadWrite, false); err != nil {
-		return ds, err
-	}
-	return ds, nil
-}
-
-// MountDir is the host directory that backs sandbox path p, under the sandbox's base directory.
-func MountDir(base, p string) string {
-	return filepath.Join(base, "mounts", url.PathEscape(strings.TrimPrefix(p, "/"))) // "/" → %2F: one name per path
-}
-
 // Get returns a sandbox's whole record.
 func (s *Service) Get(ctx context.Context, acct store.Account, id string) (api.Sandbox, error) {
 	rec, err := s.st.GetSandbox(ctx, acct.ID, id)
@@ -465,7 +467,12 @@ func (s *Service) view(ctx context.Context, rec store.Sandbox) (api.Sandbox, err
 		CreatedAt: rec.CreatedAt, ReadyAt: rec.ReadyAt, ExpiresAt: rec.ExpiresAt, DestroyedAt: rec.DestroyedAt,
 		Error: rec.Error, Runs: api.RunCounts{Total: u.RunsTotal, Active: u.RunsActive},
 		Usage: api.SandboxUsage{CPUSeconds: float64(u.CPUMS) / 1000, MemoryPeakBytes: u.MemoryPeakBytes,
-			BilledMinutes: billedMinutes(rec.CreatedAt, rec.DestroyedAt)},
+			BilledMinutes: billedMinutes(rec.CreatedAt, rec.DestroyedAt), DiskUsedBytes: rec.DiskUsedBytes},
+	}
+	if rec.DestroyedAt == nil {
+		if h := s.hostOf(rec.ID); h != nil {
+			out.Usage.DiskUsedBytes = h.diskUsed()
+		}
 	}
 	if rec.DestroyReason != "" {
 		r := rec.DestroyReason
@@ -580,14 +587,15 @@ func (s *Service) release(lv *live, reason string) {
 		return // provisioning cleaned up after itself
 	}
 	ctx := context.Background()
+	destroyed := false
 	if drv, ok := s.drivers[lv.rec.Mode]; ok {
-		if err := drv.Destroy(ctx, lv.id); err != nil {
+		err := drv.Destroy(ctx, lv.id)
+		if err != nil {
 			s.log.Error("destroy sandbox", "sandbox", lv.id, "err", err)
 		}
+		destroyed = err == nil
 	}
-	if err := os.RemoveAll(filepath.Join(s.sandboxesDir(), lv.id)); err != nil {
-		s.log.Error("remove sandbox dir", "sandbox", lv.id, "err", err)
-	}
+	s.releaseHost(lv.id, destroyed)
 }
 
 // record writes the sandbox's destroyed record and event, and drops it from the live set.
@@ -597,6 +605,7 @@ func (s *Service) record(lv *live, reason string) {
 	if !failed {
 		t := now()
 		lv.rec.Status, lv.rec.DestroyedAt, lv.rec.DestroyReason = store.SandboxDestroyed, &t, reason
+		lv.rec.DiskUsedBytes = s.hostOf(lv.id).diskUsed()
 	}
 	rec := lv.rec
 	lv.mu.Unlock()
@@ -700,6 +709,8 @@ func (s *Service) reconcile(ctx context.Context) error {
 		return fmt.Errorf("reconcile: %w", err)
 	}
 	for _, e := range entries {
+		// A disk a crashed process mounted went with its mount namespace; what its containers
+		// still held went with them (the driver destroyed them above).
 		if err := os.RemoveAll(filepath.Join(s.sandboxesDir(), e.Name())); err != nil {
 			return fmt.Errorf("reconcile: %w", err)
 		}

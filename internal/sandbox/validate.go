@@ -10,6 +10,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/disk"
 	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
@@ -24,6 +25,7 @@ const (
 	MaxCodeBytes      = 1 << 20
 	MaxEnvVars        = 64
 	MinMemory         = 16 << 20
+	MinDisk           = disk.MinSize
 	DefaultMemory     = "512m"
 	DefaultCPU        = "1"
 	MaxOutputBytes    = 1 << 20
@@ -48,6 +50,7 @@ type spec struct {
 	config      api.Config // normalised, every default filled in
 	cpu         float64
 	memoryBytes int64
+	diskBytes   int64
 	timeout     int
 	allowSpawn  bool
 	network     egress.Policy
@@ -164,7 +167,7 @@ func (s *Service) validateCreate(req api.CreateSandboxRequest, plan Plan) (spec,
 	if rs.Memory == "" {
 		rs.Memory = DefaultMemory
 	}
-	sp.memoryBytes, err = parseMemory(rs.Memory)
+	sp.memoryBytes, err = parseSize("memory", rs.Memory)
 	if err != nil {
 		return sp, err
 	}
@@ -175,6 +178,19 @@ func (s *Service) validateCreate(req api.CreateSandboxRequest, plan Plan) (spec,
 		return sp, invalid("config.resources.memory %s is over your plan's limit of %s", rs.Memory, formatMemory(plan.MaxMemory))
 	}
 	rs.Memory = strings.ToLower(rs.Memory)
+	if rs.Disk == "" {
+		rs.Disk = formatMemory(min(s.cfg.DiskBytes, plan.MaxDisk))
+	}
+	if sp.diskBytes, err = parseSize("disk", rs.Disk); err != nil {
+		return sp, err
+	}
+	if sp.diskBytes < MinDisk {
+		return sp, invalid("config.resources.disk must be at least 16m, not %q", rs.Disk)
+	}
+	if sp.diskBytes > plan.MaxDisk {
+		return sp, invalid("config.resources.disk %s is over your plan's limit of %s", rs.Disk, formatMemory(plan.MaxDisk))
+	}
+	rs.Disk = strings.ToLower(rs.Disk)
 	if rs.Timeout == nil {
 		t := DefaultTimeout
 		rs.Timeout = &t
@@ -227,16 +243,17 @@ func checkPath(field, p string, mount bool) error {
 	return nil
 }
 
-// parseMemory reads "512m", "1g", "65536k" or a number of bytes (binary units).
-func parseMemory(s string) (int64, error) {
+// parseSize reads config.resources.<field>: "512m", "1g", "65536k" or a number of bytes (binary
+// units).
+func parseSize(field, s string) (int64, error) {
 	m := memoryRe.FindStringSubmatch(s)
 	if m == nil {
-		return 0, invalid("config.resources.memory must look like \"512m\", \"1g\", \"65536k\" or a number of bytes, not %q", s)
+		return 0, invalid("config.resources.%s must look like \"512m\", \"1g\", \"65536k\" or a number of bytes, not %q", field, s)
 	}
 	n, _ := strconv.ParseInt(m[1], 10, 64)
 	shift := map[string]uint{"": 0, "k": 10, "m": 20, "g": 30}[strings.ToLower(m[2])]
 	if n > math.MaxInt64>>shift {
-		return 0, invalid("config.resources.memory %q is too large", s)
+		return 0, invalid("config.resources.%s %q is too large", field, s)
 	}
 	return n << shift, nil
 }

@@ -54,6 +54,7 @@ type Sandbox struct {
 	DestroyedAt   *time.Time
 	DestroyReason string          // "", "deleted", "expired", "error", "server_restart"
 	Error         json.RawMessage // nil or {"error": code, "message": text}
+	DiskUsedBytes int64           // bytes used on its disk: the last figure recorded while it lived
 }
 
 // Run is one execution's record.
@@ -147,7 +148,7 @@ type Store interface {
 	// limit or more live sandboxes it inserts nothing and returns ErrQuota. limit < 0 = unlimited.
 	CreateSandbox(ctx context.Context, sb Sandbox, limit int) error
 	// UpdateSandbox overwrites the mutable fields (Status, ReadyAt, DestroyedAt, DestroyReason,
-	// Error) of an existing record; ErrNotFound if there is none.
+	// Error, DiskUsedBytes) of an existing record; ErrNotFound if there is none.
 	UpdateSandbox(ctx context.Context, sb Sandbox) error
 	// GetSandbox returns a sandbox; accountID "" matches any account. ErrNotFound otherwise.
 	GetSandbox(ctx context.Context, accountID, id string) (Sandbox, error)

@@ -271,8 +271,8 @@ result = total`
 	}
 }
 
-// TestLargeFileRoundTrip: 1 GiB up and down intact, the server's memory flat; an interrupted
-// upload leaves nothing; over the limit is 413.
+// TestLargeFileRoundTrip: 1 GiB up and down intact (on a disk of 3 GiB), the server's memory
+// flat; an interrupted upload leaves nothing; over the limit is 413.
 func TestLargeFileRoundTrip(t *testing.T) {
 	requireEnv(t)
 	dir, err := os.MkdirTemp("", "sbxd-big-") // short: the agent's socket path has a length limit
@@ -283,7 +283,10 @@ func TestLargeFileRoundTrip(t *testing.T) {
 	cfg := filepath.Join(dir, "sandboxd.json")
 	os.WriteFile(cfg, []byte(`{"max_upload_bytes": 1073741824}`), 0o644)
 	s := startServerWith(t, filepath.Join(dir, "data"), "--config", cfg)
-	id := s.create(s.key, map[string]any{"filesystem": map[string]any{"read_write": []string{"/workspace/big"}}})
+	key := s.newKey("e2e-big", "pro")
+	id := s.create(key, map[string]any{"filesystem": map[string]any{"read_write": []string{"/workspace/big"}},
+		"resources": map[string]any{"disk": "3g"}}) // the blob, and the refused one streaming in
+	s.key = key
 
 	resetPeakRSS(t, s.cmd.Process.Pid)
 	rssBefore := rss(t, s.cmd.Process.Pid, "VmRSS")

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -97,7 +98,10 @@ result = {"procs": len([p for p in os.listdir('/proc') if p.isdigit()]), "uid": 
 		len(res["tmp"].([]any)) != 0 || fmt.Sprint(res["out"]) != "[f]" {
 		t.Fatalf("run in a warm sandbox: %v", r)
 	}
-	if got, _ := os.ReadFile(filepath.Join(dir, "sandboxes", b, "mounts", "workspace%2Fout", "f")); string(got) != "from a warm sandbox" {
+	resp := s.raw("GET", filesURL(b, "/workspace/out/f"), key, nil)
+	got, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(got) != "from a warm sandbox" {
 		t.Fatalf("the warm sandbox's mount holds %q", got)
 	}
 	// The pool refills; everything is released by a clean stop.

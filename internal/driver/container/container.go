@@ -5,10 +5,11 @@
 // A sandbox is one long-lived container whose PID 1 is sandbox-agent (bound read-only at
 // /.sandbox/bin/sandbox-agent); each Exec is one run the agent executes, over the unix socket
 // <state>/sandboxes/<id>/agent.sock, which the driver binds in that root-only directory (mounted
-// nowhere in the sandbox) and hands to the agent as an inherited descriptor. The container runs as uid 10000 with no capabilities,
-// no_new_privs, Docker's default seccomp profile, its own PID, mount, IPC, UTS, cgroup and network
-// namespaces, a read-only root, a private size-limited /tmp, and cgroup limits for CPU, memory
-// (swap included) and process count.
+// nowhere in the sandbox) and hands to the agent as an inherited descriptor. The container runs
+// as uid 10000 of a user namespace that maps it onto the sandbox's own host ids (Spec.HostIDs;
+// userns.go), with no capabilities, no_new_privs, Docker's default seccomp profile, its own PID,
+// mount, IPC, UTS, cgroup and network namespaces, a read-only root, /tmp on the sandbox's disk
+// (Spec.TmpDir), and cgroup limits for CPU, memory (swap included) and process count.
 //
 // Network: each sandbox's network namespace is made by package netsetup (a veth pair to the host,
 // nftables on both sides) and joined by the container; the driver's egress gateway (package
@@ -18,12 +19,13 @@
 // Options.OnNetwork.
 //
 // The root is an overlay (lower: the image, never written; upper: per sandbox) that the driver
-// mounts in sandboxd's private mount namespace (see EnterMountNamespace), so mount points for
+// mounts in sandboxd's private mount namespace (package mountns), so mount points for
 // user paths can be created without touching the image and no mount outlives sandboxd.
 //
 // Everything of a sandbox is on disk under Options.StateDir: runtime state under runtime/<name>,
-// sandboxes/<id>/{meta.json, config.json, resolv.conf, upper, work, rootfs, agent.sock, agent.log}, and
-// the network namespaces under net/ns/<id>. Destroy and List work from disk (and the host's
+// sandboxes/<id>/{meta.json, config.json, upper, work, agent.sock, agent.log}, and the network
+// namespaces under net/ns/<id>; its root and what it binds are in the driver's mount directory
+// (mountdir.go), gone with sandboxd's mount namespace. Destroy and List work from disk (and the host's
 // links) alone, so sandboxes left by a crashed process can be found and removed.
 package container
 
@@ -53,6 +55,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/mountns"
 	"github.com/sandboxd/sandboxd/internal/netsetup"
 )
 
@@ -76,12 +79,13 @@ const (
 )
 
 // probeResources are the limits of the runtime probe container.
-var probeResources = driver.Spec{CPU: 0.1, MemoryBytes: 32 << 20, PidsLimit: 8, TmpBytes: 1 << 20}
+var probeResources = driver.Spec{CPU: 0.1, MemoryBytes: 32 << 20, PidsLimit: 8, HostIDs: driver.HelperIDs}
 
 // Driver is the container driver. It is safe for concurrent use.
 type Driver struct {
 	stateDir string
-	agentBin string
+	mnt      string        // the driver's directory in sandboxd's mount namespace (mountns.Dir): sandbox roots, what they bind
+	agentBin string        // the agent binary, copied into mnt
 	rt       *ociRuntime   // the runtime new sandboxes use
 	all      []*ociRuntime // every runtime found, for listing and destroying older sandboxes
 	cg       cgroupLayout
@@ -115,7 +119,7 @@ type box struct {
 	zygoted bool          // startZygote started one (read once zygote is closed)
 }
 
-// Open opens the container driver: it requires EnterMountNamespace to have run, checks the agent
+// Open opens the container driver: it requires mountns.Enter to have run, checks the agent
 // binary, and picks the OCI runtime (opts.Runtime, or crun then runc) by creating a real probe
 // container with it. It fails with an error naming the fix when no runtime works. Then it sets up
 // networking: the netsetup manager (which removes the veths and host rules a crashed process
@@ -124,8 +128,8 @@ func Open(opts driver.Options) (*Driver, error) {
 	if opts.StateDir == "" {
 		return nil, errors.New("container driver: Options.StateDir is required")
 	}
-	if !inPrivateMountNamespace() {
-		return nil, errors.New("container driver: call container.EnterMountNamespace() first thing in main (sandboxd must run in a private mount namespace)")
+	if !mountns.Entered() {
+		return nil, errors.New("container driver: call mountns.Enter() first thing in main (sandboxd must run in a private mount namespace)")
 	}
 	if os.Geteuid() != 0 {
 		return nil, errors.New("container driver: needs root")
@@ -155,7 +159,14 @@ func Open(opts driver.Options) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("container driver: %w", err)
 	}
-	d := &Driver{stateDir: stateDir, agentBin: agentBin, cg: cg, seccomp: prof, boxes: map[string]*box{}}
+	mnt, err := mountns.Dir(stateDir)
+	if err != nil {
+		return nil, fmt.Errorf("container driver: %w", err)
+	}
+	d := &Driver{stateDir: stateDir, mnt: mnt, agentBin: agentBin, cg: cg, seccomp: prof, boxes: map[string]*box{}}
+	if err := d.openMountDir(); err != nil {
+		return nil, fmt.Errorf("container driver: %w", err)
+	}
 	d.openZygotes()
 
 	candidates := knownRuntimes
@@ -172,7 +183,7 @@ func Open(opts driver.Options) (*Driver, error) {
 	for _, name := range candidates {
 		rt, err := newRuntime(name, stateDir)
 		if err == nil {
-			err = rt.probe(ctx, stateDir, agentBin, prof)
+			err = rt.probe(ctx, stateDir, mnt, d.agentBin, prof)
 		}
 		if err != nil {
 			problems = append(problems, err.Error())
@@ -183,8 +194,8 @@ func Open(opts driver.Options) (*Driver, error) {
 	}
 	if d.rt == nil {
 		hint := installHint
-		if isHybridCgroup() {
-			hint += "; crun needs cgroup2 unmounted on this cgroup v1 hybrid host (EnterMountNamespace does it)"
+		if mountns.HybridCgroup() {
+			hint += "; crun needs cgroup2 unmounted on this cgroup v1 hybrid host (mountns.Enter does it)"
 		}
 		return nil, fmt.Errorf("container driver: no working OCI runtime (%s): %s", strings.Join(problems, "; "), hint)
 	}
@@ -324,21 +335,27 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		return err
 	}
 	// The overlay's root dir takes the upper dir's mode: the image's 0755.
-	for _, sub := range []string{"upper", "work", "rootfs"} {
+	for _, sub := range []string{"upper", "work"} {
 		if err := os.Mkdir(filepath.Join(dir, sub), 0o755); err != nil {
 			return err
 		}
 	}
-	merged := filepath.Join(dir, "rootfs")
-	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", spec.RootFS, filepath.Join(dir, "upper"), filepath.Join(dir, "work"))
-	if err := unix.Mount("overlay", merged, "overlay", unix.MS_NODEV, opts); err != nil {
-		return fmt.Errorf("mount overlay root: %w", err)
+	mdir := d.sandboxMountDir(id)
+	merged := filepath.Join(mdir, "root")
+	if err := os.Mkdir(mdir, 0o711); err != nil {
+		return err
+	}
+	if err := os.Mkdir(merged, 0o755); err != nil {
+		return err
+	}
+	if err := mountOverlay(spec.RootFS, filepath.Join(dir, "upper"), filepath.Join(dir, "work"), merged); err != nil {
+		return err
 	}
 	nb, err := d.setupNetwork(ctx, b, spec.Network)
 	if err != nil {
 		return err
 	}
-	mounts, masked, cwd, err := d.planMounts(dir, merged, spec)
+	mounts, masked, cwd, err := d.planMounts(mdir, merged, spec)
 	if err != nil {
 		return err
 	}
@@ -347,11 +364,23 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if spec.AllowSpawn {
 		prestart = "1"
 	}
-	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath, "--prestart", prestart}, cwd: cwd, mounts: mounts, masked: masked, res: spec, netns: nb.NSPath}
-	if err := statedir.WriteJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
-		return err
+	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath, "--prestart", prestart}, cwd: cwd, mounts: mounts,
+		masked: masked, res: spec, netns: nb.NSPath}
+	var userns *userNS
+	if d.rt.ownedUserNS() {
+		if userns, err = d.newUserNS(spec.HostIDs); err != nil {
+			return err
+		}
+		cs.userns = userns.path
 	}
-	if err := d.start(ctx, b); err != nil {
+	err = statedir.WriteJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp))
+	if err == nil {
+		err = d.start(ctx, b)
+	}
+	if userns != nil {
+		userns.close() // the container's processes hold the namespace now
+	}
+	if err != nil {
 		return err
 	}
 	if err := statedir.WriteJSON(filepath.Join(dir, "meta.json"), b.meta); err != nil {
@@ -422,7 +451,7 @@ func (d *Driver) setupNetwork(ctx context.Context, b *box, p egress.Policy) (*ne
 		return nil, fmt.Errorf("network: %w", err)
 	}
 	b.Gateway = nb.Gateway.String()
-	if err := os.WriteFile(filepath.Join(b.dir, "resolv.conf"), []byte("nameserver "+b.Gateway+"\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(d.sandboxMountDir(b.ID), "resolv.conf"), []byte("nameserver "+b.Gateway+"\n"), 0o644); err != nil {
 		return nil, err
 	}
 	return nb, nil
@@ -596,14 +625,29 @@ func logTailOf(b *box) string {
 // user mounts parents first, then blocked paths so that they win), creating missing mount points
 // inside the overlay root or inside the host dir of the user mount that holds them, so the
 // runtime never has to create one in a read-only place. It also chowns user mounts' host dirs to
-// the sandbox user. It returns extra masked paths and the working directory.
-func (d *Driver) planMounts(dir, merged string, spec driver.Spec) (ms []specs.Mount, masked []string, cwd string, err error) {
+// the sandbox user, and its /tmp too. It returns extra masked paths and the working directory.
+// mdir is the sandbox's mount directory (see mountdir.go), merged its root.
+func (d *Driver) planMounts(mdir, merged string, spec driver.Spec) (ms []specs.Mount, masked []string, cwd string, err error) {
+	if spec.HostIDs == 0 || spec.HostIDs > driver.HelperIDs-driver.IDsPerSandbox {
+		return nil, nil, "", fmt.Errorf("host ids %d: want a range of %d ids below %d", spec.HostIDs, driver.IDsPerSandbox, driver.HelperIDs)
+	}
+	uid, gid := int(spec.HostIDs+sandboxUID), int(spec.HostIDs+sandboxGID)
+	if spec.TmpDir != "" {
+		if err := chownDir(spec.TmpDir, uid, gid, 0o1777); err != nil {
+			return nil, nil, "", fmt.Errorf("/tmp: %w", err)
+		}
+	}
+	// The runtime works in the sandbox's user namespace, where the image's files are nobody's:
+	// every mount point must be there before it starts.
+	if err := standardMountPoints(merged); err != nil {
+		return nil, nil, "", err
+	}
 	ms = []specs.Mount{
 		{Destination: agentPath, Type: "bind", Source: d.agentBin, Options: []string{"bind", "ro", "nosuid", "nodev"}},
 	}
 	// The resolver is the gateway: /etc/resolv.conf names it (user mounts and blocked paths,
 	// mounted after, may cover it; DNS to 127.0.0.1:53 reaches the gateway too).
-	if resolv := filepath.Join(dir, "resolv.conf"); fileExists(resolv) {
+	if resolv := filepath.Join(mdir, "resolv.conf"); fileExists(resolv) {
 		ok, err := regularFileInRoot(merged, "etc/resolv.conf")
 		if err != nil {
 			return nil, nil, "", fmt.Errorf("resolv.conf mount point: %w", err)
@@ -644,7 +688,7 @@ func (d *Driver) planMounts(dir, merged string, spec driver.Spec) (ms []specs.Mo
 				return nil, nil, "", fmt.Errorf("mount %s: mount point: %w", m.Path, err)
 			}
 		}
-		if err := statedir.ChownTree(m.HostDir, sandboxUID, sandboxGID); err != nil {
+		if err := statedir.ChownTree(m.HostDir, uid, gid); err != nil {
 			return nil, nil, "", fmt.Errorf("mount %s: %w", m.Path, err)
 		}
 		mode := "rw"
@@ -682,7 +726,7 @@ func (d *Driver) planMounts(dir, merged string, spec driver.Spec) (ms []specs.Mo
 		}
 		// An empty, root-owned, mode-000 directory or file is bound read-only over the path. (A
 		// mode=000 tmpfs would do for crun, but runc copies the mount point's mode onto a tmpfs.)
-		src, err := blockedSource(dir, kind == kindOther)
+		src, err := blockedSource(d.mnt, kind == kindOther)
 		if err != nil {
 			return nil, nil, "", err
 		}
@@ -691,7 +735,7 @@ func (d *Driver) planMounts(dir, merged string, spec driver.Spec) (ms []specs.Mo
 	return ms, masked, cwd, nil
 }
 
-// blockedSource returns (creating it on first use) the sandbox's empty mode-000 file or directory
+// blockedSource returns (creating it on first use) the empty mode-000 file or directory in dir
 // that blocked paths are covered with.
 func blockedSource(dir string, file bool) (string, error) {
 	src := filepath.Join(dir, "blocked-dir")
@@ -929,7 +973,8 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 	if err := d.net.Teardown(id); err != nil {
 		errs = append(errs, err)
 	}
-	merged := filepath.Join(dir, "rootfs")
+	mdir := d.sandboxMountDir(id)
+	merged := filepath.Join(mdir, "root")
 	if err := unix.Unmount(merged, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		errs = append(errs, fmt.Errorf("unmount %s: %w", merged, err))
 	}
@@ -945,7 +990,7 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 	}
 	if mounted, err := isMountPoint(merged); err != nil || mounted {
 		errs = append(errs, fmt.Errorf("%s is still mounted (%v): state dir kept", merged, err))
-	} else if err := os.RemoveAll(dir); err != nil {
+	} else if err := errors.Join(os.RemoveAll(mdir), os.RemoveAll(dir)); err != nil {
 		errs = append(errs, err)
 	}
 	if len(errs) > 0 {

@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -16,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 )
 
@@ -27,7 +30,7 @@ func TestRegistered(t *testing.T) {
 
 func TestPrintOne(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		id := newSandbox(t, d, baseSpec())
+		id := newSandbox(t, d, baseSpec(t))
 		var streamed []byte
 		res, err := d.Exec(context.Background(), id, driver.ExecRequest{
 			Code: "print(1)", Timeout: 10 * time.Second, MaxOutput: 1024,
@@ -99,7 +102,7 @@ func expect(t *testing.T, got map[string]string, name string, want ...string) {
 
 func TestFilesystem(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		host := t.TempDir()
+		host := drivertest.HostDir(t)
 		roDir, rwDir := filepath.Join(host, "ro"), filepath.Join(host, "rw")
 		for _, p := range []string{roDir + "/secret", rwDir, host + "/deep"} {
 			if err := os.MkdirAll(p, 0o755); err != nil {
@@ -114,7 +117,7 @@ func TestFilesystem(t *testing.T) {
 		}
 		// A mount point that does not exist in the image: created in the overlay, never in it.
 		newMount := "/srv/sbx-" + statedir.RandomHex(3) + "/deep"
-		spec := baseSpec()
+		spec := baseSpec(t)
 		spec.Mounts = []driver.Mount{
 			{Path: "/workspace/data", HostDir: roDir, ReadOnly: true},
 			{Path: "/workspace/output", HostDir: rwDir},
@@ -166,14 +169,14 @@ attempt("agent_write", lambda: write("/.sandbox/bin/sandbox-agent"))
 			"rootfs_write", "rootfs_usr_write", "rootfs_mkdir", "rootfs_chmod", "agent_write"} {
 			expect(t, got, k, denied...)
 		}
-		// The read_write file is on the host, owned by the sandbox user.
+		// The read_write file is on the host, owned by the sandbox user's host id.
 		b, err := os.ReadFile(rwDir + "/out.txt")
 		if err != nil || string(b) != "result" {
 			t.Errorf("host side of read_write: %q, %v", b, err)
 		}
 		var st syscall.Stat_t
-		if err := syscall.Stat(rwDir+"/out.txt", &st); err == nil && st.Uid != sandboxUID {
-			t.Errorf("out.txt uid %d, want %d", st.Uid, sandboxUID)
+		if err := syscall.Stat(rwDir+"/out.txt", &st); err != nil || st.Uid != spec.HostIDs+sandboxUID {
+			t.Errorf("out.txt uid %d (%v), want %d", st.Uid, err, spec.HostIDs+sandboxUID)
 		}
 		// The read_only host dir is unchanged.
 		if b, _ := os.ReadFile(roDir + "/in.txt"); string(b) != "input" {
@@ -195,10 +198,13 @@ attempt("agent_write", lambda: write("/.sandbox/bin/sandbox-agent"))
 
 func TestTmpSizeLimit(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		spec := baseSpec()
-		spec.TmpBytes = 4 << 20
+		spec := baseSpec(t)
+		spec.TmpDir = filepath.Join(drivertest.Disk(t, 16<<20), "tmp")
+		if err := os.Mkdir(spec.TmpDir, 0o755); err != nil {
+			t.Fatal(err)
+		}
 		id := newSandbox(t, d, spec)
-		got := runProbe(t, d, id, `attempt("big", lambda: write("/tmp/big", "x" * (8 << 20)))`)
+		got := runProbe(t, d, id, `attempt("big", lambda: write("/tmp/big", "x" * (32 << 20)))`)
 		expect(t, got, "big", "ENOSPC")
 	})
 }
@@ -214,7 +220,7 @@ func TestHostUnreachable(t *testing.T) {
 		os.Chmod(marker.Name(), 0o644)
 		t.Cleanup(func() { os.Remove(marker.Name()) })
 		p := marker.Name()
-		id := newSandbox(t, d, baseSpec())
+		id := newSandbox(t, d, baseSpec(t))
 		got := runProbe(t, d, id, `
 import glob
 p = "`+p+`"
@@ -248,7 +254,7 @@ attempt("kcore", lambda: read("/proc/kcore"))
 
 func TestIdentity(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		id := newSandbox(t, d, baseSpec())
+		id := newSandbox(t, d, baseSpec(t))
 		out := mustRun(t, d, id, `
 import os, socket
 st = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
@@ -276,7 +282,7 @@ print("cwd", os.getcwd())
 func TestNetwork(t *testing.T) {
 	fakeInternet(t) // where 198.51.100.99 would go, were it not refused
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		id := newSandbox(t, d, baseSpec())
+		id := newSandbox(t, d, baseSpec(t))
 		got := runProbe(t, d, id, `
 import socket, time
 def outside():
@@ -311,7 +317,7 @@ attempt("ifaces", lambda: sorted(n for _, n in socket.if_nameindex()) == ["eth0"
 
 func TestOOM(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		spec := baseSpec()
+		spec := baseSpec(t)
 		spec.MemoryBytes = 64 << 20
 		id := newSandbox(t, d, spec)
 		res := run(t, d, id, `
@@ -353,7 +359,7 @@ func onlyInit(t *testing.T, d *Driver, id string) {
 
 func TestTimeout(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		id := newSandbox(t, d, baseSpec())
+		id := newSandbox(t, d, baseSpec(t))
 		start := time.Now()
 		res := run(t, d, id, "while True: pass", time.Second)
 		if res.Status != driver.StatusTimeout {
@@ -371,7 +377,7 @@ func TestTimeout(t *testing.T) {
 
 func TestCancel(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		id := newSandbox(t, d, baseSpec())
+		id := newSandbox(t, d, baseSpec(t))
 		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 		defer cancel()
 		res, err := d.Exec(ctx, id, driver.ExecRequest{Code: "import time; time.sleep(60)", Timeout: time.Minute, MaxOutput: 1024})
@@ -390,7 +396,7 @@ func TestCancel(t *testing.T) {
 
 func TestForkBomb(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		spec := baseSpec()
+		spec := baseSpec(t)
 		spec.AllowSpawn = true
 		spec.PidsLimit = 64
 		id := newSandbox(t, d, spec)
@@ -415,7 +421,7 @@ while True:
 func TestAllowSpawn(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
 		for _, allow := range []bool{false, true} {
-			spec := baseSpec()
+			spec := baseSpec(t)
 			spec.AllowSpawn = allow
 			id := newSandbox(t, d, spec)
 			out := mustRun(t, d, id, `
@@ -497,9 +503,9 @@ func TestDestroyLeavesNothing(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
 		ctx := context.Background()
 		id := "t-" + statedir.RandomHex(8)
-		spec := baseSpec()
+		spec := baseSpec(t)
 		spec.AllowSpawn = true
-		spec.Mounts = []driver.Mount{{Path: "/workspace/out", HostDir: t.TempDir()}}
+		spec.Mounts = []driver.Mount{{Path: "/workspace/out", HostDir: drivertest.HostDir(t)}}
 		if err := d.Create(ctx, id, spec); err != nil {
 			t.Fatal(err)
 		}
@@ -538,12 +544,12 @@ func TestDestroyAfterRestart(t *testing.T) {
 			t.Fatal(err)
 		}
 		id := "t-" + statedir.RandomHex(8)
-		if err := old.Create(ctx, id, baseSpec()); err != nil {
+		if err := old.Create(ctx, id, baseSpec(t)); err != nil {
 			old.Close()
 			t.Fatal(err)
 		}
 		b, _ := old.lookup(id)
-		if err := unix.Unmount(filepath.Join(old.boxDir(id), "rootfs"), unix.MNT_DETACH); err != nil {
+		if err := unix.Unmount(filepath.Join(old.sandboxMountDir(id), "root"), unix.MNT_DETACH); err != nil {
 			t.Fatal(err)
 		}
 		nsPath := old.net.NSPath(id)
@@ -584,13 +590,13 @@ func TestCreateFailureCleansUp(t *testing.T) {
 		ctx := context.Background()
 		for name, spec := range map[string]driver.Spec{
 			"mount over a file": func() driver.Spec {
-				s := baseSpec()
-				s.Mounts = []driver.Mount{{Path: "/usr/bin/python3/x", HostDir: t.TempDir()}}
+				s := baseSpec(t)
+				s.Mounts = []driver.Mount{{Path: "/usr/bin/python3/x", HostDir: drivertest.HostDir(t)}}
 				return s
 			}(),
-			"missing rootfs": func() driver.Spec { s := baseSpec(); s.RootFS = "/nonexistent/rootfs"; return s }(),
+			"missing rootfs": func() driver.Spec { s := baseSpec(t); s.RootFS = "/nonexistent/rootfs"; return s }(),
 			"no python (agent still starts)": func() driver.Spec {
-				s := baseSpec()
+				s := baseSpec(t)
 				s.RootFS = t.TempDir()
 				return s
 			}(),
@@ -620,7 +626,7 @@ func TestCreateFailureCleansUp(t *testing.T) {
 		cctx, cancel := context.WithCancel(ctx)
 		cancel()
 		id := "t-" + statedir.RandomHex(8)
-		if err := d.Create(cctx, id, baseSpec()); err == nil {
+		if err := d.Create(cctx, id, baseSpec(t)); err == nil {
 			t.Error("create with a cancelled context succeeded")
 		}
 		assertGone(t, d, id, 0)
@@ -629,7 +635,7 @@ func TestCreateFailureCleansUp(t *testing.T) {
 
 func TestList(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		a, b := newSandbox(t, d, baseSpec()), newSandbox(t, d, baseSpec())
+		a, b := newSandbox(t, d, baseSpec(t)), newSandbox(t, d, baseSpec(t))
 		ids, err := d.List(context.Background())
 		if err != nil {
 			t.Fatal(err)
@@ -651,7 +657,7 @@ func TestConcurrentSandboxes(t *testing.T) {
 			go func() {
 				ctx := context.Background()
 				id := "t-" + statedir.RandomHex(8)
-				if err := d.Create(ctx, id, baseSpec()); err != nil {
+				if err := d.Create(ctx, id, baseSpec(t)); err != nil {
 					errs <- err
 					return
 				}
@@ -699,7 +705,7 @@ func TestTimings(t *testing.T) {
 		for i := 0; i < n; i++ {
 			id := "t-" + statedir.RandomHex(8)
 			t0 := time.Now()
-			if err := d.Create(ctx, id, baseSpec()); err != nil {
+			if err := d.Create(ctx, id, baseSpec(t)); err != nil {
 				t.Fatal(err)
 			}
 			creates = append(creates, time.Since(t0))
@@ -747,7 +753,7 @@ func TestAgentDiesAtStart(t *testing.T) {
 		defer bd.Close()
 		id := "t-" + statedir.RandomHex(8)
 		start := time.Now()
-		err = bd.Create(context.Background(), id, baseSpec())
+		err = bd.Create(context.Background(), id, baseSpec(t))
 		if err == nil {
 			bd.Destroy(context.Background(), id)
 			t.Fatal("create succeeded with an agent that exits")
@@ -769,10 +775,10 @@ func TestAgentDiesAtStart(t *testing.T) {
 // runs keep landing in their own sandbox.
 func TestAgentChannel(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		dirs := [2]string{t.TempDir(), t.TempDir()}
+		dirs := [2]string{drivertest.HostDir(t), drivertest.HostDir(t)}
 		var ids [2]string
 		for i := range ids {
-			spec := baseSpec()
+			spec := baseSpec(t)
 			spec.Mounts = []driver.Mount{{Path: "/workspace/output", HostDir: dirs[i]}}
 			ids[i] = newSandbox(t, d, spec)
 		}
@@ -833,6 +839,72 @@ print(json.dumps({"sockets": found, "socket_fds": fds, "planted": planted,
 			if b, err := os.ReadFile(filepath.Join(dirs[i], "who")); err != nil || string(b) != id {
 				t.Errorf("run sent to %s wrote %q (%v) in its dir", id, b, err)
 			}
+		}
+	})
+}
+
+// TestUIDsApart: every sandbox runs as host ids of its own, so a per-user kernel limit exhausted
+// in one sandbox (here the inotify instances, fs.inotify.max_user_instances) is not exhausted in
+// another. (With runc, whose user namespaces are root's, only the first holds: see userns.go.)
+func TestUIDsApart(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		specs := [2]driver.Spec{baseSpec(t), baseSpec(t)}
+		hog, other := newSandbox(t, d, specs[0]), newSandbox(t, d, specs[1])
+		for i, id := range []string{hog, other} {
+			b, _ := d.lookup(id)
+			st, err := os.ReadFile("/proc/" + strconv.Itoa(b.Pid) + "/status")
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := fmt.Sprint(specs[i].HostIDs + sandboxUID)
+			if f := statusFields(t, string(st), "Uid", "Gid"); f["Uid"] != strings.Repeat(want+"\t", 3)+want || f["Gid"] != f["Uid"] {
+				t.Errorf("sandbox %d runs as %v on the host, want uid and gid %s", i, f, want)
+			}
+		}
+		if !d.rt.ownedUserNS() {
+			t.Logf("%s makes the user namespaces: the hierarchical limits are shared (see userns.go)", d.rt.name)
+			return
+		}
+		ready := make(chan struct{})
+		var once sync.Once
+		done := make(chan driver.ExecResult, 1)
+		go func() {
+			res, err := d.Exec(context.Background(), hog, driver.ExecRequest{Timeout: 30 * time.Second, MaxOutput: 1 << 16,
+				Code: `
+import ctypes, errno, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+fds = []
+while True:
+    fd = libc.inotify_init1(0)
+    if fd < 0:
+        break
+    fds.append(fd)
+print(len(fds), errno.errorcode[ctypes.get_errno()], flush=True)
+time.sleep(3)
+`,
+				OnOutput: func(driver.Stream, []byte) { once.Do(func() { close(ready) }) }})
+			if err != nil {
+				t.Error(err)
+			}
+			done <- res
+		}()
+		select {
+		case <-ready:
+		case res := <-done:
+			t.Fatalf("the hog ended early: %s %s", res.Stdout, res.Stderr)
+		}
+		out := mustRun(t, d, other, `
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(0)
+print("ok" if fd >= 0 else errno.errorcode[ctypes.get_errno()])
+`)
+		res := <-done
+		if !strings.Contains(string(res.Stdout), "EMFILE") {
+			t.Fatalf("the hog did not exhaust its inotify instances: %s %s", res.Stdout, res.Stderr)
+		}
+		if out != "ok\n" {
+			t.Errorf("inotify_init1 in another sandbox while one holds all its instances: %s", out)
 		}
 	})
 }

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
@@ -39,19 +41,29 @@ func (d *Driver) floor(ctx context.Context, rootfs string, detached bool) (time.
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return 0, err
 	}
+	// The image bound read-only where the container's user namespace can reach it.
+	root := filepath.Join(d.mnt, id, "root")
 	defer func() {
 		cctx := context.WithoutCancel(ctx)
 		_ = d.rt.delete(cctx, id)
 		_ = d.cg.removeCgroups(id)
+		_ = unix.Unmount(root, unix.MNT_DETACH)
+		_ = os.RemoveAll(filepath.Join(d.mnt, id))
 		_ = os.RemoveAll(dir)
 	}()
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return 0, err
+	}
+	if err := unix.Mount(rootfs, root, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return 0, fmt.Errorf("floor: bind the image: %w", err)
+	}
 	args := []string{"/usr/bin/python3", "-c", "print(1)"}
 	if detached {
 		args = []string{"/usr/bin/python3", "-c", "import time; time.sleep(60)"}
 	}
 	cs := containerSpec{
-		id: id, rootfs: rootfs, cwd: "/tmp", args: args,
-		res: driver.Spec{CPU: 1, MemoryBytes: 512 << 20, PidsLimit: 64, TmpBytes: 64 << 20},
+		id: id, rootfs: root, cwd: "/tmp", args: args,
+		res: driver.Spec{CPU: 1, MemoryBytes: 512 << 20, PidsLimit: 64, HostIDs: driver.HelperIDs},
 	}
 	if err := statedir.WriteJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp)); err != nil {
 		return 0, err

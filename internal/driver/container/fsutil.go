@@ -186,3 +186,19 @@ func regularFileInRoot(root, rel string) (bool, error) {
 	unix.Close(fd)
 	return true, nil
 }
+
+// chownDir gives directory dir (not a link to one) to uid:gid with mode.
+func chownDir(dir string, uid, gid int, mode uint32) error {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", dir, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Fchown(fd, uid, gid); err != nil {
+		return fmt.Errorf("chown %s: %w", dir, err)
+	}
+	if err := unix.Fchmod(fd, mode); err != nil {
+		return fmt.Errorf("chmod %s: %w", dir, err)
+	}
+	return nil
+}

@@ -14,8 +14,10 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/mountns"
 )
 
 // The tests run real containers: root, crun and/or runc, the default image (scripts/build-image.sh,
@@ -37,7 +39,7 @@ var testPool = netip.MustParsePrefix("10.215.0.0/16")
 func TestMain(m *testing.M) {
 	if os.Geteuid() != 0 {
 		setupErr = fmt.Errorf("needs root")
-	} else if err := EnterMountNamespace(); err != nil {
+	} else if err := mountns.Enter(); err != nil {
 		setupErr = err
 	}
 	var tmp string
@@ -181,10 +183,11 @@ func forEachRuntime(t *testing.T, f func(t *testing.T, d *Driver)) {
 	}
 }
 
-// baseSpec is a sandbox spec with the service's defaults (egress: block_outbound, nothing allowed).
-func baseSpec() driver.Spec {
-	return driver.Spec{RootFS: rootfs, CPU: 1, MemoryBytes: 256 << 20, PidsLimit: 64, TmpBytes: 64 << 20,
-		Network: egress.Policy{BlockOutbound: true}}
+// baseSpec is a sandbox spec with the service's defaults (egress: block_outbound, nothing allowed),
+// host ids of its own and a disk for /tmp (drivertest.Fill).
+func baseSpec(t testing.TB) driver.Spec {
+	return drivertest.Fill(t, driver.Spec{RootFS: rootfs, CPU: 1, MemoryBytes: 256 << 20, PidsLimit: 64,
+		Network: egress.Policy{BlockOutbound: true}})
 }
 
 // newSandbox creates a sandbox and registers its destruction, checking that nothing is left.

@@ -335,7 +335,7 @@ func TestEgress(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			spec := baseSpec()
+			spec := baseSpec(t)
 			spec.Network = policy
 			id := newSandbox(t, d, spec)
 			udpBefore := in.udpCount()
@@ -447,7 +447,7 @@ func TestSetNetwork(t *testing.T) {
 	}
 	defer d.Close()
 	old, _ := egress.ParsePolicy(true, []string{"evil.example"})
-	spec := baseSpec()
+	spec := baseSpec(t)
 	spec.Network = old
 	id := newSandbox(t, d, spec)
 	if out := mustRun(t, d, id, "import socket\nprint(socket.getaddrinfo('evil.example', 80, socket.AF_INET)[0][4][0])"); strings.TrimSpace(out) != evilIP {

@@ -55,6 +55,12 @@ func (r *ociRuntime) output(ctx context.Context, args ...string) ([]byte, error)
 	return stdout.Bytes(), nil
 }
 
+// ownedUserNS reports whether the runtime can join a user namespace the driver made (see
+// userns.go) together with the network namespace netsetup made. runc (1.1) joins the user
+// namespace first, after which the network namespace, the host's, is out of its reach; with runc
+// the runtime makes the user namespace (same ids), owned by root.
+func (r *ociRuntime) ownedUserNS() bool { return r.name != "runc" }
+
 // exists reports whether the runtime has state for container id.
 func (r *ociRuntime) exists(id string) bool {
 	_, err := os.Stat(filepath.Join(r.root, id))
@@ -142,19 +148,27 @@ func (r *ociRuntime) list(ctx context.Context) ([]string, error) {
 }
 
 // probe proves the runtime can create a container on this host with the sandbox's settings
-// (namespaces, cgroups with limits, seccomp, read-only root, no capabilities): it creates one from
+// (namespaces, a user namespace, cgroups with limits, seccomp, read-only root, no capabilities): it creates one from
 // an empty root with the agent binary bound in, then deletes it without ever starting it.
-func (r *ociRuntime) probe(ctx context.Context, stateDir, agentBin string, prof *specs.LinuxSeccomp) error {
+func (r *ociRuntime) probe(ctx context.Context, stateDir, mnt, agentBin string, prof *specs.LinuxSeccomp) error {
 	if _, err := r.output(ctx, "--version"); err != nil {
 		return err
 	}
 	id := probePrefix + statedir.RandomHex(6)
 	dir := filepath.Join(stateDir, "probe", id)
-	rootfs := filepath.Join(dir, "rootfs")
-	if err := os.MkdirAll(rootfs, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
+	// The root, like a sandbox's, where the container's user namespace can reach it.
+	rootfs := filepath.Join(mnt, id, "root")
+	if err := os.MkdirAll(rootfs, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(filepath.Join(mnt, id))
+	if err := standardMountPoints(rootfs); err != nil {
+		return err
+	}
 	cs := containerSpec{
 		id: id, rootfs: rootfs, args: []string{agentPath}, cwd: "/",
 		mounts: []specs.Mount{{Destination: agentPath, Type: "bind", Source: agentBin, Options: []string{"bind", "ro", "nosuid", "nodev"}}},

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"path"
 	"sort"
-	"strconv"
 	"strings"
 
 	"github.com/moby/profiles/seccomp"
@@ -15,13 +14,14 @@ import (
 
 // Fixed facts of every sandbox container.
 const (
-	sandboxUID   = 10000 // the unprivileged user every process of a sandbox runs as
-	sandboxGID   = 10000
+	sandboxUID   = driver.SandboxUser // the unprivileged user every process of a sandbox runs as (in its user namespace)
+	sandboxGID   = driver.SandboxUser
 	hostname     = "sandbox"
 	agentPath    = "/.sandbox/bin/sandbox-agent" // where the agent binary is bound, read-only
 	cpuPeriod    = 100000                        // µs
 	nofileLimit  = 1024
 	devShmSize   = "16m"
+	helperTmp    = "64m"   // the /tmp (tmpfs) of the driver's own helper containers (probe, floor)
 	ociVersion   = "1.0.2" // the newest spec version both crun 1.8 and runc 1.1 claim
 	sandboxesDir = "sandboxes"
 )
@@ -34,12 +34,18 @@ var standardEnv = []string{
 	"TMPDIR=/tmp",
 }
 
-// maskedPaths and readonlyPaths are the runc/Docker defaults.
+// maskedPaths are the runc/Docker defaults under /proc (/sys is an empty tmpfs), plus what tells
+// of the host's boot, kernel build, modules, disks and memory layout; readonlyPaths are the
+// runc/Docker defaults.
 var (
 	maskedPaths = []string{
 		"/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys",
 		"/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
-		"/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+		"/proc/scsi",
+		"/proc/cmdline", "/proc/config.gz", "/proc/modules", "/proc/kallsyms", "/proc/partitions",
+		"/proc/diskstats", "/proc/swaps", "/proc/vmallocinfo", "/proc/buddyinfo", "/proc/zoneinfo",
+		"/proc/pagetypeinfo", "/proc/slabinfo", "/proc/iomem", "/proc/ioports", "/proc/devices",
+		"/proc/misc", "/proc/consoles", "/proc/mtrr", "/proc/dma", "/proc/locks", "/proc/fb",
 	}
 	readonlyPaths = []string{
 		"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
@@ -73,15 +79,19 @@ type containerSpec struct {
 	cwd    string
 	mounts []specs.Mount // after the standard ones, in order
 	masked []string      // extra masked paths
-	res    driver.Spec   // CPU, MemoryBytes, PidsLimit, TmpBytes are used
+	res    driver.Spec   // CPU, MemoryBytes, PidsLimit, TmpDir and HostIDs are used
 	netns  string        // network namespace to join ("": a new one, loopback only)
+	userns string        // user namespace to join ("": a new one, with res.HostIDs mapped)
 }
 
-// standardMounts are the runc defaults (minus the cgroup mount), plus the sandbox's /tmp.
-func standardMounts(tmpBytes int64) []specs.Mount {
-	tmpOpts := []string{"nosuid", "nodev", "mode=1777"}
-	if tmpBytes > 0 {
-		tmpOpts = append(tmpOpts, "size="+strconv.FormatInt(tmpBytes, 10))
+// standardMounts are the runc defaults with an empty read-only tmpfs for /sys (in a user
+// namespace sysfs can only be mounted for a network namespace of its own, and none of it is
+// needed) and without the cgroup mount, plus the sandbox's /tmp: a bind of tmpDir (on its disk),
+// or a tmpfs of helperTmp when tmpDir is "".
+func standardMounts(tmpDir string) []specs.Mount {
+	tmp := specs.Mount{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=1777", "size=" + helperTmp}}
+	if tmpDir != "" {
+		tmp = specs.Mount{Destination: "/tmp", Type: "bind", Source: tmpDir, Options: []string{"rbind", "rw", "nosuid", "nodev"}}
 	}
 	return []specs.Mount{
 		{Destination: "/proc", Type: "proc", Source: "proc", Options: []string{"nosuid", "noexec", "nodev"}},
@@ -89,9 +99,26 @@ func standardMounts(tmpBytes int64) []specs.Mount {
 		{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"}},
 		{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=" + devShmSize}},
 		{Destination: "/dev/mqueue", Type: "mqueue", Source: "mqueue", Options: []string{"nosuid", "noexec", "nodev"}},
-		{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
-		{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: tmpOpts},
+		{Destination: "/sys", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "noexec", "nodev", "ro", "mode=755", "size=4k"}},
+		tmp,
 	}
+}
+
+// standardMountPoints makes sure root has the mount points of standardMounts and the agent's
+// (made in the overlay's upper layer when the image lacks them).
+func standardMountPoints(root string) error {
+	for _, m := range standardMounts("") {
+		if path.Dir(m.Destination) != "/" {
+			continue // inside /dev, a tmpfs of the container's
+		}
+		if err := mkdirAllInRoot(root, m.Destination); err != nil {
+			return fmt.Errorf("mount point %s: %w", m.Destination, err)
+		}
+	}
+	if ok, err := regularFileInRoot(root, agentPath); err != nil || !ok {
+		return fmt.Errorf("mount point %s: not a file (%v)", agentPath, err)
+	}
+	return nil
 }
 
 // makeSpec builds the config.json of a sandbox container. prof is the seccomp profile (nil: none).
@@ -115,8 +142,9 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 		pids := cs.res.PidsLimit
 		res.Pids = &specs.LinuxPids{Limit: &pids}
 	}
-	mounts := append(standardMounts(cs.res.TmpBytes), cs.mounts...)
+	mounts := append(standardMounts(cs.res.TmpDir), cs.mounts...)
 	netNS := specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: cs.netns}
+	ids := []specs.LinuxIDMapping{{ContainerID: 0, HostID: cs.res.HostIDs, Size: driver.IDsPerSandbox}}
 	return &specs.Spec{
 		Version: ociVersion,
 		Process: &specs.Process{
@@ -135,10 +163,15 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 		Linux: &specs.Linux{
 			Resources:   res,
 			CgroupsPath: cgroupParent + "/" + cs.id,
+			// A user namespace of the sandbox's own host ids (made by the driver: userns.go; its
+			// mappings are repeated here, as runc wants them): the network namespace, joined by
+			// path, stays the host's.
 			Namespaces: []specs.LinuxNamespace{
-				{Type: specs.PIDNamespace}, netNS, {Type: specs.IPCNamespace},
+				{Type: specs.UserNamespace, Path: cs.userns}, {Type: specs.PIDNamespace}, netNS, {Type: specs.IPCNamespace},
 				{Type: specs.UTSNamespace}, {Type: specs.MountNamespace}, {Type: specs.CgroupNamespace},
 			},
+			UIDMappings:   ids,
+			GIDMappings:   ids,
 			Seccomp:       prof,
 			MaskedPaths:   append(append([]string(nil), maskedPaths...), cs.masked...),
 			ReadonlyPaths: readonlyPaths,

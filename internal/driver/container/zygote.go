@@ -68,7 +68,7 @@ func (d *Driver) startZygote(b *box) (bool, error) {
 		return false, fmt.Errorf("zygote: %w", err)
 	}
 	defer connf.Close()
-	cmd := exec.Command(d.nsenter, "-t", strconv.Itoa(b.Pid), "-m", "-n", "-i", "-u", "-C", "--",
+	cmd := exec.Command(d.nsenter, "-t", strconv.Itoa(b.Pid), "-U", "-m", "-n", "-i", "-u", "-C", "--",
 		agentPath, "zygote", strconv.Itoa(sandboxUID), strconv.Itoa(sandboxGID), strconv.Itoa(nofileLimit), sandboxPython)
 	cmd.Env = []string{}
 	cmd.Stdout, cmd.Stderr = logf, logf

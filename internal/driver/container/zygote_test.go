@@ -3,6 +3,7 @@ package container
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
@@ -81,7 +82,7 @@ func statusFields(t *testing.T, text string, names ...string) map[string]string 
 func TestZygote(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
 		for _, spawn := range []bool{false, true} {
-			spec := baseSpec()
+			spec := baseSpec(t)
 			spec.AllowSpawn = spawn
 			ctx := context.Background()
 			id := newSandbox(t, d, spec)
@@ -123,11 +124,18 @@ else:
 			if err != nil {
 				t.Fatal(err)
 			}
-			same := []string{"Umask", "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Cpus_allowed_list"}
-			run, agent := statusFields(t, status, same...), statusFields(t, string(agentStatus), same...)
+			same := []string{"Umask", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Cpus_allowed_list"}
+			run, agent := statusFields(t, status, append(same, "Uid", "Gid")...), statusFields(t, string(agentStatus), append(same, "Uid", "Gid")...)
 			for _, n := range same {
 				if run[n] != agent[n] {
 					t.Errorf("allow_spawn=%v: %s of a run is %q, of the agent %q", spawn, n, run[n], agent[n])
+				}
+			}
+			// The same user: 10000 in the sandbox's user namespace, its own host id outside.
+			inside, outside := strings.Repeat("10000\t", 3)+"10000", strings.Repeat(fmt.Sprint(spec.HostIDs+sandboxUID)+"\t", 3)+fmt.Sprint(spec.HostIDs+sandboxUID)
+			for _, n := range []string{"Uid", "Gid"} {
+				if run[n] != inside || agent[n] != outside {
+					t.Errorf("allow_spawn=%v: %s of a run %q (want %q), of the agent on the host %q (want %q)", spawn, n, run[n], inside, agent[n], outside)
 				}
 			}
 			// Inside, the run sits at the root of the sandbox's cgroup namespace in every hierarchy;
@@ -159,7 +167,7 @@ else:
 			// The zygote: in the sandbox's cgroups and namespaces but its PID namespace, where its
 			// children go; the sandbox's uid, nothing more.
 			z := zygoteOf(t, d, id)
-			for _, ns := range []string{"mnt", "net", "ipc", "uts", "cgroup", "pid_for_children"} {
+			for _, ns := range []string{"user", "mnt", "net", "ipc", "uts", "cgroup", "pid_for_children"} {
 				want := ns
 				if ns == "pid_for_children" {
 					want = "pid"
@@ -186,8 +194,9 @@ else:
 					t.Errorf("zygote's %s is %q, want %q", k, zf[k], v)
 				}
 			}
-			// Non-dumpable: its /proc files are root's. Its children (the standby) are dumpable, as
-			// after an exec: theirs are the sandbox user's.
+			// Non-dumpable: its /proc files are its user namespace's root's (no process of the
+			// sandbox runs as that). Its children (the standby) are dumpable, as after an exec:
+			// theirs are the sandbox user's.
 			owner := func(pid int) int {
 				st, err := os.Stat("/proc/" + strconv.Itoa(pid) + "/environ")
 				if err != nil {
@@ -195,8 +204,8 @@ else:
 				}
 				return int(st.Sys().(*syscall.Stat_t).Uid)
 			}
-			if o := owner(z); o != 0 {
-				t.Errorf("the zygote's /proc files belong to uid %d, want 0 (not dumpable)", o)
+			if o := owner(z); o != int(spec.HostIDs) {
+				t.Errorf("the zygote's /proc files belong to uid %d, want %d (its namespace's root: not dumpable)", o, spec.HostIDs)
 			}
 			// The standby is forked after the answer, and turns dumpable once it runs: wait for it.
 			var children []int
@@ -204,7 +213,7 @@ else:
 				children = children[:0]
 				all, _ := d.cg.procs(id)
 				for _, p := range all {
-					if _, ppid := procStatus(p); ppid == z && owner(p) == sandboxUID {
+					if _, ppid := procStatus(p); ppid == z && owner(p) == int(spec.HostIDs+sandboxUID) {
 						children = append(children, p)
 					}
 				}
@@ -235,7 +244,7 @@ else:
 // TestZygoteGone: a sandbox whose zygote was killed keeps running code (the agent launches runs).
 func TestZygoteGone(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		id := newSandbox(t, d, baseSpec())
+		id := newSandbox(t, d, baseSpec(t))
 		fromZygote(t, d, id, "")
 		z := zygoteOf(t, d, id)
 		if err := syscall.Kill(z, syscall.SIGKILL); err != nil {
@@ -310,7 +319,7 @@ func TestSeccompProgram(t *testing.T) {
 // TestWarm: once Warm has returned, the very first run is forked by the zygote.
 func TestWarm(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		id := newSandbox(t, d, baseSpec())
+		id := newSandbox(t, d, baseSpec(t))
 		if err := d.Warm(context.Background(), id); err != nil {
 			t.Fatal(err)
 		}

@@ -28,7 +28,8 @@ func (d *Driver) Baseline(ctx context.Context, image string) (time.Duration, err
 		return 0, err
 	}
 	defer os.RemoveAll(tmp)
-	if err := os.Chown(tmp, workerUID, workerGID); err != nil {
+	ids := int(driver.HelperIDs + driver.SandboxUser)
+	if err := os.Chown(tmp, ids, ids); err != nil {
 		return 0, err
 	}
 	w, err := p.get(ctx)
@@ -41,6 +42,7 @@ func (d *Driver) Baseline(ctx context.Context, image string) (time.Duration, err
 	if err != nil {
 		return 0, err
 	}
+	cfg.UID, cfg.GID = ids, ids
 	b := &box{id: "baseline", image: image, group: w.group, w: w, cfg: cfg}
 	if err := w.configure(ctx, b.cfg); err != nil {
 		return 0, fmt.Errorf("baseline: %w", err)

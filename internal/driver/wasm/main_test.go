@@ -16,9 +16,10 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
-	"github.com/sandboxd/sandboxd/internal/driver/container"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/mountns"
 )
 
 // The tests run real workers (this test binary re-executed as "wasm-worker", see TestMain) in
@@ -43,7 +44,7 @@ func TestMain(m *testing.M) {
 	}
 	if os.Geteuid() != 0 {
 		setupErr = errors.New("needs root")
-	} else if err := container.EnterMountNamespace(); err != nil {
+	} else if err := mountns.Enter(); err != nil {
 		// As in sandboxd serve: mounts (the sandboxes' /tmp) live and die with the process.
 		setupErr = err
 	}
@@ -146,9 +147,9 @@ func openDriver(t testing.TB, name string) *Driver {
 }
 
 // baseSpec is a sandbox spec with the service's defaults.
-func baseSpec(image string) driver.Spec {
-	return driver.Spec{RootFS: image, CPU: 1, MemoryBytes: 256 << 20, PidsLimit: 64, TmpBytes: 64 << 20,
-		Network: egress.Policy{BlockOutbound: true}}
+func baseSpec(t testing.TB, image string) driver.Spec {
+	return drivertest.Fill(t, driver.Spec{RootFS: image, CPU: 1, MemoryBytes: 256 << 20, PidsLimit: 64,
+		Network: egress.Policy{BlockOutbound: true}})
 }
 
 // newSandbox creates a sandbox and registers its destruction, checking that nothing is left.

@@ -75,7 +75,7 @@ func TestMeasure(t *testing.T) {
 		}
 		id := "t-" + statedir.RandomHex(8)
 		start := time.Now()
-		if err := d.Create(ctx, id, baseSpec(pyImage)); err != nil {
+		if err := d.Create(ctx, id, baseSpec(t, pyImage)); err != nil {
 			t.Fatal(err)
 		}
 		creates = append(creates, time.Since(start))
@@ -151,8 +151,7 @@ func smapsRollup(t testing.TB, pid int) (rss, pss int64) {
 func TestWorkerOverhead(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	spec := baseSpec(pyImage)
-	spec.TmpBytes = 0 // nothing of /tmp in the figure
+	spec := baseSpec(t, pyImage) // /tmp is on a disk: nothing of it in the figure
 	id := newSandbox(t, d, spec)
 	dir := d.cg.MemoryDir(sandboxGroup(t, d, id))
 	peakFile, resettable := "memory.max_usage_in_bytes", true

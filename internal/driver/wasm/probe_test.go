@@ -28,7 +28,8 @@ func TestRegistered(t *testing.T) {
 
 func TestProbeRun(t *testing.T) {
 	d := openDriver(t, "probe")
-	id := newSandbox(t, d, baseSpec(probeImage))
+	spec := baseSpec(t, probeImage)
+	id := newSandbox(t, d, spec)
 	res := probe(t, d, id, 10*time.Second, "print:hello", "env:HOME", "env:PYTHONHOME", "exit:3")
 	got := probeLines(res)
 	if res.Status != driver.StatusFailed || res.ExitCode != 3 {
@@ -43,14 +44,16 @@ func TestProbeRun(t *testing.T) {
 	if _, err := d.Exec(context.Background(), "t-nosuchsandbox", driver.ExecRequest{Code: "print(1)"}); err != driver.ErrNotFound {
 		t.Errorf("exec in unknown sandbox: %v, want ErrNotFound", err)
 	}
-	// The worker: unprivileged, no capabilities, its own process group, in the sandbox's cgroup.
+	// The worker: the sandbox's own unprivileged host user, no capabilities, its own process
+	// group, in the sandbox's cgroup.
 	b, _ := d.lookup(id)
 	pid := workerPid(t, b)
 	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"Uid:\t10000\t10000\t10000\t10000", "Gid:\t10000\t10000\t10000\t10000", "CapEff:\t0000000000000000", "CapPrm:\t0000000000000000", "NoNewPrivs:\t1"} {
+	ids := strings.Repeat(fmt.Sprintf("\t%d", spec.HostIDs+driver.SandboxUser), 4)
+	for _, want := range []string{"Uid:" + ids, "Gid:" + ids, "CapEff:\t0000000000000000", "CapPrm:\t0000000000000000", "NoNewPrivs:\t1"} {
 		if !strings.Contains(string(st), want) {
 			t.Errorf("worker status lacks %q:\n%s", want, st)
 		}
@@ -72,7 +75,7 @@ func TestProbeRun(t *testing.T) {
 // sleeping; a busy loop), and the sandbox keeps working with a fresh worker in the same cgroup.
 func TestProbeKill(t *testing.T) {
 	d := openDriver(t, "probe")
-	id := newSandbox(t, d, baseSpec(probeImage))
+	id := newSandbox(t, d, baseSpec(t, probeImage))
 	for _, tc := range []struct {
 		name   string
 		op     string
@@ -126,7 +129,7 @@ func TestProbeKill(t *testing.T) {
 // TestProbeCPUQuota: a sandbox with cpu 0.5 gets half a core.
 func TestProbeCPUQuota(t *testing.T) {
 	d := openDriver(t, "probe")
-	spec := baseSpec(probeImage)
+	spec := baseSpec(t, probeImage)
 	spec.CPU = 0.5
 	id := newSandbox(t, d, spec)
 	res := probe(t, d, id, 2*time.Second, "spin")
@@ -145,7 +148,7 @@ func TestProbeCPUQuota(t *testing.T) {
 // the driver down, and the sandbox's next run works.
 func TestProbeWorkerCrash(t *testing.T) {
 	d := openDriver(t, "probe")
-	id := newSandbox(t, d, baseSpec(probeImage))
+	id := newSandbox(t, d, baseSpec(t, probeImage))
 	b, _ := d.lookup(id)
 	pid := func() int {
 		b.mu.Lock()
@@ -180,7 +183,7 @@ func TestProbeWorkerCrash(t *testing.T) {
 // flagged beyond.
 func TestProbeOutput(t *testing.T) {
 	d := openDriver(t, "probe")
-	id := newSandbox(t, d, baseSpec(probeImage))
+	id := newSandbox(t, d, baseSpec(t, probeImage))
 	b, _ := d.lookup(id)
 	env, _ := buildEnv(nil)
 	var streamed [2]int
@@ -249,7 +252,7 @@ func TestProbeFilesystem(t *testing.T) {
 	link("file.txt", "plain/link-inside")
 	link("/proc/self/root/etc/hostname", "plain/link-proc")
 
-	spec := baseSpec(probeImage)
+	spec := baseSpec(t, probeImage)
 	spec.Mounts = []driver.Mount{
 		{Path: "/workspace", HostDir: filepath.Join(root, "ws")},
 		{Path: "/workspace/ro", HostDir: filepath.Join(root, "ro"), ReadOnly: true},
@@ -357,7 +360,7 @@ func TestProbeFilesystem(t *testing.T) {
 // RSS stays near the cap (trap 4).
 func TestProbeMemoryCap(t *testing.T) {
 	d := openDriver(t, "probe")
-	spec := baseSpec(probeImage)
+	spec := baseSpec(t, probeImage)
 	spec.MemoryBytes = 256 << 20
 	id := newSandbox(t, d, spec)
 	b, _ := d.lookup(id)
@@ -431,7 +434,7 @@ func procStatus(t testing.TB, pid int, field string) int64 {
 func TestProbeUnreadableMount(t *testing.T) {
 	d := openDriver(t, "probe")
 	dir := t.TempDir()
-	spec := baseSpec(probeImage)
+	spec := baseSpec(t, probeImage)
 	spec.Mounts = []driver.Mount{{Path: "/m", HostDir: dir}}
 	id := newSandbox(t, d, spec)
 	if err := os.Chmod(dir, 0); err != nil {
@@ -463,7 +466,7 @@ func TestPool(t *testing.T) {
 	var ids []string
 	for i := 0; i < 3; i++ {
 		id := "t-" + statedir.RandomHex(8)
-		if err := d.Create(ctx, id, baseSpec(probeImage)); err != nil {
+		if err := d.Create(ctx, id, baseSpec(t, probeImage)); err != nil {
 			t.Fatal(err)
 		}
 		ids = append(ids, id)
@@ -503,7 +506,7 @@ func TestPool(t *testing.T) {
 			}
 		}
 	}
-	if err := d.Create(ctx, "t-"+statedir.RandomHex(8), baseSpec(probeImage)); err == nil {
+	if err := d.Create(ctx, "t-"+statedir.RandomHex(8), baseSpec(t, probeImage)); err == nil {
 		t.Error("Create after Close succeeded")
 	}
 

@@ -47,10 +47,7 @@ const (
 
 // The unprivileged user and group a worker runs as once its module is compiled (the same as the
 // container driver's sandbox user).
-const (
-	workerUID = 10000
-	workerGID = 10000
-)
+const ()
 
 // startProc starts a worker for image, in a cgroup of its own (a child of the driver's), and
 // waits until it is ready (the module compiled). A background start (the pool's filler) gets the
@@ -75,7 +72,7 @@ func (d *Driver) startProc(ctx context.Context, image string, background bool) (
 		}
 	}()
 	args := append(append([]string(nil), d.workerCmd[1:]...), "--image", image, "--cache", d.cacheDir(),
-		"--uid", strconv.Itoa(workerUID), "--gid", strconv.Itoa(workerGID), "--parent", strconv.Itoa(os.Getpid()))
+		"--parent", strconv.Itoa(os.Getpid()))
 	cmd := exec.Command(d.workerCmd[0], args...)
 	cmd.Env = workerEnv()
 	cmd.Dir = "/"
@@ -225,14 +222,18 @@ func (p *proc) expect(ctx context.Context, timeout time.Duration, typ byte, v an
 	return nil
 }
 
-// waitExit waits up to d for the process to end.
+// waitExit waits up to d for the process to end, and for its log to be read to its end.
 func (p *proc) waitExit(d time.Duration) bool {
-	select {
-	case <-p.exited:
-		return true
-	case <-time.After(d):
-		return false
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for _, c := range []chan struct{}{p.exited, p.logDone} {
+		select {
+		case <-c:
+		case <-t.C:
+			return false
+		}
 	}
+	return true
 }
 
 // logTail returns the end of the worker's stderr, formatted for an error message.

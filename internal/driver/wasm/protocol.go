@@ -68,6 +68,10 @@ type mountMsg struct {
 // library and /tmp included; none inside a blocked path), parents before children, and the
 // blocked paths that lie inside a mount.
 type configMsg struct {
+	// UID and GID are the host ids the worker takes before anything else (it waits in the pool
+	// as root): the sandbox's (driver.Spec.HostIDs + driver.SandboxUser).
+	UID         int        `json:"uid"`
+	GID         int        `json:"gid"`
 	Mounts      []mountMsg `json:"mounts"`
 	Blocked     []string   `json:"blocked,omitempty"`
 	MemoryBytes int64      `json:"memory_bytes"` // cap of the guest's linear memory

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 )
 
@@ -23,7 +24,7 @@ import (
 func TestPythonSemantics(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	id := newSandbox(t, d, baseSpec(pyImage))
+	id := newSandbox(t, d, baseSpec(t, pyImage))
 	for _, tc := range []struct {
 		name       string
 		code       string
@@ -142,7 +143,7 @@ result = db.execute("select count(*) from t").fetchone()[0] >= 1
 func TestPythonState(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	spec := baseSpec(pyImage)
+	spec := baseSpec(t, pyImage)
 	out := t.TempDir()
 	spec.Mounts = []driver.Mount{{Path: "/workspace/output", HostDir: out}}
 	id := newSandbox(t, d, spec)
@@ -156,25 +157,30 @@ func TestPythonState(t *testing.T) {
 	}
 }
 
-// TestPythonTmpSize: /tmp holds at most Spec.TmpBytes; past it writes fail with an OSError.
+// TestPythonTmpSize: /tmp holds what its disk holds; past it writes fail (EIO: wazero's WASI
+// layer has no ENOSPC).
 func TestPythonTmpSize(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	spec := baseSpec(pyImage)
-	spec.TmpBytes = 1 << 20
+	spec := baseSpec(t, pyImage)
+	spec.TmpDir = filepath.Join(drivertest.Disk(t, 16<<20), "tmp")
+	if err := os.Mkdir(spec.TmpDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	id := newSandbox(t, d, spec)
 	got := mustRun(t, d, id, `
+import errno
 try:
     with open("/tmp/big", "wb") as f:
-        for i in range(4):
+        for i in range(64):
             f.write(b"x" * (1 << 19))
             f.flush()
     print("wrote it all")
 except OSError as e:
-    print("refused", type(e).__name__)
+    print("refused", errno.errorcode.get(e.errno))
 `)
-	if !strings.HasPrefix(got, "refused") {
-		t.Errorf("writing 2 MiB to a 1 MiB /tmp: %q", got)
+	if got != "refused EIO\n" {
+		t.Errorf("writing 32 MiB to a 16 MiB disk's /tmp: %q", got)
 	}
 }
 
@@ -199,7 +205,7 @@ func TestPythonFilesystem(t *testing.T) {
 	os.Symlink("../outside/secret.txt", filepath.Join(root, "ws/link-rel"))
 	os.Symlink(filepath.Join(root, "outside"), filepath.Join(root, "ws/link-abs"))
 	os.Mkdir(filepath.Join(root, "ws/ro"), 0o755) // the mount point
-	spec := baseSpec(pyImage)
+	spec := baseSpec(t, pyImage)
 	spec.Mounts = []driver.Mount{
 		{Path: "/workspace", HostDir: filepath.Join(root, "ws")},
 		{Path: "/workspace/ro", HostDir: filepath.Join(root, "ro"), ReadOnly: true},
@@ -302,7 +308,7 @@ result = out
 func TestPythonMemory(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	spec := baseSpec(pyImage)
+	spec := baseSpec(t, pyImage)
 	spec.MemoryBytes = 256 << 20
 	id := newSandbox(t, d, spec)
 	b, _ := d.lookup(id)
@@ -346,7 +352,7 @@ func errType(res driver.ExecResult) string {
 func TestPythonTimeout(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	id := newSandbox(t, d, baseSpec(pyImage))
+	id := newSandbox(t, d, baseSpec(t, pyImage))
 	for _, tc := range []struct {
 		name   string
 		code   string
@@ -392,7 +398,7 @@ func TestPythonTimeout(t *testing.T) {
 func TestPythonUnsupported(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	id := newSandbox(t, d, baseSpec(pyImage))
+	id := newSandbox(t, d, baseSpec(t, pyImage))
 	for _, tc := range []struct{ name, code string }{
 		{"socket", "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.connect(('1.1.1.1', 80))"},
 		{"socket create_connection", "import socket\nsocket.create_connection(('example.com', 80), timeout=2)"},
@@ -431,7 +437,7 @@ func firstLine(e *driver.PyError) string {
 func TestPythonStreaming(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	id := newSandbox(t, d, baseSpec(pyImage))
+	id := newSandbox(t, d, baseSpec(t, pyImage))
 	var first time.Time
 	var streamed []byte
 	start := time.Now()
@@ -470,7 +476,7 @@ func TestPythonStreaming(t *testing.T) {
 func TestPythonCrash(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
-	id := newSandbox(t, d, baseSpec(pyImage))
+	id := newSandbox(t, d, baseSpec(t, pyImage))
 	b, _ := d.lookup(id)
 
 	// Recursion in C (repr of a deeply nested list, the recursion limit lifted) overflows the
@@ -508,7 +514,7 @@ func TestPythonDestroy(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
 	id := "t-" + statedir.RandomHex(8)
-	if err := d.Create(context.Background(), id, baseSpec(pyImage)); err != nil {
+	if err := d.Create(context.Background(), id, baseSpec(t, pyImage)); err != nil {
 		t.Fatal(err)
 	}
 	group := sandboxGroup(t, d, id)
@@ -538,7 +544,7 @@ func TestPythonReconcile(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
 	id := "t-" + statedir.RandomHex(8)
-	if err := d.Create(context.Background(), id, baseSpec(pyImage)); err != nil {
+	if err := d.Create(context.Background(), id, baseSpec(t, pyImage)); err != nil {
 		t.Fatal(err)
 	}
 	b, _ := d.lookup(id)
@@ -579,11 +585,11 @@ func TestCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, spec := range map[string]driver.Spec{
-		"egress":      func() driver.Spec { s := baseSpec(probeImage); s.Network.BlockOutbound = false; return s }(),
-		"no image":    baseSpec(filepath.Join(tmpRoot, "nope")),
-		"tiny memory": func() driver.Spec { s := baseSpec(probeImage); s.MemoryBytes = 1 << 20; return s }(),
+		"egress":      func() driver.Spec { s := baseSpec(t, probeImage); s.Network.BlockOutbound = false; return s }(),
+		"no image":    baseSpec(t, filepath.Join(tmpRoot, "nope")),
+		"tiny memory": func() driver.Spec { s := baseSpec(t, probeImage); s.MemoryBytes = 1 << 20; return s }(),
 		"relative mount": func() driver.Spec {
-			s := baseSpec(probeImage)
+			s := baseSpec(t, probeImage)
 			s.Mounts = []driver.Mount{{Path: "x", HostDir: "/tmp"}}
 			return s
 		}(),
@@ -619,7 +625,7 @@ func TestSandboxdBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { d.Close() }) // after the sandbox's own cleanup
-	id := newSandbox(t, d, baseSpec(pyImage))
+	id := newSandbox(t, d, baseSpec(t, pyImage))
 	if got := mustRun(t, d, id, "import sys\nprint(sys.version_info[:2])"); got != "(3, 11)\n" {
 		t.Errorf("got %q", got)
 	}

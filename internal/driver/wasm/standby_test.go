@@ -21,7 +21,7 @@ func pySandbox(t *testing.T) (*Driver, string, *box) {
 	t.Helper()
 	needPython(t)
 	d := openDriver(t, "py")
-	id := newSandbox(t, d, baseSpec(pyImage))
+	id := newSandbox(t, d, baseSpec(t, pyImage))
 	b, err := d.lookup(id)
 	if err != nil {
 		t.Fatal(err)
@@ -194,7 +194,7 @@ func TestStandbyReplaced(t *testing.T) {
 	t.Run("standby ends by itself", func(t *testing.T) {
 		need(t)
 		d := openDriver(t, "probe")
-		id := newSandbox(t, d, baseSpec(probeImage))
+		id := newSandbox(t, d, baseSpec(t, probeImage))
 		b, _ := d.lookup(id)
 		for i := 0; i < 2; i++ {
 			time.Sleep(100 * time.Millisecond) // the probe standby has exited

@@ -15,9 +15,9 @@
 // PR_SET_PDEATHSIG=SIGKILL, talking to the driver over a unix socket on its stdin
 // (protocol.go). A worker loads wazero with the compiler engine and the on-disk compilation cache
 // shared by all workers (<StateDir>/compilation-cache; a cold compile of python.wasm takes
-// about 2–3 s, a warm one about 75 ms), compiles python.wasm once, then drops to an unprivileged
-// user (uid/gid 10000, no capabilities, no_new_privs, like the container driver's sandboxes) and
-// serves one sandbox: each run is a fresh instance of that compiled module. The worker opens no
+// about 2–3 s, a warm one about 75 ms), compiles python.wasm once, waits in the pool, and when
+// given its sandbox drops to the sandbox's own unprivileged host user (Spec.HostIDs +
+// driver.SandboxUser: no other sandbox's; no capabilities, no_new_privs) and serves that sandbox: each run is a fresh instance of that compiled module. The worker opens no
 // host path after that: the driver passes it the mounts' directories as descriptors. A crash of
 // the guest, of wazero or of the worker, or its kill, never reaches sandboxd, and the sandbox gets
 // a fresh worker for its next run.
@@ -39,8 +39,7 @@
 //     (the guest, wazero, the Go runtime) get at most that many cores' worth of time.
 //   - memory: the guest's linear memory is capped at Spec.MemoryBytes by the memory allocator
 //     (a grow past it fails, and Python raises MemoryError). The cgroup limit is a backstop for
-//     the whole worker: Spec.MemoryBytes + Spec.TmpBytes (the private /tmp is a tmpfs charged to
-//     the sandbox) + WorkerOverhead, the worker's own memory (measured: about 41 MiB anonymous —
+//     the whole worker: Spec.MemoryBytes + WorkerOverhead, the worker's own memory (measured: about 41 MiB anonymous —
 //     Go runtime, wazero, the compiled code — plus about 22 MiB of page cache between runs, 56–64
 //     MiB at a run's peak beyond the linear memory). A cgroup OOM kill ends the run as "oom".
 //   - pids: Spec.PidsLimit, but at least WorkerMinPids: the worker's Go runtime needs threads; the
@@ -86,7 +85,7 @@
 // # Filesystem
 //
 // The guest's filesystem is its WASI mounts, nothing else: the standard library (read-only) at
-// /usr/local/lib, a private /tmp (the sandbox's own tmpfs under its state dir, Spec.TmpBytes),
+// /usr/local/lib, the sandbox's /tmp (Spec.TmpDir, on its disk),
 // each Spec.Mounts entry at its Path (read-only when ReadOnly). Every mount is served by hostFS,
 // which resolves guest paths beneath the mount's directory in the kernel (openat2
 // RESOLVE_BENEATH) and refuses link creation. Spec.Blocked paths are absent: outside every mount
@@ -483,12 +482,16 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err != nil {
 		return err
 	}
+	if spec.HostIDs == 0 || spec.TmpDir == "" {
+		return fmt.Errorf("create sandbox %s: the spec has no host ids or no /tmp", id)
+	}
 	dir := d.boxDir(id)
-	tmpDir := filepath.Join(dir, "tmp")
-	cfg, err := planConfig(spec, tmpDir)
+	uid, gid := int(spec.HostIDs+driver.SandboxUser), int(spec.HostIDs+driver.SandboxUser)
+	cfg, err := planConfig(spec, spec.TmpDir)
 	if err != nil {
 		return fmt.Errorf("create sandbox %s: %w", id, err)
 	}
+	cfg.UID, cfg.GID = uid, gid
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			return fmt.Errorf("create sandbox %s: already exists", id)
@@ -497,7 +500,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	}
 	pids := max(spec.PidsLimit, WorkerMinPids)
 	b := &box{id: id, dir: dir, image: spec.RootFS, cfg: cfg,
-		limits: cgroup.Limits{CPU: spec.CPU, CPUWeight: 100, MemoryBytes: spec.MemoryBytes + max(spec.TmpBytes, 0) + WorkerOverhead, Pids: pids},
+		limits: cgroup.Limits{CPU: spec.CPU, CPUWeight: 100, MemoryBytes: spec.MemoryBytes + WorkerOverhead, Pids: pids},
 		meta:   meta{ID: id, Image: spec.RootFS, Created: time.Now().UTC()}}
 	d.mu.Lock()
 	d.boxes[id] = b
@@ -511,20 +514,13 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		}
 	}()
 	// meta.json is written once, with the cgroup, in attach: rewriting a file costs ext4 a flush.
-	if err := os.Mkdir(tmpDir, 0o700); err != nil {
-		return err
+	// The worker runs as the sandbox's user: /tmp and the user mounts become its own, as in the
+	// container driver.
+	if err := chownDir(spec.TmpDir, uid, gid); err != nil {
+		return fmt.Errorf("/tmp: %w", err)
 	}
-	if spec.TmpBytes > 0 {
-		opts := fmt.Sprintf("mode=0700,uid=%d,gid=%d,size=%d", workerUID, workerGID, spec.TmpBytes)
-		if err := unix.Mount("tmpfs", tmpDir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, opts); err != nil {
-			return fmt.Errorf("mount /tmp: %w", err)
-		}
-	} else if err := os.Chown(tmpDir, workerUID, workerGID); err != nil {
-		return err
-	}
-	// The worker runs as workerUID: the user mounts become its own, as in the container driver.
 	for _, m := range spec.Mounts {
-		if err := statedir.ChownTree(m.HostDir, workerUID, workerGID); err != nil {
+		if err := statedir.ChownTree(m.HostDir, uid, gid); err != nil {
 			return fmt.Errorf("mount %s: %w", m.Path, err)
 		}
 	}
@@ -841,8 +837,8 @@ func outOfMemory(e *driver.PyError, ex *exitMsg) bool {
 	return ex.GrowRefused
 }
 
-// Destroy kills sandbox id's worker and removes its cgroup (killing anything left in it), its
-// /tmp and its state dir. Idempotent; works from disk alone (after a crash of sandboxd).
+// Destroy kills sandbox id's worker and removes its cgroup (killing anything left in it) and its
+// state dir. Idempotent; works from disk alone (after a crash of sandboxd).
 // Cleaning up is not abandoned when ctx ends.
 func (d *Driver) Destroy(ctx context.Context, id string) error {
 	if err := statedir.CheckID(id); err != nil {
@@ -872,10 +868,6 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 		if err := d.cg.Remove(group); err != nil {
 			errs = append(errs, err)
 		}
-	}
-	tmp := filepath.Join(dir, "tmp")
-	if err := unix.Unmount(tmp, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		errs = append(errs, fmt.Errorf("unmount %s: %w", tmp, err))
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		errs = append(errs, err)
@@ -925,4 +917,17 @@ func (d *Driver) Close() error {
 		_ = os.Remove(cgroup.Dir(m, d.cgParent))
 	}
 	return nil
+}
+
+// chownDir gives directory dir (not a link to one) to uid:gid, mode 0700.
+func chownDir(dir string, uid, gid int) error {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := unix.Fchown(fd, uid, gid); err != nil {
+		return err
+	}
+	return unix.Fchmod(fd, 0o700)
 }

@@ -92,9 +92,8 @@ func runHeader(maxOut int, env []string) []byte {
 const trapExitCode = 128 + 6
 
 // WorkerMain runs a worker process (the wasm-worker subcommand) and returns its exit code. Its
-// arguments: --image DIR (holding python.wasm), --cache DIR (wazero's compilation cache), --uid
-// and --gid (whom to become once the module is compiled, when started as root), --parent PID (the
-// driver's process). It speaks the protocol of protocol.go on its stdin, a unix socket; it is not
+// arguments: --image DIR (holding python.wasm), --cache DIR (wazero's compilation cache), --parent
+// PID (the driver's process). Started as root, it becomes its sandbox's user when configured. It speaks the protocol of protocol.go on its stdin, a unix socket; it is not
 // meant to be run by hand. It exits when the socket reaches EOF, and dies with its parent
 // (Pdeathsig).
 func WorkerMain(args []string) int {
@@ -102,8 +101,6 @@ func WorkerMain(args []string) int {
 	var o workerOptions
 	fl.StringVar(&o.image, "image", "", "directory holding python.wasm")
 	fl.StringVar(&o.cache, "cache", "", "wazero compilation cache directory")
-	fl.IntVar(&o.uid, "uid", -1, "user to run as once compiled (when started as root)")
-	fl.IntVar(&o.gid, "gid", -1, "group to run as once compiled (when started as root)")
 	fl.IntVar(&o.parent, "parent", 0, "the driver's pid")
 	if err := fl.Parse(args); err != nil {
 		return 2
@@ -126,6 +123,7 @@ type worker struct {
 	base     wazero.ModuleConfig
 	fw       *frameWriter
 
+	parent     int // the driver's pid
 	configured bool
 	memory     int64
 	mounts     []workerMount
@@ -134,7 +132,6 @@ type worker struct {
 
 type workerOptions struct {
 	image, cache string
-	uid, gid     int
 	parent       int
 }
 
@@ -180,12 +177,9 @@ func runWorker(o workerOptions) error {
 	bin = nil
 	runtime.GC()
 	debug.FreeOSMemory()
-	if err := dropPrivileges(o); err != nil {
-		return err
-	}
 
 	w := &worker{
-		rt: rt, compiled: compiled, fw: &frameWriter{w: out},
+		rt: rt, compiled: compiled, fw: &frameWriter{w: out}, parent: o.parent,
 		base: wazero.NewModuleConfig().WithName("").
 			WithSysWalltime().WithSysNanotime().WithSysNanosleep().
 			WithRandSource(rand.Reader),
@@ -285,29 +279,32 @@ func protocolFiles() (in *net.UnixConn, out io.Writer, err error) {
 	return uc, uc, nil
 }
 
-// dropPrivileges makes a worker started as root the unprivileged o.uid/o.gid, with no
-// supplementary groups and so no capabilities, once it has compiled its module (the compilation
-// cache is the only path it writes; mounts come as descriptors from the driver). Changing
-// credentials clears the parent-death signal, so it is set again, and the worker exits if the
-// driver died in between.
-func dropPrivileges(o workerOptions) error {
-	if os.Geteuid() != 0 || o.uid < 0 || o.gid < 0 {
+// dropPrivileges makes a worker started as root the unprivileged uid/gid, its sandbox's, with no
+// supplementary groups and so no capabilities, once it is given its sandbox (it has compiled its
+// module: the compilation cache is the only path it writes; mounts come as descriptors from the
+// driver). Changing credentials clears the parent-death signal, so it is set again, and the
+// worker exits if the driver (parent) died in between.
+func dropPrivileges(uid, gid, parent int) error {
+	if os.Geteuid() != 0 {
 		return nil
+	}
+	if uid <= 0 || gid <= 0 {
+		return fmt.Errorf("no user to run as (uid %d, gid %d)", uid, gid)
 	}
 	// The syscall package applies these to every thread of the process.
 	if err := syscall.Setgroups(nil); err != nil {
 		return fmt.Errorf("setgroups: %w", err)
 	}
-	if err := syscall.Setresgid(o.gid, o.gid, o.gid); err != nil {
+	if err := syscall.Setresgid(gid, gid, gid); err != nil {
 		return fmt.Errorf("setresgid: %w", err)
 	}
-	if err := syscall.Setresuid(o.uid, o.uid, o.uid); err != nil {
+	if err := syscall.Setresuid(uid, uid, uid); err != nil {
 		return fmt.Errorf("setresuid: %w", err)
 	}
 	if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(syscall.SIGKILL), 0, 0, 0); err != nil {
 		return fmt.Errorf("pdeathsig: %w", err)
 	}
-	if o.parent != 0 && os.Getppid() != o.parent {
+	if parent != 0 && os.Getppid() != parent {
 		return errors.New("the driver is gone")
 	}
 	return nil
@@ -333,6 +330,9 @@ func (w *worker) configure(p []byte, fds []int) error {
 	}
 	if c.MemoryBytes < wasmPage {
 		return fmt.Errorf("memory cap %d is below one page", c.MemoryBytes)
+	}
+	if err := dropPrivileges(c.UID, c.GID, w.parent); err != nil {
+		return err
 	}
 	mounts, err := buildMounts(c, fds, used)
 	if err != nil {

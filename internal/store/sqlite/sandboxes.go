@@ -9,7 +9,7 @@ import (
 )
 
 const sandboxCols = `id, account_id, agent_id, mode, status, config, created_at, ready_at, expires_at,
-	destroyed_at, destroy_reason, error`
+	destroyed_at, destroy_reason, error, disk_used_bytes`
 
 // liveIn is the SQL list of the live statuses.
 const liveIn = `('` + store.SandboxProvisioning + `', '` + store.SandboxReady + `', '` + store.SandboxRunning + `')`
@@ -22,7 +22,7 @@ func (d *DB) CreateSandbox(ctx context.Context, sb store.Sandbox, limit int) err
 	var e enc
 	args := []any{sb.ID, sb.AccountID, sb.AgentID, sb.Mode, sb.Status, e.json("config", sb.Config),
 		e.time(sb.CreatedAt), e.ptime(sb.ReadyAt), e.time(sb.ExpiresAt), e.ptime(sb.DestroyedAt),
-		sb.DestroyReason, e.json("error", sb.Error)}
+		sb.DestroyReason, e.json("error", sb.Error), sb.DiskUsedBytes}
 	if e.err != nil {
 		return fmt.Errorf("create sandbox %s: %w", sb.ID, e.err)
 	}
@@ -38,7 +38,7 @@ func (d *DB) CreateSandbox(ctx context.Context, sb store.Sandbox, limit int) err
 			}
 		}
 		_, err := tx.ExecContext(ctx, `INSERT INTO sandboxes (`+sandboxCols+`)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
 		return err
 	})
 	if err != nil {
@@ -47,17 +47,18 @@ func (d *DB) CreateSandbox(ctx context.Context, sb store.Sandbox, limit int) err
 	return nil
 }
 
-// UpdateSandbox overwrites Status, ReadyAt, DestroyedAt, DestroyReason and Error of the sandbox
-// with sb.ID; the other fields of sb are ignored. store.ErrNotFound if there is none.
+// UpdateSandbox overwrites Status, ReadyAt, DestroyedAt, DestroyReason, Error and DiskUsedBytes
+// of the sandbox with sb.ID; the other fields of sb are ignored. store.ErrNotFound if there is
+// none.
 func (d *DB) UpdateSandbox(ctx context.Context, sb store.Sandbox) error {
 	var e enc
 	args := []any{sb.Status, e.ptime(sb.ReadyAt), e.ptime(sb.DestroyedAt), sb.DestroyReason,
-		e.json("error", sb.Error), sb.ID}
+		e.json("error", sb.Error), sb.DiskUsedBytes, sb.ID}
 	if e.err != nil {
 		return fmt.Errorf("update sandbox %s: %w", sb.ID, e.err)
 	}
 	res, err := d.w.ExecContext(ctx, `UPDATE sandboxes
-		SET status = ?, ready_at = ?, destroyed_at = ?, destroy_reason = ?, error = ?
+		SET status = ?, ready_at = ?, destroyed_at = ?, destroy_reason = ?, error = ?, disk_used_bytes = ?
 		WHERE id = ?`, args...)
 	if err != nil {
 		return fmt.Errorf("update sandbox %s: %w", sb.ID, classify(err))
@@ -171,7 +172,7 @@ func scanSandbox(s scanner) (store.Sandbox, error) {
 	var config, errJSON, ready, destroyed sql.NullString
 	var created, expires string
 	if err := s.Scan(&sb.ID, &sb.AccountID, &sb.AgentID, &sb.Mode, &sb.Status, &config, &created, &ready,
-		&expires, &destroyed, &sb.DestroyReason, &errJSON); err != nil {
+		&expires, &destroyed, &sb.DestroyReason, &errJSON, &sb.DiskUsedBytes); err != nil {
 		return store.Sandbox{}, err
 	}
 	var err error

@@ -367,9 +367,11 @@ func testSandboxUpdate(t *testing.T, st store.Store) {
 		{"destroyed", func(sb *store.Sandbox) {
 			sb.Status, sb.DestroyedAt, sb.DestroyReason = store.SandboxDestroyed, ptr(at(61*time.Second).In(zone)), "error"
 			sb.Error = json.RawMessage(`{"error": "sandbox_error", "message": "crashed"}`)
+			sb.DiskUsedBytes = 5 << 30
 		}},
 		{"cleared", func(sb *store.Sandbox) { // overwriting with nil clears
 			sb.Status, sb.ReadyAt, sb.DestroyedAt, sb.DestroyReason, sb.Error = store.SandboxError, nil, nil, "", nil
+			sb.DiskUsedBytes = 0
 		}},
 	}
 	want := orig

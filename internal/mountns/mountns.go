@@ -1,11 +1,17 @@
-package container
+// Package mountns puts sandboxd in a private mount namespace of its own (Enter), so that every
+// mount it makes — each sandbox's root, its disk — lives only there and vanishes with the process,
+// and gives it directories there that sandboxes' user namespaces can traverse (Dir).
+package mountns
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -26,7 +32,7 @@ var (
 	nsEntered bool
 )
 
-// EnterMountNamespace puts the calling process in a private mount namespace of its own, and must be
+// Enter puts the calling process in a private mount namespace of its own, and must be
 // called first thing in main (and in TestMain), before any goroutine that matters is started:
 //
 //   - In the original process it re-executes the running binary (same argv and environment, plus a
@@ -38,11 +44,11 @@ var (
 //     and, on a cgroup v1 hybrid host (cgroup2 at /sys/fs/cgroup/unified next to v1 controllers),
 //     unmounts that cgroup2 mount, since crun refuses hybrid hosts. Then it returns nil.
 //
-// The effect: every mount the container driver makes (each sandbox's overlay root) lives only in
+// The effect: every mount sandboxd makes (each sandbox's overlay root and disk) lives only in
 // that namespace and disappears with the process, so a crash never leaks a mount on the host; and
 // crun works on hybrid hosts. The child runs with PR_SET_PDEATHSIG=SIGKILL, so it does not outlive
 // its parent. Calling it again in the same process is a no-op.
-func EnterMountNamespace() error {
+func Enter() error {
 	nsMu.Lock()
 	defer nsMu.Unlock()
 	if nsEntered {
@@ -69,16 +75,16 @@ func EnterMountNamespace() error {
 	return reexecInMountNamespace(own)
 }
 
-// inPrivateMountNamespace reports whether EnterMountNamespace succeeded in this process.
-func inPrivateMountNamespace() bool {
+// Entered reports whether Enter succeeded in this process.
+func Entered() bool {
 	nsMu.Lock()
 	defer nsMu.Unlock()
 	return nsEntered
 }
 
-// isHybridCgroup reports whether the host mounts cgroup v1 controllers and a cgroup2 hierarchy at
+// HybridCgroup reports whether the host mounts cgroup v1 controllers and a cgroup2 hierarchy at
 // /sys/fs/cgroup/unified (as seen in the current mount namespace).
-func isHybridCgroup() bool {
+func HybridCgroup() bool {
 	var root, uni unix.Statfs_t
 	if unix.Statfs("/sys/fs/cgroup", &root) != nil || unix.Statfs(hybridUnified, &uni) != nil {
 		return false
@@ -87,7 +93,7 @@ func isHybridCgroup() bool {
 }
 
 func dropHybridCgroup2() error {
-	if !isHybridCgroup() {
+	if !HybridCgroup() {
 		return nil
 	}
 	if err := unix.Unmount(hybridUnified, unix.MNT_DETACH); err != nil {
@@ -141,4 +147,41 @@ func reexecInMountNamespace(ownNS string) error {
 	fmt.Fprintf(os.Stderr, "sandboxd: private mount namespace child: %v\n", err)
 	os.Exit(1)
 	return nil
+}
+
+// Base is where Dir's directories are: on the host, /run/sandboxd/<hash> stays an empty directory.
+const Base = "/run/sandboxd"
+
+var (
+	dirMu sync.Mutex
+	dirs  = map[string]string{}
+)
+
+// Dir returns the directory of this process's mount namespace that belongs to key (a state
+// directory's absolute path): Base/<hash of key>, with a tmpfs of mode 0711 mounted on it the
+// first time, so that what is mounted or created below it is private to sandboxd and gone with it,
+// and the paths to it are traversable by any user — a sandbox's user namespace must reach the
+// roots and bind sources of its mounts. Enter must have run.
+func Dir(key string) (string, error) {
+	if !Entered() {
+		return "", errors.New("mountns.Dir: call mountns.Enter() first thing in main")
+	}
+	dirMu.Lock()
+	defer dirMu.Unlock()
+	if d, ok := dirs[key]; ok {
+		return d, nil
+	}
+	sum := sha256.Sum256([]byte(key))
+	d := filepath.Join(Base, hex.EncodeToString(sum[:8]))
+	if err := os.MkdirAll(d, 0o711); err != nil {
+		return "", fmt.Errorf("mount dir: %w", err)
+	}
+	if err := os.Chmod(Base, 0o711); err != nil { // whatever the umask made of it
+		return "", fmt.Errorf("mount dir: %w", err)
+	}
+	if err := unix.Mount("tmpfs", d, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0711"); err != nil {
+		return "", fmt.Errorf("mount dir: tmpfs on %s: %w", d, err)
+	}
+	dirs[key] = d
+	return d, nil
 }
