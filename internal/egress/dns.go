@@ -16,7 +16,8 @@ import (
 // AAAA records, resolved by the gateway (CNAME chains followed server-side), without
 // always-denied addresses, with a short TTL; the addresses answered are pinned to the name for
 // the sandbox. Other query types for allowed names get an empty answer. Names the policy does not
-// allow, and names that resolve only to always-denied addresses, get NXDOMAIN.
+// allow, and names that resolve only to always-denied addresses, get NXDOMAIN. Config.OnAnswer
+// sees an answer before it leaves.
 func (s *sandbox) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	m := new(dns.Msg)
 	m.SetReply(r)
@@ -50,7 +51,8 @@ func (s *sandbox) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		s.dnsDenied(name, fmt.Sprintf("invalid host name: %v", err))
 		return
 	}
-	if !s.policy().AllowsName(name, 0) {
+	pol := s.policy() // one policy for the whole answer
+	if !pol.AllowsName(name, 0) {
 		m.Rcode = dns.RcodeNameError
 		s.dnsDenied(name, fmt.Sprintf("%s is not on the allow list", name))
 		return
@@ -74,7 +76,7 @@ func (s *sandbox) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	var ok []netip.Addr
 	var why string
 	for _, a := range all {
-		if r := s.g.denyReason(a, 0, s.policy()); r != "" {
+		if r := s.g.denyReason(a, 0, pol); r != "" {
 			if why == "" {
 				why = r
 			}
@@ -88,6 +90,14 @@ func (s *sandbox) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 			s.dnsDenied(name, fmt.Sprintf("%s resolves only to always-denied addresses (%s)", name, why))
 		}
 		return
+	}
+	if f := s.g.cfg.OnAnswer; f != nil {
+		ports, anyPort := pol.NamePorts(name)
+		if err := f(s.id, Answer{Name: name, Addrs: ok, Ports: ports, AnyPort: anyPort, TTL: s.g.pinTTL}); err != nil {
+			m.Rcode = dns.RcodeServerFailure
+			s.dnsDenied(name, fmt.Sprintf("the answer could not be pinned for connections by address: %v", err))
+			return
+		}
 	}
 	s.pin(name, ok)
 	s.dnsAllowed(name)

@@ -1,10 +1,13 @@
 package egress
 
 import (
+	"errors"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 )
@@ -136,5 +139,98 @@ func TestDNSOpen(t *testing.T) {
 	}
 	if r := e.dns("bad_name-.example", dns.TypeA, "udp"); r.Rcode != dns.RcodeNameError {
 		t.Errorf("invalid name: %s, want NXDOMAIN", dns.RcodeToString[r.Rcode])
+	}
+}
+
+// TestDNSOnAnswer: Config.OnAnswer sees every answer that hands out addresses — its addresses,
+// the name's ports, the pin's lifetime — before the answer leaves; when it fails, the answer is
+// SERVFAIL, reported, and nothing is pinned.
+func TestDNSOnAnswer(t *testing.T) {
+	var mu sync.Mutex
+	var got []Answer
+	entered, release := make(chan struct{}, 1), make(chan struct{})
+	hook := func(id string, a Answer) error {
+		if id != "sbx_"+t.Name() {
+			t.Errorf("OnAnswer for sandbox %q", id)
+		}
+		mu.Lock()
+		got = append(got, Answer{Name: a.Name, Addrs: slices.Clone(a.Addrs), Ports: slices.Clone(a.Ports), AnyPort: a.AnyPort, TTL: a.TTL})
+		mu.Unlock()
+		switch a.Name {
+		case "db.company.com":
+			entered <- struct{}{}
+			<-release
+		case "mixed.company.com":
+			return errors.New("no room")
+		}
+		return nil
+	}
+	e := newEnvConfig(t, Config{OnAnswer: hook, PinTTL: 5 * time.Minute},
+		mustPolicy(t, true, "api.company.com", "db.company.com:5432", "db.company.com:6543", "mixed.company.com", "evil.example:443"))
+
+	// The answer waits for the hook.
+	done := make(chan []netip.Addr, 1)
+	go func() { done <- answers(e.dns("db.company.com", dns.TypeA, "udp")) }()
+	<-entered
+	select {
+	case a := <-done:
+		t.Fatalf("the answer %v left before OnAnswer returned", a)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(release)
+	if a := <-done; !slices.Equal(a, []netip.Addr{addr("198.51.100.20")}) {
+		t.Errorf("db.company.com: %v", a)
+	}
+
+	if a := answers(e.dns("api.company.com", dns.TypeAAAA, "tcp")); !slices.Equal(a, []netip.Addr{addr("2001:db8::10")}) {
+		t.Errorf("api.company.com AAAA: %v", a)
+	}
+	e.dns("evil.example", dns.TypeA, "udp")
+	e.dns("api.company.com", dns.TypeTXT, "udp") // no addresses: no hook
+	e.dns("loop.company.com", dns.TypeA, "udp")  // not allowed: no hook
+	r := e.dns("mixed.company.com", dns.TypeA, "udp")
+	if r.Rcode != dns.RcodeServerFailure || len(r.Answer) != 0 {
+		t.Errorf("mixed.company.com with a failing hook: %s %v, want SERVFAIL", dns.RcodeToString[r.Rcode], r.Answer)
+	}
+	e.rec.wait(t, "pin failure", func(d Decision) bool {
+		return !d.Allowed && d.Host == "mixed.company.com" && d.Proto == "dns" && strings.Contains(d.Reason, "no room")
+	})
+	if names := e.g.sandboxes[e.id].pinnedNames(addr("198.51.100.11")); len(names) != 0 {
+		t.Errorf("the refused answer was pinned: %v", names)
+	}
+
+	mu.Lock()
+	defer mu.Unlock()
+	want := []Answer{
+		{Name: "db.company.com", Addrs: []netip.Addr{addr("198.51.100.20")}, Ports: []uint16{5432, 6543}},
+		{Name: "api.company.com", Addrs: []netip.Addr{addr("198.51.100.10"), addr("2001:db8::10")}, AnyPort: true},
+		{Name: "evil.example", Addrs: []netip.Addr{addr("203.0.113.66")}, Ports: []uint16{443}},
+		{Name: "mixed.company.com", Addrs: []netip.Addr{addr("198.51.100.11")}, AnyPort: true},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("OnAnswer got %+v, want %+v", got, want)
+	}
+	for i, w := range want {
+		g := got[i]
+		if g.Name != w.Name || !slices.Equal(g.Addrs, w.Addrs) || !slices.Equal(g.Ports, w.Ports) || g.AnyPort != w.AnyPort || g.TTL != 5*time.Minute {
+			t.Errorf("OnAnswer %d: %+v, want %+v with TTL 5m", i, g, w)
+		}
+	}
+}
+
+// TestPinTTL: an answer's addresses are reachable by address for Config.PinTTL, then no more.
+func TestPinTTL(t *testing.T) {
+	e := newEnvConfig(t, Config{PinTTL: 300 * time.Millisecond}, mustPolicy(t, true, "db.company.com:5432"))
+	s := e.g.sandboxes[e.id]
+	if _, why := s.checkAddr(addr("198.51.100.20"), 5432); why == "" {
+		t.Fatal("allowed before any answer")
+	}
+	e.dns("db.company.com", dns.TypeA, "udp")
+	if host, why := s.checkAddr(addr("198.51.100.20"), 5432); why != "" || host != "db.company.com" {
+		t.Errorf("after the answer: %q %q", host, why)
+	}
+	time.Sleep(400 * time.Millisecond)
+	if _, why := s.checkAddr(addr("198.51.100.20"), 5432); !strings.Contains(why, "not on the allow list") {
+		t.Errorf("after the pin's lifetime: %q, want not on the allow list", why)
 	}
 }

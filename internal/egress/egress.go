@@ -9,6 +9,7 @@ package egress
 import (
 	"context"
 	"net/netip"
+	"time"
 )
 
 // Resolver resolves host names for the gateway; *net.Resolver satisfies it.
@@ -41,4 +42,17 @@ type Decision struct {
 	Reason    string // why it was denied (empty when allowed)
 	Detail    string // more about an allowed attempt, e.g. the original destination was replaced or the dial failed
 	Count     int    // how many attempts this decision stands for: 0 or 1 is one; more for a summary of refusals
+}
+
+// Answer is a DNS answer the gateway is about to give a sandbox for an allowed name
+// (Config.OnAnswer): the addresses it hands out, and the ports the policy allows the name on —
+// every port if AnyPort, else Ports. For TTL the gateway pins the addresses to the name: the
+// sandbox may connect to them by address on those ports (the address rules aside, that is the
+// only way to reach an address on ports other than 80 and 443).
+type Answer struct {
+	Name    string
+	Addrs   []netip.Addr // unmapped, none always denied
+	Ports   []uint16     // sorted, no duplicates; empty if AnyPort
+	AnyPort bool
+	TTL     time.Duration
 }

@@ -37,7 +37,7 @@ const (
 	lookupTimeout      = 5 * time.Second
 	lookupCacheTTL     = 5 * time.Second
 	dnsTTL             = 30 // seconds, of the DNS answers the gateway gives
-	pinTTL             = time.Hour
+	defaultPinTTL      = time.Hour
 	maxPins            = 4096 // pinned addresses per sandbox
 	maxNames           = 4096 // remembered names per sandbox (reported allowed names, recent denials, lookups)
 	dnsDenyRepeat      = 5 * time.Second
@@ -66,6 +66,15 @@ type Config struct {
 	// "tcp" and a literal IP:port it has checked. Production may use it to set socket options
 	// (e.g. a firewall mark); tests use it as a fake internet.
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
+	// OnAnswer, if set, is called with every DNS answer that hands out addresses, before it is
+	// sent (the answer waits for it; it runs on the DNS server's goroutines, possibly
+	// concurrently, and must not keep or change the slices): the host's plumbing lets a sandbox
+	// connect to an address by TCP on ports other than 80 and 443 only once it is pinned there
+	// too (netsetup's Manager.Pin). If it fails, the answer is SERVFAIL and the failure is
+	// reported as a denial of the name.
+	OnAnswer func(sandboxID string, a Answer) error
+	// PinTTL is how long the addresses of an answer stay pinned to its name (0: an hour).
+	PinTTL time.Duration
 	// ExemptForTests are prefixes taken out of the fixed always-denied set, the host-address
 	// check and the private ranges (not out of Denied, nor out of the policy): for tests whose
 	// fake upstreams listen on loopback. Never set it in production.
@@ -80,6 +89,8 @@ type Config struct {
 // before Attach; the sandbox reaches gateway:53 (udp, tcp) and gateway:3128 directly; every other
 // TCP connection of the sandbox is DNATed to gateway:15001 in the host's namespace, so that
 // SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST) gives its destination; nothing else leaves the sandbox.
+// The plumbing may refuse connections whose verdict needs no name before the DNAT (netsetup does,
+// at connect, for ports other than 80 and 443): Config.OnAnswer tells it what DNS answers open.
 //
 // How it decides, for every connection, the gateway dials only addresses it checked itself:
 //   - by name (CONNECT host:port, absolute-URI requests, Host on port 80, TLS SNI on port 443):
@@ -103,6 +114,7 @@ type Gateway struct {
 	dial        func(ctx context.Context, network, address string) (net.Conn, error)
 	dialTimeout time.Duration
 	maxConns    int
+	pinTTL      time.Duration
 	hosts       hostAddrs
 	ports       [3]uint16                                  // DNS, proxy, transparent: the constants (tests without root change the first)
 	origDst     func(*net.TCPConn) (netip.AddrPort, error) // originalDst; tests without NAT replace it
@@ -119,8 +131,8 @@ var ErrClosed = errors.New("egress: gateway closed")
 // NewGateway returns a gateway with no sandbox attached. It enumerates the host's addresses (they
 // are always denied; the list is refreshed every few seconds and on Attach).
 func NewGateway(cfg Config) (*Gateway, error) {
-	if cfg.DialTimeout < 0 || cfg.MaxConns < 0 {
-		return nil, errors.New("egress: negative DialTimeout or MaxConns")
+	if cfg.DialTimeout < 0 || cfg.MaxConns < 0 || cfg.PinTTL < 0 {
+		return nil, errors.New("egress: negative DialTimeout, MaxConns or PinTTL")
 	}
 	for _, p := range append(slices.Clone(cfg.Denied), cfg.ExemptForTests...) {
 		if !p.IsValid() {
@@ -140,6 +152,9 @@ func NewGateway(cfg Config) (*Gateway, error) {
 	}
 	if g.maxConns == 0 {
 		g.maxConns = defaultMaxConns
+	}
+	if g.pinTTL = cfg.PinTTL; g.pinTTL == 0 {
+		g.pinTTL = defaultPinTTL
 	}
 	if g.dial == nil {
 		d := &net.Dialer{Timeout: g.dialTimeout}
@@ -211,7 +226,8 @@ func (g *Gateway) Attach(sandboxID string, listen netip.Addr, p Policy) error {
 // SetPolicy replaces the policy an attached sandbox's gateway enforces, from its next decision on
 // (a sandbox taken from a warm pool gets its owner's policy this way). Names and addresses the
 // gateway answered or pinned under the old policy are forgotten, so nothing allowed before is
-// reachable through them. It fails for a sandbox that is not attached.
+// reachable through them (the pins Config.OnAnswer passed on are the plumbing's to forget:
+// netsetup's Manager.SetPolicy). It fails for a sandbox that is not attached.
 func (g *Gateway) SetPolicy(sandboxID string, p Policy) error {
 	g.mu.Lock()
 	s := g.sandboxes[sandboxID]
@@ -607,7 +623,7 @@ func isDone(c chan struct{}) bool {
 // pin remembers that addrs were answered for name.
 func (s *sandbox) pin(name string, addrs []netip.Addr) {
 	now := time.Now()
-	exp := now.Add(pinTTL)
+	exp := now.Add(s.g.pinTTL)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, a := range addrs {

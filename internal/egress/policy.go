@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -176,6 +177,27 @@ func (p Policy) AllowsName(name string, port uint16) bool {
 		}
 	}
 	return false
+}
+
+// NamePorts reports the ports the policy allows name on: every port (a matching host rule
+// without a port, or BlockOutbound false), else those of the matching host rules, sorted (none if
+// no host rule matches).
+func (p Policy) NamePorts(name string) (ports []uint16, anyPort bool) {
+	if !p.BlockOutbound {
+		return nil, true
+	}
+	name = normalizeName(name)
+	for _, r := range p.Rules {
+		if !r.matchesName(name) {
+			continue
+		}
+		if r.Port == 0 {
+			return nil, true
+		}
+		ports = append(ports, r.Port)
+	}
+	slices.Sort(ports)
+	return slices.Compact(ports), false
 }
 
 // AllowsAddr reports whether the policy lets the sandbox reach a on port (0: on some port) by

@@ -195,6 +195,33 @@ func TestAllowsName(t *testing.T) {
 	}
 }
 
+func TestNamePorts(t *testing.T) {
+	p := mustPolicy(t, true, "api.company.com", "db.company.com:6543", "db.company.com:5432", "db.company.com:5432",
+		"*.svc.company.com:443", "x.svc.company.com:8080", "x.svc.company.com:443", "198.51.100.7:22")
+	cases := []struct {
+		name    string
+		ports   []uint16
+		anyPort bool
+	}{
+		{"api.company.com", nil, true},
+		{"API.company.com.", nil, true},
+		{"db.company.com", []uint16{5432, 6543}, false},
+		{"x.svc.company.com", []uint16{443, 8080}, false},
+		{"y.svc.company.com", []uint16{443}, false},
+		{"evil.example", nil, false},
+		{"198.51.100.7", nil, false}, // address rules are not names
+	}
+	for _, tc := range cases {
+		ports, anyPort := p.NamePorts(tc.name)
+		if !slices.Equal(ports, tc.ports) || anyPort != tc.anyPort {
+			t.Errorf("NamePorts(%q) = %v, %v; want %v, %v", tc.name, ports, anyPort, tc.ports, tc.anyPort)
+		}
+	}
+	if ports, anyPort := mustPolicy(t, false).NamePorts("anything.example"); ports != nil || !anyPort {
+		t.Errorf("block_outbound false: %v, %v; want every port", ports, anyPort)
+	}
+}
+
 func TestAllowsAddr(t *testing.T) {
 	p := mustPolicy(t, true, "198.51.100.7", "203.0.113.0/24:443", "[2001:db8::/32]:22", "api.company.com")
 	cases := []struct {

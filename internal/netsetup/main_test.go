@@ -3,7 +3,9 @@ package netsetup
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -174,7 +176,10 @@ func inNS(t testing.TB, path string, fn func()) {
 }
 
 // internet is a fake internet: a namespace behind the veth inet0 (198.51.100.1 on our side, the
-// default route), with 198.51.100.10 and .20 and a UDP echo server on 198.51.100.20:9999.
+// default route), with 198.51.100.10, .20 and .100-.131, a UDP echo server on
+// 198.51.100.20:9999, TCP servers on every address's tcpPorts (they greet with "hello from
+// <address:port>", then echo) and an HTTP server on port 80 (it answers "hello <Host> from
+// <address:port>").
 type internet struct {
 	ns   netns.NsHandle
 	mu   sync.Mutex
@@ -188,6 +193,12 @@ const (
 	inetEvil = "198.51.100.20"
 	echoPort = 9999
 )
+
+// tcpPorts are the fake internet's TCP ports besides 80.
+var tcpPorts = []uint16{5432, 5433, 6543, 7000, 7001}
+
+// inetMany returns the i-th of the fake internet's extra addresses (198.51.100.100 + i, i < 32).
+func inetMany(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 51, 100, byte(100 + i)}) }
 
 var (
 	inetOnce sync.Once
@@ -245,8 +256,12 @@ func startInternet() (*internet, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, a := range []string{"198.51.100.254", inetAPI, inetEvil} {
-		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: ipnet(netip.MustParseAddr(a), 24)}); err != nil {
+	addrs := []netip.Addr{netip.MustParseAddr("198.51.100.254"), netip.MustParseAddr(inetAPI), netip.MustParseAddr(inetEvil)}
+	for i := range 32 {
+		addrs = append(addrs, inetMany(i))
+	}
+	for _, a := range addrs {
+		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: ipnet(a, 24)}); err != nil {
 			return nil, err
 		}
 	}
@@ -259,8 +274,12 @@ func startInternet() (*internet, error) {
 	if err := netlink.RouteAdd(&netlink.Route{LinkIndex: veth.Index, Gw: net.ParseIP("198.51.100.254")}); err != nil {
 		return nil, fmt.Errorf("default route: %w", err)
 	}
-	// The echo server, made inside the namespace (a socket keeps the namespace it was made in).
-	connc := make(chan net.PacketConn, 1)
+	// The servers, made inside the namespace (a socket keeps the namespace it was made in).
+	type sockets struct {
+		pc  net.PacketConn
+		lns []net.Listener
+	}
+	connc := make(chan sockets, 1)
 	errc2 := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -268,18 +287,46 @@ func startInternet() (*internet, error) {
 			errc2 <- err
 			return
 		}
-		pc, err := net.ListenPacket("udp4", fmt.Sprintf("%s:%d", inetEvil, echoPort))
-		if err != nil {
+		var sk sockets
+		var err error
+		if sk.pc, err = net.ListenPacket("udp4", fmt.Sprintf("%s:%d", inetEvil, echoPort)); err != nil {
 			errc2 <- err
 			return
 		}
-		connc <- pc
+		for _, p := range append([]uint16{80}, tcpPorts...) {
+			ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", p))
+			if err != nil {
+				errc2 <- err
+				return
+			}
+			sk.lns = append(sk.lns, ln)
+		}
+		connc <- sk
 	}()
-	var pc net.PacketConn
+	var sk sockets
 	select {
 	case err := <-errc2:
 		return nil, err
-	case pc = <-connc:
+	case sk = <-connc:
+	}
+	pc := sk.pc
+	go http.Serve(sk.lns[0], http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello %s from %s", r.Host, r.Context().Value(http.LocalAddrContextKey))
+	}))
+	for _, ln := range sk.lns[1:] {
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					fmt.Fprintf(c, "hello from %s\n", c.LocalAddr())
+					_, _ = io.Copy(c, c)
+				}()
+			}
+		}()
 	}
 	go func() {
 		buf := make([]byte, 2048)

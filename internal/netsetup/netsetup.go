@@ -12,10 +12,16 @@
 // the state dir, so managers with different state dirs never touch each other's rules), with a
 // chain per sandbox selected by the veth's name:
 //
+//   - prerouting (filter, priority -150, before the DNAT): the connect check, one chain for all
+//     sandboxes (connect.go). A new TCP connection to a port other than 80 and 443 needs no host
+//     name to be decided: unless an address rule, a pinned DNS answer (Pin, called by the
+//     gateway before the answer leaves) or unrestricted egress allows its address and port, it
+//     is refused here — a reset to its SYN, audited — instead of being handed to the gateway;
 //   - prerouting (nat): the sandbox's TCP to anything but its gateway address is DNATed to
-//     gateway:15001, the egress gateway's transparent proxy (which reads SO_ORIGINAL_DST) —
-//     except when the policy allows nothing (BlockOutbound with no rules): then such TCP is
-//     refused (reset, audited) at connect, as without any network;
+//     gateway:15001, the egress gateway's transparent proxy (which reads SO_ORIGINAL_DST and
+//     decides 80 and 443 by name, and checks the rest again) — except when the policy allows
+//     nothing (BlockOutbound with no rules): then such TCP is refused (reset, audited) at
+//     connect, as without any network;
 //   - prerouting (filter, after the DNAT): from the sandbox only its gateway's udp/53, tcp/53,
 //     tcp/3128 and tcp/15001 are accepted; with unrestricted egress (Policy.BlockOutbound false)
 //     UDP and ICMP echo are also accepted (then forwarded and masqueraded) except to the always-denied
@@ -33,6 +39,9 @@
 // Logged packets become egress.Decisions (Allowed false) through Config.OnDecision, at most
 // Config.ReportPerSecond per sandbox and second individually, the rest as a counted summary; the
 // kernel also caps each sandbox's logging rate.
+//
+// The shape of a sandbox's policy (BlockOutbound, and whether Rules is empty) fixes its chains;
+// SetPolicy swaps the rest — its address rules and pins — in one transaction.
 //
 // Crash safety: a manager's veths carry the alias "sandboxd-netsetup <tag> <id>"; New deletes the
 // veths of its tag and the table a crashed process left (the first Setup creates it anew), so
@@ -143,6 +152,8 @@ type Manager struct {
 	nl       *netlink.Handle // host namespace
 	nftMu    sync.Mutex
 	nft      *nftables.Conn // host namespace, lasting
+	pinMu    sync.Mutex
+	pinNft   *nftables.Conn // host namespace, lasting: Pin and SetPolicy (not held up by setups' batches)
 	tableUp  bool
 	log      *nflogReader
 	reports  *reporter
@@ -165,6 +176,14 @@ type box struct {
 	ifindex int
 	policy  egress.Policy
 	rules   bool // host rules installed
+	connect bool // TCP is redirected to the gateway, through the connect check
+	pinning bool // and needs pins (BlockOutbound with rules)
+
+	pinMu     sync.Mutex
+	addrRules bool               // it has an address set and chain (its policy has address rules)
+	pins      map[pinKey]pinRec  // its elements of the pins set
+	named     map[[4]byte]pinRec // the name each address was last answered for, until when
+	gone      bool               // torn down: no more pins
 }
 
 // New opens a manager: it removes what a crashed manager with the same StateDir left (its veths,
@@ -223,6 +242,9 @@ func New(cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("netsetup: netlink: %w", err)
 	}
 	if m.nft, err = nftables.New(nftables.AsLasting()); err != nil {
+		return nil, fmt.Errorf("netsetup: nftables: %w", err)
+	}
+	if m.pinNft, err = nftables.New(nftables.AsLasting()); err != nil {
 		return nil, fmt.Errorf("netsetup: nftables: %w", err)
 	}
 	m.ipv6 = readSysctl("net/ipv6/conf/default/disable_ipv6") == "0"
@@ -287,21 +309,36 @@ func (m *Manager) Released(id string) bool {
 	return !busy && !live
 }
 
-// SetPolicy records p as sandbox id's policy. The host rules made at Setup depend only on its
-// shape — BlockOutbound, and whether Rules is empty — so p must have the shape of the policy the
-// sandbox was set up with (ErrShape otherwise); the rules themselves are the gateway's to enforce.
+// SetPolicy makes p sandbox id's policy. The host chains made at Setup depend only on its shape —
+// BlockOutbound, and whether Rules is empty — so p must have the shape of the policy the sandbox
+// was set up with (ErrShape otherwise). SetPolicy replaces the sandbox's address set with p's
+// address rules and empties its pin set, in one transaction: nothing answered under the old
+// policy stays reachable by address (the gateway forgets its pins in its own SetPolicy). Call it
+// before the gateway's SetPolicy, with no other SetPolicy of the same sandbox in flight.
 func (m *Manager) SetPolicy(id string, p egress.Policy) error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	b, ok := m.boxes[id]
+	var old egress.Policy
+	if ok {
+		old = b.policy
+	}
+	m.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("netsetup: sandbox %s is not set up", id)
 	}
-	if SameShape(b.policy, p) {
-		b.policy = p
-		return nil
+	if !SameShape(old, p) {
+		return fmt.Errorf("netsetup: sandbox %s: %w", id, ErrShape)
 	}
-	return fmt.Errorf("netsetup: sandbox %s: %w", id, ErrShape)
+	<-b.ready
+	if b.rules && b.connect {
+		if err := m.setPolicySets(b, p); err != nil {
+			return fmt.Errorf("netsetup: sandbox %s: set policy: %w", id, err)
+		}
+	}
+	m.mu.Lock()
+	b.policy = p
+	m.mu.Unlock()
+	return nil
 }
 
 // ErrShape is returned by SetPolicy for a policy that would need other host rules.
@@ -349,7 +386,8 @@ func (m *Manager) Setup(ctx context.Context, id string, p egress.Policy) (*Sandb
 		m.mu.Unlock()
 		return nil, fmt.Errorf("netsetup: sandbox %s is already set up", id)
 	}
-	b := &box{Sandbox: Sandbox{ID: id, NSPath: m.NSPath(id), HostIf: m.HostIfName(id)}, policy: p, index: -1, ready: make(chan struct{})}
+	b := &box{Sandbox: Sandbox{ID: id, NSPath: m.NSPath(id), HostIf: m.HostIfName(id)}, policy: p, index: -1, ready: make(chan struct{}),
+		connect: connects(p), pinning: pins(p), pins: map[pinKey]pinRec{}, named: map[[4]byte]pinRec{}}
 	m.boxes[id] = b
 	m.mu.Unlock()
 
@@ -640,6 +678,9 @@ func (m *Manager) Teardown(id string) error {
 		if err := m.delRules(b); err != nil {
 			errs = append(errs, err)
 		}
+		if err := m.unpin(b); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := m.removeNSFile(id); err != nil {
 		errs = append(errs, err)
@@ -847,6 +888,9 @@ func (m *Manager) closeHandles() {
 	if m.nft != nil {
 		_ = m.nft.CloseLasting()
 	}
+	if m.pinNft != nil {
+		_ = m.pinNft.CloseLasting()
+	}
 	if m.hostNS.IsOpen() {
 		m.hostNS.Close()
 	}
@@ -891,9 +935,12 @@ func (m *Manager) onPacket(p loggedPacket) {
 		return
 	}
 	d := egress.Decision{SandboxID: id, Addr: p.dst, Port: p.dport, Proto: p.proto}
-	if p.prefix == codeAllowed {
+	switch p.prefix {
+	case codeAllowed:
 		d.Allowed = true
-	} else {
+	case codeConnect:
+		d.Host, d.Reason = m.refusedAtConnect(id, p.dst, p.dport)
+	default:
 		d.Reason = reasonOf(p.prefix, p.proto)
 	}
 	m.reports.report(d)

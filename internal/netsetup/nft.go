@@ -20,6 +20,7 @@ const (
 	setDenied    = "denied4"    // ipv4_addr interval: always-denied destinations
 	mapNAT       = "nat_by_if"  // ifname → jump n_<veth>
 	mapFilter    = "filter_by_if"
+	setByName    = "tcp_by_name" // inet_service: the ports the gateway decides by name (80, 443)
 )
 
 // Log prefixes: the reason code of a refused packet (see reasonOf).
@@ -35,18 +36,31 @@ const (
 	codeBlocked = "blocked"
 	codeOther   = "other"
 
+	// codeConnect: TCP the connect chain refused (the reader words the reason: refusedAtConnect).
+	codeConnect = "connect"
+
 	// codeAllowed logs the first packet of a UDP or ICMP echo flow that unrestricted egress lets
 	// out (TCP is seen by the gateway): an allowed decision, not a refusal.
 	codeAllowed = "allowed"
 )
 
-func (m *Manager) sets() (sandboxes, masq, denied, natMap, filterMap *nftables.Set) {
-	sandboxes = &nftables.Set{Table: m.tbl, Name: setSandboxes, KeyType: nftables.TypeIFName}
-	masq = &nftables.Set{Table: m.tbl, Name: setMasq, KeyType: nftables.TypeIPAddr}
-	denied = &nftables.Set{Table: m.tbl, Name: setDenied, KeyType: nftables.TypeIPAddr, Interval: true, Constant: true}
-	natMap = &nftables.Set{Table: m.tbl, Name: mapNAT, KeyType: nftables.TypeIFName, DataType: nftables.TypeVerdict, IsMap: true}
-	filterMap = &nftables.Set{Table: m.tbl, Name: mapFilter, KeyType: nftables.TypeIFName, DataType: nftables.TypeVerdict, IsMap: true}
-	return
+// hostSets are the host table's sets and maps.
+type hostSets struct {
+	sandboxes, masq, denied, byName, natMap, filterMap *nftables.Set
+}
+
+func (m *Manager) sets() hostSets {
+	vmap := func(name string) *nftables.Set {
+		return &nftables.Set{Table: m.tbl, Name: name, KeyType: nftables.TypeIFName, DataType: nftables.TypeVerdict, IsMap: true}
+	}
+	return hostSets{
+		sandboxes: &nftables.Set{Table: m.tbl, Name: setSandboxes, KeyType: nftables.TypeIFName},
+		masq:      &nftables.Set{Table: m.tbl, Name: setMasq, KeyType: nftables.TypeIPAddr},
+		denied:    &nftables.Set{Table: m.tbl, Name: setDenied, KeyType: nftables.TypeIPAddr, Interval: true, Constant: true},
+		byName:    &nftables.Set{Table: m.tbl, Name: setByName, KeyType: nftables.TypeInetService, Constant: true},
+		natMap:    vmap(mapNAT),
+		filterMap: vmap(mapFilter),
+	}
 }
 
 // deleteTable deletes the host table if it exists.
@@ -65,13 +79,17 @@ func (m *Manager) createTable() error {
 	c.AddTable(m.tbl)
 	c.DelTable(m.tbl)
 	t := c.AddTable(m.tbl)
-	sandboxes, masq, denied, natMap, filterMap := m.sets()
+	hs := m.sets()
+	sandboxes, masq, denied, natMap, filterMap := hs.sandboxes, hs.masq, hs.denied, hs.natMap, hs.filterMap
 	for _, s := range []*nftables.Set{sandboxes, masq, natMap, filterMap} {
 		if err := c.AddSet(s, nil); err != nil {
 			return err
 		}
 	}
 	if err := c.AddSet(denied, intervalElems(m.denied)); err != nil {
+		return err
+	}
+	if err := c.AddSet(hs.byName, []nftables.SetElement{{Key: binaryutil.BigEndian.PutUint16(80)}, {Key: binaryutil.BigEndian.PutUint16(443)}}); err != nil {
 		return err
 	}
 	chain := func(name string, typ nftables.ChainType, hook *nftables.ChainHook, prio *nftables.ChainPriority) *nftables.Chain {
@@ -86,6 +104,10 @@ func (m *Manager) createTable() error {
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 			&expr.Lookup{SourceRegister: 1, DestRegister: 0, IsDestRegSet: true, SetName: s.Name, SetID: s.ID},
 		}
+	}
+
+	if err := m.connectTable(c, hs); err != nil {
+		return err
 	}
 
 	pnat := chain("prerouting_nat", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest)
@@ -138,7 +160,8 @@ func (m *Manager) addRules(b *box) error {
 	}
 	c := m.nft
 	t := m.tbl
-	sandboxes, masq, denied, natMap, filterMap := m.sets()
+	hs := m.sets()
+	sandboxes, masq, denied, natMap, filterMap := hs.sandboxes, hs.masq, hs.denied, hs.natMap, hs.filterMap
 	c.AddObj(&nftables.NamedObj{Table: t, Name: limitName(b), Type: nftables.ObjTypeLimit,
 		Obj: &expr.Limit{Type: expr.LimitTypePkts, Rate: kernelLogRate, Unit: expr.LimitTimeSecond, Burst: kernelLogBurst}})
 	nat := c.AddChain(&nftables.Chain{Name: natName(b), Table: t})
@@ -154,8 +177,11 @@ func (m *Manager) addRules(b *box) error {
 
 	// TCP to anything but the gateway goes to the transparent proxy — unless the policy allows
 	// nothing at all: then it is refused here, at connect.
-	redirect := !(b.policy.BlockOutbound && len(b.policy.Rules) == 0)
+	redirect := b.connect
 	if redirect {
+		if err := m.connectElems(b); err != nil {
+			return err
+		}
 		rule(nat, cat(v4, l4(unix.IPPROTO_TCP), ip4(12), cmp(expr.CmpOpEq, sbx[:]), ip4(16), cmp(expr.CmpOpNeq, gw[:]),
 			[]expr.Any{
 				&expr.Immediate{Register: 1, Data: gw[:]},
@@ -234,11 +260,12 @@ func (m *Manager) delRules(b *box) error {
 	m.nftMu.Lock()
 	defer m.nftMu.Unlock()
 	c := m.nft
-	sandboxes, masq, _, natMap, filterMap := m.sets()
+	hs := m.sets()
+	sandboxes, masq, natMap, filterMap := hs.sandboxes, hs.masq, hs.natMap, hs.filterMap
 	key := ifnameKey(b.HostIf)
 	sbx := b.Addr.As4()
 	obj := &nftables.NamedObj{Table: m.tbl, Name: limitName(b), Type: nftables.ObjTypeLimit, Obj: &expr.Limit{}}
-	ops := []func() error{
+	ops := append(m.delConnectElems(b),
 		func() error { return c.SetDeleteElements(natMap, []nftables.SetElement{{Key: key}}) },
 		func() error { return c.SetDeleteElements(filterMap, []nftables.SetElement{{Key: key}}) },
 		func() error { return c.SetDeleteElements(sandboxes, []nftables.SetElement{{Key: key}}) },
@@ -261,7 +288,7 @@ func (m *Manager) delRules(b *box) error {
 			return nil
 		},
 		func() error { c.DeleteObject(obj); return nil },
-	}
+	)
 	for _, op := range ops {
 		if err := op(); err != nil {
 			return err

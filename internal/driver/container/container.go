@@ -224,9 +224,10 @@ func (d *Driver) openNetwork(opts driver.Options) error {
 		return fmt.Errorf("network: %w", err)
 	}
 	// The gateway adds the always-denied set and the host's addresses itself; other sandboxes
-	// are the pool.
+	// are the pool. Its DNS answers are pinned in the host's rules before they leave (m.Pin):
+	// connections by address to other ports than 80 and 443 are decided there, at connect.
 	gw, err := egress.NewGateway(egress.Config{
-		Resolver: opts.Resolver, OnDecision: opts.OnNetwork, Denied: []netip.Prefix{m.Pool()},
+		Resolver: opts.Resolver, OnDecision: opts.OnNetwork, Denied: []netip.Prefix{m.Pool()}, OnAnswer: m.Pin,
 	})
 	if err != nil {
 		m.Close()
