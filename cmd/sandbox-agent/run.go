@@ -183,10 +183,7 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 		a.python, "-I", "-u", "-B", "-c", bootstrap, kind + strconv.Itoa(len(runner)), strconv.Itoa(maxOut)}
 	env, _ := buildEnv(nil)
 	env = append(env, launcherGOMAXPROCS) // the launcher's own; it unsets it before exec
-	dir := "/"
-	if st, err := os.Stat("/tmp"); err == nil && st.IsDir() {
-		dir = "/tmp"
-	}
+	dir := runDir()
 	attr := &syscall.ProcAttr{
 		Dir: dir, Env: env, Files: fds,
 		Sys: &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL},
@@ -385,6 +382,10 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 		ex = <-exited
 	}
 	a.killRun(pid) // whatever the run started is not to outlive it
+	// The next run starts in an empty working directory (its standby, started below, is there).
+	if err := pyrunner.EmptyDir(pyrunner.WorkDir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.Printf("emptying the working directory: %v", err)
+	}
 	switch {
 	case hostGone:
 		// The host learns the standby's PID from this result; a host that went away (a
@@ -512,3 +513,14 @@ func readCapped(f *os.File, max int64) []byte {
 }
 
 func buildEnv(extra map[string]string) ([]string, error) { return pyrunner.Env(nil, extra) }
+
+// runDir is the working directory of runs: pyrunner.WorkDir (the driver mounts it), else /tmp,
+// else / (a sandbox without them: tests on a host).
+func runDir() string {
+	for _, d := range []string{pyrunner.WorkDir, "/tmp"} {
+		if st, err := os.Stat(d); err == nil && st.IsDir() {
+			return d
+		}
+	}
+	return "/"
+}

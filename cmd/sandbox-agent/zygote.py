@@ -14,7 +14,7 @@
 #                   <user µs> <system µs> <max RSS KiB>\n" once it is reaped.
 # The forked process is what a fresh `python -I -u -B` started by the launcher is: its own session,
 # the descriptors above and no other, no_new_privs and the container's seccomp profile (inherited),
-# the no-spawn filter unless allow_spawn, dumpable, /tmp as working directory. Then it runs the
+# the no-spawn filter unless allow_spawn, dumpable, the launcher's working directory (runDir). Then it runs the
 # launcher's bootstrap from where that has the runner: environment and code from fd 3, the runner.
 import os, sys, socket, select, fcntl, ctypes, gc
 
@@ -100,7 +100,7 @@ def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog):
         if not allow_spawn:
             if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
-        os.chdir("/tmp" if os.path.isdir("/tmp") else "/")
+        os.chdir(next(d for d in ("/.sandbox/work", "/tmp", "/") if os.path.isdir(d)))  # as runDir in run.go
     except BaseException as e:
         try:
             os.write(5, ("zygote child: %r" % (e,)).encode())

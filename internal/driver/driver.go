@@ -55,6 +55,9 @@ type Spec struct {
 	// TmpDir is the host directory that backs the sandbox's /tmp (on its disk, like the HostDirs
 	// of Mounts: its size bounds them together; traversable like them).
 	TmpDir string
+	// WorkDir is the host directory that backs every run's working directory, pyrunner.WorkDir
+	// (on the disk too); the driver empties it after every run.
+	WorkDir string
 	// HostIDs is the first of the sandbox's IDsPerSandbox host uids and gids (> 0): every process
 	// of the sandbox runs as one of them, and no other live sandbox has them.
 	HostIDs    uint32

@@ -593,11 +593,22 @@ func (m *Manager) unpinLocked(b *box, extra func(*nftables.Conn) error) error {
 			maybe = append(maybe, k)
 		}
 	}
-	var errs []error
-	if extra != nil {
-		errs = append(errs, extra(m.pinNft))
+	batch := func(pins []pinKey) error {
+		if extra != nil {
+			if err := extra(m.pinNft); err != nil {
+				return err
+			}
+		}
+		return m.pinBatch(b, pins, nil, 0)
 	}
-	if err := errors.Join(append(errs, m.pinBatch(b, alive, nil, 0))...); err != nil {
+	if err := batch(alive); errors.Is(err, unix.ENOENT) {
+		// One of them expired after all (a loaded machine): the transaction was undone. Again
+		// without the pins, then the pins one by one, the gone ones aside.
+		if err := batch(nil); err != nil {
+			return err
+		}
+		maybe = append(maybe, alive...)
+	} else if err != nil {
 		return err
 	}
 	for _, k := range maybe {

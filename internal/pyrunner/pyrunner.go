@@ -9,10 +9,39 @@ package pyrunner
 
 import (
 	_ "embed"
+	"errors"
 	"fmt"
+	"os"
 	"sort"
 	"strings"
 )
+
+// WorkDir is the working directory of every run, in every driver: a directory of the sandbox's
+// disk, empty when a run starts (the driver empties it after each run: EmptyDir) and on no
+// import path (the runner puts no "" in sys.path), so nothing a run leaves behind changes what
+// a later one finds there or imports. What persists between runs: /tmp and the read_write paths.
+const WorkDir = "/.sandbox/work"
+
+// EmptyDir removes everything in directory dir, resolving every name beneath it without
+// following links (os.Root): safe on a directory that sandbox code writes.
+func EmptyDir(dir string) error {
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	f, err := root.Open(".")
+	if err != nil {
+		return err
+	}
+	names, err := f.Readdirnames(-1)
+	f.Close()
+	var errs []error
+	for _, n := range names {
+		errs = append(errs, root.RemoveAll(n))
+	}
+	return errors.Join(append(errs, err)...)
+}
 
 // Source is the text of runner.py.
 //

@@ -64,7 +64,8 @@ def _sandbox_run():
     g["__builtins__"] = builtins
     sys.modules["__main__"] = mod
     sys.argv[:] = ["-c"]
-    sys.path.insert(0, "")  # like `python -c`: the working directory comes first
+    # Unlike `python -c`, the working directory is not on sys.path: no directory a run can write
+    # is, so nothing a run leaves behind can shadow a module a later run imports.
 
     # What start-up made is never garbage: the collector stops looking at it (gc.freeze), so its
     # collections — during the run and the one at exit (see _leave) — see only what the run made.

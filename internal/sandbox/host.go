@@ -22,6 +22,7 @@ import (
 //
 //	<disk>/mounts/<path, escaped>   the host directory of each read_only and read_write path
 //	<disk>/tmp                      its /tmp
+//	<disk>/work                     the working directory of its runs (pyrunner.WorkDir)
 //	<disk>/.staging                 the files API's uploads before they are renamed into place
 //
 // The disk's image is DataDir/sandboxes/<id>/disk.img; it is mounted at Config.MountDir/<hash of
@@ -71,9 +72,9 @@ func (s *Service) newHost(id string, sp spec) (_ driver.Spec, err error) {
 	ds := driver.Spec{
 		RootFS: sp.image.RootFS, Blocked: sp.config.Filesystem.Blocked, CPU: sp.cpu, MemoryBytes: sp.memoryBytes,
 		PidsLimit: s.cfg.PidsLimit, AllowSpawn: sp.allowSpawn, Network: sp.network,
-		HostIDs: ids, TmpDir: filepath.Join(h.root, "tmp"),
+		HostIDs: ids, TmpDir: filepath.Join(h.root, "tmp"), WorkDir: filepath.Join(h.root, "work"),
 	}
-	for _, d := range []string{ds.TmpDir, filepath.Join(h.root, mountsDir), filepath.Join(h.root, ".staging")} {
+	for _, d := range []string{ds.TmpDir, ds.WorkDir, filepath.Join(h.root, mountsDir), filepath.Join(h.root, ".staging")} {
 		if err := os.Mkdir(d, 0o711); err != nil {
 			return driver.Spec{}, fmt.Errorf("sandbox dirs: %w", err)
 		}

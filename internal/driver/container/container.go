@@ -57,6 +57,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/mountns"
 	"github.com/sandboxd/sandboxd/internal/netsetup"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // Name is the driver's registry name.
@@ -638,6 +639,15 @@ func (d *Driver) planMounts(mdir, merged string, spec driver.Spec) (ms []specs.M
 			return nil, nil, "", fmt.Errorf("/tmp: %w", err)
 		}
 	}
+	if spec.WorkDir == "" {
+		return nil, nil, "", errors.New("the spec has no working directory")
+	}
+	if err := chownDir(spec.WorkDir, uid, gid, 0o700); err != nil {
+		return nil, nil, "", fmt.Errorf("working directory: %w", err)
+	}
+	if err := mkdirAllInRoot(merged, pyrunner.WorkDir); err != nil {
+		return nil, nil, "", fmt.Errorf("working directory's mount point: %w", err)
+	}
 	// The runtime works in the sandbox's user namespace, where the image's files are nobody's:
 	// every mount point must be there before it starts.
 	if err := standardMountPoints(merged); err != nil {
@@ -645,6 +655,7 @@ func (d *Driver) planMounts(mdir, merged string, spec driver.Spec) (ms []specs.M
 	}
 	ms = []specs.Mount{
 		{Destination: agentPath, Type: "bind", Source: d.agentBin, Options: []string{"bind", "ro", "nosuid", "nodev"}},
+		{Destination: pyrunner.WorkDir, Type: "bind", Source: spec.WorkDir, Options: []string{"bind", "rw", "nosuid", "nodev"}},
 	}
 	// The resolver is the gateway: /etc/resolv.conf names it (user mounts and blocked paths,
 	// mounted after, may cover it; DNS to 127.0.0.1:53 reaches the gateway too).

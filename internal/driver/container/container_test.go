@@ -20,6 +20,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 func TestRegistered(t *testing.T) {
@@ -905,6 +906,33 @@ print("ok" if fd >= 0 else errno.errorcode[ctypes.get_errno()])
 		}
 		if out != "ok\n" {
 			t.Errorf("inotify_init1 in another sandbox while one holds all its instances: %s", out)
+		}
+	})
+}
+
+// TestRunsStartClean: what a run leaves in its working directory is gone at the next run, no
+// writable directory is on the import path, and a module planted in /tmp (which persists) or the
+// working directory shadows nothing.
+func TestRunsStartClean(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		id := newSandbox(t, d, baseSpec(t))
+		plant := `
+import os
+for p in ("csv.py", "/tmp/csv.py", "json.py", "/tmp/json.py"):
+    open(p, "w").write("raise SystemExit('poisoned')")
+os.mkdir("sub"); open("sub/x", "w").write("x")
+print(os.getcwd())
+`
+		if out := mustRun(t, d, id, plant); out != pyrunner.WorkDir+"\n" {
+			t.Errorf("working directory %q, want %s", out, pyrunner.WorkDir)
+		}
+		out := mustRun(t, d, id, `
+import os, sys, csv, json
+writable = [p for p in sys.path if p == "" or (os.path.isdir(p) and os.access(p, os.W_OK))]
+print(sorted(os.listdir(".")), writable, sorted(f for f in os.listdir("/tmp") if f.endswith(".py")))
+`)
+		if out != "[] [] ['csv.py', 'json.py']\n" {
+			t.Errorf("second run sees: %s", out)
 		}
 	})
 }

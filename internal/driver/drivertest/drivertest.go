@@ -76,19 +76,23 @@ func HostDir(t testing.TB) string {
 }
 
 // Fill gives spec what the service gives every sandbox when it lacks it: host ids of its own
-// (IDs) and a /tmp on a disk of DiskBytes of its own. Call it before the sandbox's Create (so
+// (IDs), and a /tmp and a working directory on a disk of DiskBytes of its own. Call it before the sandbox's Create (so
 // that the disk outlives the sandbox's Destroy registered after it).
 func Fill(t testing.TB, spec driver.Spec) driver.Spec {
 	t.Helper()
 	if spec.HostIDs == 0 {
 		spec.HostIDs = IDs()
 	}
-	if spec.TmpDir == "" {
-		tmp := filepath.Join(Disk(t, DiskBytes), "tmp")
-		if err := os.Mkdir(tmp, 0o1777); err != nil {
-			t.Fatal(err)
+	if spec.TmpDir == "" || spec.WorkDir == "" {
+		d := Disk(t, DiskBytes)
+		for _, p := range []*string{&spec.TmpDir, &spec.WorkDir} {
+			if *p == "" {
+				*p = filepath.Join(d, statedir.RandomHex(4))
+				if err := os.Mkdir(*p, 0o711); err != nil {
+					t.Fatal(err)
+				}
+			}
 		}
-		spec.TmpDir = tmp
 	}
 	return spec
 }

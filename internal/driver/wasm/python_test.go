@@ -17,6 +17,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // TestPythonSemantics: the runner's semantics, the same as the container driver's (package
@@ -628,5 +629,30 @@ func TestSandboxdBinary(t *testing.T) {
 	id := newSandbox(t, d, baseSpec(t, pyImage))
 	if got := mustRun(t, d, id, "import sys\nprint(sys.version_info[:2])"); got != "(3, 11)\n" {
 		t.Errorf("got %q", got)
+	}
+}
+
+// TestPythonRunsStartClean: what a run leaves in its working directory is gone at the next run,
+// and neither it nor /tmp is on the import path.
+func TestPythonRunsStartClean(t *testing.T) {
+	needPython(t)
+	d := openDriver(t, "py")
+	id := newSandbox(t, d, baseSpec(t, pyImage))
+	out := mustRun(t, d, id, `
+import os
+for p in ("csv.py", "/tmp/csv.py"):
+    open(p, "w").write("raise SystemExit('poisoned')")
+os.mkdir("sub"); open("sub/x", "w").write("x")
+print(os.getcwd())
+`)
+	if out != pyrunner.WorkDir+"\n" {
+		t.Errorf("working directory %q, want %s", out, pyrunner.WorkDir)
+	}
+	out = mustRun(t, d, id, `
+import os, sys, csv
+print(sorted(os.listdir(".")), [p for p in sys.path if p in ("", "/tmp", ".") or p.startswith(("/tmp/", "/.sandbox"))], os.path.exists("/tmp/csv.py"))
+`)
+	if out != "[] [] True\n" {
+		t.Errorf("second run sees: %s", out)
 	}
 }

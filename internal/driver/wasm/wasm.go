@@ -431,6 +431,9 @@ func planConfig(spec driver.Spec, tmpDir string) (configMsg, error) {
 	if !userTmp {
 		add(mountMsg{Path: tmpPath, HostDir: tmpDir})
 	}
+	if spec.WorkDir != "" {
+		add(mountMsg{Path: pyrunner.WorkDir, HostDir: spec.WorkDir})
+	}
 	sort.SliceStable(mounts, func(i, j int) bool { return mounts[i].Path < mounts[j].Path })
 	c.Mounts = mounts
 	for _, b := range spec.Blocked {
@@ -482,8 +485,8 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err != nil {
 		return err
 	}
-	if spec.HostIDs == 0 || spec.TmpDir == "" {
-		return fmt.Errorf("create sandbox %s: the spec has no host ids or no /tmp", id)
+	if spec.HostIDs == 0 || spec.TmpDir == "" || spec.WorkDir == "" {
+		return fmt.Errorf("create sandbox %s: the spec has no host ids, /tmp or working directory", id)
 	}
 	dir := d.boxDir(id)
 	uid, gid := int(spec.HostIDs+driver.SandboxUser), int(spec.HostIDs+driver.SandboxUser)
@@ -516,8 +519,10 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	// meta.json is written once, with the cgroup, in attach: rewriting a file costs ext4 a flush.
 	// The worker runs as the sandbox's user: /tmp and the user mounts become its own, as in the
 	// container driver.
-	if err := chownDir(spec.TmpDir, uid, gid); err != nil {
-		return fmt.Errorf("/tmp: %w", err)
+	for _, d := range []string{spec.TmpDir, spec.WorkDir} {
+		if err := chownDir(d, uid, gid); err != nil {
+			return fmt.Errorf("%s: %w", d, err)
+		}
 	}
 	for _, m := range spec.Mounts {
 		if err := statedir.ChownTree(m.HostDir, uid, gid); err != nil {

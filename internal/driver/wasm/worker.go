@@ -49,8 +49,8 @@ const compileLimitPages = 65536
 // handed to the instance: an instance is started ahead of its run (a standby, see instance) and
 // waits here. The header is "<max output>\n" followed by the run's environment as "K=V\0"…; the
 // environment replaces os.environ (and so the C environment), the limit becomes the runner's
-// argv[2]. Then it enters /tmp (the working directory of runs in every mode; "/" when the sandbox
-// has no /tmp) and executes the runner, which reads the code from the same directory (see
+// argv[2]. Then it enters pyrunner.WorkDir (the working directory of runs in every mode; /tmp or
+// "/" when the sandbox has none) and executes the runner, which reads the code from the same directory (see
 // pyrunner). An empty header (a standby that was not needed) ends the instance at once.
 const bootstrap = `import os, sys
 def _start():
@@ -66,10 +66,12 @@ def _start():
     for kv in env.split(b"\0")[:-1]:
         k, _, v = kv.partition(b"=")
         os.environb[k] = v
-    try:
-        os.chdir("/tmp")
-    except OSError:
-        pass
+    for d in ("` + pyrunner.WorkDir + `", "/tmp"):
+        try:
+            os.chdir(d)
+            break
+        except OSError:
+            pass
     return r
 exec(_start())
 `
@@ -215,6 +217,7 @@ func runWorker(o workerOptions) error {
 				return err
 			}
 			inst.alloc.release()
+			w.emptyWorkDir() // before the next frame: a standby or a run
 		case frameStandby:
 			if !w.configured {
 				return errors.New("standby before config")
@@ -344,7 +347,19 @@ func (w *worker) configure(p []byte, fds []int) error {
 		return err
 	}
 	w.mounts, w.memory, w.configured = mounts, c.MemoryBytes, true
+	w.emptyWorkDir() // what a killed worker's run left
 	return nil
+}
+
+// emptyWorkDir empties the runs' working directory (pyrunner.WorkDir), if the sandbox has one.
+func (w *worker) emptyWorkDir() {
+	for _, m := range w.mounts {
+		if m.path == pyrunner.WorkDir && m.fs != nil {
+			if err := pyrunner.EmptyDir(procFD(m.fs.root)); err != nil {
+				fmt.Fprintf(os.Stderr, "wasm-worker: emptying the working directory: %v\n", err)
+			}
+		}
+	}
 }
 
 // buildMounts makes every mount on its descriptor (marking it used) and wires nested mounts and
