@@ -108,6 +108,7 @@ type PyError struct {
 type ExecResult struct {
 	Status          Status
 	ExitCode        int // the process's exit code; 128+signal when killed by a signal
+	Signal          int // the signal that killed the process (0: it exited, or the driver killed it)
 	Stdout, Stderr  []byte
 	StdoutTruncated bool
 	StderrTruncated bool

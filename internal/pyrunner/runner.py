@@ -72,6 +72,14 @@ def _sandbox_run():
     import gc
     gc.freeze()
     del gc
+    # A crash in C code (SIGSEGV, SIGABRT, …) prints the Python stack it happened in to stderr,
+    # where the run's report would otherwise say nothing (faulthandler is built in: no import).
+    try:
+        import faulthandler
+        faulthandler.enable()
+        del faulthandler
+    except Exception:
+        pass
 
     exc = None
     exit_arg = 0

@@ -4,7 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/internal/driver"
@@ -111,10 +115,12 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	defer j.out.finish()
 	defer j.cancel()
 	start := now()
+	j.finalMu.Lock() // j.run is also read by endRuns
 	j.run.Status, j.run.StartedAt = RunRunning, &start
 	if err := s.st.UpdateRun(ctx, j.run); err != nil {
 		s.log.Error("record run start", "run", j.run.ID, "err", err)
 	}
+	j.finalMu.Unlock()
 	s.setStatus(lv, store.SandboxRunning)
 	s.audit(ctx, store.Event{AccountID: j.run.AccountID, Type: "run.started", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID})
 	lv.net.start(j.run.ID)
@@ -124,10 +130,31 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 		OnOutput: j.out.add,
 	})
 	end := now()
+	allowed, denied := s.endNetwork(lv, j.run.ID)
+	j.finalMu.Lock()
+	if !j.final { // else DELETE recorded it cancelled while the driver was slow to stop it
+		s.recordEnd(j, res, err, start, end, allowed, denied)
+	}
+	run := j.run
+	j.finalMu.Unlock()
+	s.cfg.Observer.RunFinished(lv.rec.Mode, run.Status, end.Sub(start))
+	s.audit(ctx, store.Event{AccountID: run.AccountID, Type: "run.finished", SandboxID: lv.id, RunID: run.ID, AgentID: lv.rec.AgentID,
+		Detail: obj("status", run.Status, "exit_code", run.ExitCode, "duration_ms", run.DurationMS)})
+	lv.mu.Lock()
+	delete(lv.jobs, run.ID)
+	lv.mu.Unlock()
+	if lv.ctx.Err() == nil {
+		s.setStatus(lv, store.SandboxReady)
+	}
+}
+
+// recordEnd fills in and writes the final record of job j from the driver's answer (j.finalMu
+// held).
+func (s *Service) recordEnd(j *job, res driver.ExecResult, err error, start, end time.Time, allowed, denied int64) {
 	j.run.FinishedAt = &end
-	j.run.NetworkAllowed, j.run.NetworkDenied = s.endNetwork(lv, j.run.ID)
+	j.run.NetworkAllowed, j.run.NetworkDenied = allowed, denied
 	if err != nil {
-		s.log.Error("execute run", "sandbox", lv.id, "run", j.run.ID, "err", err)
+		s.log.Error("execute run", "sandbox", j.run.SandboxID, "run", j.run.ID, "err", err)
 		j.run.Status = RunError
 		j.run.Error = obj("type", "ServiceError", "message", "the sandbox failed to execute the run: "+publicMessage(err), "traceback", "")
 		j.run.DurationMS = end.Sub(start).Milliseconds()
@@ -139,6 +166,11 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 		j.run.Result = res.Result
 		if res.Error != nil {
 			j.run.Error, _ = json.Marshal(res.Error)
+		} else if res.Signal != 0 && res.Status == driver.StatusFailed {
+			// The interpreter died without a word (a crash in C code): say how.
+			name := unix.SignalName(syscall.Signal(res.Signal))
+			j.run.Error = obj("type", "Signal", "message", fmt.Sprintf("the run's Python process was killed by signal %d (%s)", res.Signal, name),
+				"traceback", "")
 		}
 		if !res.Started.IsZero() {
 			t := res.Started.UTC().Truncate(time.Millisecond)
@@ -148,17 +180,9 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 		j.run.CPUMS = res.CPU.Milliseconds()
 		j.run.MemoryPeakBytes = res.MemoryPeak
 	}
-	if err := s.st.UpdateRun(ctx, j.run); err != nil {
+	j.final = true
+	if err := s.st.UpdateRun(context.Background(), j.run); err != nil {
 		s.log.Error("record run end", "run", j.run.ID, "err", err)
-	}
-	s.cfg.Observer.RunFinished(lv.rec.Mode, j.run.Status, end.Sub(start))
-	s.audit(ctx, store.Event{AccountID: j.run.AccountID, Type: "run.finished", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID,
-		Detail: obj("status", j.run.Status, "exit_code", j.run.ExitCode, "duration_ms", j.run.DurationMS)})
-	lv.mu.Lock()
-	delete(lv.jobs, j.run.ID)
-	lv.mu.Unlock()
-	if lv.ctx.Err() == nil {
-		s.setStatus(lv, store.SandboxReady)
 	}
 }
 

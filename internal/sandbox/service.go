@@ -145,6 +145,9 @@ type job struct {
 	cancel context.CancelFunc
 	done   chan struct{} // closed once run holds the final record
 	out    *outputLog    // the run's output as written, for followers (FollowRun)
+
+	finalMu sync.Mutex
+	final   bool // the final record is written: execute does not write another (see endRuns)
 }
 
 // New opens the service: it reconciles what a previous process left (live records are destroyed
@@ -562,6 +565,7 @@ func (s *Service) end(lv *live, reason string, recordFirst bool) {
 			return
 		}
 		<-lv.ready // provisioning ends at once when cancelled
+		s.endRuns(lv)
 		s.record(lv, reason)
 		s.wg.Add(1)
 		go func() {
@@ -621,6 +625,42 @@ func (s *Service) record(lv *live, reason string) {
 	s.mu.Lock()
 	delete(s.live, lv.id)
 	s.mu.Unlock()
+}
+
+// runStopWait bounds how long DELETE waits for a running run to be killed and recorded before it
+// records it cancelled itself.
+const runStopWait = 3 * time.Second
+
+// endRuns waits until the running run of a sandbox being destroyed (cancelled by then) has its
+// final record, so that DELETE answers with every run final; past runStopWait — a driver slow to
+// kill — it records the run cancelled itself, and execute's later record is dropped.
+func (s *Service) endRuns(lv *live) {
+	lv.mu.Lock()
+	var running []*job
+	for _, j := range lv.jobs {
+		running = append(running, j)
+	}
+	lv.mu.Unlock()
+	deadline := time.NewTimer(runStopWait)
+	defer deadline.Stop()
+	for _, j := range running {
+		select {
+		case <-j.done:
+			continue
+		case <-deadline.C:
+		}
+		t := now()
+		j.finalMu.Lock()
+		if !j.final {
+			j.final = true
+			r := j.run
+			r.Status, r.FinishedAt = string(driver.StatusCancelled), &t
+			if err := s.st.UpdateRun(context.Background(), r); err != nil {
+				s.log.Error("record run cancelled", "run", r.ID, "err", err)
+			}
+		}
+		j.finalMu.Unlock()
+	}
 }
 
 // stopExpiry stops a sandbox's expiry timer (set under s.mu when the sandbox was created).

@@ -237,11 +237,13 @@ func TestCancelAndDelete(t *testing.T) {
 		t.Fatalf("cancel running: %+v %v", c, err)
 	}
 	blocked := e.run(t, id, "block", true)
+	time.Sleep(20 * time.Millisecond) // let the worker take it
 	if err := e.svc.Delete(ctx, e.acct, id); err != nil {
 		t.Fatal(err)
 	}
-	if got := waitRun(t, e, id, blocked.RunID); got.Status != "cancelled" {
-		t.Fatalf("run on deleted sandbox: %s", got.Status)
+	// Final when DELETE returns.
+	if got, err := e.svc.GetRun(ctx, e.acct, id, blocked.RunID); err != nil || got.Status != "cancelled" || got.FinishedAt == nil {
+		t.Fatalf("run of a deleted sandbox right after DELETE: %+v %v", got, err)
 	}
 	sb, _ := e.svc.Get(ctx, e.acct, id)
 	if sb.Status != "destroyed" || *sb.DestroyReason != "deleted" || sb.DestroyedAt == nil {
@@ -263,6 +265,30 @@ func TestCancelAndDelete(t *testing.T) {
 	other := store.Account{ID: "acct_other", Plan: "free"}
 	if _, err := e.svc.Get(ctx, other, id); sandbox.KindOf(err) != sandbox.KindNotFound {
 		t.Fatalf("other account sees the sandbox: %v", err)
+	}
+}
+
+// TestDeleteSlowDriver: a run whose driver is slow to stop it is recorded cancelled by DELETE
+// (after a bounded wait), and the driver's late answer does not change that.
+func TestDeleteSlowDriver(t *testing.T) {
+	e := newEnv(t, "free")
+	ctx := context.Background()
+	id := e.create(t, nil)
+	r := e.run(t, id, "stubborn:4500", true)
+	time.Sleep(20 * time.Millisecond)
+	start := time.Now()
+	if err := e.svc.Delete(ctx, e.acct, id); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el > 4*time.Second {
+		t.Errorf("DELETE took %v", el)
+	}
+	if got, _ := e.svc.GetRun(ctx, e.acct, id, r.RunID); got.Status != "cancelled" {
+		t.Fatalf("right after DELETE: %s", got.Status)
+	}
+	time.Sleep(2 * time.Second) // the driver answers "completed" meanwhile
+	if got, _ := e.svc.GetRun(ctx, e.acct, id, r.RunID); got.Status != "cancelled" {
+		t.Fatalf("after the driver's late answer: %s", got.Status)
 	}
 }
 

@@ -853,11 +853,23 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
 	}
 	oomAfter, oomErr := d.cg.oomKills(id)
+	oom := oomErr == nil && oomAfter > oomBefore
 	if runErr != nil {
-		if ctx.Err() != nil {
-			return driver.ExecResult{Status: driver.StatusCancelled, ExitCode: 128 + int(syscall.SIGKILL), Started: started, Duration: wall}, nil
+		killed := driver.ExecResult{ExitCode: 128 + int(syscall.SIGKILL), Started: started, Duration: wall}
+		switch {
+		case ctx.Err() != nil:
+			killed.Status = driver.StatusCancelled
+			return killed, nil
+		case errors.Is(runErr, context.DeadlineExceeded) && oom:
+			// The agent did not answer in time because the run thrashed at the memory limit (a
+			// fork bomb with allow_spawn): what the code did is an OOM, not a failure of ours.
+			killed.Status = driver.StatusOOM
+			return killed, nil
+		case errors.Is(runErr, context.DeadlineExceeded):
+			killed.Status = driver.StatusTimeout
+			return killed, nil
 		}
-		if oomErr == nil && oomAfter > oomBefore {
+		if oom {
 			runErr = fmt.Errorf("%w (the sandbox hit its memory limit)", runErr)
 		}
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, runErr)
@@ -867,6 +879,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	}
 	out := driver.ExecResult{
 		ExitCode:        res.ExitCode,
+		Signal:          res.Signal,
 		Stdout:          res.Stdout,
 		Stderr:          res.Stderr,
 		StdoutTruncated: res.StdoutTruncated,
@@ -886,9 +899,9 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	killed := res.Signal == int(syscall.SIGKILL) || res.ExitCode == 128+int(syscall.SIGKILL)
 	switch {
 	case res.TimedOut:
-		out.Status = driver.StatusTimeout
-	case killed && oomErr == nil && oomAfter > oomBefore:
-		out.Status = driver.StatusOOM
+		out.Status, out.Signal = driver.StatusTimeout, 0
+	case killed && oom:
+		out.Status, out.Signal = driver.StatusOOM, 0
 	case res.ExitCode == 0:
 		out.Status = driver.StatusCompleted
 	default:

@@ -397,24 +397,45 @@ func TestCancel(t *testing.T) {
 
 func TestForkBomb(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		spec := baseSpec(t)
-		spec.AllowSpawn = true
-		spec.PidsLimit = 64
-		id := newSandbox(t, d, spec)
-		res := run(t, d, id, `
-import os
-while True:
-    try:
-        os.fork()
-    except OSError:
-        pass
-`, 3*time.Second)
-		if res.Status == driver.StatusCompleted {
-			t.Fatalf("fork bomb completed?")
+		for _, c := range []struct {
+			name   string
+			memory int64
+			code   string
+		}{
+			{"at the pids limit", 256 << 20, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"},
+			// Each process also takes memory: the sandbox thrashes at its limit, and the run still
+			// ends typed (oom or timeout), never as a failure of the driver.
+			{"at the memory limit", 96 << 20, "import os\nkeep = []\nwhile True:\n    try:\n        os.fork()\n        keep.append(bytearray(4 << 20))\n    except (OSError, MemoryError):\n        pass\n"},
+		} {
+			spec := baseSpec(t)
+			spec.AllowSpawn, spec.PidsLimit, spec.MemoryBytes = true, 64, c.memory
+			id := newSandbox(t, d, spec)
+			res := run(t, d, id, c.code, 3*time.Second) // fails the test on a driver error
+			if res.Status != driver.StatusTimeout && res.Status != driver.StatusOOM && res.Status != driver.StatusFailed {
+				t.Fatalf("%s: fork bomb ended %s", c.name, res.Status)
+			}
+			onlyInit(t, d, id)
+			if out := mustRun(t, d, id, "print(1)"); out != "1\n" {
+				t.Fatalf("%s: after fork bomb: %q", c.name, out)
+			}
 		}
-		onlyInit(t, d, id)
+	})
+}
+
+// TestCrashSignal: an interpreter killed by a signal (a crash in C code) reports the signal, and
+// the Python stack it crashed in on stderr.
+func TestCrashSignal(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		id := newSandbox(t, d, baseSpec(t))
+		res := run(t, d, id, "import os, signal\ndef crash():\n    os.kill(os.getpid(), signal.SIGSEGV)\ncrash()", 10*time.Second)
+		if res.Status != driver.StatusFailed || res.Signal != int(syscall.SIGSEGV) || res.ExitCode != 128+int(syscall.SIGSEGV) {
+			t.Fatalf("status %s signal %d exit %d, want failed by SIGSEGV", res.Status, res.Signal, res.ExitCode)
+		}
+		if !strings.Contains(string(res.Stderr), "Segmentation fault") || !strings.Contains(string(res.Stderr), "crash") {
+			t.Errorf("stderr lacks the crash's stack: %q", res.Stderr)
+		}
 		if out := mustRun(t, d, id, "print(1)"); out != "1\n" {
-			t.Fatalf("after fork bomb: %q", out)
+			t.Fatalf("after the crash: %q", out)
 		}
 	})
 }

@@ -81,6 +81,10 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		if wait(time.Duration(ms) * time.Millisecond) {
 			res.Status = driver.StatusCompleted
 		}
+	case strings.HasPrefix(req.Code, "stubborn:"): // a driver slow to stop: ignores ctx
+		ms, _ := strconv.Atoi(strings.TrimPrefix(req.Code, "stubborn:"))
+		time.Sleep(time.Duration(ms) * time.Millisecond)
+		res.Status = driver.StatusCompleted
 	case req.Code == "fail":
 		res.Status, res.ExitCode = driver.StatusFailed, 1
 		res.Error = &driver.PyError{Type: "ZeroDivisionError", Message: "division by zero", Traceback: "Traceback ..."}
