@@ -167,30 +167,15 @@ func (s *Service) validateCreate(req api.CreateSandboxRequest, plan Plan) (spec,
 	if rs.Memory == "" {
 		rs.Memory = DefaultMemory
 	}
-	sp.memoryBytes, err = parseSize("memory", rs.Memory)
-	if err != nil {
+	if sp.memoryBytes, err = sizeField("memory", &rs.Memory, MinMemory, plan.MaxMemory); err != nil {
 		return sp, err
 	}
-	if sp.memoryBytes < MinMemory {
-		return sp, invalid("config.resources.memory must be at least 16m, not %q", rs.Memory)
-	}
-	if sp.memoryBytes > plan.MaxMemory {
-		return sp, invalid("config.resources.memory %s is over your plan's limit of %s", rs.Memory, formatMemory(plan.MaxMemory))
-	}
-	rs.Memory = strings.ToLower(rs.Memory)
 	if rs.Disk == "" {
 		rs.Disk = formatMemory(min(s.cfg.DiskBytes, plan.MaxDisk))
 	}
-	if sp.diskBytes, err = parseSize("disk", rs.Disk); err != nil {
+	if sp.diskBytes, err = sizeField("disk", &rs.Disk, MinDisk, plan.MaxDisk); err != nil {
 		return sp, err
 	}
-	if sp.diskBytes < MinDisk {
-		return sp, invalid("config.resources.disk must be at least 16m, not %q", rs.Disk)
-	}
-	if sp.diskBytes > plan.MaxDisk {
-		return sp, invalid("config.resources.disk %s is over your plan's limit of %s", rs.Disk, formatMemory(plan.MaxDisk))
-	}
-	rs.Disk = strings.ToLower(rs.Disk)
 	if rs.Timeout == nil {
 		t := DefaultTimeout
 		rs.Timeout = &t
@@ -241,6 +226,23 @@ func checkPath(field, p string, mount bool) error {
 		}
 	}
 	return nil
+}
+
+// sizeField checks config.resources.<field> (*v, lower-cased in place) against min and the plan's
+// max and returns it in bytes.
+func sizeField(field string, v *string, min, max int64) (int64, error) {
+	n, err := parseSize(field, *v)
+	if err != nil {
+		return 0, err
+	}
+	if n < min {
+		return 0, invalid("config.resources.%s must be at least %s, not %q", field, formatMemory(min), *v)
+	}
+	if n > max {
+		return 0, invalid("config.resources.%s %s is over your plan's limit of %s", field, *v, formatMemory(max))
+	}
+	*v = strings.ToLower(*v)
+	return n, nil
 }
 
 // parseSize reads config.resources.<field>: "512m", "1g", "65536k" or a number of bytes (binary

@@ -22,6 +22,20 @@ type tenants struct {
 	attacker, victim string // API keys
 }
 
+// forModes runs f as a subtest per mode (wasm when python.wasm is there: startTenants fails
+// under CI without it).
+func (tn *tenants) forModes(t *testing.T, f func(t *testing.T, mode string)) {
+	for _, mode := range []string{"container", "wasm"} {
+		t.Run(mode, func(t *testing.T) {
+			if mode == "wasm" && wasmImage == "" {
+				t.Skip("needs SANDBOXD_PYTHON_WASM (make test)")
+			}
+			tn.s.t = t
+			f(t, mode)
+		})
+	}
+}
+
 func startTenants(t *testing.T) *tenants {
 	t.Helper()
 	requireEnv(t)
@@ -210,25 +224,20 @@ result = {"mountinfo": open("/proc/self/mountinfo").read(), "files": files, "sys
 // sandbox is writable.
 func TestAttackDisk(t *testing.T) {
 	tn := startTenants(t)
-	for _, mode := range []string{"container", "wasm"} {
-		t.Run(mode, func(t *testing.T) {
-			if mode == "wasm" && wasmImage == "" {
-				t.Skip("needs SANDBOXD_PYTHON_WASM (make test)")
+	tn.forModes(t, func(t *testing.T, mode string) {
+		cfg := map[string]any{"filesystem": map[string]any{"read_write": []string{"/workspace/out"}},
+			"resources": map[string]any{"disk": "64m", "memory": "128m"}}
+		id := tn.sandbox(tn.attacker, mode, cfg)
+		full := "ENOSPC"
+		if mode == "wasm" {
+			full = "EIO" // wazero's WASI has no ENOSPC
+		}
+		for _, dir := range []string{"/workspace/out", "/tmp", "."} {
+			var got struct {
+				Written int64
+				Errno   string
 			}
-			tn.s.t = t
-			cfg := map[string]any{"filesystem": map[string]any{"read_write": []string{"/workspace/out"}},
-				"resources": map[string]any{"disk": "64m", "memory": "128m"}}
-			id := tn.sandbox(tn.attacker, mode, cfg)
-			full := "ENOSPC"
-			if mode == "wasm" {
-				full = "EIO" // wazero's WASI has no ENOSPC
-			}
-			for _, dir := range []string{"/workspace/out", "/tmp", "."} {
-				var got struct {
-					Written int64
-					Errno   string
-				}
-				tn.result(tn.attacker, id, fmt.Sprintf(`
+			tn.result(tn.attacker, id, fmt.Sprintf(`
 import errno, os
 n, err = 0, None
 try:
@@ -241,35 +250,35 @@ except OSError as e:
     err = errno.errorcode.get(e.errno)
 result = {"written": n, "errno": err}
 `, dir), &got)
-				if got.Errno != full || got.Written > 64<<20 {
-					t.Errorf("filling %s: wrote %d MiB, then %v; want %s within 64 MiB", dir, got.Written>>20, got.Errno, full)
-				}
-				// Full: an upload does not fit, and says so.
-				if dir == "/workspace/out" {
-					st, m := tn.upload(tn.attacker, id, "/workspace/out/upload", bytes.Repeat([]byte("u"), 8<<20))
-					if st != 507 || m["error"] != "insufficient_storage" || !strings.Contains(fmt.Sprint(m["message"]), "64 MiB") {
-						t.Errorf("upload to a full disk: %d %v", st, m)
-					}
-					_, sb := tn.s.do("GET", "/api/sandbox/"+id, tn.attacker, nil)
-					if u := sb["usage"].(map[string]any)["disk_used_bytes"].(float64); u < 32<<20 || u > 64<<20 {
-						t.Errorf("disk_used_bytes %v after filling a 64 MiB disk", u)
-					}
-					tn.s.run(tn.attacker, id, "import os\nos.remove('/workspace/out/fill')", 30)
-				}
-				if dir == "/tmp" {
-					tn.s.run(tn.attacker, id, "import os\nos.remove('/tmp/fill')", 30)
-				}
-				tn.healthy(tn.attacker, id)
+			if got.Errno != full || got.Written > 64<<20 {
+				t.Errorf("filling %s: wrote %d MiB, then %v; want %s within 64 MiB", dir, got.Written>>20, got.Errno, full)
 			}
-			if st, _ := tn.upload(tn.attacker, id, "/workspace/out/upload", bytes.Repeat([]byte("u"), 8<<20)); st != 201 {
-				t.Errorf("upload once space is free again: %d", st)
+			// Full: an upload does not fit, and says so.
+			if dir == "/workspace/out" {
+				st, m := tn.upload(tn.attacker, id, "/workspace/out/upload", bytes.Repeat([]byte("u"), 8<<20))
+				if st != 507 || m["error"] != "insufficient_storage" || !strings.Contains(fmt.Sprint(m["message"]), "64 MiB") {
+					t.Errorf("upload to a full disk: %d %v", st, m)
+				}
+				_, sb := tn.s.do("GET", "/api/sandbox/"+id, tn.attacker, nil)
+				if u := sb["usage"].(map[string]any)["disk_used_bytes"].(float64); u < 32<<20 || u > 64<<20 {
+					t.Errorf("disk_used_bytes %v after filling a 64 MiB disk", u)
+				}
+				tn.s.run(tn.attacker, id, "import os\nos.remove('/workspace/out/fill')", 30)
 			}
-			if mode == "wasm" {
-				return
+			if dir == "/tmp" {
+				tn.s.run(tn.attacker, id, "import os\nos.remove('/tmp/fill')", 30)
 			}
-			// Nothing else is writable: every directory the sandbox user may write is one of these.
-			var writable []string
-			tn.result(tn.attacker, id, `
+			tn.healthy(tn.attacker, id)
+		}
+		if st, _ := tn.upload(tn.attacker, id, "/workspace/out/upload", bytes.Repeat([]byte("u"), 8<<20)); st != 201 {
+			t.Errorf("upload once space is free again: %d", st)
+		}
+		if mode == "wasm" {
+			return
+		}
+		// Nothing else is writable: every directory the sandbox user may write is one of these.
+		var writable []string
+		tn.result(tn.attacker, id, `
 import os
 w = []
 for root, dirs, files in os.walk("/"):
@@ -281,15 +290,14 @@ for root, dirs, files in os.walk("/"):
         dirs[:] = []
 result = w
 `, &writable)
-			for _, w := range writable {
-				switch w {
-				case "/tmp", "/workspace/out", "/.sandbox/work", "/dev/shm", "/dev/mqueue":
-				default:
-					t.Errorf("%s is writable", w)
-				}
+		for _, w := range writable {
+			switch w {
+			case "/tmp", "/workspace/out", "/.sandbox/work", "/dev/shm", "/dev/mqueue":
+			default:
+				t.Errorf("%s is writable", w)
 			}
-		})
-	}
+		}
+	})
 }
 
 // TestAttackTmpIsNotMemory: /tmp is on the disk: a sandbox with 64 MiB of memory writes three
@@ -349,14 +357,9 @@ time.sleep(30)
 // a symlink planted for the cleanup to follow — changes what a later run imports or finds.
 func TestAttackPoisonLaterRuns(t *testing.T) {
 	tn := startTenants(t)
-	for _, mode := range []string{"container", "wasm"} {
-		t.Run(mode, func(t *testing.T) {
-			if mode == "wasm" && wasmImage == "" {
-				t.Skip("needs SANDBOXD_PYTHON_WASM (make test)")
-			}
-			tn.s.t = t
-			id := tn.sandbox(tn.attacker, mode, nil)
-			plant := `
+	tn.forModes(t, func(t *testing.T, mode string) {
+		id := tn.sandbox(tn.attacker, mode, nil)
+		plant := `
 import os
 for p in ("csv.py", "json.py", "/tmp/csv.py", "/tmp/json.py", "/tmp/sitecustomize.py"):
     open(p, "w").write("raise SystemExit('poisoned')")
@@ -366,22 +369,21 @@ try:
 except OSError:
     pass  # WASM refuses links
 `
-			tn.s.run(tn.attacker, id, plant, 30)
-			var got struct {
-				Cwd  []string
-				Keep string
-				Path []string
-			}
-			tn.result(tn.attacker, id, `
+		tn.s.run(tn.attacker, id, plant, 30)
+		var got struct {
+			Cwd  []string
+			Keep string
+			Path []string
+		}
+		tn.result(tn.attacker, id, `
 import os, sys, csv, json
 result = {"cwd": os.listdir("."), "keep": open("/tmp/keep").read(),
           "path": [p for p in sys.path if p in ("", ".") or p.startswith(("/tmp", "/.sandbox"))]}
 `, &got)
-			if len(got.Cwd) != 0 || got.Keep != "kept" || len(got.Path) != 0 {
-				t.Errorf("the next run finds %+v", got)
-			}
-		})
-	}
+		if len(got.Cwd) != 0 || got.Keep != "kept" || len(got.Path) != 0 {
+			t.Errorf("the next run finds %+v", got)
+		}
+	})
 }
 
 // TestAttackRunsEndTyped: the item-7 findings — DELETE answers with the running run final; a

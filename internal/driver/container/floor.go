@@ -104,6 +104,10 @@ func (d *Driver) NetworkCost(ctx context.Context) (time.Duration, error) {
 	if err := os.MkdirAll(b.dir, 0o700); err != nil {
 		return 0, err
 	}
+	mdir := d.sandboxMountDir(id) // where setupNetwork writes resolv.conf
+	if err := os.Mkdir(mdir, 0o711); err != nil {
+		return 0, err
+	}
 	p, err := egress.ParsePolicy(true, []string{"api.company.com"})
 	if err != nil {
 		return 0, err
@@ -112,7 +116,7 @@ func (d *Driver) NetworkCost(ctx context.Context) (time.Duration, error) {
 	_, err = d.setupNetwork(ctx, b, p)
 	took := time.Since(start)
 	d.gw.Detach(id)
-	err = errors.Join(err, d.net.Teardown(id), os.RemoveAll(b.dir))
+	err = errors.Join(err, d.net.Teardown(id), os.RemoveAll(b.dir), os.RemoveAll(mdir))
 	if err != nil {
 		return 0, fmt.Errorf("network cost: %w", err)
 	}
