@@ -849,7 +849,7 @@ print(json.dumps({"sockets": found, "socket_fds": fds, "planted": planted,
 		if err := json.Unmarshal([]byte(out), &got); err != nil {
 			t.Fatalf("%v: %s", err, out)
 		}
-		if len(got.Sockets) > 0 || len(got.SocketFDs) > 0 || len(got.Planted) > 0 || got.InMountinfo || !slices.Equal(got.Dir, []string{"bin"}) {
+		if len(got.Sockets) > 0 || len(got.SocketFDs) > 0 || len(got.Planted) > 0 || got.InMountinfo || !slices.Equal(got.Dir, []string{"bin", "work"}) {
 			t.Errorf("agent channel visible in the sandbox: %+v", got)
 		}
 		if _, err := os.Stat(socketPath(d.boxDir(attacker))); err != nil {

@@ -61,7 +61,7 @@ func TestPythonSemantics(t *testing.T) {
 		{name: "stderr", code: "import sys\nsys.stderr.write('warn\\n')", status: driver.StatusCompleted, stderrHas: "warn"},
 		{name: "env", code: "import os\nprint(os.environ['FOO'], os.environ['HOME'])", env: map[string]string{"FOO": "bar"}, status: driver.StatusCompleted, stdout: "bar /tmp\n"},
 		{name: "stdin is empty", code: "import sys\nprint(repr(sys.stdin.read()))", status: driver.StatusCompleted, stdout: "''\n"},
-		{name: "cwd is /tmp", code: "import os\nprint(os.getcwd())", status: driver.StatusCompleted, stdout: "/tmp\n"},
+		{name: "cwd is the run's work dir", code: "import os\nprint(os.getcwd())", status: driver.StatusCompleted, stdout: pyrunner.WorkDir + "\n"},
 		{name: "runner dir is empty", code: "import os\nprint(os.listdir('/.sandbox'))", status: driver.StatusCompleted, stdout: "[]\n"},
 		{name: "stdlib: json sqlite3 zlib", status: driver.StatusCompleted, code: `
 import json, sqlite3, zlib, hashlib, datetime, decimal, csv, io

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // The standby (see instance in worker.go): each run of a sandbox is served by an instance started
@@ -64,7 +65,7 @@ func TestStandbyRuns(t *testing.T) {
 			code: "result = dict(__import__('os').environ)", result: string(wantEnvJSON)},
 		{name: "the run's environment does not stay", code: "import os\nprint(os.environ.get('B'))", stdout: "None\n"},
 		{name: "working directory, argv, __main__", code: "import os, sys\nprint(os.getcwd(), sys.argv, __name__)",
-			stdout: "/tmp ['-c'] __main__\n"},
+			stdout: pyrunner.WorkDir + " ['-c'] __main__\n"},
 		{name: "the run's output limit", maxOutput: 20, code: "print('x' * 50)\nresult = 'y' * 100",
 			stdout: strings.Repeat("x", 20), result: `"<result omitted: 102 bytes of JSON exceed the 20-byte limit>"`},
 		{name: "a locale variable gets an instance started with it", env: map[string]string{"LC_ALL": "C.UTF-8"}, fresh: true,
