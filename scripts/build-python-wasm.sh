@@ -25,13 +25,18 @@
 #
 # Output: CACHE_DIR/python-wasm/python-3.11-wasi-<recipe hash>/
 #   python.wasm         the interpreter, a WASI preview1 command module, without debug info
-#                       (llvm-strip-14 --strip-debug; function names kept for trap traces)
+#                       (llvm-strip-14 --strip-debug; function names kept for trap traces).
+#                       Linear memory: the C stack first (8 MiB at addresses 0..8 MiB, growing
+#                       down, so an overflow traps instead of overwriting data), then the static
+#                       data, then the heap; 14 MiB initial; __stack_pointer exported; default
+#                       recursion limit 1000 (see WASM_STACK_SIZE below)
 #   lib/python3.11/     the standard library, unzipped: .py plus __pycache__/*.cpython-311.pyc
 #                       (unchecked-hash pycs: valid without source mtimes, on a read-only mount),
 #                       _sysconfigdata__wasi_wasm32-wasi.py and a copy under Debian's name
 #                       _sysconfigdata__wasm32-wasi.py; without test suites, idlelib, tkinter,
 #                       turtledemo, ensurepip, venv, ctypes, curses, msilib, pydoc_data
-#   BUILDINFO           key=value: source and toolchain versions, recipe hash, build seconds
+#   BUILDINFO           key=value: source and toolchain versions, recipe hash, stack size,
+#                       initial memory, recursion limit, build seconds
 #   .complete           written last; a directory without it is never used
 # A failed build leaves its step logs in CACHE_DIR/python-wasm/python-3.11-wasi-<hash>.logs/.
 # The guest sees <dir>/lib read-only at /usr/local/lib and runs with PYTHONHOME=/usr/local:
@@ -67,6 +72,22 @@ SQLITE_CFLAGS=(
   -DSQLITE_ENABLE_SESSION -DSQLITE_ENABLE_STMTVTAB -DSQLITE_MAX_VARIABLE_NUMBER=250000
   -DSQLITE_ENABLE_MATH_FUNCTIONS -DSQLITE_MAX_DEFAULT_PAGE_SIZE=32768
 )
+# The interpreter's C stack (the "shadow stack" clang keeps in linear memory for address-taken
+# locals; everything else lives on the runtime's own stack). CPython 3.11.2's configure links
+# WASI with `-z stack-size=524288 -Wl,--stack-first -Wl,--initial-memory=10485760` and, for that
+# 512 KiB stack, lowers the default recursion limit to 600 (pycore_ceval.h). Stack-first already
+# puts the stack at linear address 0, growing down, below the static data: an overflow goes below
+# address 0 and traps (out of bounds memory access); it cannot run into the data or the heap.
+# What the 512 KiB stack did not give is depth: Python recursion through a C call (map, sorted's
+# key, __repr__, __eq__, ...) overflowed it at about 930 levels. 8 MiB (a native process's
+# default `ulimit -s`) with the default recursion limit of native CPython, 1000; the stack pages
+# are touched only as deep as a run recurses. The initial memory is the stack, the static data
+# (3.4 MiB) and room for start-up's heap; it must stay within the smallest memory a sandbox may
+# have (16 MiB). __stack_pointer is exported so that the WASM driver can tell a trap caused by a
+# stack overflow from other traps (RATIONALE.md, 2026-12-05).
+WASM_STACK_SIZE=8388608
+WASM_INITIAL_MEMORY=14680064
+PY_RECURSION_LIMIT=1000
 # Parts of the standard library left out: test suites, GUI, packaging, and what needs a C module
 # WASI cannot have (_ctypes, _curses, Windows' _msi); pydoc_data is 0.7 MB of help() topics.
 # Every test/ and tests/ directory goes too (unittest/test, lib2to3/tests, distutils/tests).
@@ -285,7 +306,8 @@ build_wasi() {
   # because Python would sleep with TIMER_ABSTIME, which wazero rejects (plain nanosleep is
   # relative). pkg-config sees only the wasm32 deps, never the host's .pc files.
   CONFIG_SITE="$w/python/Tools/wasm/config.site-wasm32-wasi" \
-  CC="$wcc" CPP="$wcc -E" AR=llvm-ar-14 RANLIB=llvm-ranlib-14 CFLAGS="$prefix_map" \
+  CC="$wcc" CPP="$wcc -E" AR=llvm-ar-14 RANLIB=llvm-ranlib-14 \
+  CFLAGS="$prefix_map -DPy_DEFAULT_RECURSION_LIMIT=$PY_RECURSION_LIMIT" \
   PKG_CONFIG_PATH='' PKG_CONFIG_LIBDIR="$deps/lib/pkgconfig" \
   ac_cv_func_clock_nanosleep=no ac_cv_lib_rt_clock_nanosleep=no \
     ../python/configure --host=wasm32-unknown-wasi --build="$(../python/config.guess)" \
@@ -294,7 +316,17 @@ build_wasi() {
   for m in zlib _sqlite3 _json _decimal _datetime _csv math; do
     grep -q "^MODULE_${m^^}_STATE=yes" Makefile || { echo "module $m not enabled" >&2; exit 1; }
   done
+  # The stack's size and the initial memory: configure's are replaced where it put them.
+  local cf='-z stack-size=524288 -Wl,--stack-first -Wl,--initial-memory=10485760'
+  grep -q -- "^CONFIGURE_LDFLAGS_NODIST=.*$cf" Makefile || { echo "configure's WASI link flags not found" >&2; exit 1; }
+  sed -i "s/$cf/-z stack-size=$WASM_STACK_SIZE -Wl,--stack-first -Wl,--initial-memory=$WASM_INITIAL_MEMORY -Wl,--export=__stack_pointer/" Makefile
   make -j2
+  # The layout: the stack first (the static data begins where it ends), the initial memory.
+  llvm-readobj-14 --sections python.wasm >layout.txt
+  [ "$(grep -m1 -A3 'Segments \[' layout.txt | sed -n 's/^ *Offset: //p')" = "$WASM_STACK_SIZE" ] ||
+    { echo "python.wasm: the static data does not begin at $WASM_STACK_SIZE (stack not first?)" >&2; exit 1; }
+  [ "$(sed -n 's/^ *MinPages: //p' layout.txt)" = "$((WASM_INITIAL_MEMORY / 65536))" ] ||
+    { echo "python.wasm: initial memory is not $WASM_INITIAL_MEMORY" >&2; exit 1; }
 }
 step wasi-python build_wasi
 
@@ -330,6 +362,9 @@ rm -rf "$w"
   echo "source.zlib=$ZLIB_VER"
   echo "source.sqlite3=$SQLITE_VER"
   for p in "${TOOL_PKGS[@]}"; do echo "tool.$p=$(dpkg-query -W -f='${Version}' "$p")"; done
+  echo "stack_size=$WASM_STACK_SIZE"
+  echo "initial_memory=$WASM_INITIAL_MEMORY"
+  echo "recursion_limit=$PY_RECURSION_LIMIT"
   echo "python_wasm_sha256=$(sha256sum "$tmp/python.wasm" | cut -d' ' -f1)"
   echo "fetch_seconds=$((t_build - t_fetch))"
   echo "build_seconds=$((SECONDS - t_build))"

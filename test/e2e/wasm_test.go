@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 )
@@ -123,6 +125,15 @@ except Exception as e:
 	}
 	if r := s.run(key, id, "result = 6*7", 60); r["result"] != float64(42) {
 		t.Fatalf("after a crash: %v", r)
+	}
+	// Recursion deeper than the interpreter's C stack: a clear error, and the sandbox goes on.
+	r = s.run(key, id, "import sys\nsys.setrecursionlimit(10**7)\nx = []\nfor _ in range(300000):\n    x = [x]\nimport pickle\npickle.dumps(x)", 60)
+	if e, _ := r["error"].(map[string]any); r["status"] != "failed" || e["type"] != "StackOverflow" ||
+		!strings.Contains(fmt.Sprint(r["stderr"]), "sandbox: the interpreter crashed (the interpreter's C stack overflowed") {
+		t.Errorf("C stack overflow: status %v error %v stderr %.300v", r["status"], r["error"], r["stderr"])
+	}
+	if r := s.run(key, id, "result = 6*7", 60); r["result"] != float64(42) {
+		t.Fatalf("after a stack overflow: %v", r)
 	}
 	if status, _ := s.do("GET", "/health", "", nil); status != 200 {
 		t.Fatalf("sandboxd unhealthy after a guest crash: %d", status)

@@ -99,6 +99,7 @@ type exitMsg struct {
 	Standby         bool            `json:"standby,omitempty"` // the run was served by the standby
 	MemoryPeak      int64           `json:"memory_peak"`       // linear memory high-water mark, bytes
 	GrowRefused     bool            `json:"grow_refused"`      // the guest asked for memory past its cap
+	StackOverflow   bool            `json:"stack_overflow"`    // the trap was a stack overflow
 	StdoutTruncated bool            `json:"stdout_truncated"`
 	StderrTruncated bool            `json:"stderr_truncated"`
 }

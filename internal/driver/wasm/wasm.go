@@ -56,7 +56,11 @@
 // high-water mark of the instance's linear memory (WebAssembly memory never shrinks, so it is the
 // guest's peak heap plus static data and stack, start-up included). Status "oom": an uncaught
 // MemoryError, a trap after the guest was refused memory past its cap, or a cgroup OOM kill of
-// the worker.
+// the worker. A trap is status "failed", exit code 134, with the line "sandbox: the interpreter
+// crashed (why)" on stderr; one caused by a stack overflow (recursion deeper than the
+// interpreter's C stack, 8 MiB, first in linear memory so that overflowing it traps; see
+// stackOverflow) also has the error {type: StackOverflow}. The trapped instance is closed like
+// any other: the next run gets a fresh one.
 //
 // # Standby
 //
@@ -79,8 +83,8 @@
 // ended by itself (its output is dropped); a run with its own command line (Baseline), which ends
 // the standby first. A worker killed or dead takes its standby with it; the next worker starts
 // its own when configured. An idle sandbox's worker holds its standby: about 5 MiB more PSS
-// (TestIdleWorkerMemory: 44 → 47–50 MiB after ten runs; the standby's linear memory is ~10 MiB
-// reserved, part of it touched).
+// (TestIdleWorkerMemory: 44 → 47–50 MiB after ten runs; the standby's linear memory is ~14 MiB
+// reserved, part of it touched: 8 MiB of it is the C stack, touched only as deep as a run goes).
 //
 // # Filesystem
 //
@@ -818,6 +822,10 @@ loop:
 			}
 			res.Error = doc.Error
 		}
+	}
+	if ex.StackOverflow && res.Error == nil {
+		// The guest trapped: the runner reported nothing. Say what happened.
+		res.Error = &driver.PyError{Type: "StackOverflow", Message: stackOverflowMessage}
 	}
 	switch {
 	case cgroupOOM:

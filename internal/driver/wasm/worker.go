@@ -500,6 +500,7 @@ type instance struct {
 	maxOutput      int           // the run's output budget per stream, set before deliver
 	done           chan struct{} // closed when the instance has ended and been closed
 	err            error         // instantiate's, set before done closes
+	overflow       bool          // err is a trap caused by a stack overflow, set before done closes
 	ended          time.Time     // set before done closes
 }
 
@@ -528,7 +529,7 @@ func (w *worker) start(args, env []string, rd *runDir) *instance {
 	}
 	ctx := experimental.WithMemoryAllocator(context.Background(), inst.alloc)
 	go func() {
-		inst.err = instantiate(ctx, w.rt, w.compiled, cfg)
+		inst.overflow, inst.err = instantiate(ctx, w.rt, w.compiled, cfg)
 		inst.ended = time.Now()
 		close(inst.done)
 	}()
@@ -702,6 +703,10 @@ func (inst *instance) exit(from time.Time, warm bool) exitMsg {
 		if _, why, ok := strings.Cut(first, "] failed: "); ok {
 			first = why // drop wazero's "module[] function[_start] failed: "
 		}
+		if inst.overflow {
+			ex.StackOverflow = true
+			first = stackOverflowMessage + "; " + first
+		}
 		fmt.Fprintf(inst.stderr, "sandbox: the interpreter crashed (%s)\n", first)
 	}
 	peak, refused := inst.alloc.stats()
@@ -716,17 +721,76 @@ func (inst *instance) exit(from time.Time, warm bool) exitMsg {
 }
 
 // instantiate runs the module's _start in a fresh instance and closes it. A panic of the runtime
-// (e.g. a memory cap below the module's initial memory) is returned as an error.
-func instantiate(ctx context.Context, rt wazero.Runtime, compiled wazero.CompiledModule, cfg wazero.ModuleConfig) (err error) {
+// (e.g. a memory cap below the module's initial memory) is returned as an error. overflow reports
+// whether the run ended in a trap caused by a stack overflow (see stackOverflow).
+func instantiate(ctx context.Context, rt wazero.Runtime, compiled wazero.CompiledModule, cfg wazero.ModuleConfig) (overflow bool, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("wasm runtime panic: %v", r)
 		}
 	}()
-	var mod api.Module
-	mod, err = rt.InstantiateModule(ctx, compiled, cfg)
-	if mod != nil {
-		_ = mod.Close(ctx)
+	// _start is called here rather than by InstantiateModule, which closes the instance on a
+	// trap: the stack pointer is read after it.
+	mod, err := rt.InstantiateModule(ctx, compiled, cfg.WithStartFunctions())
+	if err != nil {
+		return false, err
 	}
-	return err
+	defer mod.Close(ctx)
+	sp := mod.ExportedGlobal(stackPointerExport)
+	var top uint32 // the stack pointer before the guest ran: with the stack first, the stack's end
+	if sp != nil {
+		top = uint32(sp.Get())
+	}
+	start := mod.ExportedFunction("_start")
+	if start == nil {
+		return false, errors.New("python.wasm exports no _start function")
+	}
+	if _, err = start.Call(ctx); err != nil {
+		var exit *sys.ExitError
+		if errors.As(err, &exit) {
+			if exit.ExitCode() == 0 {
+				err = nil
+			}
+			return false, err
+		}
+		overflow = stackOverflow(err, sp, top)
+		// The wording of wazero's InstantiateModule, which exit trims.
+		return overflow, fmt.Errorf("module[] function[_start] failed: %w", err)
+	}
+	return false, nil
+}
+
+// stackPointerExport is the global python.wasm exports its C stack pointer as
+// (scripts/build-python-wasm.sh links it with -Wl,--export=__stack_pointer).
+const stackPointerExport = "__stack_pointer"
+
+// stackMargin is how close to address 0 the stack pointer must be for an out-of-bounds access to
+// count as a stack overflow: more than the largest stack frame of a function that does not move
+// the global stack pointer (a leaf), far less than the 8 MiB stack.
+const stackMargin = 64 << 10
+
+// stackOverflowMessage is the error message of a run whose interpreter's stack overflowed.
+const stackOverflowMessage = "the interpreter's C stack overflowed: recursion too deep (sys.setrecursionlimit allows more than the stack holds)"
+
+// stackOverflow reports whether trap err of an instance was a stack overflow. Two stacks can
+// overflow. The C stack that clang keeps in linear memory (for locals whose address is taken):
+// python.wasm has it first, at addresses 0 up to top, growing down, so an overflow moves the
+// stack pointer (the exported global sp) below 0, where it wraps past top, and the next access
+// is out of bounds; a function that has not yet stored its lowered stack pointer leaves it within
+// stackMargin of 0. And wazero's own call stack, which holds the rest of every frame (about
+// 100 MB at most: wazero's ceiling, which the heaviest recursion, Python through C functions,
+// reaches with about 3 MiB of the C stack used): past it wazero fails the call with
+// "stack overflow" (without its "wasm error: " prefix). Any other trap (an out-of-bounds access
+// with the stack pointer in the stack's body, an invalid table access, ...) is not one. Without
+// the export (an image built before it) only wazero's is recognised.
+func stackOverflow(err error, sp api.Global, top uint32) bool {
+	msg := err.Error()
+	switch {
+	case strings.HasPrefix(msg, "stack overflow"), strings.HasPrefix(msg, "wasm error: stack overflow"):
+		return true
+	case strings.HasPrefix(msg, "wasm error: out of bounds memory access") && sp != nil && top > stackMargin:
+		v := uint32(sp.Get())
+		return v < stackMargin || v > top
+	}
+	return false
 }
