@@ -115,12 +115,8 @@ func TestMeasure(t *testing.T) {
 			t.Error(err)
 		}
 	}
-	if p50(creates) > 50*time.Millisecond {
-		t.Errorf("create p50 %v (target 5 ms)", p50(creates))
-	}
-	if p50(walls) > 300*time.Millisecond {
-		t.Errorf("print(1) p50 %v (target 60 ms)", p50(walls))
-	}
+	// The figures are logged, not judged: targets live in `sandboxd bench`, as ratios to a baseline
+	// measured in the same run (a shared machine's timings vary 2–3× from day to day).
 }
 
 // smapsRollup returns a process's RSS and PSS in bytes.
