@@ -350,6 +350,27 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err := os.Mkdir(merged, 0o755); err != nil {
 		return err
 	}
+	// The user namespace (a fork + exec: userns.go) is made while the root and the network are set
+	// up; an early return still waits for it and lets it go.
+	type madeNS struct {
+		ns  *userNS
+		err error
+	}
+	var nsc chan madeNS
+	if d.rt.ownedUserNS() {
+		nsc = make(chan madeNS, 1)
+		go func() {
+			ns, err := d.newUserNS(spec.HostIDs)
+			nsc <- madeNS{ns, err}
+		}()
+		defer func() {
+			if nsc != nil {
+				if m := <-nsc; m.ns != nil {
+					m.ns.close()
+				}
+			}
+		}()
+	}
 	if err := mountOverlay(spec.RootFS, filepath.Join(dir, "upper"), filepath.Join(dir, "work"), merged); err != nil {
 		return err
 	}
@@ -369,11 +390,13 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath, "--prestart", prestart}, cwd: cwd, mounts: mounts,
 		masked: masked, res: spec, netns: nb.NSPath}
 	var userns *userNS
-	if d.rt.ownedUserNS() {
-		if userns, err = d.newUserNS(spec.HostIDs); err != nil {
-			return err
+	if nsc != nil {
+		m := <-nsc
+		nsc = nil
+		if m.err != nil {
+			return m.err
 		}
-		cs.userns = userns.path
+		userns, cs.userns = m.ns, m.ns.path
 	}
 	err = statedir.WriteJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp))
 	if err == nil {
