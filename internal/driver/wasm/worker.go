@@ -700,9 +700,6 @@ func (inst *instance) exit(from time.Time, warm bool) exitMsg {
 			ex.Trap = ex.Trap[:4096]
 		}
 		first, _, _ := strings.Cut(ex.Trap, "\n")
-		if _, why, ok := strings.Cut(first, "] failed: "); ok {
-			first = why // drop wazero's "module[] function[_start] failed: "
-		}
 		if inst.overflow {
 			ex.StackOverflow = true
 			first = stackOverflowMessage + "; " + first
@@ -753,9 +750,7 @@ func instantiate(ctx context.Context, rt wazero.Runtime, compiled wazero.Compile
 			}
 			return false, err
 		}
-		overflow = stackOverflow(err, sp, top)
-		// The wording of wazero's InstantiateModule, which exit trims.
-		return overflow, fmt.Errorf("module[] function[_start] failed: %w", err)
+		return stackOverflow(err, sp, top), err
 	}
 	return false, nil
 }
