@@ -39,49 +39,15 @@ package main
 import (
 	"flag"
 	"fmt"
-	"io"
 	"log"
 	"os"
 	"runtime"
 	"sync"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
 )
-
-const (
-	holdCommand   = "hold"
-	holdNSCommand = "hold-ns"
-)
-
-// hold is "sandbox-agent hold", which the host starts as a sandbox's first host id to make the
-// sandbox's user namespace, owned by that id (the container driver's userns.go): it starts a
-// child in a new user namespace (with the same stdin), prints the child's PID on stdout and
-// closes it, then waits until the host closes stdin, reaps the child and exits. If the child
-// cannot be started it prints why instead and exits 1.
-func hold() {
-	self, err := os.Executable()
-	if err != nil {
-		self = "/proc/self/exe"
-	}
-	pid, err := syscall.ForkExec(self, []string{"sandbox-agent", holdNSCommand}, &syscall.ProcAttr{
-		Env:   []string{},
-		Files: []uintptr{0, ^uintptr(0), ^uintptr(0)},
-		Sys:   &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWUSER},
-	})
-	if err != nil {
-		fmt.Printf("new user namespace: %v\n", err)
-		os.Exit(1)
-	}
-	fmt.Println(pid)
-	os.Stdout.Close()
-	io.Copy(io.Discard, os.Stdin)
-	var ws syscall.WaitStatus
-	syscall.Wait4(pid, &ws, 0, nil)
-	os.Exit(0)
-}
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == launchCommand {
@@ -89,14 +55,6 @@ func main() {
 	}
 	if len(os.Args) > 1 && os.Args[1] == zygoteCommand {
 		zygoteMain(os.Args[2:]) // does not return
-	}
-	if len(os.Args) == 2 && os.Args[1] == holdCommand {
-		hold() // does not return
-	}
-	if len(os.Args) == 2 && os.Args[1] == holdNSCommand {
-		// The holder's child, in the new user namespace: it keeps it until stdin ends.
-		io.Copy(io.Discard, os.Stdin)
-		os.Exit(0)
 	}
 	log.SetFlags(0)
 	log.SetPrefix("sandbox-agent: ")

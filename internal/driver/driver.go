@@ -58,6 +58,10 @@ type Spec struct {
 	// WorkDir is the host directory that backs every run's working directory, pyrunner.WorkDir
 	// (on the disk too); the driver empties it after every run.
 	WorkDir string
+	// HostReady, if set, waits until the host directories above (TmpDir, WorkDir, the Mounts'
+	// HostDirs) exist — the service makes the sandbox's disk while the driver sets up the rest —
+	// and returns what kept them from existing. The driver calls it before it uses them.
+	HostReady func() error
 	// HostIDs is the first of the sandbox's IDsPerSandbox host uids and gids (> 0): every process
 	// of the sandbox runs as one of them, and no other live sandbox has them.
 	HostIDs    uint32

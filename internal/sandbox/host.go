@@ -30,11 +30,13 @@ import (
 // Without Config.Disks (the tests of the layers above) the same tree is a plain directory,
 // DataDir/sandboxes/<id>, and nothing bounds it.
 type host struct {
-	ids  uint32 // the first of its host ids
-	dir  string // DataDir/sandboxes/<id>
-	root string // the disk's root (or dir without disks)
-	size int64  // the disk's size (0 without disks)
-	base int64  // bytes the empty disk uses (its own metadata)
+	ids  uint32        // the first of its host ids
+	dir  string        // DataDir/sandboxes/<id>
+	root string        // the disk's root (or dir without disks)
+	size int64         // the disk's size (0 without disks)
+	base int64         // bytes the empty disk uses (its own metadata)
+	made chan struct{} // closed once its disk and directories are made, or err says why not
+	err  error
 }
 
 // mountsDir is where the host directories of a sandbox's paths are, below its root.
@@ -45,39 +47,30 @@ func MountDir(root, p string) string {
 	return filepath.Join(root, mountsDir, url.PathEscape(strings.TrimPrefix(p, "/"))) // "/" → %2F: one name per path
 }
 
-// newHost provisions sandbox id's host side and describes the sandbox for its driver. On error
-// nothing of it is left.
-func (s *Service) newHost(id string, sp spec) (_ driver.Spec, err error) {
+// newHost provisions sandbox id's host side and describes the sandbox for its driver. Its disk
+// and directories are made in the background, meanwhile the driver sets up the rest: the spec's
+// HostReady waits for them. On error nothing of it is left; once it returns, releaseHost releases
+// it (also when making the disk fails).
+func (s *Service) newHost(id string, sp spec) (driver.Spec, error) {
 	ids, err := s.ids.take()
 	if err != nil {
 		return driver.Spec{}, err
 	}
-	h := &host{ids: ids, dir: filepath.Join(s.sandboxesDir(), id)}
-	defer func() {
-		if err != nil {
-			s.dropHost(h, true)
-		}
-	}()
+	h := &host{ids: ids, dir: filepath.Join(s.sandboxesDir(), id), made: make(chan struct{})}
 	if err := os.Mkdir(h.dir, 0o700); err != nil {
+		s.ids.give(ids)
 		return driver.Spec{}, fmt.Errorf("sandbox dir: %w", err)
 	}
 	h.root = h.dir
 	if s.cfg.Disks != nil {
 		sum := sha256.Sum256([]byte(id))
 		h.root, h.size = filepath.Join(s.cfg.MountDir, hex.EncodeToString(sum[:8])), sp.diskBytes
-		if err := s.cfg.Disks.Create(filepath.Join(h.dir, "disk.img"), h.root, sp.diskBytes); err != nil {
-			return driver.Spec{}, err
-		}
 	}
 	ds := driver.Spec{
 		RootFS: sp.image.RootFS, Blocked: sp.config.Filesystem.Blocked, CPU: sp.cpu, MemoryBytes: sp.memoryBytes,
 		PidsLimit: s.cfg.PidsLimit, AllowSpawn: sp.allowSpawn, Network: sp.network,
 		HostIDs: ids, TmpDir: filepath.Join(h.root, "tmp"), WorkDir: filepath.Join(h.root, "work"),
-	}
-	for _, d := range []string{ds.TmpDir, ds.WorkDir, filepath.Join(h.root, mountsDir), filepath.Join(h.root, ".staging")} {
-		if err := os.Mkdir(d, 0o711); err != nil {
-			return driver.Spec{}, fmt.Errorf("sandbox dirs: %w", err)
-		}
+		HostReady: h.ready,
 	}
 	fs := sp.config.Filesystem
 	for _, l := range []struct {
@@ -85,20 +78,46 @@ func (s *Service) newHost(id string, sp spec) (_ driver.Spec, err error) {
 		ro    bool
 	}{{fs.ReadOnly, true}, {fs.ReadWrite, false}} {
 		for _, p := range l.paths {
-			dir := MountDir(h.root, p)
-			if err := os.Mkdir(dir, 0o755); err != nil {
-				return driver.Spec{}, fmt.Errorf("create host dir for %s: %w", p, err)
-			}
-			ds.Mounts = append(ds.Mounts, driver.Mount{Path: p, HostDir: dir, ReadOnly: l.ro})
+			ds.Mounts = append(ds.Mounts, driver.Mount{Path: p, HostDir: MountDir(h.root, p), ReadOnly: l.ro})
+		}
+	}
+	s.mu.Lock()
+	s.hosts[id] = h
+	s.mu.Unlock()
+	go func() {
+		defer close(h.made)
+		h.err = s.makeHost(h, ds)
+	}()
+	return ds, nil
+}
+
+// makeHost makes sandbox h's disk and the directories of ds on it.
+func (s *Service) makeHost(h *host, ds driver.Spec) error {
+	if s.cfg.Disks != nil {
+		if err := s.cfg.Disks.Create(filepath.Join(h.dir, "disk.img"), h.root, h.size); err != nil {
+			return err
+		}
+	}
+	for _, d := range []string{ds.TmpDir, ds.WorkDir, filepath.Join(h.root, mountsDir), filepath.Join(h.root, ".staging")} {
+		if err := os.Mkdir(d, 0o711); err != nil {
+			return fmt.Errorf("sandbox dirs: %w", err)
+		}
+	}
+	for _, m := range ds.Mounts {
+		if err := os.Mkdir(m.HostDir, 0o755); err != nil {
+			return fmt.Errorf("create host dir for %s: %w", m.Path, err)
 		}
 	}
 	if s.cfg.Disks != nil {
 		h.base, _, _ = disk.Usage(h.root)
 	}
-	s.mu.Lock()
-	s.hosts[id] = h
-	s.mu.Unlock()
-	return ds, nil
+	return nil
+}
+
+// ready waits until h's disk and directories are made (driver.Spec.HostReady).
+func (h *host) ready() error {
+	<-h.made
+	return h.err
 }
 
 // hostOf returns sandbox id's host side (nil: none).
@@ -110,7 +129,7 @@ func (s *Service) hostOf(id string) *host {
 
 // diskUsed returns the bytes a sandbox wrote on its disk (0 without one).
 func (h *host) diskUsed() int64 {
-	if h == nil || h.size == 0 {
+	if h == nil || h.size == 0 || h.ready() != nil {
 		return 0
 	}
 	used, _, err := disk.Usage(h.root)
@@ -130,6 +149,8 @@ func (s *Service) releaseHost(id string, destroyed bool) {
 	if h == nil { // provisioned by no one in this process: what a crash left
 		h = &host{dir: filepath.Join(s.sandboxesDir(), id)}
 		destroyed = false
+	} else {
+		<-h.made
 	}
 	s.dropHost(h, destroyed)
 }

@@ -195,6 +195,9 @@ func (p *warmPool) create(id string, sp spec) error {
 	if err == nil {
 		err = drv.Create(p.ctx, id, ds)
 	}
+	if err == nil {
+		err = ds.HostReady() // made before a driver uses it; also when a driver needs none of it
+	}
 	if w, ok := drv.(driver.Warmer); ok && err == nil {
 		err = w.Warm(p.ctx, id)
 	}

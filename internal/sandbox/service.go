@@ -397,6 +397,9 @@ func (s *Service) provision(lv *live, drv driver.Driver) bool {
 		if err == nil {
 			err = drv.Create(lv.ctx, lv.id, ds)
 		}
+		if err == nil {
+			err = ds.HostReady() // made before a driver uses it; also when a driver needs none of it
+		}
 	}
 	lv.mu.Lock()
 	defer lv.mu.Unlock()

@@ -39,6 +39,7 @@ import (
 	"log"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -95,6 +96,7 @@ type Driver struct {
 	gw       *egress.Gateway   // per-sandbox DNS, HTTP proxy and transparent proxy
 
 	nsenter      string // util-linux nsenter, which starts zygotes ("": sandboxes get none)
+	unshare, cat string // util-linux unshare and cat, which make and hold owned user namespaces (userns.go)
 	zygoteFilter []byte // d.seccomp compiled for zygotes (see zygote.go)
 
 	mu    sync.Mutex
@@ -205,6 +207,16 @@ func Open(opts driver.Options) (*Driver, error) {
 			d.all = append(d.all, d.rt)
 		} else if rt, err := newRuntime(name, stateDir); err == nil {
 			d.all = append(d.all, rt)
+		}
+	}
+	if d.rt.ownedUserNS() {
+		for _, t := range []struct {
+			p   *string
+			bin string
+		}{{&d.unshare, "unshare"}, {&d.cat, "cat"}} {
+			if *t.p, err = exec.LookPath(t.bin); err != nil {
+				return nil, fmt.Errorf("container driver: %s, which makes each sandbox's user namespace, is missing (install util-linux and coreutils): %w", t.bin, err)
+			}
 		}
 	}
 	d.removeStaleHelpers(ctx)
@@ -378,6 +390,11 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err != nil {
 		return err
 	}
+	if spec.HostReady != nil { // the disk, made by the service meanwhile
+		if err := spec.HostReady(); err != nil {
+			return err
+		}
+	}
 	mounts, masked, cwd, err := d.planMounts(mdir, merged, spec)
 	if err != nil {
 		return err
@@ -403,7 +420,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		err = d.start(ctx, b)
 	}
 	if userns != nil {
-		userns.close() // the container's processes hold the namespace now
+		go userns.close() // the container's processes hold the namespace now
 	}
 	if err != nil {
 		return err

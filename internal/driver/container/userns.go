@@ -1,13 +1,13 @@
 package container
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"os"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -22,19 +22,19 @@ import (
 // inotify instances would count against root's 128 — one sandbox could exhaust them for all the
 // others and for the host. Owned by the sandbox's own id, the count stops at the sandbox.
 //
-// How: the driver starts `sandbox-agent hold` as the sandbox's first id, keeping CAP_SYS_ADMIN as
-// an ambient capability (so that hosts that restrict unprivileged user namespaces allow it). The
-// holder starts a child of its own in a new user namespace — owned by that id — prints the
-// child's PID and waits on its stdin. The driver writes the namespace's mappings (container ids
-// 0… onto the sandbox's) and the runtime joins it by path (/proc/<child>/ns/user). When the driver
-// closes the holder's stdin, once the container runs (its processes keep the namespace), the
-// child (same stdin) and the holder end.
+// How: the driver starts util-linux's `unshare --user cat` (a vfork and one exec of a small C
+// program) as the sandbox's first id, keeping CAP_SYS_ADMIN as an ambient capability (so that
+// hosts that restrict unprivileged user namespaces allow it). unshare makes the namespace, owned
+// by that id, and execs cat, which reads its stdin until EOF; the process has no capability left
+// outside its namespace. The driver waits until /proc/<pid>/ns/user is no longer its own, writes
+// the mappings (container ids 0… onto the sandbox's), and the runtime joins it by path. The driver
+// closes the holder's stdin once the container runs (its processes keep the namespace).
 //
-// The namespace is never made by a fork of sandboxd itself: a clone with CLONE_NEWUSER cannot be
-// a vfork, and a full fork copies the page tables of the whole server and leaves every page
-// copy-on-write behind it — measured, it made everything the server did slower for a while (the
-// network set-up running beside it 3×, a DELETE 2×). The holder is started by vfork; the small
-// process it is makes the full fork.
+// Not a clone with CLONE_NEWUSER from sandboxd itself: Go cannot make that a vfork, and the full
+// fork copies the page tables of the whole server and leaves every page copy-on-write behind it —
+// measured, it made everything the server did slower for a while (the network set-up running
+// beside it 3×, a DELETE 2×). Nor `sandbox-agent` as the holder: a Go program's exec and start-up
+// cost 8–10 ms here, unshare + cat 2 ms.
 //
 // With runc the runtime makes the namespace (ociRuntime.ownedUserNS): the sandbox's processes
 // still run as host ids of their own, but the counts of the hierarchical limits above reach
@@ -42,9 +42,9 @@ import (
 
 // userNS is a sandbox's user namespace while its holder lives.
 type userNS struct {
-	path   string   // /proc/<holder's child>/ns/user
+	path   string   // /proc/<holder>/ns/user
 	holder *os.File // the driver's end of the holder's stdin
-	pid    int      // the holder's
+	pid    int
 }
 
 // close lets the holder go and reaps it.
@@ -54,59 +54,79 @@ func (u *userNS) close() {
 	syscall.Wait4(u.pid, &ws, 0, nil)
 }
 
+// nsWait bounds how long newUserNS waits for unshare to have made the namespace.
+const nsWait = 5 * time.Second
+
 // newUserNS makes the user namespace of a sandbox whose first host id is ids (its owner).
 func (d *Driver) newUserNS(ids uint32) (*userNS, error) {
+	own, err := os.Readlink("/proc/self/ns/user")
+	if err != nil {
+		return nil, fmt.Errorf("user namespace: %w", err)
+	}
 	inR, inW, err := os.Pipe()
 	if err != nil {
 		return nil, err
 	}
 	defer inR.Close()
-	outR, outW, err := os.Pipe()
+	errR, errW, err := os.Pipe()
 	if err != nil {
 		inW.Close()
 		return nil, err
 	}
-	defer outR.Close()
+	defer errR.Close()
 	// No Pdeathsig: it follows the thread that started the holder, which may end before sandboxd.
 	// The holder ends at EOF on its stdin, also when sandboxd dies.
-	pid, err := syscall.ForkExec(d.agentBin, []string{"sandbox-agent", "hold"}, &syscall.ProcAttr{
+	pid, err := syscall.ForkExec(d.unshare, []string{"unshare", "--user", "--", d.cat}, &syscall.ProcAttr{
 		Env:   []string{},
-		Files: []uintptr{inR.Fd(), outW.Fd(), outW.Fd()},
+		Files: []uintptr{inR.Fd(), ^uintptr(0), errW.Fd()},
 		Sys: &syscall.SysProcAttr{
 			Credential:  &syscall.Credential{Uid: ids, Gid: ids},
 			AmbientCaps: []uintptr{unix.CAP_SYS_ADMIN},
 			Setpgid:     true,
 		},
 	})
-	outW.Close()
+	errW.Close()
 	if err != nil {
 		inW.Close()
-		return nil, fmt.Errorf("user namespace: start the holder: %w", err)
+		return nil, fmt.Errorf("user namespace: start %s: %w", d.unshare, err)
 	}
-	u := &userNS{holder: inW, pid: pid}
+	u := &userNS{path: "/proc/" + strconv.Itoa(pid) + "/ns/user", holder: inW, pid: pid}
 	fail := func(err error) (*userNS, error) {
 		u.close()
 		return nil, fmt.Errorf("user namespace: %w", err)
 	}
-	// The holder prints its child's PID on a line, or why it could not start it (or, a broken
-	// agent binary, whatever it prints).
-	line, rerr := bufio.NewReader(io.LimitReader(outR, 4096)).ReadString('\n')
-	child, err := strconv.Atoi(strings.TrimSpace(line))
-	if err != nil || child <= 0 {
-		if rest, _ := io.ReadAll(io.LimitReader(outR, 4096)); len(rest) > 0 {
-			line += string(rest)
+	for end, pause := time.Now().Add(nsWait), 50*time.Microsecond; ; pause = min(2*pause, time.Millisecond) {
+		ns, err := os.Readlink(u.path)
+		if err == nil && ns != own {
+			break
 		}
-		if strings.TrimSpace(line) == "" {
-			return fail(fmt.Errorf("sandbox-agent hold printed nothing (%v)", rerr))
+		var ws syscall.WaitStatus
+		if p, _ := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil); p == pid || err != nil {
+			u.holder.Close()
+			if p != pid {
+				syscall.Wait4(pid, &ws, 0, nil)
+			}
+			msg, _ := io.ReadAll(io.LimitReader(errR, 4096))
+			return nil, fmt.Errorf("user namespace: %s ended before making it (%s): %s", d.unshare, exitText(ws), strings.TrimSpace(string(msg)))
 		}
-		return fail(fmt.Errorf("sandbox-agent hold printed %q, not its child's PID", strings.TrimSpace(line)))
+		if time.Now().After(end) {
+			return fail(fmt.Errorf("%s made no namespace in %v", d.unshare, nsWait))
+		}
+		time.Sleep(pause)
 	}
-	u.path = "/proc/" + strconv.Itoa(child) + "/ns/user"
 	m := fmt.Sprintf("0 %d %d\n", ids, driver.IDsPerSandbox)
 	for _, f := range []string{"uid_map", "gid_map"} {
-		if err := os.WriteFile("/proc/"+strconv.Itoa(child)+"/"+f, []byte(m), 0); err != nil {
+		if err := os.WriteFile("/proc/"+strconv.Itoa(pid)+"/"+f, []byte(m), 0); err != nil {
 			return fail(fmt.Errorf("%s: %w", f, err))
 		}
 	}
 	return u, nil
+}
+
+// exitText says how a process ended.
+func exitText(ws syscall.WaitStatus) string {
+	if ws.Signaled() {
+		return "killed by " + ws.Signal().String()
+	}
+	return "exit " + strconv.Itoa(ws.ExitStatus())
 }

@@ -492,6 +492,11 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if spec.HostIDs == 0 || spec.TmpDir == "" || spec.WorkDir == "" {
 		return fmt.Errorf("create sandbox %s: the spec has no host ids, /tmp or working directory", id)
 	}
+	if spec.HostReady != nil {
+		if err := spec.HostReady(); err != nil {
+			return fmt.Errorf("create sandbox %s: %w", id, err)
+		}
+	}
 	dir := d.boxDir(id)
 	uid, gid := int(spec.HostIDs+driver.SandboxUser), int(spec.HostIDs+driver.SandboxUser)
 	cfg, err := planConfig(spec, spec.TmpDir)
