@@ -14,6 +14,9 @@ import (
 const (
 	warmShapes     = 4                // shapes kept warm at once; the least recently asked for goes first
 	warmRetryAfter = 30 * time.Second // after a failed refill, how long a shape waits before the next
+	// warmRefillGrace bounds how long the refill for a taken warm sandbox waits for that sandbox's
+	// first run to end (replenishAfter).
+	warmRefillGrace = time.Second
 )
 
 // warmPool keeps sandboxes that are provisioned but belong to no one yet ("warm"), so that a create
@@ -25,7 +28,8 @@ const (
 //
 // The pool learns shapes from demand: each create names its shape, the pool keeps Config.WarmPool
 // sandboxes of the warmShapes shapes asked for last, and provisions a replacement in the
-// background once the create that took one is done. A warm sandbox has the ID it will keep (no record exists
+// background once the sandbox of the create that took one has ended its first run (see
+// replenishAfter). A warm sandbox has the ID it will keep (no record exists
 // until a create takes it), its host directories and everything the driver gives a sandbox; it
 // has run nothing. A crash leaves warm sandboxes to the start-up reconciliation, which destroys
 // what the drivers list and no record claims; Close destroys them.
@@ -112,6 +116,41 @@ func (p *warmPool) replenish(sp spec) {
 	if sh := p.shapes[p.shapeKey(sp)]; sh != nil && !p.closed {
 		p.refillLocked(sh)
 	}
+}
+
+// replenishAfter is replenish once first is closed — the sandbox made by the create that called
+// take has ended its first run, or is gone, or was never made — or after warmRefillGrace: a refill
+// (a whole sandbox booting) does not compete for the CPU with the first run of the sandbox it
+// replaces, since creating and then running at once is what agents do. Until it replenishes it
+// counts as provisioning (settled waits for it).
+func (p *warmPool) replenishAfter(sp spec, first <-chan struct{}) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	if p.busy == 0 {
+		p.idle = make(chan struct{})
+	}
+	p.busy++
+	p.wg.Add(1)
+	p.mu.Unlock()
+	go func() {
+		defer p.wg.Done()
+		t := time.NewTimer(warmRefillGrace)
+		defer t.Stop()
+		select {
+		case <-first:
+		case <-t.C:
+		case <-p.ctx.Done():
+		}
+		p.replenish(sp)
+		p.mu.Lock()
+		if p.busy--; p.busy == 0 {
+			close(p.idle)
+		}
+		p.mu.Unlock()
+	}()
 }
 
 // give puts back a sandbox take returned that was not used (its create failed before the sandbox

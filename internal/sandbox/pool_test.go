@@ -209,3 +209,26 @@ func TestWarmPoolAdoptFails(t *testing.T) {
 		t.Fatalf("run: %+v", r)
 	}
 }
+
+// TestWarmPoolRefillsAfterFirstRun: the refill for a taken warm sandbox waits for that sandbox's
+// first run (it would compete with it for the CPU), or for the grace when no run comes.
+func TestWarmPoolRefillsAfterFirstRun(t *testing.T) {
+	e := newWarmEnv(t, "pro", 1)
+	e.create(t, allow("a.example.com"))
+	e.settle(t) // its refill: after the grace (no run)
+	if n := len(e.unowned(t)); n != 1 {
+		t.Fatalf("%d warm sandboxes, want 1", n)
+	}
+	b := e.create(t, allow("b.example.com"))
+	time.Sleep(200 * time.Millisecond)
+	if n := len(e.unowned(t)); n != 0 {
+		t.Fatalf("the pool refilled before the taken sandbox's first run: %d warm", n)
+	}
+	if r := e.run(t, b, "hello", false); r.Status != "completed" {
+		t.Fatalf("run: %+v", r)
+	}
+	e.settle(t)
+	if n := len(e.unowned(t)); n != 1 {
+		t.Fatalf("the pool was not refilled after the first run: %d warm", n)
+	}
+}

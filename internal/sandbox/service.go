@@ -124,8 +124,12 @@ type live struct {
 	cancel context.CancelFunc
 	expiry *time.Timer
 	ready  chan struct{} // closed when provisioning has ended, well or not
-	done   chan struct{} // closed when the sandbox's goroutine has returned
-	gone   chan struct{} // closed when destroy has finished
+	// firstRun is closed when the sandbox's first run has ended or the sandbox's goroutine has
+	// returned (firstRunEnded): then the warm pool refills (warmPool.replenishAfter).
+	firstRun  chan struct{}
+	firstOnce sync.Once
+	done      chan struct{} // closed when the sandbox's goroutine has returned
+	gone      chan struct{} // closed when destroy has finished
 
 	mu       sync.Mutex
 	rec      store.Sandbox
@@ -309,7 +313,14 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 		return api.CreateSandboxResponse{}, errorf(KindUnavailable, "the service is shutting down")
 	}
 	warmID, warm := s.pool.take(sp)
-	defer s.pool.replenish(sp) // once this create is done
+	first := make(chan struct{}) // the live sandbox closes it (firstRunEnded); else the defer below
+	var lv *live
+	defer func() {
+		if lv == nil {
+			close(first)
+		}
+		s.pool.replenishAfter(sp, first)
+	}()
 	rec.ID = warmID
 	if !warm {
 		rec.ID = newID("sbx_")
@@ -332,8 +343,9 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 		Detail: obj("mode", sp.mode, "image", sp.image.Name)})
 
 	lctx, cancel := context.WithCancel(context.Background())
-	lv := &live{id: rec.ID, sp: sp, warm: warm, ctx: lctx, cancel: cancel, rec: rec, jobs: map[string]*job{},
-		wake: make(chan struct{}, 1), ready: make(chan struct{}), done: make(chan struct{}), gone: make(chan struct{})}
+	lv = &live{id: rec.ID, sp: sp, warm: warm, ctx: lctx, cancel: cancel, rec: rec, jobs: map[string]*job{},
+		wake: make(chan struct{}, 1), ready: make(chan struct{}), done: make(chan struct{}), gone: make(chan struct{}),
+		firstRun: first}
 	s.mu.Lock()
 	s.live[rec.ID] = lv
 	lv.expiry = time.AfterFunc(time.Until(rec.ExpiresAt), func() { s.destroy(lv, ReasonExpired) })
@@ -367,6 +379,7 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 // serve provisions a sandbox, then executes its runs one at a time until it is destroyed.
 func (s *Service) serve(lv *live, drv driver.Driver) {
 	defer close(lv.done)
+	defer lv.firstRunEnded()
 	if !s.provision(lv, drv) {
 		return
 	}
@@ -376,8 +389,12 @@ func (s *Service) serve(lv *live, drv driver.Driver) {
 			return
 		}
 		s.execute(lv, drv, j)
+		lv.firstRunEnded()
 	}
 }
+
+// firstRunEnded closes lv.firstRun, once.
+func (lv *live) firstRunEnded() { lv.firstOnce.Do(func() { close(lv.firstRun) }) }
 
 func (s *Service) provision(lv *live, drv driver.Driver) bool {
 	defer close(lv.ready)
