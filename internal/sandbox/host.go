@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -91,6 +92,20 @@ func (s *Service) newHost(id string, sp spec) (driver.Spec, error) {
 	return ds, nil
 }
 
+// createOn provisions sandbox id from sp on drv: its host side (newHost), then the driver's part,
+// which its disk is made beside. The caller releases what is left on error (releaseHost after
+// drv.Destroy).
+func (s *Service) createOn(ctx context.Context, drv driver.Driver, id string, sp spec) error {
+	ds, err := s.newHost(id, sp)
+	if err == nil {
+		err = drv.Create(ctx, id, ds)
+	}
+	if err == nil {
+		err = ds.HostReady() // made before a driver uses it; also when a driver needs none of it
+	}
+	return err
+}
+
 // makeHost makes sandbox h's disk and the directories of ds on it.
 func (s *Service) makeHost(h *host, ds driver.Spec) error {
 	if s.cfg.Disks != nil {
@@ -129,7 +144,15 @@ func (s *Service) hostOf(id string) *host {
 
 // diskUsed returns the bytes a sandbox wrote on its disk (0 without one).
 func (h *host) diskUsed() int64 {
-	if h == nil || h.size == 0 || h.ready() != nil {
+	if h == nil || h.size == 0 {
+		return 0
+	}
+	select {
+	case <-h.made: // not waited for: a disk still being made holds nothing of the sandbox's
+	default:
+		return 0
+	}
+	if h.err != nil {
 		return 0
 	}
 	used, _, err := disk.Usage(h.root)

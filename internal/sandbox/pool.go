@@ -129,14 +129,10 @@ func (p *warmPool) replenishAfter(sp spec, first <-chan struct{}) {
 		p.mu.Unlock()
 		return
 	}
-	if p.busy == 0 {
-		p.idle = make(chan struct{})
-	}
-	p.busy++
-	p.wg.Add(1)
+	p.beginLocked()
 	p.mu.Unlock()
 	go func() {
-		defer p.wg.Done()
+		defer p.end()
 		t := time.NewTimer(warmRefillGrace)
 		defer t.Stop()
 		select {
@@ -145,12 +141,25 @@ func (p *warmPool) replenishAfter(sp spec, first <-chan struct{}) {
 		case <-p.ctx.Done():
 		}
 		p.replenish(sp)
-		p.mu.Lock()
-		if p.busy--; p.busy == 0 {
-			close(p.idle)
-		}
-		p.mu.Unlock()
 	}()
+}
+
+// beginLocked counts one more piece of background work (settled waits for it); end ends it.
+func (p *warmPool) beginLocked() {
+	if p.busy == 0 {
+		p.idle = make(chan struct{})
+	}
+	p.busy++
+	p.wg.Add(1)
+}
+
+func (p *warmPool) end() {
+	p.mu.Lock()
+	if p.busy--; p.busy == 0 {
+		close(p.idle)
+	}
+	p.mu.Unlock()
+	p.wg.Done()
 }
 
 // give puts back a sandbox take returned that was not used (its create failed before the sandbox
@@ -192,18 +201,14 @@ func (p *warmPool) refillLocked(sh *shape) {
 		return
 	}
 	for ; len(sh.ready)+sh.filling < p.size; sh.filling++ {
-		if p.busy == 0 {
-			p.idle = make(chan struct{})
-		}
-		p.busy++
-		p.wg.Add(1)
+		p.beginLocked()
 		go p.provision(sh, sh.sp)
 	}
 }
 
 // provision makes one warm sandbox of shape sh from sp.
 func (p *warmPool) provision(sh *shape, sp spec) {
-	defer p.wg.Done()
+	defer p.end()
 	id := newID("sbx_")
 	err := p.create(id, sp)
 	p.mu.Lock()
@@ -220,23 +225,12 @@ func (p *warmPool) provision(sh *shape, sp spec) {
 	if err == nil && !keep {
 		p.discard(sp.mode, id)
 	}
-	p.mu.Lock()
-	if p.busy--; p.busy == 0 {
-		close(p.idle)
-	}
-	p.mu.Unlock()
 }
 
 // create provisions sandbox id from sp; on error nothing of it is left.
 func (p *warmPool) create(id string, sp spec) error {
 	drv := p.s.drivers[sp.mode]
-	ds, err := p.s.newHost(id, sp)
-	if err == nil {
-		err = drv.Create(p.ctx, id, ds)
-	}
-	if err == nil {
-		err = ds.HostReady() // made before a driver uses it; also when a driver needs none of it
-	}
+	err := p.s.createOn(p.ctx, drv, id, sp)
 	if w, ok := drv.(driver.Warmer); ok && err == nil {
 		err = w.Warm(p.ctx, id)
 	}

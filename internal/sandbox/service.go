@@ -409,14 +409,7 @@ func (s *Service) provision(lv *live, drv driver.Driver) bool {
 		}
 	}
 	if !lv.warm {
-		var ds driver.Spec
-		ds, err = s.newHost(lv.id, lv.sp)
-		if err == nil {
-			err = drv.Create(lv.ctx, lv.id, ds)
-		}
-		if err == nil {
-			err = ds.HostReady() // made before a driver uses it; also when a driver needs none of it
-		}
+		err = s.createOn(lv.ctx, drv, lv.id, lv.sp)
 	}
 	lv.mu.Lock()
 	defer lv.mu.Unlock()

@@ -210,13 +210,11 @@ func Open(opts driver.Options) (*Driver, error) {
 		}
 	}
 	if d.rt.ownedUserNS() {
-		for _, t := range []struct {
-			p   *string
-			bin string
-		}{{&d.unshare, "unshare"}, {&d.cat, "cat"}} {
-			if *t.p, err = exec.LookPath(t.bin); err != nil {
-				return nil, fmt.Errorf("container driver: %s, which makes each sandbox's user namespace, is missing (install util-linux and coreutils): %w", t.bin, err)
-			}
+		if d.unshare, err = exec.LookPath("unshare"); err == nil {
+			d.cat, err = exec.LookPath("cat")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("container driver: making each sandbox's user namespace needs util-linux's unshare and cat (install util-linux and coreutils): %w", err)
 		}
 	}
 	d.removeStaleHelpers(ctx)

@@ -92,6 +92,7 @@ func (d *Driver) newUserNS(ids uint32) (*userNS, error) {
 	}
 	u := &userNS{path: "/proc/" + strconv.Itoa(pid) + "/ns/user", holder: inW, pid: pid}
 	fail := func(err error) (*userNS, error) {
+		syscall.Kill(pid, syscall.SIGKILL) // an unshare that is stuck would not see its stdin end
 		u.close()
 		return nil, fmt.Errorf("user namespace: %w", err)
 	}
