@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/disk"
 	"github.com/sandboxd/sandboxd/internal/driver"
@@ -57,6 +58,9 @@ func bench(args []string) error {
 		serveArgs = append(serveArgs, "--runtime", *runtimeName)
 	}
 	if err := mountns.Enter(); err != nil { // re-executes: before any side effect
+		return err
+	}
+	if _, err := cgroup.Delegate(); err != nil { // a cgroup v2 host: below our own cgroup if delegated
 		return err
 	}
 	tmp, err := os.MkdirTemp("", "sandboxd-bench-")

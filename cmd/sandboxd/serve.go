@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/disk"
 	"github.com/sandboxd/sandboxd/internal/driver"
@@ -218,7 +219,13 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	if err := cgroup.EnterScope(cfg.DataDir, filepath.Join(cfg.DataDir, "lock")); err != nil {
+		return err
+	}
 	if err := mountns.Enter(); err != nil {
+		return err
+	}
+	if _, err := cgroup.Delegate(); err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -6,7 +6,8 @@
 //
 // A group is named by its path relative to every hierarchy's root, e.g. "/sandboxd/<id>": on v1
 // it is a directory of that name in each controller's hierarchy, on v2 one directory in the
-// unified hierarchy. The layout is read from /proc/self/mountinfo, so it reflects the caller's
+// unified hierarchy — below the cgroup delegated to the process when Delegate found one
+// (delegate.go: under systemd, the unit's or a transient scope's cgroup). The layout is read from /proc/self/mountinfo, so it reflects the caller's
 // mount namespace (sandboxd unmounts the hybrid cgroup2 mount in its own namespace; see package
 // container).
 //
@@ -91,6 +92,9 @@ func parseLayout(r io.Reader) (Layout, error) {
 		switch qf[0] {
 		case "cgroup2":
 			m.V2 = true
+			if b := Base(); b != "" {
+				m.Dir = filepath.Join(m.Dir, b) // the delegated subtree is this process's root
+			}
 			l.v2, l.hasV2 = m, true
 		case "cgroup":
 			if m.HasController("memory") {
@@ -236,9 +240,12 @@ func (l Layout) Remove(group string) error {
 }
 
 // removeTree removes cgroup dir and its children (deepest first), killing any process still in
-// them, retrying for up to 3 s while the kernel finishes tearing processes down.
+// them — at once with cgroup.kill where the kernel has it (cgroup v2, Linux 5.14), else by
+// SIGKILLing each listed process, which a fork racing the listing can escape, hence the retries —
+// retrying for up to 3 s while the kernel finishes tearing processes down.
 func removeTree(dir string) error {
 	deadline := time.Now().Add(3 * time.Second)
+	_ = writeIfExists(dir, "cgroup.kill", "1")
 	for {
 		var dirs []string
 		_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {

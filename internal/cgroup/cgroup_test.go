@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -190,6 +191,100 @@ func TestReal(t *testing.T) {
 	for _, m := range l.Mounts() {
 		if _, err := os.Stat(Dir(m, parent)); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s still there", Dir(m, parent))
+		}
+	}
+}
+
+// TestParseOwn: the process's cgroup v2 path from /proc/self/cgroup, on v2 and hybrid hosts.
+func TestParseOwn(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"0::/system.slice/sandboxd.service\n", "/system.slice/sandboxd.service"},
+		{"12:memory:/x\n1:name=systemd:/y\n0::/\n", "/"},
+		{"0::/gone (deleted)\n", "/gone"},
+	} {
+		if got, err := parseOwn(tc.in); err != nil || got != tc.want {
+			t.Errorf("parseOwn(%q) = %q, %v; want %q", tc.in, got, err, tc.want)
+		}
+	}
+	if _, err := parseOwn("4:memory:/x\n"); err == nil {
+		t.Error("parseOwn without a 0:: line: no error")
+	}
+	if a, b := ScopeName("/var/lib/sandboxd"), ScopeName("/var/lib/sandboxd/"); a != b || !strings.HasSuffix(a, ".scope") {
+		t.Errorf("ScopeName: %q and %q, want one .scope name per directory", a, b)
+	}
+}
+
+// v2Scratch is a fresh cgroup in a real cgroup2 hierarchy (the host's unified hierarchy, or the
+// hybrid host's nearly empty one), removed at the end.
+func v2Scratch(t *testing.T) string {
+	t.Helper()
+	var dir string
+	for _, d := range []string{"/sys/fs/cgroup/unified", "/sys/fs/cgroup"} {
+		if b, err := os.ReadFile(filepath.Join(d, "cgroup.procs")); err == nil && len(b) >= 0 {
+			if _, err := os.Stat(filepath.Join(d, "cgroup.subtree_control")); err == nil {
+				dir = d
+				break
+			}
+		}
+	}
+	if dir == "" || os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI is set but no writable cgroup2 hierarchy is mounted (needs root)")
+		}
+		t.Skip("needs root and a cgroup2 hierarchy")
+	}
+	d := filepath.Join(dir, fmt.Sprintf("sandboxd-test-%d", os.Getpid()))
+	if err := os.Mkdir(d, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = removeTree(d) })
+	return d
+}
+
+// TestMoveAllAndKill, on a real cgroup2 hierarchy: moveAll empties a cgroup into its leaf (the
+// "no internal processes" rule Delegate obeys), and removeTree ends a process tree that forks
+// (cgroup.kill) and removes the groups.
+func TestMoveAllAndKill(t *testing.T) {
+	d := v2Scratch(t)
+	var cmds []*exec.Cmd
+	for range 3 {
+		c := exec.Command("sleep", "60")
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds = append(cmds, c)
+		t.Cleanup(func() { _ = c.Process.Kill(); _ = c.Wait() })
+		writeFile(t, filepath.Join(d, "cgroup.procs"), fmt.Sprint(c.Process.Pid))
+	}
+	leaf := filepath.Join(d, supervisorLeaf)
+	if err := moveAll(d, leaf); err != nil {
+		t.Fatal(err)
+	}
+	if got := readFile(t, filepath.Join(d, "cgroup.procs")); got != "" {
+		t.Errorf("after moveAll the cgroup still holds %q", got)
+	}
+	if got := strings.Fields(readFile(t, filepath.Join(leaf, "cgroup.procs"))); len(got) != 3 {
+		t.Errorf("the leaf holds %v, want the 3 processes", got)
+	}
+	// A shell that keeps forking, in a child group: removeTree must end it and remove both.
+	sh := exec.Command("sh", "-c", "while :; do sleep 0.01 & wait; done")
+	if err := sh.Start(); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(leaf, "cgroup.procs"), fmt.Sprint(sh.Process.Pid))
+	if err := removeTree(d); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(d); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("removeTree left %s: %v", d, err)
+	}
+	_ = sh.Wait()
+	for _, c := range append(cmds, sh) {
+		if c.ProcessState == nil {
+			_ = c.Wait()
+		}
+		if ws := c.ProcessState.Sys().(syscall.WaitStatus); !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+			t.Errorf("%v ended %v, want killed", c.Args, c.ProcessState)
 		}
 	}
 }

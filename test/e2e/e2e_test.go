@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -529,16 +530,29 @@ func sandboxProcesses(t *testing.T, id string) int {
 	return n
 }
 
-// cgroupDirs lists the cgroups of the given sandboxes left on the host. (Checks are scoped to this
-// test's sandboxes: other packages' tests create sandboxes at the same time.)
+// cgroupDirs lists the cgroups of the given sandboxes left on the host: a directory <id> below a
+// "sandboxd" directory anywhere in /sys/fs/cgroup (on cgroup v1 in each controller's hierarchy, on
+// a delegated cgroup v2 host below the server's own cgroup). (Checks are scoped to this test's
+// sandboxes: other packages' tests create sandboxes at the same time.)
 func cgroupDirs(ids ...string) []string {
-	var out []string
+	want := map[string]bool{}
 	for _, id := range ids {
-		for _, pat := range []string{"/sys/fs/cgroup/*/sandboxd/" + id, "/sys/fs/cgroup/sandboxd/" + id} {
-			m, _ := filepath.Glob(pat)
-			out = append(out, m...)
-		}
+		want[id] = true
 	}
+	var out []string
+	_ = filepath.WalkDir("/sys/fs/cgroup", func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		if want[d.Name()] && filepath.Base(filepath.Dir(p)) == "sandboxd" {
+			out = append(out, p)
+			return filepath.SkipDir
+		}
+		if strings.Count(p, "/") > 8 {
+			return filepath.SkipDir
+		}
+		return nil
+	})
 	return out
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/moby/profiles/seccomp"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
 )
 
@@ -162,7 +163,7 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 		Mounts:   mounts,
 		Linux: &specs.Linux{
 			Resources:   res,
-			CgroupsPath: cgroupParent + "/" + cs.id,
+			CgroupsPath: cgroup.Path(cgroupGroup(cs.id)),
 			// A user namespace of the sandbox's own host ids (made by the driver: userns.go; its
 			// mappings are repeated here, as runc wants them): the network namespace, joined by
 			// path, stays the host's.
