@@ -17,9 +17,10 @@ import (
 
 // cgroups is the host's cgroup layout as the checks need it, read from /proc/self/mountinfo.
 type cgroups struct {
-	v1  map[string]string // v1 controller → its hierarchy's directory
-	v2  string            // the unified (cgroup2) hierarchy's directory, "" if none is mounted
-	err error             // mountinfo could not be read
+	v1   map[string]string // v1 controller → its hierarchy's directory
+	v2   string            // the unified (cgroup2) hierarchy's directory, "" if none is mounted
+	v2At string            // where the host mounts it (v2 is beneath Host.Sys in tests)
+	err  error             // mountinfo could not be read
 }
 
 // mode names the layout: "v2", "v1", "v1 hybrid" (v1 controllers and a cgroup2 mount), or "".
@@ -68,7 +69,7 @@ func (d *doctor) readCgroups() *cgroups {
 		dir := d.h.hostPath(cgroup.UnescapeMountinfo(pf[4]))
 		switch qf[0] {
 		case "cgroup2":
-			d.cg.v2 = dir
+			d.cg.v2, d.cg.v2At = dir, cgroup.UnescapeMountinfo(pf[4])
 		case "cgroup":
 			for _, o := range strings.Split(qf[2], ",") {
 				if _, dup := d.cg.v1[o]; !dup && slices.Contains(cgroupControllers, o) {
@@ -125,7 +126,7 @@ func (d *doctor) cgroups() Result {
 	if len(onV2) == 0 {
 		detail := "controllers cpu cpuacct memory pids on v1"
 		if cg.v2 != "" {
-			detail += ", cgroup2 at " + cg.v2 + " (see OCI runtime)"
+			detail += ", cgroup2 at " + cg.v2At + " (see OCI runtime)"
 		}
 		return ok(name, detail)
 	}
@@ -244,7 +245,7 @@ func (d *doctor) missingControllers(name string, lack []string, ours string) Res
 		case ours != "/" && d.systemd():
 			fixes = append(fixes, c+": "+delegateFix)
 		case ours != "/":
-			fixes = append(fixes, fmt.Sprintf("%s: echo +%s > /sys/fs/cgroup%s/cgroup.subtree_control", c, c, filepath.Dir(ours)))
+			fixes = append(fixes, fmt.Sprintf("%s: echo +%s > %s", c, c, filepath.Join(d.readCgroups().v2At, filepath.Dir(ours), "cgroup.subtree_control")))
 		default:
 			fixes = append(fixes, fmt.Sprintf("%s: it is bound to a cgroup v1 hierarchy: unmount it, or boot with cgroup_no_v1=%s", c, c))
 		}

@@ -53,7 +53,7 @@ func newFake(t *testing.T) *fake {
 	f.write("proc/self/cgroup", "0::/\n")
 	f.write("proc/self/mountinfo", v2Mounts)
 	f.write("sys/fs/cgroup/cgroup.controllers", "cpuset cpu io memory hugetlb pids rdma misc\n")
-	for _, tool := range []string{"crun", "runc", "unshare", "cat", "nsenter", "mkfs.ext4", "debootstrap", "systemctl"} {
+	for _, tool := range []string{"crun", "runc", "unshare", "cat", "nsenter", "mkfs.ext4", "debootstrap", "systemctl", "umount"} {
 		f.write("bin/"+tool, "#!/bin/sh\n")
 		os.Chmod(filepath.Join(f.root, "bin", tool), 0o755)
 	}
@@ -183,12 +183,20 @@ func TestChecks(t *testing.T) {
 			"user namespaces", Missing, "unshare is not on PATH", "apt-get install util-linux"},
 		{"no mount namespace", func(f *fake) { f.fail["cat"] = "fork/exec: operation not permitted" },
 			"mount namespace", Missing, "CLONE_NEWNS failed", "needs root with CAP_SYS_ADMIN (in a container: run it privileged)"},
+		{"hybrid: the cgroup2 mount unmounted in a new mount namespace", func(f *fake) {
+			f.write("proc/self/mountinfo", hybridMounts)
+			f.fail["umount"] = "umount: /sys/fs/cgroup/unified: not mounted."
+		}, "mount namespace", Missing, "umount /sys/fs/cgroup/unified with CLONE_NEWNS failed", "needs root with CAP_SYS_ADMIN (in a container: run it privileged)"},
 		{"no seccomp", func(f *fake) { f.write("proc/self/status", "Uid:\t0\t0\t0\t0\nCapEff:\t000001ffffffffff\n") },
 			"seccomp", Missing, "no Seccomp:", "boot a kernel built with CONFIG_SECCOMP_FILTER=y (every distribution's is)"},
 		{"overlay as a module", func(f *fake) {
 			f.write("proc/filesystems", "\text4\n")
 			f.write("modules/6.1.0-13-amd64/modules.dep", "kernel/fs/overlayfs/overlay.ko.xz:\n")
 		}, "overlayfs", OK, "overlay module, loaded at the first mount", ""},
+		{"overlay as a module before depmod ran", func(f *fake) {
+			f.write("proc/filesystems", "\text4\n")
+			f.write("modules/6.1.0-13-amd64/modules.order", "kernel/fs/ext4/ext4.ko\nkernel/fs/overlayfs/overlay.ko\n")
+		}, "overlayfs", OK, "overlay module", ""},
 		{"no overlay", func(f *fake) { f.write("proc/filesystems", "\text4\n") },
 			"overlayfs", Missing, "no overlay module", "modprobe overlay (a kernel built with CONFIG_OVERLAY_FS, as every distribution's)"},
 		{"no nftables", func(f *fake) { f.h.Nft = func() (int, error) { return 0, errors.New("protocol not supported") } },
@@ -235,6 +243,11 @@ func TestChecks(t *testing.T) {
 			f.write("proc/self/cgroup", "0::/jobs/sandboxd\n")
 			f.write("sys/fs/cgroup/jobs/sandboxd/cgroup.controllers", "cpu pids\n")
 		}, "cgroup v2", Missing, "controller memory not", "memory: echo +memory > /sys/fs/cgroup/jobs/cgroup.subtree_control"},
+		{"cgroup v2, a group right below the root", func(f *fake) {
+			f.write("proc/self/cgroup", "0::/sandboxd\n")
+			f.write("sys/fs/cgroup/sandboxd/cgroup.controllers", "\n")
+		}, "cgroup v2", Missing, "controller cpu, memory, pids not", "cpu: echo +cpu > /sys/fs/cgroup/cgroup.subtree_control; " +
+			"memory: echo +memory > /sys/fs/cgroup/cgroup.subtree_control; pids: echo +pids > /sys/fs/cgroup/cgroup.subtree_control"},
 		{"cgroup v1", func(f *fake) { f.write("proc/self/mountinfo", v1Mounts) },
 			"cgroup v1", OK, "controllers cpu cpuacct memory pids on v1", ""},
 		{"cgroup v1 without pids mounted", func(f *fake) {
@@ -292,6 +305,21 @@ func TestChecks(t *testing.T) {
 				t.Errorf("got %s %q %q\n  fix %q\nwant %s, detail with %q\n  fix %q", r.Status, r.Name, r.Detail, r.Fix, tc.status, tc.detail, tc.fix)
 			}
 		})
+	}
+}
+
+// TestXattrDelegated reads the xattr systemd puts on a delegated group (user.delegate here: a
+// test that is not root cannot write trusted.*).
+func TestXattrDelegated(t *testing.T) {
+	dir := t.TempDir()
+	if yes, _ := xattrDelegated(dir); yes {
+		t.Fatal("a plain directory reads as delegated")
+	}
+	if err := unix.Setxattr(dir, "user.delegate", []byte("1"), 0); err != nil {
+		t.Skipf("no user xattrs on %s: %v", dir, err)
+	}
+	if yes, err := xattrDelegated(dir); !yes || err != nil {
+		t.Errorf("delegated %v, %v", yes, err)
 	}
 }
 

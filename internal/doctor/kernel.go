@@ -180,7 +180,8 @@ func (d *doctor) probeBinary() (string, error) {
 }
 
 // mountNamespace checks what mountns.Enter does at every start: re-executing a program with
-// CLONE_NEWNS unshared (and "/" made private).
+// CLONE_NEWNS unshared (Go makes "/" private in the child first) and, on a cgroup v1 hybrid host,
+// unmounting the cgroup2 mount there (for crun).
 func (d *doctor) mountNamespace() Result {
 	const name = "mount namespace"
 	probe, err := d.probeBinary()
@@ -189,13 +190,19 @@ func (d *doctor) mountNamespace() Result {
 	}
 	ctx, cancel := context.WithTimeout(d.ctx, probeTimeout)
 	defer cancel()
-	cmd := command(ctx, probe)
+	cmd, detail := command(ctx, probe), "a child re-executed with CLONE_NEWNS (sandboxd's private mount namespace)"
+	if cg := d.readCgroups(); cg.mode() == "v1 hybrid" {
+		if umount, err := d.h.LookPath("umount"); err == nil {
+			cmd = command(ctx, umount, cg.v2At)
+			detail = "a child with CLONE_NEWNS (sandboxd's private mount namespace) unmounted " + cg.v2At + " there, as sandboxd does on this hybrid host"
+		}
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
 	if out, err := d.h.Exec(cmd); err != nil {
-		return missing(name, strings.TrimSpace(fmt.Sprintf("a child with CLONE_NEWNS failed: %v %s", err, out)),
+		return missing(name, strings.TrimSpace(fmt.Sprintf("%s with CLONE_NEWNS failed: %v %s", strings.Join(cmd.Args, " "), err, out)),
 			"needs root with CAP_SYS_ADMIN (in a container: run it privileged)")
 	}
-	return ok(name, "a child re-executed with CLONE_NEWNS (sandboxd's private mount namespace)")
+	return ok(name, detail)
 }
 
 // seccomp checks that the kernel has seccomp (Seccomp: in /proc/self/status) and its filter mode,
@@ -250,6 +257,7 @@ func (d *doctor) filesystem(fstype, module string) string {
 	for _, f := range []struct{ file, how string }{
 		{"modules.builtin", " built in"},
 		{"modules.dep", " module, loaded at the first mount"},
+		{"modules.order", " module, loaded at the first mount"}, // before depmod has run
 	} {
 		b, _ := os.ReadFile(filepath.Join(dir, f.file))
 		for _, line := range strings.Split(string(b), "\n") {
