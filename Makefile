@@ -7,7 +7,7 @@ WASM    := python:3.11-wasi
 GOFLAGS ?=
 export CGO_ENABLED := 0
 
-.PHONY: all deps image wasm build run test bench clean
+.PHONY: all deps image wasm build doctor run test bench clean
 
 all: build
 
@@ -27,7 +27,16 @@ build:
 	go build $(GOFLAGS) -o bin/sandboxd ./cmd/sandboxd
 	go build $(GOFLAGS) -o bin/sandbox-agent ./cmd/sandbox-agent
 
-run: image wasm build
+# Checks this host (root, kernel features, cgroups, OCI runtime, tools, disk space): one line per
+# requirement with its fix; fails when something required is missing.
+doctor: deps build
+	bin/sandboxd doctor --data-dir $(DATA)
+
+# The doctor runs first (after deps and build): a host that lacks something stops here, with the fix,
+# before the image and python.wasm builds (the image and wasm targets' scripts, run after it).
+run: doctor
+	@scripts/build-image.sh >/dev/null
+	@scripts/build-python-wasm.sh >/dev/null
 	bin/sandboxd serve --listen $(LISTEN) --data-dir $(DATA) --image $(IMAGE)=$$(scripts/build-image.sh) \
 		--wasm-image $(WASM)=$$(scripts/build-python-wasm.sh 2>/dev/null)
 

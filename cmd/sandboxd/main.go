@@ -3,6 +3,7 @@
 //	sandboxd serve --listen 127.0.0.1:8080 --data-dir data --image NAME=ROOTFS
 //	sandboxd keys create --data-dir data --account NAME --plan free|pro|enterprise
 //	sandboxd bench [--url URL --key KEY | serve flags]
+//	sandboxd doctor [--json] [serve flags]   checks this host for serve
 //	sandboxd create|ls|get|run|logs|cp|rm …   (clients of a running server: see client.go)
 package main
 
@@ -19,6 +20,7 @@ const usage = `usage:
   sandboxd serve [--listen ADDR] [--data-dir DIR] --image NAME=ROOTFS [--runtime crun|runc] [--config FILE]
   sandboxd keys create [--data-dir DIR] --account NAME [--plan free|pro|enterprise]
   sandboxd bench [-n N] [--url URL --key KEY] [serve flags]
+  sandboxd doctor [--json] [--data-dir DIR] [--config FILE] [serve flags]   checks this host: ok / missing (exit 1) / warn, with fixes
 client commands (a running server: --url or SANDBOXD_URL, --key or SANDBOXD_API_KEY; --json for the API's JSON):
   sandboxd create [--agent-id ID --mode M --image I --ro PATH --rw PATH --blocked PATH --allow HOST
                    --cpu N --memory SIZE --timeout S --allow-spawn | --config FILE.json]   prints the ID
@@ -42,6 +44,8 @@ func main() {
 		err = keys(os.Args[2:])
 	case "bench":
 		err = bench(os.Args[2:])
+	case "doctor":
+		err = doctorCmd(os.Args[2:])
 	case "wasm-worker": // hidden: a worker process of the wasm driver (see wasmworker.go)
 		wasmWorker(os.Args[2:])
 	case "create", "ls", "get", "run", "logs", "cp", "rm":
@@ -54,6 +58,9 @@ func main() {
 	}
 	if errors.Is(err, flag.ErrHelp) {
 		return
+	}
+	if errors.As(err, new(errNotReady)) {
+		os.Exit(1)
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)

@@ -95,9 +95,33 @@ type imageFlags []string
 func (f *imageFlags) String() string     { return strings.Join(*f, ",") }
 func (f *imageFlags) Set(v string) error { *f = append(*f, v); return nil }
 
-// ParseServe reads the serve command's flags (and the file --config names).
+// ParseServe reads the serve command's flags (and the file --config names), and checks the files
+// they name: at least one image, each image's root (CheckImage), the agent binary (CheckAgentBin).
 func ParseServe(args []string) (Config, error) {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	c, err := parse("serve", args)
+	if err != nil {
+		return c, err
+	}
+	if len(c.Images) == 0 {
+		return c, fmt.Errorf("no approved image: pass --image %s=ROOTFS_DIR (build one with scripts/build-image.sh, or use make run)", DefaultImage)
+	}
+	for i := range c.Images {
+		if err := CheckImage(&c.Images[i]); err != nil {
+			return c, err
+		}
+	}
+	return c, CheckAgentBin(c.AgentBin)
+}
+
+// ParseDoctor reads the same flags as ParseServe (so sandboxd doctor checks the settings serve
+// would use) without checking the files they name: no image is required, and the doctor reports
+// on images and the agent binary itself (with CheckImage and CheckAgentBin).
+func ParseDoctor(args []string) (Config, error) { return parse("doctor", args) }
+
+// parse reads the flags of command name (serve's flags) and the file --config names: paths are
+// made absolute, AgentBin defaults to sandbox-agent next to the running binary.
+func parse(name string, args []string) (Config, error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	c := Config{}
 	var cfgPath string
 	var images, wasmImages imageFlags
@@ -114,7 +138,7 @@ func ParseServe(args []string) (Config, error) {
 		return c, err
 	}
 	if fs.NArg() > 0 {
-		return c, fmt.Errorf("serve takes no arguments, got %q", fs.Args())
+		return c, fmt.Errorf("%s takes no arguments, got %q", name, fs.Args())
 	}
 	if c.DataDir, err = filepath.Abs(c.DataDir); err != nil {
 		return c, err
@@ -145,34 +169,9 @@ func ParseServe(args []string) (Config, error) {
 		}
 		c.Images = append(c.Images, sandbox.Image{Name: name, Mode: sandbox.ModeWASM, RootFS: root, Default: i == 0 && !hasDefault(c.Images, sandbox.ModeWASM)})
 	}
-	if len(c.Images) == 0 {
-		return c, fmt.Errorf("no approved image: pass --image %s=ROOTFS_DIR (build one with scripts/build-image.sh, or use make run)", DefaultImage)
-	}
 	for i := range c.Images {
-		im := &c.Images[i]
-		abs, err := filepath.Abs(im.RootFS)
-		if err != nil {
+		if c.Images[i].RootFS, err = filepath.Abs(c.Images[i].RootFS); err != nil {
 			return c, err
-		}
-		im.RootFS = abs
-		if im.Mode == sandbox.ModeWASM {
-			if st, err := os.Stat(filepath.Join(abs, "python.wasm")); err != nil || st.IsDir() {
-				return c, fmt.Errorf("wasm image %s: %s has no python.wasm (build one with scripts/build-python-wasm.sh)", im.Name, abs)
-			}
-			if info, err := os.ReadFile(filepath.Join(abs, "BUILDINFO")); err == nil {
-				for _, l := range strings.Split(string(info), "\n") {
-					if v, ok := strings.CutPrefix(l, "python_wasm_sha256="); ok {
-						im.Digest = "sha256:" + strings.TrimSpace(v)
-					}
-				}
-			}
-			continue
-		}
-		if st, err := os.Stat(filepath.Join(abs, "usr/bin/python3")); err != nil || st.IsDir() {
-			return c, fmt.Errorf("image %s: %s has no usr/bin/python3: is it a root filesystem? (build one with scripts/build-image.sh)", im.Name, abs)
-		}
-		if d, err := os.ReadFile(filepath.Join(filepath.Dir(abs), "digest")); err == nil {
-			im.Digest = strings.TrimSpace(string(d))
 		}
 	}
 	if c.AgentBin == "" {
@@ -182,10 +181,42 @@ func ParseServe(args []string) (Config, error) {
 		}
 		c.AgentBin = filepath.Join(filepath.Dir(exe), "sandbox-agent")
 	}
-	if _, err := os.Stat(c.AgentBin); err != nil {
-		return c, fmt.Errorf("sandbox-agent binary not found at %s: build it with make build, or pass --agent-bin", c.AgentBin)
-	}
 	return c, nil
+}
+
+// CheckImage checks that an image's directory (absolute) is what its mode needs — a root file
+// system with usr/bin/python3, or a WASM image with python.wasm — and fills in its digest when
+// the image's build recorded one.
+func CheckImage(im *sandbox.Image) error {
+	abs := im.RootFS
+	if im.Mode == sandbox.ModeWASM {
+		if st, err := os.Stat(filepath.Join(abs, "python.wasm")); err != nil || st.IsDir() {
+			return fmt.Errorf("wasm image %s: %s has no python.wasm (build one with scripts/build-python-wasm.sh)", im.Name, abs)
+		}
+		if info, err := os.ReadFile(filepath.Join(abs, "BUILDINFO")); err == nil {
+			for _, l := range strings.Split(string(info), "\n") {
+				if v, ok := strings.CutPrefix(l, "python_wasm_sha256="); ok {
+					im.Digest = "sha256:" + strings.TrimSpace(v)
+				}
+			}
+		}
+		return nil
+	}
+	if st, err := os.Stat(filepath.Join(abs, "usr/bin/python3")); err != nil || st.IsDir() {
+		return fmt.Errorf("image %s: %s has no usr/bin/python3: is it a root filesystem? (build one with scripts/build-image.sh)", im.Name, abs)
+	}
+	if d, err := os.ReadFile(filepath.Join(filepath.Dir(abs), "digest")); err == nil {
+		im.Digest = strings.TrimSpace(string(d))
+	}
+	return nil
+}
+
+// CheckAgentBin checks that the sandbox-agent binary is at path.
+func CheckAgentBin(path string) error {
+	if _, err := os.Stat(path); err != nil {
+		return fmt.Errorf("sandbox-agent binary not found at %s: build it with make build, or pass --agent-bin", path)
+	}
+	return nil
 }
 
 func hasDefault(ims []sandbox.Image, mode string) bool {

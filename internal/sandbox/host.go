@@ -217,3 +217,6 @@ func formatBytes(n int64) string {
 	}
 	return fmt.Sprintf("%d B", n)
 }
+
+// FormatBytes writes n for people, as the service's messages do: "1.5 GiB", "300 MiB".
+func FormatBytes(n int64) string { return formatBytes(n) }
