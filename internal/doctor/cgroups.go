@@ -89,8 +89,8 @@ var cgroupControllers = []string{"cpu", "cpuacct", "memory", "pids"}
 // ourCgroup is the cgroup v2 group sandboxd makes its sandboxes' groups under, relative to the
 // unified hierarchy's root: the root ("/") when this process is in the root cgroup (the container
 // driver's cgroupsPath /sandboxd/<id> today), else this process's own cgroup — what a systemd
-// unit with Delegate=yes hands over. It is the one place that decides; switch it to package
-// cgroup's answer when that package makes the decision.
+// unit with Delegate=yes hands over (package cgroup, Delegate, decides the same way at serve's
+// start; this reads the fake roots the tests give).
 func (d *doctor) ourCgroup() (string, error) {
 	s, err := readFile(d.h.Proc, "self/cgroup")
 	if err != nil {
@@ -137,6 +137,19 @@ func (d *doctor) cgroups() Result {
 	if err != nil {
 		return missing(name, err.Error(), "mount procfs at /proc")
 	}
+	// Under systemd, a cgroup not delegated to us is left: serve re-executes itself in a transient
+	// scope with Delegate=yes below system.slice (package cgroup, EnterScope), whose controllers
+	// are system.slice's.
+	var scoped string
+	if ours != "/" && d.systemd() {
+		if del, how := d.delegated(filepath.Join(cg.v2, ours), ours); !del {
+			if _, err := d.h.LookPath("systemd-run"); err != nil {
+				return missing(name, fmt.Sprintf("%s is not delegated to sandboxd (%s), and systemd-run is missing", ours, how), delegateFix)
+			}
+			scoped = fmt.Sprintf(" in a transient scope below /system.slice: %s is not delegated (%s), so serve re-executes itself with systemd-run --scope -p Delegate=yes", ours, how)
+			ours = "/system.slice"
+		}
+	}
 	dir := filepath.Join(cg.v2, ours)
 	have := map[string]bool{}
 	if b, err := os.ReadFile(filepath.Join(dir, "cgroup.controllers")); err == nil {
@@ -159,20 +172,17 @@ func (d *doctor) cgroups() Result {
 	if len(lack) > 0 {
 		return d.missingControllers(name, lack, ours)
 	}
-	if ours == "/" {
+	switch {
+	case ours == "/":
 		return ok(name, detail+" at the root")
-	}
-	if d.systemd() {
-		del, how := d.delegated(dir, ours)
-		if !del {
-			return missing(name, fmt.Sprintf("%s at %s, not delegated to sandboxd (%s)", detail, ours, how), delegateFix)
-		}
+	case scoped != "":
+		return ok(name, detail+scoped)
 	}
 	return ok(name, detail+" delegated at "+ours)
 }
 
 // delegateFix is what hands sandboxd a cgroup of its own under systemd.
-const delegateFix = "run it in a unit with Delegate=yes (deploy/sandboxd.service carries it), or start it with systemd-run --scope -p Delegate=yes make run"
+const delegateFix = "run it in a unit with Delegate=yes (deploy/sandboxd.service carries it), or let serve start itself in a delegated scope: it needs systemd-run (Debian: apt-get install systemd)"
 
 // systemd reports whether systemd manages the host (as sd_booted does).
 func (d *doctor) systemd() bool {

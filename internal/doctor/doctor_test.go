@@ -53,7 +53,7 @@ func newFake(t *testing.T) *fake {
 	f.write("proc/self/cgroup", "0::/\n")
 	f.write("proc/self/mountinfo", v2Mounts)
 	f.write("sys/fs/cgroup/cgroup.controllers", "cpuset cpu io memory hugetlb pids rdma misc\n")
-	for _, tool := range []string{"crun", "runc", "unshare", "cat", "nsenter", "mkfs.ext4", "debootstrap", "systemctl", "umount"} {
+	for _, tool := range []string{"crun", "runc", "unshare", "cat", "nsenter", "mkfs.ext4", "debootstrap", "systemctl", "systemd-run", "umount"} {
 		f.write("bin/"+tool, "#!/bin/sh\n")
 		os.Chmod(filepath.Join(f.root, "bin", tool), 0o755)
 	}
@@ -154,7 +154,7 @@ func TestHealthyHost(t *testing.T) {
 }
 
 func TestChecks(t *testing.T) {
-	const delegate = "run it in a unit with Delegate=yes (deploy/sandboxd.service carries it), or start it with systemd-run --scope -p Delegate=yes make run"
+	const delegate = "run it in a unit with Delegate=yes (deploy/sandboxd.service carries it), or let serve start itself in a delegated scope: it needs systemd-run (Debian: apt-get install systemd)"
 	for _, tc := range []struct {
 		name   string
 		setup  func(f *fake)
@@ -225,8 +225,15 @@ func TestChecks(t *testing.T) {
 			f.write("run/systemd/system/.keep", "")
 			f.write("proc/self/cgroup", "0::/system.slice/sandboxd.service\n")
 			f.write("sys/fs/cgroup/system.slice/sandboxd.service/cgroup.controllers", "cpu memory pids\n")
+			f.write("sys/fs/cgroup/system.slice/cgroup.controllers", "cpu memory pids\n")
 			f.systemd = "no"
-		}, "cgroup v2", Missing, "not delegated to sandboxd (sandboxd.service has Delegate=no)", delegate},
+		}, "cgroup v2", OK, "in a transient scope below /system.slice: /system.slice/sandboxd.service is not delegated (sandboxd.service has Delegate=no)", ""},
+		{"cgroup v2 under systemd, not delegated, no systemd-run", func(f *fake) {
+			f.write("run/systemd/system/.keep", "")
+			f.write("proc/self/cgroup", "0::/system.slice/sandboxd.service\n")
+			f.systemd = "no"
+			os.Remove(f.path("bin/systemd-run"))
+		}, "cgroup v2", Missing, "not delegated to sandboxd (sandboxd.service has Delegate=no), and systemd-run is missing", delegate},
 		{"cgroup v2 under systemd, delegated", func(f *fake) {
 			f.write("run/systemd/system/.keep", "")
 			f.write("proc/self/cgroup", "0::/system.slice/sandboxd.service\n")
@@ -237,7 +244,8 @@ func TestChecks(t *testing.T) {
 			f.write("run/systemd/system/.keep", "")
 			f.write("proc/self/cgroup", "0::/user.slice/user-0.slice/session-3.scope\n")
 			f.write("sys/fs/cgroup/user.slice/user-0.slice/session-3.scope/cgroup.controllers", "pids\n")
-		}, "cgroup v2", Missing, "controller cpu, memory not in cgroup.controllers of /user.slice/user-0.slice/session-3.scope",
+			f.write("sys/fs/cgroup/system.slice/cgroup.controllers", "pids\n")
+		}, "cgroup v2", Missing, "controller cpu, memory not in cgroup.controllers of /system.slice",
 			"cpu: " + delegate + "; memory: " + delegate},
 		{"cgroup v2, a nested group without systemd", func(f *fake) {
 			f.write("proc/self/cgroup", "0::/jobs/sandboxd\n")
