@@ -27,9 +27,10 @@ build:
 	go build $(GOFLAGS) -o bin/sandboxd ./cmd/sandboxd
 	go build $(GOFLAGS) -o bin/sandbox-agent ./cmd/sandbox-agent
 
-run: image wasm build
-	bin/sandboxd serve --listen $(LISTEN) --data-dir $(DATA) --image $(IMAGE)=$$(scripts/build-image.sh) \
-		--wasm-image $(WASM)=$$(scripts/build-python-wasm.sh 2>/dev/null)
+# Dependencies, the image, the binaries — one line each, the tools' output in $(DATA)/logs/ — then
+# serve; the WASM image is built by the server in the background (scripts/run.sh says more).
+run:
+	@LISTEN=$(LISTEN) DATA=$(DATA) IMAGE=$(IMAGE) WASM=$(WASM) scripts/run.sh
 
 test: image wasm build
 	go vet ./...
