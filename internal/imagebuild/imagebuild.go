@@ -110,6 +110,7 @@ func Start(cfg Config) *Build {
 	b.st = Status{State: Building, Started: b.started, Log: cfg.Log}
 	go func() {
 		defer close(b.done)
+		defer cancel()
 		dir, digest, err := b.run(ctx)
 		took := time.Since(b.started)
 		b.mu.Lock()
@@ -172,7 +173,7 @@ func (b *Build) run(ctx context.Context) (string, string, error) {
 	}
 	if err != nil {
 		if ctx.Err() != nil {
-			err = errors.New("stopped: the server is shutting down")
+			err = errors.New("stopped before it ended (the server is stopping)")
 		}
 		fmt.Fprintf(logf, "sandboxd: building %s failed: %v\n", b.cfg.Name, err)
 		return "", "", err

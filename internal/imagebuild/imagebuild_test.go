@@ -153,7 +153,9 @@ func TestEstimate(t *testing.T) {
 	}
 
 	os.WriteFile(history, []byte("nonsense\n"), 0o644)
-	if d := Start(Config{Name: "img", Command: "true", Log: cfg.Log}).Estimate(); d != DefaultEstimate {
+	b = Start(Config{Name: "img", Command: "true", Log: cfg.Log})
+	defer b.Close()
+	if d := b.Estimate(); d != DefaultEstimate {
 		t.Errorf("estimate with a bad record: %s", d)
 	}
 }

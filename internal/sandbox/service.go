@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -231,7 +232,7 @@ func (s *Service) Images() []api.Image {
 			a.Status, a.Digest = string(st.State), st.Digest
 			switch st.State {
 			case imagebuild.Building:
-				left, progress := int(st.Left.Seconds()), st.Progress
+				left, progress := int(st.Left.Seconds()), math.Round(st.Progress*100)/100
 				a.ReadyInSeconds, a.Progress, a.Log = &left, &progress, st.Log
 			case imagebuild.Failed:
 				a.Error, a.Log = st.Reason, st.Log
