@@ -103,9 +103,19 @@ else: print(f"WASM image {sys.argv[2]} ready")
 ) &
 poller=$!
 
+# The server runs in a session of its own, so that Ctrl-C reaches this script only, which passes
+# on one SIGTERM: the terminal's SIGINT to the whole process group would reach the server twice
+# (directly and through its mount-namespace parent), and a second signal stops it at once, before
+# it has destroyed its sandboxes and stopped the WASM build. A second Ctrl-C does just that.
+setsid bin/sandboxd serve --listen "$LISTEN" --data-dir "$DATA" --image "$IMAGE=$rootfs" \
+  --wasm-build "$WASM=scripts/build-python-wasm.sh" &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null || true' INT TERM HUP
 rc=0
-bin/sandboxd serve --listen "$LISTEN" --data-dir "$DATA" --image "$IMAGE=$rootfs" \
-  --wasm-build "$WASM=scripts/build-python-wasm.sh" || rc=$?
+while :; do
+  wait "$server" && rc=0 || rc=$?
+  kill -0 "$server" 2>/dev/null || break # (a trapped signal ends the wait, not the server)
+done
 kill "$poller" 2>/dev/null || true
 wait "$poller" 2>/dev/null || true
 exit "$rc"

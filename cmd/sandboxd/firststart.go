@@ -21,9 +21,10 @@ import (
 // builds are the image builds serve runs in the background (--wasm-build): one per image, each
 // with its log in <data-dir>/logs. close stops and waits for them (and their watchers).
 type builds struct {
-	list   []*imagebuild.Build
-	cancel context.CancelFunc // ends the watchers' preparing
-	wg     sync.WaitGroup
+	list    []*imagebuild.Build
+	started time.Time
+	cancel  context.CancelFunc // ends the watchers' preparing
+	wg      sync.WaitGroup
 }
 
 // startBuilds starts the build of every image of cfg.Builds and returns cfg.Images with each
@@ -33,7 +34,7 @@ type builds struct {
 func startBuilds(cfg config.Config, wasm driver.Driver, log *slog.Logger) ([]sandbox.Image, *builds) {
 	images := append([]sandbox.Image(nil), cfg.Images...)
 	ctx, cancel := context.WithCancel(context.Background())
-	bs := &builds{cancel: cancel}
+	bs := &builds{cancel: cancel, started: time.Now()}
 	for i, b := range cfg.Builds {
 		stem := "wasm-build"
 		if i > 0 {
@@ -77,21 +78,29 @@ func startBuilds(cfg config.Config, wasm driver.Driver, log *slog.Logger) ([]san
 			}
 		}()
 	}
-	// A cached build ends in a tenth of a second: wait that long, so that a cached image is
-	// ready before the first request (and make run says so), not a few milliseconds after it.
-	timeout := time.After(cachedWait)
+	return images, bs
+}
+
+// cachedWait is how long after their start settle waits for builds: a cached build prints its
+// directory in 0.1 s (a second on a loaded machine).
+const cachedWait = time.Second
+
+// settle waits until the builds have ended or cachedWait has passed since they started, so that
+// a cached image is ready before the first request (and make run says so), not a moment after
+// it. serve calls it just before it listens: the rest of its start runs meanwhile.
+func (bs *builds) settle() {
+	if bs == nil {
+		return
+	}
+	timeout := time.After(time.Until(bs.started.Add(cachedWait)))
 	for _, b := range bs.list {
 		select {
 		case <-b.Done():
 		case <-timeout:
-			return images, bs
+			return
 		}
 	}
-	return images, bs
 }
-
-// cachedWait is how long startBuilds waits for builds that find their cache.
-const cachedWait = 300 * time.Millisecond
 
 // close stops the builds still running (their process groups are killed) and waits for them.
 func (bs *builds) close() {

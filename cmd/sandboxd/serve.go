@@ -169,6 +169,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 		return fail(err)
 	}
 	sink.Store(d.svc)
+	d.builds.settle() // a cached image is ready before the first request
 	if d.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return fail(err)
 	}
