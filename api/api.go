@@ -193,6 +193,17 @@ type Image struct {
 	Mode    string `json:"mode"`
 	Digest  string `json:"digest"`
 	Default bool   `json:"default"`
+	ImageState
+}
+
+// ImageState is whether an image can be used: "ready", or "building" (the server builds it in
+// the background; creates asking for it get 503 image_not_ready until it is ready) or "failed".
+type ImageState struct {
+	Status         string   `json:"status"`                     // ready, building or failed
+	ReadyInSeconds *int     `json:"ready_in_seconds,omitempty"` // building: the estimated time left
+	Progress       *float64 `json:"progress,omitempty"`         // building: the share of the estimated time elapsed (0–0.99)
+	Error          string   `json:"error,omitempty"`            // failed: why
+	Log            string   `json:"log,omitempty"`              // building, failed: the build's log file on the server
 }
 
 // ImageList is the body of GET /api/images.
@@ -202,9 +213,10 @@ type ImageList struct {
 
 // Health is the body of GET /health.
 type Health struct {
-	Status   string            `json:"status"`
-	Version  string            `json:"version"`
-	Runtimes map[string]string `json:"runtimes"`
+	Status   string                `json:"status"`
+	Version  string                `json:"version"`
+	Runtimes map[string]string     `json:"runtimes"`
+	Images   map[string]ImageState `json:"images,omitempty"` // by image name
 }
 
 // Error is the error envelope every failure answers with.

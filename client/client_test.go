@@ -77,7 +77,11 @@ func TestAuthAndNoKey(t *testing.T) {
 	c := fake(t, func(w http.ResponseWriter, r *http.Request) {
 		got.Store(r.Header.Get("X-AgentCop-Key"))
 		w.Header().Set("Content-Type", "application/json")
-		fmt.Fprint(w, `{"images":[{"name":"a","mode":"container","digest":"sha256:1","default":true}]}`)
+		if r.URL.Path == "/health" {
+			fmt.Fprint(w, `{"status":"ok","version":"1","runtimes":{"container":"ok"},"images":{"a":{"status":"ready"}}}`)
+			return
+		}
+		fmt.Fprint(w, `{"images":[{"name":"a","mode":"container","digest":"sha256:1","default":true,"status":"ready"}]}`)
 	})
 	imgs, err := c.Images(context.Background())
 	if err != nil || len(imgs.Images) != 1 || got.Load() != "sbxk_test" {

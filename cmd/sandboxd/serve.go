@@ -66,6 +66,8 @@ type daemon struct {
 	srv  *http.Server
 	ln   net.Listener
 	lock *os.File
+	// builds make the images approved before their files exist (--wasm-build; firststart.go).
+	builds *builds
 }
 
 // start opens everything serve needs and starts listening; the caller runs d.srv.Serve(d.ln).
@@ -129,6 +131,9 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 			Prepare(context.Context, string) error
 		}); ok {
 			for _, im := range wasmImages {
+				if im.RootFS == "" { // built in the background: prepared when built (startBuilds)
+					continue
+				}
 				go func() {
 					if err := p.Prepare(context.WithoutCancel(ctx), im.RootFS); err != nil {
 						log.Error("prepare wasm image", "image", im.Name, "err", err)
@@ -136,6 +141,10 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 				}()
 			}
 		}
+	}
+	images := cfg.Images
+	if len(cfg.Builds) > 0 {
+		images, d.builds = startBuilds(cfg, drivers[sandbox.ModeWASM], log)
 	}
 	m := metrics.New(func() map[[2]string]int {
 		if s := sink.Load(); s != nil {
@@ -153,7 +162,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 		return fail(err)
 	}
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
-		DataDir: cfg.DataDir, Images: cfg.Images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, Logger: log,
+		DataDir: cfg.DataDir, Images: images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, Logger: log,
 		DiskBytes: cfg.DiskBytes, DiskFreeFloor: cfg.DiskFreeFloor, IDs: cfg.IDs, Disks: disks, MountDir: mountDir,
 		MaxUploadBytes: cfg.MaxUploadBytes, WarmPool: cfg.WarmPool, Observer: m,
 	}, m.Store(d.st), drivers)
@@ -161,11 +170,12 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 		return fail(err)
 	}
 	sink.Store(d.svc)
+	d.builds.settle() // a cached image is ready before the first request
 	if d.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return fail(err)
 	}
 	d.srv = &http.Server{
-		Handler:           httpapi.New(d.svc, httpapi.Options{Version: version, RatePerSec: cfg.RatePerSec, RateBurst: cfg.RateBurst, Logger: log, Metrics: m.Handler()}),
+		Handler:           logFirstRequest(httpapi.New(d.svc, httpapi.Options{Version: version, RatePerSec: cfg.RatePerSec, RateBurst: cfg.RateBurst, Logger: log, Metrics: m.Handler()}), log),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
@@ -188,9 +198,10 @@ func imagesOf(ims []sandbox.Image, mode string) []sandbox.Image {
 	return out
 }
 
-// close stops serving, destroys every live sandbox, closes the driver (its host network rules
-// and egress gateway) and the store.
+// close stops the background image builds, stops serving, destroys every live sandbox, closes
+// the driver (its host network rules and egress gateway) and the store.
 func (d *daemon) close(ctx context.Context) {
+	d.builds.close() // first: a build killed now is not readied for a service going away
 	if d.srv != nil {
 		_ = d.srv.Shutdown(ctx)
 	}

@@ -39,8 +39,11 @@ type Config struct {
 	RatePerSec float64
 	RateBurst  int
 	Images     []sandbox.Image
-	Plans      map[string]sandbox.Plan
-	PidsLimit  int64
+	// Builds are the WASM images the server builds in the background (--wasm-build): each is in
+	// Images too, without a RootFS, until serve gives it its sandbox.Image.Build.
+	Builds    []Build
+	Plans     map[string]sandbox.Plan
+	PidsLimit int64
 	// Disks: the default resources.disk (0: the service's), the free space the data directory
 	// keeps (creates are refused below it; 0: the service's), the host ids of sandboxes (zero: the
 	// service's).
@@ -56,6 +59,13 @@ type Config struct {
 	// records the gateway resolves instead of asking the host's resolver (nil: none).
 	NetworkPool netip.Prefix
 	StaticHosts egress.StaticResolver
+}
+
+// Build is an image the server builds while it serves: the command prints the image's directory
+// as the last line of its stdout (see internal/imagebuild).
+type Build struct {
+	Image   string // the image's name (in Config.Images)
+	Command string // run with /bin/sh -c in the server's working directory
 }
 
 // file is the JSON configuration file.
@@ -124,7 +134,7 @@ func parse(name string, args []string) (Config, error) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	c := Config{}
 	var cfgPath string
-	var images, wasmImages imageFlags
+	var images, wasmImages, wasmBuilds imageFlags
 	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8080", "address to serve the API on")
 	fs.StringVar(&c.DataDir, "data-dir", "data", "directory for the database and the sandboxes' files")
 	fs.StringVar(&c.Runtime, "runtime", "", "OCI runtime: crun or runc (default: detect, crun first)")
@@ -133,6 +143,7 @@ func parse(name string, args []string) (Config, error) {
 	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
 	warm := fs.Int("warm-pool", -1, fmt.Sprintf("provisioned sandboxes kept ready per shape asked for (0: none; default %d)", DefaultWarmPool))
 	fs.Var(&wasmImages, "wasm-image", "approved WASM image as NAME=DIR holding python.wasm and lib/ (repeatable; the first is the wasm default)")
+	fs.Var(&wasmBuilds, "wasm-build", "WASM image the server builds in the background as NAME=COMMAND: COMMAND (run with sh -c, output to <data-dir>/logs/wasm-build.log) prints the image's directory as its last line; the image is approved when it succeeds (repeatable; a default after --wasm-image)")
 	err := fs.Parse(args)
 	if err != nil {
 		return c, err
@@ -169,7 +180,23 @@ func parse(name string, args []string) (Config, error) {
 		}
 		c.Images = append(c.Images, sandbox.Image{Name: name, Mode: sandbox.ModeWASM, RootFS: root, Default: i == 0 && !hasDefault(c.Images, sandbox.ModeWASM)})
 	}
+	for i, v := range wasmBuilds {
+		name, command, ok := strings.Cut(v, "=")
+		if !ok || name == "" || strings.TrimSpace(command) == "" {
+			return c, fmt.Errorf("--wasm-build %q: want NAME=COMMAND, e.g. --wasm-build %s=scripts/build-python-wasm.sh", v, DefaultWasmImage)
+		}
+		for _, im := range c.Images {
+			if im.Name == name {
+				return c, fmt.Errorf("--wasm-build %q: image %s is approved already (by --wasm-image, --image or the config file)", v, name)
+			}
+		}
+		c.Images = append(c.Images, sandbox.Image{Name: name, Mode: sandbox.ModeWASM, Default: i == 0 && !hasDefault(c.Images, sandbox.ModeWASM)})
+		c.Builds = append(c.Builds, Build{Image: name, Command: command})
+	}
 	for i := range c.Images {
+		if c.Images[i].RootFS == "" { // built by the server (--wasm-build)
+			continue
+		}
 		if c.Images[i].RootFS, err = filepath.Abs(c.Images[i].RootFS); err != nil {
 			return c, err
 		}
@@ -185,21 +212,20 @@ func parse(name string, args []string) (Config, error) {
 }
 
 // CheckImage checks that an image's directory (absolute) is what its mode needs — a root file
-// system with usr/bin/python3, or a WASM image with python.wasm — and fills in its digest when
-// the image's build recorded one.
+// system with usr/bin/python3, or a WASM image with python.wasm (WasmImage) — and fills in its
+// digest when the image's build recorded one. An image the server builds (no directory yet) is
+// checked when its build ends.
 func CheckImage(im *sandbox.Image) error {
 	abs := im.RootFS
+	if abs == "" {
+		return nil
+	}
 	if im.Mode == sandbox.ModeWASM {
-		if st, err := os.Stat(filepath.Join(abs, "python.wasm")); err != nil || st.IsDir() {
-			return fmt.Errorf("wasm image %s: %s has no python.wasm (build one with scripts/build-python-wasm.sh)", im.Name, abs)
+		d, err := WasmImage(abs)
+		if err != nil {
+			return fmt.Errorf("wasm image %s: %w", im.Name, err)
 		}
-		if info, err := os.ReadFile(filepath.Join(abs, "BUILDINFO")); err == nil {
-			for _, l := range strings.Split(string(info), "\n") {
-				if v, ok := strings.CutPrefix(l, "python_wasm_sha256="); ok {
-					im.Digest = "sha256:" + strings.TrimSpace(v)
-				}
-			}
-		}
+		im.Digest = d
 		return nil
 	}
 	if st, err := os.Stat(filepath.Join(abs, "usr/bin/python3")); err != nil || st.IsDir() {
@@ -217,6 +243,22 @@ func CheckAgentBin(path string) error {
 		return fmt.Errorf("sandbox-agent binary not found at %s: build it with make build, or pass --agent-bin", path)
 	}
 	return nil
+}
+
+// WasmImage checks that dir is a WASM image (it has python.wasm) and returns its digest, from the
+// BUILDINFO scripts/build-python-wasm.sh writes ("" without one).
+func WasmImage(dir string) (digest string, err error) {
+	if st, err := os.Stat(filepath.Join(dir, "python.wasm")); err != nil || st.IsDir() {
+		return "", fmt.Errorf("%s has no python.wasm (build one with scripts/build-python-wasm.sh)", dir)
+	}
+	if info, err := os.ReadFile(filepath.Join(dir, "BUILDINFO")); err == nil {
+		for _, l := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(l, "python_wasm_sha256="); ok {
+				digest = "sha256:" + strings.TrimSpace(v)
+			}
+		}
+	}
+	return digest, nil
 }
 
 func hasDefault(ims []sandbox.Image, mode string) bool {

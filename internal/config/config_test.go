@@ -71,6 +71,16 @@ func TestParseServe(t *testing.T) {
 		{"unknown flag", []string{img, "--colour"}, "flag provided but not defined", nil},
 		{"unknown config field", []string{img, "--agent-bin", agent, "--config", badCfg}, "unknown field", nil},
 		{"stray argument", []string{img, "extra"}, "takes no arguments", nil},
+		{"wasm image built by the server", []string{img, "--agent-bin", agent, "--wasm-build", DefaultWasmImage + "=scripts/build-python-wasm.sh --x=1"}, "", func(t *testing.T, c Config) {
+			if len(c.Images) != 2 || c.Images[1].Name != DefaultWasmImage || c.Images[1].Mode != "wasm" || !c.Images[1].Default || c.Images[1].RootFS != "" {
+				t.Fatalf("images %+v", c.Images)
+			}
+			if len(c.Builds) != 1 || c.Builds[0] != (Build{Image: DefaultWasmImage, Command: "scripts/build-python-wasm.sh --x=1"}) {
+				t.Fatalf("builds %+v", c.Builds)
+			}
+		}},
+		{"bad wasm build flag", []string{img, "--agent-bin", agent, "--wasm-build", "python:3.11-wasi"}, "NAME=COMMAND", nil},
+		{"wasm build of an approved image", []string{img, "--agent-bin", agent, "--wasm-build", DefaultImage + "=true"}, "approved already", nil},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -12,7 +12,10 @@ import (
 
 func (s *server) health(w http.ResponseWriter, r *http.Request, _ store.Account) error {
 	runtimes, ok := s.svc.Health(r.Context())
-	h := api.Health{Status: "ok", Version: s.opts.Version, Runtimes: runtimes}
+	h := api.Health{Status: "ok", Version: s.opts.Version, Runtimes: runtimes, Images: map[string]api.ImageState{}}
+	for _, im := range s.svc.Images() { // an image being built, or whose build failed, leaves the service "ok"
+		h.Images[im.Name] = im.ImageState
+	}
 	status := http.StatusOK
 	if !ok {
 		h.Status, status = "degraded", http.StatusServiceUnavailable

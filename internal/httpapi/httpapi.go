@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"reflect"
 	"strconv"
@@ -156,6 +157,7 @@ var statusOf = map[sandbox.Kind]int{
 	sandbox.KindPayloadTooLarge:     http.StatusRequestEntityTooLarge,
 	sandbox.KindConflict:            http.StatusConflict,
 	sandbox.KindUnavailable:         http.StatusServiceUnavailable,
+	sandbox.KindImageNotReady:       http.StatusServiceUnavailable,
 	sandbox.KindInternal:            http.StatusInternalServerError,
 }
 
@@ -247,6 +249,9 @@ func (s *server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		}
 		if se.Kind == sandbox.KindConcurrencyLimit || se.Kind == sandbox.KindRunQueueFull {
 			w.Header().Set("Retry-After", "5")
+		}
+		if se.RetryAfter > 0 {
+			w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(se.RetryAfter.Seconds()))))
 		}
 		if se.Kind == sandbox.KindInternal {
 			s.log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)

@@ -24,16 +24,21 @@ type fixture struct {
 
 func setup(t *testing.T, opts httpapi.Options) fixture {
 	t.Helper()
-	dir := t.TempDir()
+	return setupWith(t, opts, t.TempDir(),
+		[]sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/x", Default: true, Digest: "sha256:abc"}},
+		map[string]driver.Driver{"container": fakedriver.New()})
+}
+
+// setupWith serves a service on dir with these images and drivers (by mode).
+func setupWith(t *testing.T, opts httpapi.Options, dir string, images []sandbox.Image, drivers map[string]driver.Driver) fixture {
+	t.Helper()
 	ctx := context.Background()
 	st, err := sqlite.Open(ctx, filepath.Join(dir, "db"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	svc, err := sandbox.New(ctx, sandbox.Config{DataDir: dir,
-		Images: []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/x", Default: true, Digest: "sha256:abc"}},
-	}, st, map[string]driver.Driver{"container": fakedriver.New()})
+	svc, err := sandbox.New(ctx, sandbox.Config{DataDir: dir, Images: images}, st, drivers)
 	if err != nil {
 		t.Fatal(err)
 	}

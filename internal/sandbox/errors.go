@@ -3,6 +3,7 @@ package sandbox
 import (
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Kind classifies an error. The kinds are the API's stable error codes; only httpapi maps them to
@@ -27,6 +28,7 @@ const (
 	KindInsufficientStorage Kind = "insufficient_storage" // files API: the sandbox's disk is full
 	KindConflict            Kind = "conflict"             // files API: a directory where a file is meant, …
 	KindUnavailable         Kind = "unavailable"          // the service is shutting down
+	KindImageNotReady       Kind = "image_not_ready"      // the image is being built, or its build failed
 	KindInternal            Kind = "internal_error"
 )
 
@@ -36,6 +38,8 @@ type Error struct {
 	Kind    Kind
 	Message string
 	Err     error
+	// RetryAfter, when above zero, is when the call may succeed if tried again (an estimate).
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string {

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -22,6 +23,7 @@ import (
 	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/internal/disk"
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/imagebuild"
 	"github.com/sandboxd/sandboxd/internal/store"
 )
 
@@ -46,6 +48,10 @@ type Image struct {
 	RootFS  string
 	Digest  string
 	Default bool // the mode's default image
+	// Build, when set, is the build that makes the image while the service serves: RootFS and
+	// Digest are the build's once it is ready; until then the image is listed with the build's
+	// status and creates that ask for it fail with image_not_ready.
+	Build *imagebuild.Build
 }
 
 // Plan holds an account's limits. MaxSandboxes < 0 means unlimited.
@@ -215,11 +221,24 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 
 func (s *Service) sandboxesDir() string { return filepath.Join(s.cfg.DataDir, "sandboxes") }
 
-// Images lists the approved images.
+// Images lists the approved images, each with its status (ready, or where its build is).
 func (s *Service) Images() []api.Image {
 	out := make([]api.Image, 0, len(s.cfg.Images))
 	for _, im := range s.cfg.Images {
-		out = append(out, api.Image{Name: im.Name, Mode: im.Mode, Digest: im.Digest, Default: im.Default})
+		a := api.Image{Name: im.Name, Mode: im.Mode, Digest: im.Digest, Default: im.Default,
+			ImageState: api.ImageState{Status: string(imagebuild.Ready)}}
+		if im.Build != nil {
+			st := im.Build.Status()
+			a.Status, a.Digest = string(st.State), st.Digest
+			switch st.State {
+			case imagebuild.Building:
+				left, progress := int(st.Left.Seconds()), math.Round(st.Progress*100)/100
+				a.ReadyInSeconds, a.Progress, a.Log = &left, &progress, st.Log
+			case imagebuild.Failed:
+				a.Error, a.Log = st.Reason, st.Log
+			}
+		}
+		out = append(out, a)
 	}
 	return out
 }
@@ -243,6 +262,9 @@ func (s *Service) resolveImage(name, mode string) (Image, error) {
 			if im.Mode != mode {
 				return Image{}, errorf(KindImageNotApproved, "image %q is approved for mode %q, not %q", name, im.Mode, mode)
 			}
+			if im.Build != nil {
+				return built(im)
+			}
 			return im, nil
 		}
 	}
@@ -250,6 +272,32 @@ func (s *Service) resolveImage(name, mode string) (Image, error) {
 		return Image{}, errorf(KindUnsupported, "mode %q is not available on this server (no image is configured for it)", mode)
 	}
 	return Image{}, errorf(KindImageNotApproved, "image %q is not on the approved list (GET /api/images lists them)", name)
+}
+
+// built returns an image the server builds (Image.Build) once it is ready, or says why not.
+func built(im Image) (Image, error) {
+	st := im.Build.Status()
+	switch st.State {
+	case imagebuild.Ready:
+		im.RootFS, im.Digest, im.Build = st.Dir, st.Digest, nil
+		return im, nil
+	case imagebuild.Building:
+		return Image{}, &Error{Kind: KindImageNotReady, RetryAfter: st.Left, Message: fmt.Sprintf(
+			"image %q is being built by the server (for %s so far): ready in about %s; try again then (GET /api/images shows its progress)",
+			im.Name, roughly(time.Since(st.Started)), roughly(st.Left))}
+	default:
+		return Image{}, errorf(KindImageNotReady,
+			"image %q is not available: the server's build of it failed (%s); its operator must fix the build (log: %s) and restart sandboxd",
+			im.Name, st.Reason, st.Log)
+	}
+}
+
+// roughly writes a duration for people: seconds under two minutes, else minutes.
+func roughly(d time.Duration) string {
+	if d < 2*time.Minute {
+		return fmt.Sprintf("%d s", int(d.Round(time.Second).Seconds()))
+	}
+	return fmt.Sprintf("%d min", int(d.Round(time.Minute).Minutes()))
 }
 
 // Create validates req, records the sandbox and provisions it. It returns once the sandbox is

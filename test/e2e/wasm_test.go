@@ -11,9 +11,9 @@ import (
 
 var wasmImage = os.Getenv("SANDBOXD_PYTHON_WASM")
 
-// TestWasmMode: the seed's request in WASM mode (network removed) over HTTP, and the rules that
-// hold there — filesystem, memory, time, what WASI Python lacks, a crashing guest, no network.
-func TestWasmMode(t *testing.T) {
+// requireWasm is requireEnv for the tests that also need the WASM image (SANDBOXD_PYTHON_WASM).
+func requireWasm(t *testing.T) {
+	t.Helper()
 	requireEnv(t)
 	if wasmImage == "" {
 		if os.Getenv("CI") != "" {
@@ -21,6 +21,12 @@ func TestWasmMode(t *testing.T) {
 		}
 		t.Skip("needs SANDBOXD_PYTHON_WASM (make test)")
 	}
+}
+
+// TestWasmMode: the seed's request in WASM mode (network removed) over HTTP, and the rules that
+// hold there — filesystem, memory, time, what WASI Python lacks, a crashing guest, no network.
+func TestWasmMode(t *testing.T) {
+	requireWasm(t)
 	dir, err := os.MkdirTemp("", "sbxd-wasm-") // short: socket paths have a length limit
 	if err != nil {
 		t.Fatal(err)
