@@ -187,9 +187,11 @@ func (b *Build) run(ctx context.Context) (string, string, error) {
 func (b *Build) command(ctx context.Context, logf *os.File) (string, error) {
 	cmd := exec.Command("/bin/sh", "-c", b.cfg.Command)
 	cmd.Dir = b.cfg.Dir
-	out, all := &lastLine{}, &lastLine{} // stdout's last line is the result; any output's, the reason of a failure
-	cmd.Stdout = io.MultiWriter(logf, out, all)
-	cmd.Stderr = io.MultiWriter(logf, all)
+	// stdout's last line is the result; stderr's (else stdout's) the reason of a failure. (Two
+	// pipes: which of them was written last is not known.)
+	out, errs := &lastLine{}, &lastLine{}
+	cmd.Stdout = io.MultiWriter(logf, out)
+	cmd.Stderr = io.MultiWriter(logf, errs)
 	// Its own process group (Close kills the group), killed with its parent thread as well.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	cmd.WaitDelay = 10 * time.Second // a descendant that keeps stdout open does not hold Wait forever
@@ -218,7 +220,9 @@ func (b *Build) command(ctx context.Context, logf *os.File) (string, error) {
 	<-killed
 	if err != nil {
 		reason := "the command failed: " + err.Error()
-		if l := all.last(); l != "" {
+		if l := errs.last(); l != "" {
+			reason += ": " + l
+		} else if l := out.last(); l != "" {
 			reason += ": " + l
 		}
 		return "", errors.New(truncate(reason, 300))
