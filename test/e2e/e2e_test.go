@@ -200,10 +200,10 @@ func (s *server) do(method, path, key string, body any) (int, map[string]any) {
 	return resp.StatusCode, m
 }
 
-// create makes a sandbox and fails the test unless it is ready.
+// create makes a sandbox and fails the test unless it is ready (see awaitReady).
 func (s *server) create(key string, cfg map[string]any) string {
 	s.t.Helper()
-	status, m := s.do("POST", "/api/sandbox/create", key, map[string]any{"agent_id": "e2e", "config": cfg})
+	status, m := s.awaitReady(key)(s.do("POST", "/api/sandbox/create", key, map[string]any{"agent_id": "e2e", "config": cfg}))
 	if status != 201 || m["status"] != "ready" {
 		s.t.Fatalf("create: %d %v", status, m)
 	}
@@ -216,6 +216,29 @@ func (s *server) create(key string, cfg map[string]any) string {
 		}
 	})
 	return id
+}
+
+// awaitReady returns what makes a create's answer (status, body) final: a 201 as it is; a 202
+// "provisioning" — what a slow host answers (the cgroup v2 VM runs under software emulation) —
+// polled as a client does, within 2 minutes, and then answered as 201 with the sandbox once it is
+// ready.
+func (s *server) awaitReady(key string) func(int, map[string]any) (int, map[string]any) {
+	return func(status int, m map[string]any) (int, map[string]any) {
+		if status != 202 || m["status"] != "provisioning" {
+			return status, m
+		}
+		id, _ := m["sandbox_id"].(string)
+		for deadline := time.Now().Add(2 * time.Minute); m["status"] == "provisioning" && time.Now().Before(deadline); {
+			time.Sleep(100 * time.Millisecond)
+			if _, got := s.do("GET", "/api/sandbox/"+id, key, nil); got != nil {
+				m = got
+			}
+		}
+		if m["status"] == "ready" {
+			status = 201
+		}
+		return status, m
+	}
 }
 
 // run executes code synchronously and returns the run object.
@@ -267,12 +290,12 @@ func TestMain(m *testing.M) {
 
 func TestSeedExample(t *testing.T) {
 	s := sharedServer(t)
-	status, m := s.do("POST", "/api/sandbox/create", s.key, `{
+	status, m := s.awaitReady(s.key)(s.do("POST", "/api/sandbox/create", s.key, `{
 	  "agent_id": "data-processor", "mode": "container",
 	  "config": {"image": "agentcop/agent-sandbox:latest",
 	    "filesystem": {"read_only": ["/workspace/data"], "read_write": ["/workspace/output"], "blocked": ["/etc", "/root"]},
 	    "network": {"block_outbound": true},
-	    "resources": {"cpu": "0.5", "memory": "512m", "timeout": 30}}}`)
+	    "resources": {"cpu": "0.5", "memory": "512m", "timeout": 30}}}`))
 	if status != 201 || m["status"] != "ready" || m["mode"] != "container" {
 		t.Fatalf("create: %d %v", status, m)
 	}

@@ -35,11 +35,11 @@ func TestWasmMode(t *testing.T) {
 	s := startServerWith(t, dir, "--wasm-image", "python:3.11-wasi="+wasmImage)
 	key := s.key // the default account (free plan) owns the sandbox: the files helpers use its key
 
-	status, m := s.do("POST", "/api/sandbox/create", key, `{
+	status, m := s.awaitReady(key)(s.do("POST", "/api/sandbox/create", key, `{
 	  "agent_id": "data-processor", "mode": "wasm",
 	  "config": {"image": "python:3.11-wasi",
 	    "filesystem": {"read_only": ["/workspace/data"], "read_write": ["/workspace/output"], "blocked": ["/workspace/output/secret"]},
-	    "resources": {"cpu": "0.5", "memory": "256m", "timeout": 120}}}`)
+	    "resources": {"cpu": "0.5", "memory": "256m", "timeout": 120}}}`))
 	if status != 201 || m["status"] != "ready" || m["mode"] != "wasm" {
 		t.Fatalf("create: %d %v", status, m)
 	}
