@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
@@ -56,7 +57,14 @@ type Config struct {
 	// records the gateway resolves instead of asking the host's resolver (nil: none).
 	NetworkPool netip.Prefix
 	StaticHosts egress.StaticResolver
+	// StopGrace bounds a clean stop (SIGINT, SIGTERM, SIGHUP): how long the server lets its live
+	// sandboxes be destroyed one by one before it kills the rest at once (--stop-grace; default
+	// DefaultStopGrace). A service manager's stop timeout must exceed it by a few seconds.
+	StopGrace time.Duration
 }
+
+// DefaultStopGrace is --stop-grace's default.
+const DefaultStopGrace = 20 * time.Second
 
 // file is the JSON configuration file.
 type file struct {
@@ -108,6 +116,7 @@ func ParseServe(args []string) (Config, error) {
 	fs.StringVar(&cfgPath, "config", "", "optional JSON file with images, plans and limits")
 	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
 	warm := fs.Int("warm-pool", -1, fmt.Sprintf("provisioned sandboxes kept ready per shape asked for (0: none; default %d)", DefaultWarmPool))
+	fs.DurationVar(&c.StopGrace, "stop-grace", DefaultStopGrace, "on SIGINT/SIGTERM, how long live sandboxes may take to be destroyed before the rest are killed at once")
 	fs.Var(&wasmImages, "wasm-image", "approved WASM image as NAME=DIR holding python.wasm and lib/ (repeatable; the first is the wasm default)")
 	err := fs.Parse(args)
 	if err != nil {
@@ -115,6 +124,9 @@ func ParseServe(args []string) (Config, error) {
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("serve takes no arguments, got %q", fs.Args())
+	}
+	if c.StopGrace <= 0 {
+		return c, fmt.Errorf("--stop-grace %v: want a positive duration, e.g. 20s", c.StopGrace)
 	}
 	if c.DataDir, err = filepath.Abs(c.DataDir); err != nil {
 		return c, err

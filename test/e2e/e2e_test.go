@@ -22,8 +22,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/google/nftables"
 )
 
 var (
@@ -75,10 +73,16 @@ func freeAddr(t *testing.T) string {
 // launch starts sandboxd on dataDir and waits until it is healthy; on a fresh dataDir it reads the
 // first API key the server prints.
 func launch(addr, dataDir string, extra ...string) (*server, error) {
+	return launchWith(addr, dataDir, nil, extra...)
+}
+
+// launchWith is launch with the process's attributes (e.g. a process group of its own).
+func launchWith(addr, dataDir string, attr *syscall.SysProcAttr, extra ...string) (*server, error) {
 	s := &server{url: "http://" + addr, dataDir: dataDir, logs: &bytes.Buffer{}}
 	args := append([]string{"serve", "--listen", addr, "--data-dir", dataDir,
 		"--image", "agentcop/agent-sandbox:latest=" + rootfs}, extra...)
 	s.cmd = exec.Command(filepath.Join(binDir, "sandboxd"), args...)
+	s.cmd.SysProcAttr = attr
 	s.cmd.Stderr = &lockedWriter{w: s.logs}
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
@@ -672,16 +676,8 @@ func TestCrashRecovery(t *testing.T) {
 	if left := networkLeft(t, cVeths); len(left) != 0 {
 		t.Fatalf("network outlives a clean stop: %v", left)
 	}
-	if nc, err := nftables.New(); err != nil {
-		t.Fatal(err)
-	} else if tbls, err := nc.ListTables(); err != nil {
-		t.Fatal(err)
-	} else {
-		for _, tb := range tbls {
-			if tb.Name == tables[0] {
-				t.Fatalf("host table %s outlives a clean stop", tb.Name)
-			}
-		}
+	if left := tablesLeft(t, tables); len(left) != 0 {
+		t.Fatalf("host table %s outlives a clean stop", left[0])
 	}
 	s3 := startServer(t, dir)
 	_, m = s3.do("GET", "/api/sandbox/"+c, s.key, nil)
