@@ -76,17 +76,20 @@ func launch(addr, dataDir string, extra ...string) (*server, error) {
 	return launchWith(addr, dataDir, nil, extra...)
 }
 
-// launchWith is launch with the process's attributes (e.g. a process group of its own).
-func launchWith(addr, dataDir string, attr *syscall.SysProcAttr, extra ...string) (*server, error) {
+// launchWith is launch with prep (if not nil) called on the command before it starts (e.g. to
+// give it a process group of its own, or a terminal).
+func launchWith(addr, dataDir string, prep func(*exec.Cmd), extra ...string) (*server, error) {
 	s := &server{url: "http://" + addr, dataDir: dataDir, logs: &bytes.Buffer{}}
 	args := append([]string{"serve", "--listen", addr, "--data-dir", dataDir,
 		"--image", "agentcop/agent-sandbox:latest=" + rootfs}, extra...)
 	s.cmd = exec.Command(filepath.Join(binDir, "sandboxd"), args...)
-	s.cmd.SysProcAttr = attr
 	s.cmd.Stderr = &lockedWriter{w: s.logs}
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
+	}
+	if prep != nil {
+		prep(s.cmd)
 	}
 	if err := s.cmd.Start(); err != nil {
 		return nil, err

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -14,6 +16,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/store"
 	"github.com/sandboxd/sandboxd/internal/store/sqlite"
@@ -31,22 +34,24 @@ const stopBound = 10 * time.Second
 // directory before any restart, so nothing was left to the next start's reconciliation.
 func TestStop(t *testing.T) {
 	requireEnv(t)
-	group := func(sig syscall.Signal) func(*server) {
-		return func(s *server) { _ = syscall.Kill(-s.cmd.Process.Pid, sig) }
+	group := func(sig syscall.Signal) func(*server, *os.File) {
+		return func(s *server, _ *os.File) { _ = syscall.Kill(-s.cmd.Process.Pid, sig) }
 	}
 	ways := []struct {
 		name    string
-		ask     func(*server)
+		tty     bool // the server runs on a terminal of its own (else in a process group of its own)
+		ask     func(s *server, tty *os.File)
 		wantLog string
 	}{
-		{"SIGINT to the group", group(syscall.SIGINT), "signal=interrupt"},
-		{"SIGINT twice to the group", func(s *server) {
-			group(syscall.SIGINT)(s)
+		{"Ctrl-C on its terminal", true, func(_ *server, tty *os.File) { _, _ = tty.Write([]byte{3}) }, "signal=interrupt"},
+		{"SIGINT to the group", false, group(syscall.SIGINT), "signal=interrupt"},
+		{"SIGINT twice to the group", false, func(s *server, tty *os.File) {
+			group(syscall.SIGINT)(s, tty)
 			time.Sleep(50 * time.Millisecond) // the stop of 4 sandboxes takes longer
-			group(syscall.SIGINT)(s)
+			group(syscall.SIGINT)(s, tty)
 		}, "second signal: killing sandboxes now"},
-		{"SIGTERM to the main pid", func(s *server) { _ = s.cmd.Process.Signal(syscall.SIGTERM) }, "signal=terminated"},
-		{"SIGTERM to the group", group(syscall.SIGTERM), "signal=terminated"},
+		{"SIGTERM to the main pid", false, func(s *server, _ *os.File) { _ = s.cmd.Process.Signal(syscall.SIGTERM) }, "signal=terminated"},
+		{"SIGTERM to the group", false, group(syscall.SIGTERM), "signal=terminated"},
 	}
 	for _, w := range ways {
 		t.Run(w.name, func(t *testing.T) {
@@ -60,19 +65,42 @@ func TestStop(t *testing.T) {
 				extra = append(extra, "--wasm-image", "python:3.11-wasi="+wasmImage)
 			}
 			// A process group of its own, as a shell gives a foreground job: the test signals that
-			// group without signalling itself.
-			s, err := launchWith(freeAddr(t), dir, &syscall.SysProcAttr{Setpgid: true}, extra...)
+			// group without signalling itself. Or a terminal: a session whose foreground group
+			// the server's first process leads, as a shell without job control would start it.
+			var term *os.File
+			prep := func(c *exec.Cmd) { c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} }
+			if w.tty {
+				var tty *os.File
+				term, tty = openPTY(t)
+				prep = func(c *exec.Cmd) {
+					c.Stdin = tty
+					c.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+				}
+				defer tty.Close()
+			}
+			s, err := launchWith(freeAddr(t), dir, prep, extra...)
 			if err != nil {
 				t.Fatal(err)
 			}
 			s.t = t
 			t.Cleanup(func() {
-				if s.cmd.ProcessState == nil {
-					_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
-					_ = s.cmd.Wait()
-				}
 				if t.Failed() {
 					t.Logf("sandboxd logs:\n%s", s.logs.String())
+				}
+				// Leave nothing behind, also when the server under test did not: stop it if it
+				// still runs, and let a server on the same data dir reconcile what it left.
+				if s.cmd.ProcessState == nil {
+					_ = s.cmd.Process.Signal(syscall.SIGTERM)
+					timer := time.AfterFunc(30*time.Second, func() { _ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL) })
+					_ = s.cmd.Wait()
+					timer.Stop()
+				}
+				if !s.cmd.ProcessState.Success() {
+					if s2, err := launch(freeAddr(t), dir); err == nil {
+						s2.stop()
+					} else {
+						t.Errorf("reconcile %s after the test: %v", dir, err)
+					}
 				}
 			})
 			key := s.newKey("stop", "pro")
@@ -101,7 +129,7 @@ func TestStop(t *testing.T) {
 			before := stopSnapshot(t, s.cmd.Process.Pid, dir, ids)
 
 			start := time.Now()
-			w.ask(s)
+			w.ask(s, term)
 			exited := make(chan error, 1)
 			go func() { exited <- s.cmd.Wait() }()
 			select {
@@ -412,4 +440,31 @@ func tablesLeft(t *testing.T, names []string) []string {
 		}
 	}
 	return left
+}
+
+// openPTY opens a pseudo-terminal: its master (the test's side, closed when the test ends) and its
+// terminal (given to the server as its controlling terminal; ISIG on, so ^C is SIGINT to the
+// foreground process group).
+func openPTY(t *testing.T) (master, tty *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatalf("unlock pty: %v", err)
+	}
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatalf("pty number: %v", err)
+	}
+	tty, err = os.OpenFile("/dev/pts/"+strconv.Itoa(n), os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Nothing reads the master: its output would fill the pty's buffer and block the server's
+	// writes to the terminal. Keep reading it.
+	go func() { _, _ = io.Copy(io.Discard, m) }()
+	return m, tty
 }
