@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"sync/atomic"
 	"syscall"
@@ -239,25 +238,20 @@ func serve(args []string) error {
 	if _, err := cgroup.Delegate(); err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	d, err := start(ctx, cfg, true)
+	// Watched from here to the exit (stop.go): a signal during start-up cancels it, and one
+	// during the stop is the "second signal".
+	w := watchStop()
+	defer w.stop()
+	d, err := start(w.ctx, cfg, true)
 	if err != nil {
 		return err
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- d.srv.Serve(d.ln) }()
 	select {
-	case <-ctx.Done():
+	case <-w.ctx.Done():
 	case err = <-errc:
 	}
-	stop()
-	newLogger().Info("sandboxd stopping: destroying live sandboxes")
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	d.close(sctx)
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
-	}
-	return err
+	d.shutdown(w, cfg.StopGrace)
+	return serveErr(err)
 }

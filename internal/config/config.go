@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
@@ -59,6 +60,10 @@ type Config struct {
 	// records the gateway resolves instead of asking the host's resolver (nil: none).
 	NetworkPool netip.Prefix
 	StaticHosts egress.StaticResolver
+	// StopGrace bounds a clean stop (SIGINT, SIGTERM, SIGHUP): how long the server lets its live
+	// sandboxes be destroyed one by one before it kills the rest at once (--stop-grace; default
+	// DefaultStopGrace). A service manager's stop timeout must exceed it by a few seconds.
+	StopGrace time.Duration
 }
 
 // Build is an image the server builds while it serves: the command prints the image's directory
@@ -67,6 +72,9 @@ type Build struct {
 	Image   string // the image's name (in Config.Images)
 	Command string // run with /bin/sh -c in the server's working directory
 }
+
+// DefaultStopGrace is --stop-grace's default.
+const DefaultStopGrace = 20 * time.Second
 
 // file is the JSON configuration file.
 type file struct {
@@ -142,6 +150,7 @@ func parse(name string, args []string) (Config, error) {
 	fs.StringVar(&cfgPath, "config", "", "optional JSON file with images, plans and limits")
 	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
 	warm := fs.Int("warm-pool", -1, fmt.Sprintf("provisioned sandboxes kept ready per shape asked for (0: none; default %d)", DefaultWarmPool))
+	fs.DurationVar(&c.StopGrace, "stop-grace", DefaultStopGrace, "on SIGINT/SIGTERM, how long live sandboxes may take to be destroyed before the rest are killed at once")
 	fs.Var(&wasmImages, "wasm-image", "approved WASM image as NAME=DIR holding python.wasm and lib/ (repeatable; the first is the wasm default)")
 	fs.Var(&wasmBuilds, "wasm-build", "WASM image the server builds in the background as NAME=COMMAND: COMMAND (run with sh -c, output to <data-dir>/logs/wasm-build.log) prints the image's directory as its last line; the image is approved when it succeeds (repeatable; a default after --wasm-image)")
 	err := fs.Parse(args)
@@ -150,6 +159,9 @@ func parse(name string, args []string) (Config, error) {
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("%s takes no arguments, got %q", name, fs.Args())
+	}
+	if c.StopGrace <= 0 {
+		return c, fmt.Errorf("--stop-grace %v: want a positive duration, e.g. 20s", c.StopGrace)
 	}
 	if c.DataDir, err = filepath.Abs(c.DataDir); err != nil {
 		return c, err

@@ -175,8 +175,10 @@ func (m *Manager) format(path string, size int64) error {
 	if err == nil {
 		// 4 KiB blocks (the loop device's block size: direct I/O); -m 0: no blocks reserved for root
 		// (nothing in a sandbox is root); no journal.
-		out, cerr := exec.Command(m.mkfs, "-q", "-F", "-b", "4096", "-m", "0", "-O", "^has_journal",
-			"-E", "lazy_itable_init=1,nodiscard,root_owner=0:0", tmp).CombinedOutput()
+		cmd := exec.Command(m.mkfs, "-q", "-F", "-b", "4096", "-m", "0", "-O", "^has_journal",
+			"-E", "lazy_itable_init=1,nodiscard,root_owner=0:0", tmp)
+		cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true} // signals for sandboxd's group are not its
+		out, cerr := cmd.CombinedOutput()
 		if cerr != nil {
 			err = fmt.Errorf("mkfs.ext4: %w: %s", cerr, out)
 		}

@@ -163,6 +163,16 @@ type Warmer interface {
 	Warm(ctx context.Context, id string) error
 }
 
+// Killer is implemented by drivers that can kill every process of a sandbox at once, without
+// releasing anything else. The service calls it when a stop's grace time has run out (or a second
+// signal came) for sandboxes whose Destroy has not finished, then records them destroyed; what Kill
+// leaves (mounts, network, state) goes with sandboxd's mount namespace or is removed by the next
+// start's reconciliation (List still reports the sandbox). Idempotent; it does not block on the
+// sandbox's processes (SIGKILL, no wait) and works while a Destroy of the same id runs.
+type Killer interface {
+	Kill(id string) error
+}
+
 // ErrNotFound is returned by Exec for a sandbox the driver does not know.
 var ErrNotFound = errors.New("sandbox not found in driver")
 

@@ -36,10 +36,10 @@ var (
 // called first thing in main (and in TestMain), before any goroutine that matters is started:
 //
 //   - In the original process it re-executes the running binary (same argv and environment, plus a
-//     marker variable) with CLONE_NEWNS unshared and "/" made recursively private, forwards
-//     SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to it, and exits with its status: it
-//     does not return unless the re-exec could not start (then it returns the error, e.g. EPERM
-//     when not root).
+//     marker variable) with CLONE_NEWNS unshared and "/" made recursively private, in a process
+//     group of its own, forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to it, and
+//     exits with its status: it does not return unless the re-exec could not start (then it
+//     returns the error, e.g. EPERM when not root).
 //   - In the re-executed process it checks that its mount namespace differs from the parent's,
 //     and, on a cgroup v1 hybrid host (cgroup2 at /sys/fs/cgroup/unified next to v1 controllers),
 //     unmounts that cgroup2 mount, since crun refuses hybrid hosts. Then it returns nil.
@@ -47,7 +47,11 @@ var (
 // The effect: every mount sandboxd makes (each sandbox's overlay root and disk) lives only in
 // that namespace and disappears with the process, so a crash never leaks a mount on the host; and
 // crun works on hybrid hosts. The child runs with PR_SET_PDEATHSIG=SIGKILL, so it does not outlive
-// its parent. Calling it again in the same process is a no-op.
+// its parent. Because the child has a process group of its own, signals sent to the original
+// process's group — a terminal's Ctrl-C, `kill -TERM -PGID` — reach only the original process,
+// which forwards each one exactly once: the child (and every helper it starts, in its group or
+// their own) sees one signal per signal sent, never the terminal's copy and the forwarded one.
+// Calling it again in the same process is a no-op.
 func Enter() error {
 	nsMu.Lock()
 	defer nsMu.Unlock()
@@ -114,6 +118,9 @@ func reexecInMountNamespace(ownNS string) error {
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Unshareflags: syscall.CLONE_NEWNS,
+		// Out of the caller's process group: what is sent to that group (Ctrl-C) reaches the
+		// child once, through the forwarding below.
+		Setpgid: true,
 		// Pdeathsig fires when the thread that started the child ends: keep this goroutine on its
 		// thread for good (we never return on success).
 		Pdeathsig: syscall.SIGKILL,

@@ -143,6 +143,7 @@ type live struct {
 	jobs     map[string]*job // queued and running
 	wake     chan struct{}
 	closing  bool // no more runs are accepted
+	recorded bool // the destroyed record is written (record writes it once)
 	destroy1 sync.Once
 
 	net netCounters
@@ -626,7 +627,7 @@ func (s *Service) end(lv *live, reason string, recordFirst bool) {
 			return
 		}
 		<-lv.ready // provisioning ends at once when cancelled
-		s.endRuns(lv)
+		s.endRuns(lv, runStopWait)
 		s.record(lv, reason)
 		s.wg.Add(1)
 		go func() {
@@ -663,9 +664,14 @@ func (s *Service) release(lv *live, reason string) {
 	s.releaseHost(lv.id, destroyed)
 }
 
-// record writes the sandbox's destroyed record and event, and drops it from the live set.
+// record writes the sandbox's destroyed record and event, once, and drops it from the live set.
 func (s *Service) record(lv *live, reason string) {
 	lv.mu.Lock()
+	if lv.recorded {
+		lv.mu.Unlock()
+		return
+	}
+	lv.recorded = true
 	failed := lv.rec.Status == store.SandboxError
 	if !failed {
 		t := now()
@@ -693,22 +699,24 @@ func (s *Service) record(lv *live, reason string) {
 const runStopWait = 3 * time.Second
 
 // endRuns waits until the running run of a sandbox being destroyed (cancelled by then) has its
-// final record, so that DELETE answers with every run final; past runStopWait — a driver slow to
-// kill — it records the run cancelled itself, and execute's later record is dropped.
-func (s *Service) endRuns(lv *live) {
+// final record, so that DELETE answers with every run final; past wait (runStopWait for DELETE, 0
+// for a stop out of time) — a driver slow to kill — it records the run cancelled itself, and
+// execute's later record is dropped.
+func (s *Service) endRuns(lv *live, wait time.Duration) {
 	lv.mu.Lock()
 	var running []*job
 	for _, j := range lv.jobs {
 		running = append(running, j)
 	}
 	lv.mu.Unlock()
-	deadline := time.NewTimer(runStopWait)
+	expired := make(chan struct{})
+	deadline := time.AfterFunc(wait, func() { close(expired) })
 	defer deadline.Stop()
 	for _, j := range running {
 		select {
 		case <-j.done:
 			continue
-		case <-deadline.C:
+		case <-expired:
 		}
 		t := now()
 		j.finalMu.Lock()
@@ -732,7 +740,17 @@ func (s *Service) stopExpiry(lv *live) {
 	t.Stop()
 }
 
-// Close destroys every live sandbox (reason server_restart) and waits for all goroutines.
+// hardStopWait bounds how long Close waits, once its ctx has ended and it has killed what was
+// left, for the destroys in flight to finish.
+const hardStopWait = 3 * time.Second
+
+// Close destroys every live sandbox (reason server_restart) and the warm ones, and waits for all
+// goroutines. If ctx ends first (a stop's grace time ran out, or a second signal came), it kills
+// every sandbox not destroyed yet at once (driver.Killer), records each destroyed — its running
+// run cancelled — waits up to hardStopWait for the destroys in flight, and returns an error
+// naming how many it killed; whatever a driver has not released by then goes with the process's
+// mount namespace or is removed by the next start's reconciliation (the driver still lists it).
+// Either way no sandbox is left live in the records.
 func (s *Service) Close(ctx context.Context) error {
 	s.mu.Lock()
 	s.closed = true
@@ -756,8 +774,36 @@ func (s *Service) Close(ctx context.Context) error {
 	case <-done:
 		return nil
 	case <-ctx.Done():
-		return fmt.Errorf("close sandbox service: %w", ctx.Err())
 	}
+	s.mu.Lock()
+	var left []*live
+	for _, lv := range s.live {
+		left = append(left, lv)
+	}
+	s.mu.Unlock()
+	for _, lv := range left {
+		if k, ok := s.drivers[lv.rec.Mode].(driver.Killer); ok {
+			if err := k.Kill(lv.id); err != nil {
+				s.log.Error("kill sandbox", "sandbox", lv.id, "err", err)
+			}
+		}
+	}
+	for _, lv := range left {
+		s.endRuns(lv, 0)
+		s.record(lv, ReasonServerRestart)
+	}
+	select {
+	case <-done:
+	case <-time.After(hardStopWait):
+	}
+	return fmt.Errorf("close sandbox service: %w: killed %d sandboxes not destroyed in time (recorded destroyed)", ctx.Err(), len(left))
+}
+
+// LiveCount returns how many sandboxes are live (not destroyed), warm ones not included.
+func (s *Service) LiveCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.live)
 }
 
 // SetWarmPool sets how many warm sandboxes the service keeps per shape (0: none); the ones over

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -289,6 +290,50 @@ func TestDeleteSlowDriver(t *testing.T) {
 	time.Sleep(2 * time.Second) // the driver answers "completed" meanwhile
 	if got, _ := e.svc.GetRun(ctx, e.acct, id, r.RunID); got.Status != "cancelled" {
 		t.Fatalf("after the driver's late answer: %s", got.Status)
+	}
+}
+
+// TestCloseOutOfTime: a stop whose grace runs out (a driver that does not stop a run) kills the
+// sandbox, records it destroyed and its run cancelled, and returns within hardStopWait.
+func TestCloseOutOfTime(t *testing.T) {
+	e := newEnv(t, "free")
+	bg := context.Background()
+	id := e.create(t, nil)
+	done := e.create(t, nil)
+	r := e.run(t, id, "stubborn:4500", true)
+	time.Sleep(20 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(bg, 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := e.svc.Close(ctx)
+	if err == nil {
+		t.Fatal("Close out of time returned nil")
+	}
+	if el := time.Since(start); el > 4*time.Second {
+		t.Errorf("Close out of time took %v", el)
+	}
+	if k := e.drv.Killed(); !slices.Equal(k, []string{id}) {
+		t.Errorf("killed %v, want [%s] (the other sandbox was destroyed in time)", k, id)
+	}
+	for _, sid := range []string{id, done} {
+		sb, err := e.svc.Get(bg, e.acct, sid)
+		if err != nil || sb.Status != "destroyed" || sb.DestroyedAt == nil || *sb.DestroyReason != "server_restart" {
+			t.Fatalf("record of %s after Close out of time: %+v %v", sid, sb, err)
+		}
+	}
+	if got, _ := e.svc.GetRun(bg, e.acct, id, r.RunID); got.Status != "cancelled" || got.FinishedAt == nil {
+		t.Fatalf("run after Close out of time: %+v", got)
+	}
+	if live, err := e.st.LiveSandboxes(bg); err != nil || len(live) != 0 {
+		t.Fatalf("live records after Close out of time: %v %v", live, err)
+	}
+	time.Sleep(2 * time.Second) // the driver answers "completed" meanwhile: nothing is recorded twice
+	if got, _ := e.svc.GetRun(bg, e.acct, id, r.RunID); got.Status != "cancelled" {
+		t.Fatalf("after the driver's late answer: %s", got.Status)
+	}
+	evs, _, err := e.st.ListEvents(bg, store.EventFilter{AccountID: e.acct.ID, SandboxID: id, Type: "sandbox.destroyed"})
+	if err != nil || len(evs) != 1 {
+		t.Fatalf("sandbox.destroyed events of %s: %d %v", id, len(evs), err)
 	}
 }
 

@@ -23,8 +23,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/google/nftables"
 )
 
 var (
@@ -76,6 +74,12 @@ func freeAddr(t *testing.T) string {
 // launch starts sandboxd on dataDir and waits until it is healthy; on a fresh dataDir it reads the
 // first API key the server prints.
 func launch(addr, dataDir string, extra ...string) (*server, error) {
+	return launchWith(addr, dataDir, nil, extra...)
+}
+
+// launchWith is launch with prep (if not nil) called on the command before it starts (e.g. to
+// give it a process group of its own, or a terminal).
+func launchWith(addr, dataDir string, prep func(*exec.Cmd), extra ...string) (*server, error) {
 	s := &server{url: "http://" + addr, dataDir: dataDir, logs: &bytes.Buffer{}}
 	args := append([]string{"serve", "--listen", addr, "--data-dir", dataDir,
 		"--image", "agentcop/agent-sandbox:latest=" + rootfs}, extra...)
@@ -84,6 +88,9 @@ func launch(addr, dataDir string, extra ...string) (*server, error) {
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
+	}
+	if prep != nil {
+		prep(s.cmd)
 	}
 	if err := s.cmd.Start(); err != nil {
 		return nil, err
@@ -709,16 +716,8 @@ func TestCrashRecovery(t *testing.T) {
 	if left := networkLeft(t, cVeths); len(left) != 0 {
 		t.Fatalf("network outlives a clean stop: %v", left)
 	}
-	if nc, err := nftables.New(); err != nil {
-		t.Fatal(err)
-	} else if tbls, err := nc.ListTables(); err != nil {
-		t.Fatal(err)
-	} else {
-		for _, tb := range tbls {
-			if tb.Name == tables[0] {
-				t.Fatalf("host table %s outlives a clean stop", tb.Name)
-			}
-		}
+	if left := tablesLeft(t, tables); len(left) != 0 {
+		t.Fatalf("host table %s outlives a clean stop", left[0])
 	}
 	s3 := startServer(t, dir)
 	_, m = s3.do("GET", "/api/sandbox/"+c, s.key, nil)

@@ -1105,3 +1105,20 @@ func (d *Driver) List(ctx context.Context) ([]string, error) {
 	slices.Sort(ids)
 	return ids, nil
 }
+
+// Kill SIGKILLs every process of sandbox id — the container's and its zygote, all in the
+// sandbox's cgroup — without waiting or releasing anything (driver.Killer: a stop whose grace ran
+// out). Idempotent; Destroy still deletes the container and removes the rest.
+func (d *Driver) Kill(id string) error {
+	if err := statedir.CheckID(id); err != nil {
+		return err
+	}
+	pids, err := d.cg.procs(id)
+	for _, p := range pids {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	if err != nil {
+		return fmt.Errorf("kill sandbox %s: %w", id, err)
+	}
+	return nil
+}

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -41,6 +42,9 @@ func newRuntime(name, stateDir string) (*ociRuntime, error) {
 func (r *ociRuntime) command(ctx context.Context, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, r.bin, append([]string{"--root", r.root}, args...)...)
 	cmd.WaitDelay = 5 * time.Second
+	// A process group of its own, like every helper sandboxd starts: a signal sent to sandboxd's
+	// group must not cut a create or delete half-way (sandboxd stops its sandboxes itself).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	return cmd
 }
 

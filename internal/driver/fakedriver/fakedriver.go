@@ -29,6 +29,22 @@ type Driver struct {
 	// SetNetworkErr, when set, is what SetNetwork returns (a sandbox that cannot take a policy).
 	SetNetworkErr error
 	Destroyed     []string
+	killed        []string
+}
+
+// Kill records that id was killed (driver.Killer); the sandbox stays until Destroy.
+func (d *Driver) Kill(id string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.killed = append(d.killed, id)
+	return nil
+}
+
+// Killed returns the ids Kill was called with.
+func (d *Driver) Killed() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]string(nil), d.killed...)
 }
 
 // New returns an empty fake driver.

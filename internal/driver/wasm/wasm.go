@@ -949,3 +949,32 @@ func chownDir(dir string, uid, gid int) error {
 	}
 	return unix.Fchmod(fd, 0o700)
 }
+
+// Kill SIGKILLs sandbox id's worker (its process group) and whatever else is in its cgroup, without
+// waiting or releasing anything (driver.Killer: a stop whose grace ran out). Idempotent; Destroy
+// still reaps the worker and removes the cgroup.
+func (d *Driver) Kill(id string) error {
+	d.mu.Lock()
+	b := d.boxes[id]
+	d.mu.Unlock()
+	if b == nil {
+		return nil
+	}
+	b.mu.Lock()
+	w, group := b.w, b.group
+	b.mu.Unlock()
+	if w != nil {
+		_ = syscall.Kill(-w.pid, syscall.SIGKILL)
+	}
+	if group == "" || !strings.HasPrefix(group, d.cgParent+"/") {
+		return nil
+	}
+	pids, err := d.cg.Procs(group)
+	for _, p := range pids {
+		_ = syscall.Kill(p, syscall.SIGKILL)
+	}
+	if err != nil {
+		return fmt.Errorf("kill sandbox %s: %w", id, err)
+	}
+	return nil
+}
