@@ -90,29 +90,33 @@ func TestDoctorWithoutRuntime(t *testing.T) {
 	}
 }
 
-// TestMakeRunDoctorFirst: make run builds, then runs the doctor, and only then builds the images
-// and serves.
+// TestMakeRunDoctorFirst: make run (scripts/run.sh) installs the dependencies and builds, then
+// runs the doctor, and only then builds the image and serves.
 func TestMakeRunDoctorFirst(t *testing.T) {
 	if _, err := exec.LookPath("make"); err != nil {
 		t.Skip("no make")
 	}
 	out, err := exec.Command("make", "-n", "-C", "../..", "run", "DATA=somewhere").CombinedOutput()
-	if err != nil {
-		t.Fatalf("make -n run: %v\n%s", err, out)
+	if err != nil || !strings.Contains(string(out), "scripts/run.sh") {
+		t.Fatalf("make -n run does not run scripts/run.sh: %v\n%s", err, out)
 	}
-	lines := strings.Split(string(out), "\n")
-	at := func(prefix string) int {
+	script, err := os.ReadFile("../../scripts/run.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(script), "\n")
+	at := func(word string) int {
 		for i, l := range lines {
-			if strings.HasPrefix(strings.TrimSpace(l), prefix) {
+			if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") && strings.Contains(l, word) {
 				return i
 			}
 		}
-		t.Fatalf("make -n run has no line starting %q:\n%s", prefix, out)
+		t.Fatalf("scripts/run.sh runs no %q", word)
 		return -1
 	}
-	deps, build, doctor := at("scripts/install-deps.sh"), at("go build"), at("bin/sandboxd doctor --data-dir somewhere")
-	image, wasm, serve := at("scripts/build-image.sh"), at("scripts/build-python-wasm.sh"), at("bin/sandboxd serve")
-	if !(deps < doctor && build < doctor && doctor < image && doctor < wasm && doctor < serve) {
-		t.Errorf("order: deps %d, build %d, doctor %d, image %d, wasm %d, serve %d\n%s", deps, build, doctor, image, wasm, serve, out)
+	deps, build, doctor := at("scripts/install-deps.sh"), at("--no-print-directory build"), at("bin/sandboxd doctor --data-dir")
+	image, serve := at("scripts/build-image.sh"), at("bin/sandboxd serve")
+	if !(deps < doctor && build < doctor && doctor < image && doctor < serve) {
+		t.Errorf("order in scripts/run.sh: deps %d, build %d, doctor %d, image %d, serve %d", deps, build, doctor, image, serve)
 	}
 }
