@@ -207,14 +207,11 @@ func (s *server) do(method, path, key string, body any) (int, map[string]any) {
 	return resp.StatusCode, m
 }
 
-// create makes a sandbox and fails the test unless it is ready (see awaitReady).
+// create makes a sandbox with config cfg, to be deleted when the test ends, and fails the test
+// unless it is ready.
 func (s *server) create(key string, cfg map[string]any) string {
 	s.t.Helper()
-	status, m := s.awaitReady(key)(s.do("POST", "/api/sandbox/create", key, map[string]any{"agent_id": "e2e", "config": cfg}))
-	if status != 201 || m["status"] != "ready" {
-		s.t.Fatalf("create: %d %v", status, m)
-	}
-	id := m["sandbox_id"].(string)
+	id := s.createReady(key, map[string]any{"agent_id": "e2e", "config": cfg})
 	s.t.Cleanup(func() { // best effort: the test may have stopped the server
 		req, _ := http.NewRequest("DELETE", s.url+"/api/sandbox/"+id, nil)
 		req.Header.Set("X-AgentCop-Key", key)
@@ -223,6 +220,17 @@ func (s *server) create(key string, cfg map[string]any) string {
 		}
 	})
 	return id
+}
+
+// createReady makes a sandbox from a whole create request and fails the test unless it is ready
+// (see awaitReady).
+func (s *server) createReady(key string, req map[string]any) string {
+	s.t.Helper()
+	status, m := s.awaitReady(key)(s.do("POST", "/api/sandbox/create", key, req))
+	if status != 201 || m["status"] != "ready" {
+		s.t.Fatalf("create: %d %v", status, m)
+	}
+	return m["sandbox_id"].(string)
 }
 
 // awaitReady returns what makes a create's answer (status, body) final: a 201 as it is; a 202

@@ -404,24 +404,6 @@ func procStatFields(pid int) []string {
 	return strings.Fields(string(b[i+1:]))
 }
 
-// createReady creates a sandbox and waits until it is ready (a loaded host may answer 202 while
-// the WASM driver still starts its first worker).
-func (s *server) createReady(key string, req map[string]any) string {
-	s.t.Helper()
-	status, m := s.do("POST", "/api/sandbox/create", key, req)
-	if status != 201 && status != 202 {
-		s.t.Fatalf("create: %d %v", status, m)
-	}
-	id := m["sandbox_id"].(string)
-	for end := time.Now().Add(60 * time.Second); m["status"] == "provisioning" && time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-		_, m = s.do("GET", "/api/sandbox/"+id, key, nil)
-	}
-	if m["status"] != "ready" {
-		s.t.Fatalf("sandbox %s: %v", id, m)
-	}
-	return id
-}
-
 // tablesLeft returns which of the nftables tables named exist on the host.
 func tablesLeft(t *testing.T, names []string) []string {
 	t.Helper()
