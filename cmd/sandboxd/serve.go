@@ -134,7 +134,8 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 					continue
 				}
 				go func() {
-					if err := p.Prepare(context.WithoutCancel(ctx), im.RootFS); err != nil {
+					// (Canceled: the driver closed, the server is stopping.)
+					if err := p.Prepare(context.WithoutCancel(ctx), im.RootFS); err != nil && !errors.Is(err, context.Canceled) {
 						log.Error("prepare wasm image", "image", im.Name, "err", err)
 					}
 				}()
