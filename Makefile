@@ -7,7 +7,7 @@ WASM    := python:3.11-wasi
 GOFLAGS ?=
 export CGO_ENABLED := 0
 
-.PHONY: all deps image wasm vm build run test bench clean
+.PHONY: all deps image wasm vm build run test test-vm bench clean
 
 all: build
 
@@ -46,6 +46,10 @@ test: image wasm vm build
 	go vet ./...
 	s=$$SECONDS; $(TESTENV) go test -count=1 -timeout 40m $$(go list ./... | grep -v '/test/vm$$') \
 		&& { echo "make test: host tests passed in $$((SECONDS - s)) s"; }
+	@$(MAKE) --no-print-directory test-vm
+
+# test/vm alone (part of make test).
+test-vm: image wasm vm build
 	s=$$SECONDS; set -o pipefail; $(TESTENV) SANDBOXD_VM=$$(scripts/build-vm.sh 2>/dev/null) \
 		go test -count=1 -timeout 60m -v ./test/vm 2>&1 | tee bin/test-vm.log | grep -E '^( {0,4}--- |vm\[|ok |FAIL|PASS$$)' \
 		&& { echo "make test: cgroup v2 VM tests passed in $$((SECONDS - s)) s (output: bin/test-vm.log)"; } \
