@@ -4,7 +4,10 @@
 # default image, scripts/build-image.sh), iproute2 (the e2e tests build a fake internet with ip) and
 # python3 with pip, setuptools and wheel (the Python SDK's tests, and its offline pip install),
 # nsenter from util-linux (starts each container sandbox's zygote; part of every Debian base),
-# mkfs.ext4 from e2fsprogs (formats the template of every sandbox's disk; part of Debian's base).
+# mkfs.ext4 from e2fsprogs (formats the template of every sandbox's disk; part of Debian's base),
+# and for the cgroup v2 test VM (scripts/build-vm.sh, test/vm): qemu-system-x86_64, static busybox
+# (the VM's initramfs), kmod (depmod and modprobe for the VM kernel's modules) and nft from
+# nftables (the VM test lists the guest's tables before and after the end-to-end suite).
 # Idempotent: apt-get runs only when something is missing
 # (after an `apt-get update`), non-interactively. Needs root (or sudo) only in that case.
 #
@@ -20,6 +23,10 @@ declare -A pkgs=(
   [python3]=python3
   [nsenter]=util-linux
   [mkfs.ext4]=e2fsprogs
+  [qemu-system-x86_64]=qemu-system-x86
+  [busybox]=busybox-static
+  [depmod]=kmod
+  [nft]=nftables
 )
 
 # debootstrap lives in /usr/sbin, which a non-root PATH may lack.
@@ -41,7 +48,7 @@ for mod in "${!pymods[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, mkfs.ext4, python3 with pip, setuptools, wheel)" >&2
+  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, mkfs.ext4, qemu, busybox, depmod, nft, python3 with pip, setuptools, wheel)" >&2
   exit 0
 fi
 
