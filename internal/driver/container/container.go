@@ -53,6 +53,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
@@ -252,6 +253,10 @@ func (d *Driver) openNetwork(opts driver.Options) error {
 // progress. Sandboxes are left as they are (a new driver on the same state dir finds and removes
 // them); their network is cut until then.
 func (d *Driver) Close() error {
+	// The sandboxes' cgroup parent goes too when no sandbox (of any server) is left in it.
+	for _, m := range d.cg.Mounts() {
+		_ = os.Remove(cgroup.Dir(m, cgroupParent))
+	}
 	return errors.Join(d.gw.Close(), d.net.Close())
 }
 

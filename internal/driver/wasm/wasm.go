@@ -930,9 +930,11 @@ func (d *Driver) Close() error {
 	for _, p := range pools {
 		p.close()
 	}
-	// The driver's cgroup parent goes too once no sandbox is left in it.
+	// The driver's cgroup parent goes too once no sandbox is left in it, and the root of every
+	// wasm driver's groups once no other server has any.
 	for _, m := range d.cg.Mounts() {
 		_ = os.Remove(cgroup.Dir(m, d.cgParent))
+		_ = os.Remove(cgroup.Dir(m, cgroupRoot))
 	}
 	return nil
 }
