@@ -7,7 +7,7 @@ WASM    := python:3.11-wasi
 GOFLAGS ?=
 export CGO_ENABLED := 0
 
-.PHONY: all deps image wasm vm build doctor run test test-vm bench clean
+.PHONY: all deps image wasm vm caches build doctor run test test-vm bench clean
 
 all: build
 
@@ -49,7 +49,11 @@ run:
 TESTENV = SANDBOXD_ROOTFS=$$(scripts/build-image.sh) SANDBOXD_PYTHON_WASM=$$(scripts/build-python-wasm.sh 2>/dev/null) \
 	SANDBOXD_BIN=$(CURDIR)/bin
 
-test: image wasm vm build
+# The image, python.wasm and the test VM, built in parallel when missing (scripts/caches.sh).
+caches:
+	@scripts/caches.sh
+
+test: caches build
 	go vet ./...
 	s=$$SECONDS; $(TESTENV) go test -count=1 -timeout 40m $$(go list ./... | grep -v '/test/vm$$') \
 		&& { echo "make test: host tests passed in $$((SECONDS - s)) s"; }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds what make test needs besides the binaries — the cgroup v2 test VM (a kernel package: the
+# network), then the default image (debootstrap: mostly the network and the disk) beside
+# python.wasm (the compiler: the CPU) — each cached in ~/.cache/sandboxd, a no-op when cached.
+# One line each with its time; each one's output goes to bin/logs/<name>.log, whose last lines are
+# shown when it fails. The dependencies are installed first, alone (apt takes a lock).
+#
+# Usage: scripts/caches.sh   (the Makefile's caches target)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+mkdir -p bin/logs
+start=$SECONDS
+
+# phase NAME COMMAND...: runs COMMAND with its output in bin/logs/NAME.log and says how it went.
+phase() {
+  local name=$1 s=$SECONDS
+  shift
+  if "$@" >"bin/logs/$name.log" 2>&1; then
+    echo "make test: $name ready in $((SECONDS - s)) s"
+  else
+    echo "make test: $name failed after $((SECONDS - s)) s; last lines of bin/logs/$name.log:"
+    tail -n 25 "bin/logs/$name.log"
+    return 1
+  fi
+}
+
+phase deps scripts/install-deps.sh
+# The VM's kernel first, alone (it may run apt-get update, as the python.wasm build does: apt's
+# lists lock admits one); then debootstrap (no apt) beside the compiler.
+phase vm scripts/build-vm.sh
+phase image scripts/build-image.sh &
+image=$!
+phase python.wasm scripts/build-python-wasm.sh &
+wasm=$!
+rc=0
+for p in $image $wasm; do
+  wait "$p" || rc=1
+done
+echo "make test: caches in $((SECONDS - start)) s"
+exit $rc
