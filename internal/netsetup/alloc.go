@@ -3,6 +3,7 @@ package netsetup
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"sync"
@@ -53,11 +54,13 @@ func slot6(p netip.Prefix) (prefix netip.Prefix, gw, addr netip.Addr) {
 // uses.
 func (m *Manager) allocate() (int, error) {
 	busy := map[int]bool{}
-	if addrs, err := m.nl.AddrList(nil, netlink.FAMILY_V4); err == nil {
-		for _, a := range addrs {
-			if ip, ok := netip.AddrFromSlice(a.IP); ok && m.pool.Contains(ip.Unmap()) {
-				busy[int((u32(ip.Unmap())-u32(m.pool.Addr()))/4)] = true
-			}
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(nil, netlink.FAMILY_V4) })
+	if err != nil { // (partial results would let a /30 in use look free)
+		return 0, fmt.Errorf("netsetup: list the host's addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && m.pool.Contains(ip.Unmap()) {
+			busy[int((u32(ip.Unmap())-u32(m.pool.Addr()))/4)] = true
 		}
 	}
 	n := 1 << (32 - m.pool.Bits() - 2)

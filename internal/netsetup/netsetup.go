@@ -762,6 +762,18 @@ func (m *Manager) removeVeth(id string, wait time.Duration) error {
 	}
 }
 
+// retryDump calls a netlink dump again while the kernel says it was interrupted (the set changed
+// while it was read: another sandbox's veth or address came or went, or another server's), which
+// netlink reports with partial results; at most 10 times.
+func retryDump[T any](dump func() ([]T, error)) ([]T, error) {
+	for i := 0; ; i++ {
+		r, err := dump()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) || i == 9 {
+			return r, err
+		}
+	}
+}
+
 func isNotFound(err error) bool {
 	var lnf netlink.LinkNotFoundError
 	return errors.As(err, &lnf) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT)
@@ -769,7 +781,7 @@ func isNotFound(err error) bool {
 
 // removeStaleLinks deletes the veths a crashed manager with our tag left.
 func (m *Manager) removeStaleLinks() error {
-	links, err := m.nl.LinkList()
+	links, err := retryDump(m.nl.LinkList)
 	if err != nil {
 		return fmt.Errorf("netsetup: list links: %w", err)
 	}
@@ -798,7 +810,7 @@ func (m *Manager) idFromAlias(alias string) (string, bool) {
 // ours or a namespace file (including ones left by an earlier process).
 func (m *Manager) List() ([]string, error) {
 	seen := map[string]bool{}
-	links, err := m.nl.LinkList()
+	links, err := retryDump(m.nl.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("netsetup: list links: %w", err)
 	}

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io/fs"
 	"net"
@@ -348,6 +349,9 @@ func TestNetworkEgress(t *testing.T) {
 func sandboxVeths(t *testing.T, ids ...string) []string {
 	t.Helper()
 	links, err := netlink.LinkList()
+	for i := 0; errors.Is(err, netlink.ErrDumpInterrupted) && i < 10; i++ { // links came or went meanwhile
+		links, err = netlink.LinkList()
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
