@@ -234,16 +234,16 @@ func (s *server) createReady(key string, req map[string]any) string {
 }
 
 // awaitReady returns what makes a create's answer (status, body) final: a 201 as it is; a 202
-// "provisioning" — what a slow host answers (the cgroup v2 VM runs under software emulation) —
-// polled as a client does, within 2 minutes, and then answered as 201 with the sandbox once it is
-// ready.
+// "provisioning" — what a slow host answers (the cgroup v2 VM runs under software emulation, where
+// a WASM image's first compile takes minutes) — polled as a client does, within 5 minutes, and
+// then answered as 201 with the sandbox once it is ready.
 func (s *server) awaitReady(key string) func(int, map[string]any) (int, map[string]any) {
 	return func(status int, m map[string]any) (int, map[string]any) {
 		if status != 202 || m["status"] != "provisioning" {
 			return status, m
 		}
 		id, _ := m["sandbox_id"].(string)
-		for deadline := time.Now().Add(2 * time.Minute); m["status"] == "provisioning" && time.Now().Before(deadline); {
+		for deadline := time.Now().Add(5 * time.Minute); m["status"] == "provisioning" && time.Now().Before(deadline); {
 			time.Sleep(100 * time.Millisecond)
 			if _, got := s.do("GET", "/api/sandbox/"+id, key, nil); got != nil {
 				m = got

@@ -40,7 +40,7 @@ type proc struct {
 
 // Tunables of worker processes.
 const (
-	workerStartTimeout = 2 * time.Minute // start to ready: a cold compile takes seconds, more under load
+	workerStartTimeout = 5 * time.Minute // start to ready: a cold compile takes seconds, more under load, minutes under software emulation
 	configTimeout      = 10 * time.Second
 	workerLogTail      = 4096
 )

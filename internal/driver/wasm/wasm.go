@@ -14,8 +14,10 @@
 // re-executed as `sandboxd wasm-worker` (Options.WasmWorker), in its own process group, with
 // PR_SET_PDEATHSIG=SIGKILL, talking to the driver over a unix socket on its stdin
 // (protocol.go). A worker loads wazero with the compiler engine and the on-disk compilation cache
-// shared by all workers (<StateDir>/compilation-cache; a cold compile of python.wasm takes
-// about 2–3 s, a warm one about 75 ms), compiles python.wasm once, waits in the pool, and when
+// shared by all workers of every server on the host (compileCache, root's, 0700: only root can
+// put code there; wazero keys entries by module hash, its version and the CPU; a cold compile of
+// python.wasm takes about 2–3 s, a warm one about 75 ms — and a cold one under software emulation,
+// as in test/vm, minutes: a new data directory must not pay it again), compiles python.wasm once, waits in the pool, and when
 // given its sandbox drops to the sandbox's own unprivileged host user (Spec.HostIDs +
 // driver.SandboxUser: no other sandbox's; no capabilities, no_new_privs) and serves that sandbox: each run is a fresh instance of that compiled module. The worker opens no
 // host path after that: the driver passes it the mounts' directories as descriptors. A crash of
@@ -172,7 +174,7 @@ const (
 
 	cgroupRoot   = "/sandboxd-wasm" // the driver's cgroups: cgroupRoot/<instance>/w-<hex>
 	sandboxesDir = "sandboxes"
-	cacheDirName = "compilation-cache"
+	compileCache = "/var/cache/sandboxd/wasm-compiled"
 	stdlibPath   = "/usr/local/lib"
 	tmpPath      = "/tmp"
 )
@@ -231,10 +233,14 @@ func Open(opts driver.Options) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, sub := range []string{sandboxesDir, cacheDirName} {
-		if err := os.MkdirAll(filepath.Join(stateDir, sub), 0o700); err != nil {
-			return nil, fmt.Errorf("wasm driver: state dir: %w", err)
-		}
+	if err := os.MkdirAll(filepath.Join(stateDir, sandboxesDir), 0o700); err != nil {
+		return nil, fmt.Errorf("wasm driver: state dir: %w", err)
+	}
+	if err := os.MkdirAll(compileCache, 0o700); err != nil {
+		return nil, fmt.Errorf("wasm driver: compilation cache: %w", err)
+	}
+	if err := os.Chmod(compileCache, 0o700); err != nil { // whatever made it before
+		return nil, fmt.Errorf("wasm driver: compilation cache: %w", err)
 	}
 	if err := checkOpenat2(stateDir); err != nil {
 		return nil, fmt.Errorf("wasm driver: %w", err)
@@ -318,7 +324,7 @@ func checkOpenat2(dir string) error {
 // Name returns "wasm".
 func (d *Driver) Name() string { return Name }
 
-func (d *Driver) cacheDir() string { return filepath.Join(d.stateDir, cacheDirName) }
+func (d *Driver) cacheDir() string { return compileCache }
 
 func (d *Driver) boxDir(id string) string { return filepath.Join(d.stateDir, sandboxesDir, id) }
 
