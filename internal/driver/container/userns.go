@@ -1,6 +1,7 @@
 package container
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -96,22 +97,24 @@ func (d *Driver) newUserNS(ids uint32) (*userNS, error) {
 		u.close()
 		return nil, fmt.Errorf("user namespace: %w", err)
 	}
+	// Until the holder's namespace link differs from ours. (While unshare execs cat, reading the
+	// link can fail for a moment: that is not the holder's end, which only Wait4 tells.)
 	for end, pause := time.Now().Add(nsWait), 50*time.Microsecond; ; pause = min(2*pause, time.Millisecond) {
 		ns, err := os.Readlink(u.path)
 		if err == nil && ns != own {
 			break
 		}
 		var ws syscall.WaitStatus
-		if p, _ := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil); p == pid || err != nil {
+		if p, _ := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil); p == pid {
 			u.holder.Close()
-			if p != pid {
-				syscall.Wait4(pid, &ws, 0, nil)
-			}
 			msg, _ := io.ReadAll(io.LimitReader(errR, 4096))
 			return nil, fmt.Errorf("user namespace: %s ended before making it (%s): %s", d.unshare, exitText(ws), strings.TrimSpace(string(msg)))
 		}
 		if time.Now().After(end) {
-			return fail(fmt.Errorf("%s made no namespace in %v", d.unshare, nsWait))
+			if err == nil {
+				err = errors.New("still the server's")
+			}
+			return fail(fmt.Errorf("%s made no namespace in %v (its namespace: %v)", d.unshare, nsWait, err))
 		}
 		time.Sleep(pause)
 	}
