@@ -75,11 +75,20 @@ func (d *Driver) newUserNS(ids uint32) (*userNS, error) {
 		return nil, err
 	}
 	defer errR.Close()
+	// cat's stdout must be open (GNU cat fstats it at start and fails on a closed one) and is
+	// never written: /dev/null.
+	null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		inW.Close()
+		errW.Close()
+		return nil, fmt.Errorf("user namespace: %w", err)
+	}
+	defer null.Close()
 	// No Pdeathsig: it follows the thread that started the holder, which may end before sandboxd.
 	// The holder ends at EOF on its stdin, also when sandboxd dies.
 	pid, err := syscall.ForkExec(d.unshare, []string{"unshare", "--user", "--", d.cat}, &syscall.ProcAttr{
 		Env:   []string{},
-		Files: []uintptr{inR.Fd(), ^uintptr(0), errW.Fd()},
+		Files: []uintptr{inR.Fd(), null.Fd(), errW.Fd()},
 		Sys: &syscall.SysProcAttr{
 			Credential:  &syscall.Credential{Uid: ids, Gid: ids},
 			AmbientCaps: []uintptr{unix.CAP_SYS_ADMIN},
