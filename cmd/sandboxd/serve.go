@@ -236,8 +236,10 @@ func serve(args []string) error {
 	if err := mountns.Enter(); err != nil {
 		return err
 	}
-	if _, err := cgroup.Delegate(); err != nil {
+	if base, err := cgroup.Delegate(); err != nil {
 		return err
+	} else if base != "" {
+		newLogger().Info("cgroup v2: sandboxes' groups below a delegated cgroup", "cgroup", base)
 	}
 	// Watched from here to the exit (stop.go): a signal during start-up cancels it, and one
 	// during the stop is the "second signal".
