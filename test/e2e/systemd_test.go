@@ -111,6 +111,16 @@ func TestSystemdService(t *testing.T) {
 		}
 		ids = append(ids, id)
 	}
+	// The sandboxes' cgroups are below the unit's own, delegated one (package cgroup, Delegate).
+	for _, id := range ids {
+		want := "/sys/fs/cgroup/system.slice/sandboxd.service/sandboxd/" + id
+		if d := cgroupDirs(id); len(d) != 1 || d[0] != want {
+			t.Errorf("sandbox %s's cgroups: %v, want %s", id, d, want)
+		}
+	}
+	if j := journal(t, since); !strings.Contains(j, "cgroup=/system.slice/sandboxd.service") {
+		t.Errorf("the journal does not name the delegated cgroup:\n%s", j)
+	}
 	time.Sleep(300 * time.Millisecond)
 	before := stopSnapshot(t, pid, unitDataDir, ids)
 
