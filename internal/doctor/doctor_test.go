@@ -38,12 +38,13 @@ type fake struct {
 	systemd string            // what systemctl show prints
 	delegd  bool              // what the delegate xattr says
 	free    uint64            // blocks of 4 KiB available on the data dir
+	fsType  int64             // the data dir's file system (statfs magic)
 }
 
 // newFake is a healthy cgroup v2 host without systemd, sandboxd in the root cgroup, every tool
 // on PATH, both images cached.
 func newFake(t *testing.T) *fake {
-	f := &fake{t: t, root: t.TempDir(), fail: map[string]string{}, free: 10 << 20}
+	f := &fake{t: t, root: t.TempDir(), fail: map[string]string{}, free: 10 << 20, fsType: unix.EXT4_SUPER_MAGIC}
 	f.write("proc/self/status", "Name:\tsandboxd\nUid:\t0\t0\t0\t0\nCapEff:\t000001ffffffffff\nSeccomp:\t0\n")
 	f.write("proc/sys/kernel/osrelease", "6.1.0-13-amd64\n")
 	f.write("proc/sys/user/max_user_namespaces", "15000\n")
@@ -107,7 +108,7 @@ func (f *fake) lookPath(file string) (string, error) {
 }
 
 func (f *fake) statfs(path string, st *unix.Statfs_t) error {
-	*st = unix.Statfs_t{Type: unix.EXT4_SUPER_MAGIC, Bsize: 4096, Bavail: f.free}
+	*st = unix.Statfs_t{Type: f.fsType, Bsize: 4096, Bavail: f.free}
 	return nil
 }
 
@@ -302,6 +303,8 @@ func TestChecks(t *testing.T) {
 			"free space on that file system, pass a --data-dir on a larger one, or lower disk_free_floor_bytes in --config"},
 		{"data dir above a lowered floor", func(f *fake) { f.free = 100; f.cfg.DiskFreeFloor = 100 << 10 },
 			"data dir", OK, "ext4, 400 KiB free (floor 100 KiB), sparse files", ""},
+		{"data dir on overlayfs", func(f *fake) { f.fsType = unix.OVERLAYFS_SUPER_MAGIC },
+			"data dir", Missing, "is on overlayfs, which cannot hold the upper layer", "pass a --data-dir on ext4, xfs, btrfs or tmpfs"},
 		{"no python.wasm", func(f *fake) { f.remove("cache/python-wasm") },
 			"WASM mode", Warn, "python.wasm is not built", "make wasm builds it, 4–8 min (make run does it after the doctor)"},
 	} {

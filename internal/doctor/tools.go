@@ -257,6 +257,12 @@ func (d *doctor) dataDir() Result {
 			"free space on that file system, pass a --data-dir on a larger one, or lower disk_free_floor_bytes in --config")
 	}
 	fs := fsName(st.Type)
+	if st.Type == unix.OVERLAYFS_SUPER_MAGIC {
+		// Each container sandbox's root is an overlay whose upper layer is in the data dir, and
+		// overlayfs cannot be an upper layer (a container's root file system, a live CD).
+		return missing(name, fmt.Sprintf("%s is on overlayfs, which cannot hold the upper layer of each sandbox's root", dir),
+			"pass a --data-dir on ext4, xfs, btrfs or tmpfs")
+	}
 	if err := sparseProbe(dir); err != nil {
 		return missing(name, fmt.Sprintf("%s (%s) keeps no sparse files, which sandbox disk images are: %v", dir, fs, err),
 			"pass a --data-dir on ext4, xfs or btrfs")

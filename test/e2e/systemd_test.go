@@ -75,6 +75,18 @@ func TestSystemdService(t *testing.T) {
 	})
 	_ = exec.Command("systemctl", "stop", "sandboxd").Run()
 	os.RemoveAll(unitDataDir)
+	// The VM's /var/lib is on its root overlay, which cannot hold the upper layers of the
+	// sandboxes' roots (a real host's /var/lib is ext4, xfs or btrfs): a tmpfs stands in for it.
+	if err := os.MkdirAll(unitDataDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "mode=0700", "tmpfs", unitDataDir).CombinedOutput(); err != nil {
+		t.Fatalf("tmpfs on %s: %v %s", unitDataDir, err, out)
+	}
+	t.Cleanup(func() {
+		_ = exec.Command("systemctl", "stop", "sandboxd").Run()
+		_ = exec.Command("umount", "-l", unitDataDir).Run()
+	})
 	for p, content := range files {
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			t.Fatal(err)

@@ -96,6 +96,10 @@ func mountOverlay(lower, upper, work, target string) error {
 	}()
 	opts := fmt.Sprintf("lowerdir=/proc/self/fd/%d,upperdir=/proc/self/fd/%d,workdir=/proc/self/fd/%d", fds[0], fds[1], fds[2])
 	if err := unix.Mount("overlay", target, "overlay", unix.MS_NODEV, opts); err != nil {
+		var st unix.Statfs_t
+		if unix.Fstatfs(fds[1], &st) == nil && st.Type == unix.OVERLAYFS_SUPER_MAGIC {
+			return fmt.Errorf("mount overlay root: %w: the data dir is on overlayfs, which cannot be an upper layer (put --data-dir on ext4, xfs, btrfs or tmpfs; sandboxd doctor checks it)", err)
+		}
 		return fmt.Errorf("mount overlay root: %w", err)
 	}
 	return nil
