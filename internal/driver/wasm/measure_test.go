@@ -43,7 +43,12 @@ func TestMeasure(t *testing.T) {
 	}
 	defer d.Close()
 
-	// Compile: the first worker meets an empty cache, the next ones a warm one.
+	// Compile: the first worker meets an empty cache, the next ones a warm one. (Not the host's
+	// cache, which other drivers filled.)
+	d.compileCache = filepath.Join(tmpRoot, "compile-cache-measure")
+	if err := os.MkdirAll(d.compileCache, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	var compiles []time.Duration
 	for i := 0; i < 4; i++ {
 		w, err := d.startProc(ctx, pyImage, false)

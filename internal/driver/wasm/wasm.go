@@ -186,6 +186,9 @@ type Driver struct {
 	poolSize  int
 	cg        cgroup.Layout
 	cgParent  string // cgroupRoot/<hash of stateDir>: this driver's cgroups, apart from other sandboxds'
+	// compileCache is the workers' compilation cache: compileCache (the constant) but in tests
+	// that need a cold one.
+	compileCache string
 
 	mu     sync.Mutex
 	pools  map[string]*pool // by image directory
@@ -266,8 +269,8 @@ func Open(opts driver.Options) (*Driver, error) {
 	}
 	sum := sha256.Sum256([]byte(stateDir))
 	d := &Driver{stateDir: stateDir, workerCmd: cmd, poolSize: size, cg: cg,
-		cgParent: cgroupRoot + "/" + hex.EncodeToString(sum[:6]),
-		pools:    map[string]*pool{}, boxes: map[string]*box{}}
+		cgParent: cgroupRoot + "/" + hex.EncodeToString(sum[:6]), compileCache: compileCache,
+		pools: map[string]*pool{}, boxes: map[string]*box{}}
 	d.removeStaleCgroups()
 	return d, nil
 }
@@ -324,7 +327,7 @@ func checkOpenat2(dir string) error {
 // Name returns "wasm".
 func (d *Driver) Name() string { return Name }
 
-func (d *Driver) cacheDir() string { return compileCache }
+func (d *Driver) cacheDir() string { return d.compileCache }
 
 func (d *Driver) boxDir(id string) string { return filepath.Join(d.stateDir, sandboxesDir, id) }
 
