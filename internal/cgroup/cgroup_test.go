@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // writeFile creates a file (and its directory) of a fake cgroup filesystem.
@@ -286,5 +288,20 @@ func TestMoveAllAndKill(t *testing.T) {
 		if ws := c.ProcessState.Sys().(syscall.WaitStatus); !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
 			t.Errorf("%v ended %v, want killed", c.Args, c.ProcessState)
 		}
+	}
+}
+
+// TestDelegateXattr reads the xattr systemd puts on a delegated group (user.delegate here: a
+// test that is not root cannot write trusted.*).
+func TestDelegateXattr(t *testing.T) {
+	dir := t.TempDir()
+	if yes, _ := DelegateXattr(dir); yes {
+		t.Fatal("a plain directory reads as delegated")
+	}
+	if err := unix.Setxattr(dir, "user.delegate", []byte("1"), 0); err != nil {
+		t.Skipf("no user xattrs on %s: %v", dir, err)
+	}
+	if yes, err := DelegateXattr(dir); !yes || err != nil {
+		t.Errorf("delegated %v, %v", yes, err)
 	}
 }

@@ -107,12 +107,8 @@ func Delegated(own string) bool {
 	if os.Getenv(scopeEnv) != "" && strings.HasSuffix(own, "/"+os.Getenv(scopeEnv)) {
 		return true
 	}
-	dir := filepath.Join(root, own)
-	buf := make([]byte, 8)
-	for _, attr := range []string{"trusted.delegate", "user.delegate"} {
-		if n, err := unix.Getxattr(dir, attr, buf); err == nil && strings.TrimSpace(string(buf[:n])) == "1" {
-			return true
-		}
+	if yes, _ := DelegateXattr(filepath.Join(root, own)); yes {
+		return true
 	}
 	if !systemdPID1() {
 		return true
@@ -123,6 +119,21 @@ func Delegated(own string) bool {
 	}
 	out, err := exec.Command("systemctl", "show", "--property=Delegate", "--value", unit).Output()
 	return err == nil && strings.TrimSpace(string(out)) == "yes"
+}
+
+// DelegateXattr reads the attribute systemd puts on the cgroup directory dir of a delegated unit:
+// trusted.delegate (system manager, systemd 251+) or user.delegate (user manager, 253+).
+func DelegateXattr(dir string) (bool, error) {
+	var lastErr error
+	for _, name := range []string{"trusted.delegate", "user.delegate"} {
+		buf := make([]byte, 8)
+		n, err := unix.Getxattr(dir, name, buf)
+		if err == nil {
+			return strings.TrimSpace(string(buf[:n])) == "1", nil
+		}
+		lastErr = err
+	}
+	return false, lastErr
 }
 
 // ScopeName is the transient scope EnterScope puts a server with data directory dataDir in: one

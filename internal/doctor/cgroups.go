@@ -10,8 +10,6 @@ import (
 	"slices"
 	"strings"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 )
 
@@ -215,21 +213,6 @@ func (d *doctor) delegated(dir, ours string) (bool, string) {
 		return true, unit + " has Delegate=yes"
 	}
 	return false, unit + " has Delegate=" + strings.TrimSpace(string(out))
-}
-
-// xattrDelegated reads the xattr systemd sets on a delegated group: trusted.delegate (systemd
-// 251+), or user.delegate (253+, readable without privileges).
-func xattrDelegated(dir string) (bool, error) {
-	var lastErr error
-	for _, name := range []string{"trusted.delegate", "user.delegate"} {
-		buf := make([]byte, 8)
-		n, err := unix.Getxattr(dir, name, buf)
-		if err == nil {
-			return string(buf[:n]) == "1", nil
-		}
-		lastErr = err
-	}
-	return false, lastErr
 }
 
 // missingControllers is the result for controllers the host does not give sandboxd, with each

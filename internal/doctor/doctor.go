@@ -26,6 +26,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/config"
 )
 
@@ -90,7 +91,7 @@ func System() *Host {
 		Cache: cache, Scripts: findScripts(),
 		LookPath: exec.LookPath, Statfs: unix.Statfs,
 		Exec:    func(cmd *exec.Cmd) ([]byte, error) { return cmd.CombinedOutput() },
-		Seccomp: seccompFilters, Nft: listNftables, Loop: freeLoop, Delegate: xattrDelegated,
+		Seccomp: seccompFilters, Nft: listNftables, Loop: freeLoop, Delegate: cgroup.DelegateXattr,
 	}
 }
 

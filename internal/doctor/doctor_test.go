@@ -319,21 +319,6 @@ func TestChecks(t *testing.T) {
 	}
 }
 
-// TestXattrDelegated reads the xattr systemd puts on a delegated group (user.delegate here: a
-// test that is not root cannot write trusted.*).
-func TestXattrDelegated(t *testing.T) {
-	dir := t.TempDir()
-	if yes, _ := xattrDelegated(dir); yes {
-		t.Fatal("a plain directory reads as delegated")
-	}
-	if err := unix.Setxattr(dir, "user.delegate", []byte("1"), 0); err != nil {
-		t.Skipf("no user xattrs on %s: %v", dir, err)
-	}
-	if yes, err := xattrDelegated(dir); !yes || err != nil {
-		t.Errorf("delegated %v, %v", yes, err)
-	}
-}
-
 // TestPrint: aligned lines, the fix after the detail, the summary; exit status from OK.
 func TestPrint(t *testing.T) {
 	f := newFake(t)
