@@ -4,6 +4,10 @@
 // the tree. Symlinks that stay inside are followed. Only regular files and directories are
 // opened: FIFOs, devices and sockets are refused without blocking.
 //
+// OpenAt and MkdirAllAt are the one place the host opens or creates a path beneath a directory
+// it does not trust: Dir here, the WASM driver's guest file system and the container driver's
+// work in an image's root file system all go through them.
+//
 // Writes are atomic: a new file is written in a staging directory outside the tree (on the same
 // file system), synced, then renamed into place, so an interrupted write never leaves a partial
 // file visible. New files and directories take the owner of the root directory, so that a
@@ -76,24 +80,9 @@ func clean(rel string) (string, error) {
 	return c, nil
 }
 
-func (d *Dir) openat(rel string, flags uint64, mode uint64) (int, error) {
-	if rel == "" {
-		rel = "."
-	}
-	how := unix.OpenHow{Flags: flags | unix.O_CLOEXEC, Mode: mode, Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_MAGICLINKS}
-	for {
-		fd, err := unix.Openat2(d.fd, rel, &how)
-		if errors.Is(err, unix.EINTR) || errors.Is(err, unix.EAGAIN) {
-			continue // EAGAIN: a concurrent rename elsewhere on the system; retry
-		}
-		if errors.Is(err, unix.EXDEV) {
-			return -1, fmt.Errorf("%s: %w", rel, ErrEscapes)
-		}
-		if err != nil {
-			return -1, &fs.PathError{Op: "open", Path: rel, Err: err}
-		}
-		return fd, nil
-	}
+// openat opens rel (clean) beneath d.
+func (d *Dir) openat(rel string, flags uint64) (int, error) {
+	return OpenAt(d.fd, rel, flags, 0, Beneath)
 }
 
 // Info describes a file or directory.
@@ -130,7 +119,7 @@ func (d *Dir) OpenFile(rel string) (*File, error) {
 		return nil, err
 	}
 	// O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below anyway.
-	fd, err := d.openat(rel, unix.O_RDONLY|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	fd, err := d.openat(rel, unix.O_RDONLY|unix.O_NOCTTY|unix.O_NONBLOCK)
 	if err != nil {
 		return nil, err
 	}
@@ -198,41 +187,11 @@ const xattrSHA = "user.sandboxd.sha256"
 
 // mkdirAll creates the directories of rel (slash-separated, clean) beneath d, owned like the root.
 func (d *Dir) mkdirAll(rel string) error {
-	if rel == "" || rel == "." {
-		return nil
+	err := MkdirAllAt(d.fd, rel, 0o755, d.uid, d.gid, Beneath)
+	if errors.Is(err, unix.ENOTDIR) {
+		return fmt.Errorf("%s: %w", rel, ErrNotDir)
 	}
-	cur := ""
-	for _, part := range strings.Split(rel, "/") {
-		if cur == "" {
-			cur = part
-		} else {
-			cur += "/" + part
-		}
-		fd, err := d.openat(cur, unix.O_PATH|unix.O_DIRECTORY, 0)
-		if err == nil {
-			unix.Close(fd)
-			continue
-		}
-		if errors.Is(err, unix.ENOTDIR) {
-			return fmt.Errorf("%s: %w", cur, ErrNotDir)
-		}
-		if !errors.Is(err, unix.ENOENT) {
-			return err
-		}
-		parent, err := d.openat(path.Dir("/" + cur)[1:], unix.O_PATH|unix.O_DIRECTORY, 0)
-		if err != nil {
-			return err
-		}
-		err = unix.Mkdirat(parent, part, 0o755)
-		if err == nil {
-			err = unix.Fchownat(parent, part, d.uid, d.gid, unix.AT_SYMLINK_NOFOLLOW)
-		}
-		unix.Close(parent)
-		if err != nil && !errors.Is(err, unix.EEXIST) {
-			return &fs.PathError{Op: "mkdir", Path: cur, Err: err}
-		}
-	}
-	return nil
+	return err
 }
 
 // Write stores r as the file rel (creating its parent directories), atomically: readers see the
@@ -285,7 +244,7 @@ func (d *Dir) Write(rel string, r io.Reader, limit int64) (size int64, sum strin
 	if err := d.mkdirAll(dir); err != nil {
 		return 0, "", err
 	}
-	parent, err := d.openat(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	parent, err := d.openat(dir, unix.O_PATH|unix.O_DIRECTORY)
 	if err != nil {
 		return 0, "", err
 	}
@@ -324,7 +283,7 @@ func (d *Dir) Remove(rel string) error {
 		return ErrRoot
 	}
 	dir, name := path.Split("/" + rel)
-	parent, err := d.openat(strings.Trim(dir, "/"), unix.O_PATH|unix.O_DIRECTORY, 0)
+	parent, err := d.openat(strings.Trim(dir, "/"), unix.O_PATH|unix.O_DIRECTORY)
 	if err != nil {
 		return err
 	}

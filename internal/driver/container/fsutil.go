@@ -10,14 +10,13 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/cgroup"
+	"github.com/sandboxd/sandboxd/internal/hostfs"
 )
 
 // Path resolution inside a directory treated as a root (the sandbox's overlay root, a mount's host
 // directory): symlinks, ".." and absolute links are resolved as if root were "/", by the kernel
-// (openat2 RESOLVE_IN_ROOT), so a crafted image or host directory can never make the driver touch
-// a path outside root.
-
-const inRootResolve = unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS | unix.RESOLVE_NO_XDEV
+// (hostfs.InRoot), so a crafted image or host directory can never make the driver touch a path
+// outside root.
 
 // kind of a path inside a root.
 type pathKind int
@@ -28,33 +27,29 @@ const (
 	kindOther // a regular file or anything else that is not a directory
 )
 
-func openInRoot(rootFD int, rel string, flags uint64) (int, error) {
-	if rel == "" {
-		rel = "."
+// openRoot opens directory root for resolving paths in it (O_PATH).
+func openRoot(root string) (int, error) {
+	fd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open %s: %w", root, err)
 	}
-	for {
-		fd, err := unix.Openat2(rootFD, rel, &unix.OpenHow{Flags: flags | unix.O_CLOEXEC, Resolve: inRootResolve})
-		if err == unix.EINTR || err == unix.EAGAIN {
-			continue
-		}
-		return fd, err
-	}
+	return fd, nil
 }
 
 // statInRoot reports what rel (a path relative to root, "/" separated) is, following symlinks
 // inside root.
 func statInRoot(root, rel string) (pathKind, error) {
-	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	rootFD, err := openRoot(root)
 	if err != nil {
-		return 0, fmt.Errorf("open %s: %w", root, err)
+		return 0, err
 	}
 	defer unix.Close(rootFD)
-	fd, err := openInRoot(rootFD, rel, unix.O_PATH)
+	fd, err := hostfs.OpenAt(rootFD, rel, unix.O_PATH, 0, hostfs.InRoot)
 	if errors.Is(err, unix.ENOENT) {
 		return kindMissing, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("resolve %s in %s: %w", rel, root, err)
+		return 0, fmt.Errorf("in %s: %w", root, err)
 	}
 	defer unix.Close(fd)
 	var st unix.Stat_t
@@ -70,43 +65,13 @@ func statInRoot(root, rel string) (pathKind, error) {
 // mkdirAllInRoot creates directory rel and its missing parents inside root (mode 0755, owned by
 // the caller), resolving every existing component inside root.
 func mkdirAllInRoot(root, rel string) error {
-	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	rootFD, err := openRoot(root)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", root, err)
+		return err
 	}
 	defer unix.Close(rootFD)
-	parts := strings.Split(path.Clean("/"+rel), "/")[1:]
-	cur := ""
-	for _, p := range parts {
-		if p == "" {
-			continue
-		}
-		next := path.Join(cur, p)
-		fd, err := openInRoot(rootFD, next, unix.O_PATH|unix.O_DIRECTORY)
-		if err == nil {
-			unix.Close(fd)
-			cur = next
-			continue
-		}
-		if !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("resolve %s in %s: %w", next, root, err)
-		}
-		parentFD, err := openInRoot(rootFD, cur, unix.O_PATH|unix.O_DIRECTORY)
-		if err != nil {
-			return fmt.Errorf("resolve %s in %s: %w", cur, root, err)
-		}
-		err = unix.Mkdirat(parentFD, p, 0o755)
-		unix.Close(parentFD)
-		if err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("mkdir %s in %s: %w", next, root, err)
-		}
-		// Re-resolve: if what exists now is not a directory (a dangling link, a file), fail.
-		fd, err = openInRoot(rootFD, next, unix.O_PATH|unix.O_DIRECTORY)
-		if err != nil {
-			return fmt.Errorf("mkdir %s in %s: %w", next, root, err)
-		}
-		unix.Close(fd)
-		cur = next
+	if err := hostfs.MkdirAllAt(rootFD, rel, 0o755, -1, -1, hostfs.InRoot); err != nil {
+		return fmt.Errorf("in %s: %w", root, err)
 	}
 	return nil
 }
@@ -155,14 +120,14 @@ func regularFileInRoot(root, rel string) (bool, error) {
 	if err := mkdirAllInRoot(root, dir); err != nil {
 		return false, err
 	}
-	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	rootFD, err := openRoot(root)
 	if err != nil {
-		return false, fmt.Errorf("open %s: %w", root, err)
+		return false, err
 	}
 	defer unix.Close(rootFD)
-	dirFD, err := openInRoot(rootFD, dir, unix.O_PATH|unix.O_DIRECTORY)
+	dirFD, err := hostfs.OpenAt(rootFD, dir, unix.O_PATH|unix.O_DIRECTORY, 0, hostfs.InRoot)
 	if err != nil {
-		return false, fmt.Errorf("resolve %s in %s: %w", dir, root, err)
+		return false, fmt.Errorf("in %s: %w", root, err)
 	}
 	defer unix.Close(dirFD)
 	var st unix.Stat_t

@@ -3,6 +3,7 @@ package wasm
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"io"
 	"io/fs"
 	"path"
@@ -13,6 +14,8 @@ import (
 	experimentalsys "github.com/tetratelabs/wazero/experimental/sys"
 	"github.com/tetratelabs/wazero/sys"
 	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/hostfs"
 )
 
 // hostFS is one WASI mount: a host directory served to the guest through file descriptors the
@@ -42,7 +45,7 @@ type hostFS struct {
 	readOnly bool
 	blocked  []string   // clean relative paths, never ""
 	nested   []nestedFS // longest path first
-	resolve  uint64
+	resolve  hostfs.Resolve
 }
 
 type nestedFS struct {
@@ -54,20 +57,20 @@ type nestedFS struct {
 // in messages. The mount owns the descriptor (close releases it).
 func newHostFS(root int, dir string, readOnly bool) *hostFS {
 	return &hostFS{dir: dir, root: root, readOnly: readOnly,
-		resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_MAGICLINKS}
+		resolve: hostfs.Beneath}
 }
 
 // block makes rel (clean, relative, not "") absent.
 func (h *hostFS) block(rel string) {
 	h.blocked = append(h.blocked, rel)
-	h.resolve |= unix.RESOLVE_NO_SYMLINKS
+	h.resolve |= hostfs.NoSymlinks
 }
 
 // nest serves rel (clean, relative, not "") from child.
 func (h *hostFS) nest(rel string, child *hostFS) {
 	h.nested = append(h.nested, nestedFS{at: rel, fs: child})
 	sort.SliceStable(h.nested, func(i, j int) bool { return len(h.nested[i].at) > len(h.nested[j].at) })
-	h.resolve |= unix.RESOLVE_NO_SYMLINKS
+	h.resolve |= hostfs.NoSymlinks
 }
 
 func (h *hostFS) close() { unix.Close(h.root) }
@@ -153,29 +156,15 @@ func (h *hostFS) hidden(dir, name string) bool {
 	return false
 }
 
-// openat2 opens rel (relative to root, "" = root) with the mount's resolve rules. Escapes
-// (EXDEV from RESOLVE_BENEATH) are reported as EACCES.
+// openat2 opens rel (relative to root, "" = root) with the mount's resolve rules (hostfs.OpenAt).
+// Errors are the bare unix.Errno; an escape is EACCES.
 func (h *hostFS) openat2(rel string, flags uint64, mode uint32) (int, error) {
-	if rel == "" {
-		rel = "."
+	fd, err := hostfs.OpenAt(h.root, rel, flags, mode, h.resolve)
+	var errno unix.Errno
+	if errors.As(err, &errno) {
+		return -1, errno
 	}
-	how := unix.OpenHow{Flags: flags | unix.O_CLOEXEC, Resolve: h.resolve}
-	if flags&unix.O_CREAT != 0 { // (O_TMPFILE is never passed)
-		how.Mode = uint64(mode) // openat2 refuses a mode otherwise
-	}
-	for {
-		fd, err := unix.Openat2(h.root, rel, &how)
-		switch err {
-		case nil:
-			return fd, nil
-		case unix.EINTR, unix.EAGAIN: // EAGAIN: a concurrent rename raced the lookup
-			continue
-		case unix.EXDEV:
-			return -1, unix.EACCES
-		default:
-			return -1, err
-		}
-	}
+	return fd, err
 }
 
 // parent opens rel's parent directory (O_PATH) and returns it with rel's last element.
