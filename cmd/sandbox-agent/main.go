@@ -39,7 +39,7 @@ package main
 import (
 	"flag"
 	"fmt"
-	"log"
+	"log/slog"
 	"os"
 	"runtime"
 	"sync"
@@ -56,9 +56,7 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == zygoteCommand {
 		zygoteMain(os.Args[2:]) // does not return
 	}
-	log.SetFlags(0)
-	log.SetPrefix("sandbox-agent: ")
-
+	log := newLogger("agent")
 	python := flag.String("python", "/usr/bin/python3", "the Python interpreter")
 	prestart := flag.String("prestart", "", "start the first run's process at once: 0 (allow_spawn false) or 1 (true)")
 	flag.Parse()
@@ -69,17 +67,25 @@ func main() {
 
 	// Same-uid code in the sandbox must not ptrace the agent or read /proc/<agent>/mem.
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
-		log.Printf("prctl(PR_SET_DUMPABLE, 0): %v", err)
+		log.Warn("prctl(PR_SET_DUMPABLE, 0)", "err", err)
 	}
 	reserveThreads(16)
-	a, err := newAgent(*python)
+	a, err := newAgent(*python, log)
 	if err != nil {
-		log.Fatal(err)
+		log.Error("cannot serve", "err", err)
+		os.Exit(1)
 	}
 	if *prestart != "" {
 		a.prestart(*prestart == "1", agent.DefaultMaxOutput)
 	}
 	a.serve()
+}
+
+// newLogger returns the logger of one role of the agent ("agent", "zygote"): text records on
+// stderr (the container's output, which the driver keeps in agent.log; a zygote's zygote.log),
+// each with the attribute "role". The launcher logs nothing: its stderr is the run's.
+func newLogger(role string) *slog.Logger {
+	return slog.New(slog.NewTextHandler(os.Stderr, nil)).With("role", role)
 }
 
 // reserveThreads makes the Go runtime start n OS threads now and keep them idle for later. Under a

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log"
+	"log/slog"
 	"os"
 	"strconv"
 	"strings"
@@ -148,7 +148,7 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 		if !launch {
 			return fail(err)
 		}
-		log.Printf("%v: launching the run instead", err)
+		a.log.Warn("forking from the zygote failed: launching the run instead", "err", err)
 	}
 	if !launch {
 		return fail(errors.New("no zygote"))
@@ -209,7 +209,7 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 	go func() {
 		defer close(p.runnerSent)
 		if _, err := p.codeW.Write(runner); err != nil {
-			log.Printf("writing the runner: %v", err)
+			a.log.Warn("writing the runner", "err", err)
 		}
 	}()
 	if dumpR != nil {
@@ -230,7 +230,7 @@ func (a *agentServer) readCompiled(r *os.File, done chan<- struct{}) {
 	defer a.runnerMu.Unlock()
 	a.dumping = false
 	if err != nil || len(code) == 0 || len(code) > maxCompiledRunner {
-		log.Printf("no compiled runner from the first run process (%d bytes, %v): the next one compiles again", len(code), err)
+		a.log.Warn("no compiled runner from the first run process: the next one compiles again", "bytes", len(code), "err", err)
 		return
 	}
 	a.runnerCode = code
@@ -265,7 +265,7 @@ func (a *agentServer) prestart(allowSpawn bool, maxOut int) int {
 func (a *agentServer) prestartHow(allowSpawn bool, maxOut int, launch bool) int {
 	p, err := a.spawnHow(allowSpawn, maxOut, launch)
 	if err != nil {
-		log.Printf("pre-starting a run process: %v", err)
+		a.log.Warn("pre-starting a run process", "err", err)
 		return 0
 	}
 	a.warmMu.Lock()
@@ -287,7 +287,7 @@ func (a *agentServer) take(allowSpawn bool, maxOut int) (*proc, error) {
 	if p != nil {
 		select {
 		case ex := <-p.exited: // died while waiting (e.g. killed): not usable
-			log.Printf("pre-started run process %d ended while idle (%v)", p.pid, ex.status)
+			a.log.Warn("pre-started run process ended while idle", "pid", p.pid, "status", ex.status)
 			p.close()
 		default:
 			if p.allowSpawn == allowSpawn && p.maxOut == maxOut {
@@ -353,8 +353,8 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 	go func() { defer wg.Done(); stdout.drain(outR, s) }()
 	go func() { defer wg.Done(); stderr.drain(errR, s) }()
 	var resultDoc, status []byte
-	go func() { defer wg.Done(); resultDoc = readCapped(resR, int64(maxOut)+1<<20) }()
-	go func() { defer wg.Done(); status = readCapped(statusR, 64<<10) }()
+	go func() { defer wg.Done(); resultDoc = readCapped(a.log, "result document", resR, int64(maxOut)+1<<20) }()
+	go func() { defer wg.Done(); status = readCapped(a.log, "launcher status", statusR, 64<<10) }()
 
 	var timeout <-chan time.Time
 	if req.TimeoutMS > 0 {
@@ -371,12 +371,12 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 		a.killRun(pid)
 		ex = <-exited
 	case <-s.gone:
-		log.Printf("host closed the connection; killing the run")
+		a.log.Info("host closed the connection: killing the run")
 		hostGone = true
 		a.killRun(pid)
 		ex = <-exited
 	case <-s.broken:
-		log.Printf("writing to the host failed; killing the run")
+		a.log.Warn("writing to the host failed: killing the run")
 		hostGone = true
 		a.killRun(pid)
 		ex = <-exited
@@ -384,7 +384,7 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 	a.killRun(pid) // whatever the run started is not to outlive it
 	// The next run starts in an empty working directory (its standby, started below, is there).
 	if err := pyrunner.EmptyDir(pyrunner.WorkDir); err != nil && !errors.Is(err, os.ErrNotExist) {
-		log.Printf("emptying the working directory: %v", err)
+		a.log.Warn("emptying the working directory", "err", err)
 	}
 	switch {
 	case hostGone:
@@ -430,7 +430,7 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 			Error  *agent.PyError  `json:"error"`
 		}
 		if err := json.Unmarshal(resultDoc, &doc); err != nil {
-			log.Printf("unreadable result document (%d bytes): %v", len(resultDoc), err)
+			a.log.Warn("unreadable result document", "bytes", len(resultDoc), "err", err)
 		} else {
 			if len(doc.Result) > 0 && string(doc.Result) != "null" {
 				res.Result = doc.Result
@@ -455,7 +455,7 @@ func (a *agentServer) killRun(pgid int) {
 			err = unix.Kill(-pgid, unix.SIGKILL)
 		}
 		if err != nil && err != unix.ESRCH && err != unix.EPERM {
-			log.Printf("kill: %v", err)
+			a.log.Warn("kill", "err", err)
 		}
 		var info unix.Siginfo
 		if werr := unix.Waitid(unix.P_ALL, 0, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil); werr == unix.ECHILD {
@@ -465,7 +465,7 @@ func (a *agentServer) killRun(pgid int) {
 			return // the group is gone; other children are not the run's process group
 		}
 		if time.Now().After(deadline) {
-			log.Printf("processes of the run survive %v after SIGKILL", killTimeout)
+			a.log.Error("processes of the run survive SIGKILL", "after", killTimeout)
 			return
 		}
 		time.Sleep(500 * time.Microsecond)
@@ -501,12 +501,13 @@ func (c *capture) drain(f *os.File, s *sender) {
 	}
 }
 
-// readCapped reads f to EOF (or error), keeping at most max bytes; nil if there were more.
-func readCapped(f *os.File, max int64) []byte {
+// readCapped reads f (what it holds: what) to EOF (or error), keeping at most max bytes; nil if
+// there were more.
+func readCapped(log *slog.Logger, what string, f *os.File, max int64) []byte {
 	b, _ := io.ReadAll(io.LimitReader(f, max+1))
 	if int64(len(b)) > max {
 		io.Copy(io.Discard, f)
-		log.Printf("result document over %d bytes; dropped", max)
+		log.Warn("over its cap: dropped", "what", what, "max_bytes", max)
 		return nil
 	}
 	return b

@@ -6,7 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -27,6 +27,7 @@ const (
 
 type agentServer struct {
 	python string
+	log    *slog.Logger
 	pid1   bool
 	reaper *reaper
 
@@ -43,9 +44,10 @@ type agentServer struct {
 	ln *net.UnixListener // the host's socket, inherited (agent.ListenFD)
 }
 
-func newAgent(python string) (*agentServer, error) {
+func newAgent(python string, log *slog.Logger) (*agentServer, error) {
 	a := &agentServer{
 		python: python,
+		log:    log,
 		pid1:   os.Getpid() == 1,
 	}
 	if a.pid1 {
@@ -57,11 +59,11 @@ func newAgent(python string) (*agentServer, error) {
 			syscall.SIGABRT, syscall.SIGTERM, syscall.SIGSTKFLT, syscall.SIGSYS)
 		go func() {
 			for s := range sigs {
-				log.Printf("ignoring signal %v", s)
+				log.Info("ignoring a signal", "signal", s)
 			}
 		}()
 	} else if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-		log.Printf("prctl(PR_SET_CHILD_SUBREAPER): %v", err)
+		log.Warn("prctl(PR_SET_CHILD_SUBREAPER)", "err", err)
 	}
 	a.reaper = startReaper()
 	if err := a.listen(); err != nil {
@@ -95,13 +97,13 @@ func (a *agentServer) listen() error {
 // by a goroutine of its own, so a connection slow to say what it wants (the zygote's, which the
 // host makes before the zygote's Python has started) holds up no other.
 func (a *agentServer) serve() {
-	log.Printf("serving (pid %d, uid %d, python %s)", os.Getpid(), os.Getuid(), a.python)
+	a.log.Info("serving", "pid", os.Getpid(), "uid", os.Getuid(), "python", a.python)
 	reqs := make(chan request)
 	go func() {
 		for {
 			conn, err := a.ln.AcceptUnix()
 			if err != nil {
-				log.Printf("accept: %v", err)
+				a.log.Warn("accept", "err", err)
 				time.Sleep(10 * time.Millisecond)
 				continue
 			}
@@ -127,11 +129,11 @@ type request struct {
 func (a *agentServer) readRequest(conn *net.UnixConn, reqs chan<- request) {
 	if a.pid1 {
 		if pid, err := peerPID(conn); err != nil {
-			log.Printf("refusing connection: SO_PEERCRED: %v", err)
+			a.log.Warn("refusing a connection: SO_PEERCRED", "err", err)
 			conn.Close()
 			return
 		} else if pid != 0 {
-			log.Printf("refusing connection from pid %d inside the sandbox", pid)
+			a.log.Warn("refusing a connection from inside the sandbox", "pid", pid)
 			conn.Close()
 			return
 		}
@@ -158,23 +160,23 @@ func (a *agentServer) handle(r request) {
 		}
 	}()
 	if err := r.err; err != nil {
-		log.Printf("reading request: %v", err)
-		s := newSender(conn, nil)
+		a.log.Warn("reading request", "err", err)
+		s := newSender(conn, nil, a.log)
 		s.exit(&agent.RunResult{ExitCode: -1, AgentError: "reading request: " + err.Error()})
 		return
 	}
 	if string(line) == agent.Ping {
-		newSender(conn, nil).send(&agent.Event{Type: "ready"})
+		newSender(conn, nil, a.log).send(&agent.Event{Type: "ready"})
 		return
 	}
 	if string(line) == zygoteHello {
 		keep = true
-		a.adoptZygote(newZygote(conn, br))
+		a.adoptZygote(newZygote(conn, br, a.log))
 		return
 	}
 	var req agent.RunRequest
 	if err := json.Unmarshal(line, &req); err != nil {
-		s := newSender(conn, nil)
+		s := newSender(conn, nil, a.log)
 		s.exit(&agent.RunResult{ExitCode: -1, AgentError: "bad request: " + err.Error()})
 		return
 	}
@@ -190,7 +192,7 @@ func (a *agentServer) handle(r request) {
 			}
 		}
 	}()
-	s := newSender(conn, gone)
+	s := newSender(conn, gone, a.log)
 	res := a.run(&req, s)
 	s.exit(res)
 	if f := a.afterExit; f != nil {
@@ -223,24 +225,25 @@ type sender struct {
 	conn   net.Conn
 	gone   <-chan struct{} // closed when the host went away (read side); nil: never
 	broken chan struct{}   // closed on the first failed write
+	log    *slog.Logger
 	mu     sync.Mutex
 	failed bool
 }
 
-func newSender(conn net.Conn, gone <-chan struct{}) *sender {
-	return &sender{conn: conn, gone: gone, broken: make(chan struct{})}
+func newSender(conn net.Conn, gone <-chan struct{}, log *slog.Logger) *sender {
+	return &sender{conn: conn, gone: gone, broken: make(chan struct{}), log: log}
 }
 
 func (s *sender) send(ev *agent.Event) {
 	b, err := json.Marshal(ev)
 	if err != nil && ev.Result != nil && ev.Result.Result != nil {
 		// Only an invalid result could do this; drop it rather than the whole event.
-		log.Printf("encoding exit event: %v; dropping the result", err)
+		s.log.Warn("encoding the exit event failed: its result is dropped", "err", err)
 		ev.Result.Result = nil
 		b, err = json.Marshal(ev)
 	}
 	if err != nil {
-		log.Printf("encoding %s event: %v", ev.Type, err)
+		s.log.Error("encoding an event", "event", ev.Type, "err", err)
 		return
 	}
 	b = append(b, '\n')

@@ -7,7 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log"
+	"log/slog"
 	"net"
 	"os"
 	"runtime"
@@ -80,8 +80,9 @@ exec(compile(_src, "<sandbox-zygote>", "exec"))
 // zygoteMain is "sandbox-agent zygote <uid> <gid> <nofile> <python>" (see above). It does not return.
 func zygoteMain(args []string) {
 	runtime.LockOSThread() // the bounding set and no_new_privs are per thread: this one execs
+	log := newLogger("zygote")
 	fail := func(format string, a ...any) {
-		fmt.Fprintf(os.Stderr, "sandbox-agent zygote: "+format+"\n", a...)
+		log.Error(fmt.Sprintf(format, a...))
 		os.Exit(launchFailed)
 	}
 	if len(args) != 4 {
@@ -196,6 +197,7 @@ func installFilter(filter []unix.SockFilter) error {
 type zygote struct {
 	conn *net.UnixConn
 	dead chan struct{} // closed when the connection ends
+	log  *slog.Logger  // the agent's
 
 	mu      sync.Mutex // guards pending against read; fork is called by one goroutine at a time (the agent's serve loop)
 	next    uint32
@@ -207,8 +209,8 @@ type zchild struct {
 	exited chan exitInfo // receives the exit once ("X"), or a SIGKILL status if the zygote goes away
 }
 
-func newZygote(conn *net.UnixConn, br *bufio.Reader) *zygote {
-	z := &zygote{conn: conn, dead: make(chan struct{}), pending: map[string]*zchild{}}
+func newZygote(conn *net.UnixConn, br *bufio.Reader, log *slog.Logger) *zygote {
+	z := &zygote{conn: conn, dead: make(chan struct{}), log: log, pending: map[string]*zchild{}}
 	go z.read(br)
 	return z
 }
@@ -233,7 +235,7 @@ func (z *zygote) read(br *bufio.Reader) {
 		}
 		f := strings.Fields(line)
 		if len(f) < 2 {
-			log.Printf("zygote: unexpected report %q", line)
+			z.log.Warn("unexpected report from the zygote", "report", line)
 			continue
 		}
 		z.mu.Lock()
@@ -241,7 +243,7 @@ func (z *zygote) read(br *bufio.Reader) {
 		z.mu.Unlock()
 		switch {
 		case c == nil:
-			log.Printf("zygote: unexpected report %q", line)
+			z.log.Warn("unexpected report from the zygote", "report", line)
 		case f[0] == "P" && len(f) == 3:
 			pid, _ := strconv.Atoi(f[2])
 			c.pid <- pid
@@ -259,12 +261,12 @@ func (z *zygote) read(br *bufio.Reader) {
 			z.mu.Unlock()
 			c.exited <- ex
 		default:
-			log.Printf("zygote: unexpected report %q", line)
+			z.log.Warn("unexpected report from the zygote", "report", line)
 		}
 	}
 	z.conn.Close()
 	close(z.dead)
-	log.Printf("zygote gone: runs are launched by the agent again")
+	z.log.Info("zygote gone: runs are launched by the agent again")
 	z.mu.Lock()
 	defer z.mu.Unlock()
 	for id, c := range z.pending {

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/exec"
@@ -35,7 +36,7 @@ import (
 // calls so that load hits both alike: a detached `crun run -d` + delete of the same kind of bundle
 // for create, the host's own `python3 -c 'print(1)'` for a run, a foreground `crun run` of it for
 // create + run + delete. Then throughput, and the cost of many idle sandboxes.
-func bench(args []string) error {
+func bench(args []string, log *slog.Logger) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	n := fs.Int("n", 200, "latency samples per figure")
 	idle := fs.Int("idle", 1000, "idle sandboxes for the scale figures (0: skip)")
@@ -74,7 +75,8 @@ func bench(args []string) error {
 	}
 	cfg.RatePerSec, cfg.RateBurst = 1e6, 1e6
 	ctx := context.Background()
-	drvAny, err := driver.Open("container", driver.Options{StateDir: tmp + "/floor", AgentBin: cfg.AgentBin, Runtime: cfg.Runtime})
+	drvAny, err := driver.Open("container", driver.Options{StateDir: tmp + "/floor", AgentBin: cfg.AgentBin, Runtime: cfg.Runtime,
+		Logger: log.With("driver", "container")})
 	if err != nil {
 		return err
 	}
@@ -83,7 +85,7 @@ func bench(args []string) error {
 		return errors.New("bench: the container driver has no floor measurement")
 	}
 	defer floorDrv.Close()
-	d, err := start(ctx, cfg, false)
+	d, err := start(ctx, cfg, false, log)
 	if err != nil {
 		return err
 	}
@@ -231,7 +233,7 @@ func bench(args []string) error {
 
 	if ims := imagesOf(cfg.Images, "wasm"); len(ims) > 0 {
 		progress("bench: %d WASM samples…", *n)
-		if err := benchWasm(ctx, c, rep, tmp, ims[0].RootFS, *n, settle); err != nil {
+		if err := benchWasm(ctx, c, rep, tmp, ims[0].RootFS, *n, settle, log); err != nil {
 			return err
 		}
 	}
@@ -263,8 +265,8 @@ func bench(args []string) error {
 // compiled worker (the driver's pool); both refill in the background (a compile from the warm
 // cache, ~0.1 s each), so samples are spaced so that each finds its pool full, as creates
 // arriving at up to a few per second do, and no standby starts up during a baseline.
-func benchWasm(ctx context.Context, c *benchClient, rep *report, tmp, image string, n int, settle func()) error {
-	drvAny, err := driver.Open("wasm", driver.Options{StateDir: tmp + "/wasm-baseline"})
+func benchWasm(ctx context.Context, c *benchClient, rep *report, tmp, image string, n int, settle func(), log *slog.Logger) error {
+	drvAny, err := driver.Open("wasm", driver.Options{StateDir: tmp + "/wasm-baseline", Logger: log.With("driver", "wasm")})
 	if err != nil {
 		return err
 	}

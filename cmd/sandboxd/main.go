@@ -36,14 +36,15 @@ func main() {
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)
 	}
+	log := newLogger() // the one logger of serve and bench: the service's, the drivers', the API's
 	var err error
 	switch os.Args[1] {
 	case "serve":
-		err = serve(os.Args[2:])
+		err = serve(os.Args[2:], log)
 	case "keys":
 		err = keys(os.Args[2:])
 	case "bench":
-		err = bench(os.Args[2:])
+		err = bench(os.Args[2:], log)
 	case "doctor":
 		err = doctorCmd(os.Args[2:])
 	case "wasm-worker": // hidden: a worker process of the wasm driver (see wasmworker.go)
@@ -102,6 +103,7 @@ func keys(args []string) error {
 	return nil
 }
 
+// newLogger returns the logger main hands down: text records on stderr, level info.
 func newLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }

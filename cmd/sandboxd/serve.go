@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -65,13 +66,14 @@ type daemon struct {
 	srv  *http.Server
 	ln   net.Listener
 	lock *os.File
+	log  *slog.Logger
 	// builds make the images approved before their files exist (--wasm-build; firststart.go).
 	builds *builds
 }
 
 // start opens everything serve needs and starts listening; the caller runs d.srv.Serve(d.ln).
-func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, error) {
-	log := newLogger()
+// Everything logs to log: the drivers with the attribute "driver" (their name).
+func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logger) (*daemon, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
@@ -79,7 +81,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 	if err != nil {
 		return nil, err
 	}
-	d := &daemon{cfg: cfg, lock: lock}
+	d := &daemon{cfg: cfg, lock: lock, log: log}
 	fail := func(err error) (*daemon, error) {
 		d.close(context.Background())
 		return nil, err
@@ -102,7 +104,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 	var sink atomic.Pointer[sandbox.Service]
 	opts := driver.Options{
 		StateDir: filepath.Join(cfg.DataDir, "container"), AgentBin: cfg.AgentBin, Runtime: cfg.Runtime,
-		NetworkPool: cfg.NetworkPool,
+		NetworkPool: cfg.NetworkPool, Logger: log.With("driver", "container"),
 		OnNetwork: func(d egress.Decision) {
 			if s := sink.Load(); s != nil {
 				s.NetworkDecision(d)
@@ -119,7 +121,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool) (*daemon, erro
 	d.drvs = append(d.drvs, drv)
 	drivers := map[string]driver.Driver{sandbox.ModeContainer: drv}
 	if wasmImages := imagesOf(cfg.Images, sandbox.ModeWASM); len(wasmImages) > 0 {
-		wd, err := driver.Open("wasm", driver.Options{StateDir: filepath.Join(cfg.DataDir, "wasm")})
+		wd, err := driver.Open("wasm", driver.Options{StateDir: filepath.Join(cfg.DataDir, "wasm"), Logger: log.With("driver", "wasm")})
 		if err != nil {
 			return fail(fmt.Errorf("wasm mode: %w", err))
 		}
@@ -207,13 +209,13 @@ func (d *daemon) close(ctx context.Context) {
 	}
 	if d.svc != nil {
 		if err := d.svc.Close(ctx); err != nil {
-			fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)
+			d.log.Error("close the service", "err", err)
 		}
 	}
 	for _, drv := range d.drvs {
 		if c, ok := drv.(io.Closer); ok {
 			if err := c.Close(); err != nil {
-				fmt.Fprintf(os.Stderr, "sandboxd: %v\n", err)
+				d.log.Error("close a driver", "driver", drv.Name(), "err", err)
 			}
 		}
 	}
@@ -225,7 +227,7 @@ func (d *daemon) close(ctx context.Context) {
 	}
 }
 
-func serve(args []string) error {
+func serve(args []string, log *slog.Logger) error {
 	cfg, err := config.ParseServe(args)
 	if err != nil {
 		return err
@@ -239,13 +241,13 @@ func serve(args []string) error {
 	if base, err := cgroup.Delegate(); err != nil {
 		return err
 	} else if base != "" {
-		newLogger().Info("cgroup v2: sandboxes' groups below a delegated cgroup", "cgroup", base)
+		log.Info("cgroup v2: sandboxes' groups below a delegated cgroup", "cgroup", base)
 	}
 	// Watched from here to the exit (stop.go): a signal during start-up cancels it, and one
 	// during the stop is the "second signal".
 	w := watchStop()
 	defer w.stop()
-	d, err := start(w.ctx, cfg, true)
+	d, err := start(w.ctx, cfg, true, log)
 	if err != nil {
 		return err
 	}

@@ -70,7 +70,7 @@ func (w *stopWatch) stop() {
 // rest are killed and still recorded. The log says what it does and how long it took. Either way
 // serve then exits 0: no sandbox is left live in the records.
 func (d *daemon) shutdown(w *stopWatch, grace time.Duration) {
-	log := newLogger()
+	log := d.log
 	start := time.Now()
 	n := 0
 	if d.svc != nil {

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"sort"
 	"sync"
@@ -198,6 +199,20 @@ type Options struct {
 	// compiled workers the driver keeps per image (0: its default, 2).
 	WasmWorker []string
 	WasmPool   int
+
+	// Logger receives what the driver logs (nil: nothing is logged; see Log). Drivers name a
+	// sandbox with the attribute "sandbox" (its id), an error with "err", an image with "image",
+	// as the service does; the caller adds which driver it is (serve: "driver", the name).
+	Logger *slog.Logger
+}
+
+// Log returns o.Logger, or a logger that discards everything when it is nil. Drivers log through
+// it, never through the global logger.
+func (o Options) Log() *slog.Logger {
+	if o.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return o.Logger
 }
 
 var (

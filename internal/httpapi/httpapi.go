@@ -29,9 +29,9 @@ import (
 // Options configure the handler.
 type Options struct {
 	Version    string
-	RatePerSec float64 // requests per second per account (default 100)
-	RateBurst  int     // burst per account (default 200)
-	Logger     *slog.Logger
+	RatePerSec float64       // requests per second per account (default 100)
+	RateBurst  int           // burst per account (default 200)
+	Logger     *slog.Logger  // receives internal errors and (debug) requests (nil: nothing is logged)
 	Metrics    http.Handler  // served at GET /metrics without a key (nil: no route)
 	KeepAlive  time.Duration // interval of keep-alive comments in event streams (default 15s)
 }
@@ -60,7 +60,7 @@ func New(svc *sandbox.Service, opts Options) http.Handler {
 		opts.RateBurst = 200
 	}
 	if opts.Logger == nil {
-		opts.Logger = slog.Default()
+		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opts.KeepAlive <= 0 {
 		opts.KeepAlive = 15 * time.Second

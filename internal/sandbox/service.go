@@ -101,7 +101,9 @@ type Config struct {
 	MaxUploadBytes int64    // per-file upload limit of the files API (default DefaultMaxUploadBytes)
 	WarmPool       int      // provisioned sandboxes kept ready per shape asked for (0: none; see warmPool)
 	Observer       Observer // receives measurements for metrics (nil: none)
-	Logger         *slog.Logger
+	// Logger receives the service's log records, which name a sandbox "sandbox" and a run "run"
+	// (nil: nothing is logged). serve gives it and the drivers one logger.
+	Logger *slog.Logger
 }
 
 // Service is the sandbox lifecycle. Create it with New; stop it with Close.
@@ -206,7 +208,7 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 		cfg.HostMemory = hostMemory()
 	}
 	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
+		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Service{cfg: cfg, st: st, drivers: drivers, log: cfg.Logger, live: map[string]*live{},
 		hosts: map[string]*host{}, ids: newIDAllocator(cfg.IDs)}

@@ -36,7 +36,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"log"
+	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -87,6 +87,7 @@ var probeResources = driver.Spec{CPU: 0.1, MemoryBytes: 32 << 20, PidsLimit: 8, 
 // Driver is the container driver. It is safe for concurrent use.
 type Driver struct {
 	stateDir string
+	log      *slog.Logger  // Options.Log()
 	mnt      string        // the driver's directory in sandboxd's mount namespace (mountns.Dir): sandbox roots, what they bind
 	agentBin string        // the agent binary, copied into mnt
 	rt       *ociRuntime   // the runtime new sandboxes use
@@ -167,7 +168,7 @@ func Open(opts driver.Options) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("container driver: %w", err)
 	}
-	d := &Driver{stateDir: stateDir, mnt: mnt, agentBin: agentBin, cg: cg, seccomp: prof, boxes: map[string]*box{}}
+	d := &Driver{stateDir: stateDir, log: opts.Log(), mnt: mnt, agentBin: agentBin, cg: cg, seccomp: prof, boxes: map[string]*box{}}
 	if err := d.openMountDir(); err != nil {
 		return nil, fmt.Errorf("container driver: %w", err)
 	}
@@ -445,7 +446,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		defer close(b.zygote)
 		started, err := d.startZygote(b)
 		if err != nil {
-			log.Printf("container driver: sandbox %s: %v (its runs are launched by the agent)", id, err)
+			d.log.Warn("no zygote: the agent launches the sandbox's runs", "sandbox", id, "err", err)
 		}
 		b.zygoted = started
 	}()

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"log"
 	"net"
 	"os"
 	"os/exec"
@@ -198,18 +197,18 @@ const sandboxPython = "/usr/bin/python3"
 func (d *Driver) openZygotes() {
 	p, err := exec.LookPath("nsenter")
 	if err != nil {
-		log.Printf("container driver: no nsenter (util-linux): runs are started without a zygote: %v", err)
+		d.log.Warn("no nsenter (util-linux): runs are started without a zygote", "err", err)
 		return
 	}
 	// The zygote's launcher starts as root inside the sandbox's mount namespace: it must not load
 	// anything from the sandbox's files (a dynamic binary would run the image's ld.so as root).
 	if err := staticBinary(d.agentBin); err != nil {
-		log.Printf("container driver: runs are started without a zygote: %v", err)
+		d.log.Warn("runs are started without a zygote", "err", err)
 		return
 	}
 	f, err := seccompProgram(d.seccomp)
 	if err != nil {
-		log.Printf("container driver: runs are started without a zygote: %v", err)
+		d.log.Warn("runs are started without a zygote", "err", err)
 		return
 	}
 	d.nsenter, d.zygoteFilter = p, f

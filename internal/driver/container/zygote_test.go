@@ -1,10 +1,14 @@
 package container
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -260,6 +264,47 @@ func TestZygoteGone(t *testing.T) {
 			t.Errorf("parent of a run without a zygote: %q, want 1 (the agent)", out)
 		}
 		onlyInit(t, d, id)
+	})
+}
+
+// TestZygoteFailureLogged: a sandbox whose zygote cannot start still runs code (the agent launches
+// it), and the driver says so through its Options.Logger, naming the sandbox by the attribute
+// "sandbox".
+func TestZygoteFailureLogged(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		dir := t.TempDir()
+		var logs bytes.Buffer
+		ld, err := Open(driver.Options{StateDir: filepath.Join(dir, "s"), AgentBin: agentBin, Runtime: d.rt.name,
+			NetworkPool: testPool, Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ld.Close() }) // after the sandbox's Destroy (cleanups run last first)
+		if ld.zygoteFilter == nil {
+			t.Fatalf("the driver starts no zygotes: %s", logs.String())
+		}
+		ld.nsenter = filepath.Join(dir, "no-nsenter") // starting the zygote fails
+		id := newSandbox(t, ld, baseSpec(t))
+		if err := ld.Warm(context.Background(), id); err != nil { // the zygote's start has ended
+			t.Fatal(err)
+		}
+		var found bool
+		for _, line := range bytes.Split(bytes.TrimSpace(logs.Bytes()), []byte("\n")) {
+			var rec struct{ Level, Msg, Sandbox, Err string }
+			if err := json.Unmarshal(line, &rec); err != nil {
+				t.Fatalf("log line %q: %v", line, err)
+			}
+			if rec.Sandbox == id {
+				found = rec.Level == "WARN" && strings.Contains(rec.Err, "no-nsenter")
+				t.Logf("record: %s", line)
+			}
+		}
+		if !found {
+			t.Errorf("no warning with sandbox=%s and the cause in the driver's log:\n%s", id, logs.String())
+		}
+		if out := mustRun(t, ld, id, "import os; print(os.getppid())"); out != "1\n" {
+			t.Errorf("parent of a run without a zygote: %q, want 1 (the agent)", out)
+		}
 	})
 }
 

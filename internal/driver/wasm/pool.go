@@ -2,7 +2,6 @@ package wasm
 
 import (
 	"context"
-	"log/slog"
 	"sync"
 	"time"
 )
@@ -62,7 +61,7 @@ func (p *pool) fill() {
 				if ctx.Err() != nil {
 					return
 				}
-				slog.Warn("wasm driver: starting a pool worker failed", "image", p.image, "err", err, "retry_in", backoff)
+				p.d.log.Warn("starting a pool worker failed", "image", p.image, "err", err, "retry_in", backoff)
 				select {
 				case <-p.stop:
 					return

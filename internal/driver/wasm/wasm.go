@@ -133,6 +133,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path"
 	"path/filepath"
@@ -182,6 +183,7 @@ const (
 // Driver is the wasm driver. It is safe for concurrent use.
 type Driver struct {
 	stateDir  string
+	log       *slog.Logger // Options.Log()
 	workerCmd []string
 	poolSize  int
 	cg        cgroup.Layout
@@ -268,7 +270,7 @@ func Open(opts driver.Options) (*Driver, error) {
 		size = DefaultPool
 	}
 	sum := sha256.Sum256([]byte(stateDir))
-	d := &Driver{stateDir: stateDir, workerCmd: cmd, poolSize: size, cg: cg,
+	d := &Driver{stateDir: stateDir, log: opts.Log(), workerCmd: cmd, poolSize: size, cg: cg,
 		cgParent: cgroupRoot + "/" + hex.EncodeToString(sum[:6]), compileCache: compileCache,
 		pools: map[string]*pool{}, boxes: map[string]*box{}}
 	d.removeStaleCgroups()
