@@ -42,7 +42,7 @@
 //     MaxOutput bytes per stream. The timeout and ctx's end kill the worker's process group,
 //     whatever the guest does. ExecResult.CPU is the cgroup's CPU time during the run;
 //     ExecResult.MemoryPeak the high-water mark of the instance's linear memory (start-up,
-//     static data and stack included). Status "oom": an uncaught
+//     static data and stack included). The status is driver.Classify's; "oom" is an uncaught
 //     MemoryError, a trap after the guest was refused memory past its cap, or a cgroup OOM kill
 //     of the worker. A trap is "failed", exit code 134, with "sandbox: the interpreter crashed
 //     (why)" on stderr and, when the interpreter's C stack overflowed, error {type:
@@ -610,39 +610,110 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	return d.exec(ctx, b, protocol.Run{Code: req.Code, Env: env, MaxOutput: req.MaxOutput}, req)
 }
 
-// exec runs m in b's worker; see Exec.
+// exec runs m in b's worker (see Exec), in steps: acquire the worker (noWorker when there is
+// none), send it the run, stream the output until the run ends (the worker killed if it does not
+// end by itself), release the worker for the next run, classify the end.
 func (d *Driver) exec(ctx context.Context, b *box, m protocol.Run, req driver.ExecRequest) (driver.ExecResult, error) {
 	w, err := d.worker(ctx, b)
 	if err != nil {
-		if ctx.Err() != nil {
-			return driver.ExecResult{Status: driver.StatusCancelled, ExitCode: 128 + int(syscall.SIGKILL), Started: time.Now()}, nil
-		}
-		if errors.Is(err, driver.ErrNotFound) {
-			return driver.ExecResult{}, err
-		}
-		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", b.id, err)
+		return noWorker(ctx, b, err)
 	}
+	e, err := d.send(b, w, m)
+	if err != nil {
+		return driver.ExecResult{}, err
+	}
+	e.stream(ctx, req)
+	d.release(e, len(m.Args) == 0)
+	return e.classify(ctx)
+}
+
+// execution is one run in a worker, as exec's steps pass it on.
+type execution struct {
+	b         *box
+	w         *proc
+	group     string        // the sandbox's cgroup
+	cpuBefore time.Duration // the cgroup's CPU time when the run was sent
+	oomBefore int64         // the cgroup's OOM kills when the run was sent
+	res       driver.ExecResult
+
+	// How the run ended (stream): by the worker's report (ex), killed by exec at the timeout or
+	// at ctx's end (stopped), or with the worker's frames (readErr: it died or broke the protocol).
+	ex      *protocol.Exit
+	stopped driver.Status
+	readErr error
+	// oomKill: the cgroup's OOM-kill count went up during the run (release).
+	oomKill bool
+}
+
+// noWorker is the end of a run that got no worker (acquiring one failed with err): cancelled when
+// ctx ended meanwhile, else err — ErrNotFound (the sandbox was destroyed) as it is.
+func noWorker(ctx context.Context, b *box, err error) (driver.ExecResult, error) {
+	if ctx.Err() != nil {
+		res := driver.ExecResult{Started: time.Now()}
+		driver.Classify(driver.Outcome{Cancelled: true}, &res)
+		return res, nil
+	}
+	if errors.Is(err, driver.ErrNotFound) {
+		return driver.ExecResult{}, err
+	}
+	return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", b.id, err)
+}
+
+// send starts run m in b's worker w: it reads the cgroup's figures the run is measured from, then
+// sends the run (its output budget defaulted). The run's start is the moment it is sent. A worker
+// that cannot take the run is killed and dropped (the sandbox gets a fresh one next time).
+func (d *Driver) send(b *box, w *proc, m protocol.Run) (*execution, error) {
 	b.mu.Lock()
 	group := b.group
 	b.mu.Unlock()
-	cpuBefore, _ := d.cg.CPUUsage(group)
-	oomBefore, _ := d.cg.OOMKills(group)
+	e := &execution{b: b, w: w, group: group}
+	e.cpuBefore, _ = d.cg.CPUUsage(group)
+	e.oomBefore, _ = d.cg.OOMKills(group)
 	if m.MaxOutput <= 0 {
 		m.MaxOutput = protocol.DefaultMaxOutput
 	}
-
-	started := time.Now()
+	e.res.Started = time.Now()
 	if err := w.fw.SendJSON(protocol.FrameRun, m); err != nil {
 		w.kill()
 		b.dropWorker(w)
-		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w: %v%s", b.id, errWorkerGone, err, w.logTail())
+		return nil, fmt.Errorf("exec in sandbox %s: %w: %v%s", b.id, errWorkerGone, err, w.logTail())
 	}
-	type frame struct {
-		typ byte
-		p   []byte
-		err error
+	return e, nil
+}
+
+// stream collects the run's output, passing each chunk to req.OnOutput as it comes, until the run
+// ends (see await). A run that did not end by itself has its worker killed (or already dead)
+// and dropped: the sandbox gets a fresh one for its next run. When stream returns, nothing reads
+// the worker's socket any more, and e.res.Duration is the run's wall time.
+func (e *execution) stream(ctx context.Context, req driver.ExecRequest) {
+	frames, stop := readFrames(e.w)
+	defer stop() // after the kill below, which ends a read that would block
+	var timeout <-chan time.Time
+	if req.Timeout > 0 {
+		t := time.NewTimer(req.Timeout)
+		defer t.Stop()
+		timeout = t.C
 	}
-	frames := make(chan frame)
+	e.await(ctx, frames, timeout, req.OnOutput)
+	e.res.Duration = time.Since(e.res.Started)
+	if e.ex == nil {
+		e.w.kill()
+		e.b.dropWorker(e.w)
+	}
+}
+
+// frame is one frame read from a worker, or the error that ended its frames.
+type frame struct {
+	typ byte
+	p   []byte
+	err error
+}
+
+// readFrames reads w's frames in a goroutine and passes them on until a read fails or the run's
+// exit frame has come. stop ends the goroutine and waits for it: a read that blocks must have been
+// ended first (by killing the worker).
+func readFrames(w *proc) (frames <-chan frame, stop func()) {
+	ch := make(chan frame)
 	stopRead := make(chan struct{})
 	readDone := make(chan struct{})
 	go func() {
@@ -650,7 +721,7 @@ func (d *Driver) exec(ctx context.Context, b *box, m protocol.Run, req driver.Ex
 		for {
 			t, p, err := protocol.ReadFrame(w.br)
 			select {
-			case frames <- frame{t, p, err}:
+			case ch <- frame{t, p, err}:
 			case <-stopRead:
 				return
 			}
@@ -659,103 +730,106 @@ func (d *Driver) exec(ctx context.Context, b *box, m protocol.Run, req driver.Ex
 			}
 		}
 	}()
-	defer func() {
+	return ch, func() {
 		close(stopRead)
 		<-readDone
-	}()
-	var timeout <-chan time.Time
-	if req.Timeout > 0 {
-		t := time.NewTimer(req.Timeout)
-		defer t.Stop()
-		timeout = t.C
 	}
+}
 
-	var res driver.ExecResult
-	res.Started = started
-	var ex *protocol.Exit
-	var readErr error
-	killed := driver.Status("")
-loop:
+// await takes the run's frames until it ends: its exit frame (e.ex), the timeout or ctx's end
+// (e.stopped), or a read error or a frame out of place (e.readErr). Output goes to e.res and to
+// onOutput, if set.
+func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-chan time.Time, onOutput func(driver.Stream, []byte)) {
 	for {
 		select {
 		case f := <-frames:
 			if f.err != nil {
-				readErr = f.err
-				break loop
+				e.readErr = f.err
+				return
 			}
 			switch f.typ {
 			case protocol.FrameStdout, protocol.FrameStderr:
-				s, buf := driver.Stdout, &res.Stdout
+				s, buf := driver.Stdout, &e.res.Stdout
 				if f.typ == protocol.FrameStderr {
-					s, buf = driver.Stderr, &res.Stderr
+					s, buf = driver.Stderr, &e.res.Stderr
 				}
 				*buf = append(*buf, f.p...)
-				if req.OnOutput != nil {
-					req.OnOutput(s, f.p)
+				if onOutput != nil {
+					onOutput(s, f.p)
 				}
 			case protocol.FrameExit:
-				var e protocol.Exit
-				if err := json.Unmarshal(f.p, &e); err != nil {
-					readErr = fmt.Errorf("exit message: %w", err)
+				var ex protocol.Exit
+				if err := json.Unmarshal(f.p, &ex); err != nil {
+					e.readErr = fmt.Errorf("exit message: %w", err)
 				} else {
-					ex = &e
+					e.ex = &ex
 				}
-				break loop
+				return
 			default:
-				readErr = fmt.Errorf("unexpected frame %q from the worker", f.typ)
-				break loop
+				e.readErr = fmt.Errorf("unexpected frame %q from the worker", f.typ)
+				return
 			}
 		case <-timeout:
-			killed = driver.StatusTimeout
-			break loop
+			e.stopped = driver.StatusTimeout
+			return
 		case <-ctx.Done():
-			killed = driver.StatusCancelled
-			break loop
+			e.stopped = driver.StatusCancelled
+			return
 		}
 	}
-	wall := time.Since(started)
-	if ex == nil {
-		// The run did not end by itself: the worker is killed (or already dead) and replaced
-		// for the next run.
-		w.kill()
-		b.dropWorker(w)
-	}
-	res.Duration = wall
-	if cpu, err := d.cg.CPUUsage(group); err == nil {
-		res.CPU = max(cpu-cpuBefore, 0)
-	}
-	oomAfter, oomErr := d.cg.OOMKills(group)
-	cgroupOOM := oomErr == nil && oomAfter > oomBefore
-	if ex != nil && len(m.Args) == 0 {
-		// The next run's instance starts now that this run's figures are read (a worker that
-		// died meanwhile is found dead by the next run).
-		_ = w.fw.Send(protocol.FrameStandby, nil)
-		if ex.Standby {
-			b.standbyRuns.Add(1)
-		}
-	}
+}
 
-	b.mu.Lock()
-	destroyed := b.destroyed
-	b.mu.Unlock()
-	switch {
-	case killed != "":
-		res.Status, res.ExitCode = killed, 128+int(syscall.SIGKILL)
-		return res, nil
-	case ex == nil && cgroupOOM:
-		res.Status, res.ExitCode = driver.StatusOOM, 128+int(syscall.SIGKILL)
-		return res, nil
-	case ex == nil && (destroyed || ctx.Err() != nil):
-		res.Status, res.ExitCode = driver.StatusCancelled, 128+int(syscall.SIGKILL)
-		return res, nil
-	case ex == nil:
-		state := "still running"
-		if w.waitExit(time.Second) {
-			state = w.state.String()
-		}
-		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w (%s): %v%s", b.id, errWorkerGone, state, readErr, w.logTail())
+// release reads what the run cost the sandbox's cgroup (CPU time, OOM kills) and, when the run
+// ended by itself and was a runner's (not a command line of its own), has the worker start the
+// next run's instance, the standby: only now, so that its start-up counts for no run. A worker
+// that died meanwhile is found dead by the next run.
+func (d *Driver) release(e *execution, runner bool) {
+	if cpu, err := d.cg.CPUUsage(e.group); err == nil {
+		e.res.CPU = max(cpu-e.cpuBefore, 0)
 	}
-	res.ExitCode = ex.ExitCode
+	oomAfter, err := d.cg.OOMKills(e.group)
+	e.oomKill = err == nil && oomAfter > e.oomBefore
+	if e.ex != nil && runner {
+		_ = e.w.fw.Send(protocol.FrameStandby, nil)
+		if e.ex.Standby {
+			e.b.standbyRuns.Add(1)
+		}
+	}
+}
+
+// classify returns the run's result, its status from driver.Classify: of the worker's report
+// when the run ended by itself; else of the kill (timeout, ctx's end, the sandbox destroyed) or
+// of the memory limit that killed the worker. A worker that died of nothing known is the driver's
+// error (errWorkerGone, with how it ended and its log).
+func (e *execution) classify(ctx context.Context) (driver.ExecResult, error) {
+	e.b.mu.Lock()
+	destroyed := e.b.destroyed
+	e.b.mu.Unlock()
+	res := e.res
+	o := driver.Outcome{
+		TimedOut:  e.stopped == driver.StatusTimeout,
+		Cancelled: e.stopped == driver.StatusCancelled || destroyed || ctx.Err() != nil,
+		OOMKill:   e.oomKill,
+	}
+	if e.ex != nil {
+		e.report(&res)
+		o.Exited, o.ExitCode, o.OutOfMemory = true, e.ex.ExitCode, outOfMemory(res.Error, e.ex)
+	}
+	if !driver.Classify(o, &res) {
+		state := "still running"
+		if e.w.waitExit(time.Second) {
+			state = e.w.state.String()
+		}
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w (%s): %v%s", e.b.id, errWorkerGone, state, e.readErr, e.w.logTail())
+	}
+	return res, nil
+}
+
+// report fills res from the worker's report of a run that ended by itself: truncation, the
+// memory peak, the run's own duration, and the runner's result and error — a StackOverflow when
+// the guest's stack overflowed and the runner could report nothing.
+func (e *execution) report(res *driver.ExecResult) {
+	ex := e.ex
 	res.StdoutTruncated, res.StderrTruncated = ex.StdoutTruncated, ex.StderrTruncated
 	res.MemoryPeak = ex.MemoryPeak
 	if ex.DurationNS > 0 {
@@ -777,17 +851,6 @@ loop:
 		// The guest trapped: the runner reported nothing. Say what happened.
 		res.Error = &driver.PyError{Type: "StackOverflow", Message: protocol.StackOverflowMessage}
 	}
-	switch {
-	case cgroupOOM:
-		res.Status = driver.StatusOOM
-	case res.ExitCode != 0 && outOfMemory(res.Error, ex):
-		res.Status = driver.StatusOOM
-	case res.ExitCode == 0:
-		res.Status = driver.StatusCompleted
-	default:
-		res.Status = driver.StatusFailed
-	}
-	return res, nil
 }
 
 // outOfMemory reports whether a failed run failed for want of memory: an uncaught MemoryError;
