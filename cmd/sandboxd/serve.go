@@ -18,6 +18,9 @@ import (
 	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/disk"
 	"github.com/sandboxd/sandboxd/internal/driver"
+	// The drivers serve opens by name (driver.Open): importing them registers them.
+	_ "github.com/sandboxd/sandboxd/internal/driver/container"
+	_ "github.com/sandboxd/sandboxd/internal/driver/wasm"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/httpapi"
 	"github.com/sandboxd/sandboxd/internal/metrics"

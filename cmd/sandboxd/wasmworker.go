@@ -3,11 +3,11 @@ package main
 import (
 	"os"
 
-	"github.com/sandboxd/sandboxd/internal/driver/wasm"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/worker"
 )
 
 // wasmWorker runs the hidden `sandboxd wasm-worker` subcommand: one worker process of the wasm
-// driver, started by the driver itself (see package wasm). It never returns.
+// driver, started by the driver itself (see package wasm/worker). It never returns.
 func wasmWorker(args []string) {
-	os.Exit(wasm.WorkerMain(args))
+	os.Exit(worker.Main(args))
 }

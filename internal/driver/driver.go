@@ -3,7 +3,8 @@
 // manner of database/sql.
 //
 // A user program that fails, times out or is OOM-killed is a *result* (ExecResult.Status), never a
-// Go error: errors are reserved for the driver itself failing.
+// Go error: errors are reserved for the driver itself failing. Classify turns what a driver saw of
+// a run's end into its status, the same way for every driver.
 package driver
 
 import (

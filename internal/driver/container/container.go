@@ -899,31 +899,25 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	oomAfter, oomErr := d.cg.oomKills(id)
 	oom := oomErr == nil && oomAfter > oomBefore
 	if runErr != nil {
-		killed := driver.ExecResult{ExitCode: 128 + int(syscall.SIGKILL), Started: started, Duration: wall}
-		switch {
-		case ctx.Err() != nil:
-			killed.Status = driver.StatusCancelled
-			return killed, nil
-		case errors.Is(runErr, context.DeadlineExceeded) && oom:
-			// The agent did not answer in time because the run thrashed at the memory limit (a
-			// fork bomb with allow_spawn): what the code did is an OOM, not a failure of ours.
-			killed.Status = driver.StatusOOM
-			return killed, nil
-		case errors.Is(runErr, context.DeadlineExceeded):
-			killed.Status = driver.StatusTimeout
-			return killed, nil
+		deadline := errors.Is(runErr, context.DeadlineExceeded)
+		if ctx.Err() == nil && !deadline {
+			// The agent failed, not the run: ours.
+			if oom {
+				runErr = fmt.Errorf("%w (the sandbox hit its memory limit)", runErr)
+			}
+			return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, runErr)
 		}
-		if oom {
-			runErr = fmt.Errorf("%w (the sandbox hit its memory limit)", runErr)
-		}
-		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, runErr)
+		// The caller ended the run, or the agent did not answer in time: a result. When the run
+		// thrashed at the memory limit (a fork bomb with allow_spawn), what the code did is an
+		// OOM, not a failure of ours.
+		killed := driver.ExecResult{Started: started, Duration: wall}
+		driver.Classify(driver.Outcome{Cancelled: ctx.Err() != nil, TimedOut: deadline, OOMKill: oom}, &killed)
+		return killed, nil
 	}
 	if res.AgentError != "" {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: agent: %s", id, res.AgentError)
 	}
 	out := driver.ExecResult{
-		ExitCode:        res.ExitCode,
-		Signal:          res.Signal,
 		Stdout:          res.Stdout,
 		Stderr:          res.Stderr,
 		StdoutTruncated: res.StdoutTruncated,
@@ -940,17 +934,8 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	if res.Error != nil {
 		out.Error = &driver.PyError{Type: res.Error.Type, Message: res.Error.Message, Traceback: res.Error.Traceback}
 	}
-	killed := res.Signal == int(syscall.SIGKILL) || res.ExitCode == 128+int(syscall.SIGKILL)
-	switch {
-	case res.TimedOut:
-		out.Status, out.Signal = driver.StatusTimeout, 0
-	case killed && oom:
-		out.Status, out.Signal = driver.StatusOOM, 0
-	case res.ExitCode == 0:
-		out.Status = driver.StatusCompleted
-	default:
-		out.Status = driver.StatusFailed
-	}
+	driver.Classify(driver.Outcome{Exited: true, ExitCode: res.ExitCode, Signal: res.Signal,
+		TimedOut: res.TimedOut, OOMKill: oom}, &out)
 	return out, nil
 }
 

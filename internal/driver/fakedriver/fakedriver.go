@@ -74,44 +74,42 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	}
 	start := time.Now()
 	res := driver.ExecResult{Started: start}
-	wait := func(dur time.Duration) bool {
+	// wait waits dur for the run to end by itself (an exit 0), or for the timeout or ctx to kill it.
+	wait := func(dur time.Duration) driver.Outcome {
 		t := time.NewTimer(dur)
 		defer t.Stop()
 		tc := time.NewTimer(req.Timeout)
 		defer tc.Stop()
 		select {
 		case <-t.C:
-			return true
+			return driver.Outcome{Exited: true}
 		case <-tc.C:
-			res.Status, res.ExitCode = driver.StatusTimeout, 137
+			return driver.Outcome{TimedOut: true}
 		case <-ctx.Done():
-			res.Status, res.ExitCode = driver.StatusCancelled, 137
+			return driver.Outcome{Cancelled: true}
 		}
-		return false
 	}
+	end := driver.Outcome{Exited: true}
 	switch {
 	case req.Code == "block":
-		wait(24 * time.Hour)
+		end = wait(24 * time.Hour)
 	case strings.HasPrefix(req.Code, "sleep:"):
 		ms, _ := strconv.Atoi(strings.TrimPrefix(req.Code, "sleep:"))
-		if wait(time.Duration(ms) * time.Millisecond) {
-			res.Status = driver.StatusCompleted
-		}
+		end = wait(time.Duration(ms) * time.Millisecond)
 	case strings.HasPrefix(req.Code, "stubborn:"): // a driver slow to stop: ignores ctx
 		ms, _ := strconv.Atoi(strings.TrimPrefix(req.Code, "stubborn:"))
 		time.Sleep(time.Duration(ms) * time.Millisecond)
-		res.Status = driver.StatusCompleted
 	case req.Code == "fail":
-		res.Status, res.ExitCode = driver.StatusFailed, 1
+		end.ExitCode = 1
 		res.Error = &driver.PyError{Type: "ZeroDivisionError", Message: "division by zero", Traceback: "Traceback ..."}
 	default:
-		res.Status = driver.StatusCompleted
 		res.Stdout = []byte(req.Code)
 		res.Result = json.RawMessage("42")
 		if req.OnOutput != nil {
 			req.OnOutput(driver.Stdout, res.Stdout)
 		}
 	}
+	driver.Classify(end, &res)
 	res.Duration = time.Since(start)
 	res.CPU = time.Millisecond
 	res.MemoryPeak = 1 << 20

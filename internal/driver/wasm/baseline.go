@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 )
 
 // Baseline measures what a wasm sandbox's run is compared against (as the container driver's
@@ -48,7 +49,7 @@ func (d *Driver) Baseline(ctx context.Context, image string) (time.Duration, err
 		return 0, fmt.Errorf("baseline: %w", err)
 	}
 	env, _ := buildEnv(nil)
-	res, err := d.exec(ctx, b, runMsg{Env: env, Args: []string{"python", "-I", "-u", "-B", "-c", "print(1)"}},
+	res, err := d.exec(ctx, b, protocol.Run{Env: env, Args: []string{"python", "-I", "-u", "-B", "-c", "print(1)"}},
 		driver.ExecRequest{Timeout: time.Minute})
 	if err != nil {
 		return 0, fmt.Errorf("baseline: %w", err)

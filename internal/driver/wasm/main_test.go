@@ -18,6 +18,8 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/worker"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/mountns"
 )
@@ -39,8 +41,8 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	if len(os.Args) > 1 && os.Args[1] == WorkerCommand {
-		os.Exit(WorkerMain(os.Args[2:]))
+	if len(os.Args) > 1 && os.Args[1] == protocol.WorkerCommand {
+		os.Exit(worker.Main(os.Args[2:]))
 	}
 	if os.Geteuid() != 0 {
 		setupErr = errors.New("needs root")
@@ -137,7 +139,7 @@ func openDriver(t testing.TB, name string) *Driver {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dr, err := driver.Open(Name, driver.Options{StateDir: filepath.Join(tmpRoot, "state-"+name), WasmWorker: []string{exe, WorkerCommand}})
+	dr, err := driver.Open(Name, driver.Options{StateDir: filepath.Join(tmpRoot, "state-"+name), WasmWorker: []string{exe, protocol.WorkerCommand}})
 	if err != nil {
 		t.Fatalf("open driver: %v", err)
 	}
@@ -245,7 +247,7 @@ func probe(t *testing.T, d *Driver, id string, timeout time.Duration, ops ...str
 	ctx, cancel := context.WithTimeout(context.Background(), timeout+time.Minute)
 	defer cancel()
 	env, _ := buildEnv(nil)
-	res, err := d.exec(ctx, b, runMsg{Env: env, MaxOutput: 1 << 20, Args: append([]string{"probe"}, ops...)},
+	res, err := d.exec(ctx, b, protocol.Run{Env: env, MaxOutput: 1 << 20, Args: append([]string{"probe"}, ops...)},
 		driver.ExecRequest{Timeout: timeout, MaxOutput: 1 << 20})
 	if err != nil {
 		t.Fatalf("exec probe: %v", err)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 )
 
 func p50(ds []time.Duration) time.Duration {
@@ -37,7 +38,7 @@ func TestMeasure(t *testing.T) {
 	needPython(t)
 	ctx := context.Background()
 	exe, _ := os.Executable()
-	d, err := Open(driver.Options{StateDir: filepath.Join(tmpRoot, "state-measure"), WasmWorker: []string{exe, WorkerCommand}})
+	d, err := Open(driver.Options{StateDir: filepath.Join(tmpRoot, "state-measure"), WasmWorker: []string{exe, protocol.WorkerCommand}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 )
 
 func TestRegistered(t *testing.T) {
@@ -71,8 +72,8 @@ func TestProbeRun(t *testing.T) {
 	}
 }
 
-// TestProbeKill: timeouts and cancellation end the run on time, whatever the guest does (trap 2:
-// sleeping; a busy loop), and the sandbox keeps working with a fresh worker in the same cgroup.
+// TestProbeKill: timeouts and cancellation end the run on time, whatever the guest does (package
+// worker's trap 2: sleeping; a busy loop), and the sandbox keeps working with a fresh worker in the same cgroup.
 func TestProbeKill(t *testing.T) {
 	d := openDriver(t, "probe")
 	id := newSandbox(t, d, baseSpec(t, probeImage))
@@ -98,7 +99,7 @@ func TestProbeKill(t *testing.T) {
 			}
 			env, _ := buildEnv(nil)
 			start := time.Now()
-			res, err := d.exec(ctx, b, runMsg{Env: env, Args: []string{"probe", "print:started", tc.op}}, driver.ExecRequest{Timeout: timeout})
+			res, err := d.exec(ctx, b, protocol.Run{Env: env, Args: []string{"probe", "print:started", tc.op}}, driver.ExecRequest{Timeout: timeout})
 			took := time.Since(start)
 			if err != nil {
 				t.Fatal(err)
@@ -170,7 +171,7 @@ func TestProbeWorkerCrash(t *testing.T) {
 	p := pid()
 	time.AfterFunc(500*time.Millisecond, func() { syscall.Kill(p, syscall.SIGKILL) })
 	env, _ := buildEnv(nil)
-	_, err := d.exec(context.Background(), b, runMsg{Env: env, Args: []string{"probe", "sleep:10s"}}, driver.ExecRequest{Timeout: 20 * time.Second})
+	_, err := d.exec(context.Background(), b, protocol.Run{Env: env, Args: []string{"probe", "sleep:10s"}}, driver.ExecRequest{Timeout: 20 * time.Second})
 	if err == nil || !strings.Contains(err.Error(), "wasm worker died") {
 		t.Fatalf("run whose worker was killed: err %v, want wasm worker died", err)
 	}
@@ -189,7 +190,7 @@ func TestProbeOutput(t *testing.T) {
 	var streamed [2]int
 	var firstAt time.Time
 	start := time.Now()
-	res, err := d.exec(context.Background(), b, runMsg{Env: env, MaxOutput: 100000, Args: []string{"probe", "stdout:250000", "stderr:5000", "sleep:1s"}},
+	res, err := d.exec(context.Background(), b, protocol.Run{Env: env, MaxOutput: 100000, Args: []string{"probe", "stdout:250000", "stderr:5000", "sleep:1s"}},
 		driver.ExecRequest{Timeout: 10 * time.Second, OnOutput: func(s driver.Stream, p []byte) {
 			if firstAt.IsZero() {
 				firstAt = time.Now()
@@ -314,7 +315,7 @@ func TestProbeFilesystem(t *testing.T) {
 		{"ls:/plain/link-dir", "denied"},
 		{"read:/plain/link-proc", "denied"},
 		{"write:/plain/link-rel:overwrite", "denied"},
-		// Links the guest tries to make (trap 1).
+		// Links the guest tries to make (package worker's trap 1).
 		{"symlink:../outside/secret.txt:/plain/evil", "operation not permitted"},
 		{"symlink:/:/plain/evil2", "operation not permitted"},
 		{"symlink:file.txt:/plain/evil3", "operation not permitted"},
@@ -357,7 +358,7 @@ func TestProbeFilesystem(t *testing.T) {
 }
 
 // TestProbeMemoryCap: the guest cannot grow its memory past the sandbox's cap, and the worker's
-// RSS stays near the cap (trap 4).
+// RSS stays near the cap (package worker's trap 4).
 func TestProbeMemoryCap(t *testing.T) {
 	d := openDriver(t, "probe")
 	spec := baseSpec(t, probeImage)
@@ -367,7 +368,7 @@ func TestProbeMemoryCap(t *testing.T) {
 	env, _ := buildEnv(nil)
 	pid := workerPid(t, b)
 	resetPeakRSS(t, pid)
-	res, err := d.exec(context.Background(), b, runMsg{Env: env, Args: []string{"probe", "grow:1024"}}, driver.ExecRequest{Timeout: 30 * time.Second})
+	res, err := d.exec(context.Background(), b, protocol.Run{Env: env, Args: []string{"probe", "grow:1024"}}, driver.ExecRequest{Timeout: 30 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -453,7 +454,7 @@ func TestPool(t *testing.T) {
 	need(t)
 	exe, _ := os.Executable()
 	stateDir := filepath.Join(tmpRoot, "state-pool")
-	d, err := Open(driver.Options{StateDir: stateDir, WasmWorker: []string{exe, WorkerCommand}, WasmPool: 1})
+	d, err := Open(driver.Options{StateDir: stateDir, WasmWorker: []string{exe, protocol.WorkerCommand}, WasmPool: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -515,7 +516,7 @@ func TestPool(t *testing.T) {
 	if err := d.cg.Create(stale, cgroup.Limits{}); err != nil {
 		t.Fatal(err)
 	}
-	d2, err := Open(driver.Options{StateDir: stateDir, WasmWorker: []string{exe, WorkerCommand}})
+	d2, err := Open(driver.Options{StateDir: stateDir, WasmWorker: []string{exe, protocol.WorkerCommand}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -535,7 +536,7 @@ func TestPrepareBrokenImage(t *testing.T) {
 	os.MkdirAll(filepath.Join(image, "lib", "python3.11"), 0o755)
 	os.WriteFile(filepath.Join(image, "python.wasm"), []byte("not wasm"), 0o644)
 	exe, _ := os.Executable()
-	d, err := Open(driver.Options{StateDir: filepath.Join(tmpRoot, "state-broken"), WasmWorker: []string{exe, WorkerCommand}})
+	d, err := Open(driver.Options{StateDir: filepath.Join(tmpRoot, "state-broken"), WasmWorker: []string{exe, protocol.WorkerCommand}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -19,17 +19,18 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 )
 
 // proc is the driver's handle of one worker process.
 type proc struct {
 	cmd   *exec.Cmd
 	pid   int
-	group string        // the cgroup the worker was started in (see startProc)
-	conn  *net.UnixConn // the driver's end of the worker's control socket (its stdin)
-	br    *bufio.Reader // over conn
-	fw    *frameWriter  // over conn
-	ready readyMsg
+	group string           // the cgroup the worker was started in (see startProc)
+	conn  *net.UnixConn    // the driver's end of the worker's control socket (its stdin)
+	br    *bufio.Reader    // over conn
+	fw    *protocol.Writer // over conn
+	ready protocol.Ready
 	log   *tailBuffer // the worker's stderr, last bytes
 
 	exited  chan struct{} // closed when the process has been waited for
@@ -44,10 +45,6 @@ const (
 	configTimeout      = 10 * time.Second
 	workerLogTail      = 4096
 )
-
-// The unprivileged user and group a worker runs as once its module is compiled (the same as the
-// container driver's sandbox user).
-const ()
 
 // startProc starts a worker for image, in a cgroup of its own (a child of the driver's), and
 // waits until it is ready (the module compiled). A background start (the pool's filler) gets the
@@ -110,7 +107,7 @@ func (d *Driver) startProc(ctx context.Context, image string, background bool) (
 	}
 	p := &proc{
 		cmd: cmd, pid: cmd.Process.Pid, group: group, conn: conn, br: bufio.NewReaderSize(conn, 64<<10),
-		fw: &frameWriter{w: conn}, log: &tailBuffer{max: workerLogTail},
+		fw: protocol.NewWriter(conn), log: &tailBuffer{max: workerLogTail},
 		exited: make(chan struct{}), logDone: make(chan struct{}),
 	}
 	go func() {
@@ -138,8 +135,8 @@ func (d *Driver) startProc(ctx context.Context, image string, background bool) (
 		p.kill()
 		return nil, fmt.Errorf("wasm worker cgroup: %w", err)
 	}
-	var rm readyMsg
-	if err := p.expect(ctx, workerStartTimeout, frameReady, &rm); err != nil {
+	var rm protocol.Ready
+	if err := p.expect(ctx, workerStartTimeout, protocol.FrameReady, &rm); err != nil {
 		p.kill()
 		return nil, fmt.Errorf("wasm worker did not start: %w", err)
 	}
@@ -168,7 +165,14 @@ func workerEnv() []string {
 }
 
 // alive reports whether the process has not exited yet.
-func (p *proc) alive() bool { return !isClosed(p.exited) }
+func (p *proc) alive() bool {
+	select {
+	case <-p.exited:
+		return false
+	default:
+		return true
+	}
+}
 
 // kill SIGKILLs the worker's process group and waits until it is reaped and its output closed.
 // Idempotent.
@@ -196,7 +200,7 @@ func (p *proc) expect(ctx context.Context, timeout time.Duration, typ byte, v an
 	defer p.conn.SetReadDeadline(time.Time{})
 	done := make(chan result, 1)
 	go func() {
-		t, b, err := readFrame(p.br)
+		t, b, err := protocol.ReadFrame(p.br)
 		done <- result{t, b, err}
 	}()
 	var r result
@@ -247,14 +251,14 @@ func (p *proc) logTail() string {
 
 // configure hands the worker its sandbox: c, and a descriptor of each mount's directory, opened
 // here (the worker, unprivileged, could not open them).
-func (p *proc) configure(ctx context.Context, c configMsg) error {
+func (p *proc) configure(ctx context.Context, c protocol.Config) error {
 	var fds []int
 	defer func() {
 		for _, fd := range fds {
 			unix.Close(fd)
 		}
 	}()
-	c.Mounts = append([]mountMsg(nil), c.Mounts...)
+	c.Mounts = append([]protocol.Mount(nil), c.Mounts...)
 	for i := range c.Mounts {
 		c.Mounts[i].FD = -1
 		if c.Mounts[i].Empty {
@@ -267,18 +271,18 @@ func (p *proc) configure(ctx context.Context, c configMsg) error {
 		c.Mounts[i].FD = len(fds)
 		fds = append(fds, fd)
 	}
-	if len(fds) > maxFDs {
-		return fmt.Errorf("configure worker: %d mounts, at most %d", len(fds), maxFDs)
+	if len(fds) > protocol.MaxFDs {
+		return fmt.Errorf("configure worker: %d mounts, at most %d", len(fds), protocol.MaxFDs)
 	}
 	b, err := json.Marshal(c)
 	if err != nil {
 		return err
 	}
-	if err := p.fw.sendFDs(frameConfig, b, fds); err != nil {
+	if err := p.fw.SendFDs(protocol.FrameConfig, b, fds); err != nil {
 		return fmt.Errorf("configure worker: %w%s", err, p.logTail())
 	}
-	var rep replyMsg
-	if err := p.expect(ctx, configTimeout, frameConfigured, &rep); err != nil {
+	var rep protocol.Reply
+	if err := p.expect(ctx, configTimeout, protocol.FrameConfigured, &rep); err != nil {
 		return fmt.Errorf("configure worker: %w", err)
 	}
 	if rep.Error != "" {

@@ -17,6 +17,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
@@ -305,7 +306,7 @@ result = out
 }
 
 // TestPythonMemory: a memory hog ends as "oom" (MemoryError), the worker's RSS stays below
-// 1.5 × the cap (trap 4), and the sandbox keeps working.
+// 1.5 × the cap (package worker's trap 4), and the sandbox keeps working.
 func TestPythonMemory(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
@@ -348,8 +349,8 @@ func errType(res driver.ExecResult) string {
 	return res.Error.Type
 }
 
-// TestPythonTimeout: timeouts and cancellation end the run on time, sleeping (trap 2) or
-// computing (trap 3: no WithCloseOnContextDone), and the next run works.
+// TestPythonTimeout: timeouts and cancellation end the run on time, sleeping (package worker's
+// trap 2) or computing (trap 3: no WithCloseOnContextDone), and the next run works.
 func TestPythonTimeout(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
@@ -486,7 +487,7 @@ func TestPythonCrash(t *testing.T) {
 	// does, it is not a stack overflow, and the sandbox goes on.
 	res := run(t, d, id, pairwiseReenter, 60*time.Second)
 	t.Logf("pairwise re-entered: %s exit %d, error %s, stderr %q", res.Status, res.ExitCode, errType(res), tail(res.Stderr, 200))
-	if res.ExitCode == trapExitCode && !strings.Contains(string(res.Stderr), "sandbox: the interpreter crashed (wasm error: ") {
+	if res.ExitCode == protocol.TrapExitCode && !strings.Contains(string(res.Stderr), "sandbox: the interpreter crashed (wasm error: ") {
 		t.Errorf("trap without its line on stderr: %q", tail(res.Stderr, 300))
 	}
 	if errType(res) == "StackOverflow" {
@@ -573,11 +574,11 @@ func TestPythonStackOverflow(t *testing.T) {
 					t.Fatalf("status %s exit %d error %+v, stderr %q; want completed", res.Status, res.ExitCode, res.Error, tail(res.Stderr, 400))
 				}
 			case "StackOverflow":
-				if res.Status != driver.StatusFailed || res.ExitCode != trapExitCode || errType(res) != "StackOverflow" ||
-					res.Error.Message != stackOverflowMessage {
-					t.Errorf("status %s exit %d error %+v; want failed, exit %d, StackOverflow", res.Status, res.ExitCode, res.Error, trapExitCode)
+				if res.Status != driver.StatusFailed || res.ExitCode != protocol.TrapExitCode || errType(res) != "StackOverflow" ||
+					res.Error.Message != protocol.StackOverflowMessage {
+					t.Errorf("status %s exit %d error %+v; want failed, exit %d, StackOverflow", res.Status, res.ExitCode, res.Error, protocol.TrapExitCode)
 				}
-				if !strings.Contains(string(res.Stderr), "sandbox: the interpreter crashed ("+stackOverflowMessage+"; ") {
+				if !strings.Contains(string(res.Stderr), "sandbox: the interpreter crashed ("+protocol.StackOverflowMessage+"; ") {
 					t.Errorf("stderr %q: want the crash line naming the stack overflow", tail(res.Stderr, 400))
 				}
 			default:
@@ -642,7 +643,7 @@ func TestPythonReconcile(t *testing.T) {
 	pid := workerPid(t, b)
 	group := sandboxGroup(t, d, id)
 	exe, _ := os.Executable()
-	d2, err := Open(driver.Options{StateDir: d.stateDir, WasmWorker: []string{exe, WorkerCommand}})
+	d2, err := Open(driver.Options{StateDir: d.stateDir, WasmWorker: []string{exe, protocol.WorkerCommand}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -711,7 +712,7 @@ func TestSandboxdBinary(t *testing.T) {
 			t.Skipf("build sandboxd: %v\n%s", err, out)
 		}
 	}
-	d, err := Open(driver.Options{StateDir: filepath.Join(tmpRoot, "state-binary"), WasmWorker: []string{bin, WorkerCommand}})
+	d, err := Open(driver.Options{StateDir: filepath.Join(tmpRoot, "state-binary"), WasmWorker: []string{bin, protocol.WorkerCommand}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,10 +10,11 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
-// The standby (see instance in worker.go): each run of a sandbox is served by an instance started
+// The standby (see instance in package worker): each run of a sandbox is served by an instance started
 // after the previous run ended, and sees nothing of earlier runs but the sandbox's /tmp.
 
 // pySandbox returns a driver with a new python.wasm sandbox (destroyed at the test's end), its id
@@ -178,7 +179,7 @@ func TestStandbyReplaced(t *testing.T) {
 	t.Run("run with its own command line", func(t *testing.T) {
 		d, id, b := pySandbox(t)
 		env, _ := buildEnv(nil)
-		res, err := d.exec(context.Background(), b, runMsg{Env: env, Args: []string{"python", "-I", "-c", "print(7)"}}, driver.ExecRequest{Timeout: 30 * time.Second})
+		res, err := d.exec(context.Background(), b, protocol.Run{Env: env, Args: []string{"python", "-I", "-c", "print(7)"}}, driver.ExecRequest{Timeout: 30 * time.Second})
 		if err != nil || res.Status != driver.StatusCompleted || string(res.Stdout) != "7\n" {
 			t.Fatalf("plain python: %v %s %q %q", err, res.Status, res.Stdout, res.Stderr)
 		}

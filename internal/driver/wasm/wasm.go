@@ -1,128 +1,57 @@
 // Package wasm is the sandbox driver that runs Python compiled to WebAssembly (CPython 3.11 for
-// WASI, python.wasm) under the wazero runtime, with WASI mounts as the sandbox's filesystem. It
-// registers itself as driver "wasm".
+// WASI, python.wasm) under the wazero runtime; it registers itself as driver "wasm". This package
+// is the host side, in sandboxd: pools, cgroups, timeouts, sandboxes' state. The guest runs in
+// worker processes (package wasm/worker), which it talks to through package wasm/protocol. Why it
+// is built this way, with the measurements: RATIONALE.md ("WASM mode", "the WASM driver").
 //
-// # Image
+// # Processes
 //
-// A sandbox's image (Spec.RootFS) is a directory holding python.wasm and lib/python3.11/ (the
-// unzipped standard library; scripts/build-python-wasm.sh makes one). The guest sees <image>/lib
-// read-only at /usr/local/lib and runs with PYTHONHOME=/usr/local.
+//	sandboxd serve (this package)         root; never runs guest code
+//	└─ sandboxd wasm-worker (wasm/worker) one per sandbox, and idle ones in a pool per image: own
+//	                                      process group, Pdeathsig SIGKILL, an empty network
+//	                                      namespace, a cgroup of its own; root while it compiles
+//	                                      and waits, its sandbox's host uid once configured
+//	                                      (Spec.HostIDs + driver.SandboxUser)
 //
-// # Worker processes
+// The driver keeps a pool of idle, compiled workers per image (Options.WasmPool, default 2),
+// refilled in the background one at a time at the least CPU weight; Prepare fills an image's pool
+// ahead of the first Create. Create claims a worker (it waits for a compile only when the pool is
+// empty), makes the worker's cgroup the sandbox's by giving it the sandbox's limits, and
+// configures the worker: the mounts it plans, as directory descriptors it opens itself (the
+// worker opens no host path). A worker that was killed or died is replaced at the sandbox's next
+// run by one from the pool, moved into the sandbox's cgroup and given the same configuration.
 //
-// The guest never runs inside sandboxd: every sandbox is served by a worker process, sandboxd
-// re-executed as `sandboxd wasm-worker` (Options.WasmWorker), in its own process group, with
-// PR_SET_PDEATHSIG=SIGKILL, talking to the driver over a unix socket on its stdin
-// (protocol.go). A worker loads wazero with the compiler engine and the on-disk compilation cache
-// shared by all workers of every server on the host (compileCache, root's, 0700: only root can
-// put code there; wazero keys entries by module hash, its version and the CPU; a cold compile of
-// python.wasm takes about 2–3 s, a warm one about 75 ms — and a cold one under software emulation,
-// as in test/vm, minutes: a new data directory must not pay it again), compiles python.wasm once, waits in the pool, and when
-// given its sandbox drops to the sandbox's own unprivileged host user (Spec.HostIDs +
-// driver.SandboxUser: no other sandbox's; no capabilities, no_new_privs) and serves that sandbox: each run is a fresh instance of that compiled module. The worker opens no
-// host path after that: the driver passes it the mounts' directories as descriptors. A crash of
-// the guest, of wazero or of the worker, or its kill, never reaches sandboxd, and the sandbox gets
-// a fresh worker for its next run.
+// # Contract
 //
-// For a fast Create, the driver keeps a pool of idle, compiled workers per image
-// (Options.WasmPool, default 2), refilled in the background, one at a time, at the least CPU
-// weight. Create claims one and hands it the sandbox's configuration; it waits for a compile only
-// when the pool is empty. Prepare fills an image's pool ahead of the first Create.
-//
-// # Resources
-//
-// Every worker starts in a cgroup of its own, <cgroupRoot>/<instance>/w-<random> (package cgroup;
-// v1, v2 and the v1 hybrid layout; <instance> is a hash of the state dir, so two sandboxds never
-// touch each other's groups), and the first worker of a sandbox brings it along: its cgroup becomes
-// the sandbox's (recorded in meta.json), and Create only writes the limits. Moving a process into
-// a cgroup would cost milliseconds (an RCU grace period per hierarchy); a replacement worker after
-// a kill is moved in, off the create path. The limits:
-//   - cpu: a CFS quota of Spec.CPU cores. This is how `cpu` is enforced: the worker's threads
-//     (the guest, wazero, the Go runtime) get at most that many cores' worth of time.
-//   - memory: the guest's linear memory is capped at Spec.MemoryBytes by the memory allocator
-//     (a grow past it fails, and Python raises MemoryError). The cgroup limit is a backstop for
-//     the whole worker: Spec.MemoryBytes + WorkerOverhead, the worker's own memory (measured: about 41 MiB anonymous —
-//     Go runtime, wazero, the compiled code — plus about 22 MiB of page cache between runs, 56–64
-//     MiB at a run's peak beyond the linear memory). A cgroup OOM kill ends the run as "oom".
-//   - pids: Spec.PidsLimit, but at least WorkerMinPids: the worker's Go runtime needs threads; the
-//     guest can start neither processes nor threads.
-//
-// # Runs
-//
-// A run executes python -I -u -B -c BOOTSTRAP, which runs the runner shared with the container
-// driver (package pyrunner) from the run's private in-memory directory /.sandbox (the runner's
-// source, the run's header — its environment and output limit —, the code, and the file it
-// reports `result` and the uncaught exception to; each opened once, before the code runs). stdout
-// and stderr stream to ExecRequest.OnOutput as the guest writes them, at most MaxOutput bytes
-// each. ExecResult.CPU is the cgroup's CPU time during the run; ExecResult.MemoryPeak is the
-// high-water mark of the instance's linear memory (WebAssembly memory never shrinks, so it is the
-// guest's peak heap plus static data and stack, start-up included). Status "oom": an uncaught
-// MemoryError, a trap after the guest was refused memory past its cap, or a cgroup OOM kill of
-// the worker. A trap is status "failed", exit code 134, with the line "sandbox: the interpreter
-// crashed (why)" on stderr; one caused by a stack overflow (recursion deeper than the
-// interpreter's C stack, 8 MiB, first in linear memory so that overflowing it traps; see
-// stackOverflow) also has the error {type: StackOverflow}. The trapped instance is closed like
-// any other: the next run gets a fresh one.
-//
-// # Standby
-//
-// Every run is a fresh instance, but its interpreter is started before the run comes, as the
-// container driver's agent does: when a sandbox's worker is configured, and after each run (once
-// the run's instance is closed and the driver has read the run's figures: frameStandby), the
-// worker instantiates the next run's instance, the standby, and CPython starts up in it; the
-// bootstrap compiles the runner and blocks reading /.sandbox/run. The run's request hands that
-// file its header and /.sandbox/code the code: the bootstrap replaces os.environ (and so the C
-// environment) with the run's environment, gives the runner the run's output limit, enters /tmp,
-// and runs the runner. So a run pays neither for CPython's start-up (~15 ms of print(1)'s ~20) nor
-// for a collection of the worker's Go heap (done while the standby waits, when no run is there).
-// What the standby printed while starting is held and becomes the run's output, as it would have
-// been. Its duration, timeout and CPU time count from the hand-over (a run that comes while its
-// standby is still starting waits for it, which then counts, as a start-up did before). There is
-// at most one standby per sandbox, and none during a run. Exceptions, each served by an instance
-// started for the run with the run's environment, as before: a run whose environment sets a
-// variable CPython reads while starting (LANG, LC_*, PYTHON*: the locale, and so the UTF-8 mode,
-// is settled at start) differently from the standby's (pyrunner.BaseEnv); a run whose standby
-// ended by itself (its output is dropped); a run with its own command line (Baseline), which ends
-// the standby first. A worker killed or dead takes its standby with it; the next worker starts
-// its own when configured. An idle sandbox's worker holds its standby: about 5 MiB more PSS
-// (TestIdleWorkerMemory: 44 → 47–50 MiB after ten runs; the standby's linear memory is ~14 MiB
-// reserved, part of it touched: 8 MiB of it is the C stack, touched only as deep as a run goes).
-//
-// # Filesystem
-//
-// The guest's filesystem is its WASI mounts, nothing else: the standard library (read-only) at
-// /usr/local/lib, the sandbox's /tmp (Spec.TmpDir, on its disk),
-// each Spec.Mounts entry at its Path (read-only when ReadOnly). Every mount is served by hostFS,
-// which resolves guest paths beneath the mount's directory in the kernel (openat2
-// RESOLVE_BENEATH) and refuses link creation. Spec.Blocked paths are absent: outside every mount
-// they simply do not exist; a mount at or under a blocked path is not mounted at all; a blocked
-// path inside a mount is cut out of it by hostFS (lookups ENOENT, creation EACCES, hidden from
-// listings, and the directories leading to it cannot be renamed; in such a mount no symlink is
-// followed, so no other name reaches it).
-//
-// # The four traps of wazero (see the project's research findings)
-//
-//  1. Symlink escape: sysfs.DirFS lets the guest create relative symlinks that the host then
-//     follows out of the mount. hostFS refuses Symlink and Link (EPERM) and resolves every path in
-//     the kernel beneath the mount, so neither guest-made nor pre-existing host symlinks, nor
-//     "..", leave it.
-//  2. time.sleep ignores deadlines: nothing inside the worker is trusted to stop on time. The
-//     driver enforces the run's timeout (and ctx cancellation) itself by SIGKILLing the worker's
-//     process group at the deadline, whatever the guest is doing (sleeping, computing, blocked).
-//  3. WithCloseOnContextDone makes CPU-bound Python 2–3.5× slower: it is off. Killing the worker
-//     is the way a run is stopped; the sandbox then gets a fresh worker from the pool (moved into
-//     its cgroup, given the same configuration) for its next run.
-//  4. The default memory allocator grows linear memory by copying (host RSS ≈ 4× the guest's):
-//     memoryAllocator reserves the cap with mmap and grows in place, so the worker's RSS stays
-//     near the guest's use.
-//
-// # State
-//
-// Everything of a sandbox is <StateDir>/sandboxes/<id>/ (meta.json, tmp/) and the cgroup
-// meta.json names. List finds the state dirs, and Destroy removes both (killing whatever is left
-// in the cgroup), so sandboxes left by a crashed sandboxd are found and removed; their workers
-// died with it (Pdeathsig, and EOF on their control socket). Cgroups of no sandbox (pool workers
-// of a crashed process) are removed when a driver opens the same state dir.
+//   - Image: Spec.RootFS is a directory holding python.wasm and lib/python3.11/ (the unzipped
+//     standard library; scripts/build-python-wasm.sh makes one). The guest sees <image>/lib
+//     read-only at /usr/local/lib and runs with PYTHONHOME=/usr/local.
+//   - Resources: the sandbox's cgroup (<cgroupRoot>/<hash of the state dir>/w-<random>, package
+//     cgroup: v1, v2 and the v1 hybrid layout) has a CFS quota of Spec.CPU cores, a memory limit of
+//     Spec.MemoryBytes + WorkerOverhead (the guest's linear memory itself is capped at
+//     Spec.MemoryBytes by the worker's allocator: Python gets MemoryError) and a pids limit of at
+//     least WorkerMinPids (the worker's threads; the guest can start neither processes nor
+//     threads).
+//   - Filesystem: the standard library, /tmp (Spec.TmpDir), the runs' working directory
+//     (Spec.WorkDir) and each Spec.Mounts entry at its Path (read-only when ReadOnly), resolved
+//     beneath their directories by the worker, links refused. Spec.Blocked paths are absent: a
+//     mount at or under one is not mounted, one inside a mount is cut out of it. No network: a
+//     policy that asks for egress is refused.
+//   - Runs: every run is a fresh instance of the compiled module (its interpreter started ahead
+//     of it by the worker, the standby), output streamed to ExecRequest.OnOutput, at most
+//     MaxOutput bytes per stream. The timeout and ctx's end kill the worker's process group,
+//     whatever the guest does. ExecResult.CPU is the cgroup's CPU time during the run;
+//     ExecResult.MemoryPeak the high-water mark of the instance's linear memory (start-up,
+//     static data and stack included). The status is driver.Classify's; "oom" is an uncaught
+//     MemoryError, a trap after the guest was refused memory past its cap, or a cgroup OOM kill
+//     of the worker. A trap is "failed", exit code 134, with "sandbox: the interpreter crashed
+//     (why)" on stderr and, when the interpreter's C stack overflowed, error {type:
+//     StackOverflow}; the next run gets a fresh instance.
+//   - State: everything of a sandbox is <StateDir>/sandboxes/<id>/ (meta.json names its cgroup)
+//     and its cgroup. List finds the state dirs and Destroy removes both (killing whatever is
+//     left in the cgroup), so sandboxes left by a crashed sandboxd are found and removed; their
+//     workers died with it (Pdeathsig, and EOF on their control socket). Cgroups of no sandbox
+//     (pool workers of a crashed process) are removed when a driver opens the same state dir.
 package wasm
 
 import (
@@ -150,6 +79,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
@@ -203,7 +133,7 @@ type box struct {
 	id     string
 	dir    string
 	image  string
-	cfg    configMsg
+	cfg    protocol.Config
 	limits cgroup.Limits
 	meta   meta
 
@@ -260,7 +190,7 @@ func Open(opts driver.Options) (*Driver, error) {
 		if err != nil {
 			return nil, fmt.Errorf("wasm driver: worker command: %w", err)
 		}
-		cmd = []string{exe, WorkerCommand}
+		cmd = []string{exe, protocol.WorkerCommand}
 	}
 	if _, err := os.Stat(cmd[0]); err != nil {
 		return nil, fmt.Errorf("wasm driver: worker command: %w", err)
@@ -310,8 +240,8 @@ func readMeta(dir string) (meta, error) {
 	return m, err
 }
 
-// checkOpenat2 makes sure the kernel resolves paths beneath a directory (Linux 5.6+): hostFS
-// depends on it.
+// checkOpenat2 makes sure the kernel resolves paths beneath a directory (Linux 5.6+): the
+// workers' mounts depend on it (package worker).
 func checkOpenat2(dir string) error {
 	root, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -399,10 +329,15 @@ func (d *Driver) Prepare(ctx context.Context, image string) error {
 }
 
 // planConfig turns a spec into the worker's configuration: the standard library and /tmp
-// mounts, the user mounts (those at or below a blocked path left out: blocked wins), and the
-// blocked paths that lie inside a mount.
-func planConfig(spec driver.Spec, tmpDir string) (configMsg, error) {
-	c := configMsg{MemoryBytes: spec.MemoryBytes}
+// mounts, the user mounts (those at or below a blocked path left out: blocked wins), the
+// blocked paths that lie inside a mount, and the standby's environment.
+func planConfig(spec driver.Spec, tmpDir string) (protocol.Config, error) {
+	c := protocol.Config{MemoryBytes: spec.MemoryBytes}
+	env, err := buildEnv(nil) // a standby's: a run's that adds no variables
+	if err != nil {
+		return c, err
+	}
+	c.Env = env
 	for _, b := range spec.Blocked {
 		if err := checkPath("blocked", b); err != nil {
 			return c, err
@@ -411,24 +346,24 @@ func planConfig(spec driver.Spec, tmpDir string) (configMsg, error) {
 	blocked := func(p string) bool {
 		return slices.ContainsFunc(spec.Blocked, func(b string) bool { return b == "/" || p == b || strings.HasPrefix(p, b+"/") })
 	}
-	var mounts []mountMsg
-	add := func(m mountMsg) {
+	var mounts []protocol.Mount
+	add := func(m protocol.Mount) {
 		if !blocked(m.Path) {
 			mounts = append(mounts, m)
 		}
 	}
-	add(mountMsg{Path: stdlibPath, HostDir: filepath.Join(spec.RootFS, "lib"), ReadOnly: true})
+	add(protocol.Mount{Path: stdlibPath, HostDir: filepath.Join(spec.RootFS, "lib"), ReadOnly: true})
 	if dynload := filepath.Join(spec.RootFS, "lib", "python3.11", "lib-dynload"); !isDir(dynload) {
 		// Python looks for it to settle its exec_prefix (and warns on stderr without it); WASI
 		// Python has no extension modules to load from it.
-		add(mountMsg{Path: stdlibPath + "/python3.11/lib-dynload", ReadOnly: true, Empty: true})
+		add(protocol.Mount{Path: stdlibPath + "/python3.11/lib-dynload", ReadOnly: true, Empty: true})
 	}
 	userTmp := false
 	for _, m := range spec.Mounts {
 		if err := checkPath("mount", m.Path); err != nil {
 			return c, err
 		}
-		if m.Path == "/" || within(strings.TrimPrefix(m.Path, "/"), ".sandbox") {
+		if m.Path == "/" || m.Path == protocol.RunDir || strings.HasPrefix(m.Path, protocol.RunDir+"/") {
 			return c, fmt.Errorf("mount path %q is not allowed", m.Path)
 		}
 		if !filepath.IsAbs(m.HostDir) {
@@ -437,22 +372,22 @@ func planConfig(spec driver.Spec, tmpDir string) (configMsg, error) {
 		if st, err := os.Stat(m.HostDir); err != nil || !st.IsDir() {
 			return c, fmt.Errorf("mount %s: host dir %s is not a directory", m.Path, m.HostDir)
 		}
-		if slices.ContainsFunc(mounts, func(o mountMsg) bool { return o.Path == m.Path }) {
+		if slices.ContainsFunc(mounts, func(o protocol.Mount) bool { return o.Path == m.Path }) {
 			return c, fmt.Errorf("mount path %s appears twice", m.Path)
 		}
 		userTmp = userTmp || m.Path == tmpPath
-		add(mountMsg{Path: m.Path, HostDir: m.HostDir, ReadOnly: m.ReadOnly})
+		add(protocol.Mount{Path: m.Path, HostDir: m.HostDir, ReadOnly: m.ReadOnly})
 	}
 	if !userTmp {
-		add(mountMsg{Path: tmpPath, HostDir: tmpDir})
+		add(protocol.Mount{Path: tmpPath, HostDir: tmpDir})
 	}
 	if spec.WorkDir != "" {
-		add(mountMsg{Path: pyrunner.WorkDir, HostDir: spec.WorkDir})
+		add(protocol.Mount{Path: pyrunner.WorkDir, HostDir: spec.WorkDir})
 	}
 	sort.SliceStable(mounts, func(i, j int) bool { return mounts[i].Path < mounts[j].Path })
 	c.Mounts = mounts
 	for _, b := range spec.Blocked {
-		if slices.ContainsFunc(mounts, func(m mountMsg) bool { return strings.HasPrefix(b, m.Path+"/") }) {
+		if slices.ContainsFunc(mounts, func(m protocol.Mount) bool { return strings.HasPrefix(b, m.Path+"/") }) {
 			c.Blocked = append(c.Blocked, b)
 		}
 	}
@@ -570,7 +505,8 @@ func (d *Driver) attach(ctx context.Context, b *box, w *proc) error {
 	b.mu.Unlock()
 	if first {
 		// The limits are written while the worker is configured: neither waits for the other,
-		// and the worker runs nothing of the guest before frameStandby or a run, sent after both.
+		// and the worker runs nothing of the guest before protocol.FrameStandby or a run, sent
+		// after both.
 		b.meta.Cgroup = group
 		limits := make(chan error, 1)
 		go func() { limits <- d.cg.Set(group, b.limits) }()
@@ -596,9 +532,9 @@ func (d *Driver) attach(ctx context.Context, b *box, w *proc) error {
 			return err
 		}
 	}
-	// The first run's instance starts now (see frameStandby). A worker that died meanwhile is
+	// The first run's instance starts now (see protocol.FrameStandby). A worker that died meanwhile is
 	// found dead by the next run.
-	_ = w.fw.send(frameStandby, nil)
+	_ = w.fw.Send(protocol.FrameStandby, nil)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.destroyed {
@@ -655,11 +591,11 @@ func (d *Driver) lookup(id string) (*box, error) {
 	return b, nil
 }
 
-// baseEnv is every run's environment before ExecRequest.Env (the same as sandbox-agent's, plus
-// PYTHONHOME; PYTHON* variables are ignored anyway under -I).
 // wasmEnv is what runs get on top of pyrunner.BaseEnv: the standard library's home.
 var wasmEnv = map[string]string{"PYTHONHOME": "/usr/local"}
 
+// buildEnv returns a run's environment (protocol.Run.Env): pyrunner.BaseEnv, wasmEnv, then extra
+// (ExecRequest.Env).
 func buildEnv(extra map[string]string) ([]string, error) { return pyrunner.Env(wasmEnv, extra) }
 
 // Exec runs req in sandbox id: a fresh instance in the sandbox's worker. The timeout and ctx are
@@ -673,155 +609,229 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	if err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
 	}
-	return d.exec(ctx, b, runMsg{Code: req.Code, Env: env, MaxOutput: req.MaxOutput}, req)
+	return d.exec(ctx, b, protocol.Run{Code: req.Code, Env: env, MaxOutput: req.MaxOutput}, req)
 }
 
-// exec runs m in b's worker; see Exec.
-func (d *Driver) exec(ctx context.Context, b *box, m runMsg, req driver.ExecRequest) (driver.ExecResult, error) {
+// exec runs m in b's worker (see Exec), in steps: acquire the worker (noWorker when there is
+// none), send it the run, stream the output until the run ends (the worker killed if it does not
+// end by itself), release the worker for the next run, classify the end.
+func (d *Driver) exec(ctx context.Context, b *box, m protocol.Run, req driver.ExecRequest) (driver.ExecResult, error) {
 	w, err := d.worker(ctx, b)
 	if err != nil {
-		if ctx.Err() != nil {
-			return driver.ExecResult{Status: driver.StatusCancelled, ExitCode: 128 + int(syscall.SIGKILL), Started: time.Now()}, nil
-		}
-		if errors.Is(err, driver.ErrNotFound) {
-			return driver.ExecResult{}, err
-		}
-		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", b.id, err)
+		return noWorker(ctx, b, err)
 	}
+	e, err := d.send(b, w, m)
+	if err != nil {
+		return driver.ExecResult{}, err
+	}
+	e.stream(ctx, req)
+	d.release(e, len(m.Args) == 0)
+	return e.classify(ctx)
+}
+
+// execution is one run in a worker, as exec's steps pass it on.
+type execution struct {
+	b         *box
+	w         *proc
+	group     string        // the sandbox's cgroup
+	cpuBefore time.Duration // the cgroup's CPU time when the run was sent
+	oomBefore int64         // the cgroup's OOM kills when the run was sent
+	res       driver.ExecResult
+
+	// How the run ended (stream): by the worker's report (ex), killed by exec at the timeout or
+	// at ctx's end (stopped), or with the worker's frames (readErr: it died or broke the protocol).
+	ex      *protocol.Exit
+	stopped driver.Status
+	readErr error
+	// oomKill: the cgroup's OOM-kill count went up during the run (release).
+	oomKill bool
+}
+
+// noWorker is the end of a run that got no worker (acquiring one failed with err): cancelled when
+// ctx ended meanwhile, else err — ErrNotFound (the sandbox was destroyed) as it is.
+func noWorker(ctx context.Context, b *box, err error) (driver.ExecResult, error) {
+	if ctx.Err() != nil {
+		res := driver.ExecResult{Started: time.Now()}
+		driver.Classify(driver.Outcome{Cancelled: true}, &res)
+		return res, nil
+	}
+	if errors.Is(err, driver.ErrNotFound) {
+		return driver.ExecResult{}, err
+	}
+	return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", b.id, err)
+}
+
+// send starts run m in b's worker w: it reads the cgroup's figures the run is measured from, then
+// sends the run (its output budget defaulted). The run's start is the moment it is sent. A worker
+// that cannot take the run is killed and dropped (the sandbox gets a fresh one next time).
+func (d *Driver) send(b *box, w *proc, m protocol.Run) (*execution, error) {
 	b.mu.Lock()
 	group := b.group
 	b.mu.Unlock()
-	cpuBefore, _ := d.cg.CPUUsage(group)
-	oomBefore, _ := d.cg.OOMKills(group)
+	e := &execution{b: b, w: w, group: group}
+	e.cpuBefore, _ = d.cg.CPUUsage(group)
+	e.oomBefore, _ = d.cg.OOMKills(group)
 	if m.MaxOutput <= 0 {
-		m.MaxOutput = defaultMaxOutput
+		m.MaxOutput = protocol.DefaultMaxOutput
 	}
-
-	started := time.Now()
-	if err := w.fw.sendJSON(frameRun, m); err != nil {
+	e.res.Started = time.Now()
+	if err := w.fw.SendJSON(protocol.FrameRun, m); err != nil {
 		w.kill()
 		b.dropWorker(w)
-		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w: %v%s", b.id, errWorkerGone, err, w.logTail())
+		return nil, fmt.Errorf("exec in sandbox %s: %w: %v%s", b.id, errWorkerGone, err, w.logTail())
 	}
-	type frame struct {
-		typ byte
-		p   []byte
-		err error
-	}
-	frames := make(chan frame)
-	stopRead := make(chan struct{})
-	readDone := make(chan struct{})
-	go func() {
-		defer close(readDone)
-		for {
-			t, p, err := readFrame(w.br)
-			select {
-			case frames <- frame{t, p, err}:
-			case <-stopRead:
-				return
-			}
-			if err != nil || t == frameExit {
-				return
-			}
-		}
-	}()
-	defer func() {
-		close(stopRead)
-		<-readDone
-	}()
+	return e, nil
+}
+
+// stream collects the run's output, passing each chunk to req.OnOutput as it comes, until the run
+// ends (see await). A run that did not end by itself has its worker killed (or already dead)
+// and dropped: the sandbox gets a fresh one for its next run. When stream returns, nothing reads
+// the worker's socket any more, and e.res.Duration is the run's wall time.
+func (e *execution) stream(ctx context.Context, req driver.ExecRequest) {
+	frames, stop := readFrames(e.w)
+	defer stop() // after the kill below, which ends a read that would block
 	var timeout <-chan time.Time
 	if req.Timeout > 0 {
 		t := time.NewTimer(req.Timeout)
 		defer t.Stop()
 		timeout = t.C
 	}
+	e.await(ctx, frames, timeout, req.OnOutput)
+	e.res.Duration = time.Since(e.res.Started)
+	if e.ex == nil {
+		e.w.kill()
+		e.b.dropWorker(e.w)
+	}
+}
 
-	var res driver.ExecResult
-	res.Started = started
-	var ex *exitMsg
-	var readErr error
-	killed := driver.Status("")
-loop:
+// frame is one frame read from a worker, or the error that ended its frames.
+type frame struct {
+	typ byte
+	p   []byte
+	err error
+}
+
+// readFrames reads w's frames in a goroutine and passes them on until a read fails or the run's
+// exit frame has come. stop ends the goroutine and waits for it: a read that blocks must have been
+// ended first (by killing the worker).
+func readFrames(w *proc) (frames <-chan frame, stop func()) {
+	ch := make(chan frame)
+	stopRead := make(chan struct{})
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		for {
+			t, p, err := protocol.ReadFrame(w.br)
+			select {
+			case ch <- frame{t, p, err}:
+			case <-stopRead:
+				return
+			}
+			if err != nil || t == protocol.FrameExit {
+				return
+			}
+		}
+	}()
+	return ch, func() {
+		close(stopRead)
+		<-readDone
+	}
+}
+
+// await takes the run's frames until it ends: its exit frame (e.ex), the timeout or ctx's end
+// (e.stopped), or a read error or a frame out of place (e.readErr). Output goes to e.res and to
+// onOutput, if set.
+func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-chan time.Time, onOutput func(driver.Stream, []byte)) {
 	for {
 		select {
 		case f := <-frames:
 			if f.err != nil {
-				readErr = f.err
-				break loop
+				e.readErr = f.err
+				return
 			}
 			switch f.typ {
-			case frameStdout, frameStderr:
-				s, buf := driver.Stdout, &res.Stdout
-				if f.typ == frameStderr {
-					s, buf = driver.Stderr, &res.Stderr
+			case protocol.FrameStdout, protocol.FrameStderr:
+				s, buf := driver.Stdout, &e.res.Stdout
+				if f.typ == protocol.FrameStderr {
+					s, buf = driver.Stderr, &e.res.Stderr
 				}
 				*buf = append(*buf, f.p...)
-				if req.OnOutput != nil {
-					req.OnOutput(s, f.p)
+				if onOutput != nil {
+					onOutput(s, f.p)
 				}
-			case frameExit:
-				var e exitMsg
-				if err := json.Unmarshal(f.p, &e); err != nil {
-					readErr = fmt.Errorf("exit message: %w", err)
+			case protocol.FrameExit:
+				var ex protocol.Exit
+				if err := json.Unmarshal(f.p, &ex); err != nil {
+					e.readErr = fmt.Errorf("exit message: %w", err)
 				} else {
-					ex = &e
+					e.ex = &ex
 				}
-				break loop
+				return
 			default:
-				readErr = fmt.Errorf("unexpected frame %q from the worker", f.typ)
-				break loop
+				e.readErr = fmt.Errorf("unexpected frame %q from the worker", f.typ)
+				return
 			}
 		case <-timeout:
-			killed = driver.StatusTimeout
-			break loop
+			e.stopped = driver.StatusTimeout
+			return
 		case <-ctx.Done():
-			killed = driver.StatusCancelled
-			break loop
+			e.stopped = driver.StatusCancelled
+			return
 		}
 	}
-	wall := time.Since(started)
-	if ex == nil {
-		// The run did not end by itself: the worker is killed (or already dead) and replaced
-		// for the next run.
-		w.kill()
-		b.dropWorker(w)
-	}
-	res.Duration = wall
-	if cpu, err := d.cg.CPUUsage(group); err == nil {
-		res.CPU = max(cpu-cpuBefore, 0)
-	}
-	oomAfter, oomErr := d.cg.OOMKills(group)
-	cgroupOOM := oomErr == nil && oomAfter > oomBefore
-	if ex != nil && len(m.Args) == 0 {
-		// The next run's instance starts now that this run's figures are read (a worker that
-		// died meanwhile is found dead by the next run).
-		_ = w.fw.send(frameStandby, nil)
-		if ex.Standby {
-			b.standbyRuns.Add(1)
-		}
-	}
+}
 
-	b.mu.Lock()
-	destroyed := b.destroyed
-	b.mu.Unlock()
-	switch {
-	case killed != "":
-		res.Status, res.ExitCode = killed, 128+int(syscall.SIGKILL)
-		return res, nil
-	case ex == nil && cgroupOOM:
-		res.Status, res.ExitCode = driver.StatusOOM, 128+int(syscall.SIGKILL)
-		return res, nil
-	case ex == nil && (destroyed || ctx.Err() != nil):
-		res.Status, res.ExitCode = driver.StatusCancelled, 128+int(syscall.SIGKILL)
-		return res, nil
-	case ex == nil:
-		state := "still running"
-		if w.waitExit(time.Second) {
-			state = w.state.String()
-		}
-		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w (%s): %v%s", b.id, errWorkerGone, state, readErr, w.logTail())
+// release reads what the run cost the sandbox's cgroup (CPU time, OOM kills) and, when the run
+// ended by itself and was a runner's (not a command line of its own), has the worker start the
+// next run's instance, the standby: only now, so that its start-up counts for no run. A worker
+// that died meanwhile is found dead by the next run.
+func (d *Driver) release(e *execution, runner bool) {
+	if cpu, err := d.cg.CPUUsage(e.group); err == nil {
+		e.res.CPU = max(cpu-e.cpuBefore, 0)
 	}
-	res.ExitCode = ex.ExitCode
+	oomAfter, err := d.cg.OOMKills(e.group)
+	e.oomKill = err == nil && oomAfter > e.oomBefore
+	if e.ex != nil && runner {
+		_ = e.w.fw.Send(protocol.FrameStandby, nil)
+		if e.ex.Standby {
+			e.b.standbyRuns.Add(1)
+		}
+	}
+}
+
+// classify returns the run's result, its status from driver.Classify: of the worker's report
+// when the run ended by itself; else of the kill (timeout, ctx's end, the sandbox destroyed) or
+// of the memory limit that killed the worker. A worker that died of nothing known is the driver's
+// error (errWorkerGone, with how it ended and its log).
+func (e *execution) classify(ctx context.Context) (driver.ExecResult, error) {
+	e.b.mu.Lock()
+	destroyed := e.b.destroyed
+	e.b.mu.Unlock()
+	res := e.res
+	o := driver.Outcome{
+		TimedOut:  e.stopped == driver.StatusTimeout,
+		Cancelled: e.stopped == driver.StatusCancelled || destroyed || ctx.Err() != nil,
+		OOMKill:   e.oomKill,
+	}
+	if e.ex != nil {
+		e.report(&res)
+		o.Exited, o.ExitCode, o.OutOfMemory = true, e.ex.ExitCode, outOfMemory(res.Error, e.ex)
+	}
+	if !driver.Classify(o, &res) {
+		state := "still running"
+		if e.w.waitExit(time.Second) {
+			state = e.w.state.String()
+		}
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w (%s): %v%s", e.b.id, errWorkerGone, state, e.readErr, e.w.logTail())
+	}
+	return res, nil
+}
+
+// report fills res from the worker's report of a run that ended by itself: truncation, the
+// memory peak, the run's own duration, and the runner's result and error — a StackOverflow when
+// the guest's stack overflowed and the runner could report nothing.
+func (e *execution) report(res *driver.ExecResult) {
+	ex := e.ex
 	res.StdoutTruncated, res.StderrTruncated = ex.StdoutTruncated, ex.StderrTruncated
 	res.MemoryPeak = ex.MemoryPeak
 	if ex.DurationNS > 0 {
@@ -841,25 +851,14 @@ loop:
 	}
 	if ex.StackOverflow && res.Error == nil {
 		// The guest trapped: the runner reported nothing. Say what happened.
-		res.Error = &driver.PyError{Type: "StackOverflow", Message: stackOverflowMessage}
+		res.Error = &driver.PyError{Type: "StackOverflow", Message: protocol.StackOverflowMessage}
 	}
-	switch {
-	case cgroupOOM:
-		res.Status = driver.StatusOOM
-	case res.ExitCode != 0 && outOfMemory(res.Error, ex):
-		res.Status = driver.StatusOOM
-	case res.ExitCode == 0:
-		res.Status = driver.StatusCompleted
-	default:
-		res.Status = driver.StatusFailed
-	}
-	return res, nil
 }
 
 // outOfMemory reports whether a failed run failed for want of memory: an uncaught MemoryError;
 // or, when the guest was refused memory past its cap, a trap or a failure without a reported
 // exception (the runner could not report it: formatting needs memory too).
-func outOfMemory(e *driver.PyError, ex *exitMsg) bool {
+func outOfMemory(e *driver.PyError, ex *protocol.Exit) bool {
 	if e != nil {
 		return e.Type == "MemoryError"
 	}

@@ -1,4 +1,60 @@
-package wasm
+// Package worker is the WASM driver's worker process, `sandboxd wasm-worker`: the one process
+// that runs a WASM sandbox's code (python.wasm under wazero). The guest never runs inside
+// sandboxd, so a crash of the guest, of wazero or of the worker, or its kill, never reaches the
+// server.
+//
+// # Who starts it
+//
+// Only the wasm driver (package wasm), through sandboxd's hidden subcommand, which cmd/sandboxd
+// hands to Main before anything else happens: in a process group of its own, with
+// PR_SET_PDEATHSIG=SIGKILL, in an empty network namespace and a cgroup of its own (which becomes
+// its sandbox's), with its control socket as stdin (package protocol: the frames, and the flags).
+// It starts as root, compiles python.wasm with wazero's compiler engine through the compilation
+// cache the driver names, tells the driver it is ready and waits, in the driver's pool, to be
+// given a sandbox. Configured, it drops to that sandbox's own unprivileged uid and gid (no
+// supplementary groups, so no capabilities; no_new_privs) and serves that one sandbox until the
+// driver kills it or closes the socket (EOF ends it at once, also mid-run).
+//
+// # What it may touch
+//
+//   - Before its configuration, as root: the image's python.wasm and the compilation cache.
+//   - After it: no host path. Its mounts come as directory descriptors the driver opened
+//     (SCM_RIGHTS), and every guest path is resolved by the kernel beneath its mount's descriptor
+//     (hostFS: openat2 RESOLVE_BENEATH, no magic links). Link creation is refused; blocked paths
+//     inside a mount are cut out of it (lookups ENOENT, creation EACCES, hidden from listings,
+//     the directories leading to them cannot be renamed; in such a mount no symlink is
+//     followed). Between runs it empties the runs' working directory (pyrunner.WorkDir) through
+//     its descriptor, as the sandbox's user.
+//   - The guest sees those mounts and nothing else — the standard library (read-only) at
+//     /usr/local/lib, the sandbox's /tmp, the working directory, the sandbox's own mounts — and
+//     the run's private in-memory directory at protocol.RunDir (runDir).
+//
+// # Runs
+//
+// Every run is a fresh instance of the compiled module running `python -I -u -B -c BOOTSTRAP`,
+// which runs the runner shared with the container driver (package pyrunner) from the run's
+// private directory; output streams to the driver as the guest writes it. The interpreter is
+// started ahead of its run (the standby, see instance): once configured, and after each run when
+// the driver says so (protocol.FrameStandby), the worker instantiates the next run's instance;
+// CPython starts up in it and waits in the bootstrap until a run hands it its environment and
+// code. A trap of the guest ends its run with exit code 134 and a crash line on stderr, named a
+// stack overflow when it is one (stackOverflow); the next run gets a fresh instance.
+//
+// # The four traps of wazero
+//
+//  1. Symlink escape: sysfs.DirFS lets the guest create relative symlinks that the host then
+//     follows out of the mount. hostFS refuses Symlink and Link (EPERM) and resolves every path in
+//     the kernel beneath the mount, so neither guest-made nor pre-existing host symlinks, nor
+//     "..", leave it.
+//  2. time.sleep ignores deadlines: nothing inside the worker is trusted to stop on time. The
+//     driver enforces a run's timeout and cancellation by SIGKILLing the worker's process group,
+//     whatever the guest is doing.
+//  3. WithCloseOnContextDone makes CPU-bound Python 2–3.5× slower: it is off. Killing the worker
+//     is the way a run is stopped; the sandbox then gets a fresh worker for its next run.
+//  4. The default memory allocator grows linear memory by copying (host RSS ≈ 4× the guest's):
+//     memoryAllocator reserves the sandbox's cap with mmap and grows in place, and enforces the
+//     cap (a grow past it fails, and Python raises MemoryError).
+package worker
 
 import (
 	"bufio"
@@ -31,12 +87,9 @@ import (
 	"github.com/tetratelabs/wazero/sys"
 	"golang.org/x/sys/unix"
 
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
-
-// WorkerCommand is the name of sandboxd's hidden subcommand that runs a worker: cmd/sandboxd
-// dispatches `sandboxd wasm-worker …` to WorkerMain before anything else happens.
-const WorkerCommand = "wasm-worker"
 
 // compileLimitPages is the memory limit the module is compiled with: wasm32's whole 4 GiB. The
 // limit is fixed when a module is compiled (wazero bakes it into the module's memory section), and
@@ -50,13 +103,13 @@ const compileLimitPages = 65536
 // waits here. The header is "<max output>\n" followed by the run's environment as "K=V\0"…; the
 // environment replaces os.environ (and so the C environment), the limit becomes the runner's
 // argv[2]. Then it enters pyrunner.WorkDir (the working directory of runs in every mode; /tmp or
-// "/" when the sandbox has none) and executes the runner, which reads the code from the same directory (see
-// pyrunner). An empty header (a standby that was not needed) ends the instance at once.
+// "/" when the sandbox has none) and executes the runner, which reads the code from the same
+// directory (see pyrunner). An empty header (a standby that was not needed) ends the instance at once.
 const bootstrap = `import os, sys
 def _start():
-    with open("` + runDirPath + `/runner", "rb") as f:
+    with open("` + protocol.RunDir + `/runner", "rb") as f:
         r = compile(f.read(), "<sandbox-runner>", "exec")
-    with open("` + runDirPath + `/run", "rb") as f:
+    with open("` + protocol.RunDir + `/run", "rb") as f:
         h = f.read()
     if not h:
         raise SystemExit(0)
@@ -78,7 +131,7 @@ exec(_start())
 
 // runArgs is the command line of a runner instance: the runner's limit (argv[2]) is a
 // placeholder until the bootstrap reads the run's.
-var runArgs = []string{"python", "-I", "-u", "-B", "-c", bootstrap, "0", "0", runDirPath + "/code", runDirPath + "/result"}
+var runArgs = []string{"python", "-I", "-u", "-B", "-c", bootstrap, "0", "0", protocol.RunDir + "/code", protocol.RunDir + "/result"}
 
 // runHeader is what the bootstrap reads from /.sandbox/run: the output limit and the environment.
 func runHeader(maxOut int, env []string) []byte {
@@ -89,17 +142,13 @@ func runHeader(maxOut int, env []string) []byte {
 	return b
 }
 
-// trapExitCode is the exit code of a run whose guest trapped (the interpreter crashed): what a
-// native process killed by SIGABRT reports.
-const trapExitCode = 128 + 6
-
-// WorkerMain runs a worker process (the wasm-worker subcommand) and returns its exit code. Its
+// Main runs a worker process (the protocol.WorkerCommand subcommand) and returns its exit code. Its
 // arguments: --image DIR (holding python.wasm), --cache DIR (wazero's compilation cache), --parent
-// PID (the driver's process). Started as root, it becomes its sandbox's user when configured. It speaks the protocol of protocol.go on its stdin, a unix socket; it is not
-// meant to be run by hand. It exits when the socket reaches EOF, and dies with its parent
-// (Pdeathsig).
-func WorkerMain(args []string) int {
-	fl := flag.NewFlagSet(WorkerCommand, flag.ContinueOnError)
+// PID (the driver's process). Started as root, it becomes its sandbox's user when configured. It
+// speaks package protocol on its stdin, a unix socket; it is not meant to be run by hand. It
+// exits when the socket reaches EOF, and dies with its parent (Pdeathsig).
+func Main(args []string) int {
+	fl := flag.NewFlagSet(protocol.WorkerCommand, flag.ContinueOnError)
 	var o workerOptions
 	fl.StringVar(&o.image, "image", "", "directory holding python.wasm")
 	fl.StringVar(&o.cache, "cache", "", "wazero compilation cache directory")
@@ -123,11 +172,12 @@ type worker struct {
 	rt       wazero.Runtime
 	compiled wazero.CompiledModule
 	base     wazero.ModuleConfig
-	fw       *frameWriter
+	fw       *protocol.Writer
 
 	parent     int // the driver's pid
 	configured bool
 	memory     int64
+	env        []string // a standby's environment (protocol.Config.Env)
 	mounts     []workerMount
 	standby    *instance // the next run's instance, started and waiting (nil: none)
 }
@@ -181,31 +231,31 @@ func runWorker(o workerOptions) error {
 	debug.FreeOSMemory()
 
 	w := &worker{
-		rt: rt, compiled: compiled, fw: &frameWriter{w: out}, parent: o.parent,
+		rt: rt, compiled: compiled, fw: protocol.NewWriter(out), parent: o.parent,
 		base: wazero.NewModuleConfig().WithName("").
 			WithSysWalltime().WithSysNanotime().WithSysNanosleep().
 			WithRandSource(rand.Reader),
 	}
-	if err := w.fw.sendJSON(frameReady, readyMsg{Pid: os.Getpid(), CompileNS: took.Nanoseconds()}); err != nil {
+	if err := w.fw.SendJSON(protocol.FrameReady, protocol.Ready{Pid: os.Getpid(), CompileNS: took.Nanoseconds()}); err != nil {
 		return err
 	}
 	// Frames are read by their own goroutine so that the end of the host (EOF on stdin) ends the
 	// worker at once, also in the middle of a run (Pdeathsig does it too; this covers the rest).
 	frames := make(chan inFrame)
-	fdr := newFDReader(in)
+	fdr := protocol.NewFDReader(in)
 	go readFrames(bufio.NewReaderSize(fdr, 64<<10), frames)
 	for f := range frames {
 		switch f.typ {
-		case frameConfig:
-			var rep replyMsg
-			if err := w.configure(f.p, fdr.take()); err != nil {
+		case protocol.FrameConfig:
+			var rep protocol.Reply
+			if err := w.configure(f.p, fdr.Take()); err != nil {
 				rep.Error = err.Error()
 			}
-			if err := w.fw.sendJSON(frameConfigured, rep); err != nil {
+			if err := w.fw.SendJSON(protocol.FrameConfigured, rep); err != nil {
 				return err
 			}
-		case frameRun:
-			var m runMsg
+		case protocol.FrameRun:
+			var m protocol.Run
 			if err := json.Unmarshal(f.p, &m); err != nil {
 				return fmt.Errorf("run message: %w", err)
 			}
@@ -213,12 +263,12 @@ func runWorker(o workerOptions) error {
 				return errors.New("run before config")
 			}
 			ex, inst := w.run(m)
-			if err := w.fw.sendJSON(frameExit, ex); err != nil {
+			if err := w.fw.SendJSON(protocol.FrameExit, ex); err != nil {
 				return err
 			}
 			inst.alloc.release()
 			w.emptyWorkDir() // before the next frame: a standby or a run
-		case frameStandby:
+		case protocol.FrameStandby:
 			if !w.configured {
 				return errors.New("standby before config")
 			}
@@ -239,7 +289,7 @@ type inFrame struct {
 // is gone) it ends the process, whatever the loop is doing.
 func readFrames(r io.Reader, out chan<- inFrame) {
 	for {
-		typ, p, err := readFrame(r)
+		typ, p, err := protocol.ReadFrame(r)
 		if err != nil {
 			if !errors.Is(err, io.EOF) {
 				fmt.Fprintf(os.Stderr, "wasm-worker: reading from the host: %v\n", err)
@@ -313,7 +363,7 @@ func dropPrivileges(uid, gid, parent int) error {
 	return nil
 }
 
-// configure builds the sandbox's mounts (see configMsg) on the directory descriptors fds. A
+// configure builds the sandbox's mounts (see protocol.Config) on the directory descriptors fds. A
 // worker is configured once.
 func (w *worker) configure(p []byte, fds []int) error {
 	used := map[int]bool{}
@@ -327,7 +377,7 @@ func (w *worker) configure(p []byte, fds []int) error {
 	if w.configured {
 		return errors.New("already configured")
 	}
-	var c configMsg
+	var c protocol.Config
 	if err := json.Unmarshal(p, &c); err != nil {
 		return err
 	}
@@ -346,7 +396,7 @@ func (w *worker) configure(p []byte, fds []int) error {
 		}
 		return err
 	}
-	w.mounts, w.memory, w.configured = mounts, c.MemoryBytes, true
+	w.mounts, w.memory, w.env, w.configured = mounts, c.MemoryBytes, c.Env, true
 	w.emptyWorkDir() // what a killed worker's run left
 	return nil
 }
@@ -364,8 +414,8 @@ func (w *worker) emptyWorkDir() {
 
 // buildMounts makes every mount on its descriptor (marking it used) and wires nested mounts and
 // blocked paths into the mount that holds them (see hostFS).
-func buildMounts(c configMsg, fds []int, used map[int]bool) ([]workerMount, error) {
-	ms := append([]mountMsg(nil), c.Mounts...)
+func buildMounts(c protocol.Config, fds []int, used map[int]bool) ([]workerMount, error) {
+	ms := append([]protocol.Mount(nil), c.Mounts...)
 	sort.SliceStable(ms, func(i, j int) bool { return ms[i].Path < ms[j].Path })
 	var out []workerMount
 	for _, m := range ms {
@@ -421,7 +471,7 @@ func relTo(p, base string) string { return strings.TrimPrefix(strings.TrimPrefix
 // holds what the guest writes, at most maxHeld bytes, and passes it on at attach, as part of the
 // run's output — where a start-up's output went before instances were started ahead of runs.
 type stream struct {
-	fw  *frameWriter
+	fw  *protocol.Writer
 	typ byte
 
 	mu        sync.Mutex
@@ -452,7 +502,7 @@ func (s *stream) Write(p []byte) (int, error) {
 func (s *stream) forward(p []byte) {
 	take := min(len(p), s.max-s.n)
 	if take > 0 {
-		if err := s.fw.send(s.typ, p[:take]); err != nil {
+		if err := s.fw.Send(s.typ, p[:take]); err != nil {
 			// The host is gone: nobody wants the run any more.
 			os.Exit(1)
 		}
@@ -483,18 +533,15 @@ func (s *stream) wasTruncated() bool {
 	return s.truncated
 }
 
-// defaultMaxOutput is the per-stream budget when a run asks for none.
-const defaultMaxOutput = 1 << 20
-
 // instance is one fresh instance of the compiled module, running in its own goroutine. A runner
 // instance (rd set) can start before its run: CPython starts up and the bootstrap waits in its
 // read of /.sandbox/run until deliver hands it the run (or discard tells it to exit). The
 // worker keeps one such standby per sandbox, started after the previous run's instance has
-// ended (frameStandby), so a run finds its interpreter started: still a fresh instance, which
-// has run nothing before its run and is closed after it.
+// ended (protocol.FrameStandby), so a run finds its interpreter started: still a fresh
+// instance, which has run nothing before its run and is closed after it.
 type instance struct {
 	env            []string // the environment it was started with (WASI environ)
-	rd             *runDir  // nil for a run with its own command line (runMsg.Args)
+	rd             *runDir  // nil for a run with its own command line (protocol.Run.Args)
 	stdout, stderr *stream
 	alloc          *memoryAllocator
 	maxOutput      int           // the run's output budget per stream, set before deliver
@@ -508,7 +555,7 @@ type instance struct {
 // mounted at /.sandbox. Output is held until the run is attached.
 func (w *worker) start(args, env []string, rd *runDir) *instance {
 	inst := &instance{env: env, rd: rd,
-		stdout: &stream{fw: w.fw, typ: frameStdout}, stderr: &stream{fw: w.fw, typ: frameStderr},
+		stdout: &stream{fw: w.fw, typ: protocol.FrameStdout}, stderr: &stream{fw: w.fw, typ: protocol.FrameStderr},
 		alloc: newMemoryAllocator(w.memory), done: make(chan struct{})}
 	fsc := wazero.NewFSConfig()
 	for _, mt := range w.mounts {
@@ -519,7 +566,7 @@ func (w *worker) start(args, env []string, rd *runDir) *instance {
 		}
 	}
 	if rd != nil {
-		fsc = fsc.(sysfs.FSConfig).WithSysFSMount(rd, runDirPath)
+		fsc = fsc.(sysfs.FSConfig).WithSysFSMount(rd, protocol.RunDir)
 	}
 	cfg := w.base.WithArgs(args...).WithStdout(inst.stdout).WithStderr(inst.stderr).WithFSConfig(fsc)
 	for _, kv := range env {
@@ -559,9 +606,6 @@ func (inst *instance) discard() {
 	inst.alloc.release()
 }
 
-// standbyEnv is the environment a standby starts with: every run's before ExecRequest.Env.
-var standbyEnv, _ = buildEnv(nil)
-
 // startStandby starts the sandbox's standby, unless it has one. A standby that ended by itself
 // (it failed to start) is replaced.
 func (w *worker) startStandby() {
@@ -571,7 +615,7 @@ func (w *worker) startStandby() {
 		}
 		w.standby.discard()
 	}
-	inst := w.startRunner(standbyEnv)
+	inst := w.startRunner(w.env)
 	rd := inst.rd
 	w.standby = inst
 	go func() {
@@ -638,10 +682,10 @@ func sameStartupEnv(a, b []string) bool {
 // run executes one run in a fresh instance of the compiled module: the standby when there is one
 // that fits (its start-up then is not part of the run), else one started now. It returns how the
 // run ended and its instance, ended, whose memory the caller releases once the run is reported.
-func (w *worker) run(m runMsg) (exitMsg, *instance) {
+func (w *worker) run(m protocol.Run) (protocol.Exit, *instance) {
 	maxOut := m.MaxOutput
 	if maxOut <= 0 {
-		maxOut = defaultMaxOutput
+		maxOut = protocol.DefaultMaxOutput
 	}
 	if len(m.Args) > 0 {
 		// A command line of its own (Baseline, tests): no runner, so no use for the standby,
@@ -685,8 +729,8 @@ func (w *worker) run(m runMsg) (exitMsg, *instance) {
 
 // exit describes how the instance's run ended; from is when the run began (for a standby: when
 // it was handed the run, so its start-up is not counted).
-func (inst *instance) exit(from time.Time, warm bool) exitMsg {
-	ex := exitMsg{DurationNS: inst.ended.Sub(from).Nanoseconds(), Standby: warm}
+func (inst *instance) exit(from time.Time, warm bool) protocol.Exit {
+	ex := protocol.Exit{DurationNS: inst.ended.Sub(from).Nanoseconds(), Standby: warm}
 	err := inst.err
 	var exit *sys.ExitError
 	switch {
@@ -694,7 +738,7 @@ func (inst *instance) exit(from time.Time, warm bool) exitMsg {
 	case errors.As(err, &exit):
 		ex.ExitCode = int(exit.ExitCode())
 	default:
-		ex.ExitCode = trapExitCode
+		ex.ExitCode = protocol.TrapExitCode
 		ex.Trap = err.Error()
 		if len(ex.Trap) > 4096 {
 			ex.Trap = ex.Trap[:4096]
@@ -702,7 +746,7 @@ func (inst *instance) exit(from time.Time, warm bool) exitMsg {
 		first, _, _ := strings.Cut(ex.Trap, "\n")
 		if inst.overflow {
 			ex.StackOverflow = true
-			first = stackOverflowMessage + "; " + first
+			first = protocol.StackOverflowMessage + "; " + first
 		}
 		fmt.Fprintf(inst.stderr, "sandbox: the interpreter crashed (%s)\n", first)
 	}
@@ -763,9 +807,6 @@ const stackPointerExport = "__stack_pointer"
 // count as a stack overflow: more than the largest stack frame of a function that does not move
 // the global stack pointer (a leaf), far less than the 8 MiB stack.
 const stackMargin = 64 << 10
-
-// stackOverflowMessage is the error message of a run whose interpreter's stack overflowed.
-const stackOverflowMessage = "the interpreter's C stack overflowed: recursion too deep (sys.setrecursionlimit allows more than the stack holds)"
 
 // stackOverflow reports whether trap err of an instance was a stack overflow. Two stacks can
 // overflow. The C stack that clang keeps in linear memory (for locals whose address is taken):

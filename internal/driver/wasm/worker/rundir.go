@@ -1,4 +1,4 @@
-package wasm
+package worker
 
 import (
 	"io"
@@ -9,10 +9,9 @@ import (
 
 	experimentalsys "github.com/tetratelabs/wazero/experimental/sys"
 	"github.com/tetratelabs/wazero/sys"
-)
 
-// runDirPath is where a run's private directory is mounted in the guest.
-const runDirPath = "/.sandbox"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
+)
 
 // runDir is one run's private directory, in memory: the runner's source to read, the run's
 // header ("run": what the bootstrap waits for, see worker.go) and the user's code, and the file
@@ -83,7 +82,7 @@ func (d *runDir) report() []byte {
 	return d.entries["result"].data
 }
 
-func (d *runDir) String() string { return runDirPath }
+func (d *runDir) String() string { return protocol.RunDir }
 
 // maxReport bounds the report: the result's JSON (limited by the runner) plus the error's
 // message and traceback (256 KiB each at most).
