@@ -90,8 +90,8 @@ def _zygote():
 
 def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog):
     try:
+        os.setsid()  # first: once its pid is out, a kill of its group (-pid) must reach it
         os.write(w, b"%d" % os.getpid())
-        os.setsid()
         high = [fcntl.fcntl(f, fcntl.F_DUPFD, 64) for f in fds]
         for i, f in enumerate(high):
             os.dup2(f, i)

@@ -9,13 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
-	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
-	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/mountns"
 )
@@ -47,18 +46,7 @@ func TestMain(m *testing.M) {
 		setupErr = setup(&tmp)
 	}
 	code := m.Run()
-	// Safety net: a test that failed half-way must not leave containers on the host.
-	for _, d := range drivers {
-		ids, _ := d.List(context.Background())
-		for _, id := range ids {
-			if err := d.Destroy(context.Background(), id); err != nil {
-				fmt.Fprintf(os.Stderr, "cleanup: %v\n", err)
-			}
-		}
-		if err := d.Close(); err != nil {
-			fmt.Fprintf(os.Stderr, "cleanup: %v\n", err)
-		}
-	}
+	drivers.Close() // a test that failed half-way must not leave containers on the host
 	if inet != nil {
 		inet.stop()
 	}
@@ -134,46 +122,27 @@ func lastLines(s string, n int) string {
 	return strings.Join(l, "\n")
 }
 
-// need skips (or, under CI, fails) a test that needs real containers when they are unavailable.
-func need(t testing.TB) {
-	t.Helper()
-	if setupErr != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("container tests must run under CI: %v", setupErr)
-		}
-		t.Skipf("container tests need root, crun/runc, the image and the agent: %v", setupErr)
-	}
-}
-
-var (
-	driversMu sync.Mutex
-	drivers   = map[string]*Driver{}
-)
+var drivers drivertest.Drivers[*Driver] // the shared test drivers, by runtime
 
 // openDriver returns the shared test driver of runtime name.
 func openDriver(t testing.TB, name string) *Driver {
 	t.Helper()
-	need(t)
+	drivertest.Need(t, "the container driver's tests", setupErr)
 	if _, err := exec.LookPath(name); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s not installed (scripts/install-deps.sh)", name)
-		}
-		t.Skipf("%s not installed (scripts/install-deps.sh)", name)
+		drivertest.Need(t, "the "+name+" tests", fmt.Errorf("%s not installed (scripts/install-deps.sh)", name))
 	}
-	driversMu.Lock()
-	defer driversMu.Unlock()
-	if d := drivers[name]; d != nil {
-		return d
+	return drivers.Get(t, name, func() (*Driver, error) { return openRuntime(filepath.Join(stateDir, name), name) })
+}
+
+// openRuntime opens a test driver with its state in dir, on runtime name ("": the driver's
+// choice).
+func openRuntime(dir, name string) (*Driver, error) {
+	d, err := Open(driver.Options{StateDir: dir, AgentBin: agentBin, Runtime: name, NetworkPool: testPool})
+	if err == nil && name != "" && d.Runtime() != name {
+		d.Close()
+		err = fmt.Errorf("runtime = %s, want %s", d.Runtime(), name)
 	}
-	d, err := Open(driver.Options{StateDir: filepath.Join(stateDir, name), AgentBin: agentBin, Runtime: name, NetworkPool: testPool})
-	if err != nil {
-		t.Fatalf("open driver with %s: %v", name, err)
-	}
-	if d.Runtime() != name {
-		t.Fatalf("runtime = %s, want %s", d.Runtime(), name)
-	}
-	drivers[name] = d
-	return d
+	return d, err
 }
 
 // forEachRuntime runs f as a subtest per OCI runtime.
@@ -185,46 +154,77 @@ func forEachRuntime(t *testing.T, f func(t *testing.T, d *Driver)) {
 
 // baseSpec is a sandbox spec with the service's defaults (egress: block_outbound, nothing allowed),
 // host ids of its own and a disk for /tmp (drivertest.Fill).
-func baseSpec(t testing.TB) driver.Spec {
+func baseSpec(t *testing.T) driver.Spec {
 	return drivertest.Fill(t, driver.Spec{RootFS: rootfs, CPU: 1, MemoryBytes: 256 << 20, PidsLimit: 64,
 		Network: egress.Policy{BlockOutbound: true}})
 }
 
-// newSandbox creates a sandbox and registers its destruction, checking that nothing is left.
-func newSandbox(t *testing.T, d *Driver, spec driver.Spec) string {
-	t.Helper()
-	id := "t-" + statedir.RandomHex(8)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := d.Create(ctx, id, spec); err != nil {
-		t.Fatalf("create: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := d.Destroy(context.Background(), id); err != nil {
-			t.Errorf("destroy: %v", err)
+// harness is the container driver's conformance harness but for Open and Reopen, which
+// TestConformance sets per runtime. The tests make their sandboxes with harness.Sandbox.
+var harness = drivertest.Harness{
+	Spec:      baseSpec,
+	Python:    true,
+	Spawn:     true,
+	Signals:   true,
+	Egress:    true,
+	Survives:  true,
+	ImageFile: "/usr/lib/os-release",
+	Crash:     crash,
+	Track: func(t *testing.T, dd driver.Driver, id string) func(*testing.T, driver.Driver) {
+		pid := 0
+		if b, err := dd.(*Driver).lookup(id); err == nil {
+			pid = b.Pid
 		}
-	})
-	return id
+		return func(t *testing.T, dd driver.Driver) { assertGone(t, dd.(*Driver), id, pid) }
+	},
+	Idle: func(t *testing.T, dd driver.Driver, id string) { onlyInit(t, dd.(*Driver), id) },
 }
 
-// run executes code and fails the test on a driver error.
-func run(t *testing.T, d *Driver, id, code string, timeout time.Duration) driver.ExecResult {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout+30*time.Second)
-	defer cancel()
-	res, err := d.Exec(ctx, id, driver.ExecRequest{Code: code, Timeout: timeout, MaxOutput: 1 << 20})
+func TestConformance(t *testing.T) {
+	for _, name := range knownRuntimes {
+		t.Run(name, func(t *testing.T) {
+			openDriver(t, name) // skips when the runtime is missing
+			h := harness
+			h.Open = func(t *testing.T) driver.Driver {
+				dir, err := os.MkdirTemp(stateDir, "c") // short: the agent socket's path must fit in 108 bytes
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { os.RemoveAll(dir) })
+				d, err := openRuntime(dir, name)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return d
+			}
+			// A new process: the default runtime choice, nothing in memory.
+			h.Reopen = func(t *testing.T, old driver.Driver) driver.Driver {
+				d, err := openRuntime(old.(*Driver).stateDir, "")
+				if err != nil {
+					t.Fatal(err)
+				}
+				return d
+			}
+			drivertest.Run(t, h)
+		})
+	}
+}
+
+// crash does what a crash of d's process does: the sandboxes' overlay mounts vanish with its
+// mount namespace, its sockets close (gateway, network manager); its kernel objects (veths,
+// host rules, the namespaces' bind mounts here in the test process) stay.
+func crash(t *testing.T, dd driver.Driver) {
+	d := dd.(*Driver)
+	ids, err := d.List(context.Background())
 	if err != nil {
-		t.Fatalf("exec: %v", err)
+		t.Fatal(err)
 	}
-	return res
-}
-
-// mustRun executes code and requires it to complete.
-func mustRun(t *testing.T, d *Driver, id, code string) string {
-	t.Helper()
-	res := run(t, d, id, code, 20*time.Second)
-	if res.Status != driver.StatusCompleted {
-		t.Fatalf("status %s (exit %d), want completed\ncode:\n%s\nstdout: %s\nstderr: %s\nerror: %+v", res.Status, res.ExitCode, code, res.Stdout, res.Stderr, res.Error)
+	for _, id := range ids {
+		if err := unix.Unmount(filepath.Join(d.sandboxMountDir(id), "root"), unix.MNT_DETACH); err != nil {
+			t.Fatal(err)
+		}
 	}
-	return string(res.Stdout)
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/egress"
 )
 
@@ -60,7 +61,7 @@ var (
 // fakeInternet starts the fake internet once for the test binary (TestMain stops it).
 func fakeInternet(t testing.TB) *fakeNet {
 	t.Helper()
-	need(t)
+	drivertest.Need(t, "the container driver's tests", setupErr)
 	inetOnce.Do(func() { inet, inetErr = startInternet() })
 	if inetErr != nil {
 		t.Fatalf("fake internet: %v", inetErr)
@@ -337,9 +338,9 @@ func TestEgress(t *testing.T) {
 			}
 			spec := baseSpec(t)
 			spec.Network = policy
-			id := newSandbox(t, d, spec)
+			id := harness.Sandbox(t, d, spec)
 			udpBefore := in.udpCount()
-			out := mustRun(t, d, id, "EVIL = "+fmt.Sprintf("%q", evilIP)+"\n"+egressProbe)
+			out := drivertest.MustExec(t, d, id, "EVIL = "+fmt.Sprintf("%q", evilIP)+"\n"+egressProbe)
 			var got map[string]any
 			if err := json.Unmarshal([]byte(out), &got); err != nil {
 				t.Fatalf("probe output %q: %v", out, err)
@@ -449,8 +450,8 @@ func TestSetNetwork(t *testing.T) {
 	old, _ := egress.ParsePolicy(true, []string{"evil.example"})
 	spec := baseSpec(t)
 	spec.Network = old
-	id := newSandbox(t, d, spec)
-	if out := mustRun(t, d, id, "import socket\nprint(socket.getaddrinfo('evil.example', 80, socket.AF_INET)[0][4][0])"); strings.TrimSpace(out) != evilIP {
+	id := harness.Sandbox(t, d, spec)
+	if out := drivertest.MustExec(t, d, id, "import socket\nprint(socket.getaddrinfo('evil.example', 80, socket.AF_INET)[0][4][0])"); strings.TrimSpace(out) != evilIP {
 		t.Fatalf("under the first policy evil.example resolves to %q", out)
 	}
 	for _, p := range []egress.Policy{{BlockOutbound: false}, {BlockOutbound: true}} {
@@ -462,7 +463,7 @@ func TestSetNetwork(t *testing.T) {
 	if err := d.SetNetwork(context.Background(), id, policy); err != nil {
 		t.Fatal(err)
 	}
-	out := mustRun(t, d, id, "EVIL = "+fmt.Sprintf("%q", evilIP)+"\n"+egressProbe)
+	out := drivertest.MustExec(t, d, id, "EVIL = "+fmt.Sprintf("%q", evilIP)+"\n"+egressProbe)
 	var got map[string]any
 	if err := json.Unmarshal([]byte(out), &got); err != nil {
 		t.Fatalf("probe output %q: %v", out, err)

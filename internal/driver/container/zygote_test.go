@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 )
 
 // zygoteOf returns the host PID of sandbox id's zygote (the process of its cgroup outside its PID
@@ -47,7 +48,7 @@ func fromZygote(t *testing.T, d *Driver, id, code string) string {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		out := mustRun(t, d, id, "import os; print(os.getppid())\n"+code)
+		out := drivertest.MustExec(t, d, id, "import os; print(os.getppid())\n"+code)
 		first, rest, _ := strings.Cut(out, "\n")
 		if first == "0" {
 			return rest
@@ -89,7 +90,7 @@ func TestZygote(t *testing.T) {
 			spec := baseSpec(t)
 			spec.AllowSpawn = spawn
 			ctx := context.Background()
-			id := newSandbox(t, d, spec)
+			id := harness.Sandbox(t, d, spec)
 			b, err := d.lookup(id)
 			if err != nil {
 				t.Fatal(err)
@@ -248,19 +249,19 @@ else:
 // TestZygoteGone: a sandbox whose zygote was killed keeps running code (the agent launches runs).
 func TestZygoteGone(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		id := newSandbox(t, d, baseSpec(t))
+		id := harness.Sandbox(t, d, baseSpec(t))
 		fromZygote(t, d, id, "")
 		z := zygoteOf(t, d, id)
 		if err := syscall.Kill(z, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
 		for i := 0; i < 3; i++ {
-			res := run(t, d, id, "import os; print(os.getppid())", 20*time.Second)
+			res := drivertest.Exec(t, d, id, "import os; print(os.getppid())", 20*time.Second)
 			if res.Status != driver.StatusCompleted {
 				t.Fatalf("run %d after the zygote died: %s %s", i, res.Status, res.Stderr)
 			}
 		}
-		if out := mustRun(t, d, id, "import os; print(os.getppid())"); out != "1\n" {
+		if out := drivertest.MustExec(t, d, id, "import os; print(os.getppid())"); out != "1\n" {
 			t.Errorf("parent of a run without a zygote: %q, want 1 (the agent)", out)
 		}
 		onlyInit(t, d, id)
@@ -284,7 +285,7 @@ func TestZygoteFailureLogged(t *testing.T) {
 			t.Fatalf("the driver starts no zygotes: %s", logs.String())
 		}
 		ld.nsenter = filepath.Join(dir, "no-nsenter") // starting the zygote fails
-		id := newSandbox(t, ld, baseSpec(t))
+		id := harness.Sandbox(t, ld, baseSpec(t))
 		if err := ld.Warm(context.Background(), id); err != nil { // the zygote's start has ended
 			t.Fatal(err)
 		}
@@ -364,11 +365,11 @@ func TestSeccompProgram(t *testing.T) {
 // TestWarm: once Warm has returned, the very first run is forked by the zygote.
 func TestWarm(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		id := newSandbox(t, d, baseSpec(t))
+		id := harness.Sandbox(t, d, baseSpec(t))
 		if err := d.Warm(context.Background(), id); err != nil {
 			t.Fatal(err)
 		}
-		if out := mustRun(t, d, id, "import os; print(os.getppid())"); out != "0\n" {
+		if out := drivertest.MustExec(t, d, id, "import os; print(os.getppid())"); out != "0\n" {
 			t.Errorf("parent of the first run after Warm: %q, want 0 (the zygote, outside the sandbox)", out)
 		}
 		onlyInit(t, d, id)

@@ -6,6 +6,10 @@
 //	"sleep:MS"     waits MS milliseconds, then completes
 //	"fail"         exits 1 with a Python-style error
 //	anything else  completes at once, echoing the code to stdout, result 42
+//
+// Its sandboxes are in memory, on a "host" that the drivers of Reopen share: a driver reopened
+// after a restart finds them. It passes the lifecycle part of the conformance suite (package
+// drivertest).
 package fakedriver
 
 import (
@@ -23,13 +27,18 @@ import (
 
 // Driver is the fake. The zero value is not usable: use New.
 type Driver struct {
-	mu         sync.Mutex
-	sandboxes  map[string]driver.Spec
+	*host
 	CreateHook func(ctx context.Context, id string) error // optional: runs inside Create
 	// SetNetworkErr, when set, is what SetNetwork returns (a sandbox that cannot take a policy).
 	SetNetworkErr error
 	Destroyed     []string
 	killed        []string
+}
+
+// host is where a fake's sandboxes are: the drivers of one host share it (Reopen).
+type host struct {
+	mu        sync.Mutex // guards the host and the fields of every Driver on it
+	sandboxes map[string]driver.Spec
 }
 
 // Kill records that id was killed (driver.Killer); the sandbox stays until Destroy.
@@ -47,13 +56,20 @@ func (d *Driver) Killed() []string {
 	return append([]string(nil), d.killed...)
 }
 
-// New returns an empty fake driver.
-func New() *Driver { return &Driver{sandboxes: map[string]driver.Spec{}} }
+// New returns an empty fake driver, on a host of its own.
+func New() *Driver { return &Driver{host: &host{sandboxes: map[string]driver.Spec{}}} }
+
+// Reopen returns a new fake driver on d's host, as a new process of the service on the same
+// machine: it has d's sandboxes, none of d's hooks or records.
+func (d *Driver) Reopen() *Driver { return &Driver{host: d.host} }
 
 func (d *Driver) Name() string                    { return "fake" }
 func (d *Driver) Check(ctx context.Context) error { return nil }
 
 func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	if d.CreateHook != nil {
 		if err := d.CreateHook(ctx, id); err != nil {
 			return err

@@ -10,14 +10,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
-	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/worker"
 	"github.com/sandboxd/sandboxd/internal/egress"
@@ -54,18 +52,7 @@ func TestMain(m *testing.M) {
 		setupErr = setup()
 	}
 	code := m.Run()
-	// Safety net: nothing of a failed test may stay on the host.
-	driversMu.Lock()
-	for _, d := range drivers {
-		ids, _ := d.List(context.Background())
-		for _, id := range ids {
-			if err := d.Destroy(context.Background(), id); err != nil {
-				fmt.Fprintf(os.Stderr, "cleanup: %v\n", err)
-			}
-		}
-		d.Close()
-	}
-	driversMu.Unlock()
+	drivers.Close() // nothing of a failed test may stay on the host
 	if tmpRoot != "" {
 		os.RemoveAll(tmpRoot)
 	}
@@ -98,54 +85,29 @@ func setup() error {
 	return nil
 }
 
-// need skips (or, under CI, fails) a test when the workers cannot run.
-func need(t testing.TB) {
-	t.Helper()
-	if setupErr != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("wasm driver tests must run under CI: %v", setupErr)
-		}
-		t.Skipf("wasm driver tests need root: %v", setupErr)
-	}
-}
-
-// needPython is need plus the python.wasm image.
+// needPython skips (or, under CI, fails) a test that needs the python.wasm image.
 func needPython(t testing.TB) {
 	t.Helper()
-	need(t)
-	if pyErr != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("python.wasm tests must run under CI: %v", pyErr)
-		}
-		t.Skipf("python.wasm tests: %v", pyErr)
-	}
+	drivertest.Need(t, "the wasm driver's tests", setupErr)
+	drivertest.Need(t, "the python.wasm tests", pyErr)
 }
 
-var (
-	driversMu sync.Mutex
-	drivers   = map[string]*Driver{}
-)
+var drivers drivertest.Drivers[*Driver] // the shared test drivers, by name (each has its own state dir and pools)
 
-// openDriver returns the shared test driver named name (each has its own state dir and pools).
+// openDriver returns the shared test driver named name.
 func openDriver(t testing.TB, name string) *Driver {
 	t.Helper()
-	need(t)
-	driversMu.Lock()
-	defer driversMu.Unlock()
-	if d := drivers[name]; d != nil {
-		return d
-	}
+	drivertest.Need(t, "the wasm driver's tests", setupErr)
+	return drivers.Get(t, name, func() (*Driver, error) { return openState(filepath.Join(tmpRoot, "state-"+name)) })
+}
+
+// openState opens a test driver with its state in dir, its workers this test binary.
+func openState(dir string) (*Driver, error) {
 	exe, err := os.Executable()
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	dr, err := driver.Open(Name, driver.Options{StateDir: filepath.Join(tmpRoot, "state-"+name), WasmWorker: []string{exe, protocol.WorkerCommand}})
-	if err != nil {
-		t.Fatalf("open driver: %v", err)
-	}
-	d := dr.(*Driver)
-	drivers[name] = d
-	return d
+	return Open(driver.Options{StateDir: dir, WasmWorker: []string{exe, protocol.WorkerCommand}})
 }
 
 // baseSpec is a sandbox spec with the service's defaults.
@@ -154,23 +116,61 @@ func baseSpec(t testing.TB, image string) driver.Spec {
 		Network: egress.Policy{BlockOutbound: true}})
 }
 
-// newSandbox creates a sandbox and registers its destruction, checking that nothing is left.
-func newSandbox(t *testing.T, d *Driver, spec driver.Spec) string {
-	t.Helper()
-	id := "t-" + statedir.RandomHex(8)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	if err := d.Create(ctx, id, spec); err != nil {
-		t.Fatalf("create: %v", err)
-	}
-	group := sandboxGroup(t, d, id)
-	t.Cleanup(func() {
-		if err := d.Destroy(context.Background(), id); err != nil {
-			t.Errorf("destroy: %v", err)
+// harness is the wasm driver's conformance harness (on the python.wasm image) but for Open and
+// Reopen, which TestConformance sets. The tests make their sandboxes with harness.Sandbox: when
+// the test ends, Destroy leaves nothing of them (assertGone).
+var harness = drivertest.Harness{
+	Spec:      func(t *testing.T) driver.Spec { return baseSpec(t, pyImage) },
+	Python:    true,
+	ImageFile: stdlibPath + "/python3.11/wave.py",
+	Track: func(t *testing.T, dd driver.Driver, id string) func(*testing.T, driver.Driver) {
+		group := ""
+		if _, err := dd.(*Driver).lookup(id); err == nil {
+			group = sandboxGroup(t, dd.(*Driver), id)
 		}
-		assertGone(t, d, id, group)
-	})
-	return id
+		return func(t *testing.T, dd driver.Driver) { assertGone(t, dd.(*Driver), id, group) }
+	},
+	// A run's processes are its worker's: after a run only the sandbox's worker is in its cgroup.
+	Idle: func(t *testing.T, dd driver.Driver, id string) {
+		b, err := dd.(*Driver).lookup(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b.mu.Lock()
+		w, group := b.w, b.group
+		b.mu.Unlock()
+		for _, pid := range processesIn(group) {
+			if w == nil || pid != w.pid {
+				t.Errorf("process %d left in the cgroup of sandbox %s (its worker: %v)", pid, id, w != nil)
+			}
+		}
+	},
+}
+
+// TestConformance: the driver conformance suite. The workers of a crashed driver are left
+// running (as if Pdeathsig failed): a driver reopened on its state must kill them.
+func TestConformance(t *testing.T) {
+	needPython(t)
+	h := harness
+	h.Open = func(t *testing.T) driver.Driver {
+		dir, err := os.MkdirTemp(tmpRoot, "state-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := openState(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	h.Reopen = func(t *testing.T, old driver.Driver) driver.Driver {
+		d, err := openState(old.(*Driver).stateDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	drivertest.Run(t, h)
 }
 
 // sandboxGroup returns sandbox id's cgroup.
@@ -263,26 +263,4 @@ func probeLines(res driver.ExecResult) map[string]string {
 		out[op] = r
 	}
 	return out
-}
-
-// run executes Python code and fails the test on a driver error.
-func run(t *testing.T, d *Driver, id, code string, timeout time.Duration) driver.ExecResult {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout+time.Minute)
-	defer cancel()
-	res, err := d.Exec(ctx, id, driver.ExecRequest{Code: code, Timeout: timeout, MaxOutput: 1 << 20})
-	if err != nil {
-		t.Fatalf("exec: %v", err)
-	}
-	return res
-}
-
-// mustRun executes code and requires it to complete; it returns stdout.
-func mustRun(t *testing.T, d *Driver, id, code string) string {
-	t.Helper()
-	res := run(t, d, id, code, 30*time.Second)
-	if res.Status != driver.StatusCompleted {
-		t.Fatalf("status %s (exit %d), want completed\ncode:\n%s\nstdout: %s\nstderr: %s\nerror: %+v", res.Status, res.ExitCode, code, res.Stdout, res.Stderr, res.Error)
-	}
-	return string(res.Stdout)
 }

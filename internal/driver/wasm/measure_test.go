@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 )
@@ -154,7 +155,7 @@ func TestWorkerOverhead(t *testing.T) {
 	needPython(t)
 	d := openDriver(t, "py")
 	spec := baseSpec(t, pyImage) // /tmp is on a disk: nothing of it in the figure
-	id := newSandbox(t, d, spec)
+	id := harness.Sandbox(t, d, spec)
 	dir := d.cg.MemoryDir(sandboxGroup(t, d, id))
 	peakFile, resettable := "memory.max_usage_in_bytes", true
 	if d.cg.MemoryV2() {
@@ -177,7 +178,7 @@ func TestWorkerOverhead(t *testing.T) {
 		if resettable {
 			os.WriteFile(filepath.Join(dir, peakFile), []byte("0"), 0)
 		}
-		res := run(t, d, id, code, 30*time.Second)
+		res := drivertest.Exec(t, d, id, code, 30*time.Second)
 		if res.Status != driver.StatusCompleted {
 			t.Fatalf("%s: %s", code, res.Stderr)
 		}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 )
@@ -30,7 +31,7 @@ func TestRegistered(t *testing.T) {
 func TestProbeRun(t *testing.T) {
 	d := openDriver(t, "probe")
 	spec := baseSpec(t, probeImage)
-	id := newSandbox(t, d, spec)
+	id := harness.Sandbox(t, d, spec)
 	res := probe(t, d, id, 10*time.Second, "print:hello", "env:HOME", "env:PYTHONHOME", "exit:3")
 	got := probeLines(res)
 	if res.Status != driver.StatusFailed || res.ExitCode != 3 {
@@ -76,7 +77,7 @@ func TestProbeRun(t *testing.T) {
 // worker's trap 2: sleeping; a busy loop), and the sandbox keeps working with a fresh worker in the same cgroup.
 func TestProbeKill(t *testing.T) {
 	d := openDriver(t, "probe")
-	id := newSandbox(t, d, baseSpec(t, probeImage))
+	id := harness.Sandbox(t, d, baseSpec(t, probeImage))
 	for _, tc := range []struct {
 		name   string
 		op     string
@@ -132,7 +133,7 @@ func TestProbeCPUQuota(t *testing.T) {
 	d := openDriver(t, "probe")
 	spec := baseSpec(t, probeImage)
 	spec.CPU = 0.5
-	id := newSandbox(t, d, spec)
+	id := harness.Sandbox(t, d, spec)
 	res := probe(t, d, id, 2*time.Second, "spin")
 	if res.Status != driver.StatusTimeout {
 		t.Fatalf("status %s", res.Status)
@@ -149,7 +150,7 @@ func TestProbeCPUQuota(t *testing.T) {
 // the driver down, and the sandbox's next run works.
 func TestProbeWorkerCrash(t *testing.T) {
 	d := openDriver(t, "probe")
-	id := newSandbox(t, d, baseSpec(t, probeImage))
+	id := harness.Sandbox(t, d, baseSpec(t, probeImage))
 	b, _ := d.lookup(id)
 	pid := func() int {
 		b.mu.Lock()
@@ -184,7 +185,7 @@ func TestProbeWorkerCrash(t *testing.T) {
 // flagged beyond.
 func TestProbeOutput(t *testing.T) {
 	d := openDriver(t, "probe")
-	id := newSandbox(t, d, baseSpec(t, probeImage))
+	id := harness.Sandbox(t, d, baseSpec(t, probeImage))
 	b, _ := d.lookup(id)
 	env, _ := buildEnv(nil)
 	var streamed [2]int
@@ -261,7 +262,7 @@ func TestProbeFilesystem(t *testing.T) {
 		{Path: "/etc/inside-blocked", HostDir: filepath.Join(root, "plain")},
 	}
 	spec.Blocked = []string{"/workspace/secret", "/etc"}
-	id := newSandbox(t, d, spec)
+	id := harness.Sandbox(t, d, spec)
 
 	// Refusals, as WASI's errno texts say them (lower-cased): EACCES, EPERM, ENOENT, EROFS, ELOOP,
 	// ENOTDIR, EBADF (a path under no mount: wasi-libc finds no directory to resolve it in).
@@ -363,7 +364,7 @@ func TestProbeMemoryCap(t *testing.T) {
 	d := openDriver(t, "probe")
 	spec := baseSpec(t, probeImage)
 	spec.MemoryBytes = 256 << 20
-	id := newSandbox(t, d, spec)
+	id := harness.Sandbox(t, d, spec)
 	b, _ := d.lookup(id)
 	env, _ := buildEnv(nil)
 	pid := workerPid(t, b)
@@ -437,7 +438,7 @@ func TestProbeUnreadableMount(t *testing.T) {
 	dir := t.TempDir()
 	spec := baseSpec(t, probeImage)
 	spec.Mounts = []driver.Mount{{Path: "/m", HostDir: dir}}
-	id := newSandbox(t, d, spec)
+	id := harness.Sandbox(t, d, spec)
 	if err := os.Chmod(dir, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -451,7 +452,7 @@ func TestProbeUnreadableMount(t *testing.T) {
 // the idle workers and removes their cgroups; a driver opening the same state dir removes the
 // empty cgroups no sandbox owns.
 func TestPool(t *testing.T) {
-	need(t)
+	drivertest.Need(t, "the wasm driver's tests", setupErr)
 	exe, _ := os.Executable()
 	stateDir := filepath.Join(tmpRoot, "state-pool")
 	d, err := Open(driver.Options{StateDir: stateDir, WasmWorker: []string{exe, protocol.WorkerCommand}, WasmPool: 1})
@@ -531,7 +532,7 @@ func TestPool(t *testing.T) {
 // TestPrepareBrokenImage: Prepare reports an image whose module does not compile, and Check
 // reports the failing pool.
 func TestPrepareBrokenImage(t *testing.T) {
-	need(t)
+	drivertest.Need(t, "the wasm driver's tests", setupErr)
 	image := filepath.Join(t.TempDir(), "broken")
 	os.MkdirAll(filepath.Join(image, "lib", "python3.11"), 0o755)
 	os.WriteFile(filepath.Join(image, "python.wasm"), []byte("not wasm"), 0o644)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
@@ -23,7 +24,7 @@ func pySandbox(t *testing.T) (*Driver, string, *box) {
 	t.Helper()
 	needPython(t)
 	d := openDriver(t, "py")
-	id := newSandbox(t, d, baseSpec(t, pyImage))
+	id := harness.Sandbox(t, d, baseSpec(t, pyImage))
 	b, err := d.lookup(id)
 	if err != nil {
 		t.Fatal(err)
@@ -119,7 +120,7 @@ func TestStandbyCountsOnlyTheRun(t *testing.T) {
 	d, id, b := pySandbox(t)
 	time.Sleep(time.Second) // the standby, started by Create, waits
 
-	res := run(t, d, id, "import time\ntime.sleep(0.3)", 800*time.Millisecond)
+	res := drivertest.Exec(t, d, id, "import time\ntime.sleep(0.3)", 800*time.Millisecond)
 	if res.Status != driver.StatusCompleted {
 		t.Fatalf("a 0.3 s run with a 0.8 s timeout, a second after its standby started: %s", res.Status)
 	}
@@ -165,7 +166,7 @@ func TestStandbyReplaced(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 		for i, want := range []string{"1\n", "2\n"} {
-			if got := mustRun(t, d, id, "print("+itoa(i+1)+")"); got != want {
+			if got := drivertest.MustExec(t, d, id, "print("+itoa(i+1)+")"); got != want {
 				t.Errorf("run %d: %q, want %q", i, got, want)
 			}
 		}
@@ -185,7 +186,7 @@ func TestStandbyReplaced(t *testing.T) {
 		}
 		for i, warm := range []bool{false, true} {
 			before := b.standbyRuns.Load()
-			if got := mustRun(t, d, id, "print(8)"); got != "8\n" {
+			if got := drivertest.MustExec(t, d, id, "print(8)"); got != "8\n" {
 				t.Errorf("run %d: %q", i, got)
 			}
 			if got := b.standbyRuns.Load() > before; got != warm {
@@ -194,9 +195,9 @@ func TestStandbyReplaced(t *testing.T) {
 		}
 	})
 	t.Run("standby ends by itself", func(t *testing.T) {
-		need(t)
+		drivertest.Need(t, "the wasm driver's tests", setupErr)
 		d := openDriver(t, "probe")
-		id := newSandbox(t, d, baseSpec(t, probeImage))
+		id := harness.Sandbox(t, d, baseSpec(t, probeImage))
 		b, _ := d.lookup(id)
 		for i := 0; i < 2; i++ {
 			time.Sleep(100 * time.Millisecond) // the probe standby has exited
@@ -226,7 +227,7 @@ func TestIdleWorkerMemory(t *testing.T) {
 	rss, pss := smapsRollup(t, workerPid(t, b))
 	t.Logf("idle sandbox worker, no run yet: RSS %.1f MiB, PSS %.1f MiB", float64(rss)/(1<<20), float64(pss)/(1<<20))
 	for i := 0; i < 10; i++ {
-		mustRun(t, d, id, "import json, re\nresult = json.dumps([1])")
+		drivertest.MustExec(t, d, id, "import json, re\nresult = json.dumps([1])")
 	}
 	time.Sleep(time.Second)
 	rss, pss = smapsRollup(t, workerPid(t, b))
