@@ -303,7 +303,7 @@ func TestZygoteFailureLogged(t *testing.T) {
 		if !found {
 			t.Errorf("no warning with sandbox=%s and the cause in the driver's log:\n%s", id, logs.String())
 		}
-		if out := mustRun(t, ld, id, "import os; print(os.getppid())"); out != "1\n" {
+		if out := drivertest.MustExec(t, ld, id, "import os; print(os.getppid())"); out != "1\n" {
 			t.Errorf("parent of a run without a zygote: %q, want 1 (the agent)", out)
 		}
 	})
