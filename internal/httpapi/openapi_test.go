@@ -113,7 +113,8 @@ func TestRoutesMatchTheDocument(t *testing.T) {
 }
 
 // TestOperationIDs: every operation has its operationId, camelCase and unique, and they are the
-// ones below: client generators name their methods after them, so renaming one breaks clients.
+// ones below: client generators name their methods after them (openapi-typescript's operations
+// type, which api/openapi_test.go type-checks, is keyed by them), so renaming one breaks clients.
 func TestOperationIDs(t *testing.T) {
 	want := map[string]string{
 		"GET /health":                                     "getHealth",
