@@ -49,13 +49,15 @@ run:
 TESTENV = SANDBOXD_ROOTFS=$$(scripts/build-image.sh) SANDBOXD_PYTHON_WASM=$$(scripts/build-python-wasm.sh 2>/dev/null) \
 	SANDBOXD_BIN=$(CURDIR)/bin
 
-# The image, python.wasm and the test VM, built in parallel when missing (scripts/caches.sh).
+# The image, python.wasm, the test VM and the npm packages that check api/openapi.json, built in
+# parallel when missing (scripts/caches.sh).
 caches:
 	@scripts/caches.sh
 
 test: caches build
 	go vet ./...
-	s=$$SECONDS; $(TESTENV) go test -count=1 -timeout 40m $$(go list ./... | grep -v '/test/vm$$') \
+	s=$$SECONDS; $(TESTENV) SANDBOXD_NODE_MODULES=$$(scripts/build-node-tools.sh) \
+		go test -count=1 -timeout 40m $$(go list ./... | grep -v '/test/vm$$') \
 		&& { echo "make test: host tests passed in $$((SECONDS - s)) s"; }
 	@$(MAKE) --no-print-directory test-vm
 

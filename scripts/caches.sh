@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds what make test needs besides the binaries — the cgroup v2 test VM (a kernel package: the
 # network), then the default image (debootstrap: mostly the network and the disk) beside
-# python.wasm (the compiler: the CPU) — each cached in ~/.cache/sandboxd, a no-op when cached.
+# python.wasm (the compiler: the CPU) and the npm packages that check the OpenAPI document
+# (npm ci: the network) — each cached in ~/.cache/sandboxd, a no-op when cached.
 # One line each with its time; each one's output goes to bin/logs/<name>.log, whose last lines are
 # shown when it fails. The dependencies are installed first, alone (apt takes a lock).
 #
@@ -32,8 +33,10 @@ phase image scripts/build-image.sh &
 image=$!
 phase python.wasm scripts/build-python-wasm.sh &
 wasm=$!
+phase node-tools scripts/build-node-tools.sh &
+nodetools=$!
 rc=0
-for p in $image $wasm; do
+for p in $image $wasm $nodetools; do
   wait "$p" || rc=1
 done
 echo "make test: caches in $((SECONDS - start)) s"

@@ -7,7 +7,11 @@
 # mkfs.ext4 from e2fsprogs (formats the template of every sandbox's disk; part of Debian's base),
 # and for the cgroup v2 test VM (scripts/build-vm.sh, test/vm): qemu-system-x86_64, static busybox
 # (the VM's initramfs), kmod (depmod and modprobe for the VM kernel's modules) and nft from
-# nftables (the VM test lists the guest's tables before and after the end-to-end suite).
+# nftables (the VM test lists the guest's tables before and after the end-to-end suite), and
+# node and npm from nodejs and npm (api/openapi_test.go lints the OpenAPI document and type-checks
+# a TypeScript client generated from it with npm packages, scripts/build-node-tools.sh; those need
+# Node.js >= 20.19, which this project's machines come with: Debian 12's own nodejs is 18, and
+# build-node-tools.sh says so).
 # Idempotent: apt-get runs only when something is missing
 # (after an `apt-get update`), non-interactively. Needs root (or sudo) only in that case.
 #
@@ -27,6 +31,8 @@ declare -A pkgs=(
   [busybox]=busybox-static
   [depmod]=kmod
   [nft]=nftables
+  [node]=nodejs
+  [npm]=npm
 )
 
 # debootstrap lives in /usr/sbin, which a non-root PATH may lack.
@@ -48,7 +54,7 @@ for mod in "${!pymods[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, mkfs.ext4, qemu, busybox, depmod, nft, python3 with pip, setuptools, wheel)" >&2
+  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, mkfs.ext4, qemu, busybox, depmod, nft, node, npm, python3 with pip, setuptools, wheel)" >&2
   exit 0
 fi
 

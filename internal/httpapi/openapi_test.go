@@ -16,6 +16,7 @@ import (
 	"github.com/pb33f/jsonschema/v6"
 	"github.com/pb33f/libopenapi"
 	validator "github.com/pb33f/libopenapi-validator"
+	v3 "github.com/pb33f/libopenapi/datamodel/high/v3"
 
 	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/internal/httpapi"
@@ -46,9 +47,9 @@ func TestMain(m *testing.M) {
 
 var wildcard = regexp.MustCompile(`\{[^}]*\}`)
 
-// TestRoutesMatchTheDocument: every route of the router is an operation of api/openapi.json, under
-// /api and /api/v1 alike, and every operation of the document is a route.
-func TestRoutesMatchTheDocument(t *testing.T) {
+// model is api/openapi.json's model.
+func model(t *testing.T) *v3.Document {
+	t.Helper()
 	doc, err := libopenapi.NewDocument(api.OpenAPI)
 	if err != nil {
 		t.Fatal(err)
@@ -57,10 +58,29 @@ func TestRoutesMatchTheDocument(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return &m.Model
+}
+
+// TestRoutesMatchTheDocument: every route of the router is an operation of api/openapi.json, under
+// /api and /api/v1 alike (the document's two servers), and every operation of the document, under
+// each of its servers, is a route.
+func TestRoutesMatchTheDocument(t *testing.T) {
+	m := model(t)
 	var documented []string
-	for path, item := range m.Model.Paths.PathItems.FromOldest() {
-		for method := range item.GetOperations().FromOldest() {
-			documented = append(documented, strings.ToUpper(method)+" "+wildcard.ReplaceAllString(path, "{}"))
+	for path, item := range m.Paths.PathItems.FromOldest() {
+		for method, op := range item.GetOperations().FromOldest() {
+			servers := m.Servers // the operation's own servers win over its path's, which win over the document's
+			if len(op.Servers) > 0 {
+				servers = op.Servers
+			} else if len(item.Servers) > 0 {
+				servers = item.Servers
+			}
+			if len(servers) == 0 {
+				t.Errorf("%s %s has no server", method, path)
+			}
+			for _, srv := range servers {
+				documented = append(documented, strings.ToUpper(method)+" "+wildcard.ReplaceAllString(strings.TrimSuffix(srv.URL, "/")+path, "{}"))
+			}
 		}
 	}
 	var routed []string
@@ -89,6 +109,58 @@ func TestRoutesMatchTheDocument(t *testing.T) {
 	}
 	if len(routed) < 30 {
 		t.Errorf("only %d routes: %v", len(routed), routed)
+	}
+}
+
+// TestOperationIDs: every operation has its operationId, camelCase and unique, and they are the
+// ones below: client generators name their methods after them (openapi-typescript's operations
+// type, which api/openapi_test.go type-checks, is keyed by them), so renaming one breaks clients.
+func TestOperationIDs(t *testing.T) {
+	want := map[string]string{
+		"GET /health":                                     "getHealth",
+		"GET /metrics":                                    "getMetrics",
+		"GET /openapi.json":                               "getOpenApiDocument",
+		"POST /sandbox/create":                            "createSandbox",
+		"GET /sandbox":                                    "listSandboxes",
+		"GET /sandbox/{sandbox_id}":                       "getSandbox",
+		"DELETE /sandbox/{sandbox_id}":                    "deleteSandbox",
+		"POST /sandbox/{sandbox_id}/run":                  "runCode",
+		"GET /sandbox/{sandbox_id}/runs":                  "listRuns",
+		"GET /sandbox/{sandbox_id}/runs/{run_id}":         "getRun",
+		"POST /sandbox/{sandbox_id}/runs/{run_id}/cancel": "cancelRun",
+		"GET /sandbox/{sandbox_id}/runs/{run_id}/events":  "streamRunEvents",
+		"PUT /sandbox/{sandbox_id}/files":                 "putFile",
+		"GET /sandbox/{sandbox_id}/files":                 "getFile",
+		"DELETE /sandbox/{sandbox_id}/files":              "deleteFile",
+		"GET /usage":                                      "getUsage",
+		"GET /audit":                                      "listAuditEvents",
+		"GET /images":                                     "listImages",
+	}
+	camel := regexp.MustCompile(`^[a-z]+([A-Z][a-z0-9]*)*$`)
+	got := map[string]string{}
+	seen := map[string]string{}
+	for path, item := range model(t).Paths.PathItems.FromOldest() {
+		for method, op := range item.GetOperations().FromOldest() {
+			key := strings.ToUpper(method) + " " + path
+			got[key] = op.OperationId
+			if !camel.MatchString(op.OperationId) {
+				t.Errorf("%s: operationId %q is not camelCase", key, op.OperationId)
+			}
+			if other, dup := seen[op.OperationId]; dup {
+				t.Errorf("%s and %s share the operationId %q", other, key, op.OperationId)
+			}
+			seen[op.OperationId] = key
+		}
+	}
+	for key, id := range want {
+		if got[key] != id {
+			t.Errorf("%s: operationId %q, want %q", key, got[key], id)
+		}
+	}
+	for key := range got {
+		if _, ok := want[key]; !ok {
+			t.Errorf("%s is not in this test's table: add it with its operationId", key)
+		}
 	}
 }
 

@@ -27,6 +27,7 @@ import (
 	valerrors "github.com/pb33f/libopenapi-validator/errors"
 	"github.com/pb33f/libopenapi-validator/paths"
 	"github.com/pb33f/libopenapi-validator/responses"
+	"github.com/pb33f/libopenapi-validator/router"
 	v3 "github.com/pb33f/libopenapi/datamodel/high/v3"
 )
 
@@ -52,9 +53,13 @@ func New(doc []byte) (*Checker, error) {
 		return nil, fmt.Errorf("openapi document model: %w", err)
 	}
 	opts := []config.Option{config.WithStrictMode(), config.WithFormatAssertions()}
+	find := config.NewValidationOptions(opts...)
+	// Operations are found through their servers, as a client reaches them: /api/... and
+	// /api/v1/... through the document's, /health through its own ("/"), so /api/health is not one.
+	find.Router = router.NewRouter(&m.Model)
 	return &Checker{
 		model: &m.Model,
-		opts:  config.NewValidationOptions(opts...),
+		opts:  find,
 		body:  responses.NewResponseBodyValidator(&m.Model, opts...),
 	}, nil
 }

@@ -64,6 +64,9 @@ func TestCheck(t *testing.T) {
 		{"no such route", "GET", "/api/nothing", 404, json, `{"error":"not_found","message":"no route","code":404,"docs":"/docs/errors#not_found"}`, nil, false, ""},
 		{"no such route, other answer", "GET", "/api/nothing", 200, json, `{}`, nil, false, "no such operation"},
 		{"no such method", "PATCH", "/api/sandbox", 200, json, `{}`, nil, false, "no such operation"},
+		{"no base path", "GET", "/sandbox/sbx_y/runs/run_x", 200, json, run, nil, false, "no such operation"},
+		{"root operation under /api", "GET", "/api/health", 200, json, `{"status":"ok","version":"1","runtimes":{}}`, nil, false, "no such operation"},
+		{"root operation under /api, catch-all", "GET", "/api/v1/health", 404, json, `{"error":"not_found","message":"no route","code":404,"docs":"/docs/errors#not_found"}`, nil, false, ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
