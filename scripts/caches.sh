@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds what make test needs besides the binaries — the cgroup v2 test VM (a kernel package: the
-# network), then the default image (debootstrap: mostly the network and the disk) beside
+# network), then the two container images (debootstrap: mostly the network and the disk) beside
 # python.wasm (the compiler: the CPU) — each cached in ~/.cache/sandboxd, a no-op when cached.
 # One line each with its time; each one's output goes to bin/logs/<name>.log, whose last lines are
 # shown when it fails. The dependencies are installed first, alone (apt takes a lock).
@@ -26,14 +26,16 @@ phase() {
 
 phase deps scripts/install-deps.sh
 # The VM's kernel first, alone (it may run apt-get update, as the python.wasm build does: apt's
-# lists lock admits one); then debootstrap (no apt) beside the compiler.
+# lists lock admits one); then debootstrap (no apt), one per image, beside the compiler.
 phase vm scripts/build-vm.sh
 phase image scripts/build-image.sh &
 image=$!
+phase image-slim scripts/build-image.sh slim &
+slim=$!
 phase python.wasm scripts/build-python-wasm.sh &
 wasm=$!
 rc=0
-for p in $image $wasm; do
+for p in $image $slim $wasm; do
   wait "$p" || rc=1
 done
 echo "make test: caches in $((SECONDS - start)) s"
