@@ -3,6 +3,7 @@ SHELL   := /bin/bash
 LISTEN  ?= 127.0.0.1:8080
 DATA    ?= data
 IMAGE   := agentcop/agent-sandbox:latest
+SLIM    := agentcop/agent-sandbox:slim
 WASM    := python:3.11-wasi
 GOFLAGS ?=
 export CGO_ENABLED := 0
@@ -14,9 +15,11 @@ all: build
 deps:
 	@scripts/install-deps.sh
 
-# The default image: a Debian root filesystem with python3, cached in ~/.cache/sandboxd.
+# The container images, Debian root filesystems cached in ~/.cache/sandboxd: the default (data)
+# image, python3 with numpy, pandas, scipy, matplotlib and more, and the slim one, python3 alone.
 image: deps
 	@scripts/build-image.sh >/dev/null
+	@scripts/build-image.sh slim >/dev/null
 
 # The WASM image: CPython 3.11 for wasm32-wasi built from Debian's sources (about 4-8 minutes the
 # first time), cached in ~/.cache/sandboxd/python-wasm.
@@ -41,7 +44,7 @@ doctor: deps build
 # something required is missing), the image — one line each, the tools' output in $(DATA)/logs/ —
 # then serve; the WASM image is built by the server in the background (scripts/run.sh says more).
 run:
-	@LISTEN=$(LISTEN) DATA=$(DATA) IMAGE=$(IMAGE) WASM=$(WASM) scripts/run.sh
+	@LISTEN=$(LISTEN) DATA=$(DATA) IMAGE=$(IMAGE) SLIM=$(SLIM) WASM=$(WASM) scripts/run.sh
 
 # The host's tests first, then test/vm alone: the VM's two emulated CPUs take both cores of a
 # small machine, and timing-sensitive host tests must not share them. test/vm's summary lines
@@ -49,7 +52,7 @@ run:
 TESTENV = SANDBOXD_ROOTFS=$$(scripts/build-image.sh) SANDBOXD_PYTHON_WASM=$$(scripts/build-python-wasm.sh 2>/dev/null) \
 	SANDBOXD_BIN=$(CURDIR)/bin
 
-# The image, python.wasm, the test VM and the npm packages that check api/openapi.json, built in
+# The images, python.wasm, the test VM and the npm packages that check api/openapi.json, built in
 # parallel when missing (scripts/caches.sh).
 caches:
 	@scripts/caches.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds what make test needs besides the binaries — the cgroup v2 test VM (a kernel package: the
-# network), then the default image (debootstrap: mostly the network and the disk) beside
+# network), then the two container images (debootstrap: mostly the network and the disk) beside
 # python.wasm (the compiler: the CPU) and the npm packages that check the OpenAPI document
 # (npm ci: the network) — each cached in ~/.cache/sandboxd, a no-op when cached.
 # One line each with its time; each one's output goes to bin/logs/<name>.log, whose last lines are
@@ -27,16 +27,18 @@ phase() {
 
 phase deps scripts/install-deps.sh
 # The VM's kernel first, alone (it may run apt-get update, as the python.wasm build does: apt's
-# lists lock admits one); then debootstrap (no apt) beside the compiler.
+# lists lock admits one); then debootstrap (no apt), one per image, beside the compiler.
 phase vm scripts/build-vm.sh
 phase image scripts/build-image.sh &
 image=$!
+phase image-slim scripts/build-image.sh slim &
+slim=$!
 phase python.wasm scripts/build-python-wasm.sh &
 wasm=$!
 phase node-tools scripts/build-node-tools.sh &
 nodetools=$!
 rc=0
-for p in $image $wasm $nodetools; do
+for p in $image $slim $wasm $nodetools; do
   wait "$p" || rc=1
 done
 echo "make test: caches in $((SECONDS - start)) s"

@@ -9,7 +9,8 @@
 # (SANDBOXD_START_TIME).
 #
 # Usage: scripts/run.sh   (the Makefile's run target; settings from the environment:)
-#   LISTEN (127.0.0.1:8080)  DATA (data)  IMAGE (agentcop/agent-sandbox:latest)  WASM (python:3.11-wasi)
+#   LISTEN (127.0.0.1:8080)  DATA (data)  IMAGE (agentcop/agent-sandbox:latest, the data image: the
+#   default)  SLIM (agentcop/agent-sandbox:slim)  WASM (python:3.11-wasi)
 set -euo pipefail
 now_ms() { date +%s%3N; }
 start_ms=$(now_ms)
@@ -19,6 +20,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LISTEN=${LISTEN:-127.0.0.1:8080}
 DATA=${DATA:-data}
 IMAGE=${IMAGE:-agentcop/agent-sandbox:latest}
+SLIM=${SLIM:-agentcop/agent-sandbox:slim}
 WASM=${WASM:-python:3.11-wasi}
 logs=$DATA/logs
 mkdir -p -m 700 "$DATA"
@@ -62,11 +64,20 @@ step 3 "host check" "$logs/doctor.log" bin/sandboxd doctor --data-dir "$DATA" --
 echo "ok ($took): $(tail -n 1 "$logs/doctor.log")"
 grep '^warn' "$logs/doctor.log" || true
 
-# The container image: cached after the first build (which prints what it does on stderr).
-image_build() { scripts/build-image.sh >"$logs/image-build.path"; }
-step 4 "container image" "$logs/image-build.log" image_build
+# The container images, the data image and the slim one, built side by side: cached after the
+# first build (which prints what it does on stderr).
+images_build() {
+  scripts/build-image.sh >"$logs/image-build.path" & local data=$!
+  scripts/build-image.sh slim >"$logs/image-slim-build.path" & local slim=$!
+  local rc=0
+  wait "$data" || rc=1
+  wait "$slim" || rc=1
+  return $rc
+}
+step 4 "container images" "$logs/image-build.log" images_build
 rootfs=$(tail -n 1 "$logs/image-build.path")
-rm -f "$logs/image-build.path"
+slim_rootfs=$(tail -n 1 "$logs/image-slim-build.path")
+rm -f "$logs/image-build.path" "$logs/image-slim-build.path"
 if [ -s "$logs/image-build.log" ]; then
   echo "built ($took), log: $logs/image-build.log"
 else
@@ -113,7 +124,7 @@ poller=$!
 # on one SIGTERM: the terminal's SIGINT to the whole process group would reach the server twice
 # (directly and through its mount-namespace parent), and a second signal stops it at once, before
 # it has destroyed its sandboxes and stopped the WASM build. A second Ctrl-C does just that.
-setsid bin/sandboxd serve --listen "$LISTEN" --data-dir "$DATA" --image "$IMAGE=$rootfs" \
+setsid bin/sandboxd serve --listen "$LISTEN" --data-dir "$DATA" --image "$IMAGE=$rootfs" --image "$SLIM=$slim_rootfs" \
   --wasm-build "$WASM=scripts/build-python-wasm.sh" &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null || true' INT TERM HUP

@@ -35,7 +35,8 @@ import (
 // bench measures sandboxd against baselines measured in the same run, interleaved with the API's
 // calls so that load hits both alike: a detached `crun run -d` + delete of the same kind of bundle
 // for create, the host's own `python3 -c 'print(1)'` for a run, a foreground `crun run` of it for
-// create + run + delete. Then throughput, and the cost of many idle sandboxes.
+// create + run + delete. Then the first image's size, build time and `import pandas` run, throughput,
+// and the cost of many idle sandboxes.
 func bench(args []string, log *slog.Logger) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	n := fs.Int("n", 200, "latency samples per figure")
@@ -230,6 +231,10 @@ func bench(args []string, log *slog.Logger) error {
 	if err := c.delete(live); err != nil {
 		return err
 	}
+	progress("bench: the image…")
+	if err := benchImage(c, rep, cfg.Images[0], min(*n, 20), settle); err != nil {
+		return err
+	}
 
 	if ims := imagesOf(cfg.Images, "wasm"); len(ims) > 0 {
 		progress("bench: %d WASM samples…", *n)
@@ -329,6 +334,54 @@ func benchWasm(ctx context.Context, c *benchClient, rep *report, tmp, image stri
 	rep.add(b, nil, "")
 	rep.add(figure{Name: "wasm create -> ready", Samples: creates}, &b, "p50 ≤ 2 ms")
 	rep.add(figure{Name: "wasm sync run print(1), live sandbox", Samples: runs}, &b, "p50 ≤ 10 ms")
+	return nil
+}
+
+// benchImage reports the container image's size (du -sb of its root), its build time (the
+// build-seconds file scripts/build-image.sh writes beside the root, when there is one) and, when
+// it has pandas, the run of `import pandas` in n fresh sandboxes (bench takes at most 20: an import
+// takes about half a second) against a print(1) run just before it in the same sandbox.
+func benchImage(c *benchClient, rep *report, im sandbox.Image, n int, settle func()) error {
+	out, err := exec.Command("du", "-sb", im.RootFS).Output()
+	if err != nil {
+		return fmt.Errorf("du -sb %s: %w", im.RootFS, err)
+	}
+	size, err := strconv.ParseFloat(strings.Fields(string(out))[0], 64)
+	if err != nil {
+		return fmt.Errorf("du -sb %s: %q", im.RootFS, out)
+	}
+	rep.Values = append(rep.Values, value{Name: "image " + im.Name + ": size (du -sb)", Value: size / (1 << 20), Unit: "MiB"})
+	if b, err := os.ReadFile(filepath.Join(filepath.Dir(im.RootFS), "build-seconds")); err == nil {
+		if secs, err := strconv.ParseFloat(strings.TrimSpace(string(b)), 64); err == nil {
+			rep.Values = append(rep.Values, value{Name: "image " + im.Name + ": build time", Value: secs, Unit: "s"})
+		}
+	}
+	var base, imports []time.Duration
+	for i := 0; i < n; i++ {
+		settle()
+		id, err := c.create(benchConfig)
+		if err != nil {
+			return err
+		}
+		d, err := c.runCode(id, "print(1)", "1\n")
+		if err == nil {
+			base = append(base, d)
+			d, err = c.runCode(id, "import pandas", "")
+			imports = append(imports, d)
+		}
+		if derr := c.delete(id); err == nil {
+			err = derr
+		}
+		if err != nil && i == 0 && strings.Contains(err.Error(), "ModuleNotFoundError") {
+			return nil // an image without pandas
+		}
+		if err != nil {
+			return err
+		}
+	}
+	b := figure{Name: "baseline: print(1), fresh sandbox", Samples: base}
+	rep.add(b, nil, "")
+	rep.add(figure{Name: "sync run import pandas, same sandbox", Samples: imports}, &b, "")
 	return nil
 }
 
@@ -646,13 +699,17 @@ func (c *benchClient) create(cfg map[string]any) (string, error) {
 	return r.SandboxID, err
 }
 
-func (c *benchClient) run(id string) (time.Duration, error) {
+func (c *benchClient) run(id string) (time.Duration, error) { return c.runCode(id, "print(1)", "1\n") }
+
+// runCode runs code synchronously in sandbox id and times the request; the run must complete and
+// print stdout.
+func (c *benchClient) runCode(id, code, stdout string) (time.Duration, error) {
 	var r api.Run
 	t0 := time.Now()
-	err := c.do("POST", "/api/sandbox/"+id+"/run", map[string]any{"code": "print(1)"}, &r)
+	err := c.do("POST", "/api/sandbox/"+id+"/run", map[string]any{"code": code}, &r)
 	d := time.Since(t0)
-	if err == nil && (r.Status != "completed" || r.Stdout != "1\n") {
-		err = fmt.Errorf("run: %s %q %s", r.Status, r.Stdout, r.Stderr)
+	if err == nil && (r.Status != "completed" || r.Stdout != stdout) {
+		err = fmt.Errorf("run %q: %s %q %s", code, r.Status, r.Stdout, r.Stderr)
 	}
 	return d, err
 }

@@ -60,6 +60,7 @@ func newFake(t *testing.T) *fake {
 	}
 	f.write("sbin/.keep", "")
 	f.write("scripts/build-image.sh", "image recipe\n")
+	f.write("scripts/image/data.packages", "python3=3\n")
 	f.write("scripts/build-python-wasm.sh", "wasm recipe\n")
 	f.write("scripts/wasm/sqlite-wasi-shim.h", "shim\n")
 	f.write("libexec/sandbox-agent", "agent")
@@ -73,8 +74,8 @@ func newFake(t *testing.T) *fake {
 		Delegate: func(string) (bool, error) { return f.delegd, nil },
 	}
 	d := &doctor{h: f.h}
-	f.write("cache/images/agent-sandbox-"+d.recipeHash("build-image.sh")+"/.complete", "")
-	f.write("cache/python-wasm/python-3.11-wasi-"+d.wasmRecipeHash()+"/.complete", "")
+	f.write("cache/images/agent-sandbox-data-"+d.recipeHash(imageRecipe...)+"/.complete", "")
+	f.write("cache/python-wasm/python-3.11-wasi-"+d.recipeHash(wasmRecipe...)+"/.complete", "")
 	f.cfg = config.Config{DataDir: f.path("data"), AgentBin: f.path("libexec/sandbox-agent")}
 	return f
 }
@@ -290,6 +291,10 @@ func TestChecks(t *testing.T) {
 			"default image", OK, "make run builds it", ""},
 		{"image of an older recipe only", func(f *fake) {
 			f.write("scripts/build-image.sh", "a new recipe\n")
+			f.remove("bin/debootstrap")
+		}, "default image", Missing, "not built", "apt-get install debootstrap (Fedora/RHEL: dnf install debootstrap, from EPEL on RHEL)"},
+		{"image of older pins only", func(f *fake) {
+			f.write("scripts/image/data.packages", "python3=4\n")
 			f.remove("bin/debootstrap")
 		}, "default image", Missing, "not built", "apt-get install debootstrap (Fedora/RHEL: dnf install debootstrap, from EPEL on RHEL)"},
 		{"scripts unknown: any cached image", func(f *fake) { f.h.Scripts = "" },

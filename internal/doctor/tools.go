@@ -124,14 +124,14 @@ func (d *doctor) agent() Result {
 
 // image checks the container images: those the flags or --config approve (each a root file
 // system with python3), or, when none is named (make run builds the default one after the
-// doctor), the default image in scripts/build-image.sh's cache, or debootstrap to build it.
+// doctor), the default (data) image in scripts/build-image.sh's cache, or debootstrap to build it.
 func (d *doctor) image() Result {
 	if r, named := d.named("images", sandbox.ModeContainer); named {
 		return r
 	}
 	const name = "default image"
 	fix := install("debootstrap", "dnf install debootstrap, from EPEL on RHEL")
-	dir, cached := d.cached("images", "agent-sandbox-", d.recipeHash("build-image.sh"))
+	dir, cached := d.cached("images", "agent-sandbox-data-", d.recipeHash(imageRecipe...))
 	_, err := d.h.LookPath("debootstrap")
 	switch {
 	case cached && err == nil:
@@ -151,7 +151,7 @@ func (d *doctor) wasm() Result {
 		return r
 	}
 	const name = "WASM mode"
-	dir, cached := d.cached("python-wasm", "python-3.11-wasi-", d.wasmRecipeHash())
+	dir, cached := d.cached("python-wasm", "python-3.11-wasi-", d.recipeHash(wasmRecipe...))
 	if !cached {
 		return warn(name, "python.wasm is not built: WASM sandboxes are unavailable", "make wasm builds it, 4–8 min (make run does it after the doctor)")
 	}
@@ -195,21 +195,12 @@ func (d *doctor) cached(sub, prefix, hash string) (string, bool) {
 	return newest, newest != ""
 }
 
-// recipeHash is scripts/build-image.sh's name for its build: the first 12 hex digits of the
-// script's sha256 ("" when the scripts are not found).
-func (d *doctor) recipeHash(script string) string {
-	sum, err := d.fileSum(script)
-	if err != nil {
-		return ""
-	}
-	return sum[:12]
-}
-
-// wasmRecipeHash is scripts/build-python-wasm.sh's name for its build: the sha256 of
-// `sha256sum build-python-wasm.sh wasm/sqlite-wasi-shim.h`'s output, 12 hex digits.
-func (d *doctor) wasmRecipeHash() string {
+// recipeHash is the name a build script gives its build, from the files of its recipe (paths in
+// the scripts directory): the first 12 hex digits of the sha256 of `sha256sum FILES...`'s output,
+// as scripts/build-image.sh and build-python-wasm.sh compute it ("" when the scripts are not found).
+func (d *doctor) recipeHash(files ...string) string {
 	var lines strings.Builder
-	for _, f := range []string{"build-python-wasm.sh", "wasm/sqlite-wasi-shim.h"} {
+	for _, f := range files {
 		sum, err := d.fileSum(f)
 		if err != nil {
 			return ""
@@ -219,6 +210,12 @@ func (d *doctor) wasmRecipeHash() string {
 	sum := sha256.Sum256([]byte(lines.String()))
 	return hex.EncodeToString(sum[:])[:12]
 }
+
+// The recipes of the default image (scripts/build-image.sh data) and of python.wasm.
+var (
+	imageRecipe = []string{"build-image.sh", "image/data.packages"}
+	wasmRecipe  = []string{"build-python-wasm.sh", "wasm/sqlite-wasi-shim.h"}
+)
 
 // fileSum is the sha256 (hex) of a file of the scripts directory.
 func (d *doctor) fileSum(rel string) (string, error) {
