@@ -50,19 +50,27 @@ func TestProbeRun(t *testing.T) {
 	// group, in the sandbox's cgroup.
 	b, _ := d.lookup(id)
 	pid := workerPid(t, b)
-	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
+	// Every thread: credentials and no_new_privs are per thread, and the Go runtime starts
+	// threads before the worker drops its privileges.
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	if err != nil || len(tasks) == 0 {
+		t.Fatalf("worker %d's threads: %v", pid, err)
 	}
 	ids := strings.Repeat(fmt.Sprintf("\t%d", spec.HostIDs+driver.SandboxUser), 4)
-	for _, want := range []string{"Uid:" + ids, "Gid:" + ids, "CapEff:\t0000000000000000", "CapPrm:\t0000000000000000", "NoNewPrivs:\t1"} {
-		if !strings.Contains(string(st), want) {
-			t.Errorf("worker status lacks %q:\n%s", want, st)
+	for _, task := range tasks {
+		st, err := os.ReadFile(task)
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
-	for _, l := range strings.Split(string(st), "\n") {
-		if g, ok := strings.CutPrefix(l, "Groups:"); ok && strings.TrimSpace(g) != "" {
-			t.Errorf("worker has supplementary groups: %s", g)
+		for _, want := range []string{"Uid:" + ids, "Gid:" + ids, "CapEff:\t0000000000000000", "CapPrm:\t0000000000000000", "NoNewPrivs:\t1"} {
+			if !strings.Contains(string(st), want) {
+				t.Errorf("worker thread %s lacks %q:\n%s", task, want, st)
+			}
+		}
+		for _, l := range strings.Split(string(st), "\n") {
+			if g, ok := strings.CutPrefix(l, "Groups:"); ok && strings.TrimSpace(g) != "" {
+				t.Errorf("worker thread %s has supplementary groups: %s", task, g)
+			}
 		}
 	}
 	if pgid, _ := syscall.Getpgid(pid); pgid != pid {

@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
-	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 

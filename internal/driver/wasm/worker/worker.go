@@ -200,8 +200,19 @@ func runWorker(o workerOptions) error {
 	if err != nil {
 		return err
 	}
-	// Nothing the worker does may gain privileges (it runs no program, but say so anyway).
-	_ = unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+	// Nothing the worker does may gain privileges (it runs no program, but say so anyway). The
+	// flag is per thread and the Go runtime has started several already: set it on all of them
+	// (threads started later inherit it). A build with cgo cannot (ENOTSUP): this thread only.
+	_, _, errno := syscall.AllThreadsSyscall(syscall.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0)
+	if errno == syscall.ENOTSUP {
+		errno = 0
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			errno = err.(syscall.Errno)
+		}
+	}
+	if errno != 0 {
+		return fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", errno)
+	}
 
 	ctx := context.Background()
 	start := time.Now()
