@@ -33,10 +33,10 @@ func TestImageBuiltInTheBackground(t *testing.T) {
 			b := imagebuild.Start(imagebuild.Config{Name: "python:3.11-wasi", Command: c.command,
 				Log: filepath.Join(dir, "logs", "wasm-build.log"), DefaultEstimate: 5 * time.Minute})
 			t.Cleanup(b.Close)
-			f := setupWith(t, httpapi.Options{}, dir, []sandbox.Image{
+			f := setupWith(t, httpapi.Options{}, sandbox.Config{DataDir: dir, Images: []sandbox.Image{
 				{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/x", Default: true},
 				{Name: "python:3.11-wasi", Mode: "wasm", Default: true, Build: b},
-			}, map[string]driver.Driver{"container": fakedriver.New(), "wasm": fakedriver.New()})
+			}}, map[string]driver.Driver{"container": fakedriver.New(), "wasm": fakedriver.New()})
 			const wasmCreate = `{"agent_id":"a","mode":"wasm"}`
 			wasmImage := func() map[string]any {
 				t.Helper()

@@ -19,15 +19,46 @@ import (
 // putFile: PUT /api/sandbox/{id}/files?path=… with the raw content as body.
 func (s *server) putFile(w http.ResponseWriter, r *http.Request, acct store.Account) error {
 	if max := s.svc.MaxUploadBytes(); r.ContentLength > max {
-		return apiError(http.StatusRequestEntityTooLarge, "payload_too_large",
+		err := apiError(http.StatusRequestEntityTooLarge, "payload_too_large",
 			fmt.Sprintf("the file (%d bytes) is larger than the upload limit of %d bytes", r.ContentLength, max))
+		if strings.EqualFold(r.Header.Get("Expect"), "100-continue") {
+			return err // the client waits for our word before it sends the body: nothing to drain
+		}
+		s.refuseUpload(w, r, err)
+		return nil
 	}
 	out, err := s.svc.WriteFile(r.Context(), acct, r.PathValue("id"), r.URL.Query().Get("path"), r.Body)
+	if sandbox.KindOf(err) == sandbox.KindPayloadTooLarge {
+		s.refuseUpload(w, r, err)
+		return nil
+	}
 	if err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusCreated, out)
 	return nil
+}
+
+// What refuseUpload reads and drops at most after its answer.
+const (
+	lingerBytes = 64 << 20
+	lingerTime  = 10 * time.Second
+)
+
+// refuseUpload answers err to an upload whose body is still coming, then reads and drops the
+// rest of the body (at most lingerBytes, for at most lingerTime) before the connection closes.
+// A client writes its whole body before it reads the answer (Go's and Python's do): a server that
+// closed the connection with unread bytes would reset it, and the client would see "connection
+// reset by peer" instead of the 413 — as it did under load when net/http's 500 ms of grace ran
+// out. nginx's lingering close does the same.
+func (s *server) refuseUpload(w http.ResponseWriter, r *http.Request, err error) {
+	rc := http.NewResponseController(w)
+	_ = rc.EnableFullDuplex() // read the body after the answer is written
+	w.Header().Set("Connection", "close")
+	s.writeError(w, r, err)
+	_ = rc.Flush()
+	_ = rc.SetReadDeadline(time.Now().Add(lingerTime))
+	_, _ = io.CopyN(io.Discard, r.Body, lingerBytes)
 }
 
 // getFile: GET /api/sandbox/{id}/files?path=… — a file's bytes (ETag: its SHA-256; Range

@@ -1,9 +1,13 @@
 package httpapi_test
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -24,21 +28,22 @@ type fixture struct {
 
 func setup(t *testing.T, opts httpapi.Options) fixture {
 	t.Helper()
-	return setupWith(t, opts, t.TempDir(),
-		[]sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/x", Default: true, Digest: "sha256:abc"}},
+	return setupWith(t, opts, sandbox.Config{DataDir: t.TempDir(), Images: defaultImages},
 		map[string]driver.Driver{"container": fakedriver.New()})
 }
 
-// setupWith serves a service on dir with these images and drivers (by mode).
-func setupWith(t *testing.T, opts httpapi.Options, dir string, images []sandbox.Image, drivers map[string]driver.Driver) fixture {
+var defaultImages = []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/x", Default: true, Digest: "sha256:abc"}}
+
+// setupWith serves a service of this configuration with these drivers (by mode).
+func setupWith(t *testing.T, opts httpapi.Options, cfg sandbox.Config, drivers map[string]driver.Driver) fixture {
 	t.Helper()
 	ctx := context.Background()
-	st, err := sqlite.Open(ctx, filepath.Join(dir, "db"))
+	st, err := sqlite.Open(ctx, filepath.Join(cfg.DataDir, "db"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	svc, err := sandbox.New(ctx, sandbox.Config{DataDir: dir, Images: images}, st, drivers)
+	svc, err := sandbox.New(ctx, cfg, st, drivers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,6 +184,46 @@ func TestSandboxFlowOverHTTP(t *testing.T) {
 	status, m, _ = call(t, "GET", f.url+"/health", "", "")
 	if status != 200 || m["status"] != "ok" {
 		t.Fatalf("health: %d %v", status, m)
+	}
+}
+
+// An upload over the limit is answered 413 even when the client sends its whole body before it
+// reads the answer (Go's and Python's clients do): the server reads and drops the rest rather than
+// resetting the connection, which the client would report as "connection reset by peer".
+func TestUploadOverTheLimitAnswered(t *testing.T) {
+	const limit = 1 << 20
+	f := setupWith(t, httpapi.Options{}, sandbox.Config{DataDir: t.TempDir(), Images: defaultImages, MaxUploadBytes: limit},
+		map[string]driver.Driver{"container": fakedriver.New()})
+	status, m, _ := call(t, "POST", f.url+"/api/sandbox/create", f.key, seedCreate)
+	if status != 201 {
+		t.Fatalf("create: %d %v", status, m)
+	}
+	path := "/api/sandbox/" + m["sandbox_id"].(string) + "/files?path=/workspace/output/big"
+	body := bytes.Repeat([]byte("x"), 4*limit) // 3 MiB past the limit: more than net/http drops unasked
+	for _, c := range []struct{ name, header, body string }{
+		{"chunked", "Transfer-Encoding: chunked", fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(body), body)},
+		{"sized, no 100-continue", fmt.Sprintf("Content-Length: %d", len(body)), string(body)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", strings.TrimPrefix(f.url, "http://"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			req := fmt.Sprintf("PUT %s HTTP/1.1\r\nHost: x\r\nX-AgentCop-Key: %s\r\n%s\r\n\r\n%s", path, f.key, c.header, c.body)
+			if _, err := io.WriteString(conn, req); err != nil { // all of it, before reading
+				t.Fatalf("writing the request: %v", err)
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatalf("reading the answer: %v", err)
+			}
+			defer resp.Body.Close()
+			var env map[string]any
+			if err := json.NewDecoder(resp.Body).Decode(&env); err != nil || resp.StatusCode != 413 || env["error"] != "payload_too_large" {
+				t.Fatalf("answer: %d %v %v", resp.StatusCode, env, err)
+			}
+		})
 	}
 }
 
