@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -612,8 +613,14 @@ func netNamespaces(id string) map[string]bool {
 	return out
 }
 
+// hostNet is the network namespace of the calling thread, which is the host's: not
+// /proc/self's, the thread group leader's, which a goroutine that entered a sandbox's namespace
+// and ended locked to that thread can leave there for good (the Go runtime wedges a leader it
+// cannot end) — then the host's own namespace passed for a sandbox's.
 func hostNet() string {
-	ns, _ := os.Readlink("/proc/self/ns/net")
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	ns, _ := os.Readlink("/proc/thread-self/ns/net")
 	return ns
 }
 
