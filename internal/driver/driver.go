@@ -139,6 +139,10 @@ type Driver interface {
 	// Exec runs one program in a ready sandbox and returns when it has ended. Cancelling ctx kills
 	// the run and returns StatusCancelled. When Exec returns, no process of the run is left.
 	// Errors: ErrNotFound for an unknown id; any other error means the driver failed.
+	// A sandbox created by an earlier process of the service is run in only by a driver whose
+	// sandboxes outlive its process (container); a driver whose sandboxes live in its process
+	// (WASM) lists such a sandbox, so that it can be destroyed, but says ErrNotFound to Exec in it.
+	// The conformance suite (package drivertest, Harness.Survives) holds drivers to this.
 	Exec(ctx context.Context, id string, req ExecRequest) (ExecResult, error)
 	// Destroy kills everything of sandbox id and removes its processes, mounts, cgroups, network
 	// namespace and the driver's own state of it (the Mounts' HostDirs belong to the caller and

@@ -43,8 +43,8 @@
 //     whatever the guest does. ExecResult.CPU is the cgroup's CPU time during the run;
 //     ExecResult.MemoryPeak the high-water mark of the instance's linear memory (start-up,
 //     static data and stack included). The status is driver.Classify's; "oom" is an uncaught
-//     MemoryError, a trap after the guest was refused memory past its cap, or a cgroup OOM kill
-//     of the worker. A trap is "failed", exit code 134, with "sandbox: the interpreter crashed
+//     MemoryError or a trap after the guest was refused memory past its cap, or a cgroup OOM
+//     kill of the worker (a MemoryError without a refusal is "failed", as in a container). A trap is "failed", exit code 134, with "sandbox: the interpreter crashed
 //     (why)" on stderr and, when the interpreter's C stack overflowed, error {type:
 //     StackOverflow}; the next run gets a fresh instance.
 //   - State: everything of a sandbox is <StateDir>/sandboxes/<id>/ (meta.json names its cgroup)
@@ -855,14 +855,13 @@ func (e *execution) report(res *driver.ExecResult) {
 	}
 }
 
-// outOfMemory reports whether a failed run failed for want of memory: an uncaught MemoryError;
-// or, when the guest was refused memory past its cap, a trap or a failure without a reported
-// exception (the runner could not report it: formatting needs memory too).
+// outOfMemory reports whether a failed run failed for want of memory under its limit: the guest
+// was refused memory past its cap, and the run ended in an uncaught MemoryError, a trap or a
+// failure without a reported exception (the runner could not report it: formatting needs memory
+// too). A MemoryError without a refusal (a request no allocator could grant, say) is an ordinary
+// failure, as it is in a container, where only the memory limit's kill is oom.
 func outOfMemory(e *driver.PyError, ex *protocol.Exit) bool {
-	if e != nil {
-		return e.Type == "MemoryError"
-	}
-	return ex.GrowRefused
+	return ex.GrowRefused && (e == nil || e.Type == "MemoryError")
 }
 
 // Destroy kills sandbox id's worker and removes its cgroup (killing anything left in it) and its

@@ -582,7 +582,9 @@ func (f *hostFile) Stat() (sys.Stat_t, experimentalsys.Errno) {
 	return st, errno
 }
 
-func (f *hostFile) Read(buf []byte) (int, experimentalsys.Errno) {
+// transfer is Read, Pread, Write and Pwrite: op once, again on EINTR, with a closed file's EBADF,
+// nothing to do for an empty buf, and a positioned call on a pipe's ESPIPE as ENOTSUP.
+func (f *hostFile) transfer(buf []byte, positioned bool, op func([]byte) (int, error)) (int, experimentalsys.Errno) {
 	if f.closed {
 		return 0, experimentalsys.EBADF
 	}
@@ -590,37 +592,25 @@ func (f *hostFile) Read(buf []byte) (int, experimentalsys.Errno) {
 		return 0, 0
 	}
 	for {
-		n, err := unix.Read(f.fd, buf)
-		if err == unix.EINTR {
+		n, err := op(buf)
+		switch {
+		case err == unix.EINTR:
 			continue
-		}
-		if err != nil {
+		case err == unix.ESPIPE && positioned:
+			return 0, experimentalsys.ENOTSUP
+		case err != nil:
 			return 0, errnoOf(err)
 		}
 		return n, 0
 	}
 }
 
+func (f *hostFile) Read(buf []byte) (int, experimentalsys.Errno) {
+	return f.transfer(buf, false, func(b []byte) (int, error) { return unix.Read(f.fd, b) })
+}
+
 func (f *hostFile) Pread(buf []byte, off int64) (int, experimentalsys.Errno) {
-	if f.closed {
-		return 0, experimentalsys.EBADF
-	}
-	if len(buf) == 0 {
-		return 0, 0
-	}
-	for {
-		n, err := unix.Pread(f.fd, buf, off)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			if err == unix.ESPIPE {
-				return 0, experimentalsys.ENOTSUP
-			}
-			return 0, errnoOf(err)
-		}
-		return n, 0
-	}
+	return f.transfer(buf, true, func(b []byte) (int, error) { return unix.Pread(f.fd, b, off) })
 }
 
 func (f *hostFile) Seek(off offset, whence int) (int64, experimentalsys.Errno) {
@@ -720,44 +710,11 @@ func direntType(t byte) fs.FileMode {
 }
 
 func (f *hostFile) Write(buf []byte) (int, experimentalsys.Errno) {
-	if f.closed {
-		return 0, experimentalsys.EBADF
-	}
-	if len(buf) == 0 {
-		return 0, 0
-	}
-	for {
-		n, err := unix.Write(f.fd, buf)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return 0, errnoOf(err)
-		}
-		return n, 0
-	}
+	return f.transfer(buf, false, func(b []byte) (int, error) { return unix.Write(f.fd, b) })
 }
 
 func (f *hostFile) Pwrite(buf []byte, off int64) (int, experimentalsys.Errno) {
-	if f.closed {
-		return 0, experimentalsys.EBADF
-	}
-	if len(buf) == 0 {
-		return 0, 0
-	}
-	for {
-		n, err := unix.Pwrite(f.fd, buf, off)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			if err == unix.ESPIPE {
-				return 0, experimentalsys.ENOTSUP
-			}
-			return 0, errnoOf(err)
-		}
-		return n, 0
-	}
+	return f.transfer(buf, true, func(b []byte) (int, error) { return unix.Pwrite(f.fd, b, off) })
 }
 
 func (f *hostFile) Truncate(size int64) experimentalsys.Errno {
