@@ -89,6 +89,7 @@ type proc struct {
 	maxOut                           int
 	runnerSent                       chan struct{} // closed once the runner is in the code pipe
 	dumped                           chan struct{} // kind "d": closed once the compiled runner is read (nil: other kinds)
+	zyg                              *zygote       // the zygote that forked it (nil: launched by the agent)
 	outR, errR, codeW, resR, statusR *os.File
 }
 
@@ -142,7 +143,7 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 			}
 			sent := make(chan struct{})
 			close(sent) // the zygote has the runner
-			return &proc{pid: pid, exited: exited, allowSpawn: allowSpawn, maxOut: maxOut, runnerSent: sent,
+			return &proc{pid: pid, exited: exited, allowSpawn: allowSpawn, maxOut: maxOut, runnerSent: sent, zyg: z,
 				outR: parents[0], errR: parents[1], codeW: parents[2], resR: parents[3], statusR: parents[4]}, nil
 		}
 		if !launch {
@@ -278,7 +279,10 @@ func (a *agentServer) prestartHow(allowSpawn bool, maxOut int, launch bool) int 
 	return p.pid
 }
 
-// take returns the pre-started process if it fits and is alive, else starts one.
+// take returns the pre-started process if it fits and is alive, else starts one. A process
+// forked by a zygote that is gone is not used: it lives on, but its parent is now outside the
+// sandbox (the reaper of the zygote's PID namespace), so its end could not be observed — the
+// agent would report the run killed while its code still ran.
 func (a *agentServer) take(allowSpawn bool, maxOut int) (*proc, error) {
 	a.warmMu.Lock()
 	p := a.warm
@@ -290,10 +294,15 @@ func (a *agentServer) take(allowSpawn bool, maxOut int) (*proc, error) {
 			a.log.Warn("pre-started run process ended while idle", "pid", p.pid, "status", ex.status)
 			p.close()
 		default:
-			if p.allowSpawn == allowSpawn && p.maxOut == maxOut {
+			switch {
+			case p.zyg != nil && !p.zyg.alive():
+				a.log.Info("the zygote that forked the pre-started run process is gone: launching the run instead", "pid", p.pid)
+				a.discard(p)
+			case p.allowSpawn == allowSpawn && p.maxOut == maxOut:
 				return p, nil
+			default:
+				a.discard(p)
 			}
-			a.discard(p)
 		}
 	}
 	return a.spawn(allowSpawn, maxOut)

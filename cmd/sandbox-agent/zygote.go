@@ -204,6 +204,10 @@ type zygote struct {
 	pending map[string]*zchild
 }
 
+// zchild is a process the zygote forked. If the zygote goes away first, the process lives on with a
+// parent outside the sandbox (the reaper of the zygote's PID namespace: the agent cannot wait for
+// it), and exited receives a SIGKILL status at once: a run in progress is then killed by the agent
+// (killRun), which makes the status true; an idle standby is not used (take).
 type zchild struct {
 	pid    chan int      // receives the pid once ("P")
 	exited chan exitInfo // receives the exit once ("X"), or a SIGKILL status if the zygote goes away
@@ -215,13 +219,35 @@ func newZygote(conn *net.UnixConn, br *bufio.Reader, log *slog.Logger) *zygote {
 	return z
 }
 
+// alive reports whether the zygote is still there: its connection has not ended, as read saw
+// it, nor hung up, as the socket says now. A zygote that died closed its end before its exit
+// could be seen (the kernel closes a process's files before it reports the exit), but read may
+// not have run since: without the second check a run that comes after the zygote's death could
+// be given the zygote's standby, whose end the agent cannot observe (see take).
 func (z *zygote) alive() bool {
 	select {
 	case <-z.dead:
 		return false
 	default:
-		return true
 	}
+	rc, err := z.conn.SyscallConn()
+	if err != nil {
+		return false
+	}
+	hup := false
+	if err := rc.Control(func(fd uintptr) {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		for {
+			_, err := unix.Poll(pfd, 0)
+			if err != unix.EINTR {
+				hup = err != nil || pfd[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0
+				return
+			}
+		}
+	}); err != nil {
+		return false
+	}
+	return !hup
 }
 
 func (z *zygote) close() { z.conn.Close() }

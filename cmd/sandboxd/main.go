@@ -2,7 +2,7 @@
 //
 //	sandboxd serve --listen 127.0.0.1:8080 --data-dir data --image NAME=ROOTFS
 //	sandboxd keys create --data-dir data --account NAME --plan free|pro|enterprise
-//	sandboxd bench [--url URL --key KEY | serve flags]
+//	sandboxd bench [-n N] [--image NAME=ROOTFS] [--wasm-image NAME=DIR] [--runtime R] …
 //	sandboxd doctor [--json] [serve flags]   checks this host for serve
 //	sandboxd create|ls|get|run|logs|cp|rm …   (clients of a running server: see client.go)
 package main
@@ -14,12 +14,17 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+
+	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 )
 
 const usage = `usage:
   sandboxd serve [--listen ADDR] [--data-dir DIR] --image NAME=ROOTFS [--runtime crun|runc] [--config FILE]
+                 [--agent-bin PATH] [--warm-pool N] [--stop-grace DURATION] [--wasm-image NAME=DIR]
+                 [--wasm-build NAME=COMMAND]   (sandboxd serve -h says what each does)
   sandboxd keys create [--data-dir DIR] --account NAME [--plan free|pro|enterprise]
-  sandboxd bench [-n N] [--url URL --key KEY] [serve flags]
+  sandboxd bench [-n N] [--idle N] [--throughput-for DURATION] [--json] [--image NAME=ROOTFS]
+                 [--wasm-image NAME=DIR] [--runtime crun|runc]   starts its own server; prints figures
   sandboxd doctor [--json] [--data-dir DIR] [--config FILE] [serve flags]   checks this host: ok / missing (exit 1) / warn, with fixes
 client commands (a running server: --url or SANDBOXD_URL, --key or SANDBOXD_API_KEY; --json for the API's JSON):
   sandboxd create [--agent-id ID --mode M --image I --ro PATH --rw PATH --blocked PATH --allow HOST
@@ -47,7 +52,7 @@ func main() {
 		err = bench(os.Args[2:], log)
 	case "doctor":
 		err = doctorCmd(os.Args[2:])
-	case "wasm-worker": // hidden: a worker process of the wasm driver (see wasmworker.go)
+	case protocol.WorkerCommand: // hidden: a worker process of the wasm driver (see wasmworker.go)
 		wasmWorker(os.Args[2:])
 	case "create", "ls", "get", "run", "logs", "cp", "rm":
 		os.Exit(clientMain(os.Args[1], os.Args[2:]))

@@ -15,7 +15,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -567,25 +566,6 @@ func TestAgentErrors(t *testing.T) {
 	if err != nil || res.AgentError == "" {
 		t.Errorf("invalid env: err %v, agent_error %q", err, res.AgentError)
 	}
-}
-
-// TestPrintLatency logs the median time of a print(1) run through the client.
-func TestPrintLatency(t *testing.T) {
-	if testing.Short() {
-		t.Skip("timing")
-	}
-	sock := startAgent(t)
-	var ds []time.Duration
-	for range 30 {
-		start := time.Now()
-		res := run(t, sock, agent.RunRequest{Code: "print(1)"})
-		ds = append(ds, time.Since(start))
-		if string(res.Stdout) != "1\n" {
-			t.Fatalf("stdout %q", res.Stdout)
-		}
-	}
-	slices.Sort(ds)
-	t.Logf("print(1) through the client: median %v (min %v, max %v, n=%d)", ds[len(ds)/2], ds[0], ds[len(ds)-1], len(ds))
 }
 
 // TestPID1 runs the agent as PID 1 of a new pid namespace, as uid 10000, like in a sandbox: a

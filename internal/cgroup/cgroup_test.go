@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // writeFile creates a file (and its directory) of a fake cgroup filesystem.
@@ -174,10 +176,10 @@ func TestReal(t *testing.T) {
 	if n, err := l.OOMKills(group); err != nil || n != 0 {
 		t.Errorf("OOMKills = %d, %v", n, err)
 	}
-	time.Sleep(300 * time.Millisecond)
-	if cpu, err := l.CPUUsage(group); err != nil || cpu <= 0 {
-		t.Errorf("CPUUsage = %v, %v", cpu, err)
-	}
+	waitfor.True(t, 10*time.Second, func() bool { // the process has used some CPU time
+		cpu, err := l.CPUUsage(group)
+		return err == nil && cpu > 0
+	})
 	if names, err := l.Children(parent); err != nil || !slices.Equal(names, []string{"g"}) {
 		t.Errorf("Children = %v, %v", names, err)
 	}

@@ -149,13 +149,22 @@ func parse(name string, args []string) (Config, error) {
 	fs.StringVar(&c.AgentBin, "agent-bin", "", "path of the sandbox-agent binary (default: next to sandboxd)")
 	fs.StringVar(&cfgPath, "config", "", "optional JSON file with images, plans and limits")
 	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
-	warm := fs.Int("warm-pool", -1, fmt.Sprintf("provisioned sandboxes kept ready per shape asked for (0: none; default %d)", DefaultWarmPool))
+	warm := fs.Int("warm-pool", DefaultWarmPool, fmt.Sprintf("provisioned sandboxes kept ready per shape asked for, 0 to %d (0: none; over the config file's warm_pool)", MaxWarmPool))
 	fs.DurationVar(&c.StopGrace, "stop-grace", DefaultStopGrace, "on SIGINT/SIGTERM, how long live sandboxes may take to be destroyed before the rest are killed at once")
 	fs.Var(&wasmImages, "wasm-image", "approved WASM image as NAME=DIR holding python.wasm and lib/ (repeatable; the first is the wasm default)")
 	fs.Var(&wasmBuilds, "wasm-build", "WASM image the server builds in the background as NAME=COMMAND: COMMAND (run with sh -c, output to <data-dir>/logs/wasm-build.log) prints the image's directory as its last line; the image is approved when it succeeds (repeatable; a default after --wasm-image)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: sandboxd %s [flags]\nflags:\n", name)
+		fs.PrintDefaults()
+	}
 	err := fs.Parse(args)
 	if err != nil {
 		return c, err
+	}
+	warmSet := false
+	fs.Visit(func(f *flag.Flag) { warmSet = warmSet || f.Name == "warm-pool" })
+	if warmSet && *warm < 0 {
+		return c, fmt.Errorf("--warm-pool %d: want 0 (no warm pool) to %d sandboxes per shape", *warm, MaxWarmPool)
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("%s takes no arguments, got %q", name, fs.Args())
@@ -172,7 +181,7 @@ func parse(name string, args []string) (Config, error) {
 			return c, err
 		}
 	}
-	if *warm >= 0 {
+	if warmSet {
 		c.WarmPool = *warm
 	}
 	if c.WarmPool > MaxWarmPool {

@@ -64,6 +64,7 @@ func TestParseServe(t *testing.T) {
 		}},
 		{"warm pool negative in the file", []string{img, "--agent-bin", agent, "--config", warmNeg}, "warm_pool must not be negative", nil},
 		{"warm pool too big", []string{img, "--agent-bin", agent, "--warm-pool", "65"}, "at most 64", nil},
+		{"warm pool negative", []string{img, "--agent-bin", agent, "--warm-pool", "-1"}, "--warm-pool -1: want 0 (no warm pool) to 64", nil},
 		{"no image", []string{"--agent-bin", agent}, "no approved image", nil},
 		{"bad image flag", []string{"--image", "x", "--agent-bin", agent}, "NAME=ROOTFS_DIR", nil},
 		{"not a rootfs", []string{"--image", "x=" + dir, "--agent-bin", agent}, "no usr/bin/python3", nil},

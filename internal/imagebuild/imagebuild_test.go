@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // script writes a shell script into the test's directory and returns the command running it.
@@ -143,7 +145,7 @@ func TestEstimate(t *testing.T) {
 	if st.State != Building || st.Left < time.Second {
 		t.Fatalf("%+v", st)
 	}
-	time.Sleep(300 * time.Millisecond)
+	waitfor.True(t, 10*time.Second, func() bool { st := b.Status(); return st.Left == overdue || st.State != Building })
 	if st := b.Status(); st.Left != overdue || st.Progress > 0.99 {
 		t.Errorf("overdue: %+v", st)
 	}

@@ -461,9 +461,6 @@ func TestPinCost(t *testing.T) {
 	}
 	t.Logf("over %d answers (set growing to %d elements): new element p50 %v p99 %v · already pinned p50 %v p99 %v · renewed p50 %v p99 %v",
 		n, n, q(fresh, 50), q(fresh, 99), q(again, 50), q(again, 99), q(renew, 50), q(renew, 99))
-	if p := q(fresh, 50); p > time.Millisecond {
-		t.Errorf("a new element takes %v (p50), want well under a millisecond", p)
-	}
 }
 
 // TestConnectRefusalsRateLimited: a sandbox hammering a refused port is refused every time, but

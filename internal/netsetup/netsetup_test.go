@@ -935,59 +935,6 @@ func TestReportsAreRateLimited(t *testing.T) {
 	}
 }
 
-// TestSetupTiming reports how long Setup and Teardown take (go test -v -run Timing), per policy
-// shape; for an allow list of one host also with the egress gateway's Attach, which is what
-// "of which network setup" in sandboxd bench measures (container.Driver.NetworkCost).
-func TestSetupTiming(t *testing.T) {
-	m, _ := newManager(t, Config{})
-	g, err := egress.NewGateway(egress.Config{Denied: []netip.Prefix{m.Pool()}, OnAnswer: m.Pin})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
-	const n = 40
-	for _, c := range []struct {
-		name   string
-		p      egress.Policy
-		attach bool
-	}{
-		{"nothing allowed", block, false},
-		{"one host, with the gateway", allowAPI, true},
-		{"unrestricted", open, false},
-	} {
-		var setups, teardowns, bg []time.Duration
-		for i := 0; i < n; i++ {
-			id := fmt.Sprintf("t-timing-%d", i)
-			t0 := time.Now()
-			sb, err := m.Setup(context.Background(), id, c.p)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if c.attach {
-				if err := g.Attach(id, sb.Gateway, c.p); err != nil {
-					t.Fatal(err)
-				}
-			}
-			setups = append(setups, time.Since(t0))
-			g.Detach(id)
-			t0 = time.Now()
-			if err := m.Teardown(id); err != nil {
-				t.Fatal(err)
-			}
-			teardowns = append(teardowns, time.Since(t0))
-			if err := m.Wait(); err != nil {
-				t.Fatal(err)
-			}
-			bg = append(bg, time.Since(t0))
-		}
-		t.Logf("%s, over %d: Setup p50 %v p90 %v · Teardown (returns) p50 %v · Teardown (background done) p50 %v",
-			c.name, n, pct(setups, 50), pct(setups, 90), pct(teardowns, 50), pct(bg, 50))
-		if p := pct(setups, 50); p > 50*time.Millisecond {
-			t.Errorf("%s: Setup p50 %v, want well under 50 ms (target 10 ms)", c.name, p)
-		}
-	}
-}
-
 // TestHostRulesTiming reports what the host rules' transaction of a sandbox (the part of Setup
 // whose kernel work grows with the sandboxes already there: every commit adding a jump validates
 // every chain reachable from the base chains) and their deletion cost with 0 and 1,000 other

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver/fakedriver"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // newWarmEnv is newEnv with a service that keeps warm sandboxes of each shape.
@@ -148,20 +150,10 @@ func TestWarmPoolShapesAndResize(t *testing.T) {
 		e.create(t, &api.Config{Resources: &api.Resources{CPU: cpu}})
 		e.settle(t)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for len(e.unowned(t)) != 4 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond) // evicted shapes are destroyed in the background
-	}
-	if n := len(e.unowned(t)); n != 4 {
-		t.Fatalf("%d warm sandboxes, want 4 (one per shape kept)", n)
-	}
+	// Evicted shapes are destroyed in the background.
+	waitfor.True(t, 10*time.Second, func() bool { return len(e.unowned(t)) == 4 }) // one per shape kept
 	e.svc.SetWarmPool(0)
-	for len(e.unowned(t)) != 0 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if w := e.unowned(t); len(w) != 0 {
-		t.Fatalf("warm sandboxes left with the pool off: %v", w)
-	}
+	waitfor.True(t, 10*time.Second, func() bool { return len(e.unowned(t)) == 0 }) // none with the pool off
 	if id := e.create(t, &api.Config{Resources: &api.Resources{CPU: "0.6"}}); e.warmReady(t, id) {
 		t.Fatal("a create found a warm sandbox with the pool off")
 	}
@@ -219,15 +211,25 @@ func TestWarmPoolRefillsAfterFirstRun(t *testing.T) {
 	if n := len(e.unowned(t)); n != 1 {
 		t.Fatalf("%d warm sandboxes, want 1", n)
 	}
+	// A refill is a driver's Create: it must come after the driver has answered the first run.
+	var early atomic.Bool
+	e.drv.CreateHook = func(context.Context, string) error {
+		if e.drv.Ended() == 0 {
+			early.Store(true)
+		}
+		return nil
+	}
 	b := e.create(t, allow("b.example.com"))
-	time.Sleep(200 * time.Millisecond)
-	if n := len(e.unowned(t)); n != 0 {
-		t.Fatalf("the pool refilled before the taken sandbox's first run: %d warm", n)
+	if !e.warmReady(t, b) {
+		t.Fatal("the create did not take the warm sandbox")
 	}
 	if r := e.run(t, b, "hello", false); r.Status != "completed" {
 		t.Fatalf("run: %+v", r)
 	}
 	e.settle(t)
+	if early.Load() {
+		t.Fatal("the pool refilled before the taken sandbox's first run")
+	}
 	if n := len(e.unowned(t)); n != 1 {
 		t.Fatalf("the pool was not refilled after the first run: %d warm", n)
 	}

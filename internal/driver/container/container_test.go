@@ -356,7 +356,7 @@ func TestFloor(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if took <= 0 || took > 10*time.Second {
+		if took <= 0 {
 			t.Fatalf("floor %v", took)
 		}
 		ents, _ := os.ReadDir(filepath.Join(d.stateDir, "floor"))
@@ -364,52 +364,6 @@ func TestFloor(t *testing.T) {
 			t.Errorf("floor left %d bundles", len(ents))
 		}
 	})
-}
-
-// TestTimings reports the medians of Create, Exec print(1) and Floor (go test -v -run Timings).
-func TestTimings(t *testing.T) {
-	if testing.Short() {
-		t.Skip("timings: not in -short")
-	}
-	forEachRuntime(t, func(t *testing.T, d *Driver) {
-		const n = 20
-		ctx := context.Background()
-		var creates, execs, floors, destroys []time.Duration
-		for i := 0; i < n; i++ {
-			id := "t-" + statedir.RandomHex(8)
-			t0 := time.Now()
-			if err := d.Create(ctx, id, baseSpec(t)); err != nil {
-				t.Fatal(err)
-			}
-			creates = append(creates, time.Since(t0))
-			for j := 0; j < 2; j++ {
-				t0 = time.Now()
-				res, err := d.Exec(ctx, id, driver.ExecRequest{Code: "print(1)", Timeout: 10 * time.Second, MaxOutput: 100})
-				if err != nil || res.Status != driver.StatusCompleted {
-					t.Fatalf("exec: %v %v", res.Status, err)
-				}
-				execs = append(execs, time.Since(t0))
-			}
-			t0 = time.Now()
-			if err := d.Destroy(ctx, id); err != nil {
-				t.Fatal(err)
-			}
-			destroys = append(destroys, time.Since(t0))
-			f, err := d.Floor(ctx, rootfs)
-			if err != nil {
-				t.Fatal(err)
-			}
-			floors = append(floors, f)
-		}
-		t.Logf("%s medians over %d: create %v · exec print(1) %v · destroy %v · floor %v",
-			d.rt.name, n, median(creates), median(execs), median(destroys), median(floors))
-	})
-}
-
-func median(ds []time.Duration) time.Duration {
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	return s[len(s)/2].Round(100 * time.Microsecond)
 }
 
 func TestAgentDiesAtStart(t *testing.T) {
@@ -425,7 +379,6 @@ func TestAgentDiesAtStart(t *testing.T) {
 		}
 		defer bd.Close()
 		id := "t-" + statedir.RandomHex(8)
-		start := time.Now()
 		err = bd.Create(context.Background(), id, baseSpec(t))
 		if err == nil {
 			bd.Destroy(context.Background(), id)
@@ -434,9 +387,6 @@ func TestAgentDiesAtStart(t *testing.T) {
 		t.Logf("create error: %v", err)
 		if !strings.Contains(err.Error(), "agent-boom") {
 			t.Errorf("error lacks the agent's output: %v", err)
-		}
-		if el := time.Since(start); el > 5*time.Second {
-			t.Errorf("failing took %v, want fast", el)
 		}
 		assertGone(t, bd, id, 0)
 	})

@@ -4,6 +4,8 @@
 //
 //	"block"        waits until the run is cancelled or times out
 //	"sleep:MS"     waits MS milliseconds, then completes
+//	"stubborn"     a driver slow to stop: ignores cancellation and the timeout, waits until
+//	               the test calls ReleaseStubborn, then completes
 //	"fail"         exits 1 with a Python-style error
 //	anything else  completes at once, echoing the code to stdout, result 42
 //
@@ -33,6 +35,9 @@ type Driver struct {
 	SetNetworkErr error
 	Destroyed     []string
 	killed        []string
+	running       int           // runs inside Exec
+	ended         int           // runs that Exec has returned
+	stubborn      chan struct{} // closed by ReleaseStubborn
 }
 
 // host is where a fake's sandboxes are: the drivers of one host share it (Reopen).
@@ -57,11 +62,40 @@ func (d *Driver) Killed() []string {
 }
 
 // New returns an empty fake driver, on a host of its own.
-func New() *Driver { return &Driver{host: &host{sandboxes: map[string]driver.Spec{}}} }
+func New() *Driver {
+	return &Driver{host: &host{sandboxes: map[string]driver.Spec{}}, stubborn: make(chan struct{})}
+}
 
 // Reopen returns a new fake driver on d's host, as a new process of the service on the same
 // machine: it has d's sandboxes, none of d's hooks or records.
-func (d *Driver) Reopen() *Driver { return &Driver{host: d.host} }
+func (d *Driver) Reopen() *Driver { return &Driver{host: d.host, stubborn: make(chan struct{})} }
+
+// ReleaseStubborn lets every "stubborn" run of d complete, those waiting and those to come.
+// Idempotent.
+func (d *Driver) ReleaseStubborn() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	select {
+	case <-d.stubborn:
+	default:
+		close(d.stubborn)
+	}
+}
+
+// Ended returns how many runs Exec has answered.
+func (d *Driver) Ended() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ended
+}
+
+// Running returns how many runs are inside Exec now: a test waits for it to know that the
+// service has handed a run to the driver.
+func (d *Driver) Running() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.running
+}
 
 func (d *Driver) Name() string                    { return "fake" }
 func (d *Driver) Check(ctx context.Context) error { return nil }
@@ -84,10 +118,19 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) error 
 func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (driver.ExecResult, error) {
 	d.mu.Lock()
 	_, ok := d.sandboxes[id]
+	if ok {
+		d.running++
+	}
 	d.mu.Unlock()
 	if !ok {
 		return driver.ExecResult{}, driver.ErrNotFound
 	}
+	defer func() {
+		d.mu.Lock()
+		d.running--
+		d.ended++
+		d.mu.Unlock()
+	}()
 	start := time.Now()
 	res := driver.ExecResult{Started: start}
 	// wait waits dur for the run to end by itself (an exit 0), or for the timeout or ctx to kill it.
@@ -112,9 +155,8 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	case strings.HasPrefix(req.Code, "sleep:"):
 		ms, _ := strconv.Atoi(strings.TrimPrefix(req.Code, "sleep:"))
 		end = wait(time.Duration(ms) * time.Millisecond)
-	case strings.HasPrefix(req.Code, "stubborn:"): // a driver slow to stop: ignores ctx
-		ms, _ := strconv.Atoi(strings.TrimPrefix(req.Code, "stubborn:"))
-		time.Sleep(time.Duration(ms) * time.Millisecond)
+	case req.Code == "stubborn": // a driver slow to stop: ignores ctx and the timeout
+		<-d.stubborn
 	case req.Code == "fail":
 		end.ExitCode = 1
 		res.Error = &driver.PyError{Type: "ZeroDivisionError", Message: "division by zero", Traceback: "Traceback ..."}

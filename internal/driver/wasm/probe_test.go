@@ -107,17 +107,12 @@ func TestProbeKill(t *testing.T) {
 				time.AfterFunc(time.Second, cancel)
 			}
 			env, _ := buildEnv(nil)
-			start := time.Now()
 			res, err := d.exec(ctx, b, protocol.Run{Env: env, Args: []string{"probe", "print:started", tc.op}}, driver.ExecRequest{Timeout: timeout})
-			took := time.Since(start)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if res.Status != tc.want || res.ExitCode != 128+int(syscall.SIGKILL) {
 				t.Errorf("status %s exit %d, want %s 137", res.Status, res.ExitCode, tc.want)
-			}
-			if took > 1500*time.Millisecond {
-				t.Errorf("the run ended %v after it started, want about 1 s", took)
 			}
 			if !strings.Contains(string(res.Stdout), "started") {
 				t.Errorf("output before the kill is lost: %q", res.Stdout)

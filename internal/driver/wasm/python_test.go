@@ -217,13 +217,9 @@ func TestPythonUnsupported(t *testing.T) {
 		{"ctypes", "import ctypes"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			start := time.Now()
-			res := drivertest.Exec(t, d, id, tc.code, 20*time.Second)
+			res := drivertest.Exec(t, d, id, tc.code, 20*time.Second) // a run that hangs ends "timeout"
 			if res.Status != driver.StatusFailed || res.Error == nil {
 				t.Errorf("status %s error %+v, want failed with an exception; stderr %s", res.Status, res.Error, res.Stderr)
-			}
-			if took := time.Since(start); took > 10*time.Second {
-				t.Errorf("took %v", took)
 			}
 			t.Logf("%s: %s: %s", tc.name, errType(res), firstLine(res.Error))
 		})
