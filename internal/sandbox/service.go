@@ -354,7 +354,7 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 	rec := store.Sandbox{
 		AccountID: acct.ID, AgentID: sp.agentID, Mode: sp.mode,
 		Status: store.SandboxProvisioning, Config: cfgJSON, CreatedAt: now,
-		ExpiresAt: now.Add(time.Duration(sp.timeout) * time.Second),
+		ExpiresAt: now.Add(time.Duration(sp.timeout) * time.Second), ImageDigest: sp.image.Digest,
 	}
 
 	s.mu.Lock()
