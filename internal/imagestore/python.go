@@ -24,6 +24,10 @@ var (
 	pythonLibRe  = regexp.MustCompile(`^python(3\.([0-9]+))$`)
 )
 
+// PythonVersion is the version of the python3 of the root file system at root (see findPython);
+// an error wraps ErrNoPython when it has none.
+func PythonVersion(root string) (string, error) { return findPython(root) }
+
 // findPython resolves the image's python3 inside root (symlinks followed inside the root only)
 // and returns its version: from the name of the file it resolves to (python3.11 → "3.11"), else
 // from the newest lib/python3.X beside it that holds a standard library (os.py).
