@@ -6,9 +6,13 @@ package imagetest
 import (
 	"archive/tar"
 	"bytes"
+	"compress/gzip"
 	"io"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"runtime"
+	"syscall"
 	"testing"
 	"time"
 
@@ -136,4 +140,83 @@ func Digest(t testing.TB, img v1.Image) string {
 		t.Fatal(err)
 	}
 	return d.String()
+}
+
+// DirLayer makes one gzip layer (fastest compression) of the tree at dir, as it is: files,
+// directories, symlinks, hard links (by inode), devices; modes, owners and times. The tar is
+// written once to a file of t's.
+func DirLayer(t testing.TB, dir string) v1.Layer {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "layer.tar")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tw := tar.NewWriter(f)
+	seen := map[uint64]string{} // inode → first name, for hard links
+	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, path)
+		if rel == "." {
+			return nil
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if fi.Mode()&fs.ModeSocket != 0 {
+			return nil
+		}
+		link := ""
+		if fi.Mode()&fs.ModeSymlink != 0 {
+			if link, err = os.Readlink(path); err != nil {
+				return err
+			}
+		}
+		h, err := tar.FileInfoHeader(fi, link)
+		if err != nil {
+			return err
+		}
+		h.Name, h.Uname, h.Gname, h.Format = filepath.ToSlash(rel), "", "", tar.FormatPAX
+		if fi.IsDir() {
+			h.Name += "/"
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && fi.Mode().IsRegular() && st.Nlink > 1 {
+			if first, ok := seen[st.Ino]; ok {
+				h.Typeflag, h.Linkname, h.Size = tar.TypeLink, first, 0
+			} else {
+				seen[st.Ino] = h.Name
+			}
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			return err
+		}
+		if h.Typeflag == tar.TypeReg && h.Size > 0 {
+			src, err := os.Open(path)
+			if err != nil {
+				return err
+			}
+			defer src.Close()
+			if _, err := io.CopyN(tw, src, h.Size); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		err = tw.Close()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatalf("tar of %s: %v", dir, err)
+	}
+	l, err := tarball.LayerFromFile(p, tarball.WithCompressionLevel(gzip.BestSpeed), tarball.WithCompressedCaching)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
 }
