@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -19,6 +20,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
@@ -70,6 +73,21 @@ func TestSources(t *testing.T) {
 	}{
 		{"oci layout", func(s *Store) (Image, error) {
 			return s.Import(ctx, imagetest.WriteLayout(t, img), "team/app:1", Options{Runtime: "runsc"})
+		}},
+		{"oci layout, a nested index of two platforms", func(s *Store) (Image, error) {
+			other := imagetest.Image(t, imagetest.Python(t, imagetest.Entry{Name: "other", Body: "arm"}))
+			idx := mutate.AppendManifests(empty.Index,
+				mutate.IndexAddendum{Add: other, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "riscv64"}}},
+				mutate.IndexAddendum{Add: img, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: runtime.GOARCH}}})
+			dir := filepath.Join(t.TempDir(), "layout")
+			p, err := layout.Write(dir, empty.Index)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := p.AppendIndex(idx); err != nil {
+				t.Fatal(err)
+			}
+			return s.Import(ctx, dir, "team/app:1", Options{Runtime: "runsc"})
 		}},
 		{"docker save", func(s *Store) (Image, error) { return s.Import(ctx, saved, "team/app:1", Options{Runtime: "runsc"}) }},
 		{"registry", func(s *Store) (Image, error) { return s.Pull(ctx, ref, "team/app:1", Options{Runtime: "runsc"}) }},
