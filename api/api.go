@@ -71,6 +71,7 @@ type Sandbox struct {
 	DestroyedAt   *time.Time      `json:"destroyed_at"`
 	DestroyReason *string         `json:"destroy_reason"`
 	Error         json.RawMessage `json:"error"`
+	ImageDigest   string          `json:"image_digest,omitempty"` // of the image it ran, when known
 	Runs          RunCounts       `json:"runs"`
 	Usage         SandboxUsage    `json:"usage"`
 }
@@ -192,6 +193,9 @@ type Image struct {
 	Name    string `json:"name"`
 	Mode    string `json:"mode"`
 	Digest  string `json:"digest"`
+	Size    int64  `json:"size_bytes,omitempty"`     // of its unpacked root, when known
+	Python  string `json:"python_version,omitempty"` // "3.11", when known
+	Runtime string `json:"runtime,omitempty"`        // container mode: crun, runc or runsc
 	Default bool   `json:"default"`
 	ImageState
 }

@@ -164,23 +164,13 @@ func cliRootCause(err error) error {
 // parse parses flags anywhere among the arguments (a "--" ends the flags) and returns the
 // positional arguments; it then makes the client.
 func (c *cli) parse(args []string, minPos, maxPos int) ([]string, error) {
-	var pos, rest []string
-	if i := cliIndex(args, "--"); i >= 0 {
-		args, rest = args[:i], args[i+1:]
-	}
-	for {
-		if err := c.fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				return nil, err
-			}
-			return nil, cliUsageError{err.Error()}
+	pos, err := parseInterleaved(c.fs, args)
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
 		}
-		if args = c.fs.Args(); len(args) == 0 {
-			break
-		}
-		pos, args = append(pos, args[0]), args[1:]
+		return nil, cliUsageError{err.Error()}
 	}
-	pos = append(pos, rest...)
 	if len(pos) < minPos {
 		return nil, cliUsagef("missing arguments")
 	}

@@ -2,6 +2,7 @@
 //
 //	sandboxd serve --listen 127.0.0.1:8080 --data-dir data --image NAME=ROOTFS
 //	sandboxd keys create --data-dir data --account NAME --plan free|pro|enterprise
+//	sandboxd images import|pull|ls|rm …   the approved OCI images (images.go)
 //	sandboxd bench [-n N] [--image NAME=ROOTFS] [--wasm-image NAME=DIR] [--runtime R] …
 //	sandboxd doctor [--json] [serve flags]   checks this host for serve
 //	sandboxd create|ls|get|run|logs|cp|rm …   (clients of a running server: see client.go)
@@ -23,6 +24,8 @@ const usage = `usage:
                  [--agent-bin PATH] [--warm-pool N] [--stop-grace DURATION] [--wasm-image NAME=DIR]
                  [--wasm-build NAME=COMMAND]   (sandboxd serve -h says what each does)
   sandboxd keys create [--data-dir DIR] --account NAME [--plan free|pro|enterprise]
+  sandboxd images import FILE|DIR --name NAME [--runtime crun|runc|runsc] [--data-dir DIR]   a 'docker save' archive or an OCI layout
+  sandboxd images pull REF [--name NAME] [--runtime crun|runc|runsc] [--data-dir DIR] · images ls [--json] · images rm NAME
   sandboxd bench [-n N] [--idle N] [--throughput-for DURATION] [--json] [--image NAME=ROOTFS]
                  [--wasm-image NAME=DIR] [--runtime crun|runc]   starts its own server; prints figures
   sandboxd doctor [--json] [--data-dir DIR] [--config FILE] [serve flags]   checks this host: ok / missing (exit 1) / warn, with fixes
@@ -48,6 +51,8 @@ func main() {
 		err = serve(os.Args[2:], log)
 	case "keys":
 		err = keys(os.Args[2:])
+	case "images":
+		err = images(os.Args[2:], os.Stdout)
 	case "bench":
 		err = bench(os.Args[2:], log)
 	case "doctor":

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -23,6 +24,7 @@ import (
 	_ "github.com/sandboxd/sandboxd/internal/driver/wasm"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/httpapi"
+	"github.com/sandboxd/sandboxd/internal/imagestore"
 	"github.com/sandboxd/sandboxd/internal/metrics"
 	"github.com/sandboxd/sandboxd/internal/mountns"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
@@ -151,6 +153,13 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 	if len(cfg.Builds) > 0 {
 		images, d.builds = startBuilds(cfg, drivers[sandbox.ModeWASM], log)
 	}
+	images = describeImages(images, runtimeOf(drv))
+	// The operator's imported and pulled images (sandboxd images import|pull), read again at
+	// each lookup when the index changed: no restart after an import.
+	imgStore, err := imagestore.Open(imagesDir(cfg.DataDir))
+	if err != nil {
+		return fail(err)
+	}
 	m := metrics.New(func() map[[2]string]int {
 		if s := sink.Load(); s != nil {
 			return s.LiveCounts()
@@ -169,7 +178,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
 		DataDir: cfg.DataDir, Images: images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, Logger: log,
 		DiskBytes: cfg.DiskBytes, DiskFreeFloor: cfg.DiskFreeFloor, IDs: cfg.IDs, Disks: disks, MountDir: mountDir,
-		MaxUploadBytes: cfg.MaxUploadBytes, WarmPool: cfg.WarmPool, Observer: m,
+		MaxUploadBytes: cfg.MaxUploadBytes, WarmPool: cfg.WarmPool, Observer: m, Catalog: catalog(imgStore),
 	}, m.Store(d.st), drivers)
 	if err != nil {
 		return fail(err)
@@ -184,12 +193,48 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
-	rt := drv.Name()
-	if r, ok := drv.(interface{ Runtime() string }); ok {
-		rt = r.Runtime()
-	}
-	log.Info("sandboxd serving", "addr", d.ln.Addr().String(), "data_dir", cfg.DataDir, "runtime", rt, "version", version)
+	log.Info("sandboxd serving", "addr", d.ln.Addr().String(), "data_dir", cfg.DataDir, "runtime", runtimeOf(drv), "version", version)
 	return d, nil
+}
+
+// runtimeOf names the OCI runtime a container driver runs (crun or runc).
+func runtimeOf(drv driver.Driver) string {
+	if r, ok := drv.(interface{ Runtime() string }); ok {
+		return r.Runtime()
+	}
+	return drv.Name()
+}
+
+// describeImages fills in what GET /api/images shows of the configured container images: the
+// server's runtime and, for a root at hand, its python3's version.
+func describeImages(ims []sandbox.Image, rt string) []sandbox.Image {
+	out := slices.Clone(ims)
+	for i, im := range out {
+		if im.Mode != sandbox.ModeContainer {
+			continue
+		}
+		out[i].Runtime = rt
+		if im.RootFS != "" && im.Build == nil {
+			out[i].Python, _ = imagestore.PythonVersion(im.RootFS)
+		}
+	}
+	return out
+}
+
+// catalog is the service's view of the image store: each image a container image on its root.
+func catalog(st *imagestore.Store) func() ([]sandbox.Image, error) {
+	return func() ([]sandbox.Image, error) {
+		ims, err := st.Images()
+		if err != nil {
+			return nil, err
+		}
+		out := make([]sandbox.Image, 0, len(ims))
+		for _, im := range ims {
+			out = append(out, sandbox.Image{Name: im.Name, Mode: sandbox.ModeContainer, RootFS: st.RootFS(im.Digest),
+				Digest: im.Digest, Size: im.Size, Python: im.Python, Runtime: im.Runtime})
+		}
+		return out, nil
+	}
 }
 
 // imagesOf returns the images of one mode.

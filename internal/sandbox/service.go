@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -47,7 +48,10 @@ type Image struct {
 	Mode    string
 	RootFS  string
 	Digest  string
-	Default bool // the mode's default image
+	Size    int64  // bytes of the unpacked root, when known (GET /api/images)
+	Python  string // its python3's version, when known
+	Runtime string // container mode: the OCI runtime the operator approved it for (shown)
+	Default bool   // the mode's default image
 	// Build, when set, is the build that makes the image while the service serves: RootFS and
 	// Digest are the build's once it is ready; until then the image is listed with the build's
 	// status and creates that ask for it fail with image_not_ready.
@@ -79,8 +83,12 @@ const (
 
 // Config configures a Service.
 type Config struct {
-	DataDir       string  // sandboxes' host directories live in DataDir/sandboxes/<id>
-	Images        []Image // the approved list
+	DataDir string  // sandboxes' host directories live in DataDir/sandboxes/<id>
+	Images  []Image // the approved list
+	// Catalog, when set, returns more approved images (the operator's image store, read again
+	// when it changes): asked at every create and GET /api/images. An image of Images shadows a
+	// catalog image of the same name; catalog images are never a mode's default.
+	Catalog       func() ([]Image, error)
 	Plans         map[string]Plan
 	ProvisionWait time.Duration // how long create waits for ready before answering 202 (default 10s)
 	PidsLimit     int64         // process-count limit per sandbox (default 256)
@@ -226,10 +234,11 @@ func (s *Service) sandboxesDir() string { return filepath.Join(s.cfg.DataDir, "s
 
 // Images lists the approved images, each with its status (ready, or where its build is).
 func (s *Service) Images() []api.Image {
-	out := make([]api.Image, 0, len(s.cfg.Images))
-	for _, im := range s.cfg.Images {
-		a := api.Image{Name: im.Name, Mode: im.Mode, Digest: im.Digest, Default: im.Default,
-			ImageState: api.ImageState{Status: string(imagebuild.Ready)}}
+	ims := s.images()
+	out := make([]api.Image, 0, len(ims))
+	for _, im := range ims {
+		a := api.Image{Name: im.Name, Mode: im.Mode, Digest: im.Digest, Size: im.Size, Python: im.Python, Runtime: im.Runtime,
+			Default: im.Default, ImageState: api.ImageState{Status: string(imagebuild.Ready)}}
 		if im.Build != nil {
 			st := im.Build.Status()
 			a.Status, a.Digest = string(st.State), st.Digest
@@ -259,8 +268,30 @@ func (s *Service) Health(ctx context.Context) (map[string]string, bool) {
 	return out, ok
 }
 
+// images is the approved list: the configured images, then the catalog's (those whose names
+// the configured ones do not take). A catalog that cannot be read is logged and left out: the
+// configured images still serve.
+func (s *Service) images() []Image {
+	if s.cfg.Catalog == nil {
+		return s.cfg.Images
+	}
+	more, err := s.cfg.Catalog()
+	if err != nil {
+		s.log.Error("read the image catalog", "err", err)
+		return s.cfg.Images
+	}
+	out := slices.Clip(s.cfg.Images)
+	for _, im := range more {
+		if !slices.ContainsFunc(s.cfg.Images, func(c Image) bool { return c.Name == im.Name }) {
+			im.Default = false
+			out = append(out, im)
+		}
+	}
+	return out
+}
+
 func (s *Service) resolveImage(name, mode string) (Image, error) {
-	for _, im := range s.cfg.Images {
+	for _, im := range s.images() {
 		if (name == "" && im.Default && im.Mode == mode) || (name != "" && im.Name == name) {
 			if im.Mode != mode {
 				return Image{}, errorf(KindImageNotApproved, "image %q is approved for mode %q, not %q", name, im.Mode, mode)
@@ -354,7 +385,7 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 	rec := store.Sandbox{
 		AccountID: acct.ID, AgentID: sp.agentID, Mode: sp.mode,
 		Status: store.SandboxProvisioning, Config: cfgJSON, CreatedAt: now,
-		ExpiresAt: now.Add(time.Duration(sp.timeout) * time.Second),
+		ExpiresAt: now.Add(time.Duration(sp.timeout) * time.Second), ImageDigest: sp.image.Digest,
 	}
 
 	s.mu.Lock()
@@ -532,7 +563,7 @@ func (s *Service) view(ctx context.Context, rec store.Sandbox) (api.Sandbox, err
 	out := api.Sandbox{
 		SandboxID: rec.ID, AgentID: rec.AgentID, Status: rec.Status, Mode: rec.Mode, Config: rec.Config,
 		CreatedAt: rec.CreatedAt, ReadyAt: rec.ReadyAt, ExpiresAt: rec.ExpiresAt, DestroyedAt: rec.DestroyedAt,
-		Error: rec.Error, Runs: api.RunCounts{Total: u.RunsTotal, Active: u.RunsActive},
+		Error: rec.Error, ImageDigest: rec.ImageDigest, Runs: api.RunCounts{Total: u.RunsTotal, Active: u.RunsActive},
 		Usage: api.SandboxUsage{CPUSeconds: float64(u.CPUMS) / 1000, MemoryPeakBytes: u.MemoryPeakBytes,
 			BilledMinutes: billedMinutes(rec.CreatedAt, rec.DestroyedAt), DiskUsedBytes: rec.DiskUsedBytes},
 	}

@@ -29,6 +29,8 @@ type env struct {
 	dir  string
 	acct store.Account
 	warm int // Config.WarmPool of the services open makes
+	// catalog is Config.Catalog of the services open makes.
+	catalog func() ([]sandbox.Image, error)
 }
 
 func newEnv(t *testing.T, plan string) *env {
@@ -53,7 +55,7 @@ func (e *env) open(t *testing.T) *sandbox.Service {
 	t.Helper()
 	svc, err := sandbox.New(context.Background(), sandbox.Config{
 		DataDir: e.dir, Images: []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/nonexistent", Default: true}},
-		WarmPool: e.warm,
+		WarmPool: e.warm, Catalog: e.catalog,
 	}, e.st, map[string]driver.Driver{"container": e.drv})
 	if err != nil {
 		t.Fatal(err)

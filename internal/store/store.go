@@ -55,6 +55,7 @@ type Sandbox struct {
 	DestroyReason string          // "", "deleted", "expired", "error", "server_restart"
 	Error         json.RawMessage // nil or {"error": code, "message": text}
 	DiskUsedBytes int64           // bytes used on its disk: the last figure recorded while it lived
+	ImageDigest   string          // the digest of the image it ran ("sha256:<hex>"; "" when unknown); set at create
 }
 
 // Run is one execution's record.

@@ -9,7 +9,7 @@ import (
 )
 
 const sandboxCols = `id, account_id, agent_id, mode, status, config, created_at, ready_at, expires_at,
-	destroyed_at, destroy_reason, error, disk_used_bytes`
+	destroyed_at, destroy_reason, error, disk_used_bytes, image_digest`
 
 // liveIn is the SQL list of the live statuses.
 const liveIn = `('` + store.SandboxProvisioning + `', '` + store.SandboxReady + `', '` + store.SandboxRunning + `')`
@@ -22,7 +22,7 @@ func (d *DB) CreateSandbox(ctx context.Context, sb store.Sandbox, limit int) err
 	var e enc
 	args := []any{sb.ID, sb.AccountID, sb.AgentID, sb.Mode, sb.Status, e.json("config", sb.Config),
 		e.time(sb.CreatedAt), e.ptime(sb.ReadyAt), e.time(sb.ExpiresAt), e.ptime(sb.DestroyedAt),
-		sb.DestroyReason, e.json("error", sb.Error), sb.DiskUsedBytes}
+		sb.DestroyReason, e.json("error", sb.Error), sb.DiskUsedBytes, sb.ImageDigest}
 	if e.err != nil {
 		return fmt.Errorf("create sandbox %s: %w", sb.ID, e.err)
 	}
@@ -38,7 +38,7 @@ func (d *DB) CreateSandbox(ctx context.Context, sb store.Sandbox, limit int) err
 			}
 		}
 		_, err := tx.ExecContext(ctx, `INSERT INTO sandboxes (`+sandboxCols+`)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
 		return err
 	})
 	if err != nil {
@@ -172,7 +172,7 @@ func scanSandbox(s scanner) (store.Sandbox, error) {
 	var config, errJSON, ready, destroyed sql.NullString
 	var created, expires string
 	if err := s.Scan(&sb.ID, &sb.AccountID, &sb.AgentID, &sb.Mode, &sb.Status, &config, &created, &ready,
-		&expires, &destroyed, &sb.DestroyReason, &errJSON, &sb.DiskUsedBytes); err != nil {
+		&expires, &destroyed, &sb.DestroyReason, &errJSON, &sb.DiskUsedBytes, &sb.ImageDigest); err != nil {
 		return store.Sandbox{}, err
 	}
 	var err error

@@ -323,6 +323,7 @@ func testSandboxRoundTrip(t *testing.T, st store.Store) {
 	full.Config = json.RawMessage(`{"image": "x:1", "filesystem": {"read_only": ["/workspace/data"], "blocked": []},
 		"network": {"allow": ["*.company.com:443"], "block_outbound": true}, "note": "é \"quoted\" \\ \u2028"}`)
 	full.Error = json.RawMessage(`{"error":"provisioning_failed","message":"boom"}`)
+	full.ImageDigest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 
 	zoned := sandbox("sbx_zoned", a.ID, at(time.Microsecond).In(zone), store.SandboxReady)
 	zoned.ReadyAt = ptr(at(2 * time.Microsecond).In(zone))
@@ -380,7 +381,7 @@ func testSandboxUpdate(t *testing.T, st store.Store) {
 		// The immutable fields of the argument are ignored.
 		arg := want
 		arg.AccountID, arg.AgentID, arg.Mode, arg.Config = "acct_b", "changed", "wasm", json.RawMessage(`{"changed":true}`)
-		arg.CreatedAt, arg.ExpiresAt = at(time.Hour), at(2*time.Hour)
+		arg.CreatedAt, arg.ExpiresAt, arg.ImageDigest = at(time.Hour), at(2*time.Hour), "sha256:changed"
 		ok(t, st.UpdateSandbox(ctx, arg))
 		got, err := st.GetSandbox(ctx, a.ID, orig.ID)
 		ok(t, err)
