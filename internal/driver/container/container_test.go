@@ -419,7 +419,7 @@ func TestAgentDiesAtStart(t *testing.T) {
 		if err := os.WriteFile(bad, []byte("#!/bin/sh\necho agent-boom >&2\nexit 3\n"), 0o755); err != nil {
 			t.Fatal(err)
 		}
-		bd, err := Open(driver.Options{StateDir: filepath.Join(dir, "s"), AgentBin: bad, Runtime: d.rt.name, NetworkPool: testPool})
+		bd, err := Open(driver.Options{StateDir: filepath.Join(dir, "s"), AgentBin: bad, Runtime: d.rt.name, RunscBin: runscBin, NetworkPool: testPool})
 		if err != nil {
 			t.Fatal(err)
 		}

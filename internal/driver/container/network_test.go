@@ -311,13 +311,13 @@ print(json.dumps(out))
 
 func TestEgress(t *testing.T) {
 	in := fakeInternet(t)
-	for _, name := range knownRuntimes {
+	for _, name := range testRuntimes {
 		t.Run(name, func(t *testing.T) {
 			base := openDriver(t, name) // skips when the runtime is missing
 			var mu sync.Mutex
 			var decisions []egress.Decision
 			d, err := Open(driver.Options{
-				StateDir: filepath.Join(stateDir, "egress-"+name), AgentBin: agentBin, Runtime: base.rt.name, NetworkPool: testPool,
+				StateDir: filepath.Join(stateDir, "egress-"+name), AgentBin: agentBin, Runtime: base.rt.name, RunscBin: runscBin, NetworkPool: testPool,
 				Resolver: egress.StaticResolver{
 					"api.company.com": {netip.MustParseAddr(apiIP)},
 					"evil.example":    {netip.MustParseAddr(evilIP)},
@@ -437,7 +437,7 @@ func TestSetNetwork(t *testing.T) {
 	fakeInternet(t)
 	base := openDriver(t, "crun")
 	d, err := Open(driver.Options{
-		StateDir: filepath.Join(stateDir, "setnetwork"), AgentBin: agentBin, Runtime: base.rt.name, NetworkPool: testPool,
+		StateDir: filepath.Join(stateDir, "setnetwork"), AgentBin: agentBin, Runtime: base.rt.name, RunscBin: runscBin, NetworkPool: testPool,
 		Resolver: egress.StaticResolver{
 			"api.company.com": {netip.MustParseAddr(apiIP)},
 			"evil.example":    {netip.MustParseAddr(evilIP)},

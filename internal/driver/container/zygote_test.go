@@ -275,7 +275,7 @@ func TestZygoteFailureLogged(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
 		dir := t.TempDir()
 		var logs bytes.Buffer
-		ld, err := Open(driver.Options{StateDir: filepath.Join(dir, "s"), AgentBin: agentBin, Runtime: d.rt.name,
+		ld, err := Open(driver.Options{StateDir: filepath.Join(dir, "s"), AgentBin: agentBin, Runtime: d.rt.name, RunscBin: runscBin,
 			NetworkPool: testPool, Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
 		if err != nil {
 			t.Fatal(err)
