@@ -274,6 +274,9 @@ func (d *Driver) Close() error {
 	for _, m := range d.cg.Mounts() {
 		_ = os.Remove(cgroup.Dir(m, cgroupParent))
 	}
+	for _, rt := range d.all {
+		rt.close()
+	}
 	return errors.Join(d.gw.Close(), d.net.Close())
 }
 
@@ -736,6 +739,9 @@ func (d *Driver) start(ctx context.Context, rt *ociRuntime, b *box, ids uint32) 
 		// The broker joins the cgroups runsc made: Kill and Destroy's cgroup removal end it with
 		// the sandbox (it also exits once the sandbox's end of its socket closes).
 		if err := d.joinCgroups(b.ID, b.Broker); err != nil {
+			if exited(b.Pid) {
+				return errors.New("the agent (container init) exited during start")
+			}
 			return fmt.Errorf("broker: %w", err)
 		}
 	}
@@ -993,8 +999,11 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	oom := oomErr == nil && oomAfter > oomBefore
 	if runErr != nil {
 		deadline := errors.Is(runErr, context.DeadlineExceeded)
-		if ctx.Err() == nil && !deadline {
-			// The agent failed, not the run: ours.
+		gvisorOOM := oom && d.runtimeOf(b).gvisor()
+		if ctx.Err() == nil && !deadline && !gvisorOOM {
+			// The agent failed, not the run: ours. (Under gVisor an OOM kill is the host's memory
+			// cgroup killing the Sentry, and the whole sandbox with it: the run's result, after
+			// which the sandbox is gone; gVisor has no OOM killer of its own.)
 			if oom {
 				runErr = fmt.Errorf("%w (the sandbox hit its memory limit)", runErr)
 			}
@@ -1076,8 +1085,17 @@ func (d *Driver) killStragglers(id string, initPid, standby int, forked bool) er
 // (1) and the standby's.
 func (d *Driver) runProcesses(id string, initPid, standby int, forked bool) ([]int, error) {
 	if rt := d.runtimeOfID(id); rt.gvisor() {
+		if exited(initPid) {
+			return nil, nil // the Sentry is gone, and every process of the sandbox with it
+		}
 		pids, err := rt.guestPIDs(id)
 		if err != nil {
+			// A Sentry killed by the host (its memory cgroup's OOM killer) takes a moment to go.
+			for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+				if exited(initPid) {
+					return nil, nil
+				}
+			}
 			return nil, err
 		}
 		return slices.DeleteFunc(pids, func(p int) bool { return p == 1 || p == standby }), nil

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 )
@@ -279,4 +280,14 @@ func (r *ociRuntime) killGuest(id string, pid int) error {
 	defer cancel()
 	_, err := r.output(ctx, "kill", "--pid", strconv.Itoa(pid), id, "KILL")
 	return err
+}
+
+// close releases what the runtime keeps in this process's mount namespace: runsc bind-mounts an
+// empty network namespace for its gofers at <root>/null-netns (possibly more than once), which
+// would keep the state dir from being removed.
+func (r *ociRuntime) close() {
+	if r.gvisor() {
+		for unix.Unmount(filepath.Join(r.root, "null-netns"), unix.MNT_DETACH) == nil {
+		}
+	}
 }

@@ -146,17 +146,15 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 		limit, swap := cs.res.MemoryBytes, cs.res.MemoryBytes
 		res.Memory = &specs.LinuxMemory{Limit: &limit, Swap: &swap}
 	}
-	rlimits := []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: nofileLimit, Soft: nofileLimit}}
 	if cs.res.PidsLimit > 0 {
 		pids := cs.res.PidsLimit
 		if cs.gvisor {
-			// The host's pids cgroup counts gVisor's threads (the Sentry's, the gofer's, the
-			// systrap stubs'), not the sandbox's processes: the limit of those is RLIMIT_NPROC,
-			// which gVisor enforces for the sandbox's user (all its processes, the agent's
-			// threads included, as the pids cgroup does under crun); the cgroup keeps a bound
-			// with room for gVisor's own.
-			rlimits = append(rlimits, specs.POSIXRlimit{Type: "RLIMIT_NPROC", Hard: uint64(pids), Soft: uint64(pids)})
-			pids = 2*pids + gvisorPids
+			// The host's pids cgroup counts gVisor's threads — the Sentry's and the gofer's (a
+			// fixed allowance, gvisorPids) and the systrap stubs the sandbox's processes run on —
+			// not the sandbox's processes themselves. (RLIMIT_NPROC, which gVisor enforces per
+			// user inside, miscounts here: with a limit of 64 and 22 tasks, Python could start no
+			// thread once a process had been spawned. RATIONALE.md.)
+			pids += gvisorPids
 		}
 		res.Pids = &specs.LinuxPids{Limit: &pids}
 	}
@@ -172,6 +170,7 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 			mounts = append(mounts, specs.Mount{Destination: p, Type: "tmpfs", Source: "tmpfs", Options: blockedTmpfs})
 		}
 		mounts = dropCovered(mounts)
+		prof = gvisorSeccomp(prof)
 	}
 	netNS := specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: cs.netns}
 	ids := []specs.LinuxIDMapping{{ContainerID: 0, HostID: cs.res.HostIDs, Size: driver.IDsPerSandbox}}
@@ -184,7 +183,7 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 			Cwd:  cs.cwd,
 			// Present and empty: every set is empty, so the process has no capability at all.
 			Capabilities:    &specs.LinuxCapabilities{},
-			Rlimits:         rlimits,
+			Rlimits:         []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: nofileLimit, Soft: nofileLimit}},
 			NoNewPrivileges: true,
 		},
 		Root:     &specs.Root{Path: cs.rootfs, Readonly: true},
@@ -207,6 +206,31 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 			ReadonlyPaths: readonly,
 		},
 	}
+}
+
+// gvisorSeccomp returns prof for runsc. runsc turns every SCMP_ACT_ERRNO rule into EPERM, whatever
+// its errnoRet: Docker's profile refuses clone3 with ENOSYS, which makes glibc fall back to clone
+// (whose flags the profile can check); with EPERM it does not, and no thread starts. gVisor
+// implements clone3 in the Sentry, so under runsc the profile allows it (it is not in Docker's allow
+// list: the profile's default action refuses it): the namespaces it
+// could ask for are gVisor's, and the process has no capability to make any but a user namespace.
+func gvisorSeccomp(prof *specs.LinuxSeccomp) *specs.LinuxSeccomp {
+	if prof == nil {
+		return nil
+	}
+	out := *prof
+	out.Syscalls = nil
+	for _, sc := range prof.Syscalls {
+		if sc.Action == specs.ActErrno && slices.Contains(sc.Names, "clone3") {
+			sc.Names = slices.DeleteFunc(slices.Clone(sc.Names), func(n string) bool { return n == "clone3" })
+			if len(sc.Names) == 0 {
+				continue
+			}
+		}
+		out.Syscalls = append(out.Syscalls, sc)
+	}
+	out.Syscalls = append(out.Syscalls, specs.LinuxSyscall{Names: []string{"clone3"}, Action: specs.ActAllow})
+	return &out
 }
 
 // dropCovered removes each mount that a later one covers (mounted on it or on a directory above
