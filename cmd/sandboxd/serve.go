@@ -106,7 +106,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 	// them is built after it (it needs the driver), so decisions go through this pointer.
 	var sink atomic.Pointer[sandbox.Service]
 	opts := driver.Options{
-		StateDir: filepath.Join(cfg.DataDir, "container"), AgentBin: cfg.AgentBin, Runtime: cfg.Runtime,
+		StateDir: filepath.Join(cfg.DataDir, "container"), AgentBin: cfg.AgentBin, Runtime: cfg.Runtime, RunscBin: cfg.RunscBin,
 		NetworkPool: cfg.NetworkPool, Logger: log.With("driver", "container"),
 		OnNetwork: func(d egress.Decision) {
 			if s := sink.Load(); s != nil {

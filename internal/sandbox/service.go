@@ -47,7 +47,8 @@ type Image struct {
 	Mode    string
 	RootFS  string
 	Digest  string
-	Default bool // the mode's default image
+	Runtime string // container mode: the OCI runtime of its sandboxes ("crun", "runc", "runsc"; "": the server's)
+	Default bool   // the mode's default image
 	// Build, when set, is the build that makes the image while the service serves: RootFS and
 	// Digest are the build's once it is ready; until then the image is listed with the build's
 	// status and creates that ask for it fail with image_not_ready.

@@ -75,9 +75,6 @@ func newRuntime(name, bin, stateDir string) (*ociRuntime, error) {
 	r := &ociRuntime{name: name, bin: bin, root: filepath.Join(stateDir, "runtime", name)}
 	if name == runscName {
 		r.flags = runscFlags
-		if d := os.Getenv("XX_RUNSC_DEBUG"); d != "" {
-			r.flags = append(append([]string(nil), runscFlags...), "--debug", "--debug-log="+d+"/")
-		}
 	}
 	return r, nil
 }
