@@ -114,23 +114,13 @@ func runBroker() error {
 	if lf == nil || bf == nil {
 		return fmt.Errorf("want the listening socket on fd %d and the broker socket on fd %d", agent.ListenFD, agent.BrokerFD)
 	}
-	l, err := net.FileListener(lf)
-	lf.Close()
+	ln, err := unixListenerOf(lf)
 	if err != nil {
 		return fmt.Errorf("fd %d: %w", agent.ListenFD, err)
 	}
-	ln, ok := l.(*net.UnixListener)
-	if !ok {
-		return fmt.Errorf("fd %d is not a unix socket", agent.ListenFD)
-	}
-	c, err := net.FileConn(bf)
-	bf.Close()
+	sock, err := unixConnOf(bf)
 	if err != nil {
 		return fmt.Errorf("fd %d: %w", agent.BrokerFD, err)
-	}
-	sock, ok := c.(*net.UnixConn)
-	if !ok {
-		return fmt.Errorf("fd %d is not a unix socket", agent.BrokerFD)
 	}
 	// The agent never writes: a read that returns is the sandbox's end closing.
 	go func() {
@@ -170,4 +160,34 @@ func passConn(sock, conn *net.UnixConn) error {
 		return err
 	}
 	return serr
+}
+
+// unixListenerOf makes f, which it closes, a listening unix socket.
+func unixListenerOf(f *os.File) (*net.UnixListener, error) {
+	l, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		return nil, err
+	}
+	ln, ok := l.(*net.UnixListener)
+	if !ok {
+		l.Close()
+		return nil, errors.New("not a unix socket")
+	}
+	return ln, nil
+}
+
+// unixConnOf makes f, which it closes, a connected unix socket.
+func unixConnOf(f *os.File) (*net.UnixConn, error) {
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return nil, err
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, errors.New("not a unix socket")
+	}
+	return uc, nil
 }

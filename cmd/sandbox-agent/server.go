@@ -86,28 +86,16 @@ func (a *agentServer) listen() error {
 	}
 	unix.CloseOnExec(agent.ListenFD)
 	if listening, err := isListening(agent.ListenFD); err == nil && !listening {
-		c, err := net.FileConn(f)
-		f.Close()
+		uc, err := unixConnOf(f)
 		if err != nil {
 			return fmt.Errorf("descriptor %d is not the agent's broker socket: %w", agent.ListenFD, err)
-		}
-		uc, ok := c.(*net.UnixConn)
-		if !ok {
-			c.Close()
-			return fmt.Errorf("descriptor %d is not a unix socket", agent.ListenFD)
 		}
 		a.ln = &brokerListener{sock: uc}
 		return nil
 	}
-	l, err := net.FileListener(f)
-	f.Close()
+	ln, err := unixListenerOf(f)
 	if err != nil {
 		return fmt.Errorf("descriptor %d is not the agent's listening socket: %w", agent.ListenFD, err)
-	}
-	ln, ok := l.(*net.UnixListener)
-	if !ok {
-		l.Close()
-		return fmt.Errorf("descriptor %d is not a unix socket", agent.ListenFD)
 	}
 	a.ln = ln
 	return nil

@@ -1,6 +1,7 @@
 // Package container is the sandbox driver that runs each sandbox as an OCI container with crun (or
-// runc), driven through the runtime's command line with a config.json generated from the
-// runtime-spec types. It registers itself as driver "container".
+// runc, or gVisor's runsc when the operator or the image asks for it: runtime.go, broker.go),
+// driven through the runtime's command line with a config.json generated from the runtime-spec
+// types. It registers itself as driver "container".
 //
 // A sandbox is one long-lived container whose PID 1 is sandbox-agent (bound read-only at
 // /.sandbox/bin/sandbox-agent); each Exec is one run the agent executes, over the unix socket
