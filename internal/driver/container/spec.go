@@ -146,14 +146,16 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 		limit, swap := cs.res.MemoryBytes, cs.res.MemoryBytes
 		res.Memory = &specs.LinuxMemory{Limit: &limit, Swap: &swap}
 	}
+	rlimits := []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: nofileLimit, Soft: nofileLimit}}
 	if cs.res.PidsLimit > 0 {
 		pids := cs.res.PidsLimit
 		if cs.gvisor {
-			// The host's pids cgroup counts gVisor's threads — the Sentry's and the gofer's (a
-			// fixed allowance, gvisorPids) and the systrap stubs the sandbox's processes run on —
-			// not the sandbox's processes themselves. (RLIMIT_NPROC, which gVisor enforces per
-			// user inside, miscounts here: with a limit of 64 and 22 tasks, Python could start no
-			// thread once a process had been spawned. RATIONALE.md.)
+			// The host's pids cgroup counts gVisor's threads (the Sentry's, the gofer's, the
+			// systrap stubs'), not the sandbox's processes: the limit of those is RLIMIT_NPROC,
+			// which gVisor enforces per user — every task of the sandbox's user, the agent's
+			// threads included, as the pids cgroup counts them under crun. The cgroup keeps a
+			// bound with room for gVisor's own threads.
+			rlimits = append(rlimits, specs.POSIXRlimit{Type: "RLIMIT_NPROC", Hard: uint64(pids), Soft: uint64(pids)})
 			pids += gvisorPids
 		}
 		res.Pids = &specs.LinuxPids{Limit: &pids}
@@ -183,7 +185,7 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 			Cwd:  cs.cwd,
 			// Present and empty: every set is empty, so the process has no capability at all.
 			Capabilities:    &specs.LinuxCapabilities{},
-			Rlimits:         []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: nofileLimit, Soft: nofileLimit}},
+			Rlimits:         rlimits,
 			NoNewPrivileges: true,
 		},
 		Root:     &specs.Root{Path: cs.rootfs, Readonly: true},
