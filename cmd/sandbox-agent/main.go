@@ -56,6 +56,9 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == zygoteCommand {
 		zygoteMain(os.Args[2:]) // does not return
 	}
+	if len(os.Args) > 1 && os.Args[1] == brokerCommand {
+		brokerMain(os.Args[2:]) // does not return
+	}
 	log := newLogger("agent")
 	python := flag.String("python", "/usr/bin/python3", "the Python interpreter")
 	prestart := flag.String("prestart", "", "start the first run's process at once: 0 (allow_spawn false) or 1 (true)")

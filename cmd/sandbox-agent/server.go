@@ -41,7 +41,12 @@ type agentServer struct {
 	runnerCode []byte // the runner compiled by this Python (marshal), once a process has sent it
 	dumping    bool   // a process is sending it
 
-	ln *net.UnixListener // the host's socket, inherited (agent.ListenFD)
+	ln unixListener // the host's socket, inherited (agent.ListenFD), or the broker's (broker.go)
+}
+
+// unixListener is what the agent accepts its connections from.
+type unixListener interface {
+	AcceptUnix() (*net.UnixConn, error)
 }
 
 func newAgent(python string, log *slog.Logger) (*agentServer, error) {
@@ -72,22 +77,25 @@ func newAgent(python string, log *slog.Logger) (*agentServer, error) {
 	return a, nil
 }
 
-// listen takes the listening socket the host bound and passed as agent.ListenFD.
+// listen takes the listening socket the host bound and passed as agent.ListenFD — or, under
+// gVisor, the connected broker socket passed there instead (broker.go).
 func (a *agentServer) listen() error {
 	f := os.NewFile(agent.ListenFD, "agent socket")
 	if f == nil {
 		return fmt.Errorf("no descriptor %d: the host passes the agent's listening socket there", agent.ListenFD)
 	}
 	unix.CloseOnExec(agent.ListenFD)
-	l, err := net.FileListener(f)
-	f.Close()
+	if listening, err := isListening(agent.ListenFD); err == nil && !listening {
+		uc, err := unixConnOf(f)
+		if err != nil {
+			return fmt.Errorf("descriptor %d is not the agent's broker socket: %w", agent.ListenFD, err)
+		}
+		a.ln = &brokerListener{sock: uc}
+		return nil
+	}
+	ln, err := unixListenerOf(f)
 	if err != nil {
 		return fmt.Errorf("descriptor %d is not the agent's listening socket: %w", agent.ListenFD, err)
-	}
-	ln, ok := l.(*net.UnixListener)
-	if !ok {
-		l.Close()
-		return fmt.Errorf("descriptor %d is not a unix socket", agent.ListenFD)
 	}
 	a.ln = ln
 	return nil
@@ -102,6 +110,10 @@ func (a *agentServer) serve() {
 	go func() {
 		for {
 			conn, err := a.ln.AcceptUnix()
+			if _, broker := a.ln.(*brokerListener); err != nil && broker {
+				a.log.Error("the host's broker is gone: exiting", "err", err)
+				os.Exit(1)
+			}
 			if err != nil {
 				a.log.Warn("accept", "err", err)
 				time.Sleep(10 * time.Millisecond)

@@ -53,6 +53,8 @@ func bench(args []string, log *slog.Logger) error {
 		return nil
 	})
 	runtimeName := fs.String("runtime", "", "OCI runtime: crun or runc (default: detect)")
+	runscBin := fs.String("runsc", "", "gVisor's runsc binary (scripts/build-runsc.sh): adds runsc's create and print(1) run figures beside the default runtime's")
+	runscN := fs.Int("runsc-n", 20, "samples per runsc figure (and its baseline's)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -239,6 +241,12 @@ func bench(args []string, log *slog.Logger) error {
 	if ims := imagesOf(cfg.Images, "wasm"); len(ims) > 0 {
 		progress("bench: %d WASM samples…", *n)
 		if err := benchWasm(ctx, c, rep, tmp, ims[0].RootFS, *n, settle, log); err != nil {
+			return err
+		}
+	}
+	if *runscBin != "" {
+		progress("bench: %d runsc samples…", *runscN)
+		if err := benchRuntimes(ctx, rep, tmp, rootfs, cfg.AgentBin, *runscBin, *runscN, log); err != nil {
 			return err
 		}
 	}

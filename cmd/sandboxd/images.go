@@ -43,7 +43,7 @@ func images(args []string, stdout io.Writer) error {
 	fs.SetOutput(io.Discard)
 	dataDir := fs.String("data-dir", "data", "the server's data directory")
 	name := fs.String("name", "", "the name sandboxes ask for (config.image)")
-	rt := fs.String("runtime", imagestore.DefaultRuntime, "OCI runtime of the image's sandboxes: "+strings.Join(imagestore.Runtimes, ", "))
+	rt := fs.String("runtime", "", "OCI runtime of the image's sandboxes: "+strings.Join(imagestore.Runtimes, ", ")+" (default: the server's --runtime)")
 	maxSize := fs.Int64("max-size", imagestore.DefaultMaxBytes, "refuse an image that unpacks to more bytes")
 	asJSON := fs.Bool("json", false, "print JSON")
 	pos, err := parseInterleaved(fs, args)
@@ -58,7 +58,7 @@ func images(args []string, stdout io.Writer) error {
 	if len(pos) != n {
 		return fmt.Errorf("images %s: want %d argument(s), got %d (%s)\n%s", sub, n, len(pos), strings.Join(pos, " "), imagesUsage)
 	}
-	if !slices.Contains(imagestore.Runtimes, *rt) {
+	if *rt != "" && !slices.Contains(imagestore.Runtimes, *rt) {
 		return fmt.Errorf("images %s: --runtime %q: want one of %s", sub, *rt, strings.Join(imagestore.Runtimes, ", "))
 	}
 	if err := os.MkdirAll(*dataDir, 0o700); err != nil {

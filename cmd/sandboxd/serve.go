@@ -108,7 +108,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 	// them is built after it (it needs the driver), so decisions go through this pointer.
 	var sink atomic.Pointer[sandbox.Service]
 	opts := driver.Options{
-		StateDir: filepath.Join(cfg.DataDir, "container"), AgentBin: cfg.AgentBin, Runtime: cfg.Runtime,
+		StateDir: filepath.Join(cfg.DataDir, "container"), AgentBin: cfg.AgentBin, Runtime: cfg.Runtime, RunscBin: cfg.RunscBin,
 		NetworkPool: cfg.NetworkPool, Logger: log.With("driver", "container"),
 		OnNetwork: func(d egress.Decision) {
 			if s := sink.Load(); s != nil {
@@ -178,7 +178,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
 		DataDir: cfg.DataDir, Images: images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, Logger: log,
 		DiskBytes: cfg.DiskBytes, DiskFreeFloor: cfg.DiskFreeFloor, IDs: cfg.IDs, Disks: disks, MountDir: mountDir,
-		MaxUploadBytes: cfg.MaxUploadBytes, WarmPool: cfg.WarmPool, Observer: m, Catalog: catalog(imgStore),
+		MaxUploadBytes: cfg.MaxUploadBytes, WarmPool: cfg.WarmPool, Observer: m, Catalog: catalog(imgStore, runtimeOf(drv)),
 	}, m.Store(d.st), drivers)
 	if err != nil {
 		return fail(err)
@@ -222,7 +222,7 @@ func describeImages(ims []sandbox.Image, rt string) []sandbox.Image {
 }
 
 // catalog is the service's view of the image store: each image a container image on its root.
-func catalog(st *imagestore.Store) func() ([]sandbox.Image, error) {
+func catalog(st *imagestore.Store, serverRuntime string) func() ([]sandbox.Image, error) {
 	return func() ([]sandbox.Image, error) {
 		ims, err := st.Images()
 		if err != nil {
@@ -230,6 +230,9 @@ func catalog(st *imagestore.Store) func() ([]sandbox.Image, error) {
 		}
 		out := make([]sandbox.Image, 0, len(ims))
 		for _, im := range ims {
+			if im.Runtime == "" {
+				im.Runtime = serverRuntime
+			}
 			out = append(out, sandbox.Image{Name: im.Name, Mode: sandbox.ModeContainer, RootFS: st.RootFS(im.Digest),
 				Digest: im.Digest, Size: im.Size, Python: im.Python, Runtime: im.Runtime})
 		}

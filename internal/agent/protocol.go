@@ -28,6 +28,10 @@ const SocketName = "agent.sock"
 // by the host as the first inherited descriptor after stdio).
 const ListenFD = 3
 
+// BrokerFD is the descriptor on which "sandbox-agent broker" (the host-side helper of an agent
+// under gVisor) finds its end of the broker socket; the agent's end is its ListenFD.
+const BrokerFD = 4
+
 // Ping is the request line that asks the agent whether it serves (WaitReady).
 const Ping = "ping"
 

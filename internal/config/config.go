@@ -35,7 +35,8 @@ const (
 type Config struct {
 	Listen     string
 	DataDir    string
-	Runtime    string // crun, runc or "" (detect)
+	Runtime    string // crun, runc, runsc (gVisor) or "" (detect crun or runc)
+	RunscBin   string // gVisor's runsc binary ("": runsc in PATH, if any)
 	AgentBin   string
 	RatePerSec float64
 	RateBurst  int
@@ -145,7 +146,8 @@ func parse(name string, args []string) (Config, error) {
 	var images, wasmImages, wasmBuilds imageFlags
 	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8080", "address to serve the API on")
 	fs.StringVar(&c.DataDir, "data-dir", "data", "directory for the database and the sandboxes' files")
-	fs.StringVar(&c.Runtime, "runtime", "", "OCI runtime: crun or runc (default: detect, crun first)")
+	fs.StringVar(&c.Runtime, "runtime", "", "OCI runtime of every sandbox: crun, runc or runsc (gVisor; see --runsc) (default: detect crun, then runc)")
+	fs.StringVar(&c.RunscBin, "runsc", "", "gVisor's runsc binary, built by scripts/build-runsc.sh (default: runsc in PATH, if any)")
 	fs.StringVar(&c.AgentBin, "agent-bin", "", "path of the sandbox-agent binary (default: next to sandboxd)")
 	fs.StringVar(&cfgPath, "config", "", "optional JSON file with images, plans and limits")
 	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")

@@ -68,6 +68,9 @@ type Spec struct {
 	// of the sandbox runs as one of them, and no other live sandbox has them.
 	HostIDs    uint32
 	AllowSpawn bool // whether run code may start subprocesses
+	// Runtime is the OCI runtime of this sandbox (container driver: "crun", "runc" or "runsc";
+	// "": the driver's, Options.Runtime). The image's choice (sandbox.Image.Runtime).
+	Runtime string
 	// Network is the egress policy. Drivers without networking (wasm) refuse a policy that asks
 	// for egress; the container driver gives every sandbox its own network namespace.
 	Network egress.Policy
@@ -189,7 +192,8 @@ type Factory func(opts Options) (Driver, error)
 type Options struct {
 	StateDir string // host directory the driver owns for its state: runtime state, per-sandbox dirs
 	AgentBin string // path of the static sandbox-agent binary (container driver)
-	Runtime  string // OCI runtime to use: "crun", "runc", or "" to detect
+	Runtime  string // OCI runtime of sandboxes whose Spec names none: "crun", "runc", "runsc" (gVisor), or "" to detect crun or runc
+	RunscBin string // gVisor's runsc binary (container driver; "": runsc in PATH, if any): scripts/build-runsc.sh
 
 	// Egress (container driver). Resolver resolves names for the egress gateway (nil: the host's
 	// resolver); NetworkPool is where sandbox addresses come from (zero: the driver's default);

@@ -59,11 +59,11 @@ var (
 const (
 	DefaultMaxBytes   = 8 << 30   // unpacked bytes of one image
 	DefaultMaxEntries = 1_000_000 // entries of the flattened archive
-	DefaultRuntime    = "crun"
 	ModeContainer     = "container"
 )
 
-// Runtimes an image may name: the OCI runtime its sandboxes run under.
+// Runtimes an image may name: the OCI runtime its sandboxes run under ("" or none: the server's
+// --runtime).
 var Runtimes = []string{"crun", "runc", "runsc"}
 
 // Image is one approved name in the store.
@@ -73,13 +73,13 @@ type Image struct {
 	Size    int64     `json:"size"`    // bytes of the unpacked root (file contents)
 	Python  string    `json:"python"`  // "3.11"
 	Mode    string    `json:"mode"`    // "container"
-	Runtime string    `json:"runtime"` // crun, runc or runsc
+	Runtime string    `json:"runtime"` // crun, runc, runsc or "" (the server's)
 	Created time.Time `json:"created"`
 }
 
 // Options tunes Import and Pull; the zero value takes the defaults.
 type Options struct {
-	Runtime    string // default DefaultRuntime
+	Runtime    string // one of Runtimes; "": the server's
 	MaxBytes   int64  // default DefaultMaxBytes
 	MaxEntries int    // default DefaultMaxEntries
 	// InUse, when set, says whether a live sandbox runs a digest: a root the import leaves
@@ -88,10 +88,7 @@ type Options struct {
 }
 
 func (o Options) withDefaults() (Options, error) {
-	if o.Runtime == "" {
-		o.Runtime = DefaultRuntime
-	}
-	if !slices.Contains(Runtimes, o.Runtime) {
+	if o.Runtime != "" && !slices.Contains(Runtimes, o.Runtime) {
 		return o, fmt.Errorf("%w: runtime %q is not one of %s", ErrInvalid, o.Runtime, strings.Join(Runtimes, ", "))
 	}
 	if o.MaxBytes <= 0 {

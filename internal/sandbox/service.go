@@ -50,7 +50,7 @@ type Image struct {
 	Digest  string
 	Size    int64  // bytes of the unpacked root, when known (GET /api/images)
 	Python  string // its python3's version, when known
-	Runtime string // container mode: the OCI runtime the operator approved it for (shown)
+	Runtime string // container mode: the OCI runtime of its sandboxes ("crun", "runc", "runsc"; "": the server's)
 	Default bool   // the mode's default image
 	// Build, when set, is the build that makes the image while the service serves: RootFS and
 	// Digest are the build's once it is ready; until then the image is listed with the build's

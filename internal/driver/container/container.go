@@ -1,6 +1,7 @@
 // Package container is the sandbox driver that runs each sandbox as an OCI container with crun (or
-// runc), driven through the runtime's command line with a config.json generated from the
-// runtime-spec types. It registers itself as driver "container".
+// runc, or gVisor's runsc when the operator or the image asks for it: runtime.go, broker.go),
+// driven through the runtime's command line with a config.json generated from the runtime-spec
+// types. It registers itself as driver "container".
 //
 // A sandbox is one long-lived container whose PID 1 is sandbox-agent (bound read-only at
 // /.sandbox/bin/sandbox-agent); each Exec is one run the agent executes, over the unix socket
@@ -90,8 +91,10 @@ type Driver struct {
 	log      *slog.Logger  // Options.Log()
 	mnt      string        // the driver's directory in sandboxd's mount namespace (mountns.Dir): sandbox roots, what they bind
 	agentBin string        // the agent binary, copied into mnt
-	rt       *ociRuntime   // the runtime new sandboxes use
-	all      []*ociRuntime // every runtime found, for listing and destroying older sandboxes
+	rt       *ociRuntime   // the runtime of new sandboxes whose spec names none
+	all      []*ociRuntime // every runtime found: for sandboxes that name theirs, listing, destroying
+	probeMu  sync.Mutex
+	probed   map[string]error // runtimes probed so far (by name) and how it went
 	cg       cgroupLayout
 	seccomp  *specs.LinuxSeccomp
 	net      *netsetup.Manager // per-sandbox network plumbing
@@ -113,6 +116,7 @@ type meta struct {
 	Pid        int       `json:"pid"` // host PID of the container's init (the agent)
 	Created    time.Time `json:"created"`
 	Gateway    string    `json:"gateway,omitempty"` // the sandbox's egress gateway address
+	Broker     int       `json:"broker,omitempty"`  // runsc: host PID of the agent's broker (broker.go)
 }
 
 type box struct {
@@ -122,6 +126,7 @@ type box struct {
 	standby atomic.Int64  // the agent's standby process for the next run (PID inside the sandbox; 0: none)
 	zygote  chan struct{} // closed once startZygote has returned; nil after a reload
 	zygoted bool          // startZygote started one (read once zygote is closed)
+	broker  *os.Process   // runsc: the agent's broker started by this process (nil after a reload)
 }
 
 // Open opens the container driver: it requires mountns.Enter to have run, checks the agent
@@ -177,16 +182,22 @@ func Open(opts driver.Options) (*Driver, error) {
 	candidates := knownRuntimes
 	switch opts.Runtime {
 	case "":
-	case "crun", "runc":
+	case "crun", "runc", runscName:
 		candidates = []string{opts.Runtime}
 	default:
-		return nil, fmt.Errorf("container driver: unknown OCI runtime %q (want crun or runc)", opts.Runtime)
+		return nil, fmt.Errorf("container driver: unknown OCI runtime %q (want crun, runc or runsc)", opts.Runtime)
+	}
+	bin := func(name string) string {
+		if name == runscName {
+			return opts.RunscBin
+		}
+		return ""
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var problems []string
 	for _, name := range candidates {
-		rt, err := newRuntime(name, stateDir)
+		rt, err := newRuntime(name, bin(name), stateDir)
 		if err == nil {
 			err = rt.probe(ctx, stateDir, mnt, d.agentBin, prof)
 		}
@@ -199,19 +210,25 @@ func Open(opts driver.Options) (*Driver, error) {
 	}
 	if d.rt == nil {
 		hint := installHint
+		if opts.Runtime == runscName {
+			hint = "build runsc with scripts/build-runsc.sh"
+		}
 		if mountns.HybridCgroup() {
 			hint += "; crun needs cgroup2 unmounted on this cgroup v1 hybrid host (mountns.Enter does it)"
 		}
 		return nil, fmt.Errorf("container driver: no working OCI runtime (%s): %s", strings.Join(problems, "; "), hint)
 	}
-	for _, name := range knownRuntimes {
+	d.probed = map[string]error{d.rt.name: nil}
+	// Every runtime found, for sandboxes that name theirs (probed at first use) and for listing
+	// and destroying what older processes made with them.
+	for _, name := range append(knownRuntimes[:len(knownRuntimes):len(knownRuntimes)], runscName) {
 		if name == d.rt.name {
 			d.all = append(d.all, d.rt)
-		} else if rt, err := newRuntime(name, stateDir); err == nil {
+		} else if rt, err := newRuntime(name, bin(name), stateDir); err == nil {
 			d.all = append(d.all, rt)
 		}
 	}
-	if d.rt.ownedUserNS() {
+	if slices.ContainsFunc(d.all, (*ociRuntime).ownedUserNS) {
 		if d.unshare, err = exec.LookPath("unshare"); err == nil {
 			d.cat, err = exec.LookPath("cat")
 		}
@@ -258,6 +275,9 @@ func (d *Driver) Close() error {
 	for _, m := range d.cg.Mounts() {
 		_ = os.Remove(cgroup.Dir(m, cgroupParent))
 	}
+	for _, rt := range d.all {
+		rt.close()
+	}
 	return errors.Join(d.gw.Close(), d.net.Close())
 }
 
@@ -296,8 +316,59 @@ func (d *Driver) removeStaleHelpers(ctx context.Context) {
 // Name returns "container".
 func (d *Driver) Name() string { return Name }
 
-// Runtime returns the name of the OCI runtime new sandboxes use ("crun" or "runc").
+// Runtime returns the name of the OCI runtime of new sandboxes whose spec names none ("crun",
+// "runc" or "runsc").
 func (d *Driver) Runtime() string { return d.rt.name }
+
+// runtime returns the runtime named name ("": the default), probing it on first use (a probe
+// container, as Open does for the default): nil and why when it cannot run sandboxes here.
+func (d *Driver) runtime(ctx context.Context, name string) (*ociRuntime, error) {
+	if name == "" {
+		return d.rt, nil
+	}
+	i := slices.IndexFunc(d.all, func(rt *ociRuntime) bool { return rt.name == name })
+	if i < 0 {
+		if name == runscName {
+			return nil, fmt.Errorf("OCI runtime runsc is not available: build it with scripts/build-runsc.sh and pass its path (--runsc)")
+		}
+		return nil, fmt.Errorf("OCI runtime %q is not available here (want crun, runc or runsc, installed)", name)
+	}
+	rt := d.all[i]
+	d.probeMu.Lock()
+	defer d.probeMu.Unlock()
+	err, done := d.probed[name]
+	if !done {
+		err = rt.probe(ctx, d.stateDir, d.mnt, d.agentBin, d.seccomp)
+		if ctx.Err() == nil {
+			d.probed[name] = err
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("OCI runtime %s does not work here: %w", name, err)
+	}
+	return rt, nil
+}
+
+// runtimeOfID returns the runtime of sandbox id (d.rt when the driver does not know it).
+func (d *Driver) runtimeOfID(id string) *ociRuntime {
+	d.mu.Lock()
+	b := d.boxes[id]
+	d.mu.Unlock()
+	if b == nil {
+		return d.rt
+	}
+	return d.runtimeOf(b)
+}
+
+// runtimeOf returns the runtime sandbox b was made with (d.rt if that one is gone).
+func (d *Driver) runtimeOf(b *box) *ociRuntime {
+	for _, rt := range d.all {
+		if rt.name == b.Runtime {
+			return rt
+		}
+	}
+	return d.rt
+}
 
 // Check asks the runtime to list our containers: cheap, and proves the binary still answers.
 func (d *Driver) Check(ctx context.Context) error {
@@ -327,6 +398,10 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err := checkRootFS(spec.RootFS); err != nil {
 		return fmt.Errorf("create sandbox %s: %w", id, err)
 	}
+	rt, err := d.runtime(ctx, spec.Runtime)
+	if err != nil {
+		return fmt.Errorf("create sandbox %s: %w", id, err)
+	}
 	// Claim the id: the state dir is created exclusively.
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		if errors.Is(err, fs.ErrExist) {
@@ -334,14 +409,17 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		}
 		return fmt.Errorf("create sandbox %s: %w", id, err)
 	}
-	b := &box{meta: meta{ID: id, Runtime: d.rt.name, AllowSpawn: spec.AllowSpawn, Created: time.Now().UTC()}, dir: dir}
+	b := &box{meta: meta{ID: id, Runtime: rt.name, AllowSpawn: spec.AllowSpawn, Created: time.Now().UTC()}, dir: dir}
 	d.mu.Lock()
 	d.boxes[id] = b
 	d.mu.Unlock()
 	defer func() {
 		if err != nil {
 			// Stop the container first so its output is complete, read it, then remove everything.
-			_ = d.rt.delete(context.WithoutCancel(ctx), id)
+			_ = rt.delete(context.WithoutCancel(ctx), id)
+			if b.broker != nil { // not in the sandbox's cgroups yet, perhaps
+				_ = b.broker.Kill()
+			}
 			tail := logTailOf(b)
 			if derr := d.Destroy(context.WithoutCancel(ctx), id); derr != nil {
 				err = fmt.Errorf("%w (and cleaning up failed: %v)", err, derr)
@@ -373,7 +451,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		err error
 	}
 	var nsc chan madeNS
-	if d.rt.ownedUserNS() {
+	if rt.ownedUserNS() {
 		nsc = make(chan madeNS, 1)
 		go func() {
 			ns, err := d.newUserNS(spec.HostIDs)
@@ -409,7 +487,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		prestart = "1"
 	}
 	cs := containerSpec{id: id, rootfs: merged, args: []string{agentPath, "--prestart", prestart}, cwd: cwd, mounts: mounts,
-		masked: masked, res: spec, netns: nb.NSPath}
+		masked: masked, res: spec, netns: nb.NSPath, gvisor: rt.gvisor()}
 	var userns *userNS
 	if nsc != nil {
 		m := <-nsc
@@ -421,7 +499,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	}
 	err = statedir.WriteJSON(filepath.Join(dir, "config.json"), makeSpec(cs, d.seccomp))
 	if err == nil {
-		err = d.start(ctx, b)
+		err = d.start(ctx, rt, b, spec.HostIDs)
 	}
 	if userns != nil {
 		go userns.close() // the container's processes hold the namespace now
@@ -602,8 +680,9 @@ func checkRootFS(rootfs string) error {
 }
 
 // start runs `<runtime> run -d`, with the container's stdout/stderr copied into agent.log (capped)
-// by a goroutine that ends when the container's last process does.
-func (d *Driver) start(ctx context.Context, b *box) error {
+// by a goroutine that ends when the container's last process does. ids is the sandbox's first
+// host id (the broker's user under runsc).
+func (d *Driver) start(ctx context.Context, rt *ociRuntime, b *box, ids uint32) error {
 	logf, err := os.OpenFile(filepath.Join(b.dir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
@@ -623,28 +702,49 @@ func (d *Driver) start(ctx context.Context, b *box) error {
 	}()
 	// The agent's socket: bound here, in the sandbox's root-only state dir, and passed to the agent
 	// as its descriptor 3 (agent.ListenFD): the only way to it is this path, which nothing inside
-	// the sandbox can see, create or replace.
+	// the sandbox can see, create or replace. Under gVisor the agent gets a broker socket there
+	// instead, and the listening socket goes to the broker (broker.go).
 	ln, err := agent.Listen(socketPath(b.dir))
 	if err != nil {
 		pw.Close()
 		return err
 	}
+	defer ln.Close()
 	pidFile := filepath.Join(b.dir, "pid")
-	cmd := d.rt.command(ctx, "run", "--detach", "--preserve-fds", "1", "--pid-file", pidFile, "--bundle", b.dir, b.ID)
+	fdArgs := []string{"--preserve-fds", "1"}
+	agentFD := ln
+	if rt.gvisor() {
+		if agentFD, err = d.startBroker(b, ln, ids, pw); err != nil {
+			pw.Close()
+			return err
+		}
+		defer agentFD.Close()
+		fdArgs = []string{"--pass-fd", "3:" + strconv.Itoa(agent.ListenFD)}
+	}
+	cmd := rt.command(ctx, append(append([]string{"run", "--detach"}, fdArgs...), "--pid-file", pidFile, "--bundle", b.dir, b.ID)...)
 	cmd.Stdout, cmd.Stderr = pw, pw
-	cmd.ExtraFiles = []*os.File{ln}
+	cmd.ExtraFiles = []*os.File{agentFD}
 	err = cmd.Run()
 	pw.Close()
-	ln.Close()
 	if err != nil {
-		return fmt.Errorf("%s run: %w", d.rt.name, err)
+		return fmt.Errorf("%s run: %w", rt.name, err)
 	}
 	pb, err := os.ReadFile(pidFile)
 	if err != nil {
-		return fmt.Errorf("%s run: no pid file: %w", d.rt.name, err)
+		return fmt.Errorf("%s run: no pid file: %w", rt.name, err)
 	}
 	if b.Pid, err = strconv.Atoi(strings.TrimSpace(string(pb))); err != nil {
-		return fmt.Errorf("%s run: pid file: %w", d.rt.name, err)
+		return fmt.Errorf("%s run: pid file: %w", rt.name, err)
+	}
+	if rt.gvisor() {
+		// The broker joins the cgroups runsc made: Kill and Destroy's cgroup removal end it with
+		// the sandbox (it also exits once the sandbox's end of its socket closes).
+		if err := d.joinCgroups(b.ID, b.Broker); err != nil {
+			if exited(b.Pid) {
+				return errors.New("the agent (container init) exited during start")
+			}
+			return fmt.Errorf("broker: %w", err)
+		}
 	}
 	return nil
 }
@@ -900,8 +1000,11 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	oom := oomErr == nil && oomAfter > oomBefore
 	if runErr != nil {
 		deadline := errors.Is(runErr, context.DeadlineExceeded)
-		if ctx.Err() == nil && !deadline {
-			// The agent failed, not the run: ours.
+		gvisorOOM := oom && d.runtimeOf(b).gvisor()
+		if ctx.Err() == nil && !deadline && !gvisorOOM {
+			// The agent failed, not the run: ours. (Under gVisor an OOM kill is the host's memory
+			// cgroup killing the Sentry, and the whole sandbox with it: the run's result, after
+			// which the sandbox is gone; gVisor has no OOM killer of its own.)
 			if oom {
 				runErr = fmt.Errorf("%w (the sandbox hit its memory limit)", runErr)
 			}
@@ -957,8 +1060,13 @@ func (d *Driver) killStragglers(id string, initPid, standby int, forked bool) er
 		}
 		// Again every stragglerWait: a process forked while the last signals went out escaped them.
 		if el > stragglerWait && time.Since(lastKill) > stragglerWait {
+			rt := d.runtimeOfID(id)
 			for _, p := range pids {
-				_ = syscall.Kill(p, syscall.SIGKILL)
+				if rt.gvisor() {
+					_ = rt.killGuest(id, p)
+				} else {
+					_ = syscall.Kill(p, syscall.SIGKILL)
+				}
 			}
 			lastKill = time.Now()
 		}
@@ -972,7 +1080,27 @@ func (d *Driver) killStragglers(id string, initPid, standby int, forked bool) er
 // the sandbox is standby (0: none) and, if forked, any child of the zygote. (The agent answers a
 // run only once the zygote has reaped it: after an answer, a child of the zygote is a standby.
 // Without an answer it may be the run.)
+//
+// Under gVisor (runsc) the sandbox's processes are not the host's: its cgroups hold the Sentry,
+// the gofer and their helpers. There it lists the PIDs inside gVisor (runsc ps) but the agent's
+// (1) and the standby's.
 func (d *Driver) runProcesses(id string, initPid, standby int, forked bool) ([]int, error) {
+	if rt := d.runtimeOfID(id); rt.gvisor() {
+		if exited(initPid) {
+			return nil, nil // the Sentry is gone, and every process of the sandbox with it
+		}
+		pids, err := rt.guestPIDs(id)
+		if err != nil {
+			// A Sentry killed by the host (its memory cgroup's OOM killer) takes a moment to go.
+			for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+				if exited(initPid) {
+					return nil, nil
+				}
+			}
+			return nil, err
+		}
+		return slices.DeleteFunc(pids, func(p int) bool { return p == 1 || p == standby }), nil
+	}
 	procs, zygotes, err := d.sandboxProcs(id)
 	if err != nil {
 		return nil, err

@@ -128,7 +128,11 @@ var drivers drivertest.Drivers[*Driver] // the shared test drivers, by runtime
 func openDriver(t testing.TB, name string) *Driver {
 	t.Helper()
 	drivertest.Need(t, "the container driver's tests", setupErr)
-	if _, err := exec.LookPath(name); err != nil {
+	if name == runscName {
+		if runscBin == "" {
+			drivertest.Need(t, "the runsc tests", fmt.Errorf("$SANDBOXD_RUNSC is not set (SANDBOXD_RUNSC=$(scripts/build-runsc.sh))"))
+		}
+	} else if _, err := exec.LookPath(name); err != nil {
 		drivertest.Need(t, "the "+name+" tests", fmt.Errorf("%s not installed (scripts/install-deps.sh)", name))
 	}
 	return drivers.Get(t, name, func() (*Driver, error) { return openRuntime(filepath.Join(stateDir, name), name) })
@@ -137,7 +141,7 @@ func openDriver(t testing.TB, name string) *Driver {
 // openRuntime opens a test driver with its state in dir, on runtime name ("": the driver's
 // choice).
 func openRuntime(dir, name string) (*Driver, error) {
-	d, err := Open(driver.Options{StateDir: dir, AgentBin: agentBin, Runtime: name, NetworkPool: testPool})
+	d, err := Open(driver.Options{StateDir: dir, AgentBin: agentBin, Runtime: name, RunscBin: runscBin, NetworkPool: testPool})
 	if err == nil && name != "" && d.Runtime() != name {
 		d.Close()
 		err = fmt.Errorf("runtime = %s, want %s", d.Runtime(), name)
@@ -145,9 +149,16 @@ func openRuntime(dir, name string) (*Driver, error) {
 	return d, err
 }
 
+// runscBin is gVisor's runsc ($SANDBOXD_RUNSC, from scripts/build-runsc.sh): the tests run on it
+// too, beside crun and runc; without it they fail under CI.
+var runscBin = os.Getenv("SANDBOXD_RUNSC")
+
+// testRuntimes are the OCI runtimes the tests run on.
+var testRuntimes = append(knownRuntimes[:len(knownRuntimes):len(knownRuntimes)], runscName)
+
 // forEachRuntime runs f as a subtest per OCI runtime.
 func forEachRuntime(t *testing.T, f func(t *testing.T, d *Driver)) {
-	for _, name := range knownRuntimes {
+	for _, name := range testRuntimes {
 		t.Run(name, func(t *testing.T) { f(t, openDriver(t, name)) })
 	}
 }
@@ -181,10 +192,11 @@ var harness = drivertest.Harness{
 }
 
 func TestConformance(t *testing.T) {
-	for _, name := range knownRuntimes {
+	for _, name := range testRuntimes {
 		t.Run(name, func(t *testing.T) {
 			openDriver(t, name) // skips when the runtime is missing
 			h := harness
+			h.OOMMayEndSandbox = name == runscName
 			h.Open = func(t *testing.T) driver.Driver {
 				dir, err := os.MkdirTemp(stateDir, "c") // short: the agent socket's path must fit in 108 bytes
 				if err != nil {

@@ -311,13 +311,13 @@ print(json.dumps(out))
 
 func TestEgress(t *testing.T) {
 	in := fakeInternet(t)
-	for _, name := range knownRuntimes {
+	for _, name := range testRuntimes {
 		t.Run(name, func(t *testing.T) {
 			base := openDriver(t, name) // skips when the runtime is missing
 			var mu sync.Mutex
 			var decisions []egress.Decision
 			d, err := Open(driver.Options{
-				StateDir: filepath.Join(stateDir, "egress-"+name), AgentBin: agentBin, Runtime: base.rt.name, NetworkPool: testPool,
+				StateDir: filepath.Join(stateDir, "egress-"+name), AgentBin: agentBin, Runtime: base.rt.name, RunscBin: runscBin, NetworkPool: testPool,
 				Resolver: egress.StaticResolver{
 					"api.company.com": {netip.MustParseAddr(apiIP)},
 					"evil.example":    {netip.MustParseAddr(evilIP)},
@@ -362,6 +362,12 @@ func TestEgress(t *testing.T) {
 				t.Helper()
 				if !strings.HasPrefix(str(k), "err:") {
 					t.Errorf("%s: %q, want a failure", k, str(k))
+				}
+				if k == "udp" && d.rt.gvisor() {
+					// gVisor's netstack does not report the host's ICMP "administratively
+					// prohibited" to a connected UDP socket: the datagram is refused all the same
+					// (the fake internet's count below), but the probe waits for its timeout.
+					return
 				}
 				if secs(k) > 1 {
 					t.Errorf("%s failed after %.2fs, want fast", k, secs(k))
@@ -437,7 +443,7 @@ func TestSetNetwork(t *testing.T) {
 	fakeInternet(t)
 	base := openDriver(t, "crun")
 	d, err := Open(driver.Options{
-		StateDir: filepath.Join(stateDir, "setnetwork"), AgentBin: agentBin, Runtime: base.rt.name, NetworkPool: testPool,
+		StateDir: filepath.Join(stateDir, "setnetwork"), AgentBin: agentBin, Runtime: base.rt.name, RunscBin: runscBin, NetworkPool: testPool,
 		Resolver: egress.StaticResolver{
 			"api.company.com": {netip.MustParseAddr(apiIP)},
 			"evil.example":    {netip.MustParseAddr(evilIP)},

@@ -3,6 +3,7 @@ package container
 import (
 	"fmt"
 	"path"
+	"slices"
 	"sort"
 	"strings"
 
@@ -25,6 +26,7 @@ const (
 	helperTmp    = "64m"   // the /tmp (tmpfs) of the driver's own helper containers (probe, floor)
 	ociVersion   = "1.0.2" // the newest spec version both crun 1.8 and runc 1.1 claim
 	sandboxesDir = "sandboxes"
+	gvisorPids   = 256 // host threads of gVisor's own, beside those it runs the sandbox's on (runsc)
 )
 
 // standardEnv is the environment of the agent (and, through it, of the runs).
@@ -52,6 +54,10 @@ var (
 		"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
 	}
 )
+
+// blockedTmpfs are the options of the tmpfs that hides a blocked path under runsc where crun and
+// runc mask it (maskedPaths): empty, read-only, mode 000 (FINDINGS: EACCES in all three runtimes).
+var blockedTmpfs = []string{"ro", "nosuid", "nodev", "noexec", "size=4k", "mode=000"}
 
 // pseudoFS are the standard mounts whose content is not the image's: a blocked path under one of
 // them is masked (maskedPaths) instead of mounted over.
@@ -83,6 +89,7 @@ type containerSpec struct {
 	res    driver.Spec   // CPU, MemoryBytes, PidsLimit, TmpDir and HostIDs are used
 	netns  string        // network namespace to join ("": a new one, loopback only)
 	userns string        // user namespace to join ("": a new one, with res.HostIDs mapped)
+	gvisor bool          // for runsc: masked paths become mounts (see makeSpec)
 }
 
 // standardMounts are the runc defaults with an empty read-only tmpfs for /sys (in a user
@@ -139,11 +146,34 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 		limit, swap := cs.res.MemoryBytes, cs.res.MemoryBytes
 		res.Memory = &specs.LinuxMemory{Limit: &limit, Swap: &swap}
 	}
+	rlimits := []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: nofileLimit, Soft: nofileLimit}}
 	if cs.res.PidsLimit > 0 {
 		pids := cs.res.PidsLimit
+		if cs.gvisor {
+			// The host's pids cgroup counts gVisor's threads (the Sentry's, the gofer's, the
+			// systrap stubs'), not the sandbox's processes: the limit of those is RLIMIT_NPROC,
+			// which gVisor enforces per user — every task of the sandbox's user, the agent's
+			// threads included, as the pids cgroup counts them under crun. The cgroup keeps a
+			// bound with room for gVisor's own threads.
+			rlimits = append(rlimits, specs.POSIXRlimit{Type: "RLIMIT_NPROC", Hard: uint64(pids), Soft: uint64(pids)})
+			pids += gvisorPids
+		}
 		res.Pids = &specs.LinuxPids{Limit: &pids}
 	}
 	mounts := append(standardMounts(cs.res.TmpDir), cs.mounts...)
+	masked, readonly := append(append([]string(nil), maskedPaths...), cs.masked...), readonlyPaths
+	if cs.gvisor {
+		// runsc ignores maskedPaths and readonlyPaths. Its /proc and /sys are gVisor's own, made
+		// up by the Sentry: nothing of the host's kernel, boot, disks or memory layout to hide,
+		// and nothing in /proc/sys a process without capabilities can write. A blocked path there
+		// (cs.masked) is hidden by an explicit mount instead: an empty mode-000 tmpfs.
+		masked, readonly = nil, nil
+		for _, p := range cs.masked {
+			mounts = append(mounts, specs.Mount{Destination: p, Type: "tmpfs", Source: "tmpfs", Options: blockedTmpfs})
+		}
+		mounts = dropCovered(mounts)
+		prof = gvisorSeccomp(prof)
+	}
 	netNS := specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: cs.netns}
 	ids := []specs.LinuxIDMapping{{ContainerID: 0, HostID: cs.res.HostIDs, Size: driver.IDsPerSandbox}}
 	return &specs.Spec{
@@ -155,7 +185,7 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 			Cwd:  cs.cwd,
 			// Present and empty: every set is empty, so the process has no capability at all.
 			Capabilities:    &specs.LinuxCapabilities{},
-			Rlimits:         []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: nofileLimit, Soft: nofileLimit}},
+			Rlimits:         rlimits,
 			NoNewPrivileges: true,
 		},
 		Root:     &specs.Root{Path: cs.rootfs, Readonly: true},
@@ -174,10 +204,49 @@ func makeSpec(cs containerSpec, prof *specs.LinuxSeccomp) *specs.Spec {
 			UIDMappings:   ids,
 			GIDMappings:   ids,
 			Seccomp:       prof,
-			MaskedPaths:   append(append([]string(nil), maskedPaths...), cs.masked...),
-			ReadonlyPaths: readonlyPaths,
+			MaskedPaths:   masked,
+			ReadonlyPaths: readonly,
 		},
 	}
+}
+
+// gvisorSeccomp returns prof for runsc. runsc turns every SCMP_ACT_ERRNO rule into EPERM, whatever
+// its errnoRet: Docker's profile refuses clone3 with ENOSYS, which makes glibc fall back to clone
+// (whose flags the profile can check); with EPERM it does not, and no thread starts. gVisor
+// implements clone3 in the Sentry, so under runsc the profile allows it (it is not in Docker's allow
+// list: the profile's default action refuses it): the namespaces it
+// could ask for are gVisor's, and the process has no capability to make any but a user namespace.
+func gvisorSeccomp(prof *specs.LinuxSeccomp) *specs.LinuxSeccomp {
+	if prof == nil {
+		return nil
+	}
+	out := *prof
+	out.Syscalls = nil
+	for _, sc := range prof.Syscalls {
+		if sc.Action == specs.ActErrno && slices.Contains(sc.Names, "clone3") {
+			sc.Names = slices.DeleteFunc(slices.Clone(sc.Names), func(n string) bool { return n == "clone3" })
+			if len(sc.Names) == 0 {
+				continue
+			}
+		}
+		out.Syscalls = append(out.Syscalls, sc)
+	}
+	out.Syscalls = append(out.Syscalls, specs.LinuxSyscall{Names: []string{"clone3"}, Action: specs.ActAllow})
+	return &out
+}
+
+// dropCovered removes each mount that a later one covers (mounted on it or on a directory above
+// it): what it would show is hidden anyway. runsc's gofer resolves every mount's destination
+// after it has mounted them all, and one beneath a blocked path (a mode-000 directory) cannot be
+// resolved: runsc would fail to start the sandbox.
+func dropCovered(ms []specs.Mount) []specs.Mount {
+	var out []specs.Mount
+	for i, m := range ms {
+		if !slices.ContainsFunc(ms[i+1:], func(o specs.Mount) bool { return within(m.Destination, o.Destination) }) {
+			out = append(out, m)
+		}
+	}
+	return out
 }
 
 // defaultSeccomp returns Docker's default seccomp profile for a process without capabilities.

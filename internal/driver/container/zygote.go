@@ -42,6 +42,11 @@ func (d *Driver) startZygote(b *box) (bool, error) {
 	if d.nsenter == "" || d.zygoteFilter == nil {
 		return false, nil
 	}
+	if d.runtimeOf(b).gvisor() {
+		// The agent's namespaces are the Sentry's, on the host's kernel: a process entering them
+		// would run outside gVisor. The agent launches every run itself.
+		return false, nil
+	}
 	logf, err := os.OpenFile(filepath.Join(b.dir, "zygote.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return false, err

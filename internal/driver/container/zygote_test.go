@@ -86,6 +86,9 @@ func statusFields(t *testing.T, text string, names ...string) map[string]string 
 // with the sandbox.
 func TestZygote(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		if d.rt.gvisor() {
+			t.Skip("runsc: no zygote under gVisor (entering the Sentry's namespaces would run Python on the host's kernel, outside gVisor): the agent launches every run")
+		}
 		for _, spawn := range []bool{false, true} {
 			spec := baseSpec(t)
 			spec.AllowSpawn = spawn
@@ -274,6 +277,9 @@ func killAndWait(t *testing.T, pid int) {
 // the runs after its death complete, none is given a process the dead zygote forked.
 func TestZygoteGone(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		if d.rt.gvisor() {
+			t.Skip("runsc: no zygote under gVisor (entering the Sentry's namespaces would run Python on the host's kernel, outside gVisor): the agent launches every run")
+		}
 		id := harness.Sandbox(t, d, baseSpec(t))
 		fromZygote(t, d, id, "")
 		killAndWait(t, zygoteOf(t, d, id))
@@ -295,9 +301,12 @@ func TestZygoteGone(t *testing.T) {
 // "sandbox".
 func TestZygoteFailureLogged(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		if d.rt.gvisor() {
+			t.Skip("runsc: no zygote under gVisor (entering the Sentry's namespaces would run Python on the host's kernel, outside gVisor): the agent launches every run")
+		}
 		dir := t.TempDir()
 		var logs bytes.Buffer
-		ld, err := Open(driver.Options{StateDir: filepath.Join(dir, "s"), AgentBin: agentBin, Runtime: d.rt.name,
+		ld, err := Open(driver.Options{StateDir: filepath.Join(dir, "s"), AgentBin: agentBin, Runtime: d.rt.name, RunscBin: runscBin,
 			NetworkPool: testPool, Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
 		if err != nil {
 			t.Fatal(err)
@@ -387,6 +396,9 @@ func TestSeccompProgram(t *testing.T) {
 // TestWarm: once Warm has returned, the very first run is forked by the zygote.
 func TestWarm(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, d *Driver) {
+		if d.rt.gvisor() {
+			t.Skip("runsc: no zygote under gVisor (entering the Sentry's namespaces would run Python on the host's kernel, outside gVisor): the agent launches every run")
+		}
 		id := harness.Sandbox(t, d, baseSpec(t))
 		if err := d.Warm(context.Background(), id); err != nil {
 			t.Fatal(err)

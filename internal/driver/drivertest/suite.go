@@ -48,6 +48,11 @@ type Harness struct {
 	// in those it lists. Without it, Exec in them returns ErrNotFound (the service destroys them
 	// at start-up anyway).
 	Survives bool
+	// OOMMayEndSandbox: a run killed at the memory limit may end its whole sandbox, after which
+	// runs in it fail (gVisor has no OOM killer of its own: the host's memory cgroup kills a
+	// process of gVisor's — a stub the run's process ran on, or the Sentry, and the sandbox with
+	// it). Without it, the sandbox always runs code again after an OOM.
+	OOMMayEndSandbox bool
 	// ImageFile is a file of the image that runs can read but do not need: the suite blocks it.
 	// Required with Python.
 	ImageFile string
@@ -596,6 +601,16 @@ func testOOM(t *testing.T, h Harness, d driver.Driver) {
 	const mapped = 16 << 20
 	if res.MemoryPeak > spec.MemoryBytes+mapped {
 		t.Errorf("memory peak %d KiB over the limit of %d MiB", res.MemoryPeak>>10, spec.MemoryBytes>>20)
+	}
+	if h.OOMMayEndSandbox {
+		res, err := d.Exec(context.Background(), id, driver.ExecRequest{Code: "print(2)", Timeout: 30 * time.Second, MaxOutput: 1 << 10})
+		if err != nil {
+			t.Logf("the OOM ended the sandbox: the next run: %v", err)
+			return
+		}
+		if string(res.Stdout) != "2\n" {
+			t.Errorf("next run: %s %q", res.Status, res.Stdout)
+		}
 	}
 	h.idle(t, d, id)
 	if out := MustExec(t, d, id, "print(2)"); out != "2\n" {
