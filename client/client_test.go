@@ -310,12 +310,8 @@ func TestFollowStops(t *testing.T) {
 	c = fake(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 	})
-	start := time.Now()
 	if _, err := c.Follow(context.Background(), "sbx_1", "run_1", nil); err == nil || !strings.Contains(err.Error(), "ended before") {
 		t.Fatalf("endless drops: %v", err)
-	}
-	if time.Since(start) > 5*time.Second {
-		t.Fatalf("gave up after %v", time.Since(start))
 	}
 }
 

@@ -20,14 +20,14 @@ import (
 )
 
 const usage = `usage:
-  sandboxd serve [--listen ADDR] [--data-dir DIR] --image NAME=ROOTFS [--runtime crun|runc] [--config FILE]
+  sandboxd serve [--listen ADDR] [--data-dir DIR] --image NAME=ROOTFS [--runtime crun|runc|runsc] [--runsc PATH] [--config FILE]
                  [--agent-bin PATH] [--warm-pool N] [--stop-grace DURATION] [--wasm-image NAME=DIR]
                  [--wasm-build NAME=COMMAND]   (sandboxd serve -h says what each does)
   sandboxd keys create [--data-dir DIR] --account NAME [--plan free|pro|enterprise]
   sandboxd images import FILE|DIR --name NAME [--runtime crun|runc|runsc] [--data-dir DIR]   a 'docker save' archive or an OCI layout
   sandboxd images pull REF [--name NAME] [--runtime crun|runc|runsc] [--data-dir DIR] · images ls [--json] · images rm NAME
   sandboxd bench [-n N] [--idle N] [--throughput-for DURATION] [--json] [--image NAME=ROOTFS]
-                 [--wasm-image NAME=DIR] [--runtime crun|runc]   starts its own server; prints figures
+                 [--wasm-image NAME=DIR] [--runtime crun|runc] [--runsc PATH] [--runsc-n N]   starts its own server; prints figures
   sandboxd doctor [--json] [--data-dir DIR] [--config FILE] [serve flags]   checks this host: ok / missing (exit 1) / warn, with fixes
 client commands (a running server: --url or SANDBOXD_URL, --key or SANDBOXD_API_KEY; --json for the API's JSON):
   sandboxd create [--agent-id ID --mode M --image I --ro PATH --rw PATH --blocked PATH --allow HOST

