@@ -16,6 +16,7 @@ import (
 	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/client"
 	"github.com/sandboxd/sandboxd/client/clienttest"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // TestLive drives a real sandboxd through the client: create, sync and streamed runs, cancel,
@@ -111,7 +112,10 @@ func TestLive(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(300 * time.Millisecond)
+		waitfor.True(t, 30*time.Second, func() bool { // cancel a run that is running, not one queued
+			run, err := c.GetRun(ctx, id, acc.RunID)
+			return err == nil && run.Status == "running"
+		})
 		if _, err := c.CancelRun(ctx, id, acc.RunID); err != nil {
 			t.Fatal(err)
 		}

@@ -24,6 +24,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 var (
@@ -61,6 +63,7 @@ type server struct {
 	key     string
 	dataDir string
 	logs    *bytes.Buffer
+	logw    *lockedWriter // writes logs (nil: nothing writes it concurrently)
 }
 
 func freeAddr(t *testing.T) string {
@@ -85,7 +88,8 @@ func launchWith(addr, dataDir string, prep func(*exec.Cmd), extra ...string) (*s
 	args := append([]string{"serve", "--listen", addr, "--data-dir", dataDir,
 		"--image", "agentcop/agent-sandbox:latest=" + rootfs}, extra...)
 	s.cmd = exec.Command(filepath.Join(binDir, "sandboxd"), args...)
-	s.cmd.Stderr = &lockedWriter{w: s.logs}
+	s.logw = &lockedWriter{w: s.logs}
+	s.cmd.Stderr = s.logw
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
@@ -168,6 +172,24 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// logged reports whether the server has logged sub so far.
+func (s *server) logged(sub string) bool {
+	if s.logw != nil {
+		s.logw.mu.Lock()
+		defer s.logw.mu.Unlock()
+	}
+	return strings.Contains(s.logs.String(), sub)
+}
+
+// awaitRun waits until run runID of sandbox id has status want.
+func (s *server) awaitRun(key, id, runID, want string) {
+	s.t.Helper()
+	waitfor.True(s.t, 30*time.Second, func() bool {
+		_, m := s.do("GET", "/api/sandbox/"+id+"/runs/"+runID, key, nil)
+		return m["status"] == want
+	})
 }
 
 // newKey creates a key with the CLI (while the server runs).
@@ -639,7 +661,7 @@ func TestCrashRecovery(t *testing.T) {
 		t.Fatalf("async run: %d %v", status, m)
 	}
 	runID := m["run_id"].(string)
-	time.Sleep(300 * time.Millisecond)
+	s.awaitRun(s.key, b, runID, "running")
 	if sandboxProcesses(t, b) == 0 {
 		t.Fatal("the running sandbox has no processes: the check below would prove nothing")
 	}
@@ -715,7 +737,7 @@ func TestCrashRecovery(t *testing.T) {
 	if status, m = s2.do("POST", "/api/sandbox/"+c+"/run", s.key, map[string]any{"code": "while True: pass", "async": true}); status != 202 {
 		t.Fatalf("async run: %d %v", status, m)
 	}
-	time.Sleep(200 * time.Millisecond)
+	s2.awaitRun(s.key, c, m["run_id"].(string), "running")
 	if err := s2.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/store"
 	"github.com/sandboxd/sandboxd/internal/store/sqlite"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // stopBound is how long a stop of a few idle sandboxes may take (the server's grace is 20 s; a
@@ -47,7 +48,9 @@ func TestStop(t *testing.T) {
 		{"SIGINT to the group", false, group(syscall.SIGINT), "signal=interrupt"},
 		{"SIGINT twice to the group", false, func(s *server, tty *os.File) {
 			group(syscall.SIGINT)(s, tty)
-			time.Sleep(50 * time.Millisecond) // the stop of 4 sandboxes takes longer
+			// The second comes once the first has started the stop (the stop of 4 sandboxes
+			// takes longer than this).
+			waitfor.True(s.t, 30*time.Second, func() bool { return s.logged("sandboxd stopping") })
 			group(syscall.SIGINT)(s, tty)
 		}, "second signal: killing sandboxes now"},
 		{"SIGTERM to the main pid", false, func(s *server, _ *os.File) { _ = s.cmd.Process.Signal(syscall.SIGTERM) }, "signal=terminated"},
@@ -125,7 +128,10 @@ func TestStop(t *testing.T) {
 				}
 				ids = append(ids, id)
 			}
-			time.Sleep(300 * time.Millisecond) // the busy run is running; warm sandboxes are being made
+			// The busy run is running, and the pool is full (the default 2 warm sandboxes for
+			// the one shape asked for), which the stop must destroy too: none is half made.
+			s.awaitRun(key, ids[0], busyRun, "running")
+			waitfor.True(t, 60*time.Second, func() bool { return warmContainers(s) == 2 })
 			before := stopSnapshot(t, s.cmd.Process.Pid, dir, ids)
 
 			start := time.Now()

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -40,6 +41,21 @@ func waitWarm(t *testing.T, s *server, want int, owned ...string) []string {
 	}
 	t.Fatalf("warm sandboxes: %v, want %d", warm, want)
 	return nil
+}
+
+// warmContainers is how many warm container sandboxes the server reports (-1: no such gauge).
+func warmContainers(s *server) int {
+	const gauge = `sandboxd_sandboxes{mode="container",status="warm"} `
+	for _, l := range strings.Split(s.metrics(), "\n") {
+		if v, ok := strings.CutPrefix(l, gauge); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return -1
+			}
+			return n
+		}
+	}
+	return -1
 }
 
 // assertReleased fails unless nothing of the given sandboxes is left on the host.
