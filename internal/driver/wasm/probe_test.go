@@ -165,8 +165,9 @@ func TestProbeWorkerCrash(t *testing.T) {
 	}
 
 	// Between runs.
-	syscall.Kill(pid(), syscall.SIGKILL)
-	time.Sleep(100 * time.Millisecond)
+	w := currentWorker(t, b)
+	syscall.Kill(w.pid, syscall.SIGKILL)
+	waitExited(t, w)
 	if res := probe(t, d, id, 10*time.Second, "print:1"); res.Status != driver.StatusCompleted {
 		t.Fatalf("after the worker was killed between runs: %s %q", res.Status, res.Stderr)
 	}
@@ -394,12 +395,28 @@ func TestProbeMemoryCap(t *testing.T) {
 // workerPid returns the pid of sandbox b's current worker.
 func workerPid(t testing.TB, b *box) int {
 	t.Helper()
+	return currentWorker(t, b).pid
+}
+
+// currentWorker returns sandbox b's current worker.
+func currentWorker(t testing.TB, b *box) *proc {
+	t.Helper()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.w == nil {
 		t.Fatal("the sandbox has no worker")
 	}
-	return b.w.pid
+	return b.w
+}
+
+// waitExited returns once the driver has seen worker w exit.
+func waitExited(t testing.TB, w *proc) {
+	t.Helper()
+	select {
+	case <-w.exited:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("worker %d: not seen to exit in 30 s", w.pid)
+	}
 }
 
 // resetPeakRSS resets the kernel's record of process pid's peak RSS (VmHWM).

@@ -118,7 +118,9 @@ func jsonEqual(a, b []byte) bool {
 // handed to the standby, not when the standby started.
 func TestStandbyCountsOnlyTheRun(t *testing.T) {
 	d, id, b := pySandbox(t)
-	time.Sleep(time.Second) // the standby, started by Create, waits
+	// The subject: the standby, started by Create, waits a second that the run must not be
+	// charged for.
+	time.Sleep(time.Second)
 
 	res := drivertest.Exec(t, d, id, "import time\ntime.sleep(0.3)", 800*time.Millisecond)
 	if res.Status != driver.StatusCompleted {
@@ -136,6 +138,8 @@ func TestStandbyCountsOnlyTheRun(t *testing.T) {
 	cpu := func(env map[string]string) time.Duration {
 		var cs []time.Duration
 		for i := 0; i < 5; i++ {
+			// The standby the last run's end started has time to wait (nothing outside the
+			// worker sees it waiting, so there is no event to wait for).
 			time.Sleep(300 * time.Millisecond)
 			res, err := d.Exec(context.Background(), id, driver.ExecRequest{Code: "print(1)", Env: env, Timeout: 30 * time.Second})
 			if err != nil || res.Status != driver.StatusCompleted {
@@ -159,12 +163,15 @@ func TestStandbyCountsOnlyTheRun(t *testing.T) {
 func TestStandbyReplaced(t *testing.T) {
 	t.Run("worker killed while idle", func(t *testing.T) {
 		d, id, b := pySandbox(t)
+		// While idle: give its standby the time to start (nothing outside the worker sees
+		// it waiting; the sleep is that idle period, not a guess at an event).
 		time.Sleep(300 * time.Millisecond)
-		pid := workerPid(t, b)
+		w := currentWorker(t, b)
+		pid := w.pid
 		if err := syscall.Kill(-pid, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(100 * time.Millisecond)
+		waitExited(t, w)
 		for i, want := range []string{"1\n", "2\n"} {
 			if got := drivertest.MustExec(t, d, id, "print("+itoa(i+1)+")"); got != want {
 				t.Errorf("run %d: %q, want %q", i, got, want)
@@ -200,7 +207,9 @@ func TestStandbyReplaced(t *testing.T) {
 		id := harness.Sandbox(t, d, baseSpec(t, probeImage))
 		b, _ := d.lookup(id)
 		for i := 0; i < 2; i++ {
-			time.Sleep(100 * time.Millisecond) // the probe standby has exited
+			// The probe standby exits by itself, unseen by the driver (the subject: a run
+			// after it must not be served by it); no event marks it.
+			time.Sleep(100 * time.Millisecond)
 			res, err := d.Exec(context.Background(), id, driver.ExecRequest{Code: "print(1)", Timeout: 30 * time.Second})
 			if err != nil || res.Status != driver.StatusCompleted {
 				t.Fatalf("run %d: %v %s", i, err, res.Status)
@@ -223,13 +232,13 @@ func TestStandbyReplaced(t *testing.T) {
 //	SANDBOXD_PYTHON_WASM=… go test -run TestIdleWorkerMemory -v ./internal/driver/wasm/
 func TestIdleWorkerMemory(t *testing.T) {
 	d, id, b := pySandbox(t)
-	time.Sleep(time.Second)
+	time.Sleep(time.Second) // a measurement of an idle worker: this is its idle time
 	rss, pss := smapsRollup(t, workerPid(t, b))
 	t.Logf("idle sandbox worker, no run yet: RSS %.1f MiB, PSS %.1f MiB", float64(rss)/(1<<20), float64(pss)/(1<<20))
 	for i := 0; i < 10; i++ {
 		drivertest.MustExec(t, d, id, "import json, re\nresult = json.dumps([1])")
 	}
-	time.Sleep(time.Second)
+	time.Sleep(time.Second) // idle again, settled
 	rss, pss = smapsRollup(t, workerPid(t, b))
 	t.Logf("idle sandbox worker after 10 runs: RSS %.1f MiB, PSS %.1f MiB", float64(rss)/(1<<20), float64(pss)/(1<<20))
 	if pss > WorkerOverhead {
