@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 const python = "/usr/bin/python3"
@@ -511,7 +512,6 @@ func TestSerialConnections(t *testing.T) {
 			starts[i] = string(res.Result)
 			ends[i] = time.Now()
 		}()
-		time.Sleep(20 * time.Millisecond)
 	}
 	wg.Wait()
 	a, _ := strconv.ParseFloat(starts[0], 64)
@@ -631,11 +631,12 @@ result = [a.pid, b.pid]
 	if res.ExitCode != 0 || res.Error != nil {
 		t.Fatalf("exit %d error %+v stderr %s", res.ExitCode, res.Error, res.Stderr)
 	}
-	time.Sleep(100 * time.Millisecond)
-	res = run(t, sock, agent.RunRequest{Code: listProcs})
-	if string(res.Result) != "[1]" {
-		t.Errorf("processes other than the agent after a run: %s, want [1]", res.Result)
-	}
+	// The agent kills them as the run ends and reaps them as they exit (the orphaned sleep
+	// after its 0.05 s).
+	waitfor.True(t, 10*time.Second, func() bool {
+		res = run(t, sock, agent.RunRequest{Code: listProcs})
+		return string(res.Result) == "[1]"
+	})
 
 	// Code in the sandbox that reaches the agent's socket (in a sandbox it can't: the socket is in
 	// the host's directory; here it shares the host's mount namespace) cannot use it: a request it

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 func get(t *testing.T, c *http.Client, url string) (int, string) {
@@ -323,9 +325,10 @@ func TestAttachErrors(t *testing.T) {
 
 func TestConnLimit(t *testing.T) {
 	e := newEnvConfig(t, Config{MaxConns: 2}, mustPolicy(t, true, "api.company.com"))
+	s := e.g.sandboxes[e.id]
 	a, _ := e.raw(ProxyPort, "")
 	b, _ := e.raw(ProxyPort, "")
-	time.Sleep(100 * time.Millisecond)                                                // both accepted
+	waitfor.True(t, 10*time.Second, func() bool { return len(s.slots) == 2 })         // both accepted
 	if c, err := net.DialTimeout("tcp", e.at(ProxyPort), 3*time.Second); err == nil { // else reset already
 		expectClosed(t, c, "a third connection over the limit")
 		c.Close()
@@ -335,7 +338,7 @@ func TestConnLimit(t *testing.T) {
 	})
 	a.Close()
 	b.Close()
-	time.Sleep(100 * time.Millisecond)
+	waitfor.True(t, 10*time.Second, func() bool { return len(s.slots) == 0 }) // their slots freed
 	if code, _ := get(t, e.proxyClient(), "http://api.company.com/"); code != 200 {
 		t.Errorf("after the others closed: %d", code)
 	}

@@ -126,7 +126,9 @@ func refusedAtConnect(t *testing.T, sb *Sandbox, ds, gw *decisions, dst, reason,
 		t.Errorf("tcp to %s: decision %+v, want denied, tcp, host %q, reason containing %q", dst, d, host, reason)
 	}
 	if gw != nil {
-		time.Sleep(20 * time.Millisecond) // the gateway reports a connection it got at once
+		// Proves an absence (the gateway got no connection): the sleep is the period watched;
+		// the gateway reports a connection it got at once.
+		time.Sleep(20 * time.Millisecond)
 		if i := slices.IndexFunc(gw.all()[gwBefore:], seen); i >= 0 {
 			t.Errorf("tcp to %s: the gateway saw it: %+v", dst, gw.all()[gwBefore+i])
 		}
@@ -297,6 +299,8 @@ func TestConnectPinsExpire(t *testing.T) {
 	_, gw := withGateway(t, m, sb, p, ttl)
 	dst := inetEvil + ":5432"
 
+	// The sleeps below are the subject: the pins' lifetimes passing (the kernel's set
+	// timeouts; no event marks an element's expiry).
 	t0 := time.Now()
 	resolve(t, sb, "db.company.com")
 	greeting(t, sb, dst)
@@ -482,6 +486,8 @@ func TestConnectRefusalsRateLimited(t *testing.T) {
 		}
 	})
 	took := time.Since(start)
+	// No more than the limit are logged: an upper bound, so the reports still on their way
+	// are given this time to come (their absence after it is what is checked).
 	time.Sleep(200 * time.Millisecond)
 	logged := 0
 	for _, d := range ds.all() {
