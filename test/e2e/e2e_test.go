@@ -19,6 +19,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -138,6 +139,22 @@ func (s *server) stop() {
 		_ = s.cmd.Process.Signal(syscall.SIGTERM)
 		_ = s.cmd.Wait()
 	}
+}
+
+// servingPid is the process that serves s: the one s.cmd started re-executes itself in a mount
+// namespace of its own (mountns.Enter) and waits for it, so the server's memory, mounts and
+// files below mountns.Base are its only child's. It fails the test when there is none.
+func (s *server) servingPid() int {
+	s.t.Helper()
+	pid := s.cmd.Process.Pid
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	if f := strings.Fields(string(b)); err == nil && len(f) == 1 {
+		if child, err := strconv.Atoi(f[0]); err == nil {
+			return child
+		}
+	}
+	s.t.Fatalf("sandboxd %d: no single re-executed child (%q, %v)", pid, b, err)
+	return 0
 }
 
 // startServer launches a server that the test owns.
@@ -712,7 +729,7 @@ func TestCrashRecovery(t *testing.T) {
 			t.Fatalf("network namespace %s of sandbox %s leaked (a process still holds it)", ns, b)
 		}
 	}
-	mounts, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", s2.cmd.Process.Pid))
+	mounts, _ := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", s2.servingPid()))
 	hostMounts, _ := os.ReadFile("/proc/self/mountinfo")
 	for _, mi := range [][]byte{mounts, hostMounts} {
 		if bytes.Contains(mi, []byte(dir)) {

@@ -18,6 +18,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/mountns"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // raw sends a request with a raw body and returns the response (the caller closes it).
@@ -288,8 +291,9 @@ func TestLargeFileRoundTrip(t *testing.T) {
 		"resources": map[string]any{"disk": "3g"}}) // the blob, and the refused one streaming in
 	s.key = key
 
-	resetPeakRSS(t, s.cmd.Process.Pid)
-	rssBefore := rss(t, s.cmd.Process.Pid, "VmRSS")
+	pid := s.servingPid()
+	resetPeakRSS(t, pid)
+	rssBefore := rss(t, pid, "VmRSS")
 	const size = 1 << 30
 	src := &randReader{r: rand.NewChaCha8([32]byte{7}), n: size}
 	up := sha256.New()
@@ -309,7 +313,7 @@ func TestLargeFileRoundTrip(t *testing.T) {
 	if err != nil || n != size || hex.EncodeToString(down.Sum(nil)) != want || resp.Header.Get("ETag") != `"`+want+`"` {
 		t.Fatalf("download: %d bytes, %v, etag %s", n, err, resp.Header.Get("ETag"))
 	}
-	if grew := rss(t, s.cmd.Process.Pid, "VmHWM") - rssBefore; grew > 16<<20 {
+	if grew := rss(t, pid, "VmHWM") - rssBefore; grew > 16<<20 {
 		t.Errorf("the server's memory grew by %d MiB during a 1 GiB round trip", grew>>20)
 	} else {
 		t.Logf("peak RSS growth over the 1 GiB round trip: %.1f MiB", float64(grew)/(1<<20))
@@ -327,9 +331,10 @@ func TestLargeFileRoundTrip(t *testing.T) {
 	}
 	fmt.Fprintf(c, "PUT %s HTTP/1.1\r\nHost: x\r\nX-AgentCop-Key: %s\r\nContent-Length: 10000000\r\n\r\n", filesURL(id, "/workspace/big/cut"), s.key)
 	c.Write(bytes.Repeat([]byte("x"), 1<<20))
-	time.Sleep(200 * time.Millisecond)
+	// The server stages the upload, and drops what it staged once the client is gone.
+	waitfor.True(t, 30*time.Second, func() bool { return len(s.stagedUploads()) > 0 })
 	c.Close()
-	time.Sleep(200 * time.Millisecond)
+	waitfor.True(t, 30*time.Second, func() bool { return len(s.stagedUploads()) == 0 })
 	for _, p := range []string{"/workspace/big/cut", "/workspace/big/too"} {
 		if status, _, _ := s.get(id, p); status != 404 {
 			t.Errorf("%s after a failed upload: %d", p, status)
@@ -338,6 +343,15 @@ func TestLargeFileRoundTrip(t *testing.T) {
 	if r := s.run(s.key, id, "import os\nresult = sorted(os.listdir('/workspace/big'))", 30); fmt.Sprint(r["result"]) != "[blob]" {
 		t.Errorf("the sandbox sees %v", r["result"])
 	}
+}
+
+// stagedUploads lists the uploads the server s is receiving: the files in its sandboxes' staging
+// directories (<disk>/.staging, internal/sandbox/host.go), on their disks, mounted below
+// mountns.Base in the serving process's mount namespace, which its /proc/<pid>/root shows (not
+// the launcher's: that one is the host's).
+func (s *server) stagedUploads() []string {
+	m, _ := filepath.Glob(fmt.Sprintf("/proc/%d/root%s/*/*/.staging/upload-*", s.servingPid(), mountns.Base))
+	return m
 }
 
 type randReader struct {

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // The unit under test and where the test installs it.
@@ -133,7 +135,9 @@ func TestSystemdService(t *testing.T) {
 	if j := journal(t, since); !strings.Contains(j, "cgroup=/system.slice/sandboxd.service") {
 		t.Errorf("the journal does not name the delegated cgroup:\n%s", j)
 	}
-	time.Sleep(300 * time.Millisecond)
+	// The pool is full (the default 2 warm sandboxes for the one shape asked for), which the stop
+	// must destroy too: none is half made when the snapshot is taken (as in TestStop).
+	waitfor.True(t, 60*time.Second, func() bool { return warmContainers(s) == 2 })
 	before := stopSnapshot(t, pid, unitDataDir, ids)
 
 	// systemctl stop: SIGTERM to the main process only; sandboxd destroys and records.
@@ -170,10 +174,9 @@ func TestSystemdService(t *testing.T) {
 	s.run(key, c, "print(1)", 60)
 	since = time.Now()
 	systemctl(t, "kill", "-s", "SIGKILL", "sandboxd")
-	// Restart=on-failure may already be starting it again; start waits for that, or starts it.
-	for end := time.Now().Add(10 * time.Second); unitProp(t, "MainPID") == strconv.Itoa(pid) && time.Now().Before(end); {
-		time.Sleep(50 * time.Millisecond)
-	}
+	// The killed process is gone from the unit (MainPID 0, or already the one Restart=on-failure
+	// started); start waits for a restart under way, or starts it.
+	waitfor.True(t, 30*time.Second, func() bool { return unitProp(t, "MainPID") != strconv.Itoa(pid) })
 	systemctl(t, "start", "sandboxd")
 	waitService(t, s, pid)
 	if _, m := s.do("GET", "/api/sandbox/"+c, key, nil); m["status"] != "destroyed" || m["destroy_reason"] != "server_restart" {
@@ -213,20 +216,20 @@ func unitProp(t *testing.T, name string) string {
 // it returns the main PID.
 func waitService(t *testing.T, s *server, old int) int {
 	t.Helper()
-	for end := time.Now().Add(60 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-		pid, _ := strconv.Atoi(unitProp(t, "MainPID"))
+	var pid int
+	waitfor.True(t, 60*time.Second, func() bool {
+		pid, _ = strconv.Atoi(unitProp(t, "MainPID"))
 		if pid == 0 || pid == old {
-			continue
+			return false
 		}
-		if resp, err := http.Get(s.url + "/health"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return pid
-			}
+		resp, err := http.Get(s.url + "/health")
+		if err != nil {
+			return false
 		}
-	}
-	t.Fatalf("sandboxd.service did not become healthy (ActiveState=%s)", unitProp(t, "ActiveState"))
-	return 0
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	return pid
 }
 
 // journal returns sandboxd.service's journal since t0.
