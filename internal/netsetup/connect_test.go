@@ -2,6 +2,7 @@ package netsetup
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -13,9 +14,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/miekg/dns"
 
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // The connect check with the real egress gateway attached the way the container driver attaches
@@ -289,34 +292,72 @@ func TestConnectRightAfterTheAnswer(t *testing.T) {
 }
 
 // TestConnectPinsExpire: an answer's addresses are reachable while the gateway pins them; an
-// answer repeated in that time renews the pin (the kernel element is replaced); after it, they
-// are refused at connect again; a new answer opens them again.
+// answer for longer than a pin has left renews it (the kernel element is replaced, with the new
+// lifetime); one for less leaves it; once the kernel expires an element, its address is refused at
+// connect again, and a new answer opens it again. What is waited for is the kernel's state (an
+// element's timeout, its expiry), never a guess of how long a step takes: a slow machine makes the
+// test slower, not wrong.
 func TestConnectPinsExpire(t *testing.T) {
 	m, ds := newManager(t, Config{})
 	p := mustPolicy(t, true, "db.company.com:5432")
 	sb := setup(t, m, "t-conn-ttl", p)
-	const ttl = 2 * time.Second
+	const ttl = time.Minute // the gateway's: far longer than any step of the test
 	_, gw := withGateway(t, m, sb, p, ttl)
 	dst := inetEvil + ":5432"
-
-	// The sleeps below are the subject: the pins' lifetimes passing (the kernel's set
-	// timeouts; no event marks an element's expiry).
-	t0 := time.Now()
-	resolve(t, sb, "db.company.com")
-	greeting(t, sb, dst)
-	time.Sleep(time.Until(t0.Add(ttl / 2)))
-	t1 := time.Now()
-	resolve(t, sb, "db.company.com") // renews: the first element would go at t0 + ttl + ttl/60
-	time.Sleep(time.Until(t0.Add(ttl + 300*time.Millisecond)))
-	if time.Since(t1) > ttl-100*time.Millisecond {
-		t.Skip("the machine is too slow for these timings")
+	key := pinKey{netip.MustParseAddr(inetEvil).As4(), 5432}
+	c, err := nftables.New()
+	if err != nil {
+		t.Fatal(err)
 	}
-	greeting(t, sb, dst)
-	time.Sleep(time.Until(t1.Add(ttl + ttl/60 + 200*time.Millisecond)))
+	answer := func(ttl time.Duration) {
+		t.Helper()
+		a := egress.Answer{Name: "db.company.com", Addrs: []netip.Addr{netip.MustParseAddr(inetEvil)}, Ports: []uint16{5432}, TTL: ttl}
+		if err := m.Pin(sb.ID, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// An answer of a short lifetime: its element expires in the kernel (the event waited for),
+	// and the address is refused at connect.
+	answer(1200 * time.Millisecond) // its element lives 20 ms longer than its name (TTL/60): more than a jiffy
+	if _, ok := pinElem(t, c, m, sb, key); !ok {
+		t.Fatal("no pin element after the answer")
+	}
+	waitfor.True(t, 30*time.Second, func() bool { _, ok := pinElem(t, c, m, sb, key); return !ok })
 	refusedAtConnect(t, sb, ds, gw, dst, dst+" is not on the allow list", "")
+
 	// Asked again (its element expired a moment ago: the manager replaces it or adds it anew).
 	resolve(t, sb, "db.company.com")
 	greeting(t, sb, dst)
+	if el, ok := pinElem(t, c, m, sb, key); !ok || el.Timeout != ttl+ttl/60 {
+		t.Fatalf("after the gateway's answer: element %v (timeout %v), want one of timeout %v", ok, el.Timeout, ttl+ttl/60)
+	}
+	// An answer for longer than the pin has left replaces its element; one for less leaves it.
+	answer(time.Hour)
+	for _, ask := range []func(){func() {}, func() { resolve(t, sb, "db.company.com") }} {
+		ask()
+		if el, ok := pinElem(t, c, m, sb, key); !ok || el.Timeout != time.Hour+time.Hour/60 {
+			t.Fatalf("after an answer of an hour: element %v (timeout %v), want one of timeout %v", ok, el.Timeout, time.Hour+time.Hour/60)
+		}
+	}
+	greeting(t, sb, dst)
+}
+
+// pinElem returns sandbox sb's element of key in the kernel's pins set, if it is there (the
+// kernel lists no expired element).
+func pinElem(t *testing.T, c *nftables.Conn, m *Manager, sb *Sandbox, key pinKey) (nftables.SetElement, bool) {
+	t.Helper()
+	els, err := c.GetSetElements(m.connectSets().pins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := key.elem(sb.HostIf, 0).Key
+	for _, el := range els {
+		if bytes.Equal(el.Key, want) {
+			return el, true
+		}
+	}
+	return nftables.SetElement{}, false
 }
 
 // TestConnectSetPolicy: a warm sandbox set up for one allow list and given another
