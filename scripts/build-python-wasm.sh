@@ -6,8 +6,10 @@
 # Usage: scripts/build-python-wasm.sh [CACHE_DIR]   (default: ${SANDBOXD_CACHE:-~/.cache/sandboxd})
 # Prints the output directory as its last line of stdout; everything else goes to stderr, so
 #   dir=$(scripts/build-python-wasm.sh)
-# works. Rebuilds only when the recipe changes: this file and scripts/wasm/sqlite-wasi-shim.h,
-# whose hash names the output directory. A build takes about 4 min on 2 cores (make -j2).
+# works. Rebuilds only when the recipe changes: this file, scripts/wasm/sqlite-wasi-shim.h and
+# scripts/lib/cache.sh (the cache's boilerplate, shared with build-runsc.sh), whose hash names the
+# output directory (lines starting "cache_adopt " aside: see there). A build takes about 4 min on
+# 2 cores (make -j2).
 # Needs root (or sudo) only to install missing packages or to add deb-src entries.
 #
 # Inputs, all from Debian bookworm on deb.debian.org (versions pinned below, .dsc sha256 checked):
@@ -93,22 +95,14 @@ PY_RECURSION_LIMIT=1000
 # Every test/ and tests/ directory goes too (unittest/test, lib2to3/tests, distutils/tests).
 STDLIB_OMIT=(test idlelib tkinter turtledemo turtle.py ensurepip venv ctypes curses msilib pydoc_data)
 
-log() { echo "build-python-wasm: $*" >&2; }
-die() { log "$*"; exit 1; }
-
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-recipe_hash=$( (cd "$here" && sha256sum build-python-wasm.sh wasm/sqlite-wasi-shim.h) | sha256sum | cut -c1-12)
-cache=${1:-${SANDBOXD_CACHE:-$HOME/.cache/sandboxd}}
-mkdir -p "$cache/python-wasm"
-base=$(cd "$cache/python-wasm" && pwd)
-dir="$base/python-3.11-wasi-$recipe_hash"
-if [ -f "$dir/.complete" ]; then echo "$dir"; exit 0; fi
-
+# shellcheck source=lib/cache.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/cache.sh"
+here=$cache_scripts
+recipe_hash=$(cache_key build-python-wasm.sh wasm/sqlite-wasi-shim.h lib/cache.sh)
 # One build at a time per cache; a second caller waits, then finds the finished directory.
-exec 9>"$base/.lock"
-flock -n 9 || { log "waiting for another build in $base"; flock 9; }
-if [ -f "$dir/.complete" ]; then echo "$dir"; exit 0; fi
-rm -rf "$base"/python-3.11-wasi-*.tmp.*   # left by killed builds (we hold the lock)
+cache_open "${1:-}" python-wasm "python-3.11-wasi-$recipe_hash"
+# The recipe as it was before its key covered lib/cache.sh (2026-12-06): the same lines build it.
+cache_adopt python-3.11-wasi-e1338e3297f8 python-3.11-wasi-08af5bada37d
 
 # shellcheck source=/dev/null
 . /etc/os-release
@@ -201,11 +195,10 @@ log "sources ready in $((SECONDS - t_fetch))s"
 
 # --- build -----------------------------------------------------------------------------------
 t_build=$SECONDS
-tmp="$dir.tmp.$$"
+cache_tmp
 w="$tmp/build"          # sources and build trees, removed before the rename
 logs="$base/python-3.11-wasi-$recipe_hash.logs"
-rm -rf "$tmp" "$logs"; mkdir -p "$w" "$logs"
-trap 'rm -rf "$tmp"' EXIT
+rm -rf "$logs"; mkdir -p "$w" "$logs"
 
 # step NAME FUNCTION: runs FUNCTION with its output in $logs/NAME.log. It runs as a background
 # job and is waited for, so that `set -e` holds inside it (it would not inside `if`/`||`).
@@ -370,9 +363,7 @@ rm -rf "$w"
   echo "build_seconds=$((SECONDS - t_build))"
   echo "built_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >"$tmp/BUILDINFO"
-touch "$tmp/.complete"
-rm -rf "$dir"; mv "$tmp" "$dir"
-trap - EXIT
+cache_commit
 rm -rf "$logs"
 log "built $dir in $((SECONDS - t_build))s (python.wasm $(du -h "$dir/python.wasm" | cut -f1), lib $(du -sh "$dir/lib" | cut -f1))"
 echo "$dir"

@@ -8,9 +8,10 @@
 # Prints the binary's path, CACHE_DIR/runsc/<version>-<recipe hash>/runsc, as its last line of
 # stdout (progress on stderr), so that
 #   SANDBOXD_RUNSC=$(scripts/build-runsc.sh)
-# works. A no-op when cached: rebuilds only when this file (the recipe: the pin, the flags)
-# changes. Builds in a temporary directory renamed at the end, so a killed build never leaves a
-# half cache; one build at a time per cache (a second caller waits for the first).
+# works. A no-op when cached: rebuilds only when this file (the recipe: the pin, the flags) or
+# scripts/lib/cache.sh changes. Builds in a temporary directory renamed at the end, so a killed
+# build never leaves a half cache; one build at a time per cache (a second caller waits for the
+# first): scripts/lib/cache.sh.
 #
 # Inputs: the module gvisor.dev/gvisor at GVISOR_VERSION through the Go module proxy (go mod
 # download; its go.sum pins every dependency; the module's own hash is checked against
@@ -28,21 +29,12 @@ set -euo pipefail
 GVISOR_VERSION=v0.0.0-20260905035102-160fafc42237
 GVISOR_SUM=h1:AU5+CtCvnBnxdZRNcZt1NfSLqgkXZVT3N/u6u1aXg44=
 
-log() { echo "build-runsc: $*" >&2; }
-die() { log "$*"; exit 1; }
-
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-recipe_hash=$(sha256sum "$here/build-runsc.sh" | cut -c1-12)
-cache=${1:-${SANDBOXD_CACHE:-$HOME/.cache/sandboxd}}
-mkdir -p "$cache/runsc"
-base=$(cd "$cache/runsc" && pwd)
-dir="$base/$GVISOR_VERSION-$recipe_hash"
-if [ -f "$dir/.complete" ]; then echo "$dir/runsc"; exit 0; fi
-
-exec 9>"$base/.lock"
-flock -n 9 || { log "waiting for another build in $base"; flock 9; }
-if [ -f "$dir/.complete" ]; then echo "$dir/runsc"; exit 0; fi
-rm -rf "$base"/*.tmp.*   # left by killed builds (we hold the lock)
+# shellcheck source=lib/cache.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/cache.sh"
+recipe_hash=$(cache_key build-runsc.sh lib/cache.sh)
+cache_open "${1:-}" runsc "$GVISOR_VERSION-$recipe_hash" runsc
+# The recipe as it was before its key covered lib/cache.sh (2026-12-06): the same lines build it.
+cache_adopt v0.0.0-20260905035102-160fafc42237-f7ee4bad8578 v0.0.0-20260905035102-160fafc42237-95cb7aacfe1d
 
 command -v go >/dev/null || die "go is not on PATH (scripts/install-deps.sh installs it)"
 t_fetch=$SECONDS
@@ -56,9 +48,7 @@ sum=$(field Sum)
 [ -f "$src/runsc/main.go" ] || die "no runsc/main.go in $src"
 
 t_build=$SECONDS
-tmp="$dir.tmp.$$"
-rm -rf "$tmp"; mkdir -p "$tmp"
-trap 'rm -rf "$tmp"' EXIT
+cache_tmp
 logf="$base/$GVISOR_VERSION-$recipe_hash.log"
 log "go build ./runsc (about 2.5 min on 2 idle cores; log: $logf)"
 # In the module's own directory (read-only in the module cache: only GOCACHE is written), so that
@@ -80,9 +70,7 @@ fi
   echo "build_seconds=$((SECONDS - t_build))"
   echo "built_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >"$tmp/BUILDINFO"
-touch "$tmp/.complete"
-rm -rf "$dir"; mv "$tmp" "$dir"
-trap - EXIT
+cache_commit
 rm -f "$logf"
 log "built $dir/runsc in $((SECONDS - t_build)) s ($(du -h "$dir/runsc" | cut -f1))"
 echo "$dir/runsc"
