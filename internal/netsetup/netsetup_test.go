@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 var (
@@ -54,7 +55,7 @@ func (d *decisions) all() []egress.Decision {
 func (d *decisions) wait(t *testing.T, what string, f func(egress.Decision) bool) egress.Decision {
 	t.Helper()
 	var got egress.Decision
-	if !waitFor(2*time.Second, func() bool {
+	if !waitfor.Until(2*time.Second, func() bool {
 		for _, x := range d.all() {
 			if f(x) {
 				got = x
@@ -73,7 +74,7 @@ func (d *decisions) wait(t *testing.T, what string, f func(egress.Decision) bool
 func (d *decisions) waitFrom(t *testing.T, what string, from int, f func(egress.Decision) bool) egress.Decision {
 	t.Helper()
 	var got egress.Decision
-	if !waitFor(2*time.Second, func() bool {
+	if !waitfor.Until(2*time.Second, func() bool {
 		for _, x := range d.all()[from:] {
 			if f(x) {
 				got = x
@@ -180,7 +181,8 @@ type nftState struct {
 	objects  int
 }
 
-func hostNFT(t *testing.T, m *Manager) *nftState {
+// inetTables lists the host's inet tables, over a new connection (returned too).
+func inetTables(t *testing.T) (*nftables.Conn, []*nftables.Table) {
 	t.Helper()
 	c, err := nftables.New()
 	if err != nil {
@@ -190,6 +192,12 @@ func hostNFT(t *testing.T, m *Manager) *nftState {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return c, tables
+}
+
+func hostNFT(t *testing.T, m *Manager) *nftState {
+	t.Helper()
+	c, tables := inetTables(t)
 	if !slices.ContainsFunc(tables, func(x *nftables.Table) bool { return x.Name == m.Table() }) {
 		return nil
 	}
@@ -912,7 +920,7 @@ func TestReportsAreRateLimited(t *testing.T) {
 		}
 	})
 	var one, summaries int
-	waitFor(3*time.Second, func() bool {
+	waitfor.Until(3*time.Second, func() bool {
 		one, summaries = 0, 0
 		for _, d := range ds.all() {
 			if d.SandboxID != "t-flood" {
@@ -930,64 +938,6 @@ func TestReportsAreRateLimited(t *testing.T) {
 	if one > 10 || summaries == 0 {
 		t.Errorf("got %d individual decisions and %d summaries, want ≤ 10 and ≥ 1", one, summaries)
 	}
-}
-
-// TestHostRulesTiming reports what the host rules' transaction of a sandbox (the part of Setup
-// whose kernel work grows with the sandboxes already there: every commit adding a jump validates
-// every chain reachable from the base chains) and their deletion cost with 0 and 1,000 other
-// sandboxes' rules in the table (go test -v -run Timing). No namespaces: rules only.
-func TestHostRulesTiming(t *testing.T) {
-	m, _ := newManager(t, Config{})
-	withRules := mustPolicy(t, true, "198.51.100.0/24:5432", "203.0.113.7", "10.9.0.0/16:22", "api.company.com")
-	mk := func(id string, i int, p egress.Policy) *box {
-		b := &box{Sandbox: Sandbox{ID: id, HostIf: m.HostIfName(id)}, policy: p, index: i, ready: make(chan struct{}),
-			connect: connects(p), pinning: pins(p), pins: map[pinKey]pinRec{}, named: map[[4]byte]pinRec{}}
-		b.Prefix, b.Gateway, b.Addr = slot(m.pool, i)
-		return b
-	}
-	var live []*box
-	defer func() {
-		for _, b := range live {
-			if err := m.delRules(b); err != nil {
-				t.Error(err)
-			}
-		}
-	}()
-	for _, n := range []int{0, 1000} {
-		for i := len(live); i < n; i++ {
-			b := mk(fmt.Sprintf("t-live-%d", i), 2000+i, []egress.Policy{allowAPI, withRules, open}[i%3])
-			if err := m.addRules(b); err != nil {
-				t.Fatal(err)
-			}
-			live = append(live, b)
-		}
-		for _, c := range []struct {
-			name string
-			p    egress.Policy
-		}{{"names only", allowAPI}, {"address rules", withRules}} {
-			var add, del []time.Duration
-			for i := 0; i < 30; i++ {
-				b := mk(fmt.Sprintf("t-rules-%d", i), i, c.p)
-				t0 := time.Now()
-				if err := m.addRules(b); err != nil {
-					t.Fatal(err)
-				}
-				add = append(add, time.Since(t0))
-				t0 = time.Now()
-				if err := m.delRules(b); err != nil {
-					t.Fatal(err)
-				}
-				del = append(del, time.Since(t0))
-			}
-			t.Logf("%d other sandboxes, %s: add p50 %v p90 %v · delete p50 %v p90 %v", n, c.name, pct(add, 50), pct(add, 90), pct(del, 50), pct(del, 90))
-		}
-	}
-}
-
-func pct(ds []time.Duration, p int) time.Duration {
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	return s[(len(s)-1)*p/100].Round(10 * time.Microsecond)
 }
 
 func TestIntervalElems(t *testing.T) {
@@ -1072,11 +1022,7 @@ func TestReleasedAndSetPolicy(t *testing.T) {
 	if err := m.Teardown(id); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); !m.Released(id); time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("not released 10 s after Teardown")
-		}
-	}
+	waitfor.True(t, 10*time.Second, func() bool { return m.Released(id) })
 	if _, err := netlink.LinkByName(sb.HostIf); err == nil {
 		t.Error("Released while the host veth exists")
 	}

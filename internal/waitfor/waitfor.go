@@ -15,12 +15,20 @@ const Interval = 5 * time.Millisecond
 // the test measures: pick one far above the event's usual time.
 func True(t testing.TB, timeout time.Duration, cond func() bool) {
 	t.Helper()
+	if !Until(timeout, cond) {
+		t.Fatalf("waitfor: the condition did not hold within %v", timeout)
+	}
+}
+
+// Until is True for a caller that says itself what did not happen: it reports whether cond()
+// held within timeout, checking it every Interval.
+func Until(timeout time.Duration, cond func() bool) bool {
 	deadline := time.Now().Add(timeout)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("waitfor: the condition did not hold within %v", timeout)
-			return // a testing.TB whose Fatalf returns
+			return false
 		}
 		time.Sleep(Interval)
 	}
+	return true
 }

@@ -45,3 +45,25 @@ func TestTrue(t *testing.T) {
 		})
 	}
 }
+
+func TestUntil(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		holdsAt int32 // the call of cond from which it holds (0: never)
+	}{
+		{"at once", 1},
+		{"after a few checks", 4},
+		{"never", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var calls atomic.Int32
+			got := Until(50*time.Millisecond, func() bool {
+				n := calls.Add(1)
+				return tc.holdsAt != 0 && n >= tc.holdsAt
+			})
+			if want := tc.holdsAt != 0; got != want || want && calls.Load() != tc.holdsAt {
+				t.Errorf("Until: %v after %d checks, want %v after %d", got, calls.Load(), want, tc.holdsAt)
+			}
+		})
+	}
+}

@@ -25,6 +25,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // The fake internet of these tests: a network namespace of the test's own behind the veth
@@ -396,7 +397,7 @@ func TestEgress(t *testing.T) {
 			// Decisions: allowed api.company.com; denied evil.example, the metadata address, UDP.
 			has := func(what string, f func(egress.Decision) bool) {
 				t.Helper()
-				ok := waitForCond(2*time.Second, func() bool {
+				ok := waitfor.Until(2*time.Second, func() bool {
 					mu.Lock()
 					defer mu.Unlock()
 					return slices.ContainsFunc(decisions, func(x egress.Decision) bool { return x.SandboxID == id && f(x) })
@@ -422,17 +423,6 @@ func TestEgress(t *testing.T) {
 			assertGone(t, d, id, b.Pid)
 		})
 	}
-}
-
-func waitForCond(d time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return true
 }
 
 // TestSetNetwork: a sandbox made with one allow list enforces another after SetNetwork (how the
