@@ -22,12 +22,15 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/disk"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/container"
+	"github.com/sandboxd/sandboxd/internal/driver/wasm"
 	"github.com/sandboxd/sandboxd/internal/mountns"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 )
@@ -233,6 +236,11 @@ func bench(args []string, log *slog.Logger) error {
 	if err := c.delete(live); err != nil {
 		return err
 	}
+	progress("bench: pinning DNS answers…")
+	settle()
+	if err := benchPins(ctx, rep, floorDrv, *n); err != nil {
+		return err
+	}
 	progress("bench: the image…")
 	if err := benchImage(c, rep, cfg.Images[0], min(*n, 20), settle); err != nil {
 		return err
@@ -286,9 +294,7 @@ func benchWasm(ctx context.Context, c *benchClient, rep *report, tmp, image stri
 	if cl, ok := drvAny.(interface{ Close() error }); ok {
 		defer cl.Close()
 	}
-	wd, ok := drvAny.(interface {
-		Baseline(context.Context, string) (time.Duration, error)
-	})
+	wd, ok := drvAny.(*wasm.Driver)
 	if !ok {
 		return errors.New("bench: the wasm driver has no baseline measurement")
 	}
@@ -342,6 +348,88 @@ func benchWasm(ctx context.Context, c *benchClient, rep *report, tmp, image stri
 	rep.add(b, nil, "")
 	rep.add(figure{Name: "wasm create -> ready", Samples: creates}, &b, "p50 ≤ 2 ms")
 	rep.add(figure{Name: "wasm sync run print(1), live sandbox", Samples: runs}, &b, "p50 ≤ 10 ms")
+
+	// A worker before its sandbox: python.wasm's compile, and its memory once ready. A cold
+	// compile takes seconds: a few samples.
+	settle()
+	wc, err := wd.MeasureWorkers(ctx, image, min(n, workerSamples))
+	if err != nil {
+		return err
+	}
+	cached := figure{Name: "baseline: python.wasm from the compile cache", Samples: wc.CompileCached}
+	rep.add(cached, nil, "")
+	rep.add(figure{Name: "python.wasm compile, cold (empty cache)", Samples: wc.CompileCold}, &cached, "")
+	plain, err := idleProcessRSS()
+	if err != nil {
+		return err
+	}
+	mib := func(b int64) float64 { return float64(b) / (1 << 20) }
+	slices.Sort(wc.IdleRSS)
+	rep.Values = append(rep.Values,
+		value{Name: "baseline: idle sandboxd process RSS", Value: mib(plain), Unit: "MiB"},
+		value{Name: "idle wasm worker RSS (ready, median)", Value: mib(wc.IdleRSS[len(wc.IdleRSS)/2]), Unit: "MiB",
+			Baseline: "baseline: idle sandboxd process RSS", Ratio: float64(wc.IdleRSS[len(wc.IdleRSS)/2]) / float64(plain)})
+	return nil
+}
+
+// workerSamples bounds the samples of MeasureWorkers (each a cold compile of python.wasm).
+const workerSamples = 3
+
+// idleProcessRSS is the resident memory of a plain sandboxd process at rest: the CLI's `run`
+// waiting for its code on stdin (a pipe nothing is written to), read once it is blocked reading
+// it. The process is killed after.
+func idleProcessRSS() (int64, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return 0, err
+	}
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return 0, err
+	}
+	defer pw.Close()
+	cmd := exec.Command(exe, "run", "sbx_bench", "-")
+	cmd.Stdin = pr
+	err = cmd.Start()
+	pr.Close()
+	if err != nil {
+		return 0, fmt.Errorf("idle sandboxd process: %w", err)
+	}
+	defer func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	}()
+	// Blocked: one of its threads in read(0, …) (os.Stdin on a pipe is read without the poller).
+	reading := fmt.Sprintf("%d 0x0 ", unix.SYS_READ)
+	tasks := fmt.Sprintf("/proc/%d/task/*/syscall", cmd.Process.Pid)
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		m, _ := filepath.Glob(tasks)
+		if slices.ContainsFunc(m, func(p string) bool {
+			b, _ := os.ReadFile(p)
+			return strings.HasPrefix(string(b), reading)
+		}) {
+			break
+		}
+		if time.Now().After(end) {
+			return 0, errors.New("idle sandboxd process: not reading its stdin after 10 s")
+		}
+	}
+	return kBField(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid), "VmRSS")
+}
+
+// benchPins reports what the egress gateway's pinning of a DNS answer in the host's rules costs
+// (each answer, before it leaves: a new address, one already pinned, a renewal) against one
+// element of the same key added to a plain nft set in a transaction of its own.
+func benchPins(ctx context.Context, rep *report, d *container.Driver, n int) error {
+	pc, err := d.PinCost(ctx, n)
+	if err != nil {
+		return err
+	}
+	b := figure{Name: "baseline: nft add element (own transaction)", Samples: pc.Baseline}
+	rep.add(b, nil, "")
+	rep.add(figure{Name: "pin a DNS answer: a new address", Samples: pc.Fresh}, &b, "")
+	rep.add(figure{Name: "pin a DNS answer: already pinned", Samples: pc.Again}, &b, "")
+	rep.add(figure{Name: "pin a DNS answer: renewed (delete + add)", Samples: pc.Renew}, &b, "")
 	return nil
 }
 
@@ -554,14 +642,23 @@ func isolationFigures(dataDir string) (diskBytes float64, ranges struct{ distinc
 
 // memAvailable is the host's MemAvailable in bytes.
 func memAvailable() int64 {
-	b, _ := os.ReadFile("/proc/meminfo")
+	v, _ := kBField("/proc/meminfo", "MemAvailable")
+	return v
+}
+
+// kBField reads a figure in kB of a /proc file of "Name: N kB" lines, in bytes.
+func kBField(file, name string) (int64, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return 0, err
+	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "MemAvailable:"); ok {
-			kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return kb << 10
+		if v, ok := strings.CutPrefix(l, name+":"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10, err
 		}
 	}
-	return 0
+	return 0, fmt.Errorf("no %s in %s", name, file)
 }
 
 // sandboxPSS sums the proportional set size of every process in a sandbox cgroup, in bytes.
@@ -617,13 +714,15 @@ type row struct {
 }
 
 type value struct {
-	Name   string  `json:"name"`
-	Value  float64 `json:"value"`
-	Unit   string  `json:"unit"`
-	Target string  `json:"target,omitempty"`
+	Name     string  `json:"name"`
+	Value    float64 `json:"value"`
+	Unit     string  `json:"unit"`
+	Target   string  `json:"target,omitempty"`
+	Baseline string  `json:"baseline,omitempty"`
+	Ratio    float64 `json:"ratio,omitempty"` // Value / the baseline's
 }
 
-func msOf(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+func msOf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 func (r *report) add(f figure, base *figure, target string) {
 	rw := row{Name: f.Name, N: len(f.Samples), P50MS: msOf(pct(f.Samples, 50)), P90MS: msOf(pct(f.Samples, 90)),
@@ -646,11 +745,24 @@ func (r *report) print() {
 			}
 			return fmt.Sprintf("%.2fx", v)
 		}
-		fmt.Printf("%-46s %7.1fms %7.1fms %7.1fms %8s %8s  %s\n", rw.Name, rw.P50MS, rw.P90MS, rw.P99MS, ratio(rw.RatioP50), ratio(rw.RatioP99), rw.Target)
+		fmt.Printf("%-46s %9s %9s %9s %8s %8s  %s\n", rw.Name, msText(rw.P50MS), msText(rw.P90MS), msText(rw.P99MS), ratio(rw.RatioP50), ratio(rw.RatioP99), rw.Target)
 	}
 	for _, v := range r.Values {
-		fmt.Printf("%-46s %9.1f %s  %s\n", v.Name, v.Value, v.Unit, v.Target)
+		ratio := ""
+		if v.Baseline != "" {
+			ratio = fmt.Sprintf(" %.2fx base", v.Ratio)
+		}
+		fmt.Printf("%-46s %9.1f %s%s  %s\n", v.Name, v.Value, v.Unit, ratio, v.Target)
 	}
+}
+
+// msText prints a latency in ms, or in µs (as "us") below a millisecond (pinning an answer takes
+// tens of them).
+func msText(ms float64) string {
+	if ms < 1 {
+		return fmt.Sprintf("%.1fus", ms*1000)
+	}
+	return fmt.Sprintf("%.1fms", ms)
 }
 
 func pct(d []time.Duration, p int) time.Duration {

@@ -3,6 +3,7 @@ package netsetup
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -471,41 +472,37 @@ func TestAllowedRects(t *testing.T) {
 	}
 }
 
-// TestPinCost reports what pinning an answer costs (go test -v -run PinCost): a new element (a
-// netlink transaction), an answer already pinned (none), and a renewal (delete and add).
-func TestPinCost(t *testing.T) {
+// TestMeasurePins: the bench's measurement of pinning (sandboxd bench) takes a sample of each kind
+// per answer, refuses a count it cannot pin, and leaves nothing behind: no sandbox, no scratch
+// table, no pin.
+func TestMeasurePins(t *testing.T) {
 	m, _ := newManager(t, Config{})
-	p := mustPolicy(t, true, "*.company.com:5432")
-	sb := setup(t, m, "t-pin-cost", p)
-	const n = 2000
-	var fresh, again, renew []time.Duration
-	for i := range n {
-		a := egress.Answer{Name: fmt.Sprintf("n%d.company.com", i), Ports: []uint16{5432}, TTL: time.Hour,
-			Addrs: []netip.Addr{netip.AddrFrom4([4]byte{198, 51, byte(100 + i/250), byte(i % 250)})}}
-		t0 := time.Now()
-		if err := m.Pin(sb.ID, a); err != nil {
-			t.Fatal(err)
+	setup(t, m, "t-pin-other", allowAPI) // another sandbox's rules in the table meanwhile
+	for _, n := range []int{0, maxPinElems + 1} {
+		if _, err := m.MeasurePins(context.Background(), "t-pin-cost", n); err == nil {
+			t.Errorf("MeasurePins(%d): no error", n)
 		}
-		fresh = append(fresh, time.Since(t0))
-		t0 = time.Now()
-		if err := m.Pin(sb.ID, a); err != nil {
-			t.Fatal(err)
-		}
-		again = append(again, time.Since(t0))
-		a.TTL = 2 * time.Hour // longer than the element lives: replaced
-		t0 = time.Now()
-		if err := m.Pin(sb.ID, a); err != nil {
-			t.Fatal(err)
-		}
-		renew = append(renew, time.Since(t0))
 	}
-	q := func(ds []time.Duration, p int) time.Duration {
-		s := slices.Clone(ds)
-		slices.Sort(s)
-		return s[(len(s)-1)*p/100].Round(time.Microsecond / 10)
+	const n = 300 // addresses in two /24s
+	pc, err := m.MeasurePins(context.Background(), "t-pin-cost", n)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("over %d answers (set growing to %d elements): new element p50 %v p99 %v · already pinned p50 %v p99 %v · renewed p50 %v p99 %v",
-		n, n, q(fresh, 50), q(fresh, 99), q(again, 50), q(again, 99), q(renew, 50), q(renew, 99))
+	for name, s := range map[string][]time.Duration{"fresh": pc.Fresh, "again": pc.Again, "renew": pc.Renew, "baseline": pc.Baseline} {
+		if len(s) != n {
+			t.Errorf("%s: %d samples, want %d", name, len(s), n)
+		}
+	}
+	if err := m.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	waitfor.True(t, 30*time.Second, func() bool { return m.Released("t-pin-cost") })
+	if st := hostNFT(t, m); st == nil || st.elements[setPins] != 0 {
+		t.Errorf("pins left after the measurement, or no table: %+v", st)
+	}
+	if _, tables := inetTables(t); slices.ContainsFunc(tables, func(x *nftables.Table) bool { return strings.HasPrefix(x.Name, "sandboxd_pinbench_") }) {
+		t.Errorf("a scratch table is left: %v", tables)
+	}
 }
 
 // TestConnectRefusalsRateLimited: a sandbox hammering a refused port is refused every time, but

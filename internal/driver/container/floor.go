@@ -15,6 +15,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/netsetup"
 )
 
 // Floor measures what a sandbox's run is compared against: the wall time of one plain foreground
@@ -121,4 +122,14 @@ func (d *Driver) NetworkCost(ctx context.Context) (time.Duration, error) {
 		return 0, fmt.Errorf("network cost: %w", err)
 	}
 	return took, nil
+}
+
+// PinCost measures what pinning the egress gateway's DNS answers costs, n answers (see
+// netsetup.Manager.MeasurePins), on a network set up for the measurement alone and removed after.
+func (d *Driver) PinCost(ctx context.Context, n int) (netsetup.PinCosts, error) {
+	pc, err := d.net.MeasurePins(ctx, floorPrefix+"pin-"+statedir.RandomHex(6), n)
+	if err != nil {
+		return pc, fmt.Errorf("pin cost: %w", err)
+	}
+	return pc, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -58,4 +59,78 @@ func (d *Driver) Baseline(ctx context.Context, image string) (time.Duration, err
 		return 0, fmt.Errorf("baseline: python printed %q (%s, exit %d; stderr: %s)", res.Stdout, res.Status, res.ExitCode, strings.TrimSpace(string(res.Stderr)))
 	}
 	return res.Duration, nil
+}
+
+// WorkerCosts is what a worker costs before a sandbox claims it (MeasureWorkers, for sandboxd
+// bench), one sample of each per worker.
+type WorkerCosts struct {
+	CompileCold   []time.Duration // python.wasm compiled with an empty compilation cache (the worker's own measure)
+	CompileCached []time.Duration // the same module loaded from the driver's compilation cache
+	IdleRSS       []int64         // a ready worker's resident memory, waiting for its sandbox (bytes)
+}
+
+// MeasureWorkers starts n workers of image with an empty compilation cache of their own and n
+// with the driver's (filled first, if need be), interleaved, at the CPU weight of a sandbox's
+// worker; it takes each one's compile time (Ready.CompileNS) and, from the second kind, each ready
+// worker's RSS, and kills them. Nothing of them is left when it returns.
+func (d *Driver) MeasureWorkers(ctx context.Context, image string, n int) (WorkerCosts, error) {
+	if err := checkImage(image); err != nil {
+		return WorkerCosts{}, fmt.Errorf("measure workers: %w", err)
+	}
+	start := func(cache string) (*proc, error) {
+		w, err := d.startProcCache(ctx, image, false, cache)
+		if err != nil {
+			return nil, fmt.Errorf("measure workers: %w", err)
+		}
+		return w, nil
+	}
+	w, err := start(d.cacheDir()) // the driver's cache filled
+	if err != nil {
+		return WorkerCosts{}, err
+	}
+	d.discard(w)
+	var wc WorkerCosts
+	for range n {
+		cold, err := os.MkdirTemp(d.stateDir, "cold-cache-")
+		if err != nil {
+			return WorkerCosts{}, err
+		}
+		w, err = start(cold)
+		if err == nil {
+			wc.CompileCold = append(wc.CompileCold, time.Duration(w.ready.CompileNS))
+			d.discard(w)
+		}
+		if rerr := os.RemoveAll(cold); err == nil {
+			err = rerr
+		}
+		if err != nil {
+			return WorkerCosts{}, err
+		}
+		if w, err = start(d.cacheDir()); err != nil {
+			return WorkerCosts{}, err
+		}
+		rss, err := procRSS(w.pid)
+		d.discard(w)
+		if err != nil {
+			return WorkerCosts{}, fmt.Errorf("measure workers: %w", err)
+		}
+		wc.CompileCached = append(wc.CompileCached, time.Duration(w.ready.CompileNS))
+		wc.IdleRSS = append(wc.IdleRSS, rss)
+	}
+	return wc, nil
+}
+
+// procRSS returns process pid's resident set size (VmRSS) in bytes.
+func procRSS(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10, err
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
 }

@@ -6,6 +6,7 @@ package wasm
 // The latency figures (create, a print(1) run, against a fresh instance) are sandboxd bench's.
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -94,5 +95,35 @@ func TestWorkerOverhead(t *testing.T) {
 	t.Logf("between runs: %s", strings.Join(parts, ", "))
 	if worst > WorkerOverhead {
 		t.Errorf("overhead %d MiB is over WorkerOverhead (%d MiB)", worst>>20, WorkerOverhead>>20)
+	}
+}
+
+// TestMeasureWorkers: the bench's measurement of workers (sandboxd bench: compile time cold and
+// from the cache, a ready worker's memory) takes a sample of each kind per worker and leaves no
+// worker, cgroup or cold cache behind; an image that is none is refused.
+func TestMeasureWorkers(t *testing.T) {
+	needPython(t)
+	d := openDriver(t, "measure")
+	if _, err := d.MeasureWorkers(context.Background(), filepath.Join(tmpRoot, "no-image"), 1); err == nil {
+		t.Error("MeasureWorkers of no image: no error")
+	}
+	const n = 2
+	wc, err := d.MeasureWorkers(context.Background(), pyImage, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(wc.CompileCold) != n || len(wc.CompileCached) != n || len(wc.IdleRSS) != n {
+		t.Fatalf("samples: %+v, want %d of each", wc, n)
+	}
+	for i := range n {
+		if wc.CompileCold[i] <= 0 || wc.CompileCached[i] <= 0 || wc.IdleRSS[i] <= 0 {
+			t.Errorf("sample %d: %v cold, %v cached, %d bytes", i, wc.CompileCold[i], wc.CompileCached[i], wc.IdleRSS[i])
+		}
+	}
+	if left, _ := filepath.Glob(filepath.Join(d.stateDir, "cold-cache-*")); len(left) > 0 {
+		t.Errorf("cold caches left: %v", left)
+	}
+	if groups, err := d.cg.Children(d.cgParent); err != nil || len(groups) > 0 {
+		t.Errorf("worker cgroups left: %v %v", groups, err)
 	}
 }

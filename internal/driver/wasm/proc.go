@@ -53,7 +53,12 @@ const (
 // The worker's cgroup becomes the cgroup of the sandbox that claims it (Create sets its limits):
 // moving a process between cgroups costs milliseconds (the kernel waits for an RCU grace period
 // per hierarchy), so Create never moves one.
-func (d *Driver) startProc(ctx context.Context, image string, background bool) (_ *proc, err error) {
+func (d *Driver) startProc(ctx context.Context, image string, background bool) (*proc, error) {
+	return d.startProcCache(ctx, image, background, d.cacheDir())
+}
+
+// startProcCache is startProc with the worker's compilation cache in directory cache.
+func (d *Driver) startProcCache(ctx context.Context, image string, background bool, cache string) (_ *proc, err error) {
 	group := d.cgParent + "/w-" + statedir.RandomHex(8)
 	lim := cgroup.Limits{CPUWeight: 100}
 	if background {
@@ -68,7 +73,7 @@ func (d *Driver) startProc(ctx context.Context, image string, background bool) (
 			_ = d.cg.Remove(group)
 		}
 	}()
-	args := append(append([]string(nil), d.workerCmd[1:]...), "--image", image, "--cache", d.cacheDir(),
+	args := append(append([]string(nil), d.workerCmd[1:]...), "--image", image, "--cache", cache,
 		"--parent", strconv.Itoa(os.Getpid()))
 	cmd := exec.Command(d.workerCmd[0], args...)
 	cmd.Env = workerEnv()
