@@ -241,6 +241,16 @@ func bench(args []string, log *slog.Logger) error {
 	if err := benchPins(ctx, rep, floorDrv, *n); err != nil {
 		return err
 	}
+	progress("bench: CPU per run…")
+	cpuOf, ok := rel.(interface {
+		CPUUsage(id string) (time.Duration, error)
+	})
+	if !ok {
+		return errors.New("bench: the container driver cannot tell a sandbox's CPU time")
+	}
+	if err := benchRunCPU(c, rep, cpuOf.CPUUsage, *n, settle); err != nil {
+		return err
+	}
 	progress("bench: the image…")
 	if err := benchImage(c, rep, cfg.Images[0], min(*n, 20), settle); err != nil {
 		return err

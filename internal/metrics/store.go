@@ -89,6 +89,10 @@ func (t *timedStore) UpdateRun(ctx context.Context, r store.Run) error {
 	return t.exec("update_run", func() error { return t.st.UpdateRun(ctx, r) })
 }
 
+func (t *timedStore) RecordRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event) error {
+	return t.exec("record_run", func() error { return t.st.RecordRun(ctx, r, sb, ev) })
+}
+
 func (t *timedStore) GetRun(ctx context.Context, sandboxID, runID string) (store.Run, error) {
 	return timed(t, "get_run", func() (store.Run, error) { return t.st.GetRun(ctx, sandboxID, runID) })
 }

@@ -117,12 +117,12 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	start := now()
 	j.finalMu.Lock() // j.run is also read by endRuns
 	j.run.Status, j.run.StartedAt = RunRunning, &start
-	if err := s.st.UpdateRun(ctx, j.run); err != nil {
+	// The run, the sandbox's status and the audit event: one commit.
+	started := s.event(store.Event{AccountID: j.run.AccountID, Type: "run.started", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID})
+	if err := s.st.RecordRun(ctx, j.run, s.statusRecord(lv, store.SandboxRunning), &started); err != nil {
 		s.log.Error("record run start", "run", j.run.ID, "err", err)
 	}
 	j.finalMu.Unlock()
-	s.setStatus(lv, store.SandboxRunning)
-	s.audit(ctx, store.Event{AccountID: j.run.AccountID, Type: "run.started", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID})
 	lv.net.start(j.run.ID)
 
 	res, err := drv.Exec(j.ctx, lv.id, driver.ExecRequest{
@@ -131,26 +131,37 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	})
 	end := now()
 	allowed, denied := s.endNetwork(lv, j.run.ID)
+	var ready *store.Sandbox
+	if lv.ctx.Err() == nil {
+		ready = s.statusRecord(lv, store.SandboxReady)
+	}
 	j.finalMu.Lock()
-	if !j.final { // else DELETE recorded it cancelled while the driver was slow to stop it
-		s.recordEnd(j, res, err, start, end, allowed, denied)
+	recorded := j.final // DELETE recorded it cancelled while the driver was slow to stop it
+	if !recorded {
+		s.endRecord(j, res, err, start, end, allowed, denied)
 	}
 	run := j.run
-	j.finalMu.Unlock()
-	s.cfg.Observer.RunFinished(lv.rec.Mode, run.Status, end.Sub(start))
-	s.audit(ctx, store.Event{AccountID: run.AccountID, Type: "run.finished", SandboxID: lv.id, RunID: run.ID, AgentID: lv.rec.AgentID,
+	finished := s.event(store.Event{AccountID: run.AccountID, Type: "run.finished", SandboxID: lv.id, RunID: run.ID, AgentID: lv.rec.AgentID,
 		Detail: obj("status", run.Status, "exit_code", run.ExitCode, "duration_ms", run.DurationMS)})
+	if !recorded {
+		// The run's end, the sandbox ready again and the audit event: one commit.
+		if err := s.st.RecordRun(ctx, run, ready, &finished); err != nil {
+			s.log.Error("record run end", "run", run.ID, "err", err)
+		}
+	}
+	j.finalMu.Unlock()
+	if recorded {
+		s.writeStatus(lv, ready)
+		s.addEvent(ctx, finished)
+	}
+	s.cfg.Observer.RunFinished(lv.rec.Mode, run.Status, end.Sub(start))
 	lv.mu.Lock()
 	delete(lv.jobs, run.ID)
 	lv.mu.Unlock()
-	if lv.ctx.Err() == nil {
-		s.setStatus(lv, store.SandboxReady)
-	}
 }
 
-// recordEnd fills in and writes the final record of job j from the driver's answer (j.finalMu
-// held).
-func (s *Service) recordEnd(j *job, res driver.ExecResult, err error, start, end time.Time, allowed, denied int64) {
+// endRecord fills in the final record of job j from the driver's answer (j.finalMu held).
+func (s *Service) endRecord(j *job, res driver.ExecResult, err error, start, end time.Time, allowed, denied int64) {
 	j.run.FinishedAt = &end
 	j.run.NetworkAllowed, j.run.NetworkDenied = allowed, denied
 	if err != nil {
@@ -181,21 +192,32 @@ func (s *Service) recordEnd(j *job, res driver.ExecResult, err error, start, end
 		j.run.MemoryPeakBytes = res.MemoryPeak
 	}
 	j.final = true
-	if err := s.st.UpdateRun(context.Background(), j.run); err != nil {
-		s.log.Error("record run end", "run", j.run.ID, "err", err)
-	}
 }
 
+// setStatus sets and records the status of a live sandbox, unless it is recorded as ended.
 func (s *Service) setStatus(lv *live, status string) {
+	s.writeStatus(lv, s.statusRecord(lv, status))
+}
+
+// statusRecord sets the status of a live sandbox and returns the record to write, or nil when it
+// is recorded as ended (DELETE records before the running run has stopped).
+func (s *Service) statusRecord(lv *live, status string) *store.Sandbox {
 	lv.mu.Lock()
+	defer lv.mu.Unlock()
 	if lv.rec.Status == store.SandboxDestroyed || lv.rec.Status == store.SandboxError {
-		lv.mu.Unlock()
-		return // recorded as ended (DELETE records before the running run has stopped)
+		return nil
 	}
 	lv.rec.Status = status
 	rec := lv.rec
-	lv.mu.Unlock()
-	if err := s.st.UpdateSandbox(context.Background(), rec); err != nil {
+	return &rec
+}
+
+// writeStatus writes rec, a record statusRecord returned (nil: nothing to write).
+func (s *Service) writeStatus(lv *live, rec *store.Sandbox) {
+	if rec == nil {
+		return
+	}
+	if err := s.st.UpdateSandbox(context.Background(), *rec); err != nil {
 		s.log.Error("record sandbox status", "sandbox", lv.id, "err", err)
 	}
 }

@@ -900,8 +900,18 @@ func (s *Service) reconcile(ctx context.Context) error {
 
 // audit records an event; a failure is logged, never returned (the action already happened).
 func (s *Service) audit(ctx context.Context, e store.Event) {
+	s.addEvent(ctx, s.event(e))
+}
+
+// event gives e its ID and time: an audit event to write (addEvent, or with a store write).
+func (s *Service) event(e store.Event) store.Event {
 	e.ID = newID("evt_")
 	e.At = now()
+	return e
+}
+
+// addEvent writes the audit event e, made by event.
+func (s *Service) addEvent(ctx context.Context, e store.Event) {
 	if err := s.st.AddEvent(context.WithoutCancel(ctx), e); err != nil {
 		s.log.Error("record audit event", "type", e.Type, "err", err)
 	}

@@ -165,6 +165,11 @@ type Store interface {
 	// UpdateRun overwrites every field but ID, SandboxID, AccountID, Code and CreatedAt of the run
 	// with r.ID; ErrNotFound if there is none.
 	UpdateRun(ctx context.Context, r Run) error
+	// RecordRun writes a step of a run atomically: r as UpdateRun does, then sb as UpdateSandbox
+	// does (when sb is not nil), then appends ev (when ev is not nil) — one commit instead of three
+	// for each start and end of a run. Nothing is written if a part fails (ErrNotFound when the
+	// run or the sandbox does not exist).
+	RecordRun(ctx context.Context, r Run, sb *Sandbox, ev *Event) error
 	// GetRun returns one run of a sandbox, or ErrNotFound.
 	GetRun(ctx context.Context, sandboxID, runID string) (Run, error)
 	// ListRuns returns a sandbox's runs newest first, and their total.

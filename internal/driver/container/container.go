@@ -591,6 +591,12 @@ func (d *Driver) Released(id string) bool {
 	return d.net.Released(id)
 }
 
+// CPUUsage returns the CPU time every process of sandbox id has used so far, dead ones included
+// (its cgroup's): for benchmarks.
+func (d *Driver) CPUUsage(id string) (time.Duration, error) {
+	return d.cg.CPUUsage(cgroupGroup(id))
+}
+
 // SetNetwork replaces the egress policy of ready sandbox id (driver.NetworkSetter): the host rules
 // stay (p must have their shape), the gateway enforces p from now on.
 func (d *Driver) SetNetwork(ctx context.Context, id string, p egress.Policy) error {

@@ -15,7 +15,7 @@ func (d *DB) CreateAccount(ctx context.Context, a store.Account) error {
 	if e.err != nil {
 		return fmt.Errorf("create account %s: %w", a.Name, e.err)
 	}
-	_, err := d.w.ExecContext(ctx, `INSERT INTO accounts (id, name, plan, created_at) VALUES (?, ?, ?, ?)`, args...)
+	_, err := d.exec(ctx, nil, `INSERT INTO accounts (id, name, plan, created_at) VALUES (?, ?, ?, ?)`, args...)
 	if err != nil {
 		return fmt.Errorf("create account %s: %w", a.Name, classify(err))
 	}
@@ -24,7 +24,7 @@ func (d *DB) CreateAccount(ctx context.Context, a store.Account) error {
 
 // AccountByName returns the account called name, or store.ErrNotFound.
 func (d *DB) AccountByName(ctx context.Context, name string) (store.Account, error) {
-	a, err := scanAccount(d.r.QueryRowContext(ctx,
+	a, err := scanAccount(d.queryRow(ctx,
 		`SELECT id, name, plan, created_at FROM accounts WHERE name = ?`, name))
 	if err != nil {
 		return store.Account{}, fmt.Errorf("account %s: %w", name, classify(err))
@@ -43,7 +43,7 @@ func (d *DB) AddKey(ctx context.Context, accountID, keyID string, keyHash []byte
 	if e.err != nil {
 		return fmt.Errorf("add key %s: %w", keyID, e.err)
 	}
-	_, err := d.w.ExecContext(ctx, `INSERT INTO api_keys (id, account_id, key_hash, created_at) VALUES (?, ?, ?, ?)`, args...)
+	_, err := d.exec(ctx, nil, `INSERT INTO api_keys (id, account_id, key_hash, created_at) VALUES (?, ?, ?, ?)`, args...)
 	if err != nil {
 		return fmt.Errorf("add key %s: %w", keyID, classify(err))
 	}
@@ -55,7 +55,7 @@ func (d *DB) AccountByKeyHash(ctx context.Context, keyHash []byte) (store.Accoun
 	if len(keyHash) == 0 {
 		return store.Account{}, fmt.Errorf("account by key: %w", store.ErrNotFound)
 	}
-	a, err := scanAccount(d.r.QueryRowContext(ctx, `SELECT a.id, a.name, a.plan, a.created_at
+	a, err := scanAccount(d.queryRow(ctx, `SELECT a.id, a.name, a.plan, a.created_at
 		FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?`, keyHash))
 	if err != nil {
 		// The hash identifies a secret: it stays out of the message.

@@ -10,16 +10,23 @@ import (
 
 const eventCols = `id, account_id, type, at, sandbox_id, run_id, agent_id, detail`
 
+const addEventSQL = `INSERT INTO events (` + eventCols + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`
+
 // AddEvent appends an audit event; store.ErrConflict on a duplicate ID. The account, sandbox and
 // run it names need not exist (an auth.failed event has no account).
 func (d *DB) AddEvent(ctx context.Context, ev store.Event) error {
+	return d.addEvent(ctx, nil, ev)
+}
+
+// addEvent is AddEvent, in tx when tx is not nil.
+func (d *DB) addEvent(ctx context.Context, tx *sql.Tx, ev store.Event) error {
 	var e enc
 	args := []any{ev.ID, ev.AccountID, ev.Type, e.time(ev.At), ev.SandboxID, ev.RunID, ev.AgentID,
 		e.json("detail", ev.Detail)}
 	if e.err != nil {
 		return fmt.Errorf("add event %s: %w", ev.ID, e.err)
 	}
-	_, err := d.w.ExecContext(ctx, `INSERT INTO events (`+eventCols+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, args...)
+	_, err := d.exec(ctx, tx, addEventSQL, args...)
 	if err != nil {
 		return fmt.Errorf("add event %s: %w", ev.ID, classify(err))
 	}

@@ -14,6 +14,12 @@ const runCols = `id, sandbox_id, account_id, status, code, timeout_seconds, asyn
 	stdout_truncated, stderr_truncated, result, error, created_at, started_at, finished_at, duration_ms,
 	cpu_ms, memory_peak_bytes, network_allowed, network_denied`
 
+const updateRunSQL = `UPDATE runs SET status = ?, timeout_seconds = ?, async = ?,
+	exit_code = ?, stdout = ?, stderr = ?, stdout_truncated = ?, stderr_truncated = ?, result = ?,
+	error = ?, started_at = ?, finished_at = ?, duration_ms = ?, cpu_ms = ?, memory_peak_bytes = ?,
+	network_allowed = ?, network_denied = ?
+	WHERE id = ?`
+
 // CreateRun inserts a run; store.ErrConflict on a duplicate ID, store.ErrNotFound if its sandbox
 // does not exist.
 func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
@@ -25,7 +31,7 @@ func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
 	if e.err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, e.err)
 	}
-	_, err := d.w.ExecContext(ctx, `INSERT INTO runs (`+runCols+`)
+	_, err := d.exec(ctx, nil, `INSERT INTO runs (`+runCols+`)
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
 	if err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, classify(err))
@@ -36,6 +42,31 @@ func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
 // UpdateRun overwrites every field of the run with r.ID but ID, SandboxID, AccountID, Code and
 // CreatedAt; store.ErrNotFound if there is none.
 func (d *DB) UpdateRun(ctx context.Context, r store.Run) error {
+	return d.updateRun(ctx, nil, r)
+}
+
+// RecordRun writes a step of a run in one transaction: run r as UpdateRun does, then sb's mutable
+// fields as UpdateSandbox does (when sb is not nil), then the event ev (when not nil). Nothing is
+// written if any part fails (store.ErrNotFound when the run or the sandbox does not exist).
+func (d *DB) RecordRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event) error {
+	return d.write(ctx, func(tx *sql.Tx) error {
+		if err := d.updateRun(ctx, tx, r); err != nil {
+			return err
+		}
+		if sb != nil {
+			if err := d.updateSandbox(ctx, tx, *sb); err != nil {
+				return err
+			}
+		}
+		if ev != nil {
+			return d.addEvent(ctx, tx, *ev)
+		}
+		return nil
+	})
+}
+
+// updateRun is UpdateRun, in tx when tx is not nil.
+func (d *DB) updateRun(ctx context.Context, tx *sql.Tx, r store.Run) error {
 	var e enc
 	args := []any{r.Status, r.TimeoutSeconds, r.Async, r.ExitCode, r.Stdout, r.Stderr, r.StdoutTruncated,
 		r.StderrTruncated, e.json("result", r.Result), e.json("error", r.Error), e.ptime(r.StartedAt),
@@ -43,11 +74,7 @@ func (d *DB) UpdateRun(ctx context.Context, r store.Run) error {
 	if e.err != nil {
 		return fmt.Errorf("update run %s: %w", r.ID, e.err)
 	}
-	res, err := d.w.ExecContext(ctx, `UPDATE runs SET status = ?, timeout_seconds = ?, async = ?,
-		exit_code = ?, stdout = ?, stderr = ?, stdout_truncated = ?, stderr_truncated = ?, result = ?,
-		error = ?, started_at = ?, finished_at = ?, duration_ms = ?, cpu_ms = ?, memory_peak_bytes = ?,
-		network_allowed = ?, network_denied = ?
-		WHERE id = ?`, args...)
+	res, err := d.exec(ctx, tx, updateRunSQL, args...)
 	if err != nil {
 		return fmt.Errorf("update run %s: %w", r.ID, classify(err))
 	}
@@ -61,7 +88,7 @@ func (d *DB) UpdateRun(ctx context.Context, r store.Run) error {
 
 // GetRun returns the run runID of the sandbox sandboxID, or store.ErrNotFound.
 func (d *DB) GetRun(ctx context.Context, sandboxID, runID string) (store.Run, error) {
-	r, err := scanRun(d.r.QueryRowContext(ctx, `SELECT `+runCols+` FROM runs WHERE id = ? AND sandbox_id = ?`,
+	r, err := scanRun(d.queryRow(ctx, `SELECT `+runCols+` FROM runs WHERE id = ? AND sandbox_id = ?`,
 		runID, sandboxID))
 	if err != nil {
 		return store.Run{}, fmt.Errorf("get run %s of sandbox %s: %w", runID, sandboxID, classify(err))
@@ -112,7 +139,7 @@ func (d *DB) EndOpenRuns(ctx context.Context, sandboxID, status string, errJSON 
 	if e.err != nil {
 		return 0, fmt.Errorf("end open runs of sandbox %s: %w", sandboxID, e.err)
 	}
-	res, err := d.w.ExecContext(ctx, `UPDATE runs SET status = ?, error = ?, finished_at = ?
+	res, err := d.exec(ctx, nil, `UPDATE runs SET status = ?, error = ?, finished_at = ?
 		WHERE sandbox_id = ? AND status IN ('queued', 'running')`, args...)
 	if err != nil {
 		return 0, fmt.Errorf("end open runs of sandbox %s: %w", sandboxID, classify(err))

@@ -47,19 +47,26 @@ func (d *DB) CreateSandbox(ctx context.Context, sb store.Sandbox, limit int) err
 	return nil
 }
 
+const updateSandboxSQL = `UPDATE sandboxes
+	SET status = ?, ready_at = ?, destroyed_at = ?, destroy_reason = ?, error = ?, disk_used_bytes = ?
+	WHERE id = ?`
+
 // UpdateSandbox overwrites Status, ReadyAt, DestroyedAt, DestroyReason, Error and DiskUsedBytes
 // of the sandbox with sb.ID; the other fields of sb are ignored. store.ErrNotFound if there is
 // none.
 func (d *DB) UpdateSandbox(ctx context.Context, sb store.Sandbox) error {
+	return d.updateSandbox(ctx, nil, sb)
+}
+
+// updateSandbox is UpdateSandbox, in tx when tx is not nil.
+func (d *DB) updateSandbox(ctx context.Context, tx *sql.Tx, sb store.Sandbox) error {
 	var e enc
 	args := []any{sb.Status, e.ptime(sb.ReadyAt), e.ptime(sb.DestroyedAt), sb.DestroyReason,
 		e.json("error", sb.Error), sb.DiskUsedBytes, sb.ID}
 	if e.err != nil {
 		return fmt.Errorf("update sandbox %s: %w", sb.ID, e.err)
 	}
-	res, err := d.w.ExecContext(ctx, `UPDATE sandboxes
-		SET status = ?, ready_at = ?, destroyed_at = ?, destroy_reason = ?, error = ?, disk_used_bytes = ?
-		WHERE id = ?`, args...)
+	res, err := d.exec(ctx, tx, updateSandboxSQL, args...)
 	if err != nil {
 		return fmt.Errorf("update sandbox %s: %w", sb.ID, classify(err))
 	}
@@ -79,7 +86,7 @@ func (d *DB) GetSandbox(ctx context.Context, accountID, id string) (store.Sandbo
 		q += ` AND account_id = ?`
 		args = append(args, accountID)
 	}
-	sb, err := scanSandbox(d.r.QueryRowContext(ctx, q, args...))
+	sb, err := scanSandbox(d.queryRow(ctx, q, args...))
 	if err != nil {
 		return store.Sandbox{}, fmt.Errorf("get sandbox %s: %w", id, classify(err))
 	}
@@ -135,7 +142,7 @@ func (d *DB) LiveSandboxes(ctx context.Context) ([]store.Sandbox, error) {
 // SandboxUsage sums the runs of a sandbox; one without runs (or without a record) has zero usage.
 func (d *DB) SandboxUsage(ctx context.Context, sandboxID string) (store.SandboxUsage, error) {
 	var u store.SandboxUsage
-	err := d.r.QueryRowContext(ctx, `SELECT COUNT(*),
+	err := d.queryRow(ctx, `SELECT COUNT(*),
 			COUNT(CASE WHEN status IN ('queued', 'running') THEN 1 END),
 			COALESCE(SUM(cpu_ms), 0), COALESCE(MAX(memory_peak_bytes), 0)
 		FROM runs WHERE sandbox_id = ?`, sandboxID).Scan(&u.RunsTotal, &u.RunsActive, &u.CPUMS, &u.MemoryPeakBytes)

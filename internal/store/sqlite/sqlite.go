@@ -79,8 +79,10 @@ const timeLayout = "2006-01-02T15:04:05.000000000Z"
 
 // DB is a store.Store on one SQLite file. It is safe for concurrent use.
 type DB struct {
-	w *sql.DB // exactly one connection: every write
-	r *sql.DB // read-only connections
+	w  *sql.DB // exactly one connection: every write
+	r  *sql.DB // read-only connections
+	ws stmtCache
+	rs stmtCache
 }
 
 var _ store.Store = (*DB)(nil)
@@ -114,9 +116,14 @@ func Open(ctx context.Context, path string) (*DB, error) {
 	w.SetConnMaxLifetime(0)
 	w.SetConnMaxIdleTime(0)
 
-	d := &DB{w: w}
+	d := &DB{w: w, ws: stmtCache{db: w}}
 	// The first connection sets WAL mode (persistent in the file) before any reader opens.
 	if err := d.migrate(ctx); err != nil {
+		w.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+
+	if err := d.ws.prime(ctx, updateRunSQL, updateSandboxSQL, addEventSQL); err != nil {
 		w.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
@@ -141,7 +148,7 @@ func Open(ctx context.Context, path string) (*DB, error) {
 		w.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	d.r = r
+	d.r, d.rs.db = r, r
 	return d, nil
 }
 
@@ -154,6 +161,8 @@ func dsn(abs string, q url.Values) string {
 
 // Close closes both connection pools.
 func (d *DB) Close() error {
+	d.ws.close()
+	d.rs.close()
 	return errors.Join(d.r.Close(), d.w.Close())
 }
 

@@ -56,6 +56,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"QuotaParallel", testQuotaParallel},
 		{"RunRoundTrip", testRunRoundTrip},
 		{"RunUpdate", testRunUpdate},
+		{"RecordRun", testRecordRun},
 		{"ListRuns", testListRuns},
 		{"EndOpenRuns", testEndOpenRuns},
 		{"SandboxUsage", testSandboxUsage},
@@ -711,6 +712,66 @@ func testRunUpdate(t *testing.T, st store.Store) {
 	ok(t, err)
 	same(t, "the other run", canonRun(got, false), canonRun(bystander, true))
 	wantErr(t, "update of an unknown run", st.UpdateRun(ctx, run("run_missing", sb.ID, a.ID, base, "running")), store.ErrNotFound)
+}
+
+func testRecordRun(t *testing.T, st store.Store) {
+	a := account(t, st, "acct_a")
+	sb := createSandbox(t, st, sandbox("sbx_1", a.ID, base, store.SandboxReady))
+	r := run("run_1", sb.ID, a.ID, base, "queued")
+	ok(t, st.CreateRun(ctx, r))
+	ev := func(id string) *store.Event {
+		return &store.Event{ID: id, AccountID: a.ID, Type: "run.started", At: at(time.Second), SandboxID: sb.ID, RunID: r.ID}
+	}
+	sbAs := func(status string) *store.Sandbox { s := sb; s.Status = status; return &s }
+	missingSandbox := sandbox("sbx_missing", a.ID, base, store.SandboxRunning)
+
+	tests := []struct {
+		name    string
+		run     store.Run
+		sb      *store.Sandbox
+		ev      *store.Event
+		wantErr error
+		// what the records are after the call
+		wantRun    string
+		wantSb     string
+		wantEvents []string
+	}{
+		{"all three", func() store.Run { x := r; x.Status, x.StartedAt = "running", ptr(at(time.Second)); return x }(),
+			sbAs(store.SandboxRunning), ev("evt_1"), nil, "running", store.SandboxRunning, []string{"evt_1"}},
+		{"run alone", func() store.Run { x := r; x.Status = "completed"; return x }(),
+			nil, nil, nil, "completed", store.SandboxRunning, []string{"evt_1"}},
+		{"run and event", func() store.Run { x := r; x.Status = "failed"; return x }(),
+			nil, ev("evt_2"), nil, "failed", store.SandboxRunning, []string{"evt_1", "evt_2"}},
+		{"unknown run: nothing written", run("run_missing", sb.ID, a.ID, base, "running"),
+			sbAs(store.SandboxReady), ev("evt_3"), store.ErrNotFound, "failed", store.SandboxRunning, []string{"evt_1", "evt_2"}},
+		{"unknown sandbox: nothing written", func() store.Run { x := r; x.Status = "oom"; return x }(),
+			&missingSandbox, ev("evt_4"), store.ErrNotFound, "failed", store.SandboxRunning, []string{"evt_1", "evt_2"}},
+		{"duplicate event: nothing written", func() store.Run { x := r; x.Status = "timeout"; return x }(),
+			sbAs(store.SandboxReady), ev("evt_1"), store.ErrConflict, "failed", store.SandboxRunning, []string{"evt_1", "evt_2"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := st.RecordRun(ctx, tc.run, tc.sb, tc.ev)
+			if tc.wantErr == nil {
+				ok(t, err)
+			} else {
+				wantErr(t, "RecordRun", err, tc.wantErr)
+			}
+			got, err := st.GetRun(ctx, sb.ID, r.ID)
+			ok(t, err)
+			if got.Status != tc.wantRun {
+				t.Errorf("run status %q, want %q", got.Status, tc.wantRun)
+			}
+			gotSb, err := st.GetSandbox(ctx, a.ID, sb.ID)
+			ok(t, err)
+			if gotSb.Status != tc.wantSb {
+				t.Errorf("sandbox status %q, want %q", gotSb.Status, tc.wantSb)
+			}
+			evs, _, err := st.ListEvents(ctx, store.EventFilter{AccountID: a.ID})
+			ok(t, err)
+			same(t, "events", eventIDs(evs), tc.wantEvents)
+		})
+	}
 }
 
 func testListRuns(t *testing.T, st store.Store) {

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"syscall"
+	"time"
+
+	"github.com/sandboxd/sandboxd/api"
+)
+
+// forkFloorCode measures, inside a sandbox that may fork, what one fork + print + exit of an
+// already-started Python costs in CPU (the parent's fork and wait, the child's whole life): the
+// floor of any design that forks a process per run. Its result is the samples, in µs.
+const forkFloorCode = `import os, resource
+def cpu(who):
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+out = []
+for _ in range(%d):
+    s, c = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
+    pid = os.fork()
+    if pid == 0:
+        print(1)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    out.append(int(((cpu(resource.RUSAGE_SELF) - s) + (cpu(resource.RUSAGE_CHILDREN) - c)) * 1e6))
+result = out
+`
+
+// benchRunCPU measures fresh print(1) runs made the way an agent makes them — back to back, in a
+// sandbox just created:
+//   - their latency over HTTP, the first ten runs of a new sandbox against the same sandbox's runs
+//     once it has idled 2 s;
+//   - the machine's CPU time per run, every process's share: this process (the server, and the
+//     client's side of HTTP, which is a fraction of a millisecond) plus the sandbox's cgroup
+//     (the agent, the zygote, the run) — against the fork floor (forkFloorCode), measured in a
+//     sandbox of the same image in the same bench;
+//   - the runs per second one client gets back to back (a figure with no baseline of its own:
+//     its inverse is the latency row).
+//
+// cpuOf returns a sandbox's CPU time so far (its cgroup's).
+func benchRunCPU(c *benchClient, rep *report, cpuOf func(id string) (time.Duration, error), n int, settle func()) error {
+	// The fork floor, in a sandbox allowed to fork.
+	settle()
+	spawn := maps.Clone(benchConfig)
+	spawn["process"] = map[string]any{"allow_spawn": true}
+	id, err := c.create(spawn)
+	if err != nil {
+		return err
+	}
+	var us []int64
+	if _, err := c.runCode(id, "print(1)", "1\n"); err == nil { // its warm-up
+		err = c.runResult(id, fmt.Sprintf(forkFloorCode, max(n, 20)), &us)
+	}
+	if derr := c.delete(id); err == nil {
+		err = derr
+	}
+	if err != nil {
+		return fmt.Errorf("fork floor: %w", err)
+	}
+	floor := figure{Name: "baseline: fork+print+exit of a Python (CPU)"}
+	for _, v := range us {
+		floor.Samples = append(floor.Samples, time.Duration(v)*time.Microsecond)
+	}
+
+	// Fresh sandboxes, ten runs each at once, then runs after 2 s of idling.
+	var first, idle, cpu []time.Duration
+	var busy time.Duration // wall time of the back-to-back runs
+	for len(first) < min(max(n, 10), 50) {
+		settle()
+		id, err := c.create(benchConfig)
+		if err != nil {
+			return err
+		}
+		for i := 0; i < 10 && err == nil; i++ {
+			var d, used time.Duration
+			if used, d, err = runCPU(c, id, cpuOf); err == nil {
+				first, cpu, busy = append(first, d), append(cpu, used), busy+d
+			}
+		}
+		for i := 0; i < 2 && err == nil; i++ {
+			time.Sleep(2 * time.Second) // what is measured: a sandbox that has idled
+			var d time.Duration
+			d, err = c.run(id)
+			idle = append(idle, d)
+		}
+		if derr := c.delete(id); err == nil {
+			err = derr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	rep.add(floor, nil, "")
+	rep.add(figure{Name: "fresh run print(1): machine CPU per run", Samples: cpu}, &floor, "p50 ≤ 1.3x")
+	idleFig := figure{Name: "baseline: run print(1) after 2 s idle", Samples: idle}
+	rep.add(idleFig, nil, "")
+	rep.add(figure{Name: "run print(1), first 10 of a new sandbox", Samples: first}, &idleFig, "p50 ≤ 1.1x")
+	rep.Values = append(rep.Values, value{Name: "fresh runs/s back to back, 1 client", Value: float64(len(first)) / busy.Seconds(), Unit: "runs/s"})
+	return nil
+}
+
+// runCPU runs print(1) in sandbox id and returns the CPU time it cost this process and the
+// sandbox, and the request's latency.
+func runCPU(c *benchClient, id string, cpuOf func(string) (time.Duration, error)) (used, d time.Duration, err error) {
+	s0, err := cpuOf(id)
+	if err != nil {
+		return 0, 0, err
+	}
+	p0 := selfCPU()
+	if d, err = c.run(id); err != nil {
+		return 0, 0, err
+	}
+	p1 := selfCPU()
+	s1, err := cpuOf(id)
+	if err != nil {
+		return 0, 0, err
+	}
+	return (p1 - p0) + (s1 - s0), d, nil
+}
+
+// selfCPU is this process's CPU time so far (user + system, every thread).
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// runResult runs code synchronously in sandbox id; the run must complete, and its result is
+// decoded into out.
+func (c *benchClient) runResult(id, code string, out any) error {
+	var r api.Run
+	if err := c.do("POST", "/api/sandbox/"+id+"/run", map[string]any{"code": code, "timeout": 120}, &r); err != nil {
+		return err
+	}
+	if r.Status != "completed" {
+		return fmt.Errorf("run: %s %s", r.Status, r.Stderr)
+	}
+	if len(r.Result) == 0 {
+		return errors.New("run: no result")
+	}
+	return json.Unmarshal(r.Result, out)
+}
