@@ -72,13 +72,13 @@ var Runtimes = []string{"crun", "runc", "runsc"}
 
 // Image is one approved name in the store.
 type Image struct {
-	Name    string    `json:"name"`
-	Digest  string    `json:"digest"`  // the manifest's, "sha256:<hex>"
-	Size    int64     `json:"size"`    // bytes of the unpacked root (file contents)
-	Python  string    `json:"python"`  // "3.11"
-	Mode    string    `json:"mode"`    // "container" or "wasm"
-	Runtime string    `json:"runtime"` // container: crun, runc, runsc or "" (the server's)
-	Base    string    `json:"base,omitempty"` // wasm: the WASM image (python.wasm) the packages are added to
+	Name    string `json:"name"`
+	Digest  string `json:"digest"`         // the manifest's, "sha256:<hex>"
+	Size    int64  `json:"size"`           // bytes of the unpacked root (file contents)
+	Python  string `json:"python"`         // "3.11"
+	Mode    string `json:"mode"`           // "container" or "wasm"
+	Runtime string `json:"runtime"`        // container: crun, runc, runsc or "" (the server's)
+	Base    string `json:"base,omitempty"` // wasm: the WASM image (python.wasm) the packages are added to
 	// Packages are the Python distributions the image holds (Packages), gathered when it was
 	// imported, or at the first listing for an image imported before they were; nil: not yet.
 	Packages []Package `json:"packages"`
