@@ -32,8 +32,10 @@ func (s *Store) Import(ctx context.Context, src, name string, opts Options) (Ima
 	if err := CheckName(name); err != nil {
 		return Image{}, err
 	}
-	if opts.Mode == ModeWASM {
-		return s.importWASM(ctx, src, name, opts)
+	if o, err := opts.withDefaults(); err != nil {
+		return Image{}, err
+	} else if o.Mode == ModeWASM {
+		return s.importWASM(ctx, src, name, o)
 	}
 	st, err := os.Stat(src)
 	if err != nil {
