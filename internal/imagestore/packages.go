@@ -12,14 +12,13 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/internal/hostfs"
 )
 
-// Package is one Python distribution an image holds.
-type Package struct {
-	Name    string `json:"name"`
-	Version string `json:"version"`
-}
+// Package is one Python distribution an image holds (name and version), as GET /api/images
+// shows it.
+type Package = api.ImagePackage
 
 // packageDirs are where Packages looks for distributions, relative to a root ("*" matches a
 // python3.X directory): a WASM image's own root (its site-packages), a WASM base's standard

@@ -23,7 +23,7 @@ import (
 // WASM images: pure-Python packages added to a WASM base image (python.wasm and its standard
 // library, which the server serves under the base's name). The store holds the packages only —
 // one root per digest, a site-packages directory the WASM driver mounts read-only at the guest's
-// /usr/local/lib/python3.X/site-packages — and records the base's name; the server puts the two
+// /usr/local/lib/python3.11/dist-packages (on sys.path) — and records the base's name; the server puts the two
 // together when a sandbox asks for the image (sandbox.Image.Base).
 //
 // The source is a directory of wheels (*.whl; pure Python only: tags py3-none-any or

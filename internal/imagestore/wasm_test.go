@@ -16,6 +16,7 @@ import (
 // wheels writes a directory of two pure-Python wheels: thepkg (a package) and other (a module
 // in its .data/purelib, and a script in .data/scripts that is not importable).
 func wheels(t *testing.T) string {
+	t.Helper()
 	dir := t.TempDir()
 	imagetest.Wheel(t, dir, "thepkg-1.0-py3-none-any.whl", "thepkg", "1.0",
 		imagetest.WheelFile{Name: "thepkg/__init__.py", Body: "VALUE = 42\n"},
@@ -37,7 +38,7 @@ func TestWASMImport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantPkgs := []Package{{"other", "2.0"}, {"thepkg", "1.0"}}
+	wantPkgs := []Package{{Name: "other", Version: "2.0"}, {Name: "thepkg", Version: "1.0"}}
 	if im.Mode != ModeWASM || im.Base != DefaultWASMBase || im.Python != "3.11" || !strings.HasPrefix(im.Digest, "sha256:") ||
 		im.Runtime != "" || im.Size == 0 || !reflect.DeepEqual(im.Packages, wantPkgs) || im.Unpacked.IsZero() {
 		t.Fatalf("imported: %+v", im)
@@ -232,7 +233,7 @@ func TestPackages(t *testing.T) {
 	}
 	// evil's METADATA is the image's /etc/passwd (resolved inside the root): no Name header, so
 	// it is named from its directory.
-	want := []Package{{"evil", "1.0"}, {"Foo_Bar", "0.3"}, {"numpy", "1.24.2"}, {"pandas", "1.5.3"}, {"requests", "2.28.1"}}
+	want := []Package{{Name: "evil", Version: "1.0"}, {Name: "Foo_Bar", Version: "0.3"}, {Name: "numpy", Version: "1.24.2"}, {Name: "pandas", Version: "1.5.3"}, {Name: "requests", Version: "2.28.1"}}
 	if !reflect.DeepEqual(im.Packages, want) {
 		t.Fatalf("packages: %+v, want %+v", im.Packages, want)
 	}
