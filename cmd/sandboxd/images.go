@@ -197,7 +197,11 @@ func printImported(w io.Writer, im imagestore.Image) {
 		fmt.Fprintf(w, "%s %s wasm on %s (python %s), %s, %d package(s): %s\n", im.Name, im.Digest, im.Base, im.Python, mib(im.Size), len(names), strings.Join(names, ", "))
 		return
 	}
-	fmt.Fprintf(w, "%s %s python %s, %s, runtime %s, %d package(s)\n", im.Name, im.Digest, im.Python, mib(im.Size), im.Runtime, len(names))
+	rt := im.Runtime
+	if rt == "" {
+		rt = "the server's"
+	}
+	fmt.Fprintf(w, "%s %s python %s, %s, runtime %s, %d package(s)\n", im.Name, im.Digest, im.Python, mib(im.Size), rt, len(names))
 }
 
 func shortDigest(d string) string {
