@@ -20,11 +20,7 @@ import (
 func TestImagesCommands(t *testing.T) {
 	dataDir := t.TempDir()
 	layoutDir := imagetest.WriteLayout(t, imagetest.Image(t, imagetest.Python(t)))
-	run := func(args ...string) (string, error) {
-		var out bytes.Buffer
-		err := images(append(args, "--data-dir", dataDir), &out)
-		return out.String(), err
-	}
+	run := imagesIn(dataDir)
 	for _, tc := range []struct {
 		args []string
 		want string // in the error
@@ -97,11 +93,7 @@ func TestImagesWASM(t *testing.T) {
 	dataDir := t.TempDir()
 	wheels := t.TempDir()
 	imagetest.Wheel(t, wheels, "thepkg-1.0-py3-none-any.whl", "thepkg", "1.0", imagetest.WheelFile{Name: "thepkg/__init__.py", Body: "V = 1\n"})
-	run := func(args ...string) (string, error) {
-		var out bytes.Buffer
-		err := images(append(args, "--data-dir", dataDir), &out)
-		return out.String(), err
-	}
+	run := imagesIn(dataDir)
 	for _, tc := range []struct {
 		args []string
 		want string
@@ -123,5 +115,14 @@ func TestImagesWASM(t *testing.T) {
 	}
 	if out, err = run("ls"); err != nil || !strings.Contains(out, "team/wasm:1") || !strings.Contains(out, "python:3.11-wasi") {
 		t.Errorf("ls: %q, %v", out, err)
+	}
+}
+
+// imagesIn runs `sandboxd images ARGS --data-dir dataDir` and returns what it printed.
+func imagesIn(dataDir string) func(args ...string) (string, error) {
+	return func(args ...string) (string, error) {
+		var out bytes.Buffer
+		err := images(append(args, "--data-dir", dataDir), &out)
+		return out.String(), err
 	}
 }

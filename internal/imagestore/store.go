@@ -360,6 +360,18 @@ func (s *Store) lock(ctx context.Context) (func(), error) {
 	}
 }
 
+// lockIndex takes the store's lock and reads the index; unlock releases the lock.
+func (s *Store) lockIndex(ctx context.Context) (ix index, unlock func(), err error) {
+	if unlock, err = s.lock(ctx); err != nil {
+		return ix, nil, err
+	}
+	if ix, err = s.readIndex(); err != nil {
+		unlock()
+		return ix, nil, err
+	}
+	return ix, unlock, nil
+}
+
 // List returns the store's images sorted by name.
 func (s *Store) List() ([]Image, error) {
 	ix, err := s.readIndex()
@@ -404,15 +416,11 @@ func (s *Store) Images() ([]Image, error) {
 
 // fillPackages gathers the packages of the images that have none recorded, under the lock.
 func (s *Store) fillPackages() error {
-	unlock, err := s.lock(context.Background())
+	ix, unlock, err := s.lockIndex(context.Background())
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	ix, err := s.readIndex()
-	if err != nil {
-		return err
-	}
 	changed := false
 	for name, im := range ix.Images {
 		if im.Packages != nil {
@@ -456,15 +464,11 @@ func (s *Store) images() ([]Image, error) {
 // (may be nil) does not say a live sandbox runs it; an image a live sandbox runs is refused
 // with ErrInUse and nothing changes. Unnamed roots left by earlier imports go as well.
 func (s *Store) Remove(ctx context.Context, name string, inUse func(digest string) (bool, error)) error {
-	unlock, err := s.lock(ctx)
+	ix, unlock, err := s.lockIndex(ctx)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	ix, err := s.readIndex()
-	if err != nil {
-		return err
-	}
 	im, ok := ix.Images[name]
 	if !ok {
 		return fmt.Errorf("image %q: %w", name, ErrNotFound)
@@ -532,15 +536,11 @@ func (s *Store) collect(ix index, inUse func(string) (bool, error)) error {
 // commit moves a verified, unpacked root into place (unless its digest has one already: then
 // the new one is dropped) and names it, under the lock.
 func (s *Store) commit(ctx context.Context, im Image, tmpRoot string, opts Options) (Image, error) {
-	unlock, err := s.lock(ctx)
+	ix, unlock, err := s.lockIndex(ctx)
 	if err != nil {
 		return Image{}, err
 	}
 	defer unlock()
-	ix, err := s.readIndex()
-	if err != nil {
-		return Image{}, err
-	}
 	final := s.RootFS(im.Digest)
 	if tmpRoot != "" {
 		if _, err := os.Lstat(final); err == nil {

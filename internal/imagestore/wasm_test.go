@@ -195,14 +195,7 @@ func TestWASMRefused(t *testing.T) {
 					t.Errorf("the error %q does not say %q", err, w)
 				}
 			}
-			if ims, _ := s.List(); len(ims) != 0 {
-				t.Errorf("the refused image is listed: %+v", ims)
-			}
-			ents, _ := os.ReadDir(filepath.Join(s.Dir(), "rootfs"))
-			tmp, _ := os.ReadDir(filepath.Join(s.Dir(), "tmp"))
-			if len(ents)+len(tmp) != 0 {
-				t.Errorf("left behind: rootfs %v, tmp %v", ents, tmp)
-			}
+			assertNothingLeft(t, s)
 		})
 	}
 	t.Run("a base for a container image", func(t *testing.T) {

@@ -23,10 +23,7 @@ func TestOCIImage(t *testing.T) {
 	start := time.Now()
 	layoutDir := imagetest.WriteLayout(t, imagetest.Image(t, imagetest.DirLayer(t, rootfs)))
 	t.Logf("OCI layout of %s written in %s", rootfs, time.Since(start).Round(time.Millisecond))
-	images := func(args ...string) (string, error) {
-		out, err := exec.Command(filepath.Join(binDir, "sandboxd"), append([]string{"images"}, append(args, "--data-dir", dataDir)...)...).CombinedOutput()
-		return string(out), err
-	}
+	images := imagesCmd(dataDir)
 	const name = "e2e/oci-data:1"
 	start = time.Now()
 	out, err := images("import", layoutDir, "--name", name)
@@ -92,4 +89,12 @@ func hasPackage(im map[string]any, name string) bool {
 		}
 	}
 	return false
+}
+
+// imagesCmd runs `sandboxd images ARGS --data-dir dataDir` and returns its output.
+func imagesCmd(dataDir string) func(args ...string) (string, error) {
+	return func(args ...string) (string, error) {
+		out, err := exec.Command(filepath.Join(binDir, "sandboxd"), append([]string{"images"}, append(args, "--data-dir", dataDir)...)...).CombinedOutput()
+		return string(out), err
+	}
 }

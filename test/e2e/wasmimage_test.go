@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -17,16 +15,9 @@ import (
 // refused while the sandbox lives; an unapproved name is refused.
 func TestWASMImage(t *testing.T) {
 	requireWasm(t)
-	dataDir, err := os.MkdirTemp("", "sbxd-wasmimg-") // short: socket paths have a length limit
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dataDir) })
+	dataDir := shortTempDir(t, "sbxd-wasmimg-")
 	s := startServerWith(t, dataDir, "--wasm-image", "python:3.11-wasi="+wasmImage)
-	images := func(args ...string) (string, error) {
-		out, err := exec.Command(filepath.Join(binDir, "sandboxd"), append([]string{"images"}, append(args, "--data-dir", dataDir)...)...).CombinedOutput()
-		return string(out), err
-	}
+	images := imagesCmd(dataDir)
 	for _, tc := range []struct {
 		name string
 		file imagetest.WheelFile
