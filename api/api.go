@@ -196,8 +196,19 @@ type Image struct {
 	Size    int64  `json:"size_bytes,omitempty"`     // of its unpacked root, when known
 	Python  string `json:"python_version,omitempty"` // "3.11", when known
 	Runtime string `json:"runtime,omitempty"`        // container mode: crun, runc or runsc
-	Default bool   `json:"default"`
+	Base    string `json:"base,omitempty"`           // a WASM image of pure-Python packages: the WASM image it adds them to
+	// Packages are the Python distributions the image holds (from their dist-info and egg-info
+	// metadata), gathered once when the image was imported or the server started; empty for an
+	// image of the standard library only, or while it is being built.
+	Packages []ImagePackage `json:"packages"`
+	Default  bool           `json:"default"`
 	ImageState
+}
+
+// ImagePackage is one Python distribution an image holds.
+type ImagePackage struct {
+	Name    string `json:"name"`
+	Version string `json:"version"`
 }
 
 // ImageState is whether an image can be used: "ready", or "building" (the server builds it in

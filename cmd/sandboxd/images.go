@@ -1,7 +1,7 @@
 package main
 
-// `sandboxd images import|pull|ls|rm`: the operator's approved OCI images (internal/imagestore),
-// with the server running or not, like `keys create`: they work on the data directory, and a
+// `sandboxd images import|pull|ls|rm`: the operator's approved OCI images, and WASM images of
+// pure-Python packages (internal/imagestore), with the server running or not, like `keys create`: they work on the data directory, and a
 // running server sees the change at its next create or GET /api/images.
 
 import (
@@ -26,6 +26,9 @@ import (
 const imagesUsage = `usage:
   sandboxd images import FILE|DIR --name NAME [--runtime crun|runc|runsc] [--max-size BYTES] [--data-dir DIR]
       FILE: a 'docker save' archive; DIR: an OCI image layout
+  sandboxd images import DIR --name NAME --mode wasm [--base python:3.11-wasi] [--max-size BYTES] [--data-dir DIR]
+      DIR: pure-Python wheels (*.whl, py3-none-any), or an importable tree of packages and modules,
+      added to the WASM image --base (which the server must serve: --wasm-image or --wasm-build)
   sandboxd images pull REF [--name NAME] [--runtime crun|runc|runsc] [--max-size BYTES] [--data-dir DIR]
   sandboxd images ls [--json] [--data-dir DIR]
   sandboxd images rm NAME [--data-dir DIR]
@@ -44,6 +47,8 @@ func images(args []string, stdout io.Writer) error {
 	dataDir := fs.String("data-dir", "data", "the server's data directory")
 	name := fs.String("name", "", "the name sandboxes ask for (config.image)")
 	rt := fs.String("runtime", "", "OCI runtime of the image's sandboxes: "+strings.Join(imagestore.Runtimes, ", ")+" (default: the server's --runtime)")
+	mode := fs.String("mode", imagestore.ModeContainer, "import: container (an OCI image) or wasm (pure-Python packages)")
+	base := fs.String("base", "", "import --mode wasm: the WASM image the packages are added to (default "+imagestore.DefaultWASMBase+")")
 	maxSize := fs.Int64("max-size", imagestore.DefaultMaxBytes, "refuse an image that unpacks to more bytes")
 	asJSON := fs.Bool("json", false, "print JSON")
 	pos, err := parseInterleaved(fs, args)
@@ -74,7 +79,10 @@ func images(args []string, stdout io.Writer) error {
 		ids, err := sandboxesRunning(ctx, *dataDir, digest)
 		return len(ids) > 0, err
 	}
-	opts := imagestore.Options{Runtime: *rt, MaxBytes: *maxSize, InUse: inUse}
+	if *mode != imagestore.ModeContainer && sub != "import" {
+		return fmt.Errorf("images %s: --mode is for import (pull fetches OCI images)", sub)
+	}
+	opts := imagestore.Options{Mode: *mode, Base: *base, Runtime: *rt, MaxBytes: *maxSize, InUse: inUse}
 	switch sub {
 	case "import":
 		if *name == "" {
@@ -102,9 +110,10 @@ func images(args []string, stdout io.Writer) error {
 			return enc.Encode(ims)
 		}
 		tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "NAME\tDIGEST\tSIZE\tPYTHON\tRUNTIME\tCREATED")
+		fmt.Fprintln(tw, "NAME\tMODE\tDIGEST\tSIZE\tPYTHON\tRUNTIME/BASE\tPACKAGES\tCREATED")
 		for _, im := range ims {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", im.Name, shortDigest(im.Digest), mib(im.Size), im.Python, im.Runtime, im.Created.Format("2006-01-02 15:04:05Z"))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", im.Name, im.Mode, shortDigest(im.Digest), mib(im.Size), im.Python,
+				im.Runtime+im.Base, len(im.Packages), im.Created.Format("2006-01-02 15:04:05Z"))
 		}
 		return tw.Flush()
 	case "rm":
@@ -180,7 +189,19 @@ func imagesExplain(err error) error {
 }
 
 func printImported(w io.Writer, im imagestore.Image) {
-	fmt.Fprintf(w, "%s %s python %s, %s, runtime %s\n", im.Name, im.Digest, im.Python, mib(im.Size), im.Runtime)
+	names := make([]string, len(im.Packages))
+	for i, p := range im.Packages {
+		names[i] = p.Name + " " + p.Version
+	}
+	if im.Mode == imagestore.ModeWASM {
+		fmt.Fprintf(w, "%s %s wasm on %s (python %s), %s, %d package(s): %s\n", im.Name, im.Digest, im.Base, im.Python, mib(im.Size), len(names), strings.Join(names, ", "))
+		return
+	}
+	rt := im.Runtime
+	if rt == "" {
+		rt = "the server's"
+	}
+	fmt.Fprintf(w, "%s %s python %s, %s, runtime %s, %d package(s)\n", im.Name, im.Digest, im.Python, mib(im.Size), rt, len(names))
 }
 
 func shortDigest(d string) string {

@@ -20,11 +20,7 @@ import (
 func TestImagesCommands(t *testing.T) {
 	dataDir := t.TempDir()
 	layoutDir := imagetest.WriteLayout(t, imagetest.Image(t, imagetest.Python(t)))
-	run := func(args ...string) (string, error) {
-		var out bytes.Buffer
-		err := images(append(args, "--data-dir", dataDir), &out)
-		return out.String(), err
-	}
+	run := imagesIn(dataDir)
 	for _, tc := range []struct {
 		args []string
 		want string // in the error
@@ -88,5 +84,45 @@ func TestImagesCommands(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(filepath.Join(dataDir, "images", "rootfs")); len(ents) != 0 {
 		t.Errorf("rootfs keeps %v", ents)
+	}
+}
+
+// TestImagesWASM: `images import --mode wasm` of a directory of wheels, what it prints and lists;
+// bad modes answered with the fix.
+func TestImagesWASM(t *testing.T) {
+	dataDir := t.TempDir()
+	wheels := t.TempDir()
+	imagetest.Wheel(t, wheels, "thepkg-1.0-py3-none-any.whl", "thepkg", "1.0", imagetest.WheelFile{Name: "thepkg/__init__.py", Body: "V = 1\n"})
+	run := imagesIn(dataDir)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"import", wheels, "--name", "w", "--mode", "vm"}, `mode "vm"`},
+		{[]string{"import", wheels, "--name", "w", "--mode", "wasm", "--runtime", "runsc"}, "a runtime is for container images"},
+		{[]string{"pull", "localhost:5000/x:1", "--mode", "wasm"}, "--mode is for import"},
+	} {
+		if _, err := run(tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("images %v: %v; want an error saying %q", tc.args, err, tc.want)
+		}
+	}
+	out, err := run("import", wheels, "--name", "team/wasm:1", "--mode", "wasm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(out, "team/wasm:1 sha256:") || !strings.Contains(out, "wasm on python:3.11-wasi (python 3.11)") || !strings.Contains(out, "1 package(s): thepkg 1.0") {
+		t.Errorf("import printed %q", out)
+	}
+	if out, err = run("ls"); err != nil || !strings.Contains(out, "team/wasm:1") || !strings.Contains(out, "python:3.11-wasi") {
+		t.Errorf("ls: %q, %v", out, err)
+	}
+}
+
+// imagesIn runs `sandboxd images ARGS --data-dir dataDir` and returns what it printed.
+func imagesIn(dataDir string) func(args ...string) (string, error) {
+	return func(args ...string) (string, error) {
+		var out bytes.Buffer
+		err := images(append(args, "--data-dir", dataDir), &out)
+		return out.String(), err
 	}
 }

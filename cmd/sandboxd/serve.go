@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -205,37 +206,61 @@ func runtimeOf(drv driver.Driver) string {
 	return drv.Name()
 }
 
-// describeImages fills in what GET /api/images shows of the configured container images: the
-// server's runtime and, for a root at hand, its python3's version.
+// describeImages fills in what GET /api/images shows of the configured images, once at start:
+// the server's runtime, and for a root at hand its Python's version and its packages.
 func describeImages(ims []sandbox.Image, rt string) []sandbox.Image {
 	out := slices.Clone(ims)
 	for i, im := range out {
-		if im.Mode != sandbox.ModeContainer {
+		if im.RootFS == "" || im.Build != nil {
+			if im.Mode == sandbox.ModeContainer {
+				out[i].Runtime = rt
+			}
 			continue
 		}
-		out[i].Runtime = rt
-		if im.RootFS != "" && im.Build == nil {
+		switch im.Mode {
+		case sandbox.ModeContainer:
+			out[i].Runtime = rt
 			out[i].Python, _ = imagestore.PythonVersion(im.RootFS)
+		case sandbox.ModeWASM:
+			out[i].Python = imagestore.WASMPythonVersion(im.RootFS)
 		}
+		out[i].Packages, _ = imagestore.Packages(im.RootFS)
 	}
 	return out
 }
 
-// catalog is the service's view of the image store: each image a container image on its root.
+// catalog is the service's view of the image store: a container image on its root, or a WASM
+// image of packages on its base. The conversion is redone only when the store's list changed.
 func catalog(st *imagestore.Store, serverRuntime string) func() ([]sandbox.Image, error) {
+	var mu sync.Mutex
+	var last []imagestore.Image
+	var out []sandbox.Image
 	return func() ([]sandbox.Image, error) {
 		ims, err := st.Images()
 		if err != nil {
 			return nil, err
 		}
-		out := make([]sandbox.Image, 0, len(ims))
-		for _, im := range ims {
-			if im.Runtime == "" {
-				im.Runtime = serverRuntime
-			}
-			out = append(out, sandbox.Image{Name: im.Name, Mode: sandbox.ModeContainer, RootFS: st.RootFS(im.Digest),
-				Digest: im.Digest, Size: im.Size, Python: im.Python, Runtime: im.Runtime})
+		mu.Lock()
+		defer mu.Unlock()
+		if out != nil && len(ims) == len(last) && (len(ims) == 0 || &ims[0] == &last[0]) {
+			return out, nil // the store's cached list: unchanged
 		}
+		conv := make([]sandbox.Image, 0, len(ims))
+		for _, im := range ims {
+			si := sandbox.Image{Name: im.Name, Digest: im.Digest, Size: im.Size, Python: im.Python, Packages: im.Packages,
+				Generation: im.Digest + "@" + im.Unpacked.Format(time.RFC3339Nano)}
+			switch im.Mode {
+			case imagestore.ModeWASM:
+				si.Mode, si.Base, si.SitePackages = sandbox.ModeWASM, im.Base, st.RootFS(im.Digest)
+			default:
+				si.Mode, si.RootFS, si.Runtime = sandbox.ModeContainer, st.RootFS(im.Digest), im.Runtime
+				if si.Runtime == "" {
+					si.Runtime = serverRuntime
+				}
+			}
+			conv = append(conv, si)
+		}
+		last, out = ims, conv
 		return out, nil
 	}
 }

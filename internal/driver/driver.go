@@ -48,12 +48,17 @@ type Mount struct {
 
 // Spec is everything a driver needs to provision one sandbox.
 type Spec struct {
-	RootFS      string   // host directory of the image's root filesystem (never written)
-	Mounts      []Mount  // read_only and read_write paths
-	Blocked     []string // paths made inaccessible, whatever the image or a mount holds
-	CPU         float64  // cores (0.5 = half a core)
-	MemoryBytes int64    // memory limit of the whole sandbox
-	PidsLimit   int64    // process-count limit of the whole sandbox
+	RootFS string // host directory of the image's root filesystem (never written)
+	// SitePackages, when set, is a host directory of pure-Python packages the sandbox's Python
+	// imports (never written; readable by every user): the wasm driver mounts it read-only as
+	// the guest's site-packages. A WASM image of the operator's (sandbox.Image.SitePackages);
+	// the container driver refuses it (its images hold their packages).
+	SitePackages string
+	Mounts       []Mount  // read_only and read_write paths
+	Blocked      []string // paths made inaccessible, whatever the image or a mount holds
+	CPU          float64  // cores (0.5 = half a core)
+	MemoryBytes  int64    // memory limit of the whole sandbox
+	PidsLimit    int64    // process-count limit of the whole sandbox
 	// TmpDir is the host directory that backs the sandbox's /tmp (on its disk, like the HostDirs
 	// of Mounts: its size bounds them together; traversable like them).
 	TmpDir string

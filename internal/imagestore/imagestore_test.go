@@ -227,14 +227,7 @@ func TestRefused(t *testing.T) {
 			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.inText) {
 				t.Fatalf("Import: %v; want %v saying %q", err, tc.want, tc.inText)
 			}
-			if ims, _ := s.List(); len(ims) != 0 {
-				t.Errorf("the refused image is listed: %+v", ims)
-			}
-			ents, _ := os.ReadDir(filepath.Join(s.Dir(), "rootfs"))
-			tmp, _ := os.ReadDir(filepath.Join(s.Dir(), "tmp"))
-			if len(ents)+len(tmp) != 0 {
-				t.Errorf("left behind: rootfs %v, tmp %v", ents, tmp)
-			}
+			assertNothingLeft(t, s)
 		})
 	}
 	t.Run("bad name and runtime", func(t *testing.T) {
@@ -257,6 +250,20 @@ func TestRefused(t *testing.T) {
 			t.Errorf("MaxEntries 3: %v", err)
 		}
 	})
+}
+
+// assertNothingLeft fails unless s names no image and holds no root nor temporary directory
+// (after a refused import).
+func assertNothingLeft(t *testing.T, s *Store) {
+	t.Helper()
+	if ims, _ := s.List(); len(ims) != 0 {
+		t.Errorf("the refused image is listed: %+v", ims)
+	}
+	ents, _ := os.ReadDir(filepath.Join(s.Dir(), "rootfs"))
+	tmp, _ := os.ReadDir(filepath.Join(s.Dir(), "tmp"))
+	if len(ents)+len(tmp) != 0 {
+		t.Errorf("left behind: rootfs %v, tmp %v", ents, tmp)
+	}
 }
 
 // replaceLayerBlob rewrites the (only) layer's blob of img in layout dir.

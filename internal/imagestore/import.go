@@ -32,6 +32,11 @@ func (s *Store) Import(ctx context.Context, src, name string, opts Options) (Ima
 	if err := CheckName(name); err != nil {
 		return Image{}, err
 	}
+	if o, err := opts.withDefaults(); err != nil {
+		return Image{}, err
+	} else if o.Mode == ModeWASM {
+		return s.importWASM(ctx, src, name, o)
+	}
 	st, err := os.Stat(src)
 	if err != nil {
 		return Image{}, fmt.Errorf("import %s: %w", src, err)
@@ -144,21 +149,18 @@ func (s *Store) add(ctx context.Context, img v1.Image, imName string, compressed
 	if err != nil {
 		return Image{}, err
 	}
+	if opts.Mode != ModeContainer {
+		return Image{}, fmt.Errorf("%w: an OCI image is a container image (--mode %s)", ErrInvalid, ModeContainer)
+	}
 	vi, err := verified(img, compressedDigests)
 	if err != nil {
 		return Image{}, err
 	}
+	if err := s.cleanTmp(ctx); err != nil {
+		return Image{}, err
+	}
 	for attempt := 0; ; attempt++ {
-		im := Image{Name: imName, Digest: vi.digest.String(), Mode: ModeContainer, Runtime: opts.Runtime, Created: time.Now().UTC()}
-		tmpRoot := ""
-		if old, ok := s.known(im.Digest); ok {
-			im.Size, im.Python = old.Size, old.Python
-		} else {
-			if tmpRoot, im.Size, im.Python, err = s.unpackImage(ctx, vi, opts); err != nil {
-				return Image{}, err
-			}
-		}
-		im, err = s.commit(ctx, im, tmpRoot, opts)
+		im, err := s.addOnce(ctx, vi, imName, opts)
 		if errors.Is(err, errRootGone) && attempt == 0 {
 			continue
 		}
@@ -166,18 +168,31 @@ func (s *Store) add(ctx context.Context, img v1.Image, imName string, compressed
 	}
 }
 
-// unpackImage flattens and unpacks vi into a new directory of tmp/ and checks its python3; it
-// returns the root, its size and the Python version.
-func (s *Store) unpackImage(ctx context.Context, vi *verifiedImage, opts Options) (root string, size int64, python string, err error) {
-	work, err := os.MkdirTemp(filepath.Join(s.dir, "tmp"), "unpack-"+vi.digest.Hex[:12]+"-")
-	if err != nil {
-		return "", 0, "", fmt.Errorf("image store: %w", err)
-	}
-	defer func() {
+// addOnce names vi's root, unpacking it unless the store has it.
+func (s *Store) addOnce(ctx context.Context, vi *verifiedImage, imName string, opts Options) (Image, error) {
+	im := Image{Name: imName, Digest: vi.digest.String(), Mode: ModeContainer, Runtime: opts.Runtime, Created: time.Now().UTC()}
+	tmpRoot := ""
+	if old, ok := s.known(im.Digest); ok {
+		im.Size, im.Python, im.Packages = old.Size, old.Python, old.Packages
+	} else {
+		work, release, err := s.newWork(ctx, "unpack-"+vi.digest.Hex[:12]+"-")
 		if err != nil {
-			os.RemoveAll(work)
+			return Image{}, err
 		}
-	}()
+		defer release()
+		if tmpRoot, im.Size, im.Python, err = s.unpackImage(ctx, vi, work, opts); err != nil {
+			return Image{}, err
+		}
+		if im.Packages, err = Packages(tmpRoot); err != nil {
+			return Image{}, err
+		}
+	}
+	return s.commit(ctx, im, tmpRoot, opts)
+}
+
+// unpackImage flattens and unpacks vi into work/root and checks its python3; it returns the
+// root, its size and the Python version.
+func (s *Store) unpackImage(ctx context.Context, vi *verifiedImage, work string, opts Options) (root string, size int64, python string, err error) {
 	root = filepath.Join(work, "root")
 	if err := os.Mkdir(root, 0o755); err != nil {
 		return "", 0, "", err

@@ -28,6 +28,17 @@ var (
 // an error wraps ErrNoPython when it has none.
 func PythonVersion(root string) (string, error) { return findPython(root) }
 
+// WASMPythonVersion is the version of the standard library of a WASM image's directory (its
+// lib/python3.X with an os.py; python.wasm's), or "" when it has none.
+func WASMPythonVersion(dir string) string {
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return ""
+	}
+	defer unix.Close(fd)
+	return libVersion(fd, "lib")
+}
+
 // findPython resolves the image's python3 inside root (symlinks followed inside the root only)
 // and returns its version: from the name of the file it resolves to (python3.11 → "3.11"), else
 // from the newest lib/python3.X beside it that holds a standard library (os.py).

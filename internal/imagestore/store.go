@@ -5,10 +5,14 @@
 //
 // Layout under the store's directory (<data-dir>/images):
 //
-//	index.json               name → {digest, size, python, mode, runtime, created}; replaced atomically
+//	index.json               name → {digest, size, python, mode, runtime, base, packages, created};
+//	                         replaced atomically
 //	lock                     flock(2) held by every change of the index or of rootfs/
-//	rootfs/sha256-<hex>/     one unpacked root per manifest digest, made once, never changed
-//	tmp/                     unpacks in progress and roots being deleted
+//	rootfs/sha256-<hex>/     one unpacked root per digest, made once, never changed: an OCI
+//	                         image's root file system, or a WASM image's site-packages (wasm.go)
+//	tmp/                     unpacks in progress (each flock(2)ed by its import while it runs)
+//	                         and roots being deleted; what no live import holds is removed by
+//	                         the next Open or import (a killed import's leftovers)
 //
 // Import and Pull verify what they read — the manifest against its digest, the config against
 // the manifest, every layer's compressed bytes against the manifest's digest and its
@@ -68,18 +72,30 @@ var Runtimes = []string{"crun", "runc", "runsc"}
 
 // Image is one approved name in the store.
 type Image struct {
-	Name    string    `json:"name"`
-	Digest  string    `json:"digest"`  // the manifest's, "sha256:<hex>"
-	Size    int64     `json:"size"`    // bytes of the unpacked root (file contents)
-	Python  string    `json:"python"`  // "3.11"
-	Mode    string    `json:"mode"`    // "container"
-	Runtime string    `json:"runtime"` // crun, runc, runsc or "" (the server's)
-	Created time.Time `json:"created"`
+	Name    string `json:"name"`
+	Digest  string `json:"digest"`         // the manifest's, "sha256:<hex>"
+	Size    int64  `json:"size"`           // bytes of the unpacked root (file contents)
+	Python  string `json:"python"`         // "3.11"
+	Mode    string `json:"mode"`           // "container" or "wasm"
+	Runtime string `json:"runtime"`        // container: crun, runc, runsc or "" (the server's)
+	Base    string `json:"base,omitempty"` // wasm: the WASM image (python.wasm) the packages are added to
+	// Packages are the Python distributions the image holds (Packages), gathered when it was
+	// imported, or at the first listing for an image imported before they were; nil: not yet.
+	Packages []Package `json:"packages"`
+	Created  time.Time `json:"created"`
+	// Unpacked is when the digest's root was unpacked: with the digest, it tells a root from an
+	// earlier one of the same digest that an rm deleted (the server's warm sandboxes of that one
+	// must not serve the new one).
+	Unpacked time.Time `json:"unpacked,omitzero"`
 }
 
 // Options tunes Import and Pull; the zero value takes the defaults.
 type Options struct {
-	Runtime    string // one of Runtimes; "": the server's
+	// Mode is what Import reads: ModeContainer ("" too), an OCI image; or ModeWASM, pure-Python
+	// packages (a directory of wheels or an importable tree) added to the WASM image Base.
+	Mode       string
+	Base       string // ModeWASM: the WASM image the packages are added to (default DefaultWASMBase)
+	Runtime    string // ModeContainer: one of Runtimes; "": the server's
 	MaxBytes   int64  // default DefaultMaxBytes
 	MaxEntries int    // default DefaultMaxEntries
 	// InUse, when set, says whether a live sandbox runs a digest: a root the import leaves
@@ -88,6 +104,25 @@ type Options struct {
 }
 
 func (o Options) withDefaults() (Options, error) {
+	switch o.Mode {
+	case "", ModeContainer:
+		o.Mode = ModeContainer
+		if o.Base != "" {
+			return o, fmt.Errorf("%w: a base image is for WASM images (--mode wasm); a container image is whole", ErrInvalid)
+		}
+	case ModeWASM:
+		if o.Runtime != "" {
+			return o, fmt.Errorf("%w: a runtime is for container images: WASM sandboxes run under wazero", ErrInvalid)
+		}
+		if o.Base == "" {
+			o.Base = DefaultWASMBase
+		}
+		if err := CheckName(o.Base); err != nil {
+			return o, fmt.Errorf("base: %w", err)
+		}
+	default:
+		return o, fmt.Errorf("%w: mode %q: want %s or %s", ErrInvalid, o.Mode, ModeContainer, ModeWASM)
+	}
 	if o.Runtime != "" && !slices.Contains(Runtimes, o.Runtime) {
 		return o, fmt.Errorf("%w: runtime %q is not one of %s", ErrInvalid, o.Runtime, strings.Join(Runtimes, ", "))
 	}
@@ -130,14 +165,98 @@ type indexStamp struct {
 	size  int64
 }
 
-// Open opens (creating it if needed) the store in dir, normally <data-dir>/images.
+// Open opens (creating it if needed) the store in dir, normally <data-dir>/images, and removes
+// what a killed import or rm left in tmp/.
 func Open(dir string) (*Store, error) {
 	for _, d := range []string{dir, filepath.Join(dir, "rootfs"), filepath.Join(dir, "tmp")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("image store: %w", err)
 		}
 	}
-	return &Store{dir: dir}, nil
+	s := &Store{dir: dir}
+	if err := s.cleanTmp(context.Background()); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// newWork makes a directory in tmp/ for one import and holds a flock(2) on it until release
+// (which removes it): cleanTmp leaves it alone meanwhile. It is made under the store's lock, so
+// cleanTmp never sees it before it is held.
+func (s *Store) newWork(ctx context.Context, prefix string) (dir string, release func(), err error) {
+	unlock, err := s.lock(ctx)
+	if err != nil {
+		return "", nil, err
+	}
+	defer unlock()
+	dir, err = os.MkdirTemp(filepath.Join(s.dir, "tmp"), prefix)
+	if err != nil {
+		return "", nil, fmt.Errorf("image store: %w", err)
+	}
+	fd, err := syscall.Open(dir, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
+	if err == nil {
+		if err = syscall.Flock(fd, syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			syscall.Close(fd)
+		}
+	}
+	if err != nil {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("image store: hold %s: %w", dir, err)
+	}
+	return dir, func() {
+		os.RemoveAll(dir)
+		syscall.Close(fd)
+	}, nil
+}
+
+// cleanTmp removes, under the store's lock, every entry of tmp/ that no live import holds (see
+// newWork): what an import or rm killed midway left. Roots being deleted (collect) are only in
+// tmp/ while the lock is held, so none is in use here.
+func (s *Store) cleanTmp(ctx context.Context) error {
+	unlock, err := s.lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	tmp := filepath.Join(s.dir, "tmp")
+	ents, err := os.ReadDir(tmp)
+	if err != nil {
+		return fmt.Errorf("image store: %w", err)
+	}
+	var errs []error
+	for _, e := range ents {
+		p := filepath.Join(tmp, e.Name())
+		if e.IsDir() {
+			fd, err := syscall.Open(p, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			err = syscall.Flock(fd, syscall.LOCK_EX|syscall.LOCK_NB)
+			if errors.Is(err, syscall.EWOULDBLOCK) { // an import in progress holds it
+				syscall.Close(fd)
+				continue
+			}
+			if err != nil {
+				syscall.Close(fd)
+				errs = append(errs, err)
+				continue
+			}
+			err = os.RemoveAll(p)
+			syscall.Close(fd)
+			if err != nil {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		if err := os.Remove(p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("image store: remove what killed imports left in %s: %w", tmp, err)
+	}
+	return nil
 }
 
 // Dir is the store's directory.
@@ -241,6 +360,18 @@ func (s *Store) lock(ctx context.Context) (func(), error) {
 	}
 }
 
+// lockIndex takes the store's lock and reads the index; unlock releases the lock.
+func (s *Store) lockIndex(ctx context.Context) (ix index, unlock func(), err error) {
+	if unlock, err = s.lock(ctx); err != nil {
+		return ix, nil, err
+	}
+	if ix, err = s.readIndex(); err != nil {
+		unlock()
+		return ix, nil, err
+	}
+	return ix, unlock, nil
+}
+
 // List returns the store's images sorted by name.
 func (s *Store) List() ([]Image, error) {
 	ix, err := s.readIndex()
@@ -270,7 +401,43 @@ func (s *Store) Get(name string) (Image, error) {
 
 // Images is List for a reader that asks often (the server, at every create): the index is
 // read again only when it changed (another inode, modification time or size) since the last call.
+// Images imported before the store gathered their packages get them now, once (written to the
+// index).
 func (s *Store) Images() ([]Image, error) {
+	ims, err := s.images()
+	if err != nil || !slices.ContainsFunc(ims, func(im Image) bool { return im.Packages == nil }) {
+		return ims, err
+	}
+	if err := s.fillPackages(); err != nil {
+		return ims, nil // listed without them; tried again at the next change
+	}
+	return s.images()
+}
+
+// fillPackages gathers the packages of the images that have none recorded, under the lock.
+func (s *Store) fillPackages() error {
+	ix, unlock, err := s.lockIndex(context.Background())
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	changed := false
+	for name, im := range ix.Images {
+		if im.Packages != nil {
+			continue
+		}
+		if im.Packages, err = Packages(s.RootFS(im.Digest)); err != nil {
+			im.Packages = []Package{} // no root to read: nothing to list
+		}
+		ix.Images[name], changed = im, true
+	}
+	if !changed {
+		return nil
+	}
+	return s.writeIndex(ix)
+}
+
+func (s *Store) images() ([]Image, error) {
 	var stamp indexStamp
 	if st, err := os.Stat(s.indexPath()); err == nil {
 		stamp = indexStamp{mtime: st.ModTime(), size: st.Size()}
@@ -297,15 +464,11 @@ func (s *Store) Images() ([]Image, error) {
 // (may be nil) does not say a live sandbox runs it; an image a live sandbox runs is refused
 // with ErrInUse and nothing changes. Unnamed roots left by earlier imports go as well.
 func (s *Store) Remove(ctx context.Context, name string, inUse func(digest string) (bool, error)) error {
-	unlock, err := s.lock(ctx)
+	ix, unlock, err := s.lockIndex(ctx)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	ix, err := s.readIndex()
-	if err != nil {
-		return err
-	}
 	im, ok := ix.Images[name]
 	if !ok {
 		return fmt.Errorf("image %q: %w", name, ErrNotFound)
@@ -373,22 +536,20 @@ func (s *Store) collect(ix index, inUse func(string) (bool, error)) error {
 // commit moves a verified, unpacked root into place (unless its digest has one already: then
 // the new one is dropped) and names it, under the lock.
 func (s *Store) commit(ctx context.Context, im Image, tmpRoot string, opts Options) (Image, error) {
-	unlock, err := s.lock(ctx)
+	ix, unlock, err := s.lockIndex(ctx)
 	if err != nil {
 		return Image{}, err
 	}
 	defer unlock()
-	ix, err := s.readIndex()
-	if err != nil {
-		return Image{}, err
-	}
 	final := s.RootFS(im.Digest)
 	if tmpRoot != "" {
 		if _, err := os.Lstat(final); err == nil {
 			os.RemoveAll(filepath.Dir(tmpRoot))
+			im.Unpacked = unpackedAt(ix, im.Digest, final)
 		} else if err := os.Rename(tmpRoot, final); err != nil {
 			return Image{}, fmt.Errorf("image store: %w", err)
 		} else {
+			im.Unpacked = time.Now().UTC()
 			os.RemoveAll(filepath.Dir(tmpRoot))
 			if err := syncDir(filepath.Dir(final)); err != nil {
 				return Image{}, err
@@ -397,6 +558,8 @@ func (s *Store) commit(ctx context.Context, im Image, tmpRoot string, opts Optio
 	} else if _, err := os.Lstat(final); err != nil {
 		// Reused, but removed meanwhile by an rm: the caller unpacks again.
 		return Image{}, errRootGone
+	} else {
+		im.Unpacked = unpackedAt(ix, im.Digest, final)
 	}
 	ix.Images[im.Name] = im
 	if err := s.writeIndex(ix); err != nil {
@@ -411,6 +574,21 @@ func (s *Store) commit(ctx context.Context, im Image, tmpRoot string, opts Optio
 }
 
 var errRootGone = errors.New("root removed meanwhile")
+
+// unpackedAt is when the root of digest at final was unpacked: as an image of ix records it, or
+// else (a root no name uses) when it was renamed into place (its change time).
+func unpackedAt(ix index, digest, final string) time.Time {
+	for _, im := range ix.Images {
+		if im.Digest == digest && !im.Unpacked.IsZero() {
+			return im.Unpacked
+		}
+	}
+	var st syscall.Stat_t
+	if err := syscall.Lstat(final, &st); err == nil {
+		return time.Unix(st.Ctim.Sec, st.Ctim.Nsec).UTC()
+	}
+	return time.Now().UTC()
+}
 
 // known returns what the index says of a digest's root (size, Python), when some name uses it
 // and the root is there: a second import of the same digest reuses it.

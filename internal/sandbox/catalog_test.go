@@ -3,10 +3,13 @@ package sandbox_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 
 	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/fakedriver"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 )
 
@@ -65,5 +68,72 @@ func TestCatalog(t *testing.T) {
 	mu.Unlock()
 	if ims := e.svc.Images(); len(ims) != 1 {
 		t.Errorf("Images with a broken catalog: %+v", ims)
+	}
+}
+
+// TestCatalogWASM: a WASM image of the catalog (pure-Python packages on a configured WASM base)
+// runs its base's root with its packages as the driver's SitePackages, is listed with its
+// packages and its base's Python, and is refused — with the reason — while its base is not
+// served.
+func TestCatalogWASM(t *testing.T) {
+	e := newEnv(t, "pro")
+	pkgs := []api.ImagePackage{{Name: "thepkg", Version: "1.0"}}
+	e.catalog = func() ([]sandbox.Image, error) {
+		return []sandbox.Image{
+			{Name: "team/wasm:1", Mode: "wasm", Base: "python:3.11-wasi", SitePackages: "/images/rootfs/sha256-cc", Digest: "sha256:cc",
+				Python: "3.11", Packages: pkgs, Generation: "sha256:cc@1"},
+			{Name: "team/orphan:1", Mode: "wasm", Base: "python:3.12-wasi", SitePackages: "/images/rootfs/sha256-dd", Digest: "sha256:dd", Generation: "sha256:dd@1"},
+		}, nil
+	}
+	wasmDrv := fakedriver.New()
+	svc, err := sandbox.New(context.Background(), sandbox.Config{
+		DataDir: e.dir, Catalog: e.catalog, Images: []sandbox.Image{
+			{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/nonexistent", Default: true},
+			{Name: "python:3.11-wasi", Mode: "wasm", RootFS: "/wasm/base", Python: "3.11", Default: true, Packages: []api.ImagePackage{}},
+		},
+	}, e.st, map[string]driver.Driver{"container": e.drv, "wasm": wasmDrv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { svc.Close(context.Background()) })
+
+	byName := map[string]api.Image{}
+	for _, im := range svc.Images() {
+		byName[im.Name] = im
+	}
+	if im := byName["team/wasm:1"]; im.Mode != "wasm" || im.Base != "python:3.11-wasi" || im.Python != "3.11" || im.Status != "ready" ||
+		len(im.Packages) != 1 || im.Packages[0] != pkgs[0] || im.Digest != "sha256:cc" {
+		t.Errorf("the WASM image is listed as %+v", im)
+	}
+	if im := byName["team/orphan:1"]; im.Status != "failed" || !strings.Contains(im.Error, "python:3.12-wasi") {
+		t.Errorf("the image of a base not served is listed as %+v", im)
+	}
+	if im := byName["agentcop/agent-sandbox:latest"]; im.Packages == nil {
+		t.Errorf("an image of unknown packages lists %#v, want []", im.Packages)
+	}
+
+	block := &api.Network{BlockOutbound: ptr(true)}
+	resp, err := svc.Create(context.Background(), e.acct, api.CreateSandboxRequest{AgentID: "a", Mode: "wasm", Config: &api.Config{Image: "team/wasm:1", Network: block}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if spec, ok := wasmDrv.Spec(resp.SandboxID); !ok || spec.RootFS != "/wasm/base" || spec.SitePackages != "/images/rootfs/sha256-cc" {
+		t.Errorf("the driver got %+v", spec)
+	}
+	if sb, err := svc.Get(context.Background(), e.acct, resp.SandboxID); err != nil || sb.ImageDigest != "sha256:cc" {
+		t.Errorf("record: %+v, %v", sb, err)
+	}
+	for _, tc := range []struct {
+		req  api.CreateSandboxRequest
+		kind sandbox.Kind
+	}{
+		{api.CreateSandboxRequest{AgentID: "a", Mode: "wasm", Config: &api.Config{Image: "team/orphan:1", Network: block}}, sandbox.KindImageNotReady},
+		{api.CreateSandboxRequest{AgentID: "a", Config: &api.Config{Image: "team/wasm:1"}}, sandbox.KindImageNotApproved},
+	} {
+		_, err := svc.Create(context.Background(), e.acct, tc.req)
+		var se *sandbox.Error
+		if !errors.As(err, &se) || se.Kind != tc.kind {
+			t.Errorf("create %+v: %v, want %s", tc.req.Config, err, tc.kind)
+		}
 	}
 }

@@ -17,6 +17,9 @@ const (
 	// warmRefillGrace bounds how long the refill for a taken warm sandbox waits for that sandbox's
 	// first run to end (replenishAfter).
 	warmRefillGrace = time.Second
+	// catalogWatch is how often the catalog is read while warm sandboxes of its images are kept
+	// (warmPool.watch).
+	catalogWatch = 2 * time.Second
 )
 
 // warmPool keeps sandboxes that are provisioned but belong to no one yet ("warm"), so that a create
@@ -68,13 +71,14 @@ func newWarmPool(s *Service, size int) *warmPool {
 func (p *warmPool) shapeKey(sp spec) string {
 	_, canSet := p.s.drivers[sp.mode].(driver.NetworkSetter)
 	k := struct {
-		Mode, Image, RootFS string
-		CPU                 float64
-		Memory, Disk        int64
-		AllowSpawn          bool
-		FS                  any
-		Network             any
-	}{sp.mode, sp.image.Name, sp.image.RootFS, sp.cpu, sp.memoryBytes, sp.diskBytes, sp.allowSpawn, sp.config.Filesystem, sp.network}
+		Mode, Image, RootFS, SitePackages, Generation string
+		CPU                                           float64
+		Memory, Disk                                  int64
+		AllowSpawn                                    bool
+		FS                                            any
+		Network                                       any
+	}{sp.mode, sp.image.Name, sp.image.RootFS, sp.image.SitePackages, sp.image.Generation, sp.cpu, sp.memoryBytes, sp.diskBytes,
+		sp.allowSpawn, sp.config.Filesystem, sp.network}
 	if canSet {
 		k.Network = [2]bool{sp.network.BlockOutbound, len(sp.network.Rules) == 0}
 	}
@@ -193,6 +197,60 @@ func (p *warmPool) evictLocked() {
 		delete(p.shapes, old.key)
 		p.discardAll(old.sp.mode, old.ready)
 	}
+}
+
+// prune destroys the warm sandboxes of catalog images (the operator's image store) whose
+// generation listed does not hold: the image was removed (`sandboxd images rm`), or its name now
+// names another root or another unpacking of it. Nobody owns a warm sandbox, so removing an image
+// never waits for them, and none made from a removed root is ever taken: a create resolves its
+// image from the catalog (which calls prune) before it takes one, and the shape of a new
+// generation is another shape. Provisioning in flight for a pruned shape destroys its sandbox
+// when it ends (provision).
+func (p *warmPool) prune(listed map[string]bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for key, sh := range p.shapes {
+		if im := sh.sp.image; im.Generation != "" && !listed[generationKey(im)] {
+			delete(p.shapes, key)
+			p.s.log.Info("destroying the warm sandboxes of an image no longer approved", "image", im.Name, "warm", len(sh.ready))
+			p.discardAll(sh.sp.mode, sh.ready)
+			sh.ready = nil
+		}
+	}
+}
+
+// catalogShapes says whether a shape of a catalog image is kept (watch reads the catalog then).
+func (p *warmPool) catalogShapes() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, sh := range p.shapes {
+		if sh.sp.image.Generation != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// watch reads the catalog (read, which prunes) every period while warm sandboxes of catalog
+// images are kept, so that those of an image removed while no create came are destroyed
+// soon after, not at the next create. It ends when the pool closes.
+func (p *warmPool) watch(period time.Duration, read func()) {
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		t := time.NewTicker(period)
+		defer t.Stop()
+		for {
+			select {
+			case <-p.ctx.Done():
+				return
+			case <-t.C:
+				if p.catalogShapes() {
+					read()
+				}
+			}
+		}
+	}()
 }
 
 // refillLocked starts provisioning for what sh lacks.

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -232,5 +233,59 @@ func TestWarmPoolRefillsAfterFirstRun(t *testing.T) {
 	}
 	if n := len(e.unowned(t)); n != 1 {
 		t.Fatalf("the pool was not refilled after the first run: %d warm", n)
+	}
+}
+
+// TestWarmPoolImageRemoved: the warm sandboxes of an image of the catalog (the operator's image
+// store) belong to no one, so they neither block its removal nor outlive it: once the catalog
+// no longer lists the image, the next read of the catalog (a create, a listing, or the pool's own
+// watch) destroys them; the image imported again under its name — same digest, same root path,
+// another unpacking — never gets one made from the removed root.
+func TestWarmPoolImageRemoved(t *testing.T) {
+	e := newWarmEnv(t, "pro", 0)
+	var mu sync.Mutex
+	img := sandbox.Image{Name: "team/app:1", Mode: "container", RootFS: "/images/rootfs/sha256-aa", Digest: "sha256:aa", Generation: "sha256:aa@1"}
+	cat := []sandbox.Image{img}
+	set := func(ims ...sandbox.Image) {
+		mu.Lock()
+		defer mu.Unlock()
+		cat = ims
+	}
+	e.catalog = func() ([]sandbox.Image, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(cat), nil
+	}
+	e.svc.Close(context.Background())
+	e.warm = 1
+	e.svc = e.open(t)
+	cfg := &api.Config{Image: img.Name}
+	e.create(t, cfg)
+	e.settle(t)
+	warm := e.unowned(t)
+	if len(warm) != 1 {
+		t.Fatalf("warm sandboxes: %v, want 1", warm)
+	}
+
+	set() // images rm
+	e.svc.Images()
+	waitfor.True(t, 10*time.Second, func() bool { return len(e.unowned(t)) == 0 })
+
+	img.Generation = "sha256:aa@2" // images import of the same image again
+	set(img)
+	b := e.create(t, cfg)
+	if b == warm[0] || e.warmReady(t, b) {
+		t.Fatalf("the create of the image imported again got a warm sandbox (%s) of the removed one", b)
+	}
+	e.settle(t)
+	if w := e.unowned(t); len(w) != 1 {
+		t.Fatalf("warm sandboxes of the new generation: %v, want 1", w)
+	}
+
+	// Removed while no create comes: the pool's watch of the catalog destroys them.
+	set()
+	waitfor.True(t, 10*time.Second, func() bool { return len(e.unowned(t)) == 0 })
+	if sp, ok := e.drv.Spec(b); !ok || sp.RootFS != img.RootFS {
+		t.Errorf("the owned sandbox %s was touched: %+v %v", b, sp, ok)
 	}
 }

@@ -52,6 +52,18 @@ type Image struct {
 	Python  string // its python3's version, when known
 	Runtime string // container mode: the OCI runtime of its sandboxes ("crun", "runc", "runsc"; "": the server's)
 	Default bool   // the mode's default image
+	// Base, for a WASM image of the operator's (pure-Python packages), is the configured WASM
+	// image (python.wasm and its standard library) it adds SitePackages to: a create resolves it
+	// and runs the base's RootFS with SitePackages on sys.path (driver.Spec.SitePackages).
+	Base         string
+	SitePackages string
+	// Packages are the Python distributions the image holds (GET /api/images), when known.
+	Packages []api.ImagePackage
+	// Generation, for a catalog image, tells its root from an earlier one of the same name and
+	// digest (removed, then imported again): warm sandboxes are kept per generation, and those of
+	// a generation the catalog no longer lists are destroyed (warmPool.prune). "" for
+	// configured images.
+	Generation string
 	// Build, when set, is the build that makes the image while the service serves: RootFS and
 	// Digest are the build's once it is ready; until then the image is listed with the build's
 	// status and creates that ask for it fail with image_not_ready.
@@ -227,6 +239,9 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 		return nil, err
 	}
 	s.pool = newWarmPool(s, cfg.WarmPool)
+	if cfg.Catalog != nil {
+		s.pool.watch(catalogWatch, func() { s.images() })
+	}
 	return s, nil
 }
 
@@ -238,10 +253,28 @@ func (s *Service) Images() []api.Image {
 	out := make([]api.Image, 0, len(ims))
 	for _, im := range ims {
 		a := api.Image{Name: im.Name, Mode: im.Mode, Digest: im.Digest, Size: im.Size, Python: im.Python, Runtime: im.Runtime,
-			Default: im.Default, ImageState: api.ImageState{Status: string(imagebuild.Ready)}}
-		if im.Build != nil {
-			st := im.Build.Status()
-			a.Status, a.Digest = string(st.State), st.Digest
+			Base: im.Base, Packages: im.Packages, Default: im.Default, ImageState: api.ImageState{Status: string(imagebuild.Ready)}}
+		if a.Packages == nil {
+			a.Packages = []api.ImagePackage{}
+		}
+		build := im.Build
+		if im.Base != "" {
+			// A WASM image of packages is as ready as its base; its Python is the base's.
+			base, ok := s.base(ims, im)
+			switch {
+			case !ok:
+				a.Status, a.Error = string(imagebuild.Failed), fmt.Sprintf("its base image %q is not served by this server", im.Base)
+			case base.Python != "":
+				a.Python = base.Python
+			}
+			build = base.Build
+		}
+		if build != nil {
+			st := build.Status()
+			a.Status = string(st.State)
+			if im.Build != nil {
+				a.Digest = st.Digest
+			}
 			switch st.State {
 			case imagebuild.Building:
 				left, progress := int(st.Left.Seconds()), math.Round(st.Progress*100)/100
@@ -281,20 +314,62 @@ func (s *Service) images() []Image {
 		return s.cfg.Images
 	}
 	out := slices.Clip(s.cfg.Images)
+	listed := map[string]bool{}
 	for _, im := range more {
 		if !slices.ContainsFunc(s.cfg.Images, func(c Image) bool { return c.Name == im.Name }) {
 			im.Default = false
 			out = append(out, im)
+			listed[generationKey(im)] = true
 		}
+	}
+	if s.pool != nil {
+		s.pool.prune(listed)
 	}
 	return out
 }
 
+// generationKey names one generation of a catalog image (see Image.Generation).
+func generationKey(im Image) string { return im.Name + "\x00" + im.Generation }
+
+// base returns the configured WASM image im adds its packages to.
+func (s *Service) base(ims []Image, im Image) (Image, bool) {
+	i := slices.IndexFunc(ims, func(b Image) bool { return b.Name == im.Base && b.Mode == ModeWASM && b.Base == "" })
+	if i < 0 {
+		return Image{}, false
+	}
+	return ims[i], true
+}
+
+// onBase completes a WASM image of packages with its base's root (once the base is built).
+func (s *Service) onBase(ims []Image, im Image) (Image, error) {
+	b, ok := s.base(ims, im)
+	if !ok {
+		return Image{}, errorf(KindImageNotReady,
+			"image %q adds packages to the WASM image %q, which this server does not serve: its operator starts sandboxd with --wasm-image or --wasm-build %s=…",
+			im.Name, im.Base, im.Base)
+	}
+	if b.Build != nil {
+		var err error
+		if b, err = built(b); err != nil {
+			return Image{}, err
+		}
+	}
+	im.RootFS = b.RootFS
+	if b.Python != "" {
+		im.Python = b.Python
+	}
+	return im, nil
+}
+
 func (s *Service) resolveImage(name, mode string) (Image, error) {
-	for _, im := range s.images() {
+	ims := s.images()
+	for _, im := range ims {
 		if (name == "" && im.Default && im.Mode == mode) || (name != "" && im.Name == name) {
 			if im.Mode != mode {
 				return Image{}, errorf(KindImageNotApproved, "image %q is approved for mode %q, not %q", name, im.Mode, mode)
+			}
+			if im.Base != "" {
+				return s.onBase(ims, im)
 			}
 			if im.Build != nil {
 				return built(im)

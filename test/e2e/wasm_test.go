@@ -11,6 +11,18 @@ import (
 
 var wasmImage = os.Getenv("SANDBOXD_PYTHON_WASM")
 
+// shortTempDir is a new directory under /tmp, removed after the test: short, since socket paths
+// below a data directory have a length limit.
+func shortTempDir(t *testing.T, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 // requireWasm is requireEnv for the tests that also need the WASM image (SANDBOXD_PYTHON_WASM).
 func requireWasm(t *testing.T) {
 	t.Helper()
@@ -27,11 +39,7 @@ func requireWasm(t *testing.T) {
 // hold there — filesystem, memory, time, what WASI Python lacks, a crashing guest, no network.
 func TestWasmMode(t *testing.T) {
 	requireWasm(t)
-	dir, err := os.MkdirTemp("", "sbxd-wasm-") // short: socket paths have a length limit
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := shortTempDir(t, "sbxd-wasm-")
 	s := startServerWith(t, dir, "--wasm-image", "python:3.11-wasi="+wasmImage)
 	key := s.key // the default account (free plan) owns the sandbox: the files helpers use its key
 

@@ -398,6 +398,9 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err := checkRootFS(spec.RootFS); err != nil {
 		return fmt.Errorf("create sandbox %s: %w", id, err)
 	}
+	if spec.SitePackages != "" {
+		return fmt.Errorf("create sandbox %s: site-packages of a WASM image given to a container (its image holds its packages)", id)
+	}
 	rt, err := d.runtime(ctx, spec.Runtime)
 	if err != nil {
 		return fmt.Errorf("create sandbox %s: %w", id, err)

@@ -25,7 +25,9 @@
 //
 //   - Image: Spec.RootFS is a directory holding python.wasm and lib/python3.11/ (the unzipped
 //     standard library; scripts/build-python-wasm.sh makes one). The guest sees <image>/lib
-//     read-only at /usr/local/lib and runs with PYTHONHOME=/usr/local.
+//     read-only at /usr/local/lib and runs with PYTHONHOME=/usr/local. Spec.SitePackages, when
+//     set (an operator's WASM image of pure-Python packages, package imagestore), is mounted
+//     read-only at /usr/local/lib/python3.11/dist-packages, which site.py puts on sys.path.
 //   - Resources: the sandbox's cgroup (<cgroupRoot>/<hash of the state dir>/w-<random>, package
 //     cgroup: v1, v2 and the v1 hybrid layout) has a CFS quota of Spec.CPU cores, a memory limit of
 //     Spec.MemoryBytes + WorkerOverhead (the guest's linear memory itself is capped at
@@ -107,7 +109,11 @@ const (
 	sandboxesDir = "sandboxes"
 	compileCache = "/var/cache/sandboxd/wasm-compiled"
 	stdlibPath   = "/usr/local/lib"
-	tmpPath      = "/tmp"
+	// sitePath is where Spec.SitePackages is mounted: a directory the site module of python.wasm
+	// puts on sys.path when it exists (built from Debian's sources, its site.py looks in
+	// <prefix>/lib/python3.X/dist-packages, not site-packages, outside a virtual environment).
+	sitePath = stdlibPath + "/python3.11/dist-packages"
+	tmpPath  = "/tmp"
 )
 
 // Driver is the wasm driver. It is safe for concurrent use.
@@ -357,6 +363,12 @@ func planConfig(spec driver.Spec, tmpDir string) (protocol.Config, error) {
 		// Python looks for it to settle its exec_prefix (and warns on stderr without it); WASI
 		// Python has no extension modules to load from it.
 		add(protocol.Mount{Path: stdlibPath + "/python3.11/lib-dynload", ReadOnly: true, Empty: true})
+	}
+	if spec.SitePackages != "" {
+		if !filepath.IsAbs(spec.SitePackages) || !isDir(spec.SitePackages) {
+			return c, fmt.Errorf("site-packages %q is not an absolute path of a directory", spec.SitePackages)
+		}
+		add(protocol.Mount{Path: sitePath, HostDir: spec.SitePackages, ReadOnly: true})
 	}
 	userTmp := false
 	for _, m := range spec.Mounts {

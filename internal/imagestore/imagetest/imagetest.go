@@ -5,6 +5,7 @@ package imagetest
 
 import (
 	"archive/tar"
+	"archive/zip"
 	"bytes"
 	"compress/gzip"
 	"io"
@@ -219,4 +220,48 @@ func DirLayer(t testing.TB, dir string) v1.Layer {
 		t.Fatal(err)
 	}
 	return l
+}
+
+// WheelFile is one entry of a wheel (Wheel): its name as stored (hostile ones included), its
+// content, and whether it is a symbolic link.
+type WheelFile struct {
+	Name    string
+	Body    string
+	Symlink bool
+}
+
+// Wheel writes the wheel file (a zip: the files, then NAME-VERSION.dist-info/{METADATA,WHEEL,
+// RECORD}) into dir as file, e.g. "thepkg-1.0-py3-none-any.whl", and returns its path. Files
+// named in files are written before the dist-info. No pip: a wheel is a zip with a dist-info.
+func Wheel(t testing.TB, dir, file, name, version string, files ...WheelFile) string {
+	t.Helper()
+	var buf bytes.Buffer
+	zw := zip.NewWriter(&buf)
+	info := name + "-" + version + ".dist-info/"
+	files = append(files,
+		WheelFile{Name: info + "METADATA", Body: "Metadata-Version: 2.1\nName: " + name + "\nVersion: " + version + "\nSummary: a test package\n\nLong description.\nName: not-this\n"},
+		WheelFile{Name: info + "WHEEL", Body: "Wheel-Version: 1.0\nGenerator: imagetest\nRoot-Is-Purelib: true\nTag: py3-none-any\n"},
+		WheelFile{Name: info + "RECORD", Body: ""})
+	for _, f := range files {
+		h := &zip.FileHeader{Name: f.Name, Method: zip.Deflate, Modified: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+		h.SetMode(0o644)
+		if f.Symlink {
+			h.SetMode(fs.ModeSymlink | 0o777)
+		}
+		w, err := zw.CreateHeader(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.WriteString(w, f.Body); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, file)
+	if err := os.WriteFile(p, buf.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
