@@ -434,27 +434,40 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 		return res
 	}
 	if len(resultDoc) > 0 {
-		var doc struct {
-			Result json.RawMessage `json:"result"`
-			Error  *agent.PyError  `json:"error"`
-		}
-		if err := json.Unmarshal(resultDoc, &doc); err != nil {
-			a.log.Warn("unreadable result document", "bytes", len(resultDoc), "err", err)
-		} else {
-			if len(doc.Result) > 0 && string(doc.Result) != "null" {
-				res.Result = doc.Result
-			}
-			res.Error = doc.Error
-		}
+		parseResultDoc(a.log, resultDoc, res)
 	}
 	return res
+}
+
+// parseResultDoc sets res's Result and Error from the runner's result document.
+func parseResultDoc(log *slog.Logger, resultDoc []byte, res *agent.RunResult) {
+	var doc struct {
+		Result json.RawMessage `json:"result"`
+		Error  *agent.PyError  `json:"error"`
+	}
+	if err := json.Unmarshal(resultDoc, &doc); err != nil {
+		log.Warn("unreadable result document", "bytes", len(resultDoc), "err", err)
+		return
+	}
+	if len(doc.Result) > 0 && string(doc.Result) != "null" {
+		res.Result = doc.Result
+	}
+	res.Error = doc.Error
 }
 
 // killRun kills the run's processes with SIGKILL: as PID 1 every other process of the sandbox
 // (kill(-1)), otherwise the run's process group. It returns once the agent has no children left
 // (everything the run started is dead and reaped; orphans come to the agent as PID 1 or
-// subreaper), or after killTimeout.
+// subreaper), or after killTimeout. While code contexts live (or for a context's run, pgid 0) it
+// spares their interpreters and the standby instead (killAllBut).
 func (a *agentServer) killRun(pgid int) {
+	if len(a.contexts) > 0 && (a.pid1 || pgid == 0) {
+		a.killAllBut(a.keepPIDs())
+		return
+	}
+	if pgid == 0 {
+		return
+	}
 	deadline := time.Now().Add(killTimeout)
 	for {
 		var err error
