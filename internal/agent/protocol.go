@@ -49,8 +49,8 @@ type RunRequest struct {
 	Code       string            `json:"code"`
 	TimeoutMS  int64             `json:"timeout_ms"` // wall clock; the process tree is killed after it
 	Env        map[string]string `json:"env,omitempty"`
-	AllowSpawn bool              `json:"allow_spawn"` // false: seccomp forbids fork/vfork/non-thread clone
-	MaxOutput  int               `json:"max_output"`  // bytes kept per stream
+	AllowSpawn bool              `json:"allow_spawn"`       // false: seccomp forbids fork/vfork/non-thread clone
+	MaxOutput  int               `json:"max_output"`        // bytes kept per stream
 	Op         string            `json:"op,omitempty"`      // "": a run; OpContextCreate, OpContextDelete
 	Context    string            `json:"context,omitempty"` // the code context (ContextIDMax bytes of [A-Za-z0-9_-])
 }

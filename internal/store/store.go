@@ -80,8 +80,8 @@ type Run struct {
 	DurationMS      int64
 	CPUMS           int64
 	MemoryPeakBytes int64
-	NetworkAllowed  int64 // egress attempts allowed while the run ran
-	NetworkDenied   int64 // egress attempts denied while the run ran
+	NetworkAllowed  int64  // egress attempts allowed while the run ran
+	NetworkDenied   int64  // egress attempts denied while the run ran
 	Context         string // the code context it ran in ("": a fresh process)
 	ContextReset    string // why its context's interpreter was fresh when state was expected ("": it was not)
 }
