@@ -103,3 +103,20 @@ func TestContexts(t *testing.T) {
 		t.Errorf("processes in the sandbox: %v", r["result"])
 	}
 }
+
+// TestContextsWasmUnsupported: WASM mode has no code contexts yet, and says so.
+func TestContextsWasmUnsupported(t *testing.T) {
+	tn := startTenants(t)
+	tn.forModes(t, func(t *testing.T, mode string) {
+		if mode != "wasm" {
+			return
+		}
+		id := tn.sandbox(tn.victim, mode, nil)
+		if status, m := tn.s.do("POST", "/api/sandbox/"+id+"/contexts", tn.victim, nil); status != 400 || m["error"] != "unsupported_in_mode" {
+			t.Errorf("create a context in a WASM sandbox: %d %v", status, m)
+		}
+		if status, m := tn.s.do("POST", "/api/sandbox/"+id+"/run", tn.victim, map[string]any{"code": "1", "context": "ctx_abc"}); status != 400 || m["error"] != "unsupported_in_mode" {
+			t.Errorf("run in a context in a WASM sandbox: %d %v", status, m)
+		}
+	})
+}
