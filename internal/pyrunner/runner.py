@@ -300,7 +300,9 @@ def _format_error(exc, src, imp):
 # are reset to them), runs the code as a fresh run would — compiled as "<run>", `result` and the
 # uncaught exception reported as JSON on the result descriptor — then points 1 and 2 at /dev/null
 # and answers "D<seq> <exit status> <CPU µs of its own> <CPU µs of its reaped children>\n"
-# (cumulative). SystemExit ends the run with its status and keeps the interpreter. SIGINT raises
+# (cumulative). Between runs SIGCHLD is ignored (the children the agent kills after a run leave no
+# zombies; a Popen of an earlier run then reads returncode 0, as Python does on ECHILD).
+# SystemExit ends the run with its status and keeps the interpreter. SIGINT raises
 # KeyboardInterrupt while user code runs (the agent's interrupt at a timeout or cancel; exit
 # status 130) and is ignored between runs. A context ends when its socket does.
 def _sandbox_context(ctl):
@@ -348,6 +350,10 @@ def _sandbox_context(ctl):
 
 
 def _context_run(seq, fds, g, limit, imp, null, sock, resource):
+    import _signal
+    # Between runs SIGCHLD is ignored, so that the children the agent kills after a run are reaped
+    # by the kernel (no zombies wait for the next run); the run's code gets the default back.
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     try:
         while True:  # children a previous run left (the agent killed them) are reaped here
             if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -384,6 +390,7 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
     _flush()
     os.dup2(null, 1)
     os.dup2(null, 2)
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)
     me = resource.getrusage(resource.RUSAGE_SELF)
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
     us = lambda r: int((r.ru_utime + r.ru_stime) * 1e6)
