@@ -220,12 +220,7 @@ func (a *agentServer) startContext(c *pyContext, req *agent.RunRequest) (err err
 	}
 	var block bytes.Buffer
 	block.Write(prefix)
-	var envBlock strings.Builder
-	for _, kv := range env {
-		envBlock.WriteString(kv)
-		envBlock.WriteByte(0)
-	}
-	fmt.Fprintf(&block, "%08x%s%s\n", envBlock.Len(), envBlock.String(), c.dir)
+	fmt.Fprintf(&block, "%s%s\n", envHeader(env), c.dir)
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := conn.Write(block.Bytes()); err != nil {
 		return fail(fmt.Errorf("writing to the interpreter: %w", err))
@@ -360,12 +355,7 @@ func (a *agentServer) runInContext(req *agent.RunRequest, s *sender) *agent.RunR
 	}
 	theirs = nil
 
-	var envBlock strings.Builder
-	for _, kv := range env {
-		envBlock.WriteString(kv)
-		envBlock.WriteByte(0)
-	}
-	header := fmt.Sprintf("%08x", envBlock.Len()) + envBlock.String()
+	header := envHeader(env)
 	var wg sync.WaitGroup
 	wg.Add(4)
 	go func() {

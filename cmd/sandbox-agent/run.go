@@ -336,12 +336,7 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 	pid, exited := p.pid, p.exited
 	outR, errR, codeW, resR, statusR := p.outR, p.errR, p.codeW, p.resR, p.statusR
 	start := time.Now()
-	var envBlock strings.Builder
-	for _, kv := range env {
-		envBlock.WriteString(kv)
-		envBlock.WriteByte(0)
-	}
-	header := fmt.Sprintf("%08x", envBlock.Len()) + envBlock.String()
+	header := envHeader(env)
 
 	var wg sync.WaitGroup
 	wg.Add(5)
@@ -536,6 +531,17 @@ func readCapped(log *slog.Logger, what string, f *os.File, max int64) []byte {
 }
 
 func buildEnv(extra map[string]string) ([]string, error) { return pyrunner.Env(nil, extra) }
+
+// envHeader is the environment block the bootstrap (and a context) reads before the code:
+// "<8 hex digits: length>K=V\0K=V\0…".
+func envHeader(env []string) string {
+	var b strings.Builder
+	for _, kv := range env {
+		b.WriteString(kv)
+		b.WriteByte(0)
+	}
+	return fmt.Sprintf("%08x", b.Len()) + b.String()
+}
 
 // runDir is the working directory of runs: pyrunner.WorkDir (the driver mounts it), else /tmp,
 // else / (a sandbox without them: tests on a host).
