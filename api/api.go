@@ -103,6 +103,31 @@ type RunRequest struct {
 	Timeout *int              `json:"timeout,omitempty"`
 	Async   bool              `json:"async,omitempty"`
 	Env     map[string]string `json:"env,omitempty"`
+	// Context runs the code in that code context's interpreter ("ctx_…"); empty: a fresh process.
+	Context string `json:"context,omitempty"`
+}
+
+// CodeContext is a code context object: a long-lived interpreter of a sandbox that runs with
+// "context" execute in.
+type CodeContext struct {
+	ContextID   string     `json:"context_id"`
+	SandboxID   string     `json:"sandbox_id"`
+	Status      string     `json:"status"`       // ready, reset (its interpreter ended: reset_reason), deleted
+	ResetReason *string    `json:"reset_reason"` // why it was reset or deleted
+	CreatedAt   time.Time  `json:"created_at"`
+	DeletedAt   *time.Time `json:"deleted_at"`
+	Runs        int        `json:"runs"` // runs executed in it
+}
+
+// ContextList is the answer of GET /api/sandbox/{id}/contexts, oldest first.
+type ContextList struct {
+	Contexts []CodeContext `json:"contexts"`
+	Total    int           `json:"total"`
+}
+
+// ContextReset says that a run in a context found its interpreter fresh, and why.
+type ContextReset struct {
+	Reason string `json:"reason"`
 }
 
 // Run is a run object.
@@ -123,6 +148,8 @@ type Run struct {
 	DurationMS      *int64          `json:"duration_ms"`
 	Usage           RunUsage        `json:"usage"`
 	Network         RunNetwork      `json:"network"`
+	Context         *string         `json:"context"`                 // the code context it ran in; null: a fresh process
+	ContextReset    *ContextReset   `json:"context_reset,omitempty"` // its context's interpreter was fresh (state lost), and why
 }
 
 // RunNetwork counts a run's egress attempts (each one is in the audit log).

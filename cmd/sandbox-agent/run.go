@@ -336,12 +336,7 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 	pid, exited := p.pid, p.exited
 	outR, errR, codeW, resR, statusR := p.outR, p.errR, p.codeW, p.resR, p.statusR
 	start := time.Now()
-	var envBlock strings.Builder
-	for _, kv := range env {
-		envBlock.WriteString(kv)
-		envBlock.WriteByte(0)
-	}
-	header := fmt.Sprintf("%08x", envBlock.Len()) + envBlock.String()
+	header := envHeader(env)
 
 	var wg sync.WaitGroup
 	wg.Add(5)
@@ -434,27 +429,40 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 		return res
 	}
 	if len(resultDoc) > 0 {
-		var doc struct {
-			Result json.RawMessage `json:"result"`
-			Error  *agent.PyError  `json:"error"`
-		}
-		if err := json.Unmarshal(resultDoc, &doc); err != nil {
-			a.log.Warn("unreadable result document", "bytes", len(resultDoc), "err", err)
-		} else {
-			if len(doc.Result) > 0 && string(doc.Result) != "null" {
-				res.Result = doc.Result
-			}
-			res.Error = doc.Error
-		}
+		parseResultDoc(a.log, resultDoc, res)
 	}
 	return res
+}
+
+// parseResultDoc sets res's Result and Error from the runner's result document.
+func parseResultDoc(log *slog.Logger, resultDoc []byte, res *agent.RunResult) {
+	var doc struct {
+		Result json.RawMessage `json:"result"`
+		Error  *agent.PyError  `json:"error"`
+	}
+	if err := json.Unmarshal(resultDoc, &doc); err != nil {
+		log.Warn("unreadable result document", "bytes", len(resultDoc), "err", err)
+		return
+	}
+	if len(doc.Result) > 0 && string(doc.Result) != "null" {
+		res.Result = doc.Result
+	}
+	res.Error = doc.Error
 }
 
 // killRun kills the run's processes with SIGKILL: as PID 1 every other process of the sandbox
 // (kill(-1)), otherwise the run's process group. It returns once the agent has no children left
 // (everything the run started is dead and reaped; orphans come to the agent as PID 1 or
-// subreaper), or after killTimeout.
+// subreaper), or after killTimeout. While code contexts live (or for a context's run, pgid 0) it
+// spares their interpreters and the standby instead (killAllBut).
 func (a *agentServer) killRun(pgid int) {
+	if len(a.contexts) > 0 && (a.pid1 || pgid == 0) {
+		a.killAllBut(a.keepPIDs())
+		return
+	}
+	if pgid == 0 {
+		return
+	}
 	deadline := time.Now().Add(killTimeout)
 	for {
 		var err error
@@ -523,6 +531,17 @@ func readCapped(log *slog.Logger, what string, f *os.File, max int64) []byte {
 }
 
 func buildEnv(extra map[string]string) ([]string, error) { return pyrunner.Env(nil, extra) }
+
+// envHeader is the environment block the bootstrap (and a context) reads before the code:
+// "<8 hex digits: length>K=V\0K=V\0…".
+func envHeader(env []string) string {
+	var b strings.Builder
+	for _, kv := range env {
+		b.WriteString(kv)
+		b.WriteByte(0)
+	}
+	return fmt.Sprintf("%08x", b.Len()) + b.String()
+}
 
 // runDir is the working directory of runs: pyrunner.WorkDir (the driver mounts it), else /tmp,
 // else / (a sandbox without them: tests on a host).

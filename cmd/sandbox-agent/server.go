@@ -34,6 +34,8 @@ type agentServer struct {
 	warmMu sync.Mutex
 	warm   *proc // the next run's process, started and waiting (nil: none)
 
+	contexts map[string]*pyContext // the code contexts by name (context.go); used by the serve loop only
+
 	zyg       *zygote // forks the runs' processes once one has said hello (nil: the agent launches them)
 	afterExit func()  // what the run just served left to do once its answer is sent (nil: nothing)
 
@@ -54,6 +56,8 @@ func newAgent(python string, log *slog.Logger) (*agentServer, error) {
 		python: python,
 		log:    log,
 		pid1:   os.Getpid() == 1,
+
+		contexts: map[string]*pyContext{},
 	}
 	if a.pid1 {
 		// Go would exit or crash on these when sent by another process; as PID 1 the agent
@@ -205,7 +209,16 @@ func (a *agentServer) handle(r request) {
 		}
 	}()
 	s := newSender(conn, gone, a.log)
-	res := a.run(&req, s)
+	var res *agent.RunResult
+	switch {
+	case req.Op != "":
+		res = a.handleContext(&req)
+	case req.Context != "":
+		res = a.runInContext(&req, s)
+	default:
+		res = a.run(&req, s)
+	}
+	res.ContextPIDs = a.contextPIDs()
 	s.exit(res)
 	if f := a.afterExit; f != nil {
 		a.afterExit = nil

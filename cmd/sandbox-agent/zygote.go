@@ -308,6 +308,12 @@ func (z *zygote) read(br *bufio.Reader) {
 // fork asks for a run process with descriptors fds (0–5, see zygote.py) and returns its pid in
 // the sandbox and the channel of its exit.
 func (z *zygote) fork(allowSpawn bool, maxOut int, fds []int) (int, <-chan exitInfo, error) {
+	return z.forkAs('F', allowSpawn, maxOut, fds)
+}
+
+// forkAs is fork with the request's kind: 'F' a run's process, 'C' a code context's interpreter
+// (fds: /dev/null, /dev/null, /dev/null, its socket to the agent, /dev/null, status).
+func (z *zygote) forkAs(kind byte, allowSpawn bool, maxOut int, fds []int) (int, <-chan exitInfo, error) {
 	z.mu.Lock()
 	z.next++
 	id := fmt.Sprintf("%08x", z.next)
@@ -318,7 +324,7 @@ func (z *zygote) fork(allowSpawn bool, maxOut int, fds []int) (int, <-chan exitI
 	if allowSpawn {
 		spawn = '1'
 	}
-	msg := fmt.Sprintf("F%s %c %010d\n", id, spawn, maxOut)
+	msg := fmt.Sprintf("%c%s %c %010d\n", kind, id, spawn, maxOut)
 	_, _, err := z.conn.WriteMsgUnix([]byte(msg), unix.UnixRights(fds...), nil)
 	if err != nil {
 		z.mu.Lock()

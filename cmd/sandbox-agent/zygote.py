@@ -8,7 +8,9 @@
 # Protocol on the connection to the agent (after the line "zygote"):
 #   agent → zygote: 23-byte requests "F<id: 8 hex> <allow_spawn 0|1> <max_output: 10 digits>\n"
 #                   carrying 6 descriptors (SCM_RIGHTS) that become the run's 0-5: /dev/null,
-#                   stdout, stderr, code, result, status.
+#                   stdout, stderr, code, result, status. "C" instead of "F" forks a code
+#                   context's interpreter: its fd 3 is its socket to the agent, and the runner
+#                   loops on it (runner.py, _sandbox_context).
 #   zygote → agent: "P <id> <pid>\n" once the process is forked (pid: in the sandbox's PID
 #                   namespace; 0 if it died before it could say), then "X <id> <wait status>
 #                   <user µs> <system µs> <max RSS KiB>\n" once it is reaped.
@@ -59,7 +61,7 @@ def _zygote():
                 if not more:
                     break
                 msg += more
-            if len(msg) < 23 or len(fds) != 6 or msg[:1] != b"F":
+            if len(msg) < 23 or len(fds) != 6 or msg[:1] not in (b"F", b"C"):
                 os._exit(0)  # the agent is gone (or broke the protocol): the sandbox is ending
             rid = msg[1:9].decode()
             allow_spawn = msg[10:11] == b"1"
@@ -76,7 +78,7 @@ def _zygote():
                 continue
             if pid == 0:
                 sock.detach()  # its descriptor is closed below; the object must not close another
-                _child(fds, w, allow_spawn, max_out, runner, start, libc, prog)
+                _child(fds, w, allow_spawn, max_out, runner, start, libc, prog, msg[:1] == b"C")
             os.close(w)
             for f in fds:
                 os.close(f)
@@ -88,7 +90,7 @@ def _zygote():
             poller.register(pfd, select.POLLIN)
 
 
-def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog):
+def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog, context):
     try:
         os.setsid()  # first: once its pid is out, a kill of its group (-pid) must reach it
         os.write(w, b"%d" % os.getpid())
@@ -109,6 +111,8 @@ def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog):
     os.close(5)
     sys.argv[:] = ["-c", "", str(max_out)]
     g = {"__name__": "__main__", "__builtins__": __builtins__, "_r": runner}
+    if context:
+        g["_sandbox_context_fd"] = 3
     del fds, w, libc, prog
     exec(start, g)  # the launcher's bootstrap from the runner on: environment, then the runner
     os._exit(0)

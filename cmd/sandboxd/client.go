@@ -26,12 +26,13 @@ var clientUsage = map[string]string{
 	"create": "sandboxd create [--agent-id ID] [--mode container|wasm] [--image NAME] [--ro PATH]... [--rw PATH]... [--blocked PATH]...\n" +
 		"                [--allow HOST]... [--block-outbound=false] [--cpu N] [--memory SIZE] [--timeout SECONDS] [--allow-spawn]\n" +
 		"                [--config FILE.json] [--no-wait]",
-	"ls":   "sandboxd ls [--status STATUS] [--agent-id ID] [--limit N] [--all]   |   sandboxd ls ID:/DIR",
-	"get":  "sandboxd get ID",
-	"run":  "sandboxd run ID [CODE | --file FILE | -] [--timeout SECONDS] [--env K=V]... [--detach]",
-	"logs": "sandboxd logs ID RUN_ID",
-	"cp":   "sandboxd cp LOCAL ID:/PATH   |   sandboxd cp ID:/PATH LOCAL   (LOCAL - is stdin/stdout)",
-	"rm":   "sandboxd rm ID|ID:/PATH...",
+	"ls":      "sandboxd ls [--status STATUS] [--agent-id ID] [--limit N] [--all]   |   sandboxd ls ID:/DIR",
+	"get":     "sandboxd get ID",
+	"run":     "sandboxd run ID [CODE | --file FILE | -] [--timeout SECONDS] [--env K=V]... [--context CTX] [--detach]",
+	"context": "sandboxd context create ID   |   sandboxd context ls ID   |   sandboxd context rm ID CTX...",
+	"logs":    "sandboxd logs ID RUN_ID",
+	"cp":      "sandboxd cp LOCAL ID:/PATH   |   sandboxd cp ID:/PATH LOCAL   (LOCAL - is stdin/stdout)",
+	"rm":      "sandboxd rm ID|ID:/PATH...",
 }
 
 // cli is one invocation of a client subcommand.
@@ -89,6 +90,8 @@ func (c *cli) main(args []string) int {
 		err = c.cp(args)
 	case "rm":
 		err = c.rm(args)
+	case "context":
+		err = c.contextCmd(args)
 	default:
 		err = cliUsagef("unknown command %q", c.name)
 	}

@@ -22,6 +22,7 @@ func (c *cli) run(args []string) error {
 	timeout := c.fs.Int("timeout", 0, "run timeout in seconds, 1-600 (default 30)")
 	var env cliStrings
 	c.fs.Var(&env, "env", "environment variable K=V for the run (repeatable)")
+	inContext := c.fs.String("context", "", "run in this code context (sandboxd context create ID makes one)")
 	detach := c.fs.Bool("detach", false, "print the run ID and return at once (then: sandboxd logs ID RUN_ID)")
 	pos, err := c.parse(args, 1, 2)
 	if err != nil {
@@ -31,7 +32,7 @@ func (c *cli) run(args []string) error {
 	if err != nil {
 		return err
 	}
-	req := api.RunRequest{Code: &code}
+	req := api.RunRequest{Code: &code, Context: *inContext}
 	if *timeout != 0 {
 		req.Timeout = timeout
 	}

@@ -396,6 +396,30 @@ func TestCLILive(t *testing.T) {
 	if _, stderr, status := cli("", "run", "--timeout", "1", id, "while True: pass"); status != 124 || !strings.Contains(stderr, "timed out") {
 		t.Fatalf("timeout: %d %s", status, stderr)
 	}
+	// A code context: create, two runs sharing state, ls, rm, then a run in it is refused.
+	out, stderr, status = cli("", "context", "create", id)
+	cx := strings.TrimSpace(out)
+	if status != 0 || !strings.HasPrefix(cx, "ctx_") {
+		t.Fatalf("context create: %d %q %s", status, out, stderr)
+	}
+	if _, stderr, status := cli("", "run", "--context", cx, id, "n = 20"); status != 0 {
+		t.Fatalf("run in a context: %d %s", status, stderr)
+	}
+	if out, stderr, status := cli("", "run", id, "--context", cx, "result = n + 1"); status != 0 || out != "21\n" {
+		t.Fatalf("second run in the context: %d %q %s", status, out, stderr)
+	}
+	if out, _, status := cli("", "context", "ls", id); status != 0 || !strings.Contains(out, cx) || !strings.Contains(out, "ready") {
+		t.Fatalf("context ls: %d %s", status, out)
+	}
+	if _, stderr, status := cli("", "context", "rm", id, cx); status != 0 {
+		t.Fatalf("context rm: %d %s", status, stderr)
+	}
+	if _, stderr, status := cli("", "run", "--context", cx, id, "1"); status != 1 || !strings.Contains(stderr, "not_found") {
+		t.Fatalf("run in a deleted context: %d %s", status, stderr)
+	}
+	if _, stderr, status := cli("", "context", "nope", id); status != 2 {
+		t.Fatalf("context usage: %d %s", status, stderr)
+	}
 	if out, _, status := cli("", "ls"); status != 0 || !strings.Contains(out, id) || !strings.Contains(out, "cli-live") {
 		t.Fatalf("ls: %d %s", status, out)
 	}

@@ -33,7 +33,8 @@ client commands (a running server: --url or SANDBOXD_URL, --key or SANDBOXD_API_
   sandboxd create [--agent-id ID --mode M --image I --ro PATH --rw PATH --blocked PATH --allow HOST
                    --cpu N --memory SIZE --timeout S --allow-spawn | --config FILE.json]   prints the ID
   sandboxd ls [ID:/DIR] · sandboxd get ID · sandboxd rm ID|ID:/PATH...
-  sandboxd run ID [CODE | --file F | -] [--timeout S] [--env K=V] [--detach] · sandboxd logs ID RUN_ID
+  sandboxd run ID [CODE | --file F | -] [--timeout S] [--env K=V] [--context CTX] [--detach] · sandboxd logs ID RUN_ID
+  sandboxd context create ID · sandboxd context ls ID · sandboxd context rm ID CTX...   code contexts (state across runs)
   sandboxd cp LOCAL ID:/PATH · sandboxd cp ID:/PATH LOCAL
 `
 
@@ -59,7 +60,7 @@ func main() {
 		err = doctorCmd(os.Args[2:])
 	case protocol.WorkerCommand: // hidden: a worker process of the wasm driver (see wasmworker.go)
 		wasmWorker(os.Args[2:])
-	case "create", "ls", "get", "run", "logs", "cp", "rm":
+	case "create", "ls", "get", "run", "logs", "cp", "rm", "context":
 		os.Exit(clientMain(os.Args[1], os.Args[2:]))
 	case "-h", "--help", "help":
 		fmt.Print(usage)

@@ -16,10 +16,19 @@
 //
 // If the host closes the connection before "exit", the agent kills the run's whole process tree.
 // The agent serves one run at a time; when a run ends (for any reason) it kills every other
-// process of the sandbox, so nothing a run started outlives it.
+// process of the sandbox but its code contexts' interpreters, so nothing a run started outlives it.
+//
+// Code contexts: a RunRequest with Op OpContextCreate starts a long-lived interpreter named
+// Context (idempotent), OpContextDelete ends it (idempotent); both answer one "exit" event. A run
+// with Context set executes in that interpreter (started first if it is not running). Every answer
+// lists the live contexts' PIDs (RunResult.ContextPIDs): processes that are the sandbox's own, not
+// leftovers of a run.
 package agent
 
-import "encoding/json"
+import (
+	"encoding/json"
+	"time"
+)
 
 // SocketName is the name of the agent's socket in the directory the host binds it in.
 const SocketName = "agent.sock"
@@ -40,9 +49,27 @@ type RunRequest struct {
 	Code       string            `json:"code"`
 	TimeoutMS  int64             `json:"timeout_ms"` // wall clock; the process tree is killed after it
 	Env        map[string]string `json:"env,omitempty"`
-	AllowSpawn bool              `json:"allow_spawn"` // false: seccomp forbids fork/vfork/non-thread clone
-	MaxOutput  int               `json:"max_output"`  // bytes kept per stream
+	AllowSpawn bool              `json:"allow_spawn"`       // false: seccomp forbids fork/vfork/non-thread clone
+	MaxOutput  int               `json:"max_output"`        // bytes kept per stream
+	Op         string            `json:"op,omitempty"`      // "": a run; OpContextCreate, OpContextDelete
+	Context    string            `json:"context,omitempty"` // the code context (ContextIDMax bytes of [A-Za-z0-9_-])
 }
+
+// Ops of a RunRequest besides a run.
+const (
+	OpContextCreate = "context.create"
+	OpContextDelete = "context.delete"
+)
+
+// MaxContexts bounds the live code contexts of one agent (the service's own limit is lower).
+const MaxContexts = 16
+
+// ContextIDMax is the longest context name the agent accepts.
+const ContextIDMax = 64
+
+// ContextInterruptGrace is how long a context's run may take to stop after the agent's SIGINT (a
+// timeout or cancel) before the agent kills the interpreter, which resets the context.
+const ContextInterruptGrace = 2 * time.Second
 
 // Event is one line from the agent.
 type Event struct {
@@ -70,6 +97,13 @@ type RunResult struct {
 	// StandbyPID is the process the agent started for the next run once this one's processes
 	// were gone (0: none): a fresh Python waiting for its code, not a leftover of this run.
 	StandbyPID int `json:"standby_pid,omitempty"`
+	// ContextPIDs are the PIDs (in the sandbox) of the live code contexts' interpreters.
+	ContextPIDs []int `json:"context_pids,omitempty"`
+	// ContextLost: the context's interpreter ended during this run (why); the context's state is
+	// gone and its next run starts a fresh interpreter.
+	ContextLost string `json:"context_lost,omitempty"`
+	// ContextRestarted: this run found its context's interpreter gone (why) and started a fresh one.
+	ContextRestarted string `json:"context_restarted,omitempty"`
 }
 
 // PyError is an uncaught Python exception.

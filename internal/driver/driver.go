@@ -98,6 +98,11 @@ type ExecRequest struct {
 	// OnOutput, when set, receives output chunks as they are written (before truncation is
 	// decided, at most MaxOutput bytes per stream). It must not block for long.
 	OnOutput func(s Stream, p []byte)
+	// Context, when set, runs Code in that code context's long-lived interpreter (Contexter)
+	// instead of a fresh process: its globals, imports, open files and working directory are
+	// those the context's earlier runs left. A timeout or cancel interrupts the code
+	// (KeyboardInterrupt) and keeps the interpreter if the code stops within a grace period.
+	Context string
 }
 
 // Status is the outcome of a run, as the API reports it.
@@ -132,6 +137,12 @@ type ExecResult struct {
 	Duration        time.Duration
 	CPU             time.Duration // user+system CPU time of the run's processes
 	MemoryPeak      int64         // peak resident memory of the run, bytes
+	// ContextLost (a run in a context): the context's interpreter ended during this run, and why;
+	// its state is gone, and its next run starts a fresh interpreter.
+	ContextLost string
+	// ContextRestarted (a run in a context): the context's interpreter had ended before this run
+	// (why), so this run started a fresh one.
+	ContextRestarted string
 }
 
 // Driver runs sandboxes. Implementations are safe for concurrent use across sandbox IDs; the
@@ -186,6 +197,21 @@ type Warmer interface {
 type Killer interface {
 	Kill(id string) error
 }
+
+// Contexter is implemented by drivers that keep code contexts: named, long-lived interpreters in
+// a sandbox that runs with ExecRequest.Context execute in. A context lives until DeleteContext or
+// its sandbox's Destroy. Both methods are idempotent; ErrNotFound for an unknown sandbox; they
+// are never called concurrently with Exec for the same sandbox (the service serialises them with
+// its runs). name is the service's context ID.
+type Contexter interface {
+	// CreateContext starts the context's interpreter and returns once it is ready.
+	CreateContext(ctx context.Context, id, name string) error
+	// DeleteContext ends the context's interpreter and removes its working directory.
+	DeleteContext(ctx context.Context, id, name string) error
+}
+
+// ErrUnsupported is returned (wrapped) by a driver for what it cannot do in a sandbox.
+var ErrUnsupported = errors.New("not supported by this driver")
 
 // ErrNotFound is returned by Exec for a sandbox the driver does not know.
 var ErrNotFound = errors.New("sandbox not found in driver")

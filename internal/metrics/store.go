@@ -122,3 +122,23 @@ func (t *timedStore) Usage(ctx context.Context, accountID string, from, to, now 
 }
 
 func (t *timedStore) Close() error { return t.st.Close() }
+
+func (t *timedStore) CreateContext(ctx context.Context, c store.Context, limit int) error {
+	return t.exec("create_context", func() error { return t.st.CreateContext(ctx, c, limit) })
+}
+
+func (t *timedStore) UpdateContext(ctx context.Context, c store.Context) error {
+	return t.exec("update_context", func() error { return t.st.UpdateContext(ctx, c) })
+}
+
+func (t *timedStore) GetContext(ctx context.Context, sandboxID, id string) (store.Context, error) {
+	return timed(t, "get_context", func() (store.Context, error) { return t.st.GetContext(ctx, sandboxID, id) })
+}
+
+func (t *timedStore) ListContexts(ctx context.Context, sandboxID string) ([]store.Context, error) {
+	return timed(t, "list_contexts", func() ([]store.Context, error) { return t.st.ListContexts(ctx, sandboxID) })
+}
+
+func (t *timedStore) EndContexts(ctx context.Context, sandboxID, reason string, at time.Time) (int, error) {
+	return timed(t, "end_contexts", func() (int, error) { return t.st.EndContexts(ctx, sandboxID, reason, at) })
+}

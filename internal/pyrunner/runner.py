@@ -30,20 +30,7 @@ import sys, os
 
 def _sandbox_run():
     limit = int(sys.argv[2])
-    std_path = list(sys.path)
-    main_code = _sandbox_run.__code__
-
-    def imp(name):
-        m = sys.modules.get(name)
-        if m is not None:
-            return m
-        saved = sys.path[:]
-        sys.path[:] = std_path
-        try:
-            __import__(name)
-        finally:
-            sys.path[:] = saved
-        return sys.modules[name]
+    imp = _importer(list(sys.path))
 
     code_src = sys.argv[3] if len(sys.argv) > 3 else 3
     if len(sys.argv) > 4:
@@ -81,37 +68,7 @@ def _sandbox_run():
     except Exception:
         pass
 
-    exc = None
-    exit_arg = 0
-    try:
-        code = compile(src, "<run>", "exec", dont_inherit=True)
-        exec(code, g)
-    except SystemExit as e:
-        exit_arg = e.code
-    except BaseException as e:
-        tb = e.__traceback__
-        if tb is not None and tb.tb_frame.f_code is main_code:
-            tb = tb.tb_next  # drop the runner's own frame
-        exc = e.with_traceback(tb)
-
-    doc = []
-    # result
-    try:
-        rv = g.get("result")
-    except BaseException:
-        rv = None
-    if rv is not None:
-        doc.append('"result":' + _encode(rv, limit, imp))
-
-    if exc is not None:
-        err = _format_error(exc, src, imp)
-        try:
-            json = imp("json")
-            doc.append('"error":' + json.dumps(err))
-        except BaseException:
-            pass
-
-    payload = ("{" + ",".join(doc) + "}").encode("utf-8", "surrogatepass")
+    exc, exit_arg, payload = _execute(src, g, limit, imp)
     try:
         while payload:
             n = os.write(res_fd, payload)
@@ -139,6 +96,80 @@ def _sandbox_run():
     _leave(exit_arg, g)
 
 
+def _importer(std_path):
+    """imp(name): the module, imported with the start-up sys.path (std_path), so that files in
+    the working directory cannot shadow it."""
+    def imp(name):
+        m = sys.modules.get(name)
+        if m is not None:
+            return m
+        saved = sys.path[:]
+        sys.path[:] = std_path
+        try:
+            __import__(name)
+        finally:
+            sys.path[:] = saved
+        return sys.modules[name]
+    return imp
+
+
+# _live[0] is true while user code runs: a context's SIGINT handler raises KeyboardInterrupt only then.
+_live = [False]
+
+
+def _execute(src, g, limit, imp):
+    """Runs src (bytes) in the globals g; returns (the uncaught exception or None, SystemExit's
+    argument, the JSON report as bytes)."""
+    exc = None
+    exit_arg = 0
+    try:
+        code = compile(src, "<run>", "exec", dont_inherit=True)
+        _live[0] = True
+        exec(code, g)
+        _live[0] = False
+    except SystemExit as e:
+        _live[0] = False
+        exit_arg = e.code
+    except BaseException as e:
+        _live[0] = False
+        tb = e.__traceback__
+        if tb is not None and tb.tb_frame.f_code is _execute.__code__:
+            tb = tb.tb_next  # drop the runner's own frame
+        exc = e.with_traceback(tb)
+
+    doc = []
+    # result
+    try:
+        rv = g.get("result")
+    except BaseException:
+        rv = None
+    if rv is not None:
+        doc.append('"result":' + _encode(rv, limit, imp))
+
+    if exc is not None:
+        err = _format_error(exc, src, imp)
+        try:
+            json = imp("json")
+            doc.append('"error":' + json.dumps(err))
+        except BaseException:
+            pass
+
+    return exc, exit_arg, ("{" + ",".join(doc) + "}").encode("utf-8", "surrogatepass")
+
+
+def _exit_status(arg):
+    """The exit status of `raise SystemExit(arg)` (a non-int argument is printed to stderr)."""
+    if arg is None:
+        return 0
+    if isinstance(arg, int):
+        return arg if -(1 << 31) <= arg < (1 << 31) else -1
+    try:
+        sys.stderr.write(str(arg) + "\n")
+    except BaseException:
+        pass
+    return 1
+
+
 def _flush():
     for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
@@ -152,16 +183,7 @@ def _leave(arg, g):
     joined, atexit handlers run, what the program's globals still hold finalised (files it did not
     close are flushed, __del__ runs), stdio flushed, the same exit status — then os._exit, without
     the interpreter's own teardown of every module (~1.5 ms of a print(1) run's ~3)."""
-    if arg is None:
-        code = 0
-    elif isinstance(arg, int):
-        code = arg if -(1 << 31) <= arg < (1 << 31) else -1
-    else:
-        try:
-            sys.stderr.write(str(arg) + "\n")
-        except BaseException:
-            pass
-        code = 1
+    code = _exit_status(arg)
     try:
         threading = sys.modules.get("threading")
         if threading is not None:
@@ -267,4 +289,129 @@ def _format_error(exc, src, imp):
     return {"type": _type_name(t), "message": msg[:cap], "traceback": text[-cap:]}
 
 
-_sandbox_run()
+# A code context (sandbox-agent): a long-lived interpreter that runs one run after another in the
+# same __main__ globals. Started like a run process but with `_sandbox_context_fd` (a connected
+# unix stream socket to the agent) in the bootstrap's globals; the agent writes the environment
+# block there (the bootstrap reads it), then "<working directory>\n"; the context changes to that
+# directory and answers "H\n". Then, for each run, the agent sends "R<seq: 8 hex>\n" with four
+# descriptors (SCM_RIGHTS): stdout, stderr, code, result. The code descriptor holds what a fresh
+# run's fd 3 holds after the runner: "<8 hex: length>K=V\0…" (set in os.environ, on top of what is
+# there) and the source. The context makes the first two its fds 1 and 2 (sys.stdout/sys.stderr
+# are reset to them), runs the code as a fresh run would — compiled as "<run>", `result` and the
+# uncaught exception reported as JSON on the result descriptor — then points 1 and 2 at /dev/null
+# and answers "D<seq> <exit status> <CPU µs of its own> <CPU µs of its reaped children>\n"
+# (cumulative). Between runs SIGCHLD is ignored (the children the agent kills after a run leave no
+# zombies; a Popen of an earlier run then reads returncode 0, as Python does on ECHILD).
+# SystemExit ends the run with its status and keeps the interpreter. SIGINT raises
+# KeyboardInterrupt while user code runs (the agent's interrupt at a timeout or cancel; exit
+# status 130) and is ignored between runs. A context ends when its socket does.
+def _sandbox_context(ctl):
+    import socket, _signal, resource
+    limit = int(sys.argv[2])
+    imp = _importer(list(sys.path))
+    sock = socket.socket(fileno=ctl)
+    line = b""
+    while not line.endswith(b"\n") and len(line) < 4096:
+        c = sock.recv(1)
+        if not c:
+            os._exit(0)
+        line += c
+    os.chdir(line[:-1].decode())
+    builtins = sys.modules["builtins"]
+    mod = type(sys)("__main__")
+    g = mod.__dict__
+    g["__builtins__"] = builtins
+    sys.modules["__main__"] = mod
+    sys.argv[:] = ["-c"]
+
+    def on_sigint(signum, frame):
+        if _live[0]:
+            raise KeyboardInterrupt
+
+    _signal.signal(_signal.SIGINT, on_sigint)
+    try:
+        import faulthandler
+        faulthandler.enable()
+        del faulthandler
+    except Exception:
+        pass
+    null = os.open(os.devnull, os.O_RDWR)
+    sock.sendall(b"H\n")
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 10, 4)
+        while msg and len(msg) < 10:
+            more = sock.recv(10 - len(msg))
+            if not more:
+                break
+            msg += more
+        if len(msg) != 10 or len(fds) != 4 or msg[:1] != b"R":
+            os._exit(0)  # the agent is gone, or the context is being deleted
+        _context_run(msg[1:9], fds, g, limit, imp, null, sock, resource)
+
+
+def _context_run(seq, fds, g, limit, imp, null, sock, resource):
+    import _signal
+    # Between runs SIGCHLD is ignored, so that the children the agent kills after a run are reaped
+    # by the kernel (no zombies wait for the next run); the run's code gets the default back.
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+    try:
+        while True:  # children a previous run left (the agent killed them) are reaped here
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+    except ChildProcessError:
+        pass
+    out, err, code_fd, res_fd = fds
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.close(out)
+    os.close(err)
+    _context_stdio()
+    status = 0
+    try:
+        with open(code_fd, "rb") as f:
+            data = f.read()
+        n = int(data[:8], 16)
+        for kv in data[8:8 + n].split(b"\0")[:-1]:
+            k, _, v = kv.partition(b"=")
+            os.environb[k] = v
+        exc, exit_arg, payload = _execute(data[8 + n:], g, limit, imp)
+        if exc is None:
+            status = _exit_status(exit_arg)
+        else:
+            status = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        while payload:
+            payload = payload[os.write(res_fd, payload):]
+    except BaseException:
+        status = 1 if status == 0 else status
+    try:
+        os.close(res_fd)
+    except OSError:
+        pass
+    _flush()
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    us = lambda r: int((r.ru_utime + r.ru_stime) * 1e6)
+    sock.sendall(b"D%s %d %d %d\n" % (seq, status, us(me), us(ch)))
+
+
+def _context_stdio():
+    """sys.stdout and sys.stderr write to fds 1 and 2 again, whatever the last run did to them."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        s = getattr(sys, "__%s__" % name)
+        try:
+            ok = s is not None and not s.closed and s.fileno() == fd
+        except BaseException:
+            ok = False
+        if not ok:
+            s = open(fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
+            setattr(sys, "__%s__" % name, s)
+        setattr(sys, name, s)
+
+
+if "_sandbox_context_fd" in globals():
+    _sandbox_context(_sandbox_context_fd)
+else:
+    _sandbox_run()

@@ -29,6 +29,7 @@ const (
 	KindConflict            Kind = "conflict"             // files API: a directory where a file is meant, …
 	KindUnavailable         Kind = "unavailable"          // the service is shutting down
 	KindImageNotReady       Kind = "image_not_ready"      // the image is being built, or its build failed
+	KindContextLimit        Kind = "context_limit"        // the sandbox has MaxContexts code contexts
 	KindInternal            Kind = "internal_error"
 )
 

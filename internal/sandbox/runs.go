@@ -42,10 +42,15 @@ func (s *Service) Run(ctx context.Context, acct store.Account, sandboxID string,
 	if lv == nil {
 		return api.Run{}, false, errorf(KindSandboxDestroyed, "sandbox %s is %s: create a new one", sandboxID, rec.Status)
 	}
+	if req.Context != "" {
+		if err := s.runContext(ctx, rec, req.Context); err != nil {
+			return api.Run{}, false, err
+		}
+	}
 	jctx, cancel := context.WithCancel(lv.ctx)
 	j := &job{env: req.Env, ctx: jctx, cancel: cancel, done: make(chan struct{}), out: newOutputLog(), run: store.Run{
 		ID: newID("run_"), SandboxID: sandboxID, AccountID: acct.ID, Status: RunQueued, Code: code,
-		TimeoutSeconds: timeout, Async: req.Async, CreatedAt: now(),
+		TimeoutSeconds: timeout, Async: req.Async, CreatedAt: now(), Context: req.Context,
 	}}
 	var queued store.Run
 	lv.mu.Lock()
@@ -125,10 +130,32 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	j.finalMu.Unlock()
 	lv.net.start(j.run.ID)
 
-	res, err := drv.Exec(j.ctx, lv.id, driver.ExecRequest{
-		Code: j.run.Code, Timeout: time.Duration(j.run.TimeoutSeconds) * time.Second, Env: j.env, MaxOutput: MaxOutputBytes,
-		OnOutput: j.out.add,
-	})
+	lv.execMu.Lock()
+	var cx store.Context
+	var cerr error
+	if j.run.Context != "" {
+		cx, cerr = s.contextBefore(lv.id, j.run.Context)
+	}
+	var res driver.ExecResult
+	var err error
+	if cerr == nil && cx.Status == store.ContextDeleted {
+		cerr = errorf(KindNotFound, "context %s was deleted before the run started", cx.ID)
+	}
+	if cerr != nil {
+		err = cerr
+	} else {
+		res, err = drv.Exec(j.ctx, lv.id, driver.ExecRequest{
+			Code: j.run.Code, Timeout: time.Duration(j.run.TimeoutSeconds) * time.Second, Env: j.env, MaxOutput: MaxOutputBytes,
+			OnOutput: j.out.add, Context: j.run.Context,
+		})
+		if j.run.Context != "" {
+			if reset := s.contextAfter(cx, res, err); reset != "" {
+				j.run.ContextReset = reset
+				res.Stderr = append([]byte(resetNotice(reset)), res.Stderr...)
+			}
+		}
+	}
+	lv.execMu.Unlock()
 	end := now()
 	allowed, denied := s.endNetwork(lv, j.run.ID)
 	var ready *store.Sandbox
@@ -325,6 +352,10 @@ func runView(r store.Run) api.Run {
 	}
 	if out.Result == nil {
 		out.Result = json.RawMessage("null")
+	}
+	out.Context = optional(r.Context)
+	if r.ContextReset != "" {
+		out.ContextReset = &api.ContextReset{Reason: r.ContextReset}
 	}
 	if out.Error == nil {
 		out.Error = json.RawMessage("null")

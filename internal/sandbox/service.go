@@ -169,6 +169,9 @@ type live struct {
 	destroy1 sync.Once
 
 	net netCounters
+
+	// execMu serialises what goes to the driver for this sandbox: runs and code-context operations.
+	execMu sync.Mutex
 }
 
 type job struct {
@@ -788,6 +791,9 @@ func (s *Service) record(lv *live, reason string) {
 	}
 	rec := lv.rec
 	lv.mu.Unlock()
+	if _, err := s.st.EndContexts(context.Background(), lv.id, "sandbox "+reason, now()); err != nil {
+		s.log.Error("record contexts deleted", "sandbox", lv.id, "err", err)
+	}
 	if !failed {
 		ctx := context.Background()
 		s.cfg.Observer.Destroyed(rec.Mode, reason)
@@ -938,6 +944,10 @@ func (s *Service) reconcile(ctx context.Context) error {
 		if _, err := s.st.EndOpenRuns(ctx, rec.ID, "error", obj("type", "ServerRestart",
 			"message", "the service restarted while this run was queued or running", "traceback", ""), t); err != nil {
 			return fmt.Errorf("reconcile: end runs of %s: %w", rec.ID, err)
+		}
+		// The interpreters of its code contexts are gone with it; the records stay, deleted.
+		if _, err := s.st.EndContexts(ctx, rec.ID, "sandbox "+ReasonServerRestart, t); err != nil {
+			return fmt.Errorf("reconcile: end contexts of %s: %w", rec.ID, err)
 		}
 		rec.Status, rec.DestroyedAt, rec.DestroyReason = store.SandboxDestroyed, &t, ReasonServerRestart
 		if err := s.st.UpdateSandbox(ctx, rec); err != nil {

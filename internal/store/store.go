@@ -80,8 +80,29 @@ type Run struct {
 	DurationMS      int64
 	CPUMS           int64
 	MemoryPeakBytes int64
-	NetworkAllowed  int64 // egress attempts allowed while the run ran
-	NetworkDenied   int64 // egress attempts denied while the run ran
+	NetworkAllowed  int64  // egress attempts allowed while the run ran
+	NetworkDenied   int64  // egress attempts denied while the run ran
+	Context         string // the code context it ran in ("": a fresh process)
+	ContextReset    string // why its context's interpreter was fresh when state was expected ("": it was not)
+}
+
+// Context statuses.
+const (
+	ContextReady   = "ready"   // its interpreter holds the state of its earlier runs
+	ContextReset   = "reset"   // its interpreter ended (ResetReason); the next run starts a fresh one
+	ContextDeleted = "deleted" // deleted, or its sandbox ended
+)
+
+// Context is a code context's record.
+type Context struct {
+	ID          string // "ctx_…"
+	SandboxID   string
+	AccountID   string
+	Status      string
+	ResetReason string // why it was reset or deleted ("" otherwise)
+	CreatedAt   time.Time
+	DeletedAt   *time.Time
+	Runs        int // runs executed in it
 }
 
 // Event is one audit event.
@@ -177,6 +198,21 @@ type Store interface {
 	// EndOpenRuns sets every queued or running run of a sandbox to status with the given error
 	// JSON and finish time, and returns how many it changed.
 	EndOpenRuns(ctx context.Context, sandboxID, status string, errJSON json.RawMessage, at time.Time) (int, error)
+
+	// CreateContext inserts c atomically with a limit check: if c's sandbox already has limit or
+	// more contexts that are not deleted it inserts nothing and returns ErrQuota. ErrConflict on
+	// a duplicate ID.
+	CreateContext(ctx context.Context, c Context, limit int) error
+	// UpdateContext overwrites Status, ResetReason, DeletedAt and Runs of the context with c.ID;
+	// ErrNotFound if there is none.
+	UpdateContext(ctx context.Context, c Context) error
+	// GetContext returns one context of a sandbox, or ErrNotFound.
+	GetContext(ctx context.Context, sandboxID, id string) (Context, error)
+	// ListContexts returns a sandbox's contexts, oldest first.
+	ListContexts(ctx context.Context, sandboxID string) ([]Context, error)
+	// EndContexts marks every context of a sandbox that is not deleted deleted, with reason and
+	// DeletedAt at, and returns how many it changed.
+	EndContexts(ctx context.Context, sandboxID, reason string, at time.Time) (int, error)
 
 	// AddEvent appends an audit event; ErrConflict on a duplicate ID.
 	AddEvent(ctx context.Context, e Event) error

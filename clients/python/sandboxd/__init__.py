@@ -23,6 +23,7 @@ from .errors import (
     ConcurrencyLimit,
     Conflict,
     ConnectionFailed,
+    ContextLimit,
     ImageNotApproved,
     InternalError,
     InvalidRequest,
@@ -42,7 +43,7 @@ from .errors import (
     UnsupportedInMode,
     WaitTimeout,
 )
-from .sandbox import Event, FileEntry, FileWritten, Run, RunHandle, Sandbox
+from .sandbox import CodeContext, Event, FileEntry, FileWritten, Run, RunHandle, Sandbox
 
 __version__ = "0.1.0"
 
@@ -67,6 +68,8 @@ __all__ = [
     "Conflict",
     "ConcurrencyLimit",
     "RunQueueFull",
+    "ContextLimit",
+    "CodeContext",
     "RateLimited",
     "Unsupported",
     "UnsupportedInMode",

@@ -298,10 +298,13 @@ class Client:
         timeout: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         async_: bool = False,
+        context: Optional[str] = None,
     ) -> Dict[str, Any]:
         """POST /api/sandbox/{id}/run: the finished run object, or with ``async_`` the 202
-        answer ``{"run_id", "sandbox_id", "status"}``."""
+        answer ``{"run_id", "sandbox_id", "status"}``. ``context``: run in that code context."""
         req: Dict[str, Any] = {"code": code}
+        if context:
+            req["context"] = context
         if timeout is not None:
             req["timeout"] = timeout
         if env:
@@ -311,6 +314,22 @@ class Client:
             return self.call("POST", _sandbox(sandbox_id, "run"), json_body=req, expect=(202,))
         # A sync run answers when the run ends, after any runs queued before it: no read timeout.
         return self.call("POST", _sandbox(sandbox_id, "run"), json_body=req, timeout=None)
+
+    def create_context(self, sandbox_id: str) -> Dict[str, Any]:
+        """POST /api/sandbox/{id}/contexts: the code context, ready."""
+        return self.call("POST", _sandbox(sandbox_id, "contexts"), expect=(201,))
+
+    def list_contexts(self, sandbox_id: str) -> Dict[str, Any]:
+        """GET /api/sandbox/{id}/contexts: ``{"contexts": [...], "total"}``, oldest first."""
+        return self.call("GET", _sandbox(sandbox_id, "contexts"))
+
+    def get_context(self, sandbox_id: str, context_id: str) -> Dict[str, Any]:
+        """GET /api/sandbox/{id}/contexts/{context_id}."""
+        return self.call("GET", _sandbox(sandbox_id, "contexts", context_id))
+
+    def delete_context(self, sandbox_id: str, context_id: str) -> None:
+        """DELETE /api/sandbox/{id}/contexts/{context_id} (idempotent)."""
+        self.call("DELETE", _sandbox(sandbox_id, "contexts", context_id), expect=(204,))
 
     def get_run(self, sandbox_id: str, run_id: str) -> Dict[str, Any]:
         """GET /api/sandbox/{id}/runs/{run_id}."""

@@ -153,6 +153,12 @@ class RunQueueFull(SandboxdError):
     code = "run_queue_full"
 
 
+class ContextLimit(SandboxdError):
+    """409: the sandbox already has 8 code contexts that are not deleted."""
+
+    code = "context_limit"
+
+
 class RateLimited(SandboxdError):
     """429: too many requests for this API key; see ``retry_after``."""
 
@@ -249,6 +255,7 @@ _BY_CODE: Dict[str, Type[SandboxdError]] = {
         Conflict,
         ConcurrencyLimit,
         RunQueueFull,
+        ContextLimit,
         RateLimited,
         Unsupported,
         UnsupportedInMode,

@@ -72,7 +72,9 @@ class Run(_Record):
     ``stdout_truncated``, ``stderr_truncated``, ``result`` (the value of the code's global
     ``result``), ``error`` (``{"type", "message", "traceback"}`` for an exception, else None),
     ``created_at``, ``started_at``, ``finished_at`` (datetimes), ``duration_ms``, ``usage``
-    (``{"cpu_ms", "memory_peak_bytes"}``), ``network`` (``{"allowed", "denied"}``).
+    (``{"cpu_ms", "memory_peak_bytes"}``), ``network`` (``{"allowed", "denied"}``), ``context``
+    (the code context it ran in, or None), ``context_reset`` (``{"reason"}`` when its context had
+    lost its state and the run started a fresh interpreter, else None).
     """
 
     _fields = (
@@ -92,6 +94,8 @@ class Run(_Record):
         "duration_ms",
         "usage",
         "network",
+        "context",
+        "context_reset",
     )
     _times = ("created_at", "started_at", "finished_at")
 
@@ -246,6 +250,79 @@ class FileWritten(_Record):
 
     def __repr__(self) -> str:
         return "FileWritten(%r, %d bytes, sha256=%s)" % (self.path, self.size or 0, self.sha256)
+
+
+def _run(client: Client, sandbox_id: str, context: Optional[str], code: str, timeout: Optional[int],
+         env: Optional[Mapping[str, str]], stream: Optional[StreamCallback]) -> "Run":
+    if stream is None:
+        return Run(client.run(sandbox_id, code, timeout=timeout, env=env, context=context))
+    return _run_async(client, sandbox_id, context, code, timeout, env).stream(stream)
+
+
+def _run_async(client: Client, sandbox_id: str, context: Optional[str], code: str, timeout: Optional[int],
+               env: Optional[Mapping[str, str]]) -> "RunHandle":
+    ans = client.run(sandbox_id, code, timeout=timeout, env=env, async_=True, context=context)
+    return RunHandle(client, sandbox_id, ans["run_id"], ans.get("status", "queued"))
+
+
+class CodeContext(_Record):
+    """A code context: a long-lived interpreter of a sandbox (``Sandbox.context()``).
+
+    ::
+
+        with sb.context() as ctx:
+            ctx.run("import pandas as pd\ndf = pd.read_csv('/workspace/data/sales.csv')")
+            print(ctx.run("result = len(df)").result)
+
+    Attributes: ``context_id`` (also ``id``), ``sandbox_id``, ``status`` (ready, reset, deleted),
+    ``reset_reason``, ``created_at``, ``deleted_at``, ``runs``. A run whose context had lost its
+    state (its interpreter died: ``os._exit``, a crash, the memory limit, code that ignored a
+    timeout's interrupt) says so in ``run.context_reset``.
+    """
+
+    _fields = ("context_id", "sandbox_id", "status", "reset_reason", "created_at", "deleted_at", "runs")
+    _times = ("created_at", "deleted_at")
+
+    def __init__(self, client: Client, sandbox_id: str, raw: Mapping[str, Any]) -> None:
+        super().__init__(raw)
+        self.client = client
+        self._sandbox_id = sandbox_id
+
+    @property
+    def id(self) -> str:
+        return self.context_id
+
+    def run(self, code: str, timeout: Optional[int] = None, env: Optional[Mapping[str, str]] = None,
+            stream: Optional[StreamCallback] = None) -> "Run":
+        """Run ``code`` in this context (as ``Sandbox.run``): its globals are the earlier runs'."""
+        return _run(self.client, self._sandbox_id, self.context_id, code, timeout, env, stream)
+
+    def run_async(self, code: str, timeout: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> "RunHandle":
+        """Queue ``code`` in this context and return at once with a :class:`RunHandle`."""
+        return _run_async(self.client, self._sandbox_id, self.context_id, code, timeout, env)
+
+    def refresh(self) -> "CodeContext":
+        """Fetch the context's record again; returns self."""
+        _Record.__init__(self, self.client.get_context(self._sandbox_id, self.context_id))
+        return self
+
+    def delete(self) -> None:
+        """End the context's interpreter (idempotent)."""
+        self.client.delete_context(self._sandbox_id, self.context_id)
+        _Record.__init__(self, dict(self.raw, status="deleted"))
+
+    def __enter__(self) -> "CodeContext":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.delete()
+        except errors.SandboxdError:
+            if exc_type is None:
+                raise
+
+    def __repr__(self) -> str:
+        return "CodeContext(%s, status=%r)" % (self.context_id, self.status)
 
 
 class Sandbox:
@@ -430,14 +507,22 @@ class Sandbox:
         With ``stream``, ``stream(stream_name, text)`` is called with the output as it is written
         ("stdout" or "stderr"), while the run goes on.
         """
-        if stream is None:
-            return Run(self.client.run(self._id(), code, timeout=timeout, env=env))
-        return self.run_async(code, timeout=timeout, env=env).stream(stream)
+        return _run(self.client, self._id(), None, code, timeout, env, stream)
 
     def run_async(self, code: str, timeout: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> RunHandle:
         """Queue ``code`` and return at once with a :class:`RunHandle`."""
-        ans = self.client.run(self._id(), code, timeout=timeout, env=env, async_=True)
-        return RunHandle(self.client, self._id(), ans["run_id"], ans.get("status", "queued"))
+        return _run_async(self.client, self._id(), None, code, timeout, env)
+
+    def context(self) -> "CodeContext":
+        """A new code context: a long-lived interpreter in this sandbox whose runs share their
+        globals, imports, open files and working directory (``ctx.run(code)``). ``with
+        sb.context() as ctx:`` deletes it when the block ends."""
+        return CodeContext(self.client, self._id(), self.client.create_context(self._id()))
+
+    def contexts(self) -> "List[CodeContext]":
+        """This sandbox's code contexts, oldest first (deleted ones too)."""
+        ans = self.client.list_contexts(self._id())
+        return [CodeContext(self.client, self._id(), c) for c in ans.get("contexts") or []]
 
     def get_run(self, run_id: str) -> RunHandle:
         """A handle on one of this sandbox's runs (NotFound if there is none)."""

@@ -74,6 +74,24 @@ class LiveTests(unittest.TestCase):
         with self.assertRaises(sandboxd.SandboxDestroyed):
             rec.run("1")
 
+    def test_code_context(self) -> None:
+        with self.sb.context() as ctx:
+            self.assertTrue(ctx.id.startswith("ctx_"))
+            self.assertEqual(ctx.status, "ready")
+            self.assertEqual(ctx.run("rows = [1, 2, 3]").status, "completed")
+            run = ctx.run("rows.append(4)\nresult = sum(rows)")
+            self.assertEqual((run.status, run.result, run.context, run.context_reset), ("completed", 10, ctx.id, None))
+            self.assertFalse(self.sb.run("result = 'rows' in globals()").result)
+            self.assertEqual(ctx.run("import os\nos._exit(3)").status, "failed")
+            self.assertEqual(ctx.refresh().status, "reset")
+            run = ctx.run("result = 'rows' in globals()")
+            self.assertFalse(run.result)
+            self.assertIn("status 3", run.context_reset["reason"])
+            self.assertIn(ctx.id, [c.id for c in self.sb.contexts()])
+        self.assertEqual(ctx.status, "deleted")
+        with self.assertRaises(sandboxd.NotFound):
+            ctx.run("1")
+
     def test_streaming_is_live(self) -> None:
         got: List[Tuple[float, str, str]] = []
         code = "import sys, time\nprint('first', flush=True)\nprint('warn', file=sys.stderr, flush=True)\ntime.sleep(1)\nprint('second')\nresult = 'done'"

@@ -122,11 +122,12 @@ type meta struct {
 type box struct {
 	meta
 	dir     string
-	logDone chan struct{} // closed when the copier of the container's stdout/stderr ends; nil after a reload
-	standby atomic.Int64  // the agent's standby process for the next run (PID inside the sandbox; 0: none)
-	zygote  chan struct{} // closed once startZygote has returned; nil after a reload
-	zygoted bool          // startZygote started one (read once zygote is closed)
-	broker  *os.Process   // runsc: the agent's broker started by this process (nil after a reload)
+	logDone chan struct{}         // closed when the copier of the container's stdout/stderr ends; nil after a reload
+	standby atomic.Int64          // the agent's standby process for the next run (PID inside the sandbox; 0: none)
+	ctxPIDs atomic.Pointer[[]int] // the code contexts' interpreters (PIDs inside the sandbox), as the agent last said
+	zygote  chan struct{}         // closed once startZygote has returned; nil after a reload
+	zygoted bool                  // startZygote started one (read once zygote is closed)
+	broker  *os.Process           // runsc: the agent's broker started by this process (nil after a reload)
 }
 
 // Open opens the container driver: it requires mountns.Enter to have run, checks the agent
@@ -978,6 +979,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		Env:        env,
 		AllowSpawn: b.AllowSpawn,
 		MaxOutput:  req.MaxOutput,
+		Context:    req.Context,
 	}
 	runCtx := ctx
 	if req.Timeout > 0 {
@@ -1001,6 +1003,9 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	wall := time.Since(started)
 	// Whatever happened, no process of the run may be left when we return.
 	b.standby.Store(int64(res.StandbyPID))
+	if runErr == nil {
+		b.ctxPIDs.Store(&res.ContextPIDs)
+	}
 	// With an answer, the run has been reaped: a child of the zygote is the next run's standby.
 	if err := d.killStragglers(id, b.Pid, res.StandbyPID, runErr == nil); err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
@@ -1030,15 +1035,17 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: agent: %s", id, res.AgentError)
 	}
 	out := driver.ExecResult{
-		Stdout:          res.Stdout,
-		Stderr:          res.Stderr,
-		StdoutTruncated: res.StdoutTruncated,
-		StderrTruncated: res.StderrTruncated,
-		Result:          res.Result,
-		Started:         started,
-		Duration:        time.Duration(res.DurationUS) * time.Microsecond,
-		CPU:             time.Duration(res.CPUUS) * time.Microsecond,
-		MemoryPeak:      res.MaxRSSBytes,
+		Stdout:           res.Stdout,
+		Stderr:           res.Stderr,
+		StdoutTruncated:  res.StdoutTruncated,
+		StderrTruncated:  res.StderrTruncated,
+		Result:           res.Result,
+		Started:          started,
+		Duration:         time.Duration(res.DurationUS) * time.Microsecond,
+		CPU:              time.Duration(res.CPUUS) * time.Microsecond,
+		MemoryPeak:       res.MaxRSSBytes,
+		ContextLost:      res.ContextLost,
+		ContextRestarted: res.ContextRestarted,
 	}
 	if out.Duration == 0 {
 		out.Duration = wall
@@ -1085,7 +1092,8 @@ func (d *Driver) killStragglers(id string, initPid, standby int, forked bool) er
 
 // runProcesses lists the processes (host PIDs) of sandbox id that are not the sandbox's own:
 // everything in its cgroups but its init (the agent, initPid), its zygote (the process outside the
-// sandbox's PID namespace) and the agent's standby process for the next run: the one whose PID in
+// sandbox's PID namespace), its code contexts' interpreters (children of the zygote or the agent
+// whose PIDs in the sandbox the agent listed last) and the agent's standby process for the next run: the one whose PID in
 // the sandbox is standby (0: none) and, if forked, any child of the zygote. (The agent answers a
 // run only once the zygote has reaped it: after an answer, a child of the zygote is a standby.
 // Without an answer it may be the run.)
@@ -1094,6 +1102,7 @@ func (d *Driver) killStragglers(id string, initPid, standby int, forked bool) er
 // the gofer and their helpers. There it lists the PIDs inside gVisor (runsc ps) but the agent's
 // (1) and the standby's.
 func (d *Driver) runProcesses(id string, initPid, standby int, forked bool) ([]int, error) {
+	contexts := d.contextPIDs(id)
 	if rt := d.runtimeOfID(id); rt.gvisor() {
 		if exited(initPid) {
 			return nil, nil // the Sentry is gone, and every process of the sandbox with it
@@ -1108,7 +1117,7 @@ func (d *Driver) runProcesses(id string, initPid, standby int, forked bool) ([]i
 			}
 			return nil, err
 		}
-		return slices.DeleteFunc(pids, func(p int) bool { return p == 1 || p == standby }), nil
+		return slices.DeleteFunc(pids, func(p int) bool { return p == 1 || p == standby || contexts[p] }), nil
 	}
 	procs, zygotes, err := d.sandboxProcs(id)
 	if err != nil {
@@ -1116,7 +1125,8 @@ func (d *Driver) runProcesses(id string, initPid, standby int, forked bool) ([]i
 	}
 	var out []int
 	for _, p := range procs {
-		own := p.pid == initPid || len(p.ns) <= 1 || (forked && zygotes[p.ppid]) || (standby > 0 && p.ns[len(p.ns)-1] == standby)
+		own := p.pid == initPid || len(p.ns) <= 1 || (forked && zygotes[p.ppid]) || (standby > 0 && p.ns[len(p.ns)-1] == standby) ||
+			(contexts[p.ns[len(p.ns)-1]] && (zygotes[p.ppid] || p.ppid == initPid))
 		if !own {
 			out = append(out, p.pid)
 		}
@@ -1247,6 +1257,59 @@ func (d *Driver) Kill(id string) error {
 	}
 	if err != nil {
 		return fmt.Errorf("kill sandbox %s: %w", id, err)
+	}
+	return nil
+}
+
+// contextPIDs are sandbox id's code contexts' interpreters as its agent last listed them (PIDs
+// inside the sandbox).
+func (d *Driver) contextPIDs(id string) map[int]bool {
+	m := map[int]bool{}
+	d.mu.Lock()
+	b := d.boxes[id]
+	d.mu.Unlock()
+	if b == nil {
+		return m
+	}
+	if p := b.ctxPIDs.Load(); p != nil {
+		for _, pid := range *p {
+			m[pid] = true
+		}
+	}
+	return m
+}
+
+// CreateContext starts code context name's interpreter in sandbox id (driver.Contexter). It
+// waits for the sandbox's zygote first, so that the interpreter is forked from it.
+func (d *Driver) CreateContext(ctx context.Context, id, name string) error {
+	return d.contextOp(ctx, id, name, agent.OpContextCreate)
+}
+
+// DeleteContext ends code context name's interpreter in sandbox id (driver.Contexter).
+func (d *Driver) DeleteContext(ctx context.Context, id, name string) error {
+	return d.contextOp(ctx, id, name, agent.OpContextDelete)
+}
+
+func (d *Driver) contextOp(ctx context.Context, id, name, op string) error {
+	b, err := d.lookup(id)
+	if err != nil {
+		return err
+	}
+	if op == agent.OpContextCreate {
+		if err := d.Warm(ctx, id); err != nil {
+			return fmt.Errorf("%s %s in sandbox %s: %w", op, name, id, err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	res, err := agentRun(ctx, socketPath(b.dir), agent.RunRequest{Op: op, Context: name, Env: proxyEnv(b.Gateway),
+		AllowSpawn: b.AllowSpawn, MaxOutput: agent.DefaultMaxOutput}, nil)
+	if err != nil {
+		return fmt.Errorf("%s %s in sandbox %s: %w", op, name, id, err)
+	}
+	b.ctxPIDs.Store(&res.ContextPIDs)
+	if res.AgentError != "" {
+		return fmt.Errorf("%s %s in sandbox %s: agent: %s", op, name, id, res.AgentError)
 	}
 	return nil
 }

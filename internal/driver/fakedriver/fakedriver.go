@@ -7,7 +7,9 @@
 //	"stubborn"     a driver slow to stop: ignores cancellation and the timeout, waits until
 //	               the test calls ReleaseStubborn, then completes
 //	"fail"         exits 1 with a Python-style error
-//	anything else  completes at once, echoing the code to stdout, result 42
+//	"crash"        in a context: its interpreter exits 1 (the context is lost)
+//	anything else  completes at once, echoing the code to stdout, result 42 — in a code context
+//	               (driver.Contexter), the number of runs its interpreter has run, this one included
 //
 // Its sandboxes are in memory, on a "host" that the drivers of Reopen share: a driver reopened
 // after a restart finds them. It passes the lifecycle part of the conformance suite (package
@@ -44,6 +46,61 @@ type Driver struct {
 type host struct {
 	mu        sync.Mutex // guards the host and the fields of every Driver on it
 	sandboxes map[string]driver.Spec
+	contexts  map[string]*fakeContext // by sandbox id + "/" + name
+}
+
+// fakeContext is a code context's interpreter: how many runs it ran (-1: it ended).
+type fakeContext struct{ runs int }
+
+// CreateContext starts a context's interpreter (driver.Contexter).
+func (d *Driver) CreateContext(ctx context.Context, id, name string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.sandboxes[id]; !ok {
+		return driver.ErrNotFound
+	}
+	if d.contexts == nil {
+		d.contexts = map[string]*fakeContext{}
+	}
+	if c := d.contexts[id+"/"+name]; c == nil || c.runs < 0 {
+		d.contexts[id+"/"+name] = &fakeContext{}
+	}
+	return nil
+}
+
+// DeleteContext ends a context's interpreter (driver.Contexter).
+func (d *Driver) DeleteContext(ctx context.Context, id, name string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.sandboxes[id]; !ok {
+		return driver.ErrNotFound
+	}
+	delete(d.contexts, id+"/"+name)
+	return nil
+}
+
+// contextRun counts a run in context name of sandbox id and returns its number, and why the
+// interpreter had to be started afresh ("": it had not).
+func (d *Driver) contextRun(id, name string, crash bool) (int, string, string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.contexts == nil {
+		d.contexts = map[string]*fakeContext{}
+	}
+	c := d.contexts[id+"/"+name]
+	restarted := ""
+	if c == nil || c.runs < 0 {
+		restarted = "the interpreter had ended"
+		c = &fakeContext{}
+		d.contexts[id+"/"+name] = c
+	}
+	c.runs++
+	n := c.runs
+	if crash {
+		c.runs = -1
+		return n, restarted, "the interpreter exited with status 1"
+	}
+	return n, restarted, ""
 }
 
 // Kill records that id was killed (driver.Killer); the sandbox stays until Destroy.
@@ -157,6 +214,13 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		end = wait(time.Duration(ms) * time.Millisecond)
 	case req.Code == "stubborn": // a driver slow to stop: ignores ctx and the timeout
 		<-d.stubborn
+	case req.Context != "":
+		n, restarted, lost := d.contextRun(id, req.Context, req.Code == "crash")
+		res.ContextRestarted, res.ContextLost = restarted, lost
+		res.Result = json.RawMessage(strconv.Itoa(n))
+		if lost != "" {
+			end.ExitCode = 1
+		}
 	case req.Code == "fail":
 		end.ExitCode = 1
 		res.Error = &driver.PyError{Type: "ZeroDivisionError", Message: "division by zero", Traceback: "Traceback ..."}

@@ -12,12 +12,12 @@ import (
 
 const runCols = `id, sandbox_id, account_id, status, code, timeout_seconds, async, exit_code, stdout, stderr,
 	stdout_truncated, stderr_truncated, result, error, created_at, started_at, finished_at, duration_ms,
-	cpu_ms, memory_peak_bytes, network_allowed, network_denied`
+	cpu_ms, memory_peak_bytes, network_allowed, network_denied, context_id, context_reset`
 
 const updateRunSQL = `UPDATE runs SET status = ?, timeout_seconds = ?, async = ?,
 	exit_code = ?, stdout = ?, stderr = ?, stdout_truncated = ?, stderr_truncated = ?, result = ?,
 	error = ?, started_at = ?, finished_at = ?, duration_ms = ?, cpu_ms = ?, memory_peak_bytes = ?,
-	network_allowed = ?, network_denied = ?
+	network_allowed = ?, network_denied = ?, context_reset = ?
 	WHERE id = ?`
 
 // CreateRun inserts a run; store.ErrConflict on a duplicate ID, store.ErrNotFound if its sandbox
@@ -27,12 +27,12 @@ func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
 	args := []any{r.ID, r.SandboxID, r.AccountID, r.Status, r.Code, r.TimeoutSeconds, r.Async, r.ExitCode,
 		r.Stdout, r.Stderr, r.StdoutTruncated, r.StderrTruncated, e.json("result", r.Result),
 		e.json("error", r.Error), e.time(r.CreatedAt), e.ptime(r.StartedAt), e.ptime(r.FinishedAt),
-		r.DurationMS, r.CPUMS, r.MemoryPeakBytes, r.NetworkAllowed, r.NetworkDenied}
+		r.DurationMS, r.CPUMS, r.MemoryPeakBytes, r.NetworkAllowed, r.NetworkDenied, r.Context, r.ContextReset}
 	if e.err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, e.err)
 	}
 	_, err := d.exec(ctx, nil, `INSERT INTO runs (`+runCols+`)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
 	if err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, classify(err))
 	}
@@ -70,7 +70,7 @@ func (d *DB) updateRun(ctx context.Context, tx *sql.Tx, r store.Run) error {
 	var e enc
 	args := []any{r.Status, r.TimeoutSeconds, r.Async, r.ExitCode, r.Stdout, r.Stderr, r.StdoutTruncated,
 		r.StderrTruncated, e.json("result", r.Result), e.json("error", r.Error), e.ptime(r.StartedAt),
-		e.ptime(r.FinishedAt), r.DurationMS, r.CPUMS, r.MemoryPeakBytes, r.NetworkAllowed, r.NetworkDenied, r.ID}
+		e.ptime(r.FinishedAt), r.DurationMS, r.CPUMS, r.MemoryPeakBytes, r.NetworkAllowed, r.NetworkDenied, r.ContextReset, r.ID}
 	if e.err != nil {
 		return fmt.Errorf("update run %s: %w", r.ID, e.err)
 	}
@@ -158,7 +158,7 @@ func scanRun(s scanner) (store.Run, error) {
 	var created string
 	if err := s.Scan(&r.ID, &r.SandboxID, &r.AccountID, &r.Status, &r.Code, &r.TimeoutSeconds, &r.Async, &exit,
 		&r.Stdout, &r.Stderr, &r.StdoutTruncated, &r.StderrTruncated, &result, &errJSON, &created, &started,
-		&finished, &r.DurationMS, &r.CPUMS, &r.MemoryPeakBytes, &r.NetworkAllowed, &r.NetworkDenied); err != nil {
+		&finished, &r.DurationMS, &r.CPUMS, &r.MemoryPeakBytes, &r.NetworkAllowed, &r.NetworkDenied, &r.Context, &r.ContextReset); err != nil {
 		return store.Run{}, err
 	}
 	if exit.Valid {

@@ -64,6 +64,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"ListEvents", testListEvents},
 		{"Usage", testUsage},
 		{"CancelledContext", testCancelledContext},
+		{"Contexts", testContexts},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, open(t)) })
