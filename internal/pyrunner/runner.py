@@ -8,6 +8,8 @@
 #           (WASI has no inherited descriptors beyond stdio; the wasm driver serves these files).
 #   result: one JSON object written at the end. Default: fd 4. With argv[4]: the file of that name,
 #           opened before the code runs.
+#   agent:  the agent channel of the run's `agent` object (see _sandbox_agent and agent.go). Default:
+#           fd 6. With argv[5]: the file of that name, opened before the code runs.
 #     {"result": <JSON of the global `result`, or its repr() as a JSON string>,
 #      "error": {"type", "message", "traceback"}}   (either key may be absent).
 #
@@ -56,12 +58,14 @@ def _sandbox_run():
             pass
     with open(code_src, "rb") as f:
         src = f.read()
+    agent_globals = _sandbox_agent(sys.argv[5] if len(sys.argv) > 5 else 6, imp)
 
     builtins = sys.modules["builtins"]
     old_main = sys.modules.get("__main__")
     mod = type(sys)("__main__")
     g = mod.__dict__
     g["__builtins__"] = builtins
+    g.update(agent_globals)
     sys.modules["__main__"] = mod
     sys.argv[:] = ["-c"]
     # Unlike `python -c`, the working directory is not on sys.path: no directory a run can write
@@ -137,6 +141,129 @@ def _sandbox_run():
             sys.exit(130)
         _leave(1, g)
     _leave(exit_arg, g)
+
+
+def _sandbox_agent(chan, imp):
+    """The globals `agent`, `AgentCallError` and `AgentNotConfigured` of a run (API.md §3).
+
+    agent.id, agent.sandbox_id and agent.run_id say who the run is; agent.run(task, **kw) and
+    agent.call(tool, **kw) send one JSON request line on the agent channel (chan: a descriptor, or
+    the name of a file to open) and return the JSON answer, decoded; the host forwards the request
+    to the endpoint the operator configured for the sandbox's agent_id (package pyrunner, agent.go,
+    has the channel's lines and limits). A call that gets no answer raises AgentCallError (its
+    `status`: the endpoint's HTTP status, else None or the channel's own 400/413/429), or
+    AgentNotConfigured when the operator configured no endpoint for the agent_id. Calls are made
+    one at a time (a lock), from the run's own process only: a forked child shares the channel's
+    descriptor, and its calls would interleave with the parent's, so they are refused.
+    """
+    import _thread
+
+    fd, info = -1, ("", "", "")
+    try:
+        if type(chan) is str:
+            fd = os.open(chan, os.O_RDWR)
+        else:
+            os.set_inheritable(chan, False)
+            fd = chan
+        hello = b""
+        while not hello.endswith(b"\n") and len(hello) < 4096:
+            c = os.read(fd, 4096 - len(hello))
+            if not c:
+                break
+            hello += c
+        parts = hello[:-1].decode("utf-8", "replace").split("\t")
+        if len(parts) == 3:
+            info = tuple(parts)
+    except OSError:
+        fd = -1
+
+    class AgentCallError(Exception):
+        """agent.run or agent.call got no answer; status: the endpoint's HTTP status, or None."""
+        __module__, __qualname__ = "builtins", "AgentCallError"
+
+        def __init__(self, message, status=None):
+            Exception.__init__(self, message)
+            self.status = status
+
+    class AgentNotConfigured(AgentCallError):
+        """The operator configured no endpoint for this sandbox's agent_id."""
+        __module__, __qualname__ = "builtins", "AgentNotConfigured"
+
+    lock = _thread.allocate_lock()
+    owner = os.getpid()
+    state = [fd]
+    max_request, max_answer = 1 << 20, (8 << 20) + (64 << 10)  # agent.go's limits
+
+    def exchange(req):
+        # One request line out, one answer line back; a channel left mid-line is not used again.
+        fd = state[0]
+        if fd < 0:
+            raise AgentCallError("this run has no agent channel (closed or broken)")
+        state[0] = -1
+        try:
+            while req:
+                req = req[os.write(fd, req):]
+            parts, n = [], 0
+            while True:
+                c = os.read(fd, 1 << 16)
+                if not c:
+                    raise AgentCallError("the agent channel was closed before its answer")
+                parts.append(c)
+                n += len(c)
+                if c.endswith(b"\n"):
+                    break
+                if n > max_answer:
+                    raise AgentCallError("the agent channel's answer is over its limit")
+        except OSError as e:
+            raise AgentCallError("the agent channel failed: %s" % e) from None
+        state[0] = fd
+        return b"".join(parts)
+
+    def call(method, key, name, args):
+        if type(name) is not str:
+            raise TypeError("agent.%s: the %s must be a str, not %s" % (method, key, type(name).__name__))
+        json = imp("json")
+        try:
+            req = json.dumps({"method": method, key: name, "args": args}, allow_nan=False).encode() + b"\n"
+        except (TypeError, ValueError) as e:
+            raise TypeError("agent.%s: the keyword arguments must be JSON-serialisable: %s" % (method, e)) from None
+        if len(req) - 1 > max_request:
+            raise AgentCallError("agent.%s: the request is %d bytes of JSON, over the 1 MiB limit" % (method, len(req) - 1), 413)
+        if os.getpid() != owner:
+            raise AgentCallError("agent.%s: only the run's own process makes agent calls, not a process it forked" % method)
+        with lock:
+            ans = exchange(req)
+        try:
+            doc = json.loads(ans)
+            ok, err = doc.get("ok"), doc.get("error")
+        except Exception:
+            raise AgentCallError("agent.%s: an answer that is not JSON came on the agent channel" % method) from None
+        if ok is True:
+            return doc.get("result")
+        typ = AgentNotConfigured if err == "AgentNotConfigured" else AgentCallError
+        status = doc.get("status")
+        raise typ(str(doc.get("message")), status if type(status) is int else None)
+
+    class Agent:
+        """The agent this sandbox runs for (its agent_id) and a way to it: agent.run(task, **kw),
+        agent.call(tool, **kw), answered by the endpoint the operator configured for it."""
+        __module__, __qualname__, __slots__ = "builtins", "Agent", ()
+        id = property(lambda self: info[0], doc="the sandbox's agent_id")
+        sandbox_id = property(lambda self: info[1], doc="the sandbox's id")
+        run_id = property(lambda self: info[2], doc="this run's id")
+
+        def run(self, task, **kwargs):
+            """Ask the agent's endpoint to run task (a str); returns its JSON answer, decoded."""
+            return call("run", "task", task, kwargs)
+
+        def call(self, tool, **kwargs):
+            """Call tool (a name) at the agent's endpoint; returns its JSON answer, decoded."""
+            return call("call", "tool", tool, kwargs)
+
+        def __repr__(self):
+            return "<agent %r sandbox=%r run=%r>" % info
+
+    return {"agent": Agent(), "AgentCallError": AgentCallError, "AgentNotConfigured": AgentNotConfigured}
 
 
 def _flush():
