@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 const (
@@ -193,19 +194,26 @@ func (a *agentServer) handle(r request) {
 		return
 	}
 
-	// Any read result after the request line (EOF, error) means the host went away.
+	// After the request line the host sends only answers to the run's agent calls (see package
+	// agent); EOF or an error means the host went away.
 	gone := make(chan struct{})
+	answers := make(chan []byte, 1)
 	go func() {
-		var b [512]byte
 		for {
-			if _, err := br.Read(b[:]); err != nil {
+			line, err := agent.ReadLine(br, pyrunner.MaxAgentAnswerLine)
+			if err != nil {
 				close(gone)
 				return
+			}
+			select {
+			case answers <- line:
+			default:
+				a.log.Warn("an answer from the host that no agent call waits for: dropped")
 			}
 		}
 	}()
 	s := newSender(conn, gone, a.log)
-	res := a.run(&req, s)
+	res := a.run(&req, s, answers)
 	s.exit(res)
 	if f := a.afterExit; f != nil {
 		a.afterExit = nil

@@ -222,7 +222,8 @@ def _sandbox_agent(chan, imp):
     def call(method, key, name, args):
         if type(name) is not str:
             raise TypeError("agent.%s: the %s must be a str, not %s" % (method, key, type(name).__name__))
-        json = imp("json")
+        with lock:  # the import too: another thread could see the module half made
+            json = imp("json")
         try:
             req = json.dumps({"method": method, key: name, "args": args}, allow_nan=False).encode() + b"\n"
         except (TypeError, ValueError) as e:

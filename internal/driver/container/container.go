@@ -969,6 +969,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		Env:        env,
 		AllowSpawn: b.AllowSpawn,
 		MaxOutput:  req.MaxOutput,
+		Agent:      req.Agent,
 	}
 	runCtx := ctx
 	if req.Timeout > 0 {
@@ -988,7 +989,8 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		}
 	}
 	started := time.Now()
-	res, runErr := agentRun(runCtx, socketPath(b.dir), areq, onEvent)
+	onCall := func(ctx context.Context, call json.RawMessage) []byte { return driver.AnswerAgentCall(ctx, req, call) }
+	res, runErr := agentRun(runCtx, socketPath(b.dir), areq, onEvent, onCall)
 	wall := time.Since(started)
 	// Whatever happened, no process of the run may be left when we return.
 	b.standby.Store(int64(res.StandbyPID))
