@@ -811,7 +811,7 @@ func (c *callServer) serve(line []byte) {
 	go func() {
 		defer c.wg.Done()
 		ans := driver.AnswerAgentCall(c.ctx, c.req, line)
-		c.busy.Store(false) // before the answer: the worker sends the next call once it has it
+		c.busy.Store(false)                        // before the answer: the worker sends the next call once it has it
 		_ = c.w.fw.Send(protocol.FrameAnswer, ans) // fails only if the worker is gone
 	}()
 }

@@ -54,10 +54,10 @@ func newRunDir(runner []byte, onTake func()) *runDir {
 	return &runDir{made: time.Now(), onTake: onTake,
 		handed: make(chan struct{}), parked: make(chan struct{}), taken: make(chan struct{}),
 		entries: map[string]*runEntry{
-			"runner": {data: runner},
-			"run":    {wait: true},
-			"code":   {},
-			"result": {write: true},
+			"runner":           {data: runner},
+			"run":              {wait: true},
+			"code":             {},
+			"result":           {write: true},
 			pyrunner.AgentFile: {agent: true},
 		}}
 }

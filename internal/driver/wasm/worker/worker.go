@@ -180,7 +180,7 @@ type worker struct {
 	memory     int64
 	env        []string // a standby's environment (protocol.Config.Env)
 	mounts     []workerMount
-	standby    *instance // the next run's instance, started and waiting (nil: none)
+	standby    *instance   // the next run's instance, started and waiting (nil: none)
 	answers    chan []byte // the host's answers to the running run's agent calls (FrameAnswer)
 }
 
