@@ -125,9 +125,12 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	s.audit(ctx, store.Event{AccountID: j.run.AccountID, Type: "run.started", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID})
 	lv.net.start(j.run.ID)
 
+	timeout := time.Duration(j.run.TimeoutSeconds) * time.Second
 	res, err := drv.Exec(j.ctx, lv.id, driver.ExecRequest{
-		Code: j.run.Code, Timeout: time.Duration(j.run.TimeoutSeconds) * time.Second, Env: j.env, MaxOutput: MaxOutputBytes,
-		OnOutput: j.out.add,
+		Code: j.run.Code, Timeout: timeout, Env: j.env, MaxOutput: MaxOutputBytes,
+		OnOutput:    j.out.add,
+		Agent:       driver.AgentInfo{AgentID: lv.rec.AgentID, SandboxID: lv.id, RunID: j.run.ID},
+		OnAgentCall: s.newAgentCalls(lv, j.run.ID, timeout).handle,
 	})
 	end := now()
 	allowed, denied := s.endNetwork(lv, j.run.ID)
