@@ -7,6 +7,9 @@
 //	"stubborn"     a driver slow to stop: ignores cancellation and the timeout, waits until
 //	               the test calls ReleaseStubborn, then completes
 //	"fail"         exits 1 with a Python-style error
+//	"agent:N:LINE" makes N agent calls, one after the other, each with the request LINE as a
+//	               run's code would write it on its agent channel (answered as the real
+//	               drivers do, driver.AnswerAgentCall); result: the array of the answers
 //	anything else  completes at once, echoing the code to stdout, result 42
 //
 // Its sandboxes are in memory, on a "host" that the drivers of Reopen share: a driver reopened
@@ -157,6 +160,14 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		end = wait(time.Duration(ms) * time.Millisecond)
 	case req.Code == "stubborn": // a driver slow to stop: ignores ctx and the timeout
 		<-d.stubborn
+	case strings.HasPrefix(req.Code, "agent:"):
+		n, line, _ := strings.Cut(strings.TrimPrefix(req.Code, "agent:"), ":")
+		count, _ := strconv.Atoi(n)
+		answers := []json.RawMessage{}
+		for range count {
+			answers = append(answers, driver.AnswerAgentCall(ctx, req, []byte(line)))
+		}
+		res.Result, _ = json.Marshal(answers)
 	case req.Code == "fail":
 		end.ExitCode = 1
 		res.Error = &driver.PyError{Type: "ZeroDivisionError", Message: "division by zero", Traceback: "Traceback ..."}
