@@ -76,7 +76,7 @@ func agentChannel() (mine, theirs *os.File, err error) {
 // run's requests one at a time; each is sent to the host as a "call" event and the host's answer
 // (from answers) written back. What the run's code writes is untrusted: a line that is not JSON
 // is answered with an error; one over pyrunner.MaxAgentRequest too, after which the channel is
-// shut (its framing is lost); every request past pyrunner.MaxAgentCalls is refused without the
+// shut (its framing is lost); every request past pyrunner.MaxAgentForwards is refused without the
 // host.
 func (a *agentServer) serveCalls(ch *os.File, info pyrunner.AgentInfo, s *sender, answers <-chan []byte, end <-chan struct{}) {
 	reply := func(line []byte) bool {
@@ -103,9 +103,8 @@ func (a *agentServer) serveCalls(ch *os.File, info pyrunner.AgentInfo, s *sender
 		}
 		var ans []byte
 		switch {
-		case n > pyrunner.MaxAgentCalls:
-			ans = pyrunner.AgentRefusal(pyrunner.AgentCallError, 429,
-				fmt.Sprintf("over the limit of %d agent calls per run", pyrunner.MaxAgentCalls))
+		case n > pyrunner.MaxAgentForwards:
+			ans = pyrunner.AgentRefusal(pyrunner.AgentCallError, 429, pyrunner.AgentOverLimit)
 		case !json.Valid(line):
 			ans = pyrunner.AgentRefusal(pyrunner.AgentCallError, 400, "the request is not JSON")
 		default:

@@ -21,7 +21,7 @@
 // the host as a "call" event (Call: the request, which the host validates: the code wrote it), and
 // the agent waits for the host's answer line and writes it back to the run before it reads the
 // next request. The agent answers by itself, without the host, a request that is not JSON, and
-// every request past pyrunner.MaxAgentCalls; a request line over pyrunner.MaxAgentRequest ends the
+// every request past pyrunner.MaxAgentForwards; a request line over pyrunner.MaxAgentRequest ends the
 // channel (an answer saying so, then the agent's end is shut). A host that answers nothing keeps
 // the run waiting until its timeout; the agent reads the host's lines also while no call waits
 // (EOF still means the host went away) and drops an answer no call waits for.

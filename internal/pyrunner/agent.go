@@ -19,9 +19,9 @@ import (
 //
 // The side forwards each request to the host, which answers it (the operator's endpoint for the
 // sandbox's agent_id: see driver.ExecRequest.OnAgentCall), and answers locally — without the host
-// — a request past MaxAgentCalls, one that is not JSON, and one over the size limit (after which
-// it closes the channel: the stream has lost its framing). One request at a time: the side reads
-// the next only once it has written the answer to the last.
+// — a request past MaxAgentForwards (AgentOverLimit), one that is not JSON, and one over the size
+// limit (after which it closes the channel: the stream has lost its framing). One request at a
+// time: the side reads the next only once it has written the answer to the last.
 
 // AgentFD is the descriptor of the agent channel in a container run's process.
 const AgentFD = 6
@@ -37,7 +37,13 @@ const (
 	// MaxAgentAnswerLine bounds an answer line on the channel: the answer and its envelope.
 	MaxAgentAnswerLine = MaxAgentAnswer + 64<<10
 	MaxAgentCalls      = 100 // calls per run; the ones after are refused (status 429)
+	// MaxAgentForwards is how many requests of a run the in-sandbox side passes to the host: one
+	// past MaxAgentCalls, which the host refuses and audits (the run hit the limit), and no more.
+	MaxAgentForwards = MaxAgentCalls + 1
 )
+
+// AgentOverLimit is the message of the refusal of a call past MaxAgentCalls (status 429).
+var AgentOverLimit = fmt.Sprintf("over the limit of %d agent calls per run", MaxAgentCalls)
 
 // AgentInfo is who a run is, as its `agent` object says: agent.id, agent.sandbox_id,
 // agent.run_id.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"sync"
 	"time"
 
@@ -51,7 +50,7 @@ func (a *agentCalls) handle(ctx context.Context, c driver.AgentCall) (json.RawMe
 			a.capped = true
 			a.audit(agentID, c, tool, "limit", 0, 0, 0)
 		}
-		return nil, &driver.AgentError{Status: 429, Message: fmt.Sprintf("over the limit of %d agent calls per run", pyrunner.MaxAgentCalls)}
+		return nil, &driver.AgentError{Status: 429, Message: pyrunner.AgentOverLimit}
 	}
 	ctx, cancel := context.WithDeadline(ctx, a.deadline)
 	defer cancel()

@@ -93,7 +93,7 @@ func TestAgentCalls(t *testing.T) {
 		{name: "the endpoint's answer", agent: "ok", code: "agent:1:" + runTask,
 			answer: `{"ok": true, "result": {"answer": "done", "rows": 12}}`, outcome: "ok", status: 200, reached: 1},
 		{name: "no endpoint for the agent_id", agent: "nobody", code: "agent:1:" + runTask,
-			answer: `{"error": "AgentNotConfigured", "message": "no endpoint is configured for agent_id \"nobody\": the operator adds agents[\"nobody\"] (its url) to sandboxd's config file"}`,
+			answer:  `{"error": "AgentNotConfigured", "message": "no endpoint is configured for agent_id \"nobody\": the operator adds agents[\"nobody\"] (its url) to sandboxd's config file"}`,
 			outcome: "not_configured"},
 		{name: "an error status", agent: "fail", code: "agent:1:" + callTool,
 			answer: `{"error": "AgentCallError", "message": "the endpoint answered 500 Internal Server Error", "status": 500}`, outcome: "status", status: 500, reached: 1},

@@ -95,7 +95,16 @@ func testAgentCalls(t *testing.T, h Harness, d driver.Driver) {
 			result: `"refused"`},
 		{name: "a closed channel", code: channelFD + "import os\nos.close(CH)\ntry:\n    agent.run('x')\nexcept AgentCallError:\n    result = 'closed'",
 			result: `"closed"`},
-		{name: "a flood stops at the cap", calls: pyrunner.MaxAgentCalls,
+		{name: "a flood stops at the cap", calls: pyrunner.MaxAgentForwards, // the host refuses the 101st
+			answer: func() func(context.Context, driver.AgentCall) (json.RawMessage, error) {
+				var n atomic.Int32
+				return func(context.Context, driver.AgentCall) (json.RawMessage, error) {
+					if n.Add(1) > pyrunner.MaxAgentCalls {
+						return nil, &driver.AgentError{Status: 429, Message: pyrunner.AgentOverLimit}
+					}
+					return json.RawMessage(`{}`), nil
+				}
+			}(),
 			code: "codes = {}\nfor i in range(150):\n    try:\n        agent.call('t'); s = 200\n    except AgentCallError as e:\n        s = e.status\n" +
 				"    codes[s] = codes.get(s, 0) + 1\nresult = codes",
 			result: `{"200": 100, "429": 50}`},

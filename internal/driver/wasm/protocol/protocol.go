@@ -37,7 +37,7 @@
 // (Run.Agent), then each request line the guest writes goes to the host as a FrameCall (the line,
 // JSON; the host validates it: the guest wrote it), and the guest's write returns once the host's
 // FrameAnswer (the answer line, without its newline) is there for it to read. The worker answers
-// by itself a line that is not JSON and every line past pyrunner.MaxAgentCalls; a line over
+// by itself a line that is not JSON and every line past pyrunner.MaxAgentForwards; a line over
 // pyrunner.MaxAgentRequest ends the channel.
 //
 // The host ends a run early by killing the worker: there is no cancel message (nothing inside

@@ -18,7 +18,7 @@ import (
 // its private directory: the guest reads the hello, then writes request lines; each complete line
 // is answered before the write returns — by the host (forward: a FrameCall, then the wait for its
 // FrameAnswer), or by the channel itself when the line is not JSON or past
-// pyrunner.MaxAgentCalls — and the answer waits for the guest to read it. A line over
+// pyrunner.MaxAgentForwards — and the answer waits for the guest to read it. A line over
 // pyrunner.MaxAgentRequest is answered with an error and ends the channel (writes then fail with
 // EIO). Reads never wait: with nothing to read they return end of file. The guest is one thread,
 // so one request is in flight at a time.
@@ -83,8 +83,8 @@ func (c *agentChan) tooLong() {
 func (c *agentChan) answer(line []byte) []byte {
 	c.calls++
 	switch {
-	case c.calls > pyrunner.MaxAgentCalls:
-		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 429, fmt.Sprintf("over the limit of %d agent calls per run", pyrunner.MaxAgentCalls))
+	case c.calls > pyrunner.MaxAgentForwards:
+		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 429, pyrunner.AgentOverLimit)
 	case !json.Valid(line):
 		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 400, "the request is not JSON")
 	case c.forward == nil:
