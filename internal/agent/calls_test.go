@@ -4,48 +4,20 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
-// endpoint stands for the service: it records the calls the host passes on and answers them.
-type endpoint struct {
-	mu       sync.Mutex
-	calls    []driver.AgentCall
-	inFlight atomic.Int32
-	overlap  atomic.Bool // two calls were answered at once
-	answer   func(ctx context.Context, c driver.AgentCall) (json.RawMessage, error)
-}
-
-func (e *endpoint) handle(ctx context.Context, c driver.AgentCall) (json.RawMessage, error) {
-	if e.inFlight.Add(1) > 1 {
-		e.overlap.Store(true)
-	}
-	defer e.inFlight.Add(-1)
-	e.mu.Lock()
-	e.calls = append(e.calls, c)
-	e.mu.Unlock()
-	if e.answer != nil {
-		return e.answer(ctx, c)
-	}
-	return json.RawMessage(`{"echo": ` + string(mustJSON(c.Name)) + `, "args": ` + string(c.Args) + `}`), nil
-}
-
-func mustJSON(v any) []byte {
-	b, _ := json.Marshal(v)
-	return b
-}
-
 // runWithCalls runs code on the agent with the host side of agent calls as the container driver
 // has it (driver.AnswerAgentCall over ep; no endpoint: calls not served).
-func runWithCalls(t *testing.T, sock string, req agent.RunRequest, ep *endpoint) agent.RunResult {
+func runWithCalls(t *testing.T, sock string, req agent.RunRequest, ep *drivertest.AgentEndpoint) agent.RunResult {
 	t.Helper()
 	if req.TimeoutMS == 0 {
 		req.TimeoutMS = 20000
@@ -53,7 +25,7 @@ func runWithCalls(t *testing.T, sock string, req agent.RunRequest, ep *endpoint)
 	req.MaxOutput = 1 << 20
 	ereq := driver.ExecRequest{}
 	if ep != nil {
-		ereq.OnAgentCall = ep.handle
+		ereq.OnAgentCall = ep.Handle
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -71,17 +43,6 @@ func runWithCalls(t *testing.T, sock string, req agent.RunRequest, ep *endpoint)
 
 // TestAgentCalls and TestAgentCallTimeout are not parallel: they run before the parallel tests,
 // whose timings (TestTimeout's) their many runs would disturb.
-// capped answers like the service: an echo, and 429 past pyrunner.MaxAgentCalls.
-func capped() func(context.Context, driver.AgentCall) (json.RawMessage, error) {
-	var n atomic.Int32
-	return func(_ context.Context, c driver.AgentCall) (json.RawMessage, error) {
-		if n.Add(1) > pyrunner.MaxAgentCalls {
-			return nil, &driver.AgentError{Status: 429, Message: pyrunner.AgentOverLimit}
-		}
-		return json.RawMessage(`{}`), nil
-	}
-}
-
 func TestAgentCalls(t *testing.T) {
 	sock := startAgent(t)
 	info := pyrunner.AgentInfo{AgentID: "data-processor", SandboxID: "sbx_test", RunID: "run_test"}
@@ -102,11 +63,11 @@ func TestAgentCalls(t *testing.T) {
 		calls      int    // calls that reached the endpoint
 	}{
 		{name: "the seed's example", code: "result = agent.run('analyze sales data')",
-			result: `{"echo":"analyze sales data","args":{}}`, calls: 1},
+			result: `{"echo":"analyze sales data","method":"run","args":{}}`, calls: 1},
 		{name: "who the run is", code: "result = [agent.id, agent.sandbox_id, agent.run_id, repr(agent)]",
 			result: `["data-processor","sbx_test","run_test","<agent 'data-processor' sandbox='sbx_test' run='run_test'>"]`},
 		{name: "a tool with arguments", code: "result = agent.call('lookup', city='Paris', n=2, tags=['a'])",
-			result: `{"echo":"lookup","args":{"city":"Paris","n":2,"tags":["a"]}}`, calls: 1},
+			result: `{"echo":"lookup","method":"call","args":{"city":"Paris","n":2,"tags":["a"]}}`, calls: 1},
 		{name: "answers of every JSON kind", code: "result = agent.run('x')",
 			answer: func(context.Context, driver.AgentCall) (json.RawMessage, error) {
 				return json.RawMessage("[1, 2.5, \"s\\n\", null, true,\n {\"k\": {}}]"), nil
@@ -130,7 +91,7 @@ func TestAgentCalls(t *testing.T) {
 			result: `413`},
 		{name: "garbage on the channel: answered, host untouched",
 			code:   "import os\nos.write(6, b'not json at all\\n')\nresult = os.read(6, 1000).decode()",
-			result: string(mustJSON(string(pyrunner.AgentRefusal(pyrunner.AgentCallError, 400, "the request is not JSON")) + "\n"))},
+			result: strconv.Quote(string(pyrunner.AgentRefusal(pyrunner.AgentCallError, 400, "the request is not JSON")) + "\n")},
 		{name: "a line over the limit ends the channel",
 			code: "import os\nb = b'x' * ((1 << 20) + 10)\nwhile b: b = b[os.write(6, b):]\nans = os.read(6, 1000).decode()\n" +
 				"try:\n    agent.run('after')\nexcept AgentCallError as e:\n    result = [ans.count('413'), str(e).startswith('the agent channel')]",
@@ -152,7 +113,7 @@ func TestAgentCalls(t *testing.T) {
 			code: "import threading\nout = []\ndef f(i):\n    for j in range(5): out.append(agent.call('t%d' % i)['echo'])\n" +
 				"ts = [threading.Thread(target=f, args=(i,)) for i in range(4)]\nfor x in ts: x.start()\nfor x in ts: x.join()\nresult = len(out)",
 			result: `20`},
-		{name: "a flood stops at the cap", calls: pyrunner.MaxAgentForwards, answer: capped(),
+		{name: "a flood stops at the cap", calls: pyrunner.MaxAgentForwards, answer: drivertest.CappedAnswer(),
 			code: "codes = {}\nfor i in range(150):\n    try:\n        agent.call('t'); s = 200\n    except AgentCallError as e:\n        s = e.status\n" +
 				"    codes[s] = codes.get(s, 0) + 1\nresult = codes",
 			result: `{"200":100,"429":50}`},
@@ -162,7 +123,7 @@ func TestAgentCalls(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ep := &endpoint{answer: tt.answer}
+			ep := &drivertest.AgentEndpoint{Answer: tt.answer}
 			if tt.noEndpoint {
 				ep = nil
 			}
@@ -181,10 +142,10 @@ func TestAgentCalls(t *testing.T) {
 				t.Errorf("result %s, want %s", res.Result, tt.result)
 			}
 			if ep != nil {
-				if len(ep.calls) != tt.calls {
-					t.Errorf("%d calls reached the endpoint, want %d", len(ep.calls), tt.calls)
+				if n := len(ep.Calls()); n != tt.calls {
+					t.Errorf("%d calls reached the endpoint, want %d", n, tt.calls)
 				}
-				if ep.overlap.Load() {
+				if ep.Overlapped() {
 					t.Error("two calls were answered at the same time")
 				}
 			}
@@ -197,7 +158,7 @@ func TestAgentCalls(t *testing.T) {
 func TestAgentCallTimeout(t *testing.T) {
 	sock := startAgent(t)
 	ended := make(chan error, 1)
-	ep := &endpoint{answer: func(ctx context.Context, c driver.AgentCall) (json.RawMessage, error) {
+	ep := &drivertest.AgentEndpoint{Answer: func(ctx context.Context, c driver.AgentCall) (json.RawMessage, error) {
 		<-ctx.Done()
 		ended <- ctx.Err()
 		return nil, ctx.Err()
@@ -209,7 +170,7 @@ func TestAgentCallTimeout(t *testing.T) {
 	if err := <-ended; !errors.Is(err, context.Canceled) {
 		t.Errorf("the call's ctx ended with %v, want it cancelled with the run", err)
 	}
-	if res := runWithCalls(t, sock, agent.RunRequest{Code: "result = agent.run('next')['echo']"}, &endpoint{}); string(res.Result) != `"next"` {
+	if res := runWithCalls(t, sock, agent.RunRequest{Code: "result = agent.run('next')['echo']"}, &drivertest.AgentEndpoint{}); string(res.Result) != `"next"` {
 		t.Errorf("next run: result %s", res.Result)
 	}
 }

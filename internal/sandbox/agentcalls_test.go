@@ -13,6 +13,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/api"
 	"github.com/sandboxd/sandboxd/internal/agentcall"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 	"github.com/sandboxd/sandboxd/internal/store"
 )
@@ -126,7 +127,7 @@ func TestAgentCalls(t *testing.T) {
 			if err := json.Unmarshal(r.Result, &answers); err != nil || len(answers) != 1 {
 				t.Fatalf("result %s: %v", r.Result, err)
 			}
-			if !sameJSON(answers[0], tt.answer) {
+			if !drivertest.SameJSON(answers[0], tt.answer) {
 				t.Errorf("answer %s\nwant   %s", answers[0], tt.answer)
 			}
 			if got := rec.count() - before; got != tt.reached {
@@ -167,7 +168,7 @@ func TestAgentCalls(t *testing.T) {
 		got := rec.reqs[len(rec.reqs)-1].body
 		rec.mu.Unlock()
 		want := `{"agent_id": "ok", "sandbox_id": "` + id + `", "run_id": "` + r.RunID + `", "method": "run", "task": "analyze sales data", "args": {"k": 1}}`
-		if b, _ := json.Marshal(got); !sameJSON(b, want) {
+		if b, _ := json.Marshal(got); !drivertest.SameJSON(b, want) {
 			t.Errorf("body %s\nwant %s", b, want)
 		}
 		evs := agentEvents(t, e, id)
@@ -220,14 +221,4 @@ func agentEvents(t *testing.T, e *env, id string) []map[string]any {
 		out = append(out, d)
 	}
 	return out
-}
-
-func sameJSON(got json.RawMessage, want string) bool {
-	var g, w any
-	if json.Unmarshal(got, &g) != nil || json.Unmarshal([]byte(want), &w) != nil {
-		return false
-	}
-	gb, _ := json.Marshal(g)
-	wb, _ := json.Marshal(w)
-	return string(gb) == string(wb)
 }

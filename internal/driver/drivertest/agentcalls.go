@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,17 +22,20 @@ const channelFD = `def _cells(f):
 CH = _cells(_cells(_cells(type(agent).run)["call"])["exchange"])["state"][0]
 `
 
-// agentEndpoint stands for the service's OnAgentCall: it records the calls a driver passes on and
-// answers them (an echo of the call by default).
-type agentEndpoint struct {
+// AgentEndpoint stands for the service's OnAgentCall in tests: it records the calls a driver
+// passes on (Handle) and answers them with Answer, or an echo of the call:
+// {"echo": <name>, "method": <method>, "args": <args>}.
+type AgentEndpoint struct {
+	Answer func(ctx context.Context, c driver.AgentCall) (json.RawMessage, error)
+
 	mu       sync.Mutex
 	calls    []driver.AgentCall
 	inFlight atomic.Int32
 	overlap  atomic.Bool
-	answer   func(ctx context.Context, c driver.AgentCall) (json.RawMessage, error)
 }
 
-func (e *agentEndpoint) handle(ctx context.Context, c driver.AgentCall) (json.RawMessage, error) {
+// Handle is the endpoint as a driver.ExecRequest.OnAgentCall.
+func (e *AgentEndpoint) Handle(ctx context.Context, c driver.AgentCall) (json.RawMessage, error) {
 	if e.inFlight.Add(1) > 1 {
 		e.overlap.Store(true)
 	}
@@ -39,11 +43,33 @@ func (e *agentEndpoint) handle(ctx context.Context, c driver.AgentCall) (json.Ra
 	e.mu.Lock()
 	e.calls = append(e.calls, c)
 	e.mu.Unlock()
-	if e.answer != nil {
-		return e.answer(ctx, c)
+	if e.Answer != nil {
+		return e.Answer(ctx, c)
 	}
 	name, _ := json.Marshal(c.Name)
 	return json.RawMessage(`{"echo": ` + string(name) + `, "method": "` + c.Method + `", "args": ` + string(c.Args) + `}`), nil
+}
+
+// Calls returns the calls the endpoint has had.
+func (e *AgentEndpoint) Calls() []driver.AgentCall {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return slices.Clone(e.calls)
+}
+
+// Overlapped reports whether two calls were ever answered at the same time.
+func (e *AgentEndpoint) Overlapped() bool { return e.overlap.Load() }
+
+// CappedAnswer answers as the service does for a run: {} to pyrunner.MaxAgentCalls calls, then
+// an AgentCallError with status 429.
+func CappedAnswer() func(context.Context, driver.AgentCall) (json.RawMessage, error) {
+	var n atomic.Int32
+	return func(context.Context, driver.AgentCall) (json.RawMessage, error) {
+		if n.Add(1) > pyrunner.MaxAgentCalls {
+			return nil, &driver.AgentError{Status: 429, Message: pyrunner.AgentOverLimit}
+		}
+		return json.RawMessage(`{}`), nil
+	}
 }
 
 // testAgentCalls: every run's `agent` (package pyrunner, agent.go) reaches ExecRequest.OnAgentCall
@@ -96,15 +122,7 @@ func testAgentCalls(t *testing.T, h Harness, d driver.Driver) {
 		{name: "a closed channel", code: channelFD + "import os\nos.close(CH)\ntry:\n    agent.run('x')\nexcept AgentCallError:\n    result = 'closed'",
 			result: `"closed"`},
 		{name: "a flood stops at the cap", calls: pyrunner.MaxAgentForwards, // the host refuses the 101st
-			answer: func() func(context.Context, driver.AgentCall) (json.RawMessage, error) {
-				var n atomic.Int32
-				return func(context.Context, driver.AgentCall) (json.RawMessage, error) {
-					if n.Add(1) > pyrunner.MaxAgentCalls {
-						return nil, &driver.AgentError{Status: 429, Message: pyrunner.AgentOverLimit}
-					}
-					return json.RawMessage(`{}`), nil
-				}
-			}(),
+			answer: CappedAnswer(),
 			code: "codes = {}\nfor i in range(150):\n    try:\n        agent.call('t'); s = 200\n    except AgentCallError as e:\n        s = e.status\n" +
 				"    codes[s] = codes.get(s, 0) + 1\nresult = codes",
 			result: `{"200": 100, "429": 50}`},
@@ -122,9 +140,9 @@ func testAgentCalls(t *testing.T, h Harness, d driver.Driver) {
 			if tt.spawn && !h.Spawn {
 				t.Skip("run code cannot start processes or threads")
 			}
-			ep := &agentEndpoint{answer: tt.answer}
+			ep := &AgentEndpoint{Answer: tt.answer}
 			res, err := d.Exec(context.Background(), id, driver.ExecRequest{Code: tt.code, Timeout: 30 * time.Second, MaxOutput: 1 << 20,
-				Agent: info, OnAgentCall: ep.handle})
+				Agent: info, OnAgentCall: ep.Handle})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -135,13 +153,13 @@ func testAgentCalls(t *testing.T, h Harness, d driver.Driver) {
 			} else if res.Status != driver.StatusCompleted {
 				t.Fatalf("status %s, error %+v, stderr %s", res.Status, res.Error, res.Stderr)
 			}
-			if tt.result != "" && !sameJSON(res.Result, tt.result) {
+			if tt.result != "" && !SameJSON(res.Result, tt.result) {
 				t.Errorf("result %s, want %s", res.Result, tt.result)
 			}
-			if len(ep.calls) != tt.calls {
-				t.Errorf("%d calls reached OnAgentCall, want %d", len(ep.calls), tt.calls)
+			if n := len(ep.Calls()); n != tt.calls {
+				t.Errorf("%d calls reached OnAgentCall, want %d", n, tt.calls)
 			}
-			if ep.overlap.Load() {
+			if ep.Overlapped() {
 				t.Error("two calls were answered at the same time")
 			}
 		})
@@ -149,13 +167,13 @@ func testAgentCalls(t *testing.T, h Harness, d driver.Driver) {
 
 	t.Run("a call waiting at the run's timeout ends with the run", func(t *testing.T) {
 		ended := make(chan error, 1)
-		ep := &agentEndpoint{answer: func(ctx context.Context, _ driver.AgentCall) (json.RawMessage, error) {
+		ep := &AgentEndpoint{Answer: func(ctx context.Context, _ driver.AgentCall) (json.RawMessage, error) {
 			<-ctx.Done()
 			ended <- ctx.Err()
 			return nil, ctx.Err()
 		}}
 		res, err := d.Exec(context.Background(), id, driver.ExecRequest{Code: "print('calling', flush=True)\nagent.run('slow')",
-			Timeout: 2 * time.Second, MaxOutput: 1 << 20, Agent: info, OnAgentCall: ep.handle})
+			Timeout: 2 * time.Second, MaxOutput: 1 << 20, Agent: info, OnAgentCall: ep.Handle})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -174,14 +192,14 @@ func testAgentCalls(t *testing.T, h Harness, d driver.Driver) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !sameJSON(res.Result, `["", "agent calls are not served to this run"]`) {
+		if !SameJSON(res.Result, `["", "agent calls are not served to this run"]`) {
 			t.Errorf("result %s, error %+v", res.Result, res.Error)
 		}
 	})
 }
 
-// sameJSON reports whether got is the JSON want (whatever the spacing and the order of keys).
-func sameJSON(got json.RawMessage, want string) bool {
+// SameJSON reports whether got is the JSON want (whatever the spacing and the order of keys).
+func SameJSON(got json.RawMessage, want string) bool {
 	var g, w any
 	if json.Unmarshal(got, &g) != nil || json.Unmarshal([]byte(want), &w) != nil {
 		return false
