@@ -170,7 +170,7 @@ func (a *agentServer) startContext(c *pyContext, req *agent.RunRequest) (err err
 	}
 	defer statusR.Close()
 	nul, sock, st := int(devnull.Fd()), int(theirs.Fd()), int(statusW.Fd())
-	fds := []int{nul, nul, nul, sock, nul, st}
+	fds := []int{nul, nul, nul, sock, nul, st, nul} // as a run's (zygote.py): fd 6, its agent channel, is per run here
 	var pid int
 	var exited <-chan exitInfo
 	var prefix []byte // what the socket carries before the environment (a launched process: the runner)
@@ -271,7 +271,7 @@ type ctxReply struct {
 }
 
 // runInContext executes req in its context's interpreter (starting one if it has none).
-func (a *agentServer) runInContext(req *agent.RunRequest, s *sender) *agent.RunResult {
+func (a *agentServer) runInContext(req *agent.RunRequest, s *sender, answers <-chan []byte) *agent.RunResult {
 	res := &agent.RunResult{ExitCode: -1}
 	if !validContextID(req.Context) {
 		res.AgentError = fmt.Sprintf("invalid context name %q", req.Context)
@@ -314,7 +314,7 @@ func (a *agentServer) runInContext(req *agent.RunRequest, s *sender) *agent.RunR
 		res.AgentError = err.Error()
 		return res
 	}
-	// The run's descriptors: stdout, stderr, code, result (ours: read, read, write, read).
+	// The run's descriptors: stdout, stderr, code, result (ours: read, read, write, read), then the agent channel.
 	var ours, theirs []*os.File
 	defer func() {
 		for _, f := range append(ours, theirs...) {
@@ -334,6 +334,23 @@ func (a *agentServer) runInContext(req *agent.RunRequest, s *sender) *agent.RunR
 		}
 	}
 	outR, errR, codeW, resR := ours[0], ours[1], ours[2], ours[3]
+	// The run's agent channel, served as a fresh run's is (its `agent` object is the run's own).
+	calls, callsChild, err := agentChannel()
+	if err != nil {
+		res.AgentError = err.Error()
+		return res
+	}
+	theirs = append(theirs, callsChild)
+	runEnd := make(chan struct{})
+	var callsDone sync.WaitGroup
+	callsDone.Add(1)
+	go func() { defer callsDone.Done(); a.serveCalls(calls, req.Agent, s, answers, runEnd) }()
+	defer func() {
+		// No call event may follow the exit event: the channel's server is gone before it.
+		close(runEnd)
+		calls.Close()
+		callsDone.Wait()
+	}()
 	pid := c.pid
 	os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0) // its peak RSS starts again
 	ticks0, _ := procCPUTicks(pid)

@@ -20,6 +20,8 @@ import (
 //	0 stdin (/dev/null)  1 stdout  2 stderr  3 code  4 result   (all passed on to Python)
 //	5 status: close-on-exec here; if anything fails before the exec succeeds, the launcher writes
 //	  the reason to it and exits with launchFailed.
+//	6 the run's agent channel (pyrunner.AgentFD), passed on to Python
+//	7 (the first run process only) where Python writes the compiled runner (see bootstrap)
 //
 // The environment and working directory are already the ones Python gets.
 // launcherGOMAXPROCS is in the launcher's environment: one P is all it needs, and the Go runtime

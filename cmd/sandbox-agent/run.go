@@ -24,7 +24,7 @@ var runnerSource = pyrunner.Source
 
 // bootstrap is Python's -c program: it reads the runner from fd 3 — argv[1] is "<kind><length>":
 // kind "s" source it compiles, "d" source it compiles and whose code object it then writes to fd
-// 6 with marshal (and closes fd 6), "c" such a code object it loads — then waits for the run: a
+// 7 with marshal (and closes fd 7), "c" such a code object it loads — then waits for the run: a
 // block "<8 hex digits: length>K=V\0K=V\0…" with the run's environment, which replaces
 // os.environ, after which it runs the runner, which reads the user code from the rest of fd 3. The
 // agent starts the next run's process as soon as a run ends, so a run finds its Python started and
@@ -56,10 +56,10 @@ if _k == "d":
     _w = marshal.dumps(_r)
     try:
         while _w:
-            _w = _w[os.write(6, _w):]
+            _w = _w[os.write(7, _w):]
     except OSError:
         pass
-    os.close(6)
+    os.close(7)
     del _w
 `
 
@@ -91,17 +91,18 @@ type proc struct {
 	dumped                           chan struct{} // kind "d": closed once the compiled runner is read (nil: other kinds)
 	zyg                              *zygote       // the zygote that forked it (nil: launched by the agent)
 	outR, errR, codeW, resR, statusR *os.File
+	calls                            *os.File // the agent's end of the run's agent channel (pollable)
 }
 
 func (p *proc) close() {
-	for _, f := range []*os.File{p.outR, p.errR, p.codeW, p.resR, p.statusR} {
+	for _, f := range []*os.File{p.outR, p.errR, p.codeW, p.resR, p.statusR, p.calls} {
 		f.Close()
 	}
 }
 
 // spawn starts a run process: the launcher with descriptors 0 /dev/null, 1 stdout, 2 stderr,
-// 3 code, 4 result, 5 status (see launch.go), which execs Python with the bootstrap; Python
-// compiles the runner and waits for the run on fd 3.
+// 3 code, 4 result, 5 status (see launch.go), 6 the agent channel (pyrunner.AgentFD), which
+// execs Python with the bootstrap; Python compiles the runner and waits for the run on fd 3.
 func (a *agentServer) spawn(allowSpawn bool, maxOut int) (*proc, error) {
 	return a.spawnHow(allowSpawn, maxOut, true)
 }
@@ -131,6 +132,11 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 			parents, children = append(parents, r), append(children, w)
 		}
 	}
+	calls, callsChild, err := agentChannel()
+	if err != nil {
+		return fail(err)
+	}
+	parents, children = append(parents, calls), append(children, callsChild)
 	if z := a.zyg; z != nil && z.alive() {
 		fds := make([]int, len(children))
 		for i, f := range children {
@@ -144,7 +150,7 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 			sent := make(chan struct{})
 			close(sent) // the zygote has the runner
 			return &proc{pid: pid, exited: exited, allowSpawn: allowSpawn, maxOut: maxOut, runnerSent: sent, zyg: z,
-				outR: parents[0], errR: parents[1], codeW: parents[2], resR: parents[3], statusR: parents[4]}, nil
+				outR: parents[0], errR: parents[1], codeW: parents[2], resR: parents[3], statusR: parents[4], calls: parents[5]}, nil
 		}
 		if !launch {
 			return fail(err)
@@ -154,7 +160,7 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 	if !launch {
 		return fail(errors.New("no zygote"))
 	}
-	// The runner: compiled once by the first process, which hands its code object back on fd 6,
+	// The runner: compiled once by the first process, which hands its code object back on fd 7,
 	// and loaded by the next ones (compiling costs ~1.3 ms of CPU per run, loading ~0.02 ms).
 	kind, runner := "s", []byte(runnerSource)
 	var dumpR *os.File
@@ -205,7 +211,7 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 		f.Close()
 	}
 	p := &proc{pid: pid, exited: exited, allowSpawn: allowSpawn, maxOut: maxOut, runnerSent: make(chan struct{}),
-		outR: parents[0], errR: parents[1], codeW: parents[2], resR: parents[3], statusR: parents[4]}
+		outR: parents[0], errR: parents[1], codeW: parents[2], resR: parents[3], statusR: parents[4], calls: parents[5]}
 	// The runner goes first; the pipe holds it while Python starts.
 	go func() {
 		defer close(p.runnerSent)
@@ -220,7 +226,7 @@ func (a *agentServer) spawnHow(allowSpawn bool, maxOut int, launch bool) (*proc,
 	return p, nil
 }
 
-// readCompiled reads the compiled runner a kind-"d" process writes to fd 6 (the bootstrap closes
+// readCompiled reads the compiled runner a kind-"d" process writes to fd 7 (the bootstrap closes
 // its end before it reads the run, so what arrives here was written before any user code ran) and
 // keeps it for the next processes. If none arrives, the next process compiles and dumps again.
 func (a *agentServer) readCompiled(r *os.File, done chan<- struct{}) {
@@ -315,8 +321,9 @@ func (a *agentServer) discard(p *proc) {
 	p.close()
 }
 
-// run executes one request and returns its result; output chunks go to s as they arrive.
-func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
+// run executes one request and returns its result; output chunks and agent calls go to s as they
+// arrive, the host's answers to the calls come from answers.
+func (a *agentServer) run(req *agent.RunRequest, s *sender, answers <-chan []byte) *agent.RunResult {
 	res := &agent.RunResult{ExitCode: -1}
 	maxOut := req.MaxOutput
 	if maxOut <= 0 {
@@ -339,6 +346,16 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender) *agent.RunResult {
 	header := envHeader(env)
 
 	var wg sync.WaitGroup
+	runEnd := make(chan struct{})
+	var callsDone sync.WaitGroup
+	callsDone.Add(1)
+	go func() { defer callsDone.Done(); a.serveCalls(p.calls, req.Agent, s, answers, runEnd) }()
+	defer func() {
+		// No call event may follow the exit event: the channel's server is gone before it.
+		close(runEnd)
+		p.calls.Close()
+		callsDone.Wait()
+	}()
 	wg.Add(5)
 	go func() {
 		defer wg.Done()

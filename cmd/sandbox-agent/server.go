@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 const (
@@ -197,14 +198,21 @@ func (a *agentServer) handle(r request) {
 		return
 	}
 
-	// Any read result after the request line (EOF, error) means the host went away.
+	// After the request line the host sends only answers to the run's agent calls (see package
+	// agent); EOF or an error means the host went away.
 	gone := make(chan struct{})
+	answers := make(chan []byte, 1)
 	go func() {
-		var b [512]byte
 		for {
-			if _, err := br.Read(b[:]); err != nil {
+			line, err := agent.ReadLine(br, pyrunner.MaxAgentAnswerLine)
+			if err != nil {
 				close(gone)
 				return
+			}
+			select {
+			case answers <- line:
+			default:
+				a.log.Warn("an answer from the host that no agent call waits for: dropped")
 			}
 		}
 	}()
@@ -214,9 +222,9 @@ func (a *agentServer) handle(r request) {
 	case req.Op != "":
 		res = a.handleContext(&req)
 	case req.Context != "":
-		res = a.runInContext(&req, s)
+		res = a.runInContext(&req, s, answers)
 	default:
-		res = a.run(&req, s)
+		res = a.run(&req, s, answers)
 	}
 	res.ContextPIDs = a.contextPIDs()
 	s.exit(res)

@@ -305,7 +305,7 @@ func (z *zygote) read(br *bufio.Reader) {
 	}
 }
 
-// fork asks for a run process with descriptors fds (0–5, see zygote.py) and returns its pid in
+// fork asks for a run process with descriptors fds (0–6, see zygote.py) and returns its pid in
 // the sandbox and the channel of its exit.
 func (z *zygote) fork(allowSpawn bool, maxOut int, fds []int) (int, <-chan exitInfo, error) {
 	return z.forkAs('F', allowSpawn, maxOut, fds)

@@ -7,10 +7,11 @@
 #
 # Protocol on the connection to the agent (after the line "zygote"):
 #   agent → zygote: 23-byte requests "F<id: 8 hex> <allow_spawn 0|1> <max_output: 10 digits>\n"
-#                   carrying 6 descriptors (SCM_RIGHTS) that become the run's 0-5: /dev/null,
-#                   stdout, stderr, code, result, status. "C" instead of "F" forks a code
-#                   context's interpreter: its fd 3 is its socket to the agent, and the runner
-#                   loops on it (runner.py, _sandbox_context).
+#                   carrying 7 descriptors (SCM_RIGHTS) that become the run's 0-6: /dev/null,
+#                   stdout, stderr, code, result, status, agent channel. "C" instead of "F" forks a
+#                   code context's interpreter: its fd 3 is its socket to the agent, and the runner
+#                   loops on it (runner.py, _sandbox_context); its other descriptors are /dev/null
+#                   but 5 (status).
 #   zygote → agent: "P <id> <pid>\n" once the process is forked (pid: in the sandbox's PID
 #                   namespace; 0 if it died before it could say), then "X <id> <wait status>
 #                   <user µs> <system µs> <max RSS KiB>\n" once it is reaped.
@@ -55,13 +56,13 @@ def _zygote():
                 _, status, ru = os.wait4(pid, 0)
                 send("X %s %d %d %d %d\n" % (rid, status, int(ru.ru_utime * 1e6), int(ru.ru_stime * 1e6), ru.ru_maxrss))
                 continue
-            msg, fds, _, _ = socket.recv_fds(sock, 23, 6)
+            msg, fds, _, _ = socket.recv_fds(sock, 23, 7)
             while msg and len(msg) < 23:
                 more = sock.recv(23 - len(msg))
                 if not more:
                     break
                 msg += more
-            if len(msg) < 23 or len(fds) != 6 or msg[:1] not in (b"F", b"C"):
+            if len(msg) < 23 or len(fds) != 7 or msg[:1] not in (b"F", b"C"):
                 os._exit(0)  # the agent is gone (or broke the protocol): the sandbox is ending
             rid = msg[1:9].decode()
             allow_spawn = msg[10:11] == b"1"
@@ -97,7 +98,7 @@ def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog, context):
         high = [fcntl.fcntl(f, fcntl.F_DUPFD, 64) for f in fds]
         for i, f in enumerate(high):
             os.dup2(f, i)
-        os.closerange(6, 1 << 20)
+        os.closerange(7, 1 << 20)
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, as after an exec
         if not allow_spawn:
             if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER

@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sandboxd/sandboxd/internal/agentcall"
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/disk"
@@ -176,7 +177,12 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 	if err != nil {
 		return fail(err)
 	}
+	agents, err := agentcall.New(cfg.Agents)
+	if err != nil {
+		return fail(err)
+	}
 	d.svc, err = sandbox.New(ctx, sandbox.Config{
+		Agents:  agents,
 		DataDir: cfg.DataDir, Images: images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, Logger: log,
 		DiskBytes: cfg.DiskBytes, DiskFreeFloor: cfg.DiskFreeFloor, IDs: cfg.IDs, Disks: disks, MountDir: mountDir,
 		MaxUploadBytes: cfg.MaxUploadBytes, WarmPool: cfg.WarmPool, Observer: m, Catalog: catalog(imgStore, runtimeOf(drv)),

@@ -120,7 +120,7 @@ func run(t *testing.T, sock string, req agent.RunRequest) agent.RunResult {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	res, err := agent.Run(ctx, sock, req, nil)
+	res, err := agent.Run(ctx, sock, req, nil, nil)
 	if err != nil {
 		t.Fatalf("Run(%q): %v", req.Code, err)
 	}
@@ -284,7 +284,7 @@ func TestTruncation(t *testing.T) {
 		mu.Lock()
 		streamed[ev.Type] += len(ev.Data)
 		mu.Unlock()
-	})
+	}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -423,7 +423,7 @@ func TestCancel(t *testing.T) {
 				}
 				cancel()
 			}
-		})
+		}, nil)
 		done <- err
 	}()
 	var err error
@@ -468,7 +468,7 @@ func TestStreaming(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	res, err := agent.Run(ctx, sock, agent.RunRequest{Code: "import time, sys\nprint('a')\nsys.stderr.write('b\\n')\ntime.sleep(0.4)\nprint('c')", TimeoutMS: 5000, MaxOutput: 1000},
-		func(ev agent.Event) { evs = append(evs, stamp{ev, time.Now()}) })
+		func(ev agent.Event) { evs = append(evs, stamp{ev, time.Now()}) }, nil)
 	end := time.Now()
 	if err != nil {
 		t.Fatal(err)
@@ -546,7 +546,7 @@ func TestWaitReady(t *testing.T) {
 	if res := run(t, sock, agent.RunRequest{Code: "print(1)"}); string(res.Stdout) != "1\n" {
 		t.Errorf("stdout %q", res.Stdout)
 	}
-	_, err = agent.Run(context.Background(), filepath.Join(t.TempDir(), "none.sock"), agent.RunRequest{Code: "1"}, nil)
+	_, err = agent.Run(context.Background(), filepath.Join(t.TempDir(), "none.sock"), agent.RunRequest{Code: "1"}, nil, nil)
 	if err == nil {
 		t.Error("Run on a missing socket: no error")
 	}
@@ -555,14 +555,14 @@ func TestWaitReady(t *testing.T) {
 func TestAgentErrors(t *testing.T) {
 	t.Parallel()
 	sock := startAgent(t, "--python", "/nonexistent/python3")
-	res, err := agent.Run(context.Background(), sock, agent.RunRequest{Code: "print(1)", TimeoutMS: 5000}, nil)
+	res, err := agent.Run(context.Background(), sock, agent.RunRequest{Code: "print(1)", TimeoutMS: 5000}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(res.AgentError, "/nonexistent/python3") {
 		t.Errorf("agent_error %q, want the missing interpreter named", res.AgentError)
 	}
-	res, err = agent.Run(context.Background(), sock, agent.RunRequest{Code: "1", Env: map[string]string{"A=B": "x"}}, nil)
+	res, err = agent.Run(context.Background(), sock, agent.RunRequest{Code: "1", Env: map[string]string{"A=B": "x"}}, nil, nil)
 	if err != nil || res.AgentError == "" {
 		t.Errorf("invalid env: err %v, agent_error %q", err, res.AgentError)
 	}

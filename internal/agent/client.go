@@ -10,7 +10,11 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // Run executes req on the agent listening at socketPath and returns the run's result.
@@ -25,10 +29,16 @@ import (
 // result: the agent could not be reached, or the connection broke before the exit event (wrapping
 // io.ErrUnexpectedEOF when the agent closed it), or ctx ended.
 //
+// Agent calls: each "call" event is answered by onCall in a goroutine of its own (so output keeps
+// flowing meanwhile), its answer written back as one line; a call that comes while another is
+// being answered (the agent sends one at a time) is refused at once. With onCall nil every call
+// is refused. Run returns only once the call it was answering has returned (its ctx ends with the
+// run).
+//
 // Cancellation: when ctx ends, Run closes the connection, which makes the agent kill the run's
 // whole process tree, and returns an error wrapping ctx.Err(). Run does not wait for the agent to
 // finish killing; the agent serves the next connection only once it has.
-func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Event)) (RunResult, error) {
+func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Event), onCall CallHandler) (RunResult, error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", socketPath)
 	if err != nil {
@@ -50,6 +60,8 @@ func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Ev
 		return RunResult{}, runErr(ctx, fmt.Errorf("sending request: %w", err))
 	}
 
+	calls := newCallServer(ctx, conn, onCall)
+	defer calls.stop()
 	br := bufio.NewReaderSize(conn, 64<<10)
 	for {
 		line, err := ReadLine(br, MaxEventLine)
@@ -68,6 +80,8 @@ func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Ev
 			if onEvent != nil {
 				onEvent(ev)
 			}
+		case "call":
+			calls.serve(ev.Call)
 		case "exit":
 			if ev.Result == nil {
 				return RunResult{}, errors.New("agent run: exit event without a result")
@@ -76,6 +90,57 @@ func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Ev
 		}
 		// Unknown event types are skipped, for compatibility with newer agents.
 	}
+}
+
+// callServer answers a run's agent calls on the connection, one at a time.
+type callServer struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	conn   net.Conn
+	onCall CallHandler
+	wmu    sync.Mutex // one answer line at a time on conn
+	busy   atomic.Bool
+	wg     sync.WaitGroup
+}
+
+func newCallServer(ctx context.Context, conn net.Conn, onCall CallHandler) *callServer {
+	cctx, cancel := context.WithCancel(ctx)
+	return &callServer{ctx: cctx, cancel: cancel, conn: conn, onCall: onCall}
+}
+
+// serve answers call: in a goroutine, or at once when it is refused.
+func (c *callServer) serve(call json.RawMessage) {
+	switch {
+	case c.onCall == nil:
+		c.answer(pyrunner.AgentRefusal(pyrunner.AgentCallError, 0, "agent calls are not served to this run"))
+	case !c.busy.CompareAndSwap(false, true):
+		c.answer(pyrunner.AgentRefusal(pyrunner.AgentCallError, 429, "one agent call at a time"))
+	default:
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			ans := c.onCall(c.ctx, call)
+			c.busy.Store(false) // before the answer: the agent sends the next call once it has it
+			c.answer(ans)
+		}()
+	}
+}
+
+// answer writes one answer line; a failed write is the connection's end, which the event loop sees.
+func (c *callServer) answer(line []byte) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.conn.SetWriteDeadline(time.Now().Add(answerWriteTimeout))
+	c.conn.Write(append(line[:len(line):len(line)], '\n'))
+}
+
+// answerWriteTimeout bounds the write of one answer (the agent reads the host's lines all the time).
+const answerWriteTimeout = 30 * time.Second
+
+// stop ends the call being answered (its ctx) and waits for it.
+func (c *callServer) stop() {
+	c.cancel()
+	c.wg.Wait()
 }
 
 // runErr prefers ctx's error: a closed connection is the expected effect of cancellation.

@@ -20,7 +20,7 @@ func ctxOpSpawn(t *testing.T, sock, op, name string, spawn bool) agent.RunResult
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	res, err := agent.Run(ctx, sock, agent.RunRequest{Op: op, Context: name, MaxOutput: 1 << 20, AllowSpawn: spawn}, nil)
+	res, err := agent.Run(ctx, sock, agent.RunRequest{Op: op, Context: name, MaxOutput: 1 << 20, AllowSpawn: spawn}, nil, nil)
 	if err != nil {
 		t.Fatalf("%s %s: %v", op, name, err)
 	}
@@ -148,7 +148,7 @@ func TestContextCancel(t *testing.T) {
 		if ev.Type == "stdout" {
 			cancel()
 		}
-	})
+	}, nil)
 	if err == nil {
 		t.Fatal("no error after cancel")
 	}

@@ -8,8 +8,23 @@
 // connection carries one run:
 //
 //	host → agent: one JSON line, a RunRequest.
-//	agent → host: JSON lines, each an Event: zero or more "stdout"/"stderr" chunks, then exactly one
-//	              "exit" event carrying the RunResult, after which the agent closes the connection.
+//	agent → host: JSON lines, each an Event: zero or more "stdout"/"stderr" chunks and "call"
+//	              events, then exactly one "exit" event carrying the RunResult, after which the
+//	              agent closes the connection.
+//	host → agent: after the RunRequest, one answer line per "call" event, in order: the line the
+//	              run gets on its agent channel (package pyrunner, agent.go), without its
+//	              newline, at most pyrunner.MaxAgentAnswerLine bytes.
+//
+// Agent calls: every run process gets, as descriptor pyrunner.AgentFD, one end of a socketpair
+// the agent made for it (never a path: the code cannot choose where its calls go). The agent
+// writes the run's hello on it, then reads the run's request lines one at a time: each is sent to
+// the host as a "call" event (Call: the request, which the host validates: the code wrote it), and
+// the agent waits for the host's answer line and writes it back to the run before it reads the
+// next request. The agent answers by itself, without the host, a request that is not JSON, and
+// every request past pyrunner.MaxAgentForwards; a request line over pyrunner.MaxAgentRequest ends the
+// channel (an answer saying so, then the agent's end is shut). A host that answers nothing keeps
+// the run waiting until its timeout; the agent reads the host's lines also while no call waits
+// (EOF still means the host went away) and drops an answer no call waits for.
 //
 // Two other first lines: Ping (the agent answers one "ready" event and closes: WaitReady), and the
 // zygote's hello (see cmd/sandbox-agent).
@@ -26,8 +41,11 @@
 package agent
 
 import (
+	"context"
 	"encoding/json"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // SocketName is the name of the agent's socket in the directory the host binds it in.
@@ -53,6 +71,8 @@ type RunRequest struct {
 	MaxOutput  int               `json:"max_output"`        // bytes kept per stream
 	Op         string            `json:"op,omitempty"`      // "": a run; OpContextCreate, OpContextDelete
 	Context    string            `json:"context,omitempty"` // the code context (ContextIDMax bytes of [A-Za-z0-9_-])
+	// Agent is who the run is: the hello on its agent channel (its `agent` object's ids).
+	Agent pyrunner.AgentInfo `json:"agent"`
 }
 
 // Ops of a RunRequest besides a run.
@@ -73,10 +93,16 @@ const ContextInterruptGrace = 2 * time.Second
 
 // Event is one line from the agent.
 type Event struct {
-	Type   string     `json:"type"`             // "stdout", "stderr", "exit" (or "ready", the answer to Ping)
-	Data   []byte     `json:"data,omitempty"`   // output chunk (stdout/stderr)
-	Result *RunResult `json:"result,omitempty"` // with "exit"
+	Type   string          `json:"type"`             // "stdout", "stderr", "call", "exit" (or "ready", the answer to Ping)
+	Data   []byte          `json:"data,omitempty"`   // output chunk (stdout/stderr)
+	Call   json.RawMessage `json:"call,omitempty"`   // with "call": the run's request line, JSON
+	Result *RunResult      `json:"result,omitempty"` // with "exit"
 }
+
+// CallHandler answers a run's agent call: call is the request line as the run wrote it (JSON, at
+// most pyrunner.MaxAgentRequest bytes, not validated otherwise); the answer is the line the run
+// gets (without its newline; driver.AnswerAgentCall makes it). ctx ends when the run does.
+type CallHandler func(ctx context.Context, call json.RawMessage) []byte
 
 // RunResult is the outcome of a run as the agent saw it. The host decides OOM (from the cgroup)
 // and cancellation; the agent reports what happened to the process.

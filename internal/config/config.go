@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sandboxd/sandboxd/internal/agentcall"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 )
@@ -65,6 +66,9 @@ type Config struct {
 	// sandboxes be destroyed one by one before it kills the rest at once (--stop-grace; default
 	// DefaultStopGrace). A service manager's stop timeout must exceed it by a few seconds.
 	StopGrace time.Duration
+	// Agents are the operator's endpoints of runs' agent calls (agent.run, agent.call), by
+	// agent_id: the file's "agents" (see package agentcall).
+	Agents map[string]agentcall.Endpoint
 }
 
 // Build is an image the server builds while it serves: the command prints the image's directory
@@ -107,6 +111,11 @@ type file struct {
 		Pool        string              `json:"pool"`
 		StaticHosts map[string][]string `json:"static_hosts"`
 	} `json:"egress"`
+	Agents map[string]struct {
+		URL     string            `json:"url"`
+		Headers map[string]string `json:"headers"`
+		Timeout *float64          `json:"timeout"` // seconds
+	} `json:"agents"`
 }
 
 type imageFlags []string
@@ -357,6 +366,25 @@ func (c *Config) loadFile(path string) error {
 		if c.NetworkPool, err = netip.ParsePrefix(f.Egress.Pool); err != nil {
 			return fmt.Errorf("config %s: egress.pool: %w", path, err)
 		}
+	}
+	for id, a := range f.Agents {
+		if !sandbox.ValidAgentID(id) {
+			return fmt.Errorf("config %s: agents[%q]: not an agent_id (1-128 characters of A-Z a-z 0-9 . _ : -)", path, id)
+		}
+		ep := agentcall.Endpoint{URL: a.URL, Headers: a.Headers}
+		if a.Timeout != nil {
+			if *a.Timeout < 1 || *a.Timeout > agentcall.MaxTimeout.Seconds() {
+				return fmt.Errorf("config %s: agents[%q].timeout %v: want 1 to %v seconds", path, id, *a.Timeout, agentcall.MaxTimeout.Seconds())
+			}
+			ep.Timeout = time.Duration(*a.Timeout * float64(time.Second))
+		}
+		if err := ep.Check(); err != nil {
+			return fmt.Errorf("config %s: agents[%q]: %w", path, id, err)
+		}
+		if c.Agents == nil {
+			c.Agents = map[string]agentcall.Endpoint{}
+		}
+		c.Agents[id] = ep
 	}
 	for name, addrs := range f.Egress.StaticHosts {
 		if c.StaticHosts == nil {

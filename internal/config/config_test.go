@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseServe(t *testing.T) {
@@ -33,6 +34,9 @@ func TestParseServe(t *testing.T) {
 	}
 	warm3, warmNeg := cfgFile("warm3.json", `{"warm_pool": 3}`), cfgFile("warmneg.json", `{"warm_pool": -1}`)
 	img := "--image=" + DefaultImage + "=" + root
+	agents := func(name, body string) []string {
+		return []string{img, "--agent-bin", agent, "--config", cfgFile(name, `{"agents": `+body+`}`)}
+	}
 	cases := []struct {
 		name    string
 		args    []string
@@ -80,6 +84,21 @@ func TestParseServe(t *testing.T) {
 				t.Fatalf("builds %+v", c.Builds)
 			}
 		}},
+		{"agents", agents("agents.json", `{"data-processor": {"url": "http://127.0.0.1:9000/agent", "headers": {"Authorization": "Bearer x"}, "timeout": 2.5},
+			"other": {"url": "https://agents.example/x"}}`), "", func(t *testing.T, c Config) {
+			dp, other := c.Agents["data-processor"], c.Agents["other"]
+			if len(c.Agents) != 2 || dp.URL != "http://127.0.0.1:9000/agent" || dp.Headers["Authorization"] != "Bearer x" ||
+				dp.Timeout != 2500*time.Millisecond || other.Timeout != 0 {
+				t.Fatalf("agents %+v", c.Agents)
+			}
+		}},
+		{"agent: not an agent_id", agents("a1.json", `{"a b": {"url": "http://h/"}}`), `agents["a b"]: not an agent_id`, nil},
+		{"agent: no url", agents("a2.json", `{"a": {}}`), `agents["a"]: url "": want an absolute http:// or https:// URL`, nil},
+		{"agent: not http", agents("a3.json", `{"a": {"url": "file:///etc/passwd"}}`), `want an absolute http:// or https:// URL`, nil},
+		{"agent: unknown field", agents("a4.json", `{"a": {"url": "http://h/", "secret": "x"}}`), `unknown field "secret"`, nil},
+		{"agent: bad header", agents("a5.json", `{"a": {"url": "http://h/", "headers": {"X": "a\r\nB: c"}}}`), `header "X"`, nil},
+		{"agent: our header", agents("a6.json", `{"a": {"url": "http://h/", "headers": {"content-type": "text/plain"}}}`), `is sandboxd's to set`, nil},
+		{"agent: timeout", agents("a7.json", `{"a": {"url": "http://h/", "timeout": 0}}`), `agents["a"].timeout 0: want 1 to 600 seconds`, nil},
 		{"bad wasm build flag", []string{img, "--agent-bin", agent, "--wasm-build", "python:3.11-wasi"}, "NAME=COMMAND", nil},
 		{"wasm build of an approved image", []string{img, "--agent-bin", agent, "--wasm-build", DefaultImage + "=true"}, "approved already", nil},
 	}

@@ -8,6 +8,7 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // IDsPerSandbox is how many host uids, and as many gids, a sandbox has: Spec.HostIDs and the ones
@@ -103,6 +105,60 @@ type ExecRequest struct {
 	// those the context's earlier runs left. A timeout or cancel interrupts the code
 	// (KeyboardInterrupt) and keeps the interpreter if the code stops within a grace period.
 	Context string
+	// Agent is who the run is, as its `agent` object says (agent.id, .sandbox_id, .run_id).
+	Agent AgentInfo
+	// OnAgentCall answers the run's agent.run/agent.call requests (see package pyrunner, agent.go:
+	// the agent channel): the driver passes each validated request on, one at a time, while the
+	// run waits for its answer, and gives the run the answer — the endpoint's JSON, or the error,
+	// an *AgentError to say which (any other error is an AgentCallError without status). ctx ends
+	// when the run does. nil: every call is refused (AgentCallError). It may block (it is the
+	// endpoint's time), but its answer is only of use before the run's deadline.
+	OnAgentCall func(ctx context.Context, c AgentCall) (json.RawMessage, error)
+}
+
+// AgentInfo is who a run is (pyrunner.AgentInfo).
+type AgentInfo = pyrunner.AgentInfo
+
+// AgentCall is one request of a run's `agent` object (pyrunner.AgentCall).
+type AgentCall = pyrunner.AgentCall
+
+// AgentError is why an agent call got no answer: NotConfigured (no endpoint for the agent_id:
+// AgentNotConfigured in the run), else an AgentCallError with Status (the endpoint's HTTP status,
+// or 0).
+type AgentError struct {
+	NotConfigured bool
+	Status        int
+	Message       string
+}
+
+func (e *AgentError) Error() string { return e.Message }
+
+// AnswerAgentCall is what drivers do with a request line a run wrote on its agent channel: it
+// validates it (pyrunner.ParseAgentCall), has req.OnAgentCall answer it, and returns the answer
+// line for the run (without its newline).
+func AnswerAgentCall(ctx context.Context, req ExecRequest, line []byte) []byte {
+	c, err := pyrunner.ParseAgentCall(line)
+	if err != nil {
+		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 400, err.Error())
+	}
+	if req.OnAgentCall == nil {
+		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 0, "agent calls are not served to this run")
+	}
+	res, err := req.OnAgentCall(ctx, c)
+	var ae *AgentError
+	switch {
+	case errors.As(err, &ae) && ae.NotConfigured:
+		return pyrunner.AgentRefusal(pyrunner.AgentNotConfigured, 0, ae.Message)
+	case errors.As(err, &ae):
+		return pyrunner.AgentRefusal(pyrunner.AgentCallError, ae.Status, ae.Message)
+	case err != nil:
+		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 0, err.Error())
+	}
+	var out bytes.Buffer // one line: the answer's whitespace (newlines) out
+	if err := json.Compact(&out, res); err != nil {
+		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 0, "the answer is not JSON")
+	}
+	return pyrunner.AgentAnswer(out.Bytes())
 }
 
 // Status is the outcome of a run, as the API reports it.

@@ -4,7 +4,9 @@
 // it is not JSON-serialisable, a notice when over the size limit); an uncaught exception is
 // reported as {type, message, traceback}, printed to stderr, and exits 1; SystemExit exits like
 // Python. See the comment at the top of runner.py for how the code comes in and the report goes
-// out (descriptors 3 and 4 for sandbox-agent, named files for the wasm driver).
+// out (descriptors 3 and 4 for sandbox-agent, named files for the wasm driver). Every run's globals
+// also hold `agent`, whose calls go over the run's agent channel (agent.go: descriptor 6, or the
+// file AgentFile).
 package pyrunner
 
 import (

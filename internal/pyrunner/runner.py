@@ -8,6 +8,8 @@
 #           (WASI has no inherited descriptors beyond stdio; the wasm driver serves these files).
 #   result: one JSON object written at the end. Default: fd 4. With argv[4]: the file of that name,
 #           opened before the code runs.
+#   agent:  the agent channel of the run's `agent` object (see _sandbox_agent and agent.go). Default:
+#           fd 6. With argv[5]: the file of that name, opened before the code runs.
 #     {"result": <JSON of the global `result`, or its repr() as a JSON string>,
 #      "error": {"type", "message", "traceback"}}   (either key may be absent).
 #
@@ -43,12 +45,14 @@ def _sandbox_run():
             pass
     with open(code_src, "rb") as f:
         src = f.read()
+    agent_globals, _ = _sandbox_agent(sys.argv[5] if len(sys.argv) > 5 else 6, imp)
 
     builtins = sys.modules["builtins"]
     old_main = sys.modules.get("__main__")
     mod = type(sys)("__main__")
     g = mod.__dict__
     g["__builtins__"] = builtins
+    g.update(agent_globals)
     sys.modules["__main__"] = mod
     sys.argv[:] = ["-c"]
     # Unlike `python -c`, the working directory is not on sys.path: no directory a run can write
@@ -168,6 +172,144 @@ def _exit_status(arg):
     except BaseException:
         pass
     return 1
+
+
+def _sandbox_agent(chan, imp):
+    """The globals `agent`, `AgentCallError` and `AgentNotConfigured` of a run (API.md §3).
+
+    agent.id, agent.sandbox_id and agent.run_id say who the run is; agent.run(task, **kw) and
+    agent.call(tool, **kw) send one JSON request line on the agent channel (chan: a descriptor, or
+    the name of a file to open) and return the JSON answer, decoded; the host forwards the request
+    to the endpoint the operator configured for the sandbox's agent_id (package pyrunner, agent.go,
+    has the channel's lines and limits). A call that gets no answer raises AgentCallError (its
+    `status`: the endpoint's HTTP status, else None or the channel's own 400/413/429), or
+    AgentNotConfigured when the operator configured no endpoint for the agent_id. Calls are made
+    one at a time (a lock), from the run's own process only: a forked child shares the channel's
+    descriptor, and its calls would interleave with the parent's, so they are refused.
+    """
+    import _thread
+
+    fd, info = -1, ("", "", "")
+    try:
+        if type(chan) is str:
+            fd = os.open(chan, os.O_RDWR)
+        else:
+            os.set_inheritable(chan, False)
+            fd = chan
+        hello = b""
+        while not hello.endswith(b"\n") and len(hello) < 4096:
+            c = os.read(fd, 4096 - len(hello))
+            if not c:
+                break
+            hello += c
+        parts = hello[:-1].decode("utf-8", "replace").split("\t")
+        if len(parts) == 3:
+            info = tuple(parts)
+    except OSError:
+        fd = -1
+
+    class AgentCallError(Exception):
+        """agent.run or agent.call got no answer; status: the endpoint's HTTP status, or None."""
+        __module__, __qualname__ = "builtins", "AgentCallError"
+
+        def __init__(self, message, status=None):
+            Exception.__init__(self, message)
+            self.status = status
+
+    class AgentNotConfigured(AgentCallError):
+        """The operator configured no endpoint for this sandbox's agent_id."""
+        __module__, __qualname__ = "builtins", "AgentNotConfigured"
+
+    lock = _thread.allocate_lock()
+    owner = os.getpid()
+    state = [fd, False]  # the channel (-1: taken by a call, or none), closed (the run is over)
+    max_request, max_answer = 1 << 20, (8 << 20) + (64 << 10)  # agent.go's limits
+
+    def exchange(req):
+        # One request line out, one answer line back; a channel left mid-line is not used again.
+        fd = state[0]
+        if fd < 0 or state[1]:
+            raise AgentCallError("this run has no agent channel (closed, broken, or its run is over)")
+        state[0] = -1
+        try:
+            while req:
+                req = req[os.write(fd, req):]
+            parts, n = [], 0
+            while True:
+                c = os.read(fd, 1 << 16)
+                if not c:
+                    raise AgentCallError("the agent channel was closed before its answer")
+                parts.append(c)
+                n += len(c)
+                if c.endswith(b"\n"):
+                    break
+                if n > max_answer:
+                    raise AgentCallError("the agent channel's answer is over its limit")
+        except BaseException as e:
+            os.close(fd)  # a channel left mid-line is not used again
+            if isinstance(e, OSError):
+                raise AgentCallError("the agent channel failed: %s" % e) from None
+            raise
+        if state[1]:
+            os.close(fd)  # its run ended during the call (a thread of a context's run)
+        else:
+            state[0] = fd
+        return b"".join(parts)
+
+    def call(method, key, name, args):
+        if type(name) is not str:
+            raise TypeError("agent.%s: the %s must be a str, not %s" % (method, key, type(name).__name__))
+        with lock:  # the import too: another thread could see the module half made
+            json = imp("json")
+        try:
+            req = json.dumps({"method": method, key: name, "args": args}, allow_nan=False).encode() + b"\n"
+        except (TypeError, ValueError) as e:
+            raise TypeError("agent.%s: the keyword arguments must be JSON-serialisable: %s" % (method, e)) from None
+        if len(req) - 1 > max_request:
+            raise AgentCallError("agent.%s: the request is %d bytes of JSON, over the 1 MiB limit" % (method, len(req) - 1), 413)
+        if os.getpid() != owner:
+            raise AgentCallError("agent.%s: only the run's own process makes agent calls, not a process it forked" % method)
+        with lock:
+            ans = exchange(req)
+        try:
+            doc = json.loads(ans)
+            ok, err = doc.get("ok"), doc.get("error")
+        except Exception:
+            raise AgentCallError("agent.%s: an answer that is not JSON came on the agent channel" % method) from None
+        if ok is True:
+            return doc.get("result")
+        typ = AgentNotConfigured if err == "AgentNotConfigured" else AgentCallError
+        status = doc.get("status")
+        raise typ(str(doc.get("message")), status if type(status) is int else None)
+
+    class Agent:
+        """The agent this sandbox runs for (its agent_id) and a way to it: agent.run(task, **kw),
+        agent.call(tool, **kw), answered by the endpoint the operator configured for it."""
+        __module__, __qualname__, __slots__ = "builtins", "Agent", ()
+        id = property(lambda self: info[0], doc="the sandbox's agent_id")
+        sandbox_id = property(lambda self: info[1], doc="the sandbox's id")
+        run_id = property(lambda self: info[2], doc="this run's id")
+
+        def run(self, task, **kwargs):
+            """Ask the agent's endpoint to run task (a str); returns its JSON answer, decoded."""
+            return call("run", "task", task, kwargs)
+
+        def call(self, tool, **kwargs):
+            """Call tool (a name) at the agent's endpoint; returns its JSON answer, decoded."""
+            return call("call", "tool", tool, kwargs)
+
+        def __repr__(self):
+            return "<agent %r sandbox=%r run=%r>" % info
+
+    def close():
+        # The run is over (a context's: its interpreter lives on): this object's channel is closed
+        # and never used again — its number may be reused by a later run's file.
+        state[1] = True
+        fd, state[0] = state[0], -1
+        if fd >= 0:
+            os.close(fd)
+
+    return {"agent": Agent(), "AgentCallError": AgentCallError, "AgentNotConfigured": AgentNotConfigured}, close
 
 
 def _flush():
@@ -293,8 +435,9 @@ def _format_error(exc, src, imp):
 # same __main__ globals. Started like a run process but with `_sandbox_context_fd` (a connected
 # unix stream socket to the agent) in the bootstrap's globals; the agent writes the environment
 # block there (the bootstrap reads it), then "<working directory>\n"; the context changes to that
-# directory and answers "H\n". Then, for each run, the agent sends "R<seq: 8 hex>\n" with four
-# descriptors (SCM_RIGHTS): stdout, stderr, code, result. The code descriptor holds what a fresh
+# directory and answers "H\n". Then, for each run, the agent sends "R<seq: 8 hex>\n" with five
+# descriptors (SCM_RIGHTS): stdout, stderr, code, result, and the run's agent channel (the
+# globals `agent`, `AgentCallError` and `AgentNotConfigured` are the run's own, as in a fresh run). The code descriptor holds what a fresh
 # run's fd 3 holds after the runner: "<8 hex: length>K=V\0…" (set in os.environ, on top of what is
 # there) and the source. The context makes the first two its fds 1 and 2 (sys.stdout/sys.stderr
 # are reset to them), runs the code as a fresh run would — compiled as "<run>", `result` and the
@@ -338,13 +481,13 @@ def _sandbox_context(ctl):
     null = os.open(os.devnull, os.O_RDWR)
     sock.sendall(b"H\n")
     while True:
-        msg, fds, _, _ = socket.recv_fds(sock, 10, 4)
+        msg, fds, _, _ = socket.recv_fds(sock, 10, 5)
         while msg and len(msg) < 10:
             more = sock.recv(10 - len(msg))
             if not more:
                 break
             msg += more
-        if len(msg) != 10 or len(fds) != 4 or msg[:1] != b"R":
+        if len(msg) != 10 or len(fds) != 5 or msg[:1] != b"R":
             os._exit(0)  # the agent is gone, or the context is being deleted
         _context_run(msg[1:9], fds, g, limit, imp, null, sock, resource)
 
@@ -360,14 +503,17 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
                 break
     except ChildProcessError:
         pass
-    out, err, code_fd, res_fd = fds
+    out, err, code_fd, res_fd, chan = fds
     os.dup2(out, 1)
     os.dup2(err, 2)
     os.close(out)
     os.close(err)
     _context_stdio()
     status = 0
+    close_agent = None
     try:
+        agent_globals, close_agent = _sandbox_agent(chan, imp)
+        g.update(agent_globals)
         with open(code_fd, "rb") as f:
             data = f.read()
         n = int(data[:8], 16)
@@ -387,6 +533,10 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
         os.close(res_fd)
     except OSError:
         pass
+    if close_agent is not None:
+        close_agent()
+    else:
+        os.close(chan)
     _flush()
     os.dup2(null, 1)
     os.dup2(null, 2)

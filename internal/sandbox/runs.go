@@ -144,9 +144,12 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	if cerr != nil {
 		err = cerr
 	} else {
+		timeout := time.Duration(j.run.TimeoutSeconds) * time.Second
 		res, err = drv.Exec(j.ctx, lv.id, driver.ExecRequest{
-			Code: j.run.Code, Timeout: time.Duration(j.run.TimeoutSeconds) * time.Second, Env: j.env, MaxOutput: MaxOutputBytes,
+			Code: j.run.Code, Timeout: timeout, Env: j.env, MaxOutput: MaxOutputBytes,
 			OnOutput: j.out.add, Context: j.run.Context,
+			Agent:       driver.AgentInfo{AgentID: lv.rec.AgentID, SandboxID: lv.id, RunID: j.run.ID},
+			OnAgentCall: s.newAgentCalls(lv, j.run.ID, timeout).handle,
 		})
 		if j.run.Context != "" {
 			if reset := s.contextAfter(cx, res, err); reset != "" {

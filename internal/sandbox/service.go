@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/agentcall"
 	"github.com/sandboxd/sandboxd/internal/disk"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/imagebuild"
@@ -121,6 +122,9 @@ type Config struct {
 	MaxUploadBytes int64    // per-file upload limit of the files API (default DefaultMaxUploadBytes)
 	WarmPool       int      // provisioned sandboxes kept ready per shape asked for (0: none; see warmPool)
 	Observer       Observer // receives measurements for metrics (nil: none)
+	// Agents sends runs' agent calls to the operator's endpoints by agent_id (nil: none is
+	// configured, every call is AgentNotConfigured).
+	Agents *agentcall.Client
 	// Logger receives the service's log records, which name a sandbox "sandbox" and a run "run"
 	// (nil: nothing is logged). serve gives it and the drivers one logger.
 	Logger *slog.Logger

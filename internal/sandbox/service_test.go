@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/agentcall"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/fakedriver"
 	"github.com/sandboxd/sandboxd/internal/egress"
@@ -31,6 +32,8 @@ type env struct {
 	warm int // Config.WarmPool of the services open makes
 	// catalog is Config.Catalog of the services open makes.
 	catalog func() ([]sandbox.Image, error)
+	// agents is Config.Agents of the services open makes.
+	agents *agentcall.Client
 }
 
 func newEnv(t *testing.T, plan string) *env {
@@ -55,7 +58,7 @@ func (e *env) open(t *testing.T) *sandbox.Service {
 	t.Helper()
 	svc, err := sandbox.New(context.Background(), sandbox.Config{
 		DataDir: e.dir, Images: []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/nonexistent", Default: true}},
-		WarmPool: e.warm, Catalog: e.catalog,
+		WarmPool: e.warm, Catalog: e.catalog, Agents: e.agents,
 	}, e.st, map[string]driver.Driver{"container": e.drv})
 	if err != nil {
 		t.Fatal(err)
@@ -66,7 +69,13 @@ func (e *env) open(t *testing.T) *sandbox.Service {
 
 func (e *env) create(t *testing.T, cfg *api.Config) string {
 	t.Helper()
-	resp, err := e.svc.Create(context.Background(), e.acct, api.CreateSandboxRequest{AgentID: "agent-1", Config: cfg})
+	return e.createFor(t, "agent-1", cfg)
+}
+
+// createFor creates a sandbox of agent agentID.
+func (e *env) createFor(t *testing.T, agentID string, cfg *api.Config) string {
+	t.Helper()
+	resp, err := e.svc.Create(context.Background(), e.acct, api.CreateSandboxRequest{AgentID: agentID, Config: cfg})
 	if err != nil {
 		t.Fatal(err)
 	}

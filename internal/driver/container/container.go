@@ -980,6 +980,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		AllowSpawn: b.AllowSpawn,
 		MaxOutput:  req.MaxOutput,
 		Context:    req.Context,
+		Agent:      req.Agent,
 	}
 	runCtx := ctx
 	if req.Timeout > 0 {
@@ -999,7 +1000,8 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		}
 	}
 	started := time.Now()
-	res, runErr := agentRun(runCtx, socketPath(b.dir), areq, onEvent)
+	onCall := func(ctx context.Context, call json.RawMessage) []byte { return driver.AnswerAgentCall(ctx, req, call) }
+	res, runErr := agentRun(runCtx, socketPath(b.dir), areq, onEvent, onCall)
 	wall := time.Since(started)
 	// Whatever happened, no process of the run may be left when we return.
 	b.standby.Store(int64(res.StandbyPID))
@@ -1303,7 +1305,7 @@ func (d *Driver) contextOp(ctx context.Context, id, name, op string) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	res, err := agentRun(ctx, socketPath(b.dir), agent.RunRequest{Op: op, Context: name, Env: proxyEnv(b.Gateway),
-		AllowSpawn: b.AllowSpawn, MaxOutput: agent.DefaultMaxOutput}, nil)
+		AllowSpawn: b.AllowSpawn, MaxOutput: agent.DefaultMaxOutput}, nil, nil)
 	if err != nil {
 		return fmt.Errorf("%s %s in sandbox %s: %w", op, name, id, err)
 	}

@@ -120,6 +120,7 @@ func Run(t *testing.T, h Harness) {
 		{"TmpSize", true, testTmpSize},
 		{"RunsStartClean", true, testRunsStartClean},
 		{"Spawn", true, testSpawn},
+		{"AgentCalls", true, testAgentCalls},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.python && !h.Python {

@@ -8,6 +8,9 @@
 //	               the test calls ReleaseStubborn, then completes
 //	"fail"         exits 1 with a Python-style error
 //	"crash"        in a context: its interpreter exits 1 (the context is lost)
+//	"agent:N:LINE" makes N agent calls, one after the other, each with the request LINE as a
+//	               run's code would write it on its agent channel (answered as the real
+//	               drivers do, driver.AnswerAgentCall); result: the array of the answers
 //	anything else  completes at once, echoing the code to stdout, result 42 — in a code context
 //	               (driver.Contexter), the number of runs its interpreter has run, this one included
 //
@@ -214,6 +217,14 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		end = wait(time.Duration(ms) * time.Millisecond)
 	case req.Code == "stubborn": // a driver slow to stop: ignores ctx and the timeout
 		<-d.stubborn
+	case strings.HasPrefix(req.Code, "agent:"):
+		n, line, _ := strings.Cut(strings.TrimPrefix(req.Code, "agent:"), ":")
+		count, _ := strconv.Atoi(n)
+		answers := []json.RawMessage{}
+		for range count {
+			answers = append(answers, driver.AnswerAgentCall(ctx, req, []byte(line)))
+		}
+		res.Result, _ = json.Marshal(answers)
 	case req.Context != "":
 		n, restarted, lost := d.contextRun(id, req.Context, req.Code == "crash")
 		res.ContextRestarted, res.ContextLost = restarted, lost

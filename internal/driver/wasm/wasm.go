@@ -621,7 +621,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	if err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
 	}
-	return d.exec(ctx, b, protocol.Run{Code: req.Code, Env: env, MaxOutput: req.MaxOutput}, req)
+	return d.exec(ctx, b, protocol.Run{Code: req.Code, Env: env, MaxOutput: req.MaxOutput, Agent: req.Agent}, req)
 }
 
 // exec runs m in b's worker (see Exec), in steps: acquire the worker (noWorker when there is
@@ -708,7 +708,9 @@ func (e *execution) stream(ctx context.Context, req driver.ExecRequest) {
 		defer t.Stop()
 		timeout = t.C
 	}
-	e.await(ctx, frames, timeout, req.OnOutput)
+	calls := newCallServer(ctx, e.w, req)
+	e.await(ctx, frames, timeout, req.OnOutput, calls)
+	calls.stop()
 	e.res.Duration = time.Since(e.res.Started)
 	if e.ex == nil {
 		e.w.kill()
@@ -753,7 +755,7 @@ func readFrames(w *proc) (frames <-chan frame, stop func()) {
 // await takes the run's frames until it ends: its exit frame (e.ex), the timeout or ctx's end
 // (e.stopped), or a read error or a frame out of place (e.readErr). Output goes to e.res and to
 // onOutput, if set.
-func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-chan time.Time, onOutput func(driver.Stream, []byte)) {
+func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-chan time.Time, onOutput func(driver.Stream, []byte), calls *callServer) {
 	for {
 		select {
 		case f := <-frames:
@@ -771,6 +773,8 @@ func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-ch
 				if onOutput != nil {
 					onOutput(s, f.p)
 				}
+			case protocol.FrameCall:
+				calls.serve(f.p)
 			case protocol.FrameExit:
 				var ex protocol.Exit
 				if err := json.Unmarshal(f.p, &ex); err != nil {
@@ -791,6 +795,43 @@ func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-ch
 			return
 		}
 	}
+}
+
+// callServer answers the agent calls of a run (protocol.FrameCall) with req.OnAgentCall, each in a
+// goroutine of its own while await goes on reading output, one at a time (a worker sends one at a
+// time: another is refused at once).
+type callServer struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	w      *proc
+	req    driver.ExecRequest
+	busy   atomic.Bool
+	wg     sync.WaitGroup
+}
+
+func newCallServer(ctx context.Context, w *proc, req driver.ExecRequest) *callServer {
+	cctx, cancel := context.WithCancel(ctx)
+	return &callServer{ctx: cctx, cancel: cancel, w: w, req: req}
+}
+
+func (c *callServer) serve(line []byte) {
+	if !c.busy.CompareAndSwap(false, true) {
+		_ = c.w.fw.Send(protocol.FrameAnswer, pyrunner.AgentRefusal(pyrunner.AgentCallError, 429, "one agent call at a time"))
+		return
+	}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		ans := driver.AnswerAgentCall(c.ctx, c.req, line)
+		c.busy.Store(false)                        // before the answer: the worker sends the next call once it has it
+		_ = c.w.fw.Send(protocol.FrameAnswer, ans) // fails only if the worker is gone
+	}()
+}
+
+// stop ends the call being answered (its ctx) and waits for it.
+func (c *callServer) stop() {
+	c.cancel()
+	c.wg.Wait()
 }
 
 // release reads what the run cost the sandbox's cgroup (CPU time, OOM kills) and, when the run

@@ -29,7 +29,16 @@
 //	then per run:
 //	host → worker  FrameRun        Run
 //	worker → host  FrameStdout/FrameStderr chunks as the guest writes them (at most MaxOutput
-//	               bytes per stream), then FrameExit Exit
+//	               bytes per stream) and FrameCall requests, then FrameExit Exit
+//	host → worker  FrameAnswer     one per FrameCall, in order, while the run lasts
+//
+// Agent calls: the guest's agent channel (package pyrunner, agent.go) is the file
+// pyrunner.AgentFile of the run's private directory, served by the worker: it reads the hello
+// (Run.Agent), then each request line the guest writes goes to the host as a FrameCall (the line,
+// JSON; the host validates it: the guest wrote it), and the guest's write returns once the host's
+// FrameAnswer (the answer line, without its newline) is there for it to read. The worker answers
+// by itself a line that is not JSON and every line past pyrunner.MaxAgentForwards; a line over
+// pyrunner.MaxAgentRequest ends the channel.
 //
 // The host ends a run early by killing the worker: there is no cancel message (nothing inside
 // the worker is trusted to stop on time; see package worker, trap 3).
@@ -46,6 +55,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // WorkerCommand is the name of sandboxd's hidden subcommand that runs a worker: cmd/sandboxd
@@ -62,6 +73,8 @@ const (
 	FrameStdout     = 'o'
 	FrameStderr     = 'e'
 	FrameExit       = 'x'
+	FrameCall       = 'A'
+	FrameAnswer     = 'a'
 )
 
 // MaxFrame bounds a frame's payload (the exit message carries the runner's report).
@@ -130,6 +143,8 @@ type Run struct {
 	Env       []string `json:"env"` // KEY=value, sorted
 	MaxOutput int      `json:"max_output"`
 	Args      []string `json:"args,omitempty"`
+	// Agent is who the run is: the hello of its agent channel.
+	Agent pyrunner.AgentInfo `json:"agent"`
 }
 
 // Exit is how a run ended, as the worker saw it.

@@ -11,13 +11,15 @@ import (
 	"github.com/tetratelabs/wazero/sys"
 
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // runDir is one run's private directory, in memory: the runner's source to read, the run's
-// header ("run": what the bootstrap waits for, see worker.go) and the user's code, and the file
-// the runner writes its report to. Each entry can be opened once: the bootstrap and the runner
-// open all four before the user's code runs, so the code finds the directory empty (it can
-// neither read the runner's input again nor forge its report). Nothing touches the disk.
+// header ("run": what the bootstrap waits for, see worker.go) and the user's code, the file
+// the runner writes its report to, and the run's agent channel (pyrunner.AgentFile, agentChan).
+// Each entry can be opened once: the bootstrap and the runner open all five before the user's
+// code runs, so the code finds the directory empty (it can neither read the runner's input again
+// nor forge its report, nor open a second agent channel). Nothing touches the disk.
 //
 // The directory exists before its run does (the instance is a standby, started ahead of the run):
 // "run" and "code" are empty until deliver; a read of "run" blocks until then, so the guest
@@ -34,13 +36,15 @@ type runDir struct {
 	parkOnce sync.Once
 	taken    chan struct{} // closed when the guest has read the run's header: the run is its own
 	takeOnce sync.Once
-	onTake   func() // called once, by the guest's goroutine, when it takes the run
+	onTake   func()     // called once, by the guest's goroutine, when it takes the run
+	agent    *agentChan // the run's agent channel, set by deliver
 }
 
 type runEntry struct {
 	data   []byte // content to read (nil for the report)
 	write  bool   // the report: write-only
 	wait   bool   // "run": reads wait for deliver or cancel
+	agent  bool   // the agent channel: read-write, served by runDir.agent
 	opened bool
 }
 
@@ -50,20 +54,22 @@ func newRunDir(runner []byte, onTake func()) *runDir {
 	return &runDir{made: time.Now(), onTake: onTake,
 		handed: make(chan struct{}), parked: make(chan struct{}), taken: make(chan struct{}),
 		entries: map[string]*runEntry{
-			"runner": {data: runner},
-			"run":    {wait: true},
-			"code":   {},
-			"result": {write: true},
+			"runner":           {data: runner},
+			"run":              {wait: true},
+			"code":             {},
+			"result":           {write: true},
+			pyrunner.AgentFile: {agent: true},
 		}}
 }
 
-// deliver hands the run to the guest: its header (what the bootstrap reads from "run") and its
-// code. Only the first of deliver and cancel counts.
-func (d *runDir) deliver(header, code []byte) {
+// deliver hands the run to the guest: its header (what the bootstrap reads from "run"), its
+// code and its agent channel. Only the first of deliver and cancel counts.
+func (d *runDir) deliver(header, code []byte, agent *agentChan) {
 	d.handOnce.Do(func() {
 		d.mu.Lock()
 		d.entries["run"].data = header
 		d.entries["code"].data = code
+		d.agent = agent
 		d.mu.Unlock()
 		close(d.handed)
 	})
@@ -109,6 +115,13 @@ func (d *runDir) OpenFile(p string, flag experimentalsys.Oflag, _ fs.FileMode) (
 		return nil, experimentalsys.ENOENT
 	}
 	acc := flag & (experimentalsys.O_RDONLY | experimentalsys.O_RDWR | experimentalsys.O_WRONLY)
+	if e.agent {
+		if acc != experimentalsys.O_RDWR || flag&experimentalsys.O_DIRECTORY != 0 || d.agent == nil {
+			return nil, experimentalsys.EACCES
+		}
+		e.opened = true
+		return &agentFile{c: d.agent}, 0
+	}
 	if e.write != (acc == experimentalsys.O_WRONLY) || flag&experimentalsys.O_DIRECTORY != 0 {
 		return nil, experimentalsys.EACCES
 	}

@@ -131,7 +131,8 @@ exec(_start())
 
 // runArgs is the command line of a runner instance: the runner's limit (argv[2]) is a
 // placeholder until the bootstrap reads the run's.
-var runArgs = []string{"python", "-I", "-u", "-B", "-c", bootstrap, "0", "0", protocol.RunDir + "/code", protocol.RunDir + "/result"}
+var runArgs = []string{"python", "-I", "-u", "-B", "-c", bootstrap, "0", "0", protocol.RunDir + "/code", protocol.RunDir + "/result",
+	protocol.RunDir + "/" + pyrunner.AgentFile}
 
 // runHeader is what the bootstrap reads from /.sandbox/run: the output limit and the environment.
 func runHeader(maxOut int, env []string) []byte {
@@ -179,7 +180,8 @@ type worker struct {
 	memory     int64
 	env        []string // a standby's environment (protocol.Config.Env)
 	mounts     []workerMount
-	standby    *instance // the next run's instance, started and waiting (nil: none)
+	standby    *instance   // the next run's instance, started and waiting (nil: none)
+	answers    chan []byte // the host's answers to the running run's agent calls (FrameAnswer)
 }
 
 type workerOptions struct {
@@ -242,7 +244,7 @@ func runWorker(o workerOptions) error {
 	debug.FreeOSMemory()
 
 	w := &worker{
-		rt: rt, compiled: compiled, fw: protocol.NewWriter(out), parent: o.parent,
+		rt: rt, compiled: compiled, fw: protocol.NewWriter(out), parent: o.parent, answers: make(chan []byte, 1),
 		base: wazero.NewModuleConfig().WithName("").
 			WithSysWalltime().WithSysNanotime().WithSysNanosleep().
 			WithRandSource(rand.Reader),
@@ -254,7 +256,7 @@ func runWorker(o workerOptions) error {
 	// worker at once, also in the middle of a run (Pdeathsig does it too; this covers the rest).
 	frames := make(chan inFrame)
 	fdr := protocol.NewFDReader(in)
-	go readFrames(bufio.NewReaderSize(fdr, 64<<10), frames)
+	go readFrames(bufio.NewReaderSize(fdr, 64<<10), frames, w.answers)
 	for f := range frames {
 		switch f.typ {
 		case protocol.FrameConfig:
@@ -296,9 +298,10 @@ type inFrame struct {
 	p   []byte
 }
 
-// readFrames passes the host's frames to the worker's loop; at EOF (the host closed its end or
-// is gone) it ends the process, whatever the loop is doing.
-func readFrames(r io.Reader, out chan<- inFrame) {
+// readFrames passes the host's frames to the worker's loop — but answers to agent calls to
+// answers, for the run waiting for them (the loop waits for the run) —; at EOF (the host closed
+// its end or is gone) it ends the process, whatever the loop is doing.
+func readFrames(r io.Reader, out chan<- inFrame, answers chan<- []byte) {
 	for {
 		typ, p, err := protocol.ReadFrame(r)
 		if err != nil {
@@ -307,6 +310,14 @@ func readFrames(r io.Reader, out chan<- inFrame) {
 				os.Exit(1)
 			}
 			os.Exit(0)
+		}
+		if typ == protocol.FrameAnswer {
+			select {
+			case answers <- p:
+			default:
+				fmt.Fprintln(os.Stderr, "wasm-worker: an answer no agent call waits for: dropped")
+			}
+			continue
 		}
 		out <- inFrame{typ, p}
 	}
@@ -723,7 +734,7 @@ func (w *worker) run(m protocol.Run) (protocol.Exit, *instance) {
 		}
 		from := time.Now()
 		inst.maxOutput = maxOut
-		inst.rd.deliver(header, []byte(m.Code))
+		inst.rd.deliver(header, []byte(m.Code), newAgentChan(m.Agent, w.forwardCall))
 		<-inst.done
 		if warm && !inst.rd.took() {
 			// The standby ended before it took the run (it failed to start): what it printed is
