@@ -246,12 +246,18 @@ def _sandbox_agent(chan, imp):
                 if n > max_answer:
                     raise AgentCallError("the agent channel's answer is over its limit")
         except BaseException as e:
-            os.close(fd)  # a channel left mid-line is not used again
+            try:
+                os.close(fd)  # a channel left mid-line is not used again
+            except OSError:
+                pass
             if isinstance(e, OSError):
                 raise AgentCallError("the agent channel failed: %s" % e) from None
             raise
         if state[1]:
-            os.close(fd)  # its run ended during the call (a thread of a context's run)
+            try:
+                os.close(fd)  # its run ended during the call (a thread of a context's run)
+            except OSError:
+                pass
         else:
             state[0] = fd
         return b"".join(parts)
@@ -307,7 +313,10 @@ def _sandbox_agent(chan, imp):
         state[1] = True
         fd, state[0] = state[0], -1
         if fd >= 0:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     return {"agent": Agent(), "AgentCallError": AgentCallError, "AgentNotConfigured": AgentNotConfigured}, close
 
