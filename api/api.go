@@ -103,6 +103,7 @@ type RunRequest struct {
 	Timeout *int              `json:"timeout,omitempty"`
 	Async   bool              `json:"async,omitempty"`
 	Env     map[string]string `json:"env,omitempty"`
+	Context string            `json:"context,omitempty"` // a code context's ID (ctx_…): run in its interpreter (ours)
 }
 
 // Run is a run object.

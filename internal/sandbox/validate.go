@@ -279,6 +279,9 @@ func validateRun(req api.RunRequest) (code string, timeout int, err error) {
 	if req.Code == nil {
 		return "", 0, invalid("code is required")
 	}
+	if req.Context != "" { // the field is the API's (and the clients'), the interpreters not yet
+		return "", 0, errorf(KindUnsupported, "context: code contexts are not supported by this server yet")
+	}
 	if len(*req.Code) > MaxCodeBytes {
 		return "", 0, invalid("code is %d bytes; at most %d are allowed", len(*req.Code), MaxCodeBytes)
 	}
