@@ -18,6 +18,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
@@ -132,7 +133,15 @@ func toolError(err error) error {
 	case errors.Is(err, client.ErrNoKey):
 		return errors.New("no API key: start `sandboxd mcp` with --key or SANDBOXD_API_KEY set")
 	case errors.As(err, &te):
-		return fmt.Errorf("cannot reach sandboxd at %s: %v", te.URL, te.Err)
+		cause, where := te.Err, te.URL
+		var ue *url.Error
+		if errors.As(cause, &ue) {
+			cause = ue.Err
+		}
+		if u, perr := url.Parse(te.URL); perr == nil {
+			where = u.Scheme + "://" + u.Host
+		}
+		return fmt.Errorf("unavailable: cannot reach sandboxd at %s: %v (is it running? `sandboxd mcp` takes --url or SANDBOXD_URL)", where, cause)
 	case errors.As(err, &ae):
 		msg := ae.Code + ": " + ae.Message
 		if ae.RetryAfter > 0 {
