@@ -14,6 +14,7 @@ import (
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
 	"github.com/sandboxd/sandboxd/client/clienttest"
+	"github.com/sandboxd/sandboxd/internal/mcpserver"
 )
 
 // TestMCPLive: a real MCP client (the SDK's) against a real server with real sandboxes, over the
@@ -79,26 +80,26 @@ func TestMCPLive(t *testing.T) {
 				"resources":  map[string]any{"timeout": 300}})
 			id, _ := sb["sandbox_id"].(string)
 			if res.IsError || sb["status"] != "ready" || id == "" {
-				t.Fatalf("create_sandbox: %s", mcpText(res))
+				t.Fatalf("create_sandbox: %s", mcpserver.Text(res))
 			}
 			defer call("delete_sandbox", map[string]any{"sandbox_id": id})
 
 			res, run := call("run_code", map[string]any{"sandbox_id": id, "code": `print(1); result = {"a": 1}`})
 			if res.IsError || run["status"] != "completed" || run["stdout"] != "1\n" || run["exit_code"] != 0.0 {
-				t.Fatalf("run_code: %s", mcpText(res))
+				t.Fatalf("run_code: %s", mcpserver.Text(res))
 			}
-			if r, _ := json.Marshal(run["result"]); string(r) != `{"a":1}` || !strings.Contains(mcpText(res), `result: {"a":1}`) {
-				t.Errorf("run_code's result %s, text %q", r, mcpText(res))
+			if r, _ := json.Marshal(run["result"]); string(r) != `{"a":1}` || !strings.Contains(mcpserver.Text(res), `result: {"a":1}`) {
+				t.Errorf("run_code's result %s, text %q", r, mcpserver.Text(res))
 			}
 
 			res, run = call("run_code", map[string]any{"sandbox_id": id, "code": "x = 1\n1/0"})
 			e, _ := run["error"].(map[string]any)
-			if !res.IsError || run["status"] != "failed" || e["type"] != "ZeroDivisionError" || !strings.Contains(mcpText(res), "ZeroDivisionError: division by zero") {
-				t.Errorf("a failing run: isError %v, %v, text %q", res.IsError, run, mcpText(res))
+			if !res.IsError || run["status"] != "failed" || e["type"] != "ZeroDivisionError" || !strings.Contains(mcpserver.Text(res), "ZeroDivisionError: division by zero") {
+				t.Errorf("a failing run: isError %v, %v, text %q", res.IsError, run, mcpserver.Text(res))
 			}
 
 			if res, w := call("write_file", map[string]any{"sandbox_id": id, "path": "/workspace/data/in.csv", "content": "a,b\n1,2\n"}); res.IsError || w["size"] != 8.0 {
-				t.Fatalf("write_file: %s", mcpText(res))
+				t.Fatalf("write_file: %s", mcpserver.Text(res))
 			}
 			code := "import struct, zlib\n" +
 				"rows = open('/workspace/data/in.csv').read().splitlines()\n" +
@@ -108,10 +109,10 @@ func TestMCPLive(t *testing.T) {
 				"open('/workspace/out/red.png', 'wb').write(png)\n" +
 				"open('/workspace/out/rows.txt', 'w').write(str(len(rows)))\n"
 			if res, run := call("run_code", map[string]any{"sandbox_id": id, "code": code}); res.IsError {
-				t.Fatalf("run_code writing files: %s %v", mcpText(res), run)
+				t.Fatalf("run_code writing files: %s %v", mcpserver.Text(res), run)
 			}
 			if res, f := call("read_file", map[string]any{"sandbox_id": id, "path": "/workspace/out/rows.txt"}); res.IsError || f["content"] != "2" || f["encoding"] != "utf-8" {
-				t.Errorf("read_file rows.txt: %s %v", mcpText(res), f)
+				t.Errorf("read_file rows.txt: %s %v", mcpserver.Text(res), f)
 			}
 			res, f := call("read_file", map[string]any{"sandbox_id": id, "path": "/workspace/out/red.png"})
 			png, _ := base64.StdEncoding.DecodeString(f["content"].(string))
@@ -122,17 +123,17 @@ func TestMCPLive(t *testing.T) {
 				}
 			}
 			if res.IsError || f["mime_type"] != "image/png" || img == nil || img.MIMEType != "image/png" || !bytes.Equal(img.Data, png) || !bytes.HasPrefix(png, []byte("\x89PNG")) {
-				t.Errorf("read_file red.png: %s %v, image %v", mcpText(res), f["mime_type"], img != nil)
+				t.Errorf("read_file red.png: %s %v, image %v", mcpserver.Text(res), f["mime_type"], img != nil)
 			}
 			if res, ls := call("list_files", map[string]any{"sandbox_id": id, "path": "/workspace/out"}); res.IsError || len(ls["entries"].([]any)) != 2 {
-				t.Errorf("list_files: %s", mcpText(res))
+				t.Errorf("list_files: %s", mcpserver.Text(res))
 			}
 
 			if res, sb := call("delete_sandbox", map[string]any{"sandbox_id": id}); res.IsError || sb["status"] != "destroyed" {
-				t.Errorf("delete_sandbox: %s", mcpText(res))
+				t.Errorf("delete_sandbox: %s", mcpserver.Text(res))
 			}
-			if res, _ := call("get_sandbox", map[string]any{"sandbox_id": id}); res.IsError || !strings.Contains(mcpText(res), `"destroyed"`) {
-				t.Errorf("get_sandbox after delete: %s", mcpText(res))
+			if res, _ := call("get_sandbox", map[string]any{"sandbox_id": id}); res.IsError || !strings.Contains(mcpserver.Text(res), `"destroyed"`) {
+				t.Errorf("get_sandbox after delete: %s", mcpserver.Text(res))
 			}
 		})
 	}
@@ -155,15 +156,4 @@ func (k keyHeader) RoundTrip(r *http.Request) (*http.Response, error) {
 	r = r.Clone(r.Context())
 	r.Header.Set("X-AgentCop-Key", string(k))
 	return http.DefaultTransport.RoundTrip(r)
-}
-
-// mcpText is the text of a tool result's text contents.
-func mcpText(res *mcp.CallToolResult) string {
-	var b strings.Builder
-	for _, c := range res.Content {
-		if tc, ok := c.(*mcp.TextContent); ok {
-			b.WriteString(tc.Text)
-		}
-	}
-	return b.String()
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"sync"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
@@ -104,6 +105,9 @@ func (p *pipeResponse) WriteHeader(code int) {
 	p.once.Do(func() {
 		p.resp.StatusCode, p.resp.Status = code, fmt.Sprintf("%d %s", code, http.StatusText(code))
 		p.resp.Header = p.header.Clone()
+		if n, err := strconv.ParseInt(p.resp.Header.Get("Content-Length"), 10, 64); err == nil && n >= 0 {
+			p.resp.ContentLength = n
+		}
 		close(p.ready)
 	})
 }

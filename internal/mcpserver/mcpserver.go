@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"strings"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 
@@ -150,4 +151,16 @@ func toolError(err error) error {
 		return errors.New(msg)
 	}
 	return err
+}
+
+// Text returns the text of a tool result's text contents: what a client that reads no structured
+// content shows the model.
+func Text(res *mcp.CallToolResult) string {
+	var b strings.Builder
+	for _, c := range res.Content {
+		if tc, ok := c.(*mcp.TextContent); ok {
+			b.WriteString(tc.Text)
+		}
+	}
+	return b.String()
 }

@@ -342,6 +342,8 @@ func readFile(ctx context.Context, c *client.Client, in ReadFileInput) (*mcp.Cal
 	switch {
 	case imageTypes[out.MIMEType] && !out.Truncated && out.Offset == 0:
 		res.Content = []mcp.Content{&mcp.TextContent{Text: summary}, &mcp.ImageContent{Data: data, MIMEType: out.MIMEType}}
+	case out.Encoding == "utf-8" && (out.Truncated || out.Offset > 0):
+		res.Content = []mcp.Content{&mcp.TextContent{Text: summary + ":\n"}, &mcp.TextContent{Text: out.Content}}
 	case out.Encoding == "utf-8":
 		res.Content = []mcp.Content{&mcp.TextContent{Text: out.Content}}
 	default:
