@@ -19,7 +19,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"golang.org/x/time/rate"
 
 	"github.com/sandboxd/sandboxd/api"
@@ -51,8 +50,8 @@ type server struct {
 	mu       sync.Mutex
 	limiters map[string]*rate.Limiter // by API key hash
 
-	api     http.Handler     // the whole handler New returns: what /mcp's tools call in-process
-	schemas *mcp.SchemaCache // the MCP tools' schemas, derived once for every /mcp request's server
+	api        http.Handler // the whole handler New returns: what /mcp's tools call in-process
+	mcpHandler http.Handler // MCP's transport, behind /mcp's authentication
 }
 
 // New returns the API's http.Handler.
@@ -69,7 +68,8 @@ func New(svc *sandbox.Service, opts Options) http.Handler {
 	if opts.KeepAlive <= 0 {
 		opts.KeepAlive = 15 * time.Second
 	}
-	s := &server{svc: svc, opts: opts, log: opts.Logger, limiters: map[string]*rate.Limiter{}, schemas: mcp.NewSchemaCache()}
+	s := &server{svc: svc, opts: opts, log: opts.Logger, limiters: map[string]*rate.Limiter{}}
+	s.mcpHandler = newMCPHandler(opts.Version, opts.Logger)
 	mux := http.NewServeMux()
 	s.api = mux
 	for _, rt := range s.routes() {

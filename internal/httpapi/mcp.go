@@ -2,14 +2,16 @@ package httpapi
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strconv"
 	"sync"
 
-	"github.com/modelcontextprotocol/go-sdk/mcp"
+	mcpsdk "github.com/modelcontextprotocol/go-sdk/mcp"
 
 	"github.com/sandboxd/sandboxd/client"
 	"github.com/sandboxd/sandboxd/internal/mcpserver"
@@ -24,27 +26,43 @@ const MCPPath = "/mcp"
 // mcp serves MCP at /mcp, after handle has authenticated the caller and counted the request
 // against its key's rate limit (no key: 401 in the API's envelope, before MCP sees the request).
 //
-// The transport is stateless: every request gets a server of its own whose tools call the API
-// as that request's key, so nothing of one caller is kept for, or reachable by, another (no
-// session to hijack; a session ID is neither issued nor read). The tools' client sends its
-// requests through inProcess to this very handler, so a tool call is served exactly as the same
-// REST calls would be: same validation, quotas, rate limits, audit and error messages.
+// The transport is stateless: no session ID is issued or read, and each request is served on
+// its own with the tools' client in its context (clientOf), which carries that request's key. So
+// nothing of one caller is kept for, or reachable by, another. The client sends its requests
+// through inProcess to this very handler: a tool call is served exactly as the same REST calls
+// would be (validation, quotas, rate limits, audit, error messages).
 func (s *server) mcp(w http.ResponseWriter, r *http.Request, _ store.Account) error {
 	c := &client.Client{BaseURL: "http://sandboxd", APIKey: keyOf(r), UserAgent: "sandboxd-mcp",
 		HTTPClient: &http.Client{Transport: &inProcess{handler: s.api, remoteAddr: r.RemoteAddr}}}
-	srv := mcpserver.New(func(context.Context, *mcp.CallToolRequest) (*client.Client, error) { return c, nil },
-		mcpserver.Options{Version: s.opts.Version, SchemaCache: s.schemas})
-	mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return srv }, &mcp.StreamableHTTPOptions{
+	s.mcpHandler.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), mcpClientKey{}, c)))
+	return nil
+}
+
+type mcpClientKey struct{}
+
+// clientOf is the ClientFunc of /mcp's tools: the client mcp put in the request's context.
+func clientOf(ctx context.Context, _ *mcpsdk.CallToolRequest) (*client.Client, error) {
+	c, ok := ctx.Value(mcpClientKey{}).(*client.Client)
+	if !ok {
+		return nil, errors.New("internal error: the MCP request carries no client")
+	}
+	return c, nil
+}
+
+// newMCPHandler returns the streamable HTTP handler of /mcp: one server for every request
+// (building one costs ~1.4 ms of CPU: the SDK re-encodes each tool's schemas).
+func newMCPHandler(version string, log *slog.Logger) http.Handler {
+	srv := mcpserver.New(clientOf, mcpserver.Options{Version: version})
+	return mcpsdk.NewStreamableHTTPHandler(func(*http.Request) *mcpsdk.Server { return srv }, &mcpsdk.StreamableHTTPOptions{
 		Stateless:           true,
-		Logger:              s.log,
+		Logger:              log,
 		MaxRequestBodyBytes: mcpserver.MaxMessageBytes,
 		// The SDK refuses requests that reach a loopback listener under another Host name, a
 		// defence against DNS rebinding for servers without authentication. Every request here
 		// carries an API key a rebinding page cannot know, and a reverse proxy on the same host
 		// forwards its own Host name: the check would refuse it and protect nothing.
 		DisableLocalhostProtection: true,
-	}).ServeHTTP(w, r)
-	return nil
+	})
 }
 
 // inProcess is an http.RoundTripper that serves a request with handler in this process: the

@@ -48,9 +48,6 @@ type ClientFunc func(ctx context.Context, req *mcp.CallToolRequest) (*client.Cli
 // Options configure New.
 type Options struct {
 	Version string // the server's version, reported to MCP clients
-	// SchemaCache, when set, keeps the tools' schemas across New calls (the HTTP transport makes
-	// a server per request).
-	SchemaCache *mcp.SchemaCache
 }
 
 // New returns an MCP server whose tools call the API through the client clientFor returns.
@@ -59,7 +56,7 @@ func New(clientFor ClientFunc, opts Options) *mcp.Server {
 		opts.Version = "dev"
 	}
 	s := mcp.NewServer(&mcp.Implementation{Name: "sandboxd", Title: "sandboxd: run code in sandboxes", Version: opts.Version},
-		&mcp.ServerOptions{SchemaCache: opts.SchemaCache, Instructions: instructions})
+		&mcp.ServerOptions{Instructions: instructions})
 	yes, no := true, false
 	add(s, clientFor, &mcp.Tool{Name: "create_sandbox", Title: "Create a sandbox",
 		Description: "Create an isolated sandbox (a container, or a WebAssembly interpreter with mode \"wasm\") to run Python code in. " +
