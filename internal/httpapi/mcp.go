@@ -69,7 +69,8 @@ func newMCPHandler(version string, log *slog.Logger) http.Handler {
 // client's request becomes a server request (RemoteAddr: the MCP caller's), the handler runs in
 // a goroutine of its own, and the response streams back through a pipe as it is written, so a
 // reader that stops early (read_file's limit) stops the handler's writes. A handler that panics
-// ends the response with an error, as net/http's server would end the connection.
+// ends the exchange with an error, as net/http's server would drop the connection; a caller that
+// gives up (its context) before the answer gets the context's error and the handler's writes fail.
 type inProcess struct {
 	handler    http.Handler
 	remoteAddr string
@@ -88,21 +89,33 @@ func (t *inProcess) RoundTrip(req *http.Request) (*http.Response, error) {
 	pr, pw := io.Pipe()
 	rw := &pipeResponse{header: http.Header{}, pw: pw, ready: make(chan struct{}),
 		resp: &http.Response{Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Request: req, Body: pr, ContentLength: -1}}
+	panicked := make(chan error, 1)
 	go func() {
 		defer func() {
 			if p := recover(); p != nil {
-				pw.CloseWithError(fmt.Errorf("in-process %s %s: handler panicked: %v", req.Method, req.URL.Path, p))
+				err := fmt.Errorf("in-process %s %s: the handler panicked: %v", req.Method, req.URL.Path, p)
+				pw.CloseWithError(err)
+				panicked <- err
+			} else {
+				rw.WriteHeader(http.StatusOK) // a handler that wrote nothing answered 200, empty
+				_ = pw.Close()
 			}
-			rw.WriteHeader(http.StatusOK) // a handler that wrote nothing answered 200, empty
-			_ = pw.Close()
 			if req.Body != nil {
 				_ = req.Body.Close()
 			}
 		}()
 		t.handler.ServeHTTP(rw, sreq)
 	}()
-	<-rw.ready
-	return rw.resp, nil
+	select {
+	case <-rw.ready:
+		return rw.resp, nil
+	case err := <-panicked: // before it answered: no answer, as a server that dropped the connection
+		return nil, err
+	case <-req.Context().Done(): // the handler has not answered yet: its writes will fail
+		err := req.Context().Err()
+		_ = pr.CloseWithError(err)
+		return nil, err
+	}
 }
 
 // pipeResponse is the handler's side of an inProcess response.
