@@ -1,6 +1,6 @@
 package main
 
-// The client subcommands (create, ls, get, run, logs, cp, rm) talk to a running server through
+// The client subcommands (create, ls, get, run, logs, cp, rm, mcp) talk to a running server through
 // package client. They share: the flags --url, --key and --json (anywhere on the line), the
 // environment SANDBOXD_URL and AGENTCOP_API_KEY or SANDBOXD_API_KEY (in that order, as the Python
 // SDK), human output by default and the API's JSON with --json, one error line with the fix on
@@ -33,6 +33,7 @@ var clientUsage = map[string]string{
 	"logs":    "sandboxd logs ID RUN_ID",
 	"cp":      "sandboxd cp LOCAL ID:/PATH   |   sandboxd cp ID:/PATH LOCAL   (LOCAL - is stdin/stdout)",
 	"rm":      "sandboxd rm ID|ID:/PATH...",
+	"mcp":     "sandboxd mcp [--url URL] [--key KEY]   (an MCP server on stdin/stdout for an MCP client to start)",
 }
 
 // cli is one invocation of a client subcommand.
@@ -92,6 +93,8 @@ func (c *cli) main(args []string) int {
 		err = c.rm(args)
 	case "context":
 		err = c.contextCmd(args)
+	case "mcp":
+		err = c.mcp(args)
 	default:
 		err = cliUsagef("unknown command %q", c.name)
 	}

@@ -5,7 +5,7 @@
 //	sandboxd images import|pull|ls|rm …   the approved OCI images (images.go)
 //	sandboxd bench [-n N] [--image NAME=ROOTFS] [--wasm-image NAME=DIR] [--runtime R] …
 //	sandboxd doctor [--json] [serve flags]   checks this host for serve
-//	sandboxd create|ls|get|run|logs|cp|rm …   (clients of a running server: see client.go)
+//	sandboxd create|ls|get|run|logs|cp|rm|mcp …   (clients of a running server: see client.go)
 package main
 
 import (
@@ -36,6 +36,7 @@ client commands (a running server: --url or SANDBOXD_URL, --key or SANDBOXD_API_
   sandboxd run ID [CODE | --file F | -] [--timeout S] [--env K=V] [--context CTX] [--detach] · sandboxd logs ID RUN_ID
   sandboxd context create ID · sandboxd context ls ID · sandboxd context rm ID CTX...   code contexts (state across runs)
   sandboxd cp LOCAL ID:/PATH · sandboxd cp ID:/PATH LOCAL
+  sandboxd mcp   an MCP server on stdin/stdout (tools: create_sandbox, run_code, read_file, write_file, …) for an MCP client
 `
 
 var version = "dev"
@@ -60,7 +61,7 @@ func main() {
 		err = doctorCmd(os.Args[2:])
 	case protocol.WorkerCommand: // hidden: a worker process of the wasm driver (see wasmworker.go)
 		wasmWorker(os.Args[2:])
-	case "create", "ls", "get", "run", "logs", "cp", "rm", "context":
+	case "create", "ls", "get", "run", "logs", "cp", "rm", "context", "mcp":
 		os.Exit(clientMain(os.Args[1], os.Args[2:]))
 	case "-h", "--help", "help":
 		fmt.Print(usage)

@@ -49,6 +49,9 @@ type server struct {
 
 	mu       sync.Mutex
 	limiters map[string]*rate.Limiter // by API key hash
+
+	api        http.Handler // the whole handler New returns: what /mcp's tools call in-process
+	mcpHandler http.Handler // MCP's transport, behind /mcp's authentication
 }
 
 // New returns the API's http.Handler.
@@ -66,7 +69,9 @@ func New(svc *sandbox.Service, opts Options) http.Handler {
 		opts.KeepAlive = 15 * time.Second
 	}
 	s := &server{svc: svc, opts: opts, log: opts.Logger, limiters: map[string]*rate.Limiter{}}
+	s.mcpHandler = newMCPHandler(opts.Version, opts.Logger)
 	mux := http.NewServeMux()
+	s.api = mux
 	for _, rt := range s.routes() {
 		if rt.handler != nil { // GET /metrics has none without Options.Metrics
 			mux.Handle(rt.pattern, rt.handler)
@@ -90,6 +95,7 @@ func (s *server) routes() []route {
 	rs := []route{
 		{"GET /health", s.handle(s.health, false)},
 		{"GET /metrics", s.opts.Metrics},
+		{MCPPath, s.handle(s.mcp, true)}, // every method: the MCP transport answers what it does not serve
 	}
 	for _, p := range []string{"/api", "/api/v1"} {
 		rs = append(rs, []route{
@@ -119,8 +125,8 @@ func (s *server) routes() []route {
 }
 
 // Routes lists the pattern ("METHOD /path", as net/http writes it) of every route New serves,
-// GET /metrics included (New serves it when Options.Metrics is set); the catch-all that answers
-// 404 not_found is not a route.
+// GET /metrics included (New serves it when Options.Metrics is set), and MCPPath (no method: the
+// MCP transport takes them all); the catch-all that answers 404 not_found is not a route.
 func Routes() []string {
 	var out []string
 	for _, rt := range (&server{}).routes() {
@@ -201,12 +207,7 @@ func (s *server) handle(h handlerFunc, auth bool) http.Handler {
 
 // authenticate returns the caller's account and API key.
 func (s *server) authenticate(r *http.Request) (store.Account, string, error) {
-	key := r.Header.Get("X-AgentCop-Key")
-	if key == "" {
-		if a := r.Header.Get("Authorization"); len(a) > 7 && strings.EqualFold(a[:7], "bearer ") {
-			key = strings.TrimSpace(a[7:])
-		}
-	}
+	key := keyOf(r)
 	unauthorized := apiError(http.StatusUnauthorized, "unauthorized", "missing or unknown API key: send it as X-AgentCop-Key: <key> or Authorization: Bearer <key>")
 	if key == "" {
 		return store.Account{}, "", unauthorized
@@ -217,6 +218,17 @@ func (s *server) authenticate(r *http.Request) (store.Account, string, error) {
 		return store.Account{}, "", unauthorized
 	}
 	return acct, key, err
+}
+
+// keyOf returns the API key a request carries: X-AgentCop-Key, else Authorization: Bearer.
+func keyOf(r *http.Request) string {
+	key := r.Header.Get("X-AgentCop-Key")
+	if key == "" {
+		if a := r.Header.Get("Authorization"); len(a) > 7 && strings.EqualFold(a[:7], "bearer ") {
+			key = strings.TrimSpace(a[7:])
+		}
+	}
+	return key
 }
 
 // limiter returns the rate limiter of an API key, by its hash (only valid keys get one).

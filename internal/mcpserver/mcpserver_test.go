@@ -1,0 +1,73 @@
+package mcpserver_test
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+
+	"github.com/sandboxd/sandboxd/client"
+	"github.com/sandboxd/sandboxd/internal/mcpserver"
+)
+
+// TestToolErrors: what a tool says when the API cannot be reached, has no key, refuses with a
+// Retry-After, or answers with something that is no envelope — and a panic in a tool is a result,
+// not a crash. The server is connected to the SDK's client in memory (as `sandboxd mcp` is, over
+// stdio).
+func TestToolErrors(t *testing.T) {
+	busy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Retry-After", "7")
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusTooManyRequests)
+		_, _ = w.Write([]byte(`{"error":"rate_limited","message":"too many requests for this API key: slow down","code":429}`))
+	}))
+	defer busy.Close()
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "upstream gone", http.StatusBadGateway)
+	}))
+	defer proxy.Close()
+	down := httptest.NewServer(http.NotFoundHandler())
+	down.Close()
+	for _, c := range []struct {
+		name   string
+		client *client.Client // nil: the ClientFunc panics
+		want   string
+	}{
+		{"down", &client.Client{BaseURL: down.URL, APIKey: "k"}, "unavailable: cannot reach sandboxd at " + down.URL + ": dial tcp"},
+		{"no key", &client.Client{BaseURL: busy.URL}, "no API key: start `sandboxd mcp` with --key or SANDBOXD_API_KEY set"},
+		{"busy", &client.Client{BaseURL: busy.URL, APIKey: "k"}, "rate_limited: too many requests for this API key: slow down (retry in 7s)"},
+		{"proxy", &client.Client{BaseURL: proxy.URL, APIKey: "k"}, "http_502: upstream gone"},
+		{"panic", nil, "internal error in tool get_sandbox: "},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			srv := mcpserver.New(func(context.Context, *mcp.CallToolRequest) (*client.Client, error) {
+				if c.client == nil {
+					panic("no client")
+				}
+				return c.client, nil
+			}, mcpserver.Options{})
+			st, ct := mcp.NewInMemoryTransports()
+			ctx := context.Background()
+			ss, err := srv.Connect(ctx, st, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ss.Close()
+			cs, err := mcp.NewClient(&mcp.Implementation{Name: "t", Version: "1"}, nil).Connect(ctx, ct, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cs.Close()
+			res, err := cs.CallTool(ctx, &mcp.CallToolParams{Name: "get_sandbox", Arguments: map[string]any{"sandbox_id": "sbx_1"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !res.IsError || !strings.HasPrefix(mcpserver.Text(res), c.want) {
+				t.Errorf("isError %v, %q; want it to start %q", res.IsError, mcpserver.Text(res), c.want)
+			}
+		})
+	}
+}
