@@ -174,6 +174,31 @@ def _exit_status(arg):
     return 1
 
 
+# The agent exceptions, made once per process: in a code context every run gets its own `agent`,
+# but `except AgentCallError` must catch what an object kept from an earlier run raises.
+_agent_error_classes = []
+
+
+def _agent_errors():
+    if _agent_error_classes:
+        return _agent_error_classes
+
+    class AgentCallError(Exception):
+        """agent.run or agent.call got no answer; status: the endpoint's HTTP status, or None."""
+        __module__, __qualname__ = "builtins", "AgentCallError"
+
+        def __init__(self, message, status=None):
+            Exception.__init__(self, message)
+            self.status = status
+
+    class AgentNotConfigured(AgentCallError):
+        """The operator configured no endpoint for this sandbox's agent_id."""
+        __module__, __qualname__ = "builtins", "AgentNotConfigured"
+
+    _agent_error_classes[:] = [AgentCallError, AgentNotConfigured]
+    return _agent_error_classes
+
+
 def _sandbox_agent(chan, imp):
     """The globals `agent`, `AgentCallError` and `AgentNotConfigured` of a run (API.md §3).
 
@@ -208,17 +233,7 @@ def _sandbox_agent(chan, imp):
     except OSError:
         fd = -1
 
-    class AgentCallError(Exception):
-        """agent.run or agent.call got no answer; status: the endpoint's HTTP status, or None."""
-        __module__, __qualname__ = "builtins", "AgentCallError"
-
-        def __init__(self, message, status=None):
-            Exception.__init__(self, message)
-            self.status = status
-
-    class AgentNotConfigured(AgentCallError):
-        """The operator configured no endpoint for this sandbox's agent_id."""
-        __module__, __qualname__ = "builtins", "AgentNotConfigured"
+    AgentCallError, AgentNotConfigured = _agent_errors()
 
     lock = _thread.allocate_lock()
     owner = os.getpid()

@@ -152,6 +152,33 @@ result = [agent.id, agent.sandbox_id, agent.run_id, s in env, agent.call("lookup
 			if audit["total"] != float64(2+100+1) {
 				t.Errorf("%v agent.call events of the first sandbox, want 103 (2 calls, 100 of the flood, its limit)", audit["total"])
 			}
+			if mode != "container" {
+				return // (code contexts: container mode)
+			}
+
+			// In a code context each run has its own agent: an object kept from an earlier run
+			// is closed, not a way into a later run's channel.
+			status, cx := s.do("POST", "/api/sandbox/"+id+"/contexts", s.key, nil)
+			if status != 201 {
+				t.Fatalf("create context: %d %v", status, cx)
+			}
+			inCtx := func(code string) map[string]any {
+				t.Helper()
+				status, m := s.do("POST", "/api/sandbox/"+id+"/run", s.key, map[string]any{"code": code, "timeout": 30, "context": cx["context_id"]})
+				if status != 200 {
+					t.Fatalf("run in a context: %d %v", status, m)
+				}
+				return m
+			}
+			r1 := inCtx("kept = agent\nresult = [agent.run_id, agent.run('in a context')['task']]")
+			if fmt.Sprint(r1["result"]) != fmt.Sprint([]any{r1["run_id"], "in a context"}) {
+				t.Fatalf("agent in a context: %v", r1)
+			}
+			r2 := inCtx("try:\n    kept.run('x')\n    old = 'answered'\nexcept AgentCallError as e:\n    old = 'closed'\n" +
+				"result = [agent.run_id, kept.run_id, old, agent.call('lookup')['rows']]")
+			if fmt.Sprint(r2["result"]) != fmt.Sprint([]any{r2["run_id"], r1["run_id"], "closed", float64(12)}) {
+				t.Errorf("a later run in the context: %v", r2)
+			}
 		})
 	}
 }
