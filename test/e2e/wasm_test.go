@@ -47,7 +47,8 @@ func TestWasmMode(t *testing.T) {
 	  "agent_id": "data-processor", "mode": "wasm",
 	  "config": {"image": "python:3.11-wasi",
 	    "filesystem": {"read_only": ["/workspace/data"], "read_write": ["/workspace/output"], "blocked": ["/workspace/output/secret"]},
-	    "resources": {"cpu": "0.5", "memory": "256m", "timeout": 120}}}`))
+	    "resources": {"cpu": "0.5", "memory": "256m", "timeout": 1800}}}`))
+	// (a lifetime the test cannot outlast on a slow host: the VM under emulation took 133 s)
 	if status != 201 || m["status"] != "ready" || m["mode"] != "wasm" {
 		t.Fatalf("create: %d %v", status, m)
 	}
