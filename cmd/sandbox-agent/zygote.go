@@ -160,7 +160,19 @@ func zygoteMain(args []string) {
 		fail("seccomp: %v", err)
 	}
 
-	env, _ := buildEnv(nil)
+	// The environment: the runs' base and what the driver adds to every run of the sandbox (its
+	// egress proxy's variables, in ours), so that a run that asks for nothing else finds os.environ
+	// as it wants it (zygote.py, _zenv).
+	extra := map[string]string{}
+	for _, kv := range os.Environ() {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			extra[k] = v
+		}
+	}
+	env, err := buildEnv(extra)
+	if err != nil {
+		fail("environment: %v", err)
+	}
 	err = syscall.Exec(python, []string{python, "-I", "-u", "-B", "-c", zygoteBootstrap, strconv.Itoa(zygoteConnFD)}, env)
 	fail("exec %s: %v", python, err)
 }

@@ -74,7 +74,13 @@ func (d *Driver) startZygote(b *box) (bool, error) {
 	defer connf.Close()
 	cmd := exec.Command(d.nsenter, "-t", strconv.Itoa(b.Pid), "-U", "-m", "-n", "-i", "-u", "-C", "--",
 		agentPath, "zygote", strconv.Itoa(sandboxUID), strconv.Itoa(sandboxGID), strconv.Itoa(nofileLimit), sandboxPython)
+	// Its environment is the one the sandbox's runs get when they ask for nothing else (the
+	// agent's base and the egress proxy's variables): a forked run then keeps os.environ as it is
+	// (zygote.py, _zenv).
 	cmd.Env = []string{}
+	for k, v := range proxyEnv(b.Gateway) {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{r, pidns, connf}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

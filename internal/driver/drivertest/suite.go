@@ -441,6 +441,9 @@ func testEnds(t *testing.T, h Harness, d driver.Driver) {
 		{name: "killed by a signal", signals: true, code: "import os, signal\ndef crash():\n    os.kill(os.getpid(), signal.SIGSEGV)\ncrash()",
 			status: driver.StatusFailed, exit: 128 + int(syscall.SIGSEGV), signal: int(syscall.SIGSEGV), stderrHas: []string{"Segmentation fault", "crash"}},
 		{name: "env", code: "import os\nprint(os.environ['FOO'], os.environ['HOME'])", env: map[string]string{"FOO": "bar"}, status: driver.StatusCompleted, stdout: "bar /tmp\n"},
+		{name: "env is the run's own", code: "import os\nprint('FOO' in os.environ, os.environ['HOME'])", status: driver.StatusCompleted, stdout: "False /tmp\n"},
+		{name: "env replaces a default", code: "import os\nprint(os.environ['HOME'])", env: map[string]string{"HOME": "/elsewhere"}, status: driver.StatusCompleted, stdout: "/elsewhere\n"},
+		{name: "env back to the defaults", code: "import os\nprint(os.environ['HOME'])", status: driver.StatusCompleted, stdout: "/tmp\n"},
 		{name: "stdin is empty", code: "import sys\nprint(repr(sys.stdin.read()))", status: driver.StatusCompleted, stdout: "''\n"},
 		{name: "cwd is the run's work dir", code: "import os\nprint(os.getcwd())", status: driver.StatusCompleted, stdout: pyrunner.WorkDir + "\n"},
 	} {
