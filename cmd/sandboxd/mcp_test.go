@@ -61,7 +61,7 @@ func TestMCPLive(t *testing.T) {
 			}
 			defer s.Close()
 			tools, err := s.ListTools(ctx, nil)
-			if err != nil || len(tools.Tools) != 8 {
+			if err != nil || len(tools.Tools) != 10 {
 				t.Fatalf("list tools: %v %d", err, len(tools.Tools))
 			}
 			call := func(tool string, args map[string]any) (*mcp.CallToolResult, map[string]any) {
@@ -96,6 +96,20 @@ func TestMCPLive(t *testing.T) {
 			e, _ := run["error"].(map[string]any)
 			if !res.IsError || run["status"] != "failed" || e["type"] != "ZeroDivisionError" || !strings.Contains(mcpserver.Text(res), "ZeroDivisionError: division by zero") {
 				t.Errorf("a failing run: isError %v, %v, text %q", res.IsError, run, mcpserver.Text(res))
+			}
+
+			// A code context: state across run_code calls, the real interpreter's.
+			res, cx := call("create_context", map[string]any{"sandbox_id": id})
+			ctxID, _ := cx["context_id"].(string)
+			if res.IsError || ctxID == "" {
+				t.Fatalf("create_context: %s", mcpserver.Text(res))
+			}
+			call("run_code", map[string]any{"sandbox_id": id, "code": "n = 41", "context": ctxID})
+			if res, run := call("run_code", map[string]any{"sandbox_id": id, "code": "n += 1\nresult = n", "context": ctxID}); res.IsError || run["result"] != 42.0 {
+				t.Errorf("run_code in a context: %s", mcpserver.Text(res))
+			}
+			if res, cx := call("delete_context", map[string]any{"sandbox_id": id, "context_id": ctxID}); res.IsError || cx["status"] != "deleted" {
+				t.Errorf("delete_context: %s", mcpserver.Text(res))
 			}
 
 			if res, w := call("write_file", map[string]any{"sandbox_id": id, "path": "/workspace/data/in.csv", "content": "a,b\n1,2\n"}); res.IsError || w["size"] != 8.0 {
