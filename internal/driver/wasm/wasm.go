@@ -147,6 +147,7 @@ type box struct {
 	group     string // the sandbox's cgroup: its first worker's ("" until it has one)
 	w         *proc  // the current worker; nil after it was killed or died
 	destroyed bool
+	contexts  map[string]*codeCtx // its code contexts, by name (contexts.go)
 
 	standbyRuns atomic.Int64 // runs its workers served with a standby (for tests)
 }
@@ -471,7 +472,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	pids := max(spec.PidsLimit, WorkerMinPids)
 	b := &box{id: id, dir: dir, image: spec.RootFS, cfg: cfg,
 		limits: cgroup.Limits{CPU: spec.CPU, CPUWeight: 100, MemoryBytes: spec.MemoryBytes + WorkerOverhead, Pids: pids},
-		meta:   meta{ID: id, Image: spec.RootFS, Created: time.Now().UTC()}}
+		meta:   meta{ID: id, Image: spec.RootFS, Created: time.Now().UTC()}, contexts: map[string]*codeCtx{}}
 	d.mu.Lock()
 	d.boxes[id] = b
 	d.mu.Unlock()
@@ -621,7 +622,10 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	if err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
 	}
-	return d.exec(ctx, b, protocol.Run{Code: req.Code, Env: env, MaxOutput: req.MaxOutput, Agent: req.Agent}, req)
+	if req.Context != "" && !protocol.ValidContextName(req.Context) {
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: invalid context name %q", id, req.Context)
+	}
+	return d.exec(ctx, b, protocol.Run{Code: req.Code, Env: env, MaxOutput: req.MaxOutput, Agent: req.Agent, Context: req.Context}, req)
 }
 
 // exec runs m in b's worker (see Exec), in steps: acquire the worker (noWorker when there is
@@ -632,13 +636,26 @@ func (d *Driver) exec(ctx context.Context, b *box, m protocol.Run, req driver.Ex
 	if err != nil {
 		return noWorker(ctx, b, err)
 	}
+	restarted := ""
+	if m.Context != "" {
+		restarted = b.contextBefore(m.Context, w)
+	}
 	e, err := d.send(b, w, m)
 	if err != nil {
+		b.loseContexts(w, "the sandbox's WASM worker could not take a run, and every code context of the sandbox ended with it")
 		return driver.ExecResult{}, err
 	}
 	e.stream(ctx, req)
 	d.release(e, len(m.Args) == 0)
-	return e.classify(ctx)
+	res, err := e.classify(ctx)
+	if m.Context != "" && err == nil {
+		b.contextAfter(m.Context, w, e.ex, &res, restarted)
+	}
+	if e.ex == nil {
+		// The worker was killed (or died): the instances of the sandbox's contexts with it.
+		b.loseContexts(w, workerKilled(res.Status))
+	}
+	return res, err
 }
 
 // execution is one run in a worker, as exec's steps pass it on.
