@@ -104,19 +104,95 @@ func TestContexts(t *testing.T) {
 	}
 }
 
-// TestContextsWasmUnsupported: WASM mode has no code contexts yet, and says so.
-func TestContextsWasmUnsupported(t *testing.T) {
+// TestContextsWasm drives code contexts in a WASM sandbox over HTTP: state across runs, what
+// fresh runs and other contexts see, a crash that resets one context, a timeout that resets every
+// context of the sandbox (its worker is killed: WASI has no signals) and the reports of it, the
+// run's own agent object, the limit, delete.
+func TestContextsWasm(t *testing.T) {
 	tn := startTenants(t)
 	tn.forModes(t, func(t *testing.T, mode string) {
 		if mode != "wasm" {
 			return
 		}
-		id := tn.sandbox(tn.victim, mode, nil)
-		if status, m := tn.s.do("POST", "/api/sandbox/"+id+"/contexts", tn.victim, nil); status != 400 || m["error"] != "unsupported_in_mode" {
-			t.Errorf("create a context in a WASM sandbox: %d %v", status, m)
+		s, key := tn.s, tn.victim
+		id := tn.sandbox(key, mode, nil)
+		newCtx := func() string {
+			t.Helper()
+			status, m := s.do("POST", "/api/sandbox/"+id+"/contexts", key, nil)
+			if status != 201 || m["status"] != "ready" {
+				t.Fatalf("create context: %d %v", status, m)
+			}
+			return m["context_id"].(string)
 		}
-		if status, m := tn.s.do("POST", "/api/sandbox/"+id+"/run", tn.victim, map[string]any{"code": "1", "context": "ctx_abc"}); status != 400 || m["error"] != "unsupported_in_mode" {
-			t.Errorf("run in a context in a WASM sandbox: %d %v", status, m)
+		a, b := newCtx(), newCtx()
+		const crash = "import sys\nsys.setrecursionlimit(10**7)\ndef g(n):\n    return sum(map(g, [n + 1]))\ng(0)"
+		steps := []struct {
+			name    string
+			ctx     string
+			code    string
+			timeout int
+			status  string
+			result  any    // nil: not checked
+			reset   string // a substring of context_reset.reason; "" none
+		}{
+			{"load", a, "import os, json\nrows = [1, 2, 3]\nf = open('notes.txt', 'w')\nresult = os.getcwd()", 30, "completed", "/tmp/.context-" + a, ""},
+			{"use", a, "rows.append(4)\nf.write('x')\nf.flush()\nresult = sum(rows)", 30, "completed", float64(10), ""},
+			{"use again", a, "result = [len(rows), open('notes.txt').read(), json.dumps(1)]", 30, "completed", []any{float64(4), "x", "1"}, ""},
+			{"fresh run sees nothing", "", "result = 'rows' in globals()", 30, "completed", false, ""},
+			{"other context sees nothing", b, "rows = 'b'\nresult = 'f' in globals()", 30, "completed", false, ""},
+			{"agent object", a, "result = [agent.id, agent.sandbox_id == " + fmt.Sprintf("%q", id) + "]", 30, "completed", []any{"adversary", true}, ""},
+			{"crash resets b", b, crash, 60, "failed", nil, ""},
+			{"b's reset reported", b, "result = 'rows' in globals()", 30, "completed", false, "crashed"},
+			{"a untouched", a, "result = sum(rows)", 30, "completed", float64(10), ""},
+			{"timeout", a, "while True: pass", 1, "timeout", nil, ""},
+			{"a's reset reported", a, "result = 'rows' in globals()", 30, "completed", false, "timeout"},
+			{"b's reset reported too", b, "result = 'rows' in globals()", 30, "completed", false, "every code context"},
+			{"a again", a, "rows = [5]", 30, "completed", nil, ""},
+			{"a keeps it", a, "result = rows", 30, "completed", []any{float64(5)}, ""},
+		}
+		for _, st := range steps {
+			body := map[string]any{"code": st.code, "timeout": st.timeout}
+			if st.ctx != "" {
+				body["context"] = st.ctx
+			}
+			status, m := s.do("POST", "/api/sandbox/"+id+"/run", key, body)
+			if status != 200 {
+				t.Fatalf("%s: %d %v", st.name, status, m)
+			}
+			if m["status"] != st.status {
+				t.Errorf("%s: status %v, want %s (%v)", st.name, m["status"], st.status, m)
+				continue
+			}
+			if st.result != nil && fmt.Sprint(m["result"]) != fmt.Sprint(st.result) {
+				t.Errorf("%s: result %v, want %v (stderr %q)", st.name, m["result"], st.result, m["stderr"])
+			}
+			r, _ := m["context_reset"].(map[string]any)
+			switch {
+			case st.reset == "" && r != nil:
+				t.Errorf("%s: context_reset %v", st.name, r)
+			case st.reset != "" && (r == nil || !strings.Contains(fmt.Sprint(r["reason"]), st.reset)):
+				t.Errorf("%s: context_reset %v, want a reason with %q", st.name, r, st.reset)
+			case st.reset != "" && !strings.HasPrefix(fmt.Sprint(m["stderr"]), "[sandboxd] this context's interpreter was reset"):
+				t.Errorf("%s: stderr %q", st.name, m["stderr"])
+			}
+		}
+		for i := 2; i < 8; i++ {
+			newCtx()
+		}
+		if status, m := s.do("POST", "/api/sandbox/"+id+"/contexts", key, nil); status != 409 || m["error"] != "context_limit" {
+			t.Fatalf("9th context: %d %v", status, m)
+		}
+		for i := 0; i < 2; i++ {
+			if status, _ := s.do("DELETE", "/api/sandbox/"+id+"/contexts/"+b, key, nil); status != 204 {
+				t.Fatalf("delete context: %d", status)
+			}
+		}
+		if status, m := s.do("POST", "/api/sandbox/"+id+"/run", key, map[string]any{"code": "1", "context": b}); status != 404 {
+			t.Fatalf("run in a deleted context: %d %v", status, m)
+		}
+		status, m := s.do("POST", "/api/sandbox/"+id+"/run", key, map[string]any{"code": "import os\nresult = sorted(n for n in os.listdir('/tmp') if n.startswith('.context-'))", "timeout": 30})
+		if status != 200 || strings.Contains(fmt.Sprint(m["result"]), b) || !strings.Contains(fmt.Sprint(m["result"]), a) {
+			t.Errorf("context directories after deleting %s: %d %v", b, status, m["result"])
 		}
 	})
 }

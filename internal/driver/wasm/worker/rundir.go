@@ -45,12 +45,12 @@ type runEntry struct {
 	data   []byte // content to read (nil for the report)
 	write  bool   // the report (or a context run's status): write-only
 	max    int    // a write-only entry's cap, bytes (0: maxReport)
-	// onClose, if set, is called with what was written when the guest first closes the entry (a
-	// code context's status: the end of its run).
-	onClose func([]byte)
 	wait   bool   // "run": reads wait for deliver or cancel
 	agent  bool   // the agent channel: read-write, served by runDir.agent
 	opened bool
+	// onClose, if set, is called with what was written when the guest first closes the entry (a
+	// code context's status: the end of its run).
+	onClose func([]byte)
 }
 
 // newRunDir returns the directory for one run whose code and header come later (deliver).
