@@ -39,9 +39,9 @@
 //     beneath their directories by the worker, links refused. Spec.Blocked paths are absent: a
 //     mount at or under one is not mounted, one inside a mount is cut out of it. No network: a
 //     policy that asks for egress is refused.
-//   - Runs: every run is a fresh instance of the compiled module (its interpreter started ahead
-//     of it by the worker, the standby), output streamed to ExecRequest.OnOutput, at most
-//     MaxOutput bytes per stream. The timeout and ctx's end kill the worker's process group,
+//   - Runs: every run but a code context's is a fresh instance of the compiled module (its
+//     interpreter started ahead of it by the worker, the standby), output streamed to
+//     ExecRequest.OnOutput, at most MaxOutput bytes per stream. The timeout and ctx's end kill the worker's process group,
 //     whatever the guest does. ExecResult.CPU is the cgroup's CPU time during the run;
 //     ExecResult.MemoryPeak the high-water mark of the instance's linear memory (start-up,
 //     static data and stack included). The status is driver.Classify's; "oom" is an uncaught
@@ -49,6 +49,12 @@
 //     kill of the worker (a MemoryError without a refusal is "failed", as in a container). A trap is "failed", exit code 134, with "sandbox: the interpreter crashed
 //     (why)" on stderr and, when the interpreter's C stack overflowed, error {type:
 //     StackOverflow}; the next run gets a fresh instance.
+//   - Code contexts (driver.Contexter, contexts.go): a context is a long-lived instance in the
+//     sandbox's worker, at most protocol.MaxContexts; the linear memory of every instance of the
+//     worker (contexts, the standby, a fresh run's) counts against Spec.MemoryBytes together. A
+//     run's timeout or cancel — in a context or not — kills the worker and so resets every
+//     context of the sandbox (ExecResult.ContextLost for the run's own, ContextRestarted at each
+//     other's next run); a crash or os._exit in a context's run resets that context only.
 //   - State: everything of a sandbox is <StateDir>/sandboxes/<id>/ (meta.json names its cgroup)
 //     and its cgroup. List finds the state dirs and Destroy removes both (killing whatever is
 //     left in the cgroup), so sandboxes left by a crashed sandboxd are found and removed; their

@@ -40,6 +40,10 @@
 // code. A trap of the guest ends its run with exit code 134 and a crash line on stderr, named a
 // stack overflow when it is one (stackOverflow); the next run gets a fresh instance.
 //
+// A run in a code context (protocol.Run.Context) is the exception: it runs in its context's
+// long-lived instance, which loops over runs in the same globals (context.go). All instances of
+// the worker draw on one memory budget, the sandbox's cap (memoryBudget).
+//
 // # The four traps of wazero
 //
 //  1. Symlink escape: sysfs.DirFS lets the guest create relative symlinks that the host then
