@@ -544,10 +544,7 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
         for kv in data[8:8 + n].split(b"\0")[:-1]:
             k, _, v = kv.partition(b"=")
             os.environb[k] = v
-        exc, exit_arg, payload = _execute(data[8 + n:], g, limit, imp)
-        status = _run_status(exc, exit_arg)
-        while payload:
-            payload = payload[os.write(res_fd, payload):]
+        status = _context_execute(data[8 + n:], g, limit, imp, res_fd)
     except BaseException:
         status = 1 if status == 0 else status
     try:
@@ -568,11 +565,21 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
     sock.sendall(b"D%s %d %d %d\n" % (seq, status, us(me), us(ch)))
 
 
-def _run_status(exc, exit_arg):
-    """The exit status of a context's run that ended with exc (or None) and SystemExit's argument."""
+def _context_execute(src, g, limit, imp, res_fd):
+    """Runs a context's run (src in the context's globals g, as _execute does), writes its report
+    to res_fd (as a fresh run, a report that cannot be written is lost) and returns its exit
+    status: SystemExit's, 1 for an uncaught exception, 130 for KeyboardInterrupt."""
+    exc, exit_arg, payload = _execute(src, g, limit, imp)
     if exc is None:
-        return _exit_status(exit_arg)
-    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+        status = _exit_status(exit_arg)
+    else:
+        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    try:
+        while payload:
+            payload = payload[os.write(res_fd, payload):]
+    except OSError:
+        pass
+    return status
 
 
 # A code context in WASM mode (the wasm driver's worker, package wasm/worker: context.go). WASI has
@@ -648,10 +655,7 @@ def _context_run_wasi(d, header, g, imp):
         agent_globals, close_agent = _sandbox_agent(d + "/agent", imp)
         g.update(agent_globals)
         _context_stdio()
-        exc, exit_arg, payload = _execute(src, g, limit, imp)
-        status = _run_status(exc, exit_arg)
-        while payload:
-            payload = payload[os.write(res_fd, payload):]
+        status = _context_execute(src, g, limit, imp, res_fd)
     except BaseException:
         pass
     try:
