@@ -14,7 +14,7 @@ import (
 // TestContexts: code contexts in a WASM sandbox, step by step in one sandbox: state over runs,
 // contexts independent of each other and of fresh runs, a crash that resets one context only, a
 // timeout that resets every context (the worker is killed) and says so at each one's next run,
-// delete (idempotent; the memory freed, the working directory removed).
+// output caps, delete (idempotent; the memory freed, the working directory removed).
 func TestContexts(t *testing.T) {
 	d, id, _ := pySandbox(t)
 	ctx := context.Background()
@@ -74,6 +74,14 @@ func TestContexts(t *testing.T) {
 		}
 	}
 
+	// Output is capped as a fresh run's.
+	res, err := d.Exec(ctx, id, driver.ExecRequest{Code: "import sys\nsys.stdout.write('x' * 5000)\nsys.stderr.write('e' * 5000)\nresult = 1",
+		Timeout: time.Minute, MaxOutput: 1000, Context: "ctx_a"})
+	if err != nil || len(res.Stdout) != 1000 || !res.StdoutTruncated || len(res.Stderr) != 1000 || !res.StderrTruncated || string(res.Result) != "1" {
+		t.Errorf("output over the cap: %v, %d bytes (truncated %v), %d bytes (truncated %v), result %s", err,
+			len(res.Stdout), res.StdoutTruncated, len(res.Stderr), res.StderrTruncated, res.Result)
+	}
+
 	// Delete frees the instance's memory and removes its directory; again is no error.
 	before := attainable(t, d, id)
 	for i := 0; i < 2; i++ {
@@ -85,7 +93,7 @@ func TestContexts(t *testing.T) {
 	if after <= before {
 		t.Errorf("a fresh run got %d MiB before deleting a context, %d MiB after", before, after)
 	}
-	res := drivertest.Exec(t, d, id, "import os\nresult = sorted(n for n in os.listdir('/tmp') if n.startswith('.context-'))", time.Minute)
+	res = drivertest.Exec(t, d, id, "import os\nresult = sorted(n for n in os.listdir('/tmp') if n.startswith('.context-'))", time.Minute)
 	if !drivertest.SameJSON(res.Result, `[".context-ctx_b"]`) {
 		t.Errorf("context directories after deleting ctx_a: %s", res.Result)
 	}
