@@ -547,10 +547,7 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
         status = _context_execute(data[8 + n:], g, limit, imp, res_fd)
     except BaseException:
         status = 1 if status == 0 else status
-    try:
-        os.close(res_fd)
-    except OSError:
-        pass
+    _close_quietly(res_fd)
     if close_agent is not None:
         close_agent()
     else:
@@ -658,10 +655,7 @@ def _context_run_wasi(d, header, g, imp):
         status = _context_execute(src, g, limit, imp, res_fd)
     except BaseException:
         pass
-    try:
-        os.close(res_fd)
-    except OSError:
-        pass
+    _close_quietly(res_fd)
     if close_agent is not None:
         close_agent()
     _flush()
@@ -669,8 +663,12 @@ def _context_run_wasi(d, header, g, imp):
         os.write(st_fd, b"%d" % status)
     except OSError:
         pass
+    _close_quietly(st_fd)
+
+
+def _close_quietly(fd):
     try:
-        os.close(st_fd)
+        os.close(fd)
     except OSError:
         pass
 
