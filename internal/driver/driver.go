@@ -102,8 +102,10 @@ type ExecRequest struct {
 	OnOutput func(s Stream, p []byte)
 	// Context, when set, runs Code in that code context's long-lived interpreter (Contexter)
 	// instead of a fresh process: its globals, imports, open files and working directory are
-	// those the context's earlier runs left. A timeout or cancel interrupts the code
-	// (KeyboardInterrupt) and keeps the interpreter if the code stops within a grace period.
+	// those the context's earlier runs left. A timeout or cancel: the container driver interrupts
+	// the code (KeyboardInterrupt) and keeps the interpreter if the code stops within a grace
+	// period; the wasm driver kills the sandbox's worker, which resets every context of the
+	// sandbox (WASI has no signals; ContextLost, and ContextRestarted at each one's next run).
 	Context string
 	// Agent is who the run is, as its `agent` object says (agent.id, .sandbox_id, .run_id).
 	Agent AgentInfo

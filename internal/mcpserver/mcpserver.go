@@ -70,7 +70,7 @@ func New(clientFor ClientFunc, opts Options) *mcp.Server {
 			"unless `context` names a code context of the sandbox.",
 		Annotations: &mcp.ToolAnnotations{DestructiveHint: &no, OpenWorldHint: &no}}, runCode)
 	add(s, clientFor, &mcp.Tool{Name: "create_context", Title: "Create a code context",
-		Description: "Create a code context in a sandbox (container mode): a long-lived Python interpreter whose variables, imports, " +
+		Description: "Create a code context in a sandbox: a long-lived Python interpreter whose variables, imports, " +
 			"open files and working directory persist across the runs made with run_code's `context` set to its context_id — " +
 			"load data once, then ask many questions of it. At most 8 per sandbox; a context dies with its sandbox.",
 		Annotations: &mcp.ToolAnnotations{DestructiveHint: &no, OpenWorldHint: &no}}, createContext)

@@ -544,19 +544,10 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
         for kv in data[8:8 + n].split(b"\0")[:-1]:
             k, _, v = kv.partition(b"=")
             os.environb[k] = v
-        exc, exit_arg, payload = _execute(data[8 + n:], g, limit, imp)
-        if exc is None:
-            status = _exit_status(exit_arg)
-        else:
-            status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        while payload:
-            payload = payload[os.write(res_fd, payload):]
+        status = _context_execute(data[8 + n:], g, limit, imp, res_fd)
     except BaseException:
         status = 1 if status == 0 else status
-    try:
-        os.close(res_fd)
-    except OSError:
-        pass
+    _close_quietly(res_fd)
     if close_agent is not None:
         close_agent()
     else:
@@ -569,6 +560,117 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
     us = lambda r: int((r.ru_utime + r.ru_stime) * 1e6)
     sock.sendall(b"D%s %d %d %d\n" % (seq, status, us(me), us(ch)))
+
+
+def _context_execute(src, g, limit, imp, res_fd):
+    """Runs a context's run (src in the context's globals g, as _execute does), writes its report
+    to res_fd (as a fresh run, a report that cannot be written is lost) and returns its exit
+    status: SystemExit's, 1 for an uncaught exception, 130 for KeyboardInterrupt."""
+    exc, exit_arg, payload = _execute(src, g, limit, imp)
+    if exc is None:
+        status = _exit_status(exit_arg)
+    else:
+        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    try:
+        while payload:
+            payload = payload[os.write(res_fd, payload):]
+    except OSError:
+        pass
+    return status
+
+
+# A code context in WASM mode (the wasm driver's worker, package wasm/worker: context.go). WASI has
+# no sockets, descriptor passing or signals, so the worker serves the context's private in-memory
+# directory d (/.sandbox) with a new set of files for each run. Started by the bootstrap with
+# `_sandbox_context_dir` = d in its globals and, from argv[3] on, the working directories to try
+# (the first, the context's own, is made if missing). For each run the loop reads d/run, which
+# blocks until the worker hands over the next run: "<output limit>\n" then the run's environment
+# as "K=V\0"… (set in os.environ on top of what is there); an empty read (the context is being
+# deleted) ends the instance. It opens d/status and d/result, reads d/code and binds the run's
+# agent channel, d/agent — each file opens once, all before the code runs — runs the code as a
+# fresh run would (_execute: compiled as "<run>", `result` and the uncaught exception as JSON on
+# d/result), flushes stdout/stderr (the worker points the instance's stdio at the run's streams
+# while the run lasts, and discards what is written between runs), and writes the exit status to
+# d/status: closing it ends the run for the worker, which then puts the next run's files in d.
+# SystemExit ends the run with its status and keeps the interpreter. Nothing interrupts a run: a
+# timeout kills the worker, and every context of the sandbox with it.
+def _sandbox_context_wasi(d):
+    imp = _importer(list(sys.path))
+    for i, wd in enumerate(sys.argv[3:]):
+        try:
+            if i == 0:
+                try:
+                    os.mkdir(wd, 0o700)
+                except FileExistsError:
+                    pass
+            os.chdir(wd)
+            break
+        except OSError:
+            pass
+    mod = type(sys)("__main__")
+    g = mod.__dict__
+    g["__builtins__"] = sys.modules["builtins"]
+    sys.modules["__main__"] = mod
+    sys.argv[:] = ["-c"]
+    while True:
+        try:
+            h = _read_file(d + "/run")
+        except OSError:
+            h = b""
+        if not h:
+            _flush()
+            os._exit(0)
+        _context_run_wasi(d, h, g, imp)
+
+
+def _read_file(path):
+    """The whole content of file path (os calls only: the loop does not depend on what a run may
+    have done to the builtins)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = []
+        while True:
+            c = os.read(fd, 1 << 20)
+            if not c:
+                return b"".join(parts)
+            parts.append(c)
+    finally:
+        os.close(fd)
+
+
+def _context_run_wasi(d, header, g, imp):
+    status, close_agent, st_fd, res_fd = 1, None, -1, -1
+    try:
+        limit, _, env = header.partition(b"\n")
+        limit = int(limit)
+        for kv in env.split(b"\0")[:-1]:
+            k, _, v = kv.partition(b"=")
+            os.environb[k] = v
+        st_fd = os.open(d + "/status", os.O_WRONLY)
+        res_fd = os.open(d + "/result", os.O_WRONLY)
+        src = _read_file(d + "/code")
+        agent_globals, close_agent = _sandbox_agent(d + "/agent", imp)
+        g.update(agent_globals)
+        _context_stdio()
+        status = _context_execute(src, g, limit, imp, res_fd)
+    except BaseException:
+        pass
+    _close_quietly(res_fd)
+    if close_agent is not None:
+        close_agent()
+    _flush()
+    try:
+        os.write(st_fd, b"%d" % status)
+    except OSError:
+        pass
+    _close_quietly(st_fd)
+
+
+def _close_quietly(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _context_stdio():
@@ -587,5 +689,7 @@ def _context_stdio():
 
 if "_sandbox_context_fd" in globals():
     _sandbox_context(_sandbox_context_fd)
+elif "_sandbox_context_dir" in globals():
+    _sandbox_context_wasi(_sandbox_context_dir)
 else:
     _sandbox_run()

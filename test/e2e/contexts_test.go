@@ -6,62 +6,53 @@ import (
 	"testing"
 )
 
-// TestContexts drives code contexts over HTTP with the real container driver: state across runs,
-// a timeout that keeps it, resets (os._exit, the memory limit) that the next run reports, what
-// fresh runs and other contexts see, leftovers of a context's run, the limit, delete.
-func TestContexts(t *testing.T) {
-	s := sharedServer(t)
-	pro := s.newKey("e2e-contexts", "pro")
-	id := s.create(pro, map[string]any{"resources": map[string]any{"memory": "128m"}, "process": map[string]any{"allow_spawn": true}})
-	newCtx := func() string {
-		t.Helper()
-		status, m := s.do("POST", "/api/sandbox/"+id+"/contexts", pro, nil)
-		if status != 201 || m["status"] != "ready" {
-			t.Fatalf("create context: %d %v", status, m)
-		}
-		return m["context_id"].(string)
+// contextStep is one run of a code contexts test.
+type contextStep struct {
+	name    string
+	ctx     string // the context; "" a fresh run
+	code    string
+	timeout int
+	status  string
+	result  any    // nil: not checked
+	reset   string // a substring of context_reset.reason; "" none
+}
+
+// contextsAPI is one sandbox's code contexts over HTTP, as key.
+type contextsAPI struct {
+	t       *testing.T
+	s       *server
+	key, id string
+}
+
+func (c contextsAPI) create() string {
+	c.t.Helper()
+	status, m := c.s.do("POST", "/api/sandbox/"+c.id+"/contexts", c.key, nil)
+	if status != 201 || m["status"] != "ready" {
+		c.t.Fatalf("create context: %d %v", status, m)
 	}
-	a, b := newCtx(), newCtx()
-	runIn := func(ctx, code string, timeout int) map[string]any {
-		t.Helper()
-		body := map[string]any{"code": code, "timeout": timeout}
-		if ctx != "" {
-			body["context"] = ctx
-		}
-		status, m := s.do("POST", "/api/sandbox/"+id+"/run", pro, body)
-		if status != 200 {
-			t.Fatalf("run %q: %d %v", code, status, m)
-		}
-		return m
+	return m["context_id"].(string)
+}
+
+// run runs code in context ctx ("" a fresh run); the request must succeed.
+func (c contextsAPI) run(ctx, code string, timeout int) map[string]any {
+	c.t.Helper()
+	body := map[string]any{"code": code, "timeout": timeout}
+	if ctx != "" {
+		body["context"] = ctx
 	}
-	steps := []struct {
-		name    string
-		ctx     string
-		code    string
-		timeout int
-		status  string
-		result  any    // nil: not checked
-		reset   string // a substring of context_reset.reason; "" none
-	}{
-		// os.getppid() 0: forked by the zygote (outside the sandbox's PID namespace), no fork per run.
-		{"load", a, "import os\nrows = [1, 2, 3]\nf = open('notes.txt', 'w')\nresult = [os.getcwd().startswith('/tmp/'), os.getppid()]", 30, "completed", []any{true, float64(0)}, ""},
-		{"use", a, "ppid0 = os.getpid()\nrows.append(4)\nf.write('x')\nf.flush()\nresult = sum(rows)", 30, "completed", float64(10), ""},
-		{"use again", a, "result = [len(rows), open('notes.txt').read(), os.getpid() == ppid0]", 30, "completed", []any{float64(4), "x", true}, ""},
-		{"fresh run sees nothing", "", "result = 'rows' in globals()", 30, "completed", false, ""},
-		{"other context sees nothing", b, "result = 'rows' in globals()", 30, "completed", false, ""},
-		{"timeout interrupts", a, "while True: pass", 1, "timeout", nil, ""},
-		{"state after the timeout", a, "result = sum(rows)", 30, "completed", float64(10), ""},
-		{"leftover child", a, "import subprocess\np = subprocess.Popen(['sleep', '100'])\nresult = p.pid", 30, "completed", nil, ""},
-		{"leftover killed", a, "import time\nfor _ in range(200):\n    if p.poll() is not None: break\n    time.sleep(0.01)\nresult = p.poll() is not None", 30, "completed", true, ""},
-		{"os._exit", a, "import os\nos._exit(3)", 30, "failed", nil, ""},
-		{"reset reported", a, "result = 'rows' in globals()", 30, "completed", false, "status 3"},
-		{"after the reset", a, "rows = [5]\nresult = 1", 30, "completed", float64(1), ""},
-		{"memory limit", a, "b = bytearray(512 << 20)", 30, "oom", nil, ""},
-		{"reset after oom", a, "result = 'rows' in globals()", 30, "completed", false, "killed"},
-		{"other context untouched", b, "result = 1", 30, "completed", float64(1), ""},
+	status, m := c.s.do("POST", "/api/sandbox/"+c.id+"/run", c.key, body)
+	if status != 200 {
+		c.t.Fatalf("run %q: %d %v", code, status, m)
 	}
+	return m
+}
+
+// steps runs the steps in order and checks each one's status, result and context_reset (with its
+// stderr line).
+func (c contextsAPI) steps(steps []contextStep) {
+	t := c.t
 	for _, st := range steps {
-		m := runIn(st.ctx, st.code, st.timeout)
+		m := c.run(st.ctx, st.code, st.timeout)
 		if m["status"] != st.status {
 			t.Errorf("%s: status %v, want %s (%v)", st.name, m["status"], st.status, m)
 			continue
@@ -82,41 +73,97 @@ func TestContexts(t *testing.T) {
 			t.Errorf("%s: context %v", st.name, m["context"])
 		}
 	}
-	// The limit, delete, a run in a deleted context.
+}
+
+// limitAndDelete fills the sandbox (which has two contexts) up to the limit, checks the 9th is
+// refused, deletes context del twice and checks a run in it is 404.
+func (c contextsAPI) limitAndDelete(del string) {
+	t := c.t
 	for i := 2; i < 8; i++ {
-		newCtx()
+		c.create()
 	}
-	if status, m := s.do("POST", "/api/sandbox/"+id+"/contexts", pro, nil); status != 409 || m["error"] != "context_limit" {
+	if status, m := c.s.do("POST", "/api/sandbox/"+c.id+"/contexts", c.key, nil); status != 409 || m["error"] != "context_limit" {
 		t.Fatalf("9th context: %d %v", status, m)
 	}
 	for i := 0; i < 2; i++ {
-		if status, _ := s.do("DELETE", "/api/sandbox/"+id+"/contexts/"+b, pro, nil); status != 204 {
+		if status, _ := c.s.do("DELETE", "/api/sandbox/"+c.id+"/contexts/"+del, c.key, nil); status != 204 {
 			t.Fatalf("delete context: %d", status)
 		}
 	}
-	if status, m := s.do("POST", "/api/sandbox/"+id+"/run", pro, map[string]any{"code": "1", "context": b}); status != 404 {
+	if status, m := c.s.do("POST", "/api/sandbox/"+c.id+"/run", c.key, map[string]any{"code": "1", "context": del}); status != 404 {
 		t.Fatalf("run in a deleted context: %d %v", status, m)
 	}
+}
+
+// TestContexts drives code contexts over HTTP with the real container driver: state across runs,
+// a timeout that keeps it, resets (os._exit, the memory limit) that the next run reports, what
+// fresh runs and other contexts see, leftovers of a context's run, the limit, delete.
+func TestContexts(t *testing.T) {
+	s := sharedServer(t)
+	pro := s.newKey("e2e-contexts", "pro")
+	id := s.create(pro, map[string]any{"resources": map[string]any{"memory": "128m"}, "process": map[string]any{"allow_spawn": true}})
+	c := contextsAPI{t: t, s: s, key: pro, id: id}
+	a, b := c.create(), c.create()
+	c.steps([]contextStep{
+		// os.getppid() 0: forked by the zygote (outside the sandbox's PID namespace), no fork per run.
+		{"load", a, "import os\nrows = [1, 2, 3]\nf = open('notes.txt', 'w')\nresult = [os.getcwd().startswith('/tmp/'), os.getppid()]", 30, "completed", []any{true, float64(0)}, ""},
+		{"use", a, "ppid0 = os.getpid()\nrows.append(4)\nf.write('x')\nf.flush()\nresult = sum(rows)", 30, "completed", float64(10), ""},
+		{"use again", a, "result = [len(rows), open('notes.txt').read(), os.getpid() == ppid0]", 30, "completed", []any{float64(4), "x", true}, ""},
+		{"fresh run sees nothing", "", "result = 'rows' in globals()", 30, "completed", false, ""},
+		{"other context sees nothing", b, "result = 'rows' in globals()", 30, "completed", false, ""},
+		{"timeout interrupts", a, "while True: pass", 1, "timeout", nil, ""},
+		{"state after the timeout", a, "result = sum(rows)", 30, "completed", float64(10), ""},
+		{"leftover child", a, "import subprocess\np = subprocess.Popen(['sleep', '100'])\nresult = p.pid", 30, "completed", nil, ""},
+		{"leftover killed", a, "import time\nfor _ in range(200):\n    if p.poll() is not None: break\n    time.sleep(0.01)\nresult = p.poll() is not None", 30, "completed", true, ""},
+		{"os._exit", a, "import os\nos._exit(3)", 30, "failed", nil, ""},
+		{"reset reported", a, "result = 'rows' in globals()", 30, "completed", false, "status 3"},
+		{"after the reset", a, "rows = [5]\nresult = 1", 30, "completed", float64(1), ""},
+		{"memory limit", a, "b = bytearray(512 << 20)", 30, "oom", nil, ""},
+		{"reset after oom", a, "result = 'rows' in globals()", 30, "completed", false, "killed"},
+		{"other context untouched", b, "result = 1", 30, "completed", float64(1), ""},
+	})
+	c.limitAndDelete(b)
 	// Fresh runs are as before: only the agent and the run itself in the sandbox besides the contexts.
-	r := runIn("", "import os\nresult = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())", 30)
+	r := c.run("", "import os\nresult = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())", 30)
 	if l, _ := r["result"].([]any); len(l) != 2+7 { // the agent, this run, 7 live contexts
 		t.Errorf("processes in the sandbox: %v", r["result"])
 	}
 }
 
-// TestContextsWasmUnsupported: WASM mode has no code contexts yet, and says so.
-func TestContextsWasmUnsupported(t *testing.T) {
+// TestContextsWasm drives code contexts in a WASM sandbox over HTTP: state across runs, what
+// fresh runs and other contexts see, a crash that resets one context, a timeout that resets every
+// context of the sandbox (its worker is killed: WASI has no signals) and the reports of it, the
+// run's own agent object, the limit, delete.
+func TestContextsWasm(t *testing.T) {
 	tn := startTenants(t)
 	tn.forModes(t, func(t *testing.T, mode string) {
 		if mode != "wasm" {
 			return
 		}
-		id := tn.sandbox(tn.victim, mode, nil)
-		if status, m := tn.s.do("POST", "/api/sandbox/"+id+"/contexts", tn.victim, nil); status != 400 || m["error"] != "unsupported_in_mode" {
-			t.Errorf("create a context in a WASM sandbox: %d %v", status, m)
-		}
-		if status, m := tn.s.do("POST", "/api/sandbox/"+id+"/run", tn.victim, map[string]any{"code": "1", "context": "ctx_abc"}); status != 400 || m["error"] != "unsupported_in_mode" {
-			t.Errorf("run in a context in a WASM sandbox: %d %v", status, m)
+		c := contextsAPI{t: t, s: tn.s, key: tn.victim, id: tn.sandbox(tn.victim, mode, nil)}
+		id := c.id
+		a, b := c.create(), c.create()
+		const crash = "import sys\nsys.setrecursionlimit(10**7)\ndef g(n):\n    return sum(map(g, [n + 1]))\ng(0)"
+		c.steps([]contextStep{
+			{"load", a, "import os, json\nrows = [1, 2, 3]\nf = open('notes.txt', 'w')\nresult = os.getcwd()", 30, "completed", "/tmp/.context-" + a, ""},
+			{"use", a, "rows.append(4)\nf.write('x')\nf.flush()\nresult = sum(rows)", 30, "completed", float64(10), ""},
+			{"use again", a, "result = [len(rows), open('notes.txt').read(), json.dumps(1)]", 30, "completed", []any{float64(4), "x", "1"}, ""},
+			{"fresh run sees nothing", "", "result = 'rows' in globals()", 30, "completed", false, ""},
+			{"other context sees nothing", b, "rows = 'b'\nresult = 'f' in globals()", 30, "completed", false, ""},
+			{"agent object", a, "result = [agent.id, agent.sandbox_id == " + fmt.Sprintf("%q", id) + "]", 30, "completed", []any{"adversary", true}, ""},
+			{"crash resets b", b, crash, 60, "failed", nil, ""},
+			{"b's reset reported", b, "result = 'rows' in globals()", 30, "completed", false, "crashed"},
+			{"a untouched", a, "result = sum(rows)", 30, "completed", float64(10), ""},
+			{"timeout", a, "while True: pass", 1, "timeout", nil, ""},
+			{"a's reset reported", a, "result = 'rows' in globals()", 30, "completed", false, "timeout"},
+			{"b's reset reported too", b, "result = 'rows' in globals()", 30, "completed", false, "every code context"},
+			{"a again", a, "rows = [5]", 30, "completed", nil, ""},
+			{"a keeps it", a, "result = rows", 30, "completed", []any{float64(5)}, ""},
+		})
+		c.limitAndDelete(b)
+		m := c.run("", "import os\nresult = sorted(n for n in os.listdir('/tmp') if n.startswith('.context-'))", 30)
+		if strings.Contains(fmt.Sprint(m["result"]), b) || !strings.Contains(fmt.Sprint(m["result"]), a) {
+			t.Errorf("context directories after deleting %s: %v", b, m["result"])
 		}
 	})
 }

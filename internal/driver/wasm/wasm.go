@@ -39,9 +39,9 @@
 //     beneath their directories by the worker, links refused. Spec.Blocked paths are absent: a
 //     mount at or under one is not mounted, one inside a mount is cut out of it. No network: a
 //     policy that asks for egress is refused.
-//   - Runs: every run is a fresh instance of the compiled module (its interpreter started ahead
-//     of it by the worker, the standby), output streamed to ExecRequest.OnOutput, at most
-//     MaxOutput bytes per stream. The timeout and ctx's end kill the worker's process group,
+//   - Runs: every run but a code context's is a fresh instance of the compiled module (its
+//     interpreter started ahead of it by the worker, the standby), output streamed to
+//     ExecRequest.OnOutput, at most MaxOutput bytes per stream. The timeout and ctx's end kill the worker's process group,
 //     whatever the guest does. ExecResult.CPU is the cgroup's CPU time during the run;
 //     ExecResult.MemoryPeak the high-water mark of the instance's linear memory (start-up,
 //     static data and stack included). The status is driver.Classify's; "oom" is an uncaught
@@ -49,6 +49,12 @@
 //     kill of the worker (a MemoryError without a refusal is "failed", as in a container). A trap is "failed", exit code 134, with "sandbox: the interpreter crashed
 //     (why)" on stderr and, when the interpreter's C stack overflowed, error {type:
 //     StackOverflow}; the next run gets a fresh instance.
+//   - Code contexts (driver.Contexter, contexts.go): a context is a long-lived instance in the
+//     sandbox's worker, at most protocol.MaxContexts; the linear memory of every instance of the
+//     worker (contexts, the standby, a fresh run's) counts against Spec.MemoryBytes together. A
+//     run's timeout or cancel — in a context or not — kills the worker and so resets every
+//     context of the sandbox (ExecResult.ContextLost for the run's own, ContextRestarted at each
+//     other's next run); a crash or os._exit in a context's run resets that context only.
 //   - State: everything of a sandbox is <StateDir>/sandboxes/<id>/ (meta.json names its cgroup)
 //     and its cgroup. List finds the state dirs and Destroy removes both (killing whatever is
 //     left in the cgroup), so sandboxes left by a crashed sandboxd are found and removed; their
@@ -147,6 +153,7 @@ type box struct {
 	group     string // the sandbox's cgroup: its first worker's ("" until it has one)
 	w         *proc  // the current worker; nil after it was killed or died
 	destroyed bool
+	contexts  map[string]*codeCtx // its code contexts, by name (contexts.go)
 
 	standbyRuns atomic.Int64 // runs its workers served with a standby (for tests)
 }
@@ -471,7 +478,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	pids := max(spec.PidsLimit, WorkerMinPids)
 	b := &box{id: id, dir: dir, image: spec.RootFS, cfg: cfg,
 		limits: cgroup.Limits{CPU: spec.CPU, CPUWeight: 100, MemoryBytes: spec.MemoryBytes + WorkerOverhead, Pids: pids},
-		meta:   meta{ID: id, Image: spec.RootFS, Created: time.Now().UTC()}}
+		meta:   meta{ID: id, Image: spec.RootFS, Created: time.Now().UTC()}, contexts: map[string]*codeCtx{}}
 	d.mu.Lock()
 	d.boxes[id] = b
 	d.mu.Unlock()
@@ -621,7 +628,10 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	if err != nil {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: %w", id, err)
 	}
-	return d.exec(ctx, b, protocol.Run{Code: req.Code, Env: env, MaxOutput: req.MaxOutput, Agent: req.Agent}, req)
+	if req.Context != "" && !protocol.ValidContextName(req.Context) {
+		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: invalid context name %q", id, req.Context)
+	}
+	return d.exec(ctx, b, protocol.Run{Code: req.Code, Env: env, MaxOutput: req.MaxOutput, Agent: req.Agent, Context: req.Context}, req)
 }
 
 // exec runs m in b's worker (see Exec), in steps: acquire the worker (noWorker when there is
@@ -632,13 +642,26 @@ func (d *Driver) exec(ctx context.Context, b *box, m protocol.Run, req driver.Ex
 	if err != nil {
 		return noWorker(ctx, b, err)
 	}
+	restarted := ""
+	if m.Context != "" {
+		restarted = b.contextBefore(m.Context, w)
+	}
 	e, err := d.send(b, w, m)
 	if err != nil {
+		b.loseContexts(w, "the sandbox's WASM worker could not take a run, and every code context of the sandbox ended with it")
 		return driver.ExecResult{}, err
 	}
 	e.stream(ctx, req)
 	d.release(e, len(m.Args) == 0)
-	return e.classify(ctx)
+	res, err := e.classify(ctx)
+	if m.Context != "" && err == nil {
+		b.contextAfter(m.Context, w, e.ex, &res, restarted)
+	}
+	if e.ex == nil {
+		// The worker was killed (or died): the instances of the sandbox's contexts with it.
+		b.loseContexts(w, workerKilled(res.Status))
+	}
+	return res, err
 }
 
 // execution is one run in a worker, as exec's steps pass it on.

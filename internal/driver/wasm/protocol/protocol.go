@@ -31,6 +31,19 @@
 //	worker → host  FrameStdout/FrameStderr chunks as the guest writes them (at most MaxOutput
 //	               bytes per stream) and FrameCall requests, then FrameExit Exit
 //	host → worker  FrameAnswer     one per FrameCall, in order, while the run lasts
+//	and, between runs, per code context operation:
+//	host → worker  FrameContext    ContextOp: start a context's instance (and wait until it is
+//	                               ready), or end one
+//	worker → host  FrameContextDone Reply
+//
+// Code contexts: a Run with Context runs in that context's long-lived instance, which the worker
+// starts at ContextOpCreate or, if it has none, at the run (Exit.ContextNew). The instance runs
+// the runner's WASI context loop (pyrunner, runner.py: _sandbox_context_wasi), which takes one
+// run after another in the same globals from its private directory at RunDir. At most
+// MaxContexts per worker; every instance of a worker (the standby, a fresh run's, the contexts')
+// draws on one budget of Config.MemoryBytes of linear memory. A context's instance that ends
+// during its run (a crash, os._exit) is reported in Exit.ContextEnded and forgotten; the worker's
+// death (the host kills it at a timeout) ends every context of the sandbox.
 //
 // Agent calls: the guest's agent channel (package pyrunner, agent.go) is the file
 // pyrunner.AgentFile of the run's private directory, served by the worker: it reads the hello
@@ -75,7 +88,42 @@ const (
 	FrameExit       = 'x'
 	FrameCall       = 'A'
 	FrameAnswer     = 'a'
+	// FrameContext and FrameContextDone: a code context operation and its reply.
+	FrameContext     = 'c'
+	FrameContextDone = 'k'
 )
+
+// MaxContexts is the most code contexts a worker keeps (the service's limit per sandbox).
+const MaxContexts = 8
+
+// Code context operations (ContextOp.Op).
+const (
+	ContextOpCreate = "create"
+	ContextOpDelete = "delete"
+)
+
+// ContextOp is a code context operation. Name is the service's context ID (letters, digits, '_'
+// and '-', at most MaxContextName bytes). Deleting a context the worker does not have is no error.
+type ContextOp struct {
+	Op   string `json:"op"`
+	Name string `json:"name"`
+}
+
+// MaxContextName bounds ContextOp.Name and Run.Context.
+const MaxContextName = 64
+
+// ValidContextName reports whether name is a context name the worker takes.
+func ValidContextName(name string) bool {
+	if name == "" || len(name) > MaxContextName {
+		return false
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
 
 // MaxFrame bounds a frame's payload (the exit message carries the runner's report).
 const MaxFrame = 96 << 20
@@ -145,6 +193,9 @@ type Run struct {
 	Args      []string `json:"args,omitempty"`
 	// Agent is who the run is: the hello of its agent channel.
 	Agent pyrunner.AgentInfo `json:"agent"`
+	// Context, when set, runs Code in that code context's instance (started now if the worker has
+	// none: Exit.ContextNew).
+	Context string `json:"context,omitempty"`
 }
 
 // Exit is how a run ended, as the worker saw it.
@@ -159,6 +210,10 @@ type Exit struct {
 	StackOverflow   bool            `json:"stack_overflow"`    // the trap was a stack overflow
 	StdoutTruncated bool            `json:"stdout_truncated"`
 	StderrTruncated bool            `json:"stderr_truncated"`
+	// A run in a code context: ContextNew says its instance was started for this run (the worker
+	// had none); ContextEnded, why the instance ended during the run (its state is gone).
+	ContextNew   bool   `json:"context_new,omitempty"`
+	ContextEnded string `json:"context_ended,omitempty"`
 }
 
 // Writer writes frames; safe for concurrent use.

@@ -16,21 +16,54 @@ const wasmPage = 64 << 10
 // the guest has touched, not a multiple of it. It also enforces the sandbox's memory cap: a grow
 // past limit returns nil, which the guest sees as memory.grow failing (-1), exactly as if the
 // module's maximum were the cap — Python's allocator then raises MemoryError.
+//
+// Every instance of a worker has its own allocator, and all of them draw on one memoryBudget, the
+// sandbox's cap: what the standby, a fresh run and the code contexts' instances have committed
+// together never exceeds it (a grow past it fails the same way).
 type memoryAllocator struct {
-	limit uint64 // bytes, a multiple of wasmPage
+	limit  uint64 // bytes, a multiple of wasmPage
+	budget *memoryBudget
 
 	mu      sync.Mutex
 	peak    uint64        // largest size ever granted (the linear memory's high-water mark)
+	size    uint64        // the size last granted
 	refused bool          // a grow past limit was refused
 	freed   []*mmapMemory // memories wazero freed, unmapped by release
 }
 
-func newMemoryAllocator(limit int64) *memoryAllocator {
+func newMemoryAllocator(limit int64, budget *memoryBudget) *memoryAllocator {
 	l := uint64(limit) / wasmPage * wasmPage
 	if l < wasmPage {
 		l = wasmPage
 	}
-	return &memoryAllocator{limit: l}
+	return &memoryAllocator{limit: l, budget: budget}
+}
+
+// memoryBudget is the linear memory all instances of a worker may hold together: the sandbox's
+// cap. Memory is taken when an instance's memory grows and given back when it is unmapped.
+type memoryBudget struct {
+	mu          sync.Mutex
+	limit, used uint64
+}
+
+func newMemoryBudget(limit int64) *memoryBudget { return &memoryBudget{limit: uint64(max(limit, 0))} }
+
+// take reserves n bytes, or reports that they would exceed the budget.
+func (b *memoryBudget) take(n uint64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.used+n > b.limit {
+		return false
+	}
+	b.used += n
+	return true
+}
+
+// give returns n bytes.
+func (b *memoryBudget) give(n uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.used -= min(n, b.used)
 }
 
 // Allocate implements experimental.MemoryAllocator.
@@ -44,6 +77,14 @@ func (a *memoryAllocator) Allocate(_, max uint64) experimental.LinearMemory {
 		}
 	}
 	return m
+}
+
+// resetPeak starts the high-water mark and the refusal flag again (a code context's next run):
+// the peak becomes the size its linear memory has now.
+func (a *memoryAllocator) resetPeak() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.peak, a.refused = a.size, false
 }
 
 // stats returns the high-water mark and whether a grow was refused.
@@ -69,13 +110,21 @@ func (m *mmapMemory) Reallocate(size uint64) []byte {
 		return nil
 	}
 	if size > m.committed {
+		if !m.a.budget.take(size - m.committed) {
+			// The sandbox's other instances (its code contexts) hold the rest of its cap.
+			m.a.mu.Lock()
+			m.a.refused = true
+			m.a.mu.Unlock()
+			return nil
+		}
 		if err := unix.Mprotect(m.buf[m.committed:size], unix.PROT_READ|unix.PROT_WRITE); err != nil {
+			m.a.budget.give(size - m.committed)
 			return nil
 		}
 		m.committed = size
 	}
 	m.a.mu.Lock()
-	m.a.peak = max(m.a.peak, size)
+	m.a.peak, m.a.size = max(m.a.peak, size), size
 	m.a.mu.Unlock()
 	return m.buf[:size:size]
 }
@@ -100,6 +149,7 @@ func (a *memoryAllocator) release() {
 	a.mu.Unlock()
 	for _, m := range freed {
 		_ = unix.Munmap(m.buf)
+		a.budget.give(m.committed)
 		m.buf, m.committed = nil, 0
 	}
 }

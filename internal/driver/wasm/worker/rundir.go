@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"bytes"
 	"io"
 	"io/fs"
 	"sort"
@@ -42,10 +43,14 @@ type runDir struct {
 
 type runEntry struct {
 	data   []byte // content to read (nil for the report)
-	write  bool   // the report: write-only
+	write  bool   // the report (or a context run's status): write-only
+	max    int    // a write-only entry's cap, bytes (0: maxReport)
 	wait   bool   // "run": reads wait for deliver or cancel
 	agent  bool   // the agent channel: read-write, served by runDir.agent
 	opened bool
+	// onClose, if set, is called with what was written when the guest first closes the entry (a
+	// code context's status: the end of its run).
+	onClose func([]byte)
 }
 
 // newRunDir returns the directory for one run whose code and header come later (deliver).
@@ -296,7 +301,11 @@ func (f *memFile) Write(buf []byte) (int, experimentalsys.Errno) {
 	}
 	f.d.mu.Lock()
 	defer f.d.mu.Unlock()
-	if len(f.e.data)+len(buf) > maxReport {
+	limit := f.e.max
+	if limit == 0 {
+		limit = maxReport
+	}
+	if len(f.e.data)+len(buf) > limit {
 		return 0, experimentalsys.EIO
 	}
 	f.e.data = append(f.e.data, buf...)
@@ -304,6 +313,16 @@ func (f *memFile) Write(buf []byte) (int, experimentalsys.Errno) {
 }
 
 func (f *memFile) Close() experimentalsys.Errno {
+	if f.closed {
+		return 0
+	}
 	f.closed = true
+	if f.e.onClose != nil {
+		f.d.mu.Lock()
+		fn, data := f.e.onClose, bytes.Clone(f.e.data)
+		f.e.onClose = nil
+		f.d.mu.Unlock()
+		fn(data)
+	}
 	return 0
 }

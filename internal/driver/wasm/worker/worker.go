@@ -40,6 +40,10 @@
 // code. A trap of the guest ends its run with exit code 134 and a crash line on stderr, named a
 // stack overflow when it is one (stackOverflow); the next run gets a fresh instance.
 //
+// A run in a code context (protocol.Run.Context) is the exception: it runs in its context's
+// long-lived instance, which loops over runs in the same globals (context.go). All instances of
+// the worker draw on one memory budget, the sandbox's cap (memoryBudget).
+//
 // # The four traps of wazero
 //
 //  1. Symlink escape: sysfs.DirFS lets the guest create relative symlinks that the host then
@@ -82,6 +86,7 @@ import (
 	"github.com/tetratelabs/wazero"
 	"github.com/tetratelabs/wazero/api"
 	"github.com/tetratelabs/wazero/experimental"
+	experimentalsys "github.com/tetratelabs/wazero/experimental/sys"
 	"github.com/tetratelabs/wazero/experimental/sysfs"
 	"github.com/tetratelabs/wazero/imports/wasi_snapshot_preview1"
 	"github.com/tetratelabs/wazero/sys"
@@ -178,6 +183,8 @@ type worker struct {
 	parent     int // the driver's pid
 	configured bool
 	memory     int64
+	budget     *memoryBudget // the linear memory all its instances may hold together (memory)
+	contexts   map[string]*codeContext
 	env        []string // a standby's environment (protocol.Config.Env)
 	mounts     []workerMount
 	standby    *instance   // the next run's instance, started and waiting (nil: none)
@@ -245,6 +252,7 @@ func runWorker(o workerOptions) error {
 
 	w := &worker{
 		rt: rt, compiled: compiled, fw: protocol.NewWriter(out), parent: o.parent, answers: make(chan []byte, 1),
+		contexts: map[string]*codeContext{},
 		base: wazero.NewModuleConfig().WithName("").
 			WithSysWalltime().WithSysNanotime().WithSysNanosleep().
 			WithRandSource(rand.Reader),
@@ -281,6 +289,17 @@ func runWorker(o workerOptions) error {
 			}
 			inst.alloc.release()
 			w.emptyWorkDir() // before the next frame: a standby or a run
+		case protocol.FrameContext:
+			if !w.configured {
+				return errors.New("context operation before config")
+			}
+			var rep protocol.Reply
+			if err := w.contextOp(f.p); err != nil {
+				rep.Error = err.Error()
+			}
+			if err := w.fw.SendJSON(protocol.FrameContextDone, rep); err != nil {
+				return err
+			}
 		case protocol.FrameStandby:
 			if !w.configured {
 				return errors.New("standby before config")
@@ -419,6 +438,7 @@ func (w *worker) configure(p []byte, fds []int) error {
 		return err
 	}
 	w.mounts, w.memory, w.env, w.configured = mounts, c.MemoryBytes, c.Env, true
+	w.budget = newMemoryBudget(c.MemoryBytes)
 	w.emptyWorkDir() // what a killed worker's run left
 	return nil
 }
@@ -578,7 +598,19 @@ type instance struct {
 func (w *worker) start(args, env []string, rd *runDir) *instance {
 	inst := &instance{env: env, rd: rd,
 		stdout: &stream{fw: w.fw, typ: protocol.FrameStdout}, stderr: &stream{fw: w.fw, typ: protocol.FrameStderr},
-		alloc: newMemoryAllocator(w.memory), done: make(chan struct{})}
+		alloc: newMemoryAllocator(w.memory, w.budget), done: make(chan struct{})}
+	var dir experimentalsys.FS
+	if rd != nil {
+		dir = rd
+	}
+	w.launch(inst, args, dir, inst.stdout, inst.stderr)
+	return inst
+}
+
+// launch instantiates inst's module in a goroutine of its own, with command line args,
+// environment inst.env, dir (if not nil) mounted at protocol.RunDir, and stdout and stderr.
+func (w *worker) launch(inst *instance, args []string, dir experimentalsys.FS, stdout, stderr io.Writer) {
+	env := inst.env
 	fsc := wazero.NewFSConfig()
 	for _, mt := range w.mounts {
 		if mt.fs == nil {
@@ -587,10 +619,10 @@ func (w *worker) start(args, env []string, rd *runDir) *instance {
 			fsc = fsc.(sysfs.FSConfig).WithSysFSMount(mt.fs, mt.path)
 		}
 	}
-	if rd != nil {
-		fsc = fsc.(sysfs.FSConfig).WithSysFSMount(rd, protocol.RunDir)
+	if dir != nil {
+		fsc = fsc.(sysfs.FSConfig).WithSysFSMount(dir, protocol.RunDir)
 	}
-	cfg := w.base.WithArgs(args...).WithStdout(inst.stdout).WithStderr(inst.stderr).WithFSConfig(fsc)
+	cfg := w.base.WithArgs(args...).WithStdout(stdout).WithStderr(stderr).WithFSConfig(fsc)
 	for _, kv := range env {
 		if k, v, ok := strings.Cut(kv, "="); ok {
 			cfg = cfg.WithEnv(k, v)
@@ -602,7 +634,6 @@ func (w *worker) start(args, env []string, rd *runDir) *instance {
 		inst.ended = time.Now()
 		close(inst.done)
 	}()
-	return inst
 }
 
 // isDone reports whether the instance has ended.
@@ -719,6 +750,9 @@ func (w *worker) run(m protocol.Run) (protocol.Exit, *instance) {
 		inst.stderr.attach(maxOut)
 		<-inst.done
 		return inst.exit(from, false), inst
+	}
+	if m.Context != "" {
+		return w.runContext(m, maxOut)
 	}
 	inst := w.standby
 	w.standby = nil
