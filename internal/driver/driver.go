@@ -195,10 +195,10 @@ type ExecResult struct {
 	Display          *string
 	Outputs          []pyrunner.Output
 	OutputsTruncated bool
-	Started         time.Time
-	Duration        time.Duration
-	CPU             time.Duration // user+system CPU time of the run's processes
-	MemoryPeak      int64         // peak resident memory of the run, bytes
+	Started          time.Time
+	Duration         time.Duration
+	CPU              time.Duration // user+system CPU time of the run's processes
+	MemoryPeak       int64         // peak resident memory of the run, bytes
 	// ContextLost (a run in a context): the context's interpreter ended during this run, and why;
 	// its state is gone, and its next run starts a fresh interpreter.
 	ContextLost string

@@ -69,14 +69,7 @@ func TestRichOutputs(t *testing.T) {
 	if status, m, _ := call(t, "GET", f.url+"/api/sandbox/"+id+"/runs/"+runID, f.key, ""); status != 200 || len(m["outputs"].([]any)) != 3 || m["display"] != run["display"] {
 		t.Errorf("get run: %d %v", status, m)
 	}
-	req, _ := http.NewRequest("GET", f.url+"/api/sandbox/"+id+"/runs/"+runID+"/events", nil)
-	req.Header.Set("X-AgentCop-Key", f.key)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	b := getRaw(t, f, "/api/sandbox/"+id+"/runs/"+runID+"/events")
 	if n := strings.Count(string(b), "event: output\ndata: {\"type\":"); n != 3 || !strings.Contains(string(b), `"path":"`+want[1].path+`"`) ||
 		strings.Index(string(b), "event: output") > strings.Index(string(b), "event: end") {
 		t.Errorf("events: %s", b)
@@ -94,7 +87,13 @@ func TestRichOutputs(t *testing.T) {
 
 func getFile(t *testing.T, f fixture, id, p string) string {
 	t.Helper()
-	req, _ := http.NewRequest("GET", f.url+"/api/sandbox/"+id+"/files?path="+url.QueryEscape(p), nil)
+	return string(getRaw(t, f, "/api/sandbox/"+id+"/files?path="+url.QueryEscape(p)))
+}
+
+// getRaw GETs path with f's key and returns the body of its 200 answer.
+func getRaw(t *testing.T, f fixture, path string) []byte {
+	t.Helper()
+	req, _ := http.NewRequest("GET", f.url+path, nil)
 	req.Header.Set("X-AgentCop-Key", f.key)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -103,7 +102,7 @@ func getFile(t *testing.T, f fixture, id, p string) string {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != 200 {
-		t.Errorf("GET %s: %d %s", p, resp.StatusCode, b)
+		t.Errorf("GET %s: %d %s", path, resp.StatusCode, b)
 	}
-	return string(b)
+	return b
 }
