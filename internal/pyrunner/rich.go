@@ -24,8 +24,9 @@ const MaxOutputs = 32
 const MaxOutputBytes = 8 << 20
 
 // MaxReportExtra is how much longer than its result limit a runner's report may be for its
-// outputs (base64 makes binary data 4/3 as long; JSON escapes and names add more).
-const MaxReportExtra = MaxOutputBytes*2 + 1<<20
+// display (MaxDisplay bytes of JSON) and outputs (at most 12 MiB of JSON in the runner: base64
+// makes binary data 4/3 as long, escapes make text longer; names and punctuation add a little).
+const MaxReportExtra = 12<<20 + MaxDisplay + 1<<20
 
 // Output kinds.
 const (

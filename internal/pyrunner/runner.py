@@ -155,7 +155,7 @@ def _execute(src, g, limit, imp):
     if exc is None:
         rich.trailing(shown)
     rich.figures()
-    rich.report(doc, limit)
+    rich.report(doc)
     # result
     try:
         rv = g.get("result")
@@ -209,9 +209,14 @@ def _split_last(src):
 
 
 # Limits of a run's rich outputs (package pyrunner, rich.go, holds the host's own, which it
-# enforces whatever this says): items, bytes in all (binary before base64).
+# enforces whatever this says): items, bytes in all (binary before base64, text in UTF-8), and
+# what they take in the report (base64, JSON escapes): the report must stay under the cap of
+# its reader (rich.go, MaxReportExtra), else it is dropped whole, `result` and error with it.
+# The display's JSON is at most _MAX_DISPLAY bytes.
 _MAX_OUTPUTS = 32
 _MAX_OUTPUT_BYTES = 8 << 20
+_MAX_OUTPUT_JSON = 12 << 20
+_MAX_DISPLAY = 1 << 20
 # MIME types of _repr_*_ methods, richest first; a value with none of them is text/plain (repr).
 _REPRS = (("_repr_png_", "image/png"), ("_repr_jpeg_", "image/jpeg"), ("_repr_svg_", "image/svg+xml"),
           ("_repr_html_", "text/html"), ("_repr_markdown_", "text/markdown"), ("_repr_json_", "application/json"))
@@ -226,6 +231,8 @@ class _Rich:
         self.imp = imp
         self.items = []
         self.size = 0
+        self.encoded = 0
+        self.figs = []  # the figures shown (display(fig), a trailing fig): not shown again at the end
         self.truncated = False
         self.shown = None
         rich = self
@@ -239,11 +246,17 @@ class _Rich:
         self.display = display
 
     def put(self, mime, data, kind):
-        n = len(data)
-        if len(self.items) >= _MAX_OUTPUTS or self.size + n > _MAX_OUTPUT_BYTES:
+        if type(data) is bytes:
+            n, enc = len(data), (len(data) + 2) // 3 * 4
+        else:
+            n = len(data.encode("utf-8", "surrogatepass"))
+            enc = len(self.imp("json").dumps(data, ensure_ascii=False))
+        if (len(self.items) >= _MAX_OUTPUTS or self.size + n > _MAX_OUTPUT_BYTES
+                or self.encoded + enc > _MAX_OUTPUT_JSON):
             self.truncated = True
             return
         self.size += n
+        self.encoded += enc
         self.items.append((mime, kind, data))
 
     def form(self, obj):
@@ -251,6 +264,7 @@ class _Rich:
         mods = sys.modules
         mpl = mods.get("matplotlib.figure")
         if mpl is not None and isinstance(obj, mpl.Figure):
+            self.figs.append(obj)
             return "image/png", self.png(obj)
         for meth, mime in _REPRS:
             try:
@@ -315,7 +329,9 @@ class _Rich:
             nums = plt.get_fignums()
             for n in nums:
                 try:
-                    self.put("image/png", self.png(plt.figure(n)), "figure")
+                    fig = plt.figure(n)
+                    if not any(fig is f for f in self.figs):
+                        self.put("image/png", self.png(fig), "figure")
                 except BaseException:
                     pass
             if nums:
@@ -323,16 +339,18 @@ class _Rich:
         except BaseException:
             pass
 
-    def report(self, doc, limit):
+    def report(self, doc):
         if self.shown is None and not self.items and not self.truncated:
             return
         try:
             json = self.imp("json")
             if self.shown is not None:
-                s = self.shown
-                if len(s) > limit:
-                    s = s[:limit]
-                doc.append('"display":' + json.dumps(s))
+                s = self.shown[:_MAX_DISPLAY]
+                d = json.dumps(s, ensure_ascii=False)
+                while len(d.encode("utf-8", "surrogatepass")) > _MAX_DISPLAY:
+                    s = s[:len(s) * 3 // 4]
+                    d = json.dumps(s, ensure_ascii=False)
+                doc.append('"display":' + d)
             if self.items:
                 b64 = self.imp("binascii").b2a_base64
                 out = []
@@ -340,7 +358,7 @@ class _Rich:
                     if type(data) is bytes:
                         data = b64(data, newline=False).decode("ascii")
                     out.append({"type": mime, "kind": kind, "data": data})
-                doc.append('"outputs":' + json.dumps(out))
+                doc.append('"outputs":' + json.dumps(out, ensure_ascii=False))
             if self.truncated:
                 doc.append('"outputs_truncated":true')
         except BaseException:

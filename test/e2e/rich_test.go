@@ -85,6 +85,10 @@ func TestRichResults(t *testing.T) {
 	if outs = outputs(r); r["display"] != "3" || len(outs) != 2 || outs[0]["type"] != "text/plain" || outs[1]["kind"] != "figure" {
 		t.Fatalf("context run: display %v outputs %v (stderr %s)", r["display"], r["outputs"], r["stderr"])
 	}
+	r = run(map[string]any{"context": cx, "code": "fig, ax = plt.subplots()\nax.plot([1, 3])\nfig"})
+	if outs = outputs(r); len(outs) != 1 || outs[0]["type"] != "image/png" || outs[0]["kind"] != "result" {
+		t.Fatalf("a figure as the last line, shown once: outputs %v (stderr %s)", r["outputs"], r["stderr"])
+	}
 	r = run(map[string]any{"context": cx, "code": "fig is not None"})
 	if r["display"] != "True" || len(outputs(r)) != 0 {
 		t.Errorf("next context run: display %v outputs %v", r["display"], r["outputs"])

@@ -23,6 +23,7 @@ func testRich(t *testing.T, h Harness, d driver.Driver) {
 		display   string   // "-": none
 		outputs   []string // "type kind data"
 		truncated bool
+		result    string // the run's result, as JSON ("": not checked)
 	}{
 		{name: "no expression", code: "x = 3", display: "-"},
 		{name: "print returns None", code: "print(1)", display: "-"},
@@ -39,6 +40,10 @@ func testRich(t *testing.T, h Harness, d driver.Driver) {
 		{name: "too many", code: "display(*range(40))", display: "-", outputs: firstN(32), truncated: true},
 		{name: "too large", code: "display('x' * (6 << 20), 'y' * (3 << 20), 'z')", display: "-",
 			outputs: []string{"text/plain display '" + strings.Repeat("x", 6<<20) + "'", "text/plain display 'z'"}, truncated: true},
+		// 4 MiB of control characters: 24 MiB of JSON escapes, over the report's room; left out,
+		// and the report (its result) is kept.
+		{name: "escapes count", code: "class C:\n    def _repr_html_(self): return '\\x01' * (4 << 20)\ndisplay(C(), 'a')\nresult = 5",
+			display: "-", outputs: []string{"text/plain display 'a'"}, truncated: true, result: "5"},
 		{name: "own display kept", code: "display = len\ndisplay('abc')", display: "3"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -64,6 +69,9 @@ func testRich(t *testing.T, h Harness, d driver.Driver) {
 				if outs[i] != tc.outputs[i] {
 					t.Errorf("output %d: %.200q, want %.200q", i, outs[i], tc.outputs[i])
 				}
+			}
+			if tc.result != "" && !SameJSON(res.Result, tc.result) {
+				t.Errorf("result %s, want %s", res.Result, tc.result)
 			}
 			if res.OutputsTruncated != tc.truncated {
 				t.Errorf("truncated %v, want %v", res.OutputsTruncated, tc.truncated)
