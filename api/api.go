@@ -150,6 +150,23 @@ type Run struct {
 	Network         RunNetwork      `json:"network"`
 	Context         *string         `json:"context"`                 // the code context it ran in; null: a fresh process
 	ContextReset    *ContextReset   `json:"context_reset,omitempty"` // its context's interpreter was fresh (state lost), and why
+	// Display is the repr() of the code's trailing expression (as a notebook shows it); null when
+	// the code ends in no expression or its value is None.
+	Display *string `json:"display"`
+	// Outputs are the run's rich outputs, in order: display() calls, the trailing expression's
+	// rich form (a DataFrame's HTML), matplotlib figures left open; each a file of the files API.
+	Outputs []RunOutput `json:"outputs"`
+	// OutputsTruncated: some outputs were left out (over 32 items or 8 MiB, or malformed).
+	OutputsTruncated bool `json:"outputs_truncated"`
+}
+
+// RunOutput is one rich output of a run: a read-only file at Path (GET /api/sandbox/{id}/files?path=…),
+// kept while the sandbox lives.
+type RunOutput struct {
+	Type string `json:"type"` // MIME type: image/png, image/jpeg, image/svg+xml, text/html, text/markdown, application/json or text/plain
+	Kind string `json:"kind"` // "result" (the trailing expression), "display" (a display() call) or "figure" (matplotlib)
+	Path string `json:"path"` // /.outputs/<run_id>/<n>.<ext>
+	Size int64  `json:"size"` // bytes
 }
 
 // RunNetwork counts a run's egress attempts (each one is in the audit log).

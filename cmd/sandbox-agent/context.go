@@ -387,7 +387,7 @@ func (a *agentServer) runInContext(req *agent.RunRequest, s *sender, answers <-c
 	go func() { defer wg.Done(); stdout.drain(outR, s) }()
 	go func() { defer wg.Done(); stderr.drain(errR, s) }()
 	var resultDoc []byte
-	go func() { defer wg.Done(); resultDoc = readCapped(a.log, "result document", resR, int64(maxOut)+1<<20) }()
+	go func() { defer wg.Done(); resultDoc = readCapped(a.log, "result document", resR, resultDocCap(maxOut)) }()
 	replies := make(chan ctxReply, 1)
 	br := c.br
 	go func() {

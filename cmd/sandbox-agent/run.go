@@ -379,7 +379,7 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender, answers <-chan []byt
 	go func() { defer wg.Done(); stdout.drain(outR, s) }()
 	go func() { defer wg.Done(); stderr.drain(errR, s) }()
 	var resultDoc, status []byte
-	go func() { defer wg.Done(); resultDoc = readCapped(a.log, "result document", resR, int64(maxOut)+1<<20) }()
+	go func() { defer wg.Done(); resultDoc = readCapped(a.log, "result document", resR, resultDocCap(maxOut)) }()
 	go func() { defer wg.Done(); status = readCapped(a.log, "launcher status", statusR, 64<<10) }()
 
 	var timeout <-chan time.Time
@@ -456,11 +456,16 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender, answers <-chan []byt
 	return res
 }
 
+// resultDocCap bounds a runner's report: the result's JSON (at most maxOut bytes), the error, and
+// the rich outputs (pyrunner.MaxReportExtra). A larger report is dropped whole.
+func resultDocCap(maxOut int) int64 { return int64(maxOut) + 1<<20 + pyrunner.MaxReportExtra }
+
 // parseResultDoc sets res's Result and Error from the runner's result document.
 func parseResultDoc(log *slog.Logger, resultDoc []byte, res *agent.RunResult) {
 	var doc struct {
 		Result json.RawMessage `json:"result"`
 		Error  *agent.PyError  `json:"error"`
+		pyrunner.Rich
 	}
 	if err := json.Unmarshal(resultDoc, &doc); err != nil {
 		log.Warn("unreadable result document", "bytes", len(resultDoc), "err", err)
@@ -470,6 +475,7 @@ func parseResultDoc(log *slog.Logger, resultDoc []byte, res *agent.RunResult) {
 		res.Result = doc.Result
 	}
 	res.Error = doc.Error
+	res.Rich = doc.Rich
 }
 
 // killRun kills the run's processes with SIGKILL: as PID 1 every other process of the sandbox

@@ -15,7 +15,8 @@ import (
 )
 
 // run: sandboxd run ID [CODE | --file FILE | -] streams the run's output live (an async run
-// followed through its event stream), prints the value of `result` when it is set, and exits with
+// followed through its event stream), prints the value of `result` when it is set (else the
+// display of a trailing expression, as a notebook would), and exits with
 // the run's status (cliRunExit). Ctrl-C cancels the run on the server.
 func (c *cli) run(args []string) error {
 	file := c.fs.String("file", "", "read the code from FILE (- for stdin)")
@@ -161,6 +162,11 @@ func (c *cli) follow(ctx context.Context, id, runID string, cancelOnInterrupt bo
 			fmt.Fprintln(c.stdout)
 		}
 		fmt.Fprintf(c.stdout, "%s\n", run.Result)
+	} else if run.Display != nil {
+		if !outEndsInNewline {
+			fmt.Fprintln(c.stdout)
+		}
+		fmt.Fprintf(c.stdout, "%s\n", *run.Display)
 	}
 	status, msg := cliRunExit(run)
 	if msg != "" {

@@ -120,6 +120,9 @@ type RunResult struct {
 	CPUUS           int64           `json:"cpu_us"`                // user+sys of the process tree (rusage)
 	MaxRSSBytes     int64           `json:"max_rss_bytes"`         // peak RSS (rusage)
 	AgentError      string          `json:"agent_error,omitempty"` // the agent failed (not the code)
+	// Rich is the display and outputs of the runner's report, as the runner wrote them: the host
+	// validates them (pyrunner.DecodeRich).
+	Rich pyrunner.Rich `json:"rich"`
 	// StandbyPID is the process the agent started for the next run once this one's processes
 	// were gone (0: none): a fresh Python waiting for its code, not a leftover of this run.
 	StandbyPID int `json:"standby_pid,omitempty"`

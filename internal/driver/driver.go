@@ -191,16 +191,28 @@ type ExecResult struct {
 	StderrTruncated bool
 	Result          json.RawMessage // JSON of the global `result`; nil when unset
 	Error           *PyError        // uncaught exception, if any
-	Started         time.Time
-	Duration        time.Duration
-	CPU             time.Duration // user+system CPU time of the run's processes
-	MemoryPeak      int64         // peak resident memory of the run, bytes
+	// Display is the repr() of the code's trailing expression (nil: none, or None); Outputs its
+	// rich outputs (display() calls, the trailing value's rich form, matplotlib figures), validated
+	// (pyrunner.DecodeRich); OutputsTruncated: some were left out.
+	Display          *string
+	Outputs          []pyrunner.Output
+	OutputsTruncated bool
+	Started          time.Time
+	Duration         time.Duration
+	CPU              time.Duration // user+system CPU time of the run's processes
+	MemoryPeak       int64         // peak resident memory of the run, bytes
 	// ContextLost (a run in a context): the context's interpreter ended during this run, and why;
 	// its state is gone, and its next run starts a fresh interpreter.
 	ContextLost string
 	// ContextRestarted (a run in a context): the context's interpreter had ended before this run
 	// (why), so this run started a fresh one.
 	ContextRestarted string
+}
+
+// SetRich sets res's Display, Outputs and OutputsTruncated from the rich part of a runner's
+// report (the code wrote it: pyrunner.DecodeRich validates it).
+func (res *ExecResult) SetRich(r pyrunner.Rich) {
+	res.Display, res.Outputs, res.OutputsTruncated = pyrunner.DecodeRich(r)
 }
 
 // Driver runs sandboxes. Implementations are safe for concurrent use across sandbox IDs; the

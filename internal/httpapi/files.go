@@ -114,7 +114,8 @@ func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter 
 
 // runEvents: GET /api/sandbox/{id}/runs/{run_id}/events — the run's output as Server-Sent
 // Events ("stdout"/"stderr" with api.OutputChunk data and ids "<stdout bytes>.<stderr bytes>"),
-// then one "end" event with the run. Last-Event-ID resumes after what the client has.
+// then one "output" event per rich output of the run (api.RunOutput: its file's path, type, kind
+// and size), then one "end" event with the run. Last-Event-ID resumes after what the client has.
 func (s *server) runEvents(w http.ResponseWriter, r *http.Request, acct store.Account) error {
 	at, err := parseOffsets(r.Header.Get("Last-Event-ID"))
 	if err != nil {
@@ -179,6 +180,11 @@ func (s *server) runEvents(w http.ResponseWriter, r *http.Request, acct store.Ac
 		})
 	if err != nil {
 		return nil // the stream has started: the client sees it end without an "end" event
+	}
+	for _, o := range run.Outputs {
+		if event("output", "", o) != nil {
+			return nil
+		}
 	}
 	_ = event("end", "", run)
 	return nil

@@ -251,14 +251,7 @@ func TestEventsKeepAlive(t *testing.T) {
 	_, m, _ := call(t, "POST", f.url+"/api/sandbox/create", f.key, `{"agent_id":"a"}`)
 	id := m["sandbox_id"].(string)
 	_, m, _ = call(t, "POST", f.url+"/api/sandbox/"+id+"/run", f.key, `{"code":"sleep:300","async":true}`)
-	req, _ := http.NewRequest("GET", f.url+"/api/sandbox/"+id+"/runs/"+m["run_id"].(string)+"/events", nil)
-	req.Header.Set("X-AgentCop-Key", f.key)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	b := getRaw(t, f, "/api/sandbox/"+id+"/runs/"+m["run_id"].(string)+"/events")
 	if n := strings.Count(string(b), ": keep-alive\n\n"); n < 3 || !strings.Contains(string(b), "event: end\n") {
 		t.Errorf("%d keep-alives in %q", n, b)
 	}

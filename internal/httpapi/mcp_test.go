@@ -119,6 +119,20 @@ func TestMCPOverHTTP(t *testing.T) {
 		t.Errorf("a failing run's text: %q", mcpserver.Text(res))
 	}
 
+	// Rich results: the display in the text, the outputs in the structured content, a PNG as image content.
+	fig := "\x89PNG\r\n\x1a\nfake"
+	rich := `rich:{"display": "2", "outputs": [{"type": "image/png", "kind": "figure", "data": "` + base64.StdEncoding.EncodeToString([]byte(fig)) + `"}]}`
+	res, run = callTool(t, s, "run_code", map[string]any{"sandbox_id": id, "code": rich})
+	if outs, _ := run["outputs"].([]any); res.IsError || run["display"] != "2" || len(outs) != 1 || !strings.Contains(mcpserver.Text(res), "display: 2") {
+		t.Fatalf("rich run_code: %s %v", mcpserver.Text(res), run)
+	}
+	if len(res.Content) != 2 {
+		t.Fatalf("rich run_code: %d contents", len(res.Content))
+	}
+	if img, ok := res.Content[1].(*mcp.ImageContent); !ok || img.MIMEType != "image/png" || string(img.Data) != fig {
+		t.Errorf("rich run_code: image content %#v", res.Content[1])
+	}
+
 	// A code context: the fake driver's result is the number of runs its interpreter has run.
 	res, cx := callTool(t, s, "create_context", map[string]any{"sandbox_id": id})
 	if res.IsError || cx["status"] != "ready" || !strings.HasPrefix(cx["context_id"].(string), "ctx_") {
@@ -196,7 +210,7 @@ func TestMCPOverHTTP(t *testing.T) {
 		t.Errorf("list_sandboxes: %s %v", mcpserver.Text(res), list)
 	}
 	res, got := callTool(t, s, "get_sandbox", map[string]any{"sandbox_id": id})
-	if res.IsError || got["runs"].(map[string]any)["total"] != 4.0 { // two fresh runs, two in the context
+	if res.IsError || got["runs"].(map[string]any)["total"] != 5.0 { // three fresh runs, two in the context
 		t.Errorf("get_sandbox: %s %v", mcpserver.Text(res), got)
 	}
 

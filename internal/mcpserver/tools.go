@@ -233,6 +233,16 @@ type Run struct {
 	DurationMS      *int64         `json:"duration_ms"`
 	Usage           api.RunUsage   `json:"usage"`
 	Network         api.RunNetwork `json:"network"`
+	Display         *string        `json:"display" jsonschema:"the repr() of the code's trailing expression, as a notebook shows it; null when none"`
+	Outputs         []RunOutput    `json:"outputs" jsonschema:"rich outputs: display() calls, the trailing value's rich form, matplotlib figures; each a file to read_file at its path (images also come as image content)"`
+}
+
+// RunOutput is one rich output of a run (api.RunOutput).
+type RunOutput struct {
+	Type string `json:"type" jsonschema:"MIME type"`
+	Kind string `json:"kind" jsonschema:"result, display or figure"`
+	Path string `json:"path" jsonschema:"the file of the output: read_file reads it"`
+	Size int64  `json:"size"`
 }
 
 func runCode(ctx context.Context, c *client.Client, in RunCodeInput) (*mcp.CallToolResult, Run, error) {
@@ -245,9 +255,33 @@ func runCode(ctx context.Context, c *client.Client, in RunCodeInput) (*mcp.CallT
 	}
 	out := Run{RunID: r.RunID, SandboxID: r.SandboxID, Context: in.Context, Status: r.Status, ExitCode: r.ExitCode,
 		Stdout: r.Stdout, Stderr: r.Stderr, StdoutTruncated: r.StdoutTruncated, StderrTruncated: r.StderrTruncated,
-		Result: jsonValue(r.Result), Error: jsonValue(r.Error), DurationMS: r.DurationMS, Usage: r.Usage, Network: r.Network}
+		Result: jsonValue(r.Result), Error: jsonValue(r.Error), DurationMS: r.DurationMS, Usage: r.Usage, Network: r.Network,
+		Display: r.Display, Outputs: []RunOutput{}}
+	for _, o := range r.Outputs {
+		out.Outputs = append(out.Outputs, RunOutput(o))
+	}
 	res := &mcp.CallToolResult{Content: []mcp.Content{&mcp.TextContent{Text: runSummary(&out)}}, IsError: out.Status != "completed"}
+	res.Content = append(res.Content, runImages(ctx, c, r)...)
 	return res, out, nil
+}
+
+// runImages are a run's image outputs as image content (at most MaxFileBytes in all; one that
+// cannot be read is left out: the structured content still lists it).
+func runImages(ctx context.Context, c *client.Client, r *api.Run) []mcp.Content {
+	var out []mcp.Content
+	total := int64(0)
+	for _, o := range r.Outputs {
+		if (o.Type != "image/png" && o.Type != "image/jpeg") || total+o.Size > MaxFileBytes {
+			continue
+		}
+		var buf bytes.Buffer
+		if _, _, err := c.Download(ctx, r.SandboxID, o.Path, &buf); err != nil {
+			continue
+		}
+		total += int64(buf.Len())
+		out = append(out, &mcp.ImageContent{Data: buf.Bytes(), MIMEType: o.Type})
+	}
+	return out
 }
 
 // runSummary is a run as text: its end, its output, its result and its error.
@@ -282,6 +316,12 @@ func runSummary(r *Run) string {
 	if r.Result != nil {
 		res, _ := json.Marshal(r.Result)
 		fmt.Fprintf(&b, "result: %s\n", clip(string(res), maxTextOutput))
+	}
+	if r.Display != nil {
+		fmt.Fprintf(&b, "display: %s\n", clip(*r.Display, maxTextOutput))
+	}
+	for _, o := range r.Outputs {
+		fmt.Fprintf(&b, "output: %s (%s, %d bytes) at %s\n", o.Type, o.Kind, o.Size, o.Path)
 	}
 	if e, ok := r.Error.(map[string]any); ok {
 		fmt.Fprintf(&b, "error: %v: %v\n", e["type"], e["message"])

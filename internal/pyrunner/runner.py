@@ -126,10 +126,20 @@ def _execute(src, g, limit, imp):
     argument, the JSON report as bytes)."""
     exc = None
     exit_arg = 0
+    rich = _Rich(imp)
     try:
-        code = compile(src, "<run>", "exec", dont_inherit=True)
+        d = g.get("display")
+        if d is None or getattr(d, "_sandbox_display", False):
+            g["display"] = rich.display
+    except BaseException:
+        pass
+    shown = None
+    try:
+        code, last = _split_last(src)
         _live[0] = True
         exec(code, g)
+        if last is not None:
+            shown = eval(last, g)
         _live[0] = False
     except SystemExit as e:
         _live[0] = False
@@ -137,11 +147,15 @@ def _execute(src, g, limit, imp):
     except BaseException as e:
         _live[0] = False
         tb = e.__traceback__
-        if tb is not None and tb.tb_frame.f_code is _execute.__code__:
-            tb = tb.tb_next  # drop the runner's own frame
+        while tb is not None and tb.tb_frame.f_code in (_execute.__code__, _split_last.__code__):
+            tb = tb.tb_next  # drop the runner's own frames
         exc = e.with_traceback(tb)
 
     doc = []
+    if exc is None:
+        rich.trailing(shown)
+    rich.figures()
+    rich.report(doc)
     # result
     try:
         rv = g.get("result")
@@ -159,6 +173,206 @@ def _execute(src, g, limit, imp):
             pass
 
     return exc, exit_arg, ("{" + ",".join(doc) + "}").encode("utf-8", "surrogatepass")
+
+
+def _split_last(src):
+    """(the code object of src, or of src without its last statement when that is an expression;
+    that expression's code object for eval, or None). Found without the ast module (~2 ms to
+    import): the last lines of src, from a line that is not indented, compile as an expression and
+    the lines before them as statements; else src compiles whole (a syntax error is raised here)."""
+    try:
+        text = src.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and not text.startswith("\ufeff"):
+        lines = text.splitlines(True)
+        end = len(lines)
+        while end and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+            end -= 1
+        for k in range(end - 1, max(end - 40, 0) - 1, -1):
+            first = lines[k][:1]
+            if first in (" ", "\t", "#", ")", "]", "}", "\n", "\r", "@") or not first:
+                continue
+            tail = "".join(lines[k:end])
+            try:
+                last = compile("\n" * k + tail, "<run>", "eval", dont_inherit=True)
+            except SyntaxError:
+                continue
+            except BaseException:
+                break
+            try:
+                head = compile("".join(lines[:k]), "<run>", "exec", dont_inherit=True)
+            except BaseException:
+                break
+            return head, last
+    return compile(src, "<run>", "exec", dont_inherit=True), None
+
+
+# Limits of a run's rich outputs (package pyrunner, rich.go, holds the host's own, which it
+# enforces whatever this says): items, bytes in all (binary before base64, text in UTF-8), and
+# what they take in the report (base64, JSON escapes): the report must stay under the cap of
+# its reader (rich.go, MaxReportExtra), else it is dropped whole, `result` and error with it.
+# The display's JSON is at most _MAX_DISPLAY bytes.
+_MAX_OUTPUTS = 32
+_MAX_OUTPUT_BYTES = 8 << 20
+_MAX_OUTPUT_JSON = 12 << 20
+_MAX_DISPLAY = 1 << 20
+# MIME types of _repr_*_ methods, richest first; a value with none of them is text/plain (repr).
+_REPRS = (("_repr_png_", "image/png"), ("_repr_jpeg_", "image/jpeg"), ("_repr_svg_", "image/svg+xml"),
+          ("_repr_html_", "text/html"), ("_repr_markdown_", "text/markdown"), ("_repr_json_", "application/json"))
+
+
+class _Rich:
+    """A run's rich outputs: display(obj) items, the trailing expression's value, matplotlib's
+    open figures; reported as "display" (the trailing value's repr) and "outputs" (items of
+    {"type", "kind", "data": text, or base64 for image/png and image/jpeg}), "outputs_truncated"."""
+
+    def __init__(self, imp):
+        self.imp = imp
+        self.items = []
+        self.size = 0
+        self.encoded = 0
+        self.figs = []  # the figures shown (display(fig), a trailing fig): not shown again at the end
+        self.truncated = False
+        self.shown = None
+        rich = self
+
+        def display(*objs):
+            """Shows each object as a rich output of the run (its _repr_html_, _repr_png_, … or
+            its repr), as Jupyter's display() does; matplotlib figures as PNG."""
+            for o in objs:
+                rich.add(o, "display", True)
+        display._sandbox_display = True
+        self.display = display
+
+    def put(self, mime, data, kind):
+        if type(data) is bytes:
+            n, enc = len(data), (len(data) + 2) // 3 * 4
+        else:
+            n = len(data.encode("utf-8", "surrogatepass"))
+            enc = len(self.imp("json").dumps(data, ensure_ascii=False))
+        if (len(self.items) >= _MAX_OUTPUTS or self.size + n > _MAX_OUTPUT_BYTES
+                or self.encoded + enc > _MAX_OUTPUT_JSON):
+            self.truncated = True
+            return
+        self.size += n
+        self.encoded += enc
+        self.items.append((mime, kind, data))
+
+    def form(self, obj):
+        """(MIME type, data: str or bytes) of obj's richest form, or None."""
+        mods = sys.modules
+        mpl = mods.get("matplotlib.figure")
+        if mpl is not None and isinstance(obj, mpl.Figure):
+            self.figs.append(obj)
+            return "image/png", self.png(obj)
+        for meth, mime in _REPRS:
+            try:
+                f = getattr(obj, meth, None)
+            except BaseException:
+                f = None
+            if f is None or isinstance(obj, type):
+                continue
+            try:
+                data = f()
+            except BaseException:
+                continue
+            if type(data) is tuple and data:
+                data = data[0]  # (data, metadata)
+            if data is None:
+                continue
+            if mime == "application/json":
+                try:
+                    data = self.imp("json").dumps(data, allow_nan=False)
+                except BaseException:
+                    continue
+            elif mime in ("image/png", "image/jpeg") and type(data) is str:
+                try:
+                    data = self.imp("binascii").a2b_base64(data)
+                except BaseException:
+                    continue
+            if type(data) is bytes and mime in ("image/png", "image/jpeg") or type(data) is str:
+                return mime, data
+        return None
+
+    def png(self, fig):
+        io = self.imp("io")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+        return buf.getvalue()
+
+    def add(self, obj, kind, plain):
+        try:
+            f = self.form(obj)
+            if f is None and plain:
+                f = "text/plain", _repr(obj)
+            if f is not None:
+                self.put(f[0], f[1], kind)
+        except BaseException:
+            pass
+
+    def trailing(self, value):
+        """The value of the code's trailing expression: its repr is the report's "display" (None
+        is not shown), its rich form an output of kind "result"."""
+        if value is None:
+            return
+        self.shown = _repr(value)
+        self.add(value, "result", False)
+
+    def figures(self):
+        """matplotlib's open figures become PNG outputs and are closed — only if the code
+        imported pyplot (never imported here)."""
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is None:
+            return
+        try:
+            nums = plt.get_fignums()
+            for n in nums:
+                try:
+                    fig = plt.figure(n)
+                    if not any(fig is f for f in self.figs):
+                        self.put("image/png", self.png(fig), "figure")
+                except BaseException:
+                    pass
+            if nums:
+                plt.close("all")
+        except BaseException:
+            pass
+
+    def report(self, doc):
+        if self.shown is None and not self.items and not self.truncated:
+            return
+        try:
+            json = self.imp("json")
+            if self.shown is not None:
+                s = self.shown[:_MAX_DISPLAY]
+                d = json.dumps(s, ensure_ascii=False)
+                while len(d.encode("utf-8", "surrogatepass")) > _MAX_DISPLAY:
+                    s = s[:len(s) * 3 // 4]
+                    d = json.dumps(s, ensure_ascii=False)
+                doc.append('"display":' + d)
+            if self.items:
+                b64 = self.imp("binascii").b2a_base64
+                out = []
+                for mime, kind, data in self.items:
+                    if type(data) is bytes:
+                        data = b64(data, newline=False).decode("ascii")
+                    out.append({"type": mime, "kind": kind, "data": data})
+                doc.append('"outputs":' + json.dumps(out, ensure_ascii=False))
+            if self.truncated:
+                doc.append('"outputs_truncated":true')
+        except BaseException:
+            pass
+
+
+def _repr(v):
+    try:
+        r = repr(v)
+        if type(r) is not str:
+            raise TypeError
+        return r
+    except BaseException:
+        return "<unrepresentable %s object>" % _type_name(type(v))
 
 
 def _exit_status(arg):

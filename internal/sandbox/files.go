@@ -25,6 +25,8 @@ type fileTarget struct {
 	path string      // the clean absolute path in the sandbox
 	rel  string      // relative to the mount's host directory ("" for the mount itself)
 	dir  *hostfs.Dir // the mount's host directory; the caller closes it
+	// readOnly: the files API only reads here, whatever the sandbox may do (the runs' outputs).
+	readOnly bool
 }
 
 // resolveFile finds the declared read_only or read_write path that holds p in a live sandbox.
@@ -50,6 +52,9 @@ func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID
 		return nil, errorf(KindPathNotAllowed, "path %q contains a NUL byte", p)
 	}
 	clean := path.Clean(p)
+	if isOutputsPath(clean) {
+		return s.resolveOutput(lv, clean)
+	}
 	fsys := lv.sp.config.Filesystem
 	for _, b := range fsys.Blocked {
 		if within(clean, b) {
@@ -75,6 +80,30 @@ func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID
 		return nil, s.fileGone(lv, err)
 	}
 	return &fileTarget{lv: lv, path: clean, rel: strings.TrimPrefix(strings.TrimPrefix(clean, mount), "/"), dir: dir}, nil
+}
+
+// resolveOutput is resolveFile for a path below OutputsPath: the sandbox's run outputs, read-only.
+func (s *Service) resolveOutput(lv *live, clean string) (*fileTarget, error) {
+	h := s.hostOf(lv.id)
+	if h == nil {
+		return nil, errorf(KindSandboxDestroyed, "sandbox %s was destroyed meanwhile", lv.id)
+	}
+	dir, err := hostfs.Open(s.outputsDir(lv.id), filepath.Join(h.root, ".staging"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, errorf(KindNotFound, "no file %s in sandbox %s: its runs have no outputs", clean, lv.id)
+	} else if err != nil {
+		return nil, s.fileGone(lv, err)
+	}
+	rel := strings.TrimPrefix(strings.TrimPrefix(clean, OutputsPath), "/")
+	return &fileTarget{lv: lv, path: clean, rel: rel, dir: dir, readOnly: true}, nil
+}
+
+// errReadOnly refuses a write or delete of t when it is read-only.
+func errReadOnly(t *fileTarget) error {
+	if !t.readOnly {
+		return nil
+	}
+	return errorf(KindPathNotAllowed, "path %s is read-only: %s holds the runs' outputs, which the files API only reads", t.path, OutputsPath)
 }
 
 // within reports whether p is dir or below it (both clean and absolute).
@@ -163,6 +192,9 @@ func (s *Service) WriteFile(ctx context.Context, acct store.Account, sandboxID, 
 		return api.FileWritten{}, err
 	}
 	defer t.dir.Close()
+	if err := errReadOnly(t); err != nil {
+		return api.FileWritten{}, err
+	}
 	if strings.HasSuffix(p, "/") {
 		return api.FileWritten{}, errorf(KindInvalid, "path %s names a directory: name the file to write", p)
 	}
@@ -232,6 +264,9 @@ func (s *Service) DeleteFile(ctx context.Context, acct store.Account, sandboxID,
 		return err
 	}
 	defer t.dir.Close()
+	if err := errReadOnly(t); err != nil {
+		return err
+	}
 	if err := t.dir.Remove(t.rel); err != nil {
 		return s.fileError(t, err)
 	}

@@ -38,6 +38,8 @@ type host struct {
 	base int64         // bytes the empty disk uses (its own metadata)
 	made chan struct{} // closed once its disk and directories are made, or err says why not
 	err  error
+
+	outputs outputsKept // its runs' outputs (outputs.go)
 }
 
 // mountsDir is where the host directories of a sandbox's paths are, below its root.
@@ -61,6 +63,11 @@ func (s *Service) newHost(id string, sp spec) (driver.Spec, error) {
 	if err := os.Mkdir(h.dir, 0o700); err != nil {
 		s.ids.give(ids)
 		return driver.Spec{}, fmt.Errorf("sandbox dir: %w", err)
+	}
+	if err := os.Mkdir(s.outputsDir(id), 0o700); err != nil {
+		os.RemoveAll(h.dir)
+		s.ids.give(ids)
+		return driver.Spec{}, fmt.Errorf("sandbox outputs dir: %w", err)
 	}
 	h.root = h.dir
 	if s.cfg.Disks != nil {

@@ -205,6 +205,8 @@ func (s *Service) endRecord(j *job, res driver.ExecResult, err error, start, end
 		j.run.Stdout, j.run.Stderr = string(res.Stdout), string(res.Stderr)
 		j.run.StdoutTruncated, j.run.StderrTruncated = res.StdoutTruncated, res.StderrTruncated
 		j.run.Result = res.Result
+		j.run.Display, j.run.OutputsTruncated = res.Display, res.OutputsTruncated
+		j.run.Outputs = s.keepOutputs(j.run.SandboxID, j.run.ID, res.Outputs)
 		if res.Error != nil {
 			j.run.Error, _ = json.Marshal(res.Error)
 		} else if res.Signal != 0 && res.Status == driver.StatusFailed {
@@ -355,6 +357,11 @@ func runView(r store.Run) api.Run {
 	}
 	if out.Result == nil {
 		out.Result = json.RawMessage("null")
+	}
+	out.Display, out.OutputsTruncated = r.Display, r.OutputsTruncated
+	out.Outputs = []api.RunOutput{}
+	for _, o := range r.Outputs {
+		out.Outputs = append(out.Outputs, api.RunOutput(o))
 	}
 	out.Context = optional(r.Context)
 	if r.ContextReset != "" {

@@ -39,7 +39,7 @@ var (
 )
 
 // reservedPaths belong to the runtime: no rule may name them or anything under them.
-var reservedPaths = []string{"/proc", "/sys", "/dev", "/.sandbox"}
+var reservedPaths = []string{"/proc", "/sys", "/dev", "/.sandbox", OutputsPath}
 
 // spec is a validated create request: the normalised config to echo and store, and the values the
 // service needs.

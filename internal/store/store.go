@@ -84,6 +84,19 @@ type Run struct {
 	NetworkDenied   int64  // egress attempts denied while the run ran
 	Context         string // the code context it ran in ("": a fresh process)
 	ContextReset    string // why its context's interpreter was fresh when state was expected ("": it was not)
+	// Rich results: the repr of the code's trailing expression (nil: none), the run's outputs (in
+	// order; their files are the service's), and whether some were left out.
+	Display          *string
+	Outputs          []RunOutput
+	OutputsTruncated bool
+}
+
+// RunOutput is one rich output of a run, kept as a file the files API serves at Path.
+type RunOutput struct {
+	Type string `json:"type"` // MIME type
+	Kind string `json:"kind"` // "result", "display" or "figure"
+	Path string `json:"path"` // where the files API serves it: /.outputs/<run id>/<n>.<ext>
+	Size int64  `json:"size"`
 }
 
 // Context statuses.

@@ -58,6 +58,14 @@ func TestWasmMode(t *testing.T) {
 		t.Fatalf("seed run: %v", r)
 	}
 
+	// Rich results: the trailing expression's repr, a display() output readable as a file.
+	r = s.run(key, id, "display({'a': 1})\nx = 20\nx + 22", 60)
+	if outs, _ := r["outputs"].([]any); r["display"] != "42" || len(outs) != 1 {
+		t.Errorf("rich run: display %v outputs %v", r["display"], r["outputs"])
+	} else if status, body, _ := s.get(id, outs[0].(map[string]any)["path"].(string)); status != 200 || string(body) != "{'a': 1}" {
+		t.Errorf("display output: %d %q", status, body)
+	}
+
 	// Data in through the files API, out through the sandbox.
 	if status, _ := s.put(id, "/workspace/data/in.csv", []byte("a,b\n1,2\n")); status != 201 {
 		t.Fatalf("upload: %d", status)

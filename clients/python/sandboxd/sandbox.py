@@ -74,7 +74,9 @@ class Run(_Record):
     ``created_at``, ``started_at``, ``finished_at`` (datetimes), ``duration_ms``, ``usage``
     (``{"cpu_ms", "memory_peak_bytes"}``), ``network`` (``{"allowed", "denied"}``), ``context``
     (the code context it ran in, or None), ``context_reset`` (``{"reason"}`` when its context had
-    lost its state and the run started a fresh interpreter, else None).
+    lost its state and the run started a fresh interpreter, else None), ``display`` (the repr of
+    the code's trailing expression, or None), ``outputs`` (rich outputs: ``{"type", "kind",
+    "path", "size"}``, each a file to ``download``), ``outputs_truncated``.
     """
 
     _fields = (
@@ -96,6 +98,9 @@ class Run(_Record):
         "network",
         "context",
         "context_reset",
+        "display",
+        "outputs",
+        "outputs_truncated",
     )
     _times = ("created_at", "started_at", "finished_at")
 

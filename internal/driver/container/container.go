@@ -1052,6 +1052,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	if out.Duration == 0 {
 		out.Duration = wall
 	}
+	out.SetRich(res.Rich)
 	if res.Error != nil {
 		out.Error = &driver.PyError{Type: res.Error.Type, Message: res.Error.Message, Traceback: res.Error.Traceback}
 	}

@@ -121,6 +121,7 @@ func Run(t *testing.T, h Harness) {
 		{"RunsStartClean", true, testRunsStartClean},
 		{"Spawn", true, testSpawn},
 		{"AgentCalls", true, testAgentCalls},
+		{"Rich", true, testRich},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.python && !h.Python {

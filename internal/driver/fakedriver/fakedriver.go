@@ -11,6 +11,8 @@
 //	"agent:N:LINE" makes N agent calls, one after the other, each with the request LINE as a
 //	               run's code would write it on its agent channel (answered as the real
 //	               drivers do, driver.AnswerAgentCall); result: the array of the answers
+//	"rich:JSON"    completes with the display and outputs of JSON, a runner's report (read as the
+//	               real drivers do, pyrunner.DecodeRich)
 //	anything else  completes at once, echoing the code to stdout, result 42 — in a code context
 //	               (driver.Contexter), the number of runs its interpreter has run, this one included
 //
@@ -23,6 +25,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,6 +33,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // Driver is the fake. The zero value is not usable: use New.
@@ -232,6 +236,12 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		if lost != "" {
 			end.ExitCode = 1
 		}
+	case strings.HasPrefix(req.Code, "rich:"): // the rest: a runner's report, its rich part read
+		var r pyrunner.Rich
+		if err := json.Unmarshal([]byte(strings.TrimPrefix(req.Code, "rich:")), &r); err != nil {
+			return driver.ExecResult{}, fmt.Errorf("fake rich report: %w", err)
+		}
+		res.SetRich(r)
 	case req.Code == "fail":
 		end.ExitCode = 1
 		res.Error = &driver.PyError{Type: "ZeroDivisionError", Message: "division by zero", Traceback: "Traceback ..."}

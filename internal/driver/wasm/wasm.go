@@ -917,8 +917,10 @@ func (e *execution) report(res *driver.ExecResult) {
 		var doc struct {
 			Result json.RawMessage `json:"result"`
 			Error  *driver.PyError `json:"error"`
+			pyrunner.Rich
 		}
 		if err := json.Unmarshal(ex.Report, &doc); err == nil {
+			res.SetRich(doc.Rich)
 			if len(doc.Result) > 0 && string(doc.Result) != "null" {
 				res.Result = doc.Result
 			}

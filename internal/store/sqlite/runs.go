@@ -12,12 +12,13 @@ import (
 
 const runCols = `id, sandbox_id, account_id, status, code, timeout_seconds, async, exit_code, stdout, stderr,
 	stdout_truncated, stderr_truncated, result, error, created_at, started_at, finished_at, duration_ms,
-	cpu_ms, memory_peak_bytes, network_allowed, network_denied, context_id, context_reset`
+	cpu_ms, memory_peak_bytes, network_allowed, network_denied, context_id, context_reset, display, outputs,
+	outputs_truncated`
 
 const updateRunSQL = `UPDATE runs SET status = ?, timeout_seconds = ?, async = ?,
 	exit_code = ?, stdout = ?, stderr = ?, stdout_truncated = ?, stderr_truncated = ?, result = ?,
 	error = ?, started_at = ?, finished_at = ?, duration_ms = ?, cpu_ms = ?, memory_peak_bytes = ?,
-	network_allowed = ?, network_denied = ?, context_reset = ?
+	network_allowed = ?, network_denied = ?, context_reset = ?, display = ?, outputs = ?, outputs_truncated = ?
 	WHERE id = ?`
 
 // CreateRun inserts a run; store.ErrConflict on a duplicate ID, store.ErrNotFound if its sandbox
@@ -27,12 +28,13 @@ func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
 	args := []any{r.ID, r.SandboxID, r.AccountID, r.Status, r.Code, r.TimeoutSeconds, r.Async, r.ExitCode,
 		r.Stdout, r.Stderr, r.StdoutTruncated, r.StderrTruncated, e.json("result", r.Result),
 		e.json("error", r.Error), e.time(r.CreatedAt), e.ptime(r.StartedAt), e.ptime(r.FinishedAt),
-		r.DurationMS, r.CPUMS, r.MemoryPeakBytes, r.NetworkAllowed, r.NetworkDenied, r.Context, r.ContextReset}
+		r.DurationMS, r.CPUMS, r.MemoryPeakBytes, r.NetworkAllowed, r.NetworkDenied, r.Context, r.ContextReset,
+		r.Display, e.outputs(r.Outputs), r.OutputsTruncated}
 	if e.err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, e.err)
 	}
 	_, err := d.exec(ctx, nil, `INSERT INTO runs (`+runCols+`)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
 	if err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, classify(err))
 	}
@@ -70,7 +72,8 @@ func (d *DB) updateRun(ctx context.Context, tx *sql.Tx, r store.Run) error {
 	var e enc
 	args := []any{r.Status, r.TimeoutSeconds, r.Async, r.ExitCode, r.Stdout, r.Stderr, r.StdoutTruncated,
 		r.StderrTruncated, e.json("result", r.Result), e.json("error", r.Error), e.ptime(r.StartedAt),
-		e.ptime(r.FinishedAt), r.DurationMS, r.CPUMS, r.MemoryPeakBytes, r.NetworkAllowed, r.NetworkDenied, r.ContextReset, r.ID}
+		e.ptime(r.FinishedAt), r.DurationMS, r.CPUMS, r.MemoryPeakBytes, r.NetworkAllowed, r.NetworkDenied, r.ContextReset,
+		r.Display, e.outputs(r.Outputs), r.OutputsTruncated, r.ID}
 	if e.err != nil {
 		return fmt.Errorf("update run %s: %w", r.ID, e.err)
 	}
@@ -154,11 +157,12 @@ func (d *DB) EndOpenRuns(ctx context.Context, sandboxID, status string, errJSON 
 func scanRun(s scanner) (store.Run, error) {
 	var r store.Run
 	var exit sql.NullInt64
-	var result, errJSON, started, finished sql.NullString
+	var result, errJSON, started, finished, display, outputs sql.NullString
 	var created string
 	if err := s.Scan(&r.ID, &r.SandboxID, &r.AccountID, &r.Status, &r.Code, &r.TimeoutSeconds, &r.Async, &exit,
 		&r.Stdout, &r.Stderr, &r.StdoutTruncated, &r.StderrTruncated, &result, &errJSON, &created, &started,
-		&finished, &r.DurationMS, &r.CPUMS, &r.MemoryPeakBytes, &r.NetworkAllowed, &r.NetworkDenied, &r.Context, &r.ContextReset); err != nil {
+		&finished, &r.DurationMS, &r.CPUMS, &r.MemoryPeakBytes, &r.NetworkAllowed, &r.NetworkDenied, &r.Context, &r.ContextReset,
+		&display, &outputs, &r.OutputsTruncated); err != nil {
 		return store.Run{}, err
 	}
 	if exit.Valid {
@@ -176,5 +180,13 @@ func scanRun(s scanner) (store.Run, error) {
 		return store.Run{}, err
 	}
 	r.Result, r.Error = rawJSON(result), rawJSON(errJSON)
+	if display.Valid {
+		r.Display = &display.String
+	}
+	if outputs.Valid {
+		if err := json.Unmarshal([]byte(outputs.String), &r.Outputs); err != nil {
+			return store.Run{}, fmt.Errorf("stored outputs of run %s: %w", r.ID, err)
+		}
+	}
 	return r, nil
 }

@@ -324,6 +324,18 @@ func (e *enc) json(field string, j json.RawMessage) any {
 	return string(j)
 }
 
+// outputs is a run's outputs as JSON; NULL for none.
+func (e *enc) outputs(o []store.RunOutput) any {
+	if len(o) == 0 {
+		return nil
+	}
+	b, err := json.Marshal(o)
+	if err != nil && e.err == nil {
+		e.err = fmt.Errorf("outputs: %w", err)
+	}
+	return string(b)
+}
+
 func parseTime(s string) (time.Time, error) {
 	t, err := time.Parse(time.RFC3339Nano, s)
 	if err != nil {

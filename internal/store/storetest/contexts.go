@@ -84,6 +84,19 @@ func testContexts(t *testing.T, st store.Store) {
 	if gr.Context != "ctx_2" || gr.ContextReset != r.ContextReset {
 		t.Errorf("run context %q reset %q", gr.Context, gr.ContextReset)
 	}
+	if gr.Display != nil || gr.Outputs != nil || gr.OutputsTruncated {
+		t.Errorf("run without rich results: display %v outputs %v truncated %v", gr.Display, gr.Outputs, gr.OutputsTruncated)
+	}
+	// And its rich results.
+	d := "   a\n0  1"
+	r.Display, r.OutputsTruncated = &d, true
+	r.Outputs = []store.RunOutput{{Type: "image/png", Kind: "figure", Path: "/.outputs/run_ctx/0.png", Size: 10}}
+	ok(t, st.UpdateRun(ctx, r))
+	gr, err = st.GetRun(ctx, sb.ID, r.ID)
+	ok(t, err)
+	if gr.Display == nil || *gr.Display != d || !gr.OutputsTruncated || len(gr.Outputs) != 1 || gr.Outputs[0] != r.Outputs[0] {
+		t.Errorf("run rich results: display %v outputs %+v truncated %v", gr.Display, gr.Outputs, gr.OutputsTruncated)
+	}
 }
 
 func canonContext(c store.Context, want bool) store.Context {
