@@ -2,6 +2,7 @@ package sqlite
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/sandboxd/sandboxd/internal/store"
 	"github.com/sandboxd/sandboxd/internal/store/storetest"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 var ctx = context.Background()
@@ -321,5 +323,40 @@ func TestCrash(t *testing.T) {
 	ok(t, err)
 	if total != 100 {
 		t.Fatalf("%d events after the crash, want 100", total)
+	}
+}
+
+// TestStatementCacheWhileWriting: a statement prepared for the first time while a write
+// transaction holds the writer's one connection waits for it — and must not hold what the
+// transaction needs to go on (the cache's lock, which its own statements are looked up under).
+// The old cache prepared under its lock: this deadlocked (seen as a stop that never ended).
+func TestStatementCacheWhileWriting(t *testing.T) {
+	d := open(t, filepath.Join(t.TempDir(), "s.db"))
+	inTx, proceed := make(chan struct{}), make(chan struct{})
+	done := make(chan error, 2)
+	go func() {
+		done <- d.write(ctx, func(tx *sql.Tx) error {
+			close(inTx)
+			<-proceed
+			_, err := d.exec(ctx, tx, updateSandboxSQL, "ready", nil, nil, "", nil, 0, "sbx_none")
+			return err
+		})
+	}()
+	<-inTx
+	go func() {
+		_, err := d.exec(ctx, nil, "UPDATE accounts SET plan = plan WHERE id = ?", "acct_none") // never prepared before
+		done <- err
+	}()
+	// The second waits for the writer's connection (preparing its statement) before the
+	// transaction goes on.
+	waitfor.True(t, time.Minute, func() bool { return d.w.Stats().WaitCount > 0 })
+	close(proceed)
+	for i := 0; i < 2; i++ {
+		select {
+		case err := <-done:
+			ok(t, err)
+		case <-time.After(time.Minute): // (a hang, not a timing: either ends at once or never)
+			t.Fatal("deadlock: the transaction and the prepare wait for each other")
+		}
 	}
 }

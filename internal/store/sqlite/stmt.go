@@ -15,9 +15,10 @@ const maxPrepared = 128
 // per run (perf, 2026-12-06), so each text is prepared once per pool (database/sql prepares it
 // again on a connection that does not have it yet).
 type stmtCache struct {
-	db *sql.DB
-	mu sync.Mutex
-	m  map[string]*sql.Stmt
+	db     *sql.DB
+	mu     sync.Mutex
+	m      map[string]*sql.Stmt
+	closed bool // by close: statements prepared after it are not kept
 }
 
 // prime prepares the statements qs ahead: the ones used in write transactions, which find the
@@ -40,17 +41,24 @@ func (c *stmtCache) lookup(q string) *sql.Stmt {
 
 // get returns the statement prepared for q, preparing it on first use. keep is false when the
 // cache is full: the caller closes the statement after its call.
+//
+// The lock is not held while preparing: preparing waits for a free connection, and the writer's
+// only one may be held by a transaction that needs the lock (DB.exec's lookup) to go on.
 func (c *stmtCache) get(ctx context.Context, q string) (st *sql.Stmt, keep bool, err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if st := c.m[q]; st != nil {
+	if st := c.lookup(q); st != nil {
 		return st, true, nil
 	}
 	st, err = c.db.PrepareContext(ctx, q)
 	if err != nil {
 		return nil, false, err
 	}
-	if len(c.m) >= maxPrepared {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if had := c.m[q]; had != nil { // prepared meanwhile by another call
+		st.Close()
+		return had, true, nil
+	}
+	if len(c.m) >= maxPrepared || c.closed {
 		return st, false, nil
 	}
 	if c.m == nil {
@@ -67,7 +75,7 @@ func (c *stmtCache) close() {
 	for _, st := range c.m {
 		st.Close()
 	}
-	c.m = nil
+	c.m, c.closed = nil, true
 }
 
 // exec runs the write statement q with args on the writer connection, in tx when tx is not nil.
