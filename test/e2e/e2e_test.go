@@ -147,13 +147,23 @@ func (s *server) stop() {
 func (s *server) servingPid() int {
 	s.t.Helper()
 	pid := s.cmd.Process.Pid
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
-	if f := strings.Fields(string(b)); err == nil && len(f) == 1 {
-		if child, err := strconv.Atoi(f[0]); err == nil {
+	// A child is listed under the thread that forked it: any of the Go process's threads.
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	var kids []string
+	for _, f := range tasks {
+		b, rerr := os.ReadFile(f)
+		if rerr != nil {
+			err = rerr
+			continue
+		}
+		kids = append(kids, strings.Fields(string(b))...)
+	}
+	if len(kids) == 1 {
+		if child, err := strconv.Atoi(kids[0]); err == nil {
 			return child
 		}
 	}
-	s.t.Fatalf("sandboxd %d: no single re-executed child (%q, %v)", pid, b, err)
+	s.t.Fatalf("sandboxd %d: no single re-executed child (%q, %v)", pid, kids, err)
 	return 0
 }
 
