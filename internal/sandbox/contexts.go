@@ -28,12 +28,26 @@ func (s *Service) CreateContext(ctx context.Context, acct store.Account, sandbox
 	c := store.Context{ID: newID("ctx_"), SandboxID: sandboxID, AccountID: acct.ID, Status: store.ContextReady, CreatedAt: now()}
 	lv.execMu.Lock()
 	defer lv.execMu.Unlock()
+	// A sandbox being destroyed takes no new context: its contexts are ended once (EndContexts),
+	// and a record inserted after that would stay ready. (One inserted while the destroy goes on
+	// finds no sandbox in the driver below and is marked deleted.)
+	lv.mu.Lock()
+	closing := lv.closing || lv.ctx.Err() != nil
+	lv.mu.Unlock()
+	if closing {
+		return api.CodeContext{}, errorf(KindSandboxDestroyed, "sandbox %s is being destroyed", sandboxID)
+	}
 	if err := s.st.CreateContext(ctx, c, MaxContexts); errors.Is(err, store.ErrQuota) {
 		return api.CodeContext{}, errorf(KindContextLimit, "sandbox %s already has %d code contexts: delete one first", sandboxID, MaxContexts)
 	} else if err != nil {
 		return api.CodeContext{}, internal("record context", err)
 	}
 	if err := drv.CreateContext(ctx, sandboxID, c.ID); err != nil {
+		// The agent may yet start the interpreter (the caller went away, or the answer was late):
+		// it is ended, best effort, so that no interpreter outlives its deleted record.
+		if derr := drv.DeleteContext(context.WithoutCancel(ctx), sandboxID, c.ID); derr != nil {
+			s.log.Warn("ending a context that did not start", "sandbox", sandboxID, "context", c.ID, "err", derr)
+		}
 		t := now()
 		c.Status, c.ResetReason, c.DeletedAt = store.ContextDeleted, "its interpreter did not start", &t
 		if uerr := s.st.UpdateContext(context.Background(), c); uerr != nil {

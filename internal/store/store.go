@@ -216,7 +216,8 @@ type Store interface {
 	// more contexts that are not deleted it inserts nothing and returns ErrQuota. ErrConflict on
 	// a duplicate ID.
 	CreateContext(ctx context.Context, c Context, limit int) error
-	// UpdateContext overwrites Status, ResetReason, DeletedAt and Runs of the context with c.ID;
+	// UpdateContext overwrites Status, ResetReason, DeletedAt and Runs of the context with c.ID
+	// unless it is deleted (a deleted record is final: it is left as it is, and that is no error);
 	// ErrNotFound if there is none.
 	UpdateContext(ctx context.Context, c Context) error
 	// GetContext returns one context of a sandbox, or ErrNotFound.

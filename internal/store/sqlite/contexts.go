@@ -39,21 +39,35 @@ func (d *DB) CreateContext(ctx context.Context, c store.Context, limit int) erro
 	return nil
 }
 
-// UpdateContext overwrites Status, ResetReason, DeletedAt and Runs; store.ErrNotFound if none.
+// UpdateContext overwrites Status, ResetReason, DeletedAt and Runs unless the record is deleted
+// (a deleted record is final: a run that ends after its sandbox's contexts were ended must not
+// bring its context back); store.ErrNotFound if there is none.
 func (d *DB) UpdateContext(ctx context.Context, c store.Context) error {
 	var e enc
-	args := []any{c.Status, c.ResetReason, e.ptime(c.DeletedAt), c.Runs, c.ID}
+	args := []any{c.Status, c.ResetReason, e.ptime(c.DeletedAt), c.Runs, c.ID, store.ContextDeleted}
 	if e.err != nil {
 		return fmt.Errorf("update context %s: %w", c.ID, e.err)
 	}
-	res, err := d.exec(ctx, nil, `UPDATE contexts SET status = ?, reset_reason = ?, deleted_at = ?, runs = ? WHERE id = ?`, args...)
+	err := d.write(ctx, func(tx *sql.Tx) error {
+		res, err := d.exec(ctx, tx, `UPDATE contexts SET status = ?, reset_reason = ?, deleted_at = ?, runs = ?
+			WHERE id = ? AND status != ?`, args...)
+		if err != nil {
+			return err
+		}
+		if n, err := res.RowsAffected(); err != nil || n > 0 {
+			return err
+		}
+		var n int
+		if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM contexts WHERE id = ?`, c.ID).Scan(&n); err != nil {
+			return err
+		}
+		if n == 0 {
+			return store.ErrNotFound
+		}
+		return nil // deleted: left as it is
+	})
 	if err != nil {
 		return fmt.Errorf("update context %s: %w", c.ID, classify(err))
-	}
-	if n, err := res.RowsAffected(); err != nil {
-		return fmt.Errorf("update context %s: %w", c.ID, err)
-	} else if n == 0 {
-		return fmt.Errorf("update context %s: %w", c.ID, store.ErrNotFound)
 	}
 	return nil
 }

@@ -73,6 +73,16 @@ func testContexts(t *testing.T, st store.Store) {
 			t.Errorf("%s after EndContexts: %s %v", c.ID, c.Status, c.DeletedAt)
 		}
 	}
+	// A deleted record is final: a run that ends after its sandbox's contexts were ended writes
+	// its ready copy in vain (no error), and a missing one is still ErrNotFound.
+	stale := mk("ctx_2", sb.ID, 2)
+	stale.Runs = 5
+	ok(t, st.UpdateContext(ctx, stale))
+	after, err := st.GetContext(ctx, sb.ID, "ctx_2")
+	ok(t, err)
+	if after.Status != store.ContextDeleted || after.DeletedAt == nil || after.Runs == 5 || after.ResetReason != "sandbox destroyed" {
+		t.Errorf("deleted context after an update: %+v", after)
+	}
 	// A run keeps its context and the reset it reported.
 	r := run("run_ctx", sb.ID, a.ID, at(0), "queued")
 	r.Context = "ctx_2"
