@@ -73,15 +73,33 @@ func validContextID(id string) bool {
 	return true
 }
 
-// contextPIDs are the live contexts' interpreters.
+// contextPIDs are the live contexts' interpreters. One that has ended is not listed (its PID may
+// be another process's by now): its end is taken here, and its next run reports it.
 func (a *agentServer) contextPIDs() []int {
 	var pids []int
 	for _, c := range a.contexts {
-		if c.pid > 0 {
+		if a.checkContext(c) {
 			pids = append(pids, c.pid)
 		}
 	}
 	return pids
+}
+
+// checkContext reports whether c has a live interpreter. One that ended while idle is forgotten,
+// and why it ended is kept in c.lost for its next run.
+func (a *agentServer) checkContext(c *pyContext) bool {
+	if c.pid == 0 {
+		return false
+	}
+	select {
+	case ex := <-c.exited:
+		c.ctl.Close()
+		c.pid, c.exited, c.ctl, c.br = 0, nil, nil, nil
+		c.lost = describeExit(ex) + " between runs"
+		return false
+	default:
+		return true
+	}
 }
 
 // handleContext serves OpContextCreate and OpContextDelete.
@@ -94,7 +112,8 @@ func (a *agentServer) handleContext(req *agent.RunRequest) *agent.RunResult {
 	switch req.Op {
 	case agent.OpContextCreate:
 		c := a.contexts[req.Context]
-		if c == nil {
+		fresh := c == nil
+		if fresh {
 			if len(a.contexts) >= agent.MaxContexts {
 				res.AgentError = fmt.Sprintf("this sandbox already has %d code contexts", agent.MaxContexts)
 				return res
@@ -103,6 +122,11 @@ func (a *agentServer) handleContext(req *agent.RunRequest) *agent.RunResult {
 		}
 		if c.pid == 0 {
 			if err := a.startContext(c, req); err != nil {
+				if fresh && c.dir != "" { // a context that never was leaves no directory
+					if rerr := removeContextDir(c.dir); rerr != nil {
+						a.log.Warn("removing a context's directory", "err", rerr)
+					}
+				}
 				res.AgentError = "starting the context's interpreter: " + err.Error()
 				return res
 			}
@@ -264,6 +288,9 @@ func describeExit(ex exitInfo) string {
 	return "the interpreter ended"
 }
 
+// ctxSendTimeout bounds the write of a run's request to a context's interpreter.
+const ctxSendTimeout = time.Second
+
 // ctxReply is the interpreter's answer to one run (or why there is none).
 type ctxReply struct {
 	line []byte
@@ -286,16 +313,7 @@ func (a *agentServer) runInContext(req *agent.RunRequest, s *sender, answers <-c
 		c = &pyContext{id: req.Context, lost: "the context had no interpreter"}
 		a.contexts[c.id] = c
 	}
-	if c.pid > 0 {
-		select {
-		case ex := <-c.exited:
-			c.ctl.Close()
-			c.pid, c.exited, c.ctl, c.br = 0, nil, nil, nil
-			c.lost = describeExit(ex) + " between runs"
-		default:
-		}
-	}
-	if c.pid == 0 {
+	if !a.checkContext(c) {
 		res.ContextRestarted = c.lost
 		if res.ContextRestarted == "" {
 			res.ContextRestarted = "the interpreter had ended"
@@ -360,8 +378,13 @@ func (a *agentServer) runInContext(req *agent.RunRequest, s *sender, answers <-c
 		fds[i] = int(f.Fd())
 	}
 	start := time.Now()
-	if _, _, err := c.ctl.WriteMsgUnix([]byte(fmt.Sprintf("R%08x\n", c.seq)), unix.UnixRights(fds...), nil); err != nil {
-		// It cannot take a run: it is ending, or broken. The next run starts a fresh one.
+	// The socket is the code's too: code that fills it (its own writes are not read between runs)
+	// or stops reading it must not hold the agent's serve loop.
+	c.ctl.SetWriteDeadline(start.Add(ctxSendTimeout))
+	_, _, err = c.ctl.WriteMsgUnix([]byte(fmt.Sprintf("R%08x\n", c.seq)), unix.UnixRights(fds...), nil)
+	c.ctl.SetWriteDeadline(time.Time{})
+	if err != nil {
+		// It cannot take a run: it is ending, broken, or does not read. The next run starts a fresh one.
 		a.stopContext(c)
 		c.lost = "the interpreter did not take the run"
 		res.AgentError = "sending the run to the context: " + err.Error()
@@ -547,18 +570,26 @@ func contextCPU(ticks int64, reported int64, ok bool) int64 {
 // clockTicks is USER_HZ, the unit of /proc/<pid>/stat's times (100 on Linux).
 const clockTicks = 100
 
-// procCPUTicks returns utime+stime+cutime+cstime of process pid, in clock ticks.
-func procCPUTicks(pid int) (int64, error) {
+// procStat returns the fields of /proc/<pid>/stat after the command's ")": state(0) ppid pgrp
+// session tty tpgid flags minflt cminflt majflt cmajflt utime(11) stime cutime cstime …
+func procStat(pid int) ([]string, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
-		return 0, errors.New("unreadable stat")
+		return nil, errors.New("unreadable stat")
 	}
-	f := strings.Fields(string(b[i+1:]))
-	// after ")": state(0) ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime(11) stime cutime cstime
+	return strings.Fields(string(b[i+1:])), nil
+}
+
+// procCPUTicks returns utime+stime+cutime+cstime of process pid, in clock ticks.
+func procCPUTicks(pid int) (int64, error) {
+	f, err := procStat(pid)
+	if err != nil {
+		return 0, err
+	}
 	if len(f) < 15 {
 		return 0, errors.New("short stat")
 	}
@@ -606,10 +637,8 @@ func exitStatus(ws unix.WaitStatus) (int, int) {
 // next run's standby.
 func (a *agentServer) keepPIDs() map[int]bool {
 	keep := map[int]bool{}
-	for _, c := range a.contexts {
-		if c.pid > 0 {
-			keep[c.pid] = true
-		}
+	for _, pid := range a.contextPIDs() {
+		keep[pid] = true
 	}
 	a.warmMu.Lock()
 	if a.warm != nil {
@@ -662,16 +691,8 @@ func (a *agentServer) killAllBut(keep map[int]bool) {
 
 // procState reads process pid's state, parent and process group from /proc.
 func procState(pid int) (state byte, ppid, pgrp int, ok bool) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, 0, 0, false
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, 0, 0, false
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 3 || len(f[0]) != 1 {
+	f, err := procStat(pid)
+	if err != nil || len(f) < 3 || len(f[0]) != 1 {
 		return 0, 0, 0, false
 	}
 	ppid, _ = strconv.Atoi(f[1])

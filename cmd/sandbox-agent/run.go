@@ -435,14 +435,10 @@ func (a *agentServer) run(req *agent.RunRequest, s *sender, answers <-chan []byt
 	ru := &ex.rusage
 	res.CPUUS = ru.Utime.Sec*1e6 + ru.Utime.Usec + ru.Stime.Sec*1e6 + ru.Stime.Usec
 	res.MaxRSSBytes = ru.Maxrss * 1024
-	switch ws := ex.status; {
-	case res.TimedOut:
+	if res.TimedOut {
 		res.ExitCode, res.Signal = 128+int(unix.SIGKILL), int(unix.SIGKILL)
-	case ws.Exited():
-		res.ExitCode = ws.ExitStatus()
-	case ws.Signaled():
-		res.Signal = int(ws.Signal())
-		res.ExitCode = 128 + res.Signal
+	} else {
+		res.ExitCode, res.Signal = exitStatus(ex.status)
 	}
 	res.Stdout, res.StdoutTruncated = stdout.buf, stdout.truncated
 	res.Stderr, res.StderrTruncated = stderr.buf, stderr.truncated
