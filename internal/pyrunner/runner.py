@@ -135,17 +135,17 @@ def _execute(src, g, limit, imp):
         pass
     shown = None
     try:
-        code, last = _split_last(src)
-        _live[0] = True
-        exec(code, g)
-        if last is not None:
-            shown = eval(last, g)
-        _live[0] = False
+        try:
+            code, last = _split_last(src)
+            _live[0] = True
+            exec(code, g)
+            if last is not None:
+                shown = eval(last, g)
+        finally:
+            _live[0] = False  # before any handler below: a SIGINT from here on is ignored
     except SystemExit as e:
-        _live[0] = False
         exit_arg = e.code
     except BaseException as e:
-        _live[0] = False
         tb = e.__traceback__
         while tb is not None and tb.tb_frame.f_code in (_execute.__code__, _split_last.__code__):
             tb = tb.tb_next  # drop the runner's own frames
@@ -732,6 +732,7 @@ def _sandbox_context(ctl):
 
 def _context_run(seq, fds, g, limit, imp, null, sock, resource):
     import _signal
+    _live[0] = False  # whatever a previous run left: SIGINT is for user code of this run only
     # Between runs SIGCHLD is ignored, so that the children the agent kills after a run are reaped
     # by the kernel (no zombies wait for the next run); the run's code gets the default back.
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
@@ -769,6 +770,7 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
     _flush()
     os.dup2(null, 1)
     os.dup2(null, 2)
+    _live[0] = False
     _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)
     me = resource.getrusage(resource.RUSAGE_SELF)
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
