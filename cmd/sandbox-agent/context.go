@@ -73,13 +73,13 @@ func validContextID(id string) bool {
 	return true
 }
 
-// contextPIDs are the live contexts' interpreters. One that has ended is not listed (its PID may
-// be another process's by now): its end is taken here, and its next run reports it.
-func (a *agentServer) contextPIDs() []int {
-	var pids []int
+// contextPIDs are the live contexts' interpreters, by name. One that has ended is not listed (its
+// PID may be another process's by now): its end is taken here, and its next run reports it.
+func (a *agentServer) contextPIDs() map[string]int {
+	pids := map[string]int{}
 	for _, c := range a.contexts {
 		if a.checkContext(c) {
-			pids = append(pids, c.pid)
+			pids[c.id] = c.pid
 		}
 	}
 	return pids

@@ -114,7 +114,7 @@ func TestContextLeftoversKilled(t *testing.T) {
 		t.Fatalf("result %s (stderr %q)", res.Result, res.Stderr)
 	}
 	waitGone(t, pid)
-	if !alive(c.ContextPIDs[0]) {
+	if !alive(c.ContextPIDs["c"]) {
 		t.Fatal("the context's interpreter was killed with the run's leftovers")
 	}
 	res = run(t, sock, agent.RunRequest{Context: "c", Code: "result = p.poll() is not None"})
@@ -123,7 +123,7 @@ func TestContextLeftoversKilled(t *testing.T) {
 	}
 	// A fresh run's end spares the context too.
 	run(t, sock, agent.RunRequest{Code: "print(1)"})
-	if !alive(c.ContextPIDs[0]) {
+	if !alive(c.ContextPIDs["c"]) {
 		t.Fatal("a fresh run's end killed the context's interpreter")
 	}
 	// The context's usage is the run's own.

@@ -36,7 +36,7 @@
 // Code contexts: a RunRequest with Op OpContextCreate starts a long-lived interpreter named
 // Context (idempotent), OpContextDelete ends it (idempotent); both answer one "exit" event. A run
 // with Context set executes in that interpreter (started first if it is not running). Every answer
-// lists the live contexts' PIDs (RunResult.ContextPIDs): processes that are the sandbox's own, not
+// lists the live contexts' PIDs by name (RunResult.ContextPIDs): processes that are the sandbox's own, not
 // leftovers of a run.
 package agent
 
@@ -126,8 +126,9 @@ type RunResult struct {
 	// StandbyPID is the process the agent started for the next run once this one's processes
 	// were gone (0: none): a fresh Python waiting for its code, not a leftover of this run.
 	StandbyPID int `json:"standby_pid,omitempty"`
-	// ContextPIDs are the PIDs (in the sandbox) of the live code contexts' interpreters.
-	ContextPIDs []int `json:"context_pids,omitempty"`
+	// ContextPIDs are the PIDs (in the sandbox) of the live code contexts' interpreters, by
+	// context name.
+	ContextPIDs map[string]int `json:"context_pids,omitempty"`
 	// ContextLost: the context's interpreter ended during this run (why); the context's state is
 	// gone and its next run starts a fresh interpreter.
 	ContextLost string `json:"context_lost,omitempty"`

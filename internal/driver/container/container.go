@@ -38,6 +38,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -122,12 +123,12 @@ type meta struct {
 type box struct {
 	meta
 	dir     string
-	logDone chan struct{}         // closed when the copier of the container's stdout/stderr ends; nil after a reload
-	standby atomic.Int64          // the agent's standby process for the next run (PID inside the sandbox; 0: none)
-	ctxPIDs atomic.Pointer[[]int] // the code contexts' interpreters (PIDs inside the sandbox), as the agent last said
-	zygote  chan struct{}         // closed once startZygote has returned; nil after a reload
-	zygoted bool                  // startZygote started one (read once zygote is closed)
-	broker  *os.Process           // runsc: the agent's broker started by this process (nil after a reload)
+	logDone chan struct{}                  // closed when the copier of the container's stdout/stderr ends; nil after a reload
+	standby atomic.Int64                   // the agent's standby process for the next run (PID inside the sandbox; 0: none)
+	ctxPIDs atomic.Pointer[map[string]int] // the code contexts' interpreters (PIDs inside the sandbox) by name, as the agent last said
+	zygote  chan struct{}                  // closed once startZygote has returned; nil after a reload
+	zygoted bool                           // startZygote started one (read once zygote is closed)
+	broker  *os.Process                    // runsc: the agent's broker started by this process (nil after a reload)
 }
 
 // Open opens the container driver: it requires mountns.Enter to have run, checks the agent
@@ -1007,6 +1008,10 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	b.standby.Store(int64(res.StandbyPID))
 	if runErr == nil {
 		b.ctxPIDs.Store(&res.ContextPIDs)
+	} else if req.Context != "" {
+		// No answer: the context's interpreter may still run the code. It is not spared (the
+		// stragglers' kill below ends it) and the next run of the context reports the reset.
+		b.dropContextPID(req.Context)
 	}
 	// With an answer, the run has been reaped: a child of the zygote is the next run's standby.
 	if err := d.killStragglers(id, b.Pid, res.StandbyPID, runErr == nil); err != nil {
@@ -1280,6 +1285,21 @@ func (d *Driver) contextPIDs(id string) map[int]bool {
 		}
 	}
 	return m
+}
+
+// dropContextPID forgets context name's interpreter: the kill after a run no longer spares it.
+func (b *box) dropContextPID(name string) {
+	for {
+		old := b.ctxPIDs.Load()
+		if old == nil {
+			return
+		}
+		m := maps.Clone(*old)
+		delete(m, name)
+		if b.ctxPIDs.CompareAndSwap(old, &m) {
+			return
+		}
+	}
 }
 
 // CreateContext starts code context name's interpreter in sandbox id (driver.Contexter). It
