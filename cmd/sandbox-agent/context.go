@@ -369,6 +369,7 @@ func (a *agentServer) runInContext(req *agent.RunRequest, s *sender, answers <-c
 		calls.Close()
 		callsDone.Wait()
 	}()
+	a.dropLaunchedStandby()
 	pid := c.pid
 	os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0) // its peak RSS starts again
 	ticks0, _ := procCPUTicks(pid)
@@ -534,6 +535,23 @@ wait:
 		parseResultDoc(a.log, resultDoc, res)
 	}
 	return res
+}
+
+// dropLaunchedStandby discards the standby if the agent launched it: a launched process is
+// dumpable from its exec, so a context's run (same uid) could write into its memory and the next
+// fresh run would start poisoned. One the zygote forked is not dumpable until its run arrives.
+func (a *agentServer) dropLaunchedStandby() {
+	a.warmMu.Lock()
+	p := a.warm
+	if p != nil && p.zyg == nil {
+		a.warm = nil
+	} else {
+		p = nil
+	}
+	a.warmMu.Unlock()
+	if p != nil {
+		a.discard(p)
+	}
 }
 
 // parseContextReply reads "D<seq> <exit status> <self µs> <children µs>".

@@ -67,8 +67,12 @@ if _k == "d":
 // reads the run's environment block from fd 3, makes it os.environ, and runs the runner _r. A
 // process forked by the zygote has _zenv, the block the zygote's own os.environ holds: a run
 // whose block is the same keeps it (most runs: rebuilding os.environ writes to dozens of pages
-// the zygote shares with it, each a copy-on-write fault, ~30 µs apiece on these VMs).
+// the zygote shares with it, each a copy-on-write fault, ~30 µs apiece on these VMs), and
+// _sandbox_dumpable, which makes it dumpable (as a launched process is) now that its run is here:
+// idle, it is not (see zygote.py). A context's interpreter turns it on for its runs only (runner.py).
 const bootstrapRun = `_e = _rd(int(_rd(8), 16))
+if "_sandbox_dumpable" in globals() and "_sandbox_context_fd" not in globals():
+    _sandbox_dumpable(1)
 if _e != globals().get("_zenv"):
     os.environ.clear()
     for _kv in _e.split(b"\0")[:-1]:

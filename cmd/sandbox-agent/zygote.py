@@ -17,8 +17,13 @@
 #                   <user µs> <system µs> <max RSS KiB>\n" once it is reaped.
 # The forked process is what a fresh `python -I -u -B` started by the launcher is: its own session,
 # the descriptors above and no other, no_new_privs and the container's seccomp profile (inherited),
-# the no-spawn filter unless allow_spawn, dumpable, the launcher's working directory (runDir). Then it runs the
+# the no-spawn filter unless allow_spawn, the launcher's working directory (runDir). Then it runs the
 # launcher's bootstrap from where that has the runner: environment and code from fd 3, the runner.
+# Unlike a launched one it is not dumpable (ptrace, /proc/<pid>/mem: no process of the sandbox's
+# uid may touch it) until its run arrives: an idle standby lives through other runs (a context's),
+# whose code must not reach the next fresh run. `_sandbox_dumpable(on)` in its globals sets it:
+# the bootstrap turns it on once it has the run's environment (bootstrapRun in run.go), a
+# context's interpreter for each of its runs only (runner.py).
 import os, sys, socket, select, fcntl, ctypes, gc
 
 
@@ -110,7 +115,6 @@ def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog, context, zen
         for i, f in enumerate(high):
             os.dup2(f, i)
         os.closerange(7, 1 << 20)
-        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, as after an exec
         if not allow_spawn:
             if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
@@ -122,7 +126,8 @@ def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog, context, zen
             os._exit(127)
     os.close(5)
     sys.argv[:] = ["-c", "", str(max_out)]
-    g = {"__name__": "__main__", "__builtins__": __builtins__, "_r": runner, "_zenv": zenv}
+    g = {"__name__": "__main__", "__builtins__": __builtins__, "_r": runner, "_zenv": zenv,
+         "_sandbox_dumpable": lambda on, _prctl=libc.prctl: _prctl(4, on, 0, 0, 0)}  # PR_SET_DUMPABLE
     if context:
         g["_sandbox_context_fd"] = 3
     del fds, w, libc, prog

@@ -681,7 +681,8 @@ def _format_error(exc, src, imp):
 # are reset to them), runs the code as a fresh run would — compiled as "<run>", `result` and the
 # uncaught exception reported as JSON on the result descriptor — then points 1 and 2 at /dev/null
 # and answers "D<seq> <exit status> <CPU µs of its own> <CPU µs of its reaped children>\n"
-# (cumulative). Between runs SIGCHLD is ignored (the children the agent kills after a run leave no
+# (cumulative). Between runs the interpreter is not dumpable (no process of the sandbox's uid may
+# ptrace it or write its memory while another run runs); it is during its own runs. Between runs SIGCHLD is ignored (the children the agent kills after a run leave no
 # zombies; a Popen of an earlier run then reads returncode 0, as Python does on ECHILD).
 # SystemExit ends the run with its status and keeps the interpreter. SIGINT raises
 # KeyboardInterrupt while user code runs (the agent's interrupt at a timeout or cancel; exit
@@ -717,6 +718,7 @@ def _sandbox_context(ctl):
     except Exception:
         pass
     null = os.open(os.devnull, os.O_RDWR)
+    _context_dumpable(0)  # a launched interpreter is dumpable after its exec
     sock.sendall(b"H\n")
     while True:
         msg, fds, _, _ = socket.recv_fds(sock, 10, 5)
@@ -733,6 +735,7 @@ def _sandbox_context(ctl):
 def _context_run(seq, fds, g, limit, imp, null, sock, resource):
     import _signal
     _live[0] = False  # whatever a previous run left: SIGINT is for user code of this run only
+    _context_dumpable(1)  # as a fresh run's process is
     # Between runs SIGCHLD is ignored, so that the children the agent kills after a run are reaped
     # by the kernel (no zombies wait for the next run); the run's code gets the default back.
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
@@ -771,11 +774,22 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
     os.dup2(null, 1)
     os.dup2(null, 2)
     _live[0] = False
+    _context_dumpable(0)
     _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)
     me = resource.getrusage(resource.RUSAGE_SELF)
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
     us = lambda r: int((r.ru_utime + r.ru_stime) * 1e6)
     sock.sendall(b"D%s %d %d %d\n" % (seq, status, us(me), us(ch)))
+
+
+def _context_dumpable(on):
+    """Sets the interpreter's PR_SET_DUMPABLE (the zygote's _sandbox_dumpable, else prctl through
+    ctypes: a launched interpreter)."""
+    f = globals().get("_sandbox_dumpable")
+    if f is None:
+        import ctypes
+        f = globals()["_sandbox_dumpable"] = lambda on, _prctl=ctypes.CDLL(None).prctl: _prctl(4, on, 0, 0, 0)
+    f(on)
 
 
 def _context_execute(src, g, limit, imp, res_fd):

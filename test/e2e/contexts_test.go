@@ -167,3 +167,55 @@ func TestContextsWasm(t *testing.T) {
 		}
 	})
 }
+
+// attackIdle is a context run's attack on the sandbox's other processes: for every process but
+// the agent and itself, it opens /proc/<pid>/mem for writing and tries process_vm_writev (at an
+// unmapped address: EFAULT if allowed, EPERM if not). The result maps each PID to what happened.
+const attackIdle = `import os, ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+class Iov(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+buf = ctypes.create_string_buffer(8)
+local, remote = Iov(ctypes.addressof(buf), 8), Iov(8, 8)
+result = {}
+for p in sorted(int(d) for d in os.listdir('/proc') if d.isdigit()):
+    if p in (1, os.getpid()):
+        continue
+    try:
+        open('/proc/%d/mem' % p, 'r+b').close()
+        mem = 'opened'
+    except PermissionError:
+        mem = 'denied'
+    except OSError as e:
+        mem = 'error %d' % e.errno
+    n = libc.process_vm_writev(p, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    result[str(p)] = [mem, 'denied' if n < 0 and ctypes.get_errno() == 1 else 'errno %d' % ctypes.get_errno()]
+`
+
+// TestContextsCannotTouchIdleProcesses: a context's run cannot write into the memory of the
+// processes that are idle while it runs — the next fresh run's standby and the other contexts'
+// interpreters (same uid; they are not dumpable until their own run) — and both still work after.
+func TestContextsCannotTouchIdleProcesses(t *testing.T) {
+	s := sharedServer(t)
+	pro := s.newKey("e2e-contexts-attack", "pro")
+	id := s.create(pro, map[string]any{})
+	c := contextsAPI{t: t, s: s, key: pro, id: id}
+	a, b := c.create(), c.create()
+	bPID := fmt.Sprint(c.run(b, "import os\nsecret = 'kept'\nresult = os.getpid()", 30)["result"])
+	c.run("", "result = 1", 30) // the next fresh run's standby is forked once this one has ended
+	r := c.run(a, attackIdle, 30)
+	got, _ := r["result"].(map[string]any)
+	if _, ok := got[bPID]; !ok || len(got) < 2 { // the other context and the standby at least
+		t.Fatalf("processes the attack saw: %v (want context b's %s and the standby; stderr %q)", r["result"], bPID, r["stderr"])
+	}
+	for pid, v := range got {
+		if fmt.Sprint(v) != "[denied denied]" {
+			t.Errorf("process %s: %v, want its memory denied to another context's run", pid, v)
+		}
+	}
+	c.steps([]contextStep{
+		{"the other context is intact", b, "result = secret", 30, "completed", "kept", ""},
+		{"a fresh run is intact", "", "result = 6 * 7", 30, "completed", float64(42), ""},
+		{"the attacking context goes on", a, "result = len(result)", 30, "completed", nil, ""},
+	})
+}
