@@ -250,7 +250,7 @@ class _Rich:
             n, enc = len(data), (len(data) + 2) // 3 * 4
         else:
             n = len(data.encode("utf-8", "surrogatepass"))
-            enc = len(self.imp("json").dumps(data, ensure_ascii=False))
+            enc = len(self.imp("json").dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass"))
         if (len(self.items) >= _MAX_OUTPUTS or self.size + n > _MAX_OUTPUT_BYTES
                 or self.encoded + enc > _MAX_OUTPUT_JSON):
             self.truncated = True
