@@ -135,26 +135,31 @@ def _execute(src, g, limit, imp):
         pass
     shown = None
     try:
-        code, last = _split_last(src)
-        _live[0] = True
-        exec(code, g)
-        if last is not None:
-            shown = eval(last, g)
+        try:
+            code, last = _split_last(src)
+            _live[0] = True
+            exec(code, g)
+            if last is not None:
+                shown = eval(last, g)
+        except SystemExit as e:
+            exit_arg = e.code
+        except BaseException as e:
+            tb = e.__traceback__
+            while tb is not None and tb.tb_frame.f_code in (_execute.__code__, _split_last.__code__):
+                tb = tb.tb_next  # drop the runner's own frames
+            exc = e.with_traceback(tb)
+        # Rendering runs the code's own methods (__repr__, _repr_*_, savefig): it stays
+        # interruptible in a context (a timeout's SIGINT), which add() and figures() absorb.
+        try:
+            if exc is None:
+                rich.trailing(shown)
+            rich.figures()
+        except BaseException:
+            pass
+    finally:
         _live[0] = False
-    except SystemExit as e:
-        _live[0] = False
-        exit_arg = e.code
-    except BaseException as e:
-        _live[0] = False
-        tb = e.__traceback__
-        while tb is not None and tb.tb_frame.f_code in (_execute.__code__, _split_last.__code__):
-            tb = tb.tb_next  # drop the runner's own frames
-        exc = e.with_traceback(tb)
 
     doc = []
-    if exc is None:
-        rich.trailing(shown)
-    rich.figures()
     rich.report(doc)
     # result
     try:
