@@ -44,6 +44,15 @@ type keptRun struct {
 	bytes int64
 }
 
+// keepRunOutputs stores run r's outputs (keepOutputs) in its record; one that could not be
+// stored marks them truncated, as one the limits left out does.
+func (s *Service) keepRunOutputs(r *store.Run, outs []pyrunner.Output) {
+	r.Outputs = s.keepOutputs(r.SandboxID, r.ID, outs)
+	if len(r.Outputs) < len(outs) {
+		r.OutputsTruncated = true
+	}
+}
+
 // keepOutputs stores a finished run's outputs as files, <n>.<ext> in its own directory of the
 // sandbox's outputs, and returns their records; then it removes the oldest runs' files past the
 // limits. An output that cannot be stored is left out (logged).
