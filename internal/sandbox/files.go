@@ -52,7 +52,7 @@ func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID
 		return nil, errorf(KindPathNotAllowed, "path %q contains a NUL byte", p)
 	}
 	clean := path.Clean(p)
-	if isOutputsPath(clean) {
+	if within(clean, OutputsPath) {
 		return s.resolveOutput(lv, clean)
 	}
 	fsys := lv.sp.config.Filesystem

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
@@ -71,11 +70,7 @@ func (s *Service) keepOutputs(sandboxID, runID string, outs []pyrunner.Output) [
 	}
 	var recs []store.RunOutput
 	for i, o := range outs {
-		t, ok := pyrunner.OutputTypes[o.Type]
-		if !ok {
-			continue
-		}
-		name := fmt.Sprintf("%d.%s", i, t.Ext)
+		name := fmt.Sprintf("%d.%s", i, pyrunner.OutputTypes[o.Type].Ext) // a known type: DecodeRich made it
 		if err := os.WriteFile(filepath.Join(dir, name), o.Data, 0o600); err != nil {
 			s.log.Error("keep run output", "sandbox", sandboxID, "run", runID, "err", err)
 			continue
@@ -96,9 +91,4 @@ func (s *Service) keepOutputs(sandboxID, runID string, outs []pyrunner.Output) [
 		k.runs, k.bytes = k.runs[1:], k.bytes-old.bytes
 	}
 	return recs
-}
-
-// isOutputsPath reports whether p (clean, absolute) is OutputsPath or below it.
-func isOutputsPath(p string) bool {
-	return p == OutputsPath || strings.HasPrefix(p, OutputsPath+"/")
 }
