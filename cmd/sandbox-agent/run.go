@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -462,20 +461,16 @@ func resultDocCap(maxOut int) int64 { return int64(maxOut) + 1<<20 + pyrunner.Ma
 
 // parseResultDoc sets res's Result and Error from the runner's result document.
 func parseResultDoc(log *slog.Logger, resultDoc []byte, res *agent.RunResult) {
-	var doc struct {
-		Result json.RawMessage `json:"result"`
-		Error  *agent.PyError  `json:"error"`
-		pyrunner.Rich
-	}
-	if err := json.Unmarshal(resultDoc, &doc); err != nil {
+	rep, err := pyrunner.ParseReport(resultDoc)
+	if err != nil {
 		log.Warn("unreadable result document", "bytes", len(resultDoc), "err", err)
 		return
 	}
-	if len(doc.Result) > 0 && string(doc.Result) != "null" {
-		res.Result = doc.Result
+	if len(rep.Result) > 0 {
+		res.Result = rep.Result
 	}
-	res.Error = doc.Error
-	res.Rich = doc.Rich
+	res.Error = (*agent.PyError)(rep.Error)
+	res.Rich = rep.Rich
 }
 
 // killRun kills the run's processes with SIGKILL: as PID 1 every other process of the sandbox

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -268,18 +269,33 @@ func newSender(conn net.Conn, gone <-chan struct{}, log *slog.Logger) *sender {
 }
 
 func (s *sender) send(ev *agent.Event) {
-	b, err := json.Marshal(ev)
+	b, err := encodeEvent(ev)
 	if err != nil && ev.Result != nil && ev.Result.Result != nil {
 		// Only an invalid result could do this; drop it rather than the whole event.
 		s.log.Warn("encoding the exit event failed: its result is dropped", "err", err)
 		ev.Result.Result = nil
-		b, err = json.Marshal(ev)
+		b, err = encodeEvent(ev)
+	}
+	if err == nil && len(b) > agent.MaxEventLine+1 && ev.Result != nil {
+		// The host would refuse the line (a service failure the code caused): the parts the
+		// code controls go, biggest first, until it fits.
+		s.log.Warn("the exit event is over the line limit: the report's parts are dropped", "bytes", len(b))
+		r := ev.Result
+		for _, drop := range []func(){
+			func() { r.Rich = pyrunner.Rich{Truncated: true} },
+			func() { r.Result = nil },
+			func() { r.Error = nil },
+		} {
+			drop()
+			if b, err = encodeEvent(ev); err != nil || len(b) <= agent.MaxEventLine+1 {
+				break
+			}
+		}
 	}
 	if err != nil {
 		s.log.Error("encoding an event", "event", ev.Type, "err", err)
 		return
 	}
-	b = append(b, '\n')
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.failed {
@@ -290,6 +306,18 @@ func (s *sender) send(ev *agent.Event) {
 		s.failed = true
 		close(s.broken)
 	}
+}
+
+// encodeEvent is ev's line, '\n' included. It is not HTML-escaped: the runner's report (result,
+// display, outputs) passes through verbatim, so `<`, `>` and `&` take one byte each, not six.
+func encodeEvent(ev *agent.Event) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(ev); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }
 
 func (s *sender) output(typ string, data []byte) {

@@ -66,6 +66,9 @@ func TestContexts(t *testing.T) {
 		{name: "stdout is back", context: "a", code: "print('visible')\nresult = x", stdout: "visible\n", result: "42"},
 		{name: "timeout interrupts and keeps state", context: "a", code: "print('spin', flush=True)\nwhile True: pass", timeoutMS: 300, exit: 130, stdout: "spin\n", errType: "KeyboardInterrupt", timedOut: true},
 		{name: "state after timeout", context: "a", code: "result = x", result: "42"},
+		// Rendering the trailing value runs the code's own methods: still interruptible.
+		{name: "timeout in the value's repr interrupts", context: "a", code: "class S:\n    def __repr__(self):\n        while True: pass\nS()", timeoutMS: 300, timedOut: true},
+		{name: "state after the repr's timeout", context: "a", code: "result = x", result: "42"},
 		{name: "ignoring the interrupt resets", context: "a", code: "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except KeyboardInterrupt:\n        pass", timeoutMS: 300, exit: 137, timedOut: true, lost: true},
 		{name: "after the reset", context: "a", code: "result = 'x' in globals()", result: "false", restarted: true},
 		{name: "os._exit resets", context: "a", code: "x = 1\nimport os\nos._exit(7)", exit: 7, lost: true},

@@ -6,6 +6,9 @@ package agent
 const DefaultMaxOutput = 1 << 20
 
 // MaxEventLine is the longest event line Run accepts from the agent. The exit event carries up to
-// 2×MaxOutput bytes of output (base64: ×4/3) plus the result, so this bounds MaxOutput to about
-// 16 MiB.
+// 2×MaxOutput bytes of output (base64: ×4/3) and the runner's report (at most MaxOutput + 15 MiB,
+// sandbox-agent's resultDocCap), passed through without HTML escaping: verbatim but for the
+// error's strings, which re-encoding can make at most 3 times as long (an invalid UTF-8 byte
+// becomes U+FFFD). With MaxOutput at 1 MiB that is under 51 MiB. An exit event that would still be
+// longer (a larger MaxOutput) loses the report's parts in the agent: rich outputs, result, error.
 const MaxEventLine = 64 << 20

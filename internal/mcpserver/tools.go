@@ -266,7 +266,8 @@ func runCode(ctx context.Context, c *client.Client, in RunCodeInput) (*mcp.CallT
 }
 
 // runImages are a run's image outputs as image content (at most MaxFileBytes in all; one that
-// cannot be read is left out: the structured content still lists it).
+// cannot be read, or whose bytes are not the image type the code claimed — as read_file
+// detects it — is left out: the structured content still lists it).
 func runImages(ctx context.Context, c *client.Client, r *api.Run) []mcp.Content {
 	var out []mcp.Content
 	total := int64(0)
@@ -276,6 +277,9 @@ func runImages(ctx context.Context, c *client.Client, r *api.Run) []mcp.Content 
 		}
 		var buf bytes.Buffer
 		if _, _, err := c.Download(ctx, r.SandboxID, o.Path, &buf); err != nil {
+			continue
+		}
+		if http.DetectContentType(buf.Bytes()) != o.Type {
 			continue
 		}
 		total += int64(buf.Len())

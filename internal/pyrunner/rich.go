@@ -3,6 +3,7 @@ package pyrunner
 import (
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"unicode/utf8"
 )
 
@@ -55,6 +56,33 @@ type Output struct {
 	Type string // a key of OutputTypes
 	Kind string // KindResult, KindDisplay or KindFigure
 	Data []byte // the content (decoded from base64 for binary types)
+}
+
+// Report is a runner's report (ParseReport): the JSON of the global `result` (nil: none), the
+// uncaught exception (nil: none), and the rich part, not yet validated (DecodeRich).
+type Report struct {
+	Result json.RawMessage `json:"result"`
+	Error  *ReportError    `json:"error"`
+	Rich
+}
+
+// ReportError is the uncaught exception of a report (the drivers' PyError types convert from it).
+type ReportError struct {
+	Type      string `json:"type"`
+	Message   string `json:"message"`
+	Traceback string `json:"traceback"`
+}
+
+// ParseReport reads the report document a runner wrote (a "result" of JSON null is none).
+func ParseReport(doc []byte) (Report, error) {
+	var r Report
+	if err := json.Unmarshal(doc, &r); err != nil {
+		return Report{}, fmt.Errorf("runner's report: %w", err)
+	}
+	if string(r.Result) == "null" {
+		r.Result = nil
+	}
+	return r, nil
 }
 
 // Rich is the part of a runner's report that DecodeRich reads (as it came: not yet validated).

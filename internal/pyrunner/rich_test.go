@@ -79,3 +79,26 @@ func firstTexts(n int) []string {
 	}
 	return out
 }
+
+// TestParseReport: a runner's report read once for every driver: a null result is none.
+func TestParseReport(t *testing.T) {
+	for _, tc := range []struct {
+		doc, result, errType, display string
+		bad                           bool
+	}{
+		{doc: `{}`},
+		{doc: `{"result":null}`},
+		{doc: `{"result":[1,2],"display":"'<b>'"}`, result: `[1,2]`, display: `"'<b>'"`},
+		{doc: `{"error":{"type":"ZeroDivisionError","message":"division by zero","traceback":"…"}}`, errType: "ZeroDivisionError"},
+		{doc: `{"result":`, bad: true},
+	} {
+		r, err := ParseReport([]byte(tc.doc))
+		errType := ""
+		if r.Error != nil {
+			errType = r.Error.Type
+		}
+		if (err != nil) != tc.bad || string(r.Result) != tc.result || errType != tc.errType || string(r.Display) != tc.display {
+			t.Errorf("%s: result %s error %q display %s err %v", tc.doc, r.Result, errType, r.Display, err)
+		}
+	}
+}

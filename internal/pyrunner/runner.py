@@ -141,20 +141,25 @@ def _execute(src, g, limit, imp):
             exec(code, g)
             if last is not None:
                 shown = eval(last, g)
-        finally:
-            _live[0] = False  # before any handler below: a SIGINT from here on is ignored
-    except SystemExit as e:
-        exit_arg = e.code
-    except BaseException as e:
-        tb = e.__traceback__
-        while tb is not None and tb.tb_frame.f_code in (_execute.__code__, _split_last.__code__):
-            tb = tb.tb_next  # drop the runner's own frames
-        exc = e.with_traceback(tb)
+        except SystemExit as e:
+            exit_arg = e.code
+        except BaseException as e:
+            tb = e.__traceback__
+            while tb is not None and tb.tb_frame.f_code in (_execute.__code__, _split_last.__code__):
+                tb = tb.tb_next  # drop the runner's own frames
+            exc = e.with_traceback(tb)
+        # Rendering runs the code's own methods (__repr__, _repr_*_, savefig): it stays
+        # interruptible in a context (a timeout's SIGINT), which add() and figures() absorb.
+        try:
+            if exc is None:
+                rich.trailing(shown)
+            rich.figures()
+        except BaseException:
+            pass
+    finally:
+        _live[0] = False
 
     doc = []
-    if exc is None:
-        rich.trailing(shown)
-    rich.figures()
     rich.report(doc)
     # result
     try:
@@ -250,7 +255,7 @@ class _Rich:
             n, enc = len(data), (len(data) + 2) // 3 * 4
         else:
             n = len(data.encode("utf-8", "surrogatepass"))
-            enc = len(self.imp("json").dumps(data, ensure_ascii=False))
+            enc = len(self.imp("json").dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass"))
         if (len(self.items) >= _MAX_OUTPUTS or self.size + n > _MAX_OUTPUT_BYTES
                 or self.encoded + enc > _MAX_OUTPUT_JSON):
             self.truncated = True

@@ -52,7 +52,7 @@ func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID
 		return nil, errorf(KindPathNotAllowed, "path %q contains a NUL byte", p)
 	}
 	clean := path.Clean(p)
-	if isOutputsPath(clean) {
+	if within(clean, OutputsPath) {
 		return s.resolveOutput(lv, clean)
 	}
 	fsys := lv.sp.config.Filesystem
@@ -88,7 +88,8 @@ func (s *Service) resolveOutput(lv *live, clean string) (*fileTarget, error) {
 	if h == nil {
 		return nil, errorf(KindSandboxDestroyed, "sandbox %s was destroyed meanwhile", lv.id)
 	}
-	dir, err := hostfs.Open(s.outputsDir(lv.id), filepath.Join(h.root, ".staging"))
+	// Only read (errReadOnly): no staging directory (its Write fails).
+	dir, err := hostfs.Open(s.outputsDir(lv.id), "")
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, errorf(KindNotFound, "no file %s in sandbox %s: its runs have no outputs", clean, lv.id)
 	} else if err != nil {

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
@@ -44,6 +43,15 @@ type keptRun struct {
 	bytes int64
 }
 
+// keepRunOutputs stores run r's outputs (keepOutputs) in its record; one that could not be
+// stored marks them truncated, as one the limits left out does.
+func (s *Service) keepRunOutputs(r *store.Run, outs []pyrunner.Output) {
+	r.Outputs = s.keepOutputs(r.SandboxID, r.ID, outs)
+	if len(r.Outputs) < len(outs) {
+		r.OutputsTruncated = true
+	}
+}
+
 // keepOutputs stores a finished run's outputs as files, <n>.<ext> in its own directory of the
 // sandbox's outputs, and returns their records; then it removes the oldest runs' files past the
 // limits. An output that cannot be stored is left out (logged).
@@ -62,11 +70,7 @@ func (s *Service) keepOutputs(sandboxID, runID string, outs []pyrunner.Output) [
 	}
 	var recs []store.RunOutput
 	for i, o := range outs {
-		t, ok := pyrunner.OutputTypes[o.Type]
-		if !ok {
-			continue
-		}
-		name := fmt.Sprintf("%d.%s", i, t.Ext)
+		name := fmt.Sprintf("%d.%s", i, pyrunner.OutputTypes[o.Type].Ext) // a known type: DecodeRich made it
 		if err := os.WriteFile(filepath.Join(dir, name), o.Data, 0o600); err != nil {
 			s.log.Error("keep run output", "sandbox", sandboxID, "run", runID, "err", err)
 			continue
@@ -87,9 +91,4 @@ func (s *Service) keepOutputs(sandboxID, runID string, outs []pyrunner.Output) [
 		k.runs, k.bytes = k.runs[1:], k.bytes-old.bytes
 	}
 	return recs
-}
-
-// isOutputsPath reports whether p (clean, absolute) is OutputsPath or below it.
-func isOutputsPath(p string) bool {
-	return p == OutputsPath || strings.HasPrefix(p, OutputsPath+"/")
 }

@@ -206,7 +206,7 @@ func (s *Service) endRecord(j *job, res driver.ExecResult, err error, start, end
 		j.run.StdoutTruncated, j.run.StderrTruncated = res.StdoutTruncated, res.StderrTruncated
 		j.run.Result = res.Result
 		j.run.Display, j.run.OutputsTruncated = res.Display, res.OutputsTruncated
-		j.run.Outputs = s.keepOutputs(j.run.SandboxID, j.run.ID, res.Outputs)
+		s.keepRunOutputs(&j.run, res.Outputs)
 		if res.Error != nil {
 			j.run.Error, _ = json.Marshal(res.Error)
 		} else if res.Signal != 0 && res.Status == driver.StatusFailed {

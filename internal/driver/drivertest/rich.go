@@ -44,6 +44,18 @@ func testRich(t *testing.T, h Harness, d driver.Driver) {
 		// and the report (its result) is kept.
 		{name: "escapes count", code: "class C:\n    def _repr_html_(self): return '\\x01' * (4 << 20)\ndisplay(C(), 'a')\nresult = 5",
 			display: "-", outputs: []string{"text/plain display 'a'"}, truncated: true, result: "5"},
+		// Characters count in UTF-8 bytes: 2 Mi '€' (6 MiB) and 1680 KiB of escapes are 11.8 Mi
+		// characters of JSON but 15.8 MiB, which with the result's 1 MB is over the report's room.
+		{name: "multi-byte characters count in bytes",
+			code:    "class C:\n    def _repr_html_(self): return '\\u20ac' * (2 << 20) + '\\x01' * (1680 << 10)\ndisplay(C(), 'a')\nresult = 'x' * 1000000",
+			display: "-", outputs: []string{"text/plain display 'a'"}, truncated: true, result: `"` + strings.Repeat("x", 1000000) + `"`},
+		// The code lifts the runner's limits (it controls the runner's process) and fills the
+		// report to its cap with '<', which HTML escaping would make six times as long: the run
+		// still completes, the host keeps what its own limits allow.
+		{name: "report at the cap of markup", code: "import sys\nr = sys._getframe(1).f_globals\n" +
+			"r['_MAX_OUTPUT_BYTES'] = r['_MAX_OUTPUT_JSON'] = 32 << 20\n" +
+			"display('<' * ((8 << 20) - 2), '<' * ((8 << 20) - 4096))\nresult = 5",
+			display: "-", outputs: []string{"text/plain display '" + strings.Repeat("<", 8<<20-2) + "'"}, truncated: true, result: "5"},
 		{name: "own display kept", code: "display = len\ndisplay('abc')", display: "3"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

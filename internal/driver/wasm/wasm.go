@@ -914,17 +914,12 @@ func (e *execution) report(res *driver.ExecResult) {
 		res.Duration = time.Duration(ex.DurationNS)
 	}
 	if len(ex.Report) > 0 {
-		var doc struct {
-			Result json.RawMessage `json:"result"`
-			Error  *driver.PyError `json:"error"`
-			pyrunner.Rich
-		}
-		if err := json.Unmarshal(ex.Report, &doc); err == nil {
-			res.SetRich(doc.Rich)
-			if len(doc.Result) > 0 && string(doc.Result) != "null" {
-				res.Result = doc.Result
+		if rep, err := pyrunner.ParseReport(ex.Report); err == nil {
+			res.SetRich(rep.Rich)
+			if len(rep.Result) > 0 {
+				res.Result = rep.Result
 			}
-			res.Error = doc.Error
+			res.Error = (*driver.PyError)(rep.Error)
 		}
 	}
 	if ex.StackOverflow && res.Error == nil {
