@@ -274,7 +274,9 @@ func (w *worker) runContext(m protocol.Run, maxOut int) (protocol.Exit, *instanc
 	}
 	rd.mu.Unlock()
 	from := time.Now()
-	rd.deliver(runHeader(maxOut, m.Env), []byte(m.Code), newAgentChan(m.Agent, w.forwardCall))
+	agent := w.runAgentChan(m.Agent)
+	defer w.endAgentChan(agent) // the code may go on after its run: not its calls
+	rd.deliver(runHeader(maxOut, m.Env), []byte(m.Code), agent)
 	select {
 	case st := <-status:
 		ex.DurationNS = time.Since(from).Nanoseconds()
