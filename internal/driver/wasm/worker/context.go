@@ -39,6 +39,9 @@ del f
 exec(_r)
 `
 
+// errStuck is an instance the worker could not end: the worker ends instead.
+var errStuck = errors.New("an instance is stuck")
+
 // maxStatus bounds what a context's loop writes to "status" (an exit status in decimal).
 const maxStatus = 32
 
@@ -181,8 +184,9 @@ func (w *worker) startContext(name string, timeout time.Duration) (*codeContext,
 		c.inst.alloc.release()
 		return nil, fmt.Errorf("the context's interpreter ended as it started: %s", ended(c.inst))
 	case <-expired:
-		// Its goroutine cannot be stopped: the host kills the worker on this error.
-		return nil, fmt.Errorf("the context's interpreter did not start within %v", timeout)
+		// Its goroutine cannot be stopped, nor its memory released: the worker ends on this error
+		// (runWorker), and the host, finding it gone, resets the sandbox's contexts.
+		return nil, fmt.Errorf("%w: the context's interpreter did not start within %v", errStuck, timeout)
 	}
 }
 

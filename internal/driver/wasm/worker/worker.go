@@ -297,6 +297,9 @@ func runWorker(o workerOptions) error {
 			}
 			var rep protocol.Reply
 			if err := w.contextOp(f.p); err != nil {
+				if errors.Is(err, errStuck) {
+					return err
+				}
 				rep.Error = err.Error()
 			}
 			if err := w.fw.SendJSON(protocol.FrameContextDone, rep); err != nil {
