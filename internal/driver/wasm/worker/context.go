@@ -127,10 +127,8 @@ func (o *switchWriter) set(s *stream) {
 // first): a directory of its own in /tmp (kept over restarts of its interpreter, removed when it
 // is deleted), else the fresh runs' (emptied after every run), else /tmp.
 func contextWorkDirs(name string) []string {
-	return []string{"/tmp/" + contextDirName(name), pyrunner.WorkDir, "/tmp"}
+	return []string{"/tmp/" + pyrunner.ContextDirName(name), pyrunner.WorkDir, "/tmp"}
 }
-
-func contextDirName(name string) string { return ".context-" + name }
 
 // contextOp serves a protocol.ContextOp.
 func (w *worker) contextOp(p []byte) error {
@@ -223,15 +221,9 @@ func (w *worker) deleteContext(name string) {
 	}
 	for _, m := range w.mounts {
 		if m.path == "/tmp" && m.fs != nil {
-			root, err := os.OpenRoot(procFD(m.fs.root))
-			if err != nil {
-				fmt.Fprintf(os.Stderr, "wasm-worker: removing a context's directory: %v\n", err)
-				return
-			}
-			if err := root.RemoveAll(contextDirName(name)); err != nil {
+			if err := pyrunner.RemoveContextDir(procFD(m.fs.root), name); err != nil {
 				fmt.Fprintf(os.Stderr, "wasm-worker: removing a context's directory: %v\n", err)
 			}
-			root.Close()
 		}
 	}
 }
