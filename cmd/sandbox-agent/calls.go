@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -90,8 +89,7 @@ func (a *agentServer) serveCalls(ch *os.File, info pyrunner.AgentInfo, s *sender
 	for n := 1; ; n++ {
 		line, err := lr.next()
 		if errors.Is(err, errLineTooLong) {
-			reply(pyrunner.AgentRefusal(pyrunner.AgentCallError, 413,
-				fmt.Sprintf("a request over %d bytes: the agent channel is closed", pyrunner.MaxAgentRequest)))
+			reply(pyrunner.AgentTooLong())
 			sc, err := ch.SyscallConn()
 			if err == nil {
 				sc.Control(func(fd uintptr) { unix.Shutdown(int(fd), unix.SHUT_RDWR) })
@@ -101,13 +99,8 @@ func (a *agentServer) serveCalls(ch *os.File, info pyrunner.AgentInfo, s *sender
 		if err != nil {
 			return // the run closed its end, or ended
 		}
-		var ans []byte
-		switch {
-		case n > pyrunner.MaxAgentForwards:
-			ans = pyrunner.AgentRefusal(pyrunner.AgentCallError, 429, pyrunner.AgentOverLimit)
-		case !json.Valid(line):
-			ans = pyrunner.AgentRefusal(pyrunner.AgentCallError, 400, "the request is not JSON")
-		default:
+		ans, forward := pyrunner.AgentLocalAnswer(n, line)
+		if forward {
 			s.send(&agent.Event{Type: "call", Call: line})
 			select {
 			case ans = <-answers:

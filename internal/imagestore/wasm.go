@@ -246,9 +246,15 @@ func wheelsTar(ctx context.Context, tw *tar.Writer, dir string, wheels []string)
 					continue
 				}
 				if other, ok := from[name]; ok {
+					if other == "" {
+						return fmt.Errorf("%w: %s is a directory and a file in wheel %s", ErrInvalid, name, w)
+					}
 					return fmt.Errorf("%w: wheels %s and %s both hold %s", ErrInvalid, other, w, name)
 				}
 				from[name] = w
+				if err := parentHeaders(tw, name, from, w); err != nil {
+					return err
+				}
 				rc, err := f.Open()
 				if err != nil {
 					return fmt.Errorf("%w: wheel %s: %s: %v", ErrInvalid, w, f.Name, err)
@@ -284,7 +290,7 @@ func treeTar(ctx context.Context, tw *tar.Writer, dir string) error {
 		}
 		switch t := d.Type(); {
 		case t.IsDir():
-			return tw.WriteHeader(&tar.Header{Name: rel + "/", Typeflag: tar.TypeDir, Mode: 0o755, Format: tar.FormatPAX})
+			return dirHeader(tw, rel)
 		case t&fs.ModeSymlink != 0:
 			return fmt.Errorf("%w: %s is a symbolic link: WASM sandboxes follow none; copy what it points to into the tree", ErrInvalid, rel)
 		case !t.IsRegular():
@@ -307,6 +313,32 @@ func treeTar(ctx context.Context, tw *tar.Writer, dir string) error {
 		}
 		return writeFile(tw, rel, st.Size(), st.ModTime(), f)
 	})
+}
+
+// parentHeaders writes the directory entries of name's parents that from (what the wheels hold so
+// far: a file's wheel, or "" for a directory) does not hold yet, outermost first, and records
+// them there. Without them unpack would make the directories itself, under its process's umask.
+func parentHeaders(tw *tar.Writer, name string, from map[string]string, wheel string) error {
+	dir := path.Dir(name)
+	if dir == "." {
+		return nil
+	}
+	if other, ok := from[dir]; ok {
+		if other != "" {
+			return fmt.Errorf("%w: %s is a file in wheel %s and a directory in %s", ErrInvalid, dir, other, wheel)
+		}
+		return nil
+	}
+	if err := parentHeaders(tw, dir, from, wheel); err != nil {
+		return err
+	}
+	from[dir] = ""
+	return dirHeader(tw, dir)
+}
+
+// dirHeader writes one directory, readable by everyone.
+func dirHeader(tw *tar.Writer, name string) error {
+	return tw.WriteHeader(&tar.Header{Name: name + "/", Typeflag: tar.TypeDir, Mode: 0o755, Format: tar.FormatPAX})
 }
 
 // writeFile writes one regular file, readable by everyone (the sandbox's user reads it), of

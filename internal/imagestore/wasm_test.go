@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/sandboxd/sandboxd/internal/imagestore/imagetest"
@@ -294,5 +295,23 @@ func TestStaleTmp(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(tmp); len(ents) != 0 {
 		t.Errorf("tmp after an import: %v", ents)
+	}
+}
+
+// TestWASMImportUmask: a WASM image's directories are readable by the sandbox's user whatever
+// the umask of the process that imports it (its wheels hold no directory entries of their own).
+func TestWASMImportUmask(t *testing.T) {
+	old := syscall.Umask(0o077)
+	defer syscall.Umask(old)
+	s := newStore(t)
+	im, err := s.Import(context.Background(), wheels(t), "team/umask:1", Options{Mode: ModeWASM})
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := s.RootFS(im.Digest)
+	for _, rel := range []string{"thepkg", "thepkg/sub", "thepkg-1.0.dist-info", "other-2.0.dist-info"} {
+		if st, err := os.Lstat(filepath.Join(root, rel)); err != nil || st.Mode() != 0o755|os.ModeDir {
+			t.Errorf("%s: %v, %v; want drwxr-xr-x", rel, st.Mode(), err)
+		}
 	}
 }

@@ -90,6 +90,33 @@ func AgentRefusal(typ string, status int, message string) []byte {
 	return b
 }
 
+// AgentLocalAnswer is the in-sandbox side's rule for request n (counted from 1) of a run, line
+// (without its newline): the answer it gives without the host — to a request past
+// MaxAgentForwards (429, AgentOverLimit) or one that is not JSON (400) — or forward: the line
+// goes to the host.
+func AgentLocalAnswer(n int, line []byte) (ans []byte, forward bool) {
+	switch {
+	case n > MaxAgentForwards:
+		return AgentRefusal(AgentCallError, 429, AgentOverLimit), false
+	case !json.Valid(line):
+		return AgentRefusal(AgentCallError, 400, "the request is not JSON"), false
+	}
+	return nil, true
+}
+
+// AgentTooLong is the answer to a request line over MaxAgentRequest; the side then closes the
+// channel (its framing is lost).
+func AgentTooLong() []byte {
+	return AgentRefusal(AgentCallError, 413, fmt.Sprintf("a request over %d bytes: the agent channel is closed", MaxAgentRequest))
+}
+
+// AgentOutOfTurn is the answer to a request written while the answers to earlier ones lie unread
+// past a bound (one at a time: see above); the side then closes the channel. A side whose
+// transport holds the run's writes until it reads (container mode's socket) never needs it.
+func AgentOutOfTurn() []byte {
+	return AgentRefusal(AgentCallError, 429, "requests written without reading their answers: the agent channel is closed")
+}
+
 // AgentCall is a run's request on the agent channel, validated: agent.run(task, **args) or
 // agent.call(tool, **args).
 type AgentCall struct {

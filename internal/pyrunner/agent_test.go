@@ -43,3 +43,31 @@ func TestParseAgentCall(t *testing.T) {
 		}
 	}
 }
+
+// TestAgentLocalAnswer: the in-sandbox side's own answers, shared by both drivers.
+func TestAgentLocalAnswer(t *testing.T) {
+	tests := []struct {
+		n       int
+		line    string
+		forward bool
+		status  string
+	}{
+		{1, `{"method": "run", "task": "x"}`, true, ""},
+		{MaxAgentForwards, `{}`, true, ""}, // the host validates and refuses
+		{1, `not json`, false, `"status":400`},
+		{1, ``, false, `"status":400`},
+		{MaxAgentForwards + 1, `{"method": "run", "task": "x"}`, false, `"status":429`},
+		{MaxAgentForwards + 1, `not json`, false, `"status":429`},
+	}
+	for _, tt := range tests {
+		ans, forward := AgentLocalAnswer(tt.n, []byte(tt.line))
+		if forward != tt.forward || !strings.Contains(string(ans), tt.status) || (forward && ans != nil) {
+			t.Errorf("request %d %q: answer %s, forward %v", tt.n, tt.line, ans, forward)
+		}
+	}
+	for _, ans := range [][]byte{AgentTooLong(), AgentOutOfTurn()} {
+		if !strings.Contains(string(ans), "the agent channel is closed") {
+			t.Errorf("%s: does not say the channel is closed", ans)
+		}
+	}
+}

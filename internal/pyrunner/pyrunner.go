@@ -45,6 +45,22 @@ func EmptyDir(dir string) error {
 	return errors.Join(append(errs, err)...)
 }
 
+// ContextDirName is the name, in /tmp, of WASM code context name's working directory (kept over
+// restarts of its interpreter, removed when the context is deleted).
+func ContextDirName(name string) string { return ".context-" + name }
+
+// RemoveContextDir removes code context name's working directory from tmp, the sandbox's /tmp: a
+// directory sandbox code writes, so the name is resolved beneath it with os.Root (no link
+// followed). The WASM worker removes it, or the host when the sandbox has no worker.
+func RemoveContextDir(tmp, name string) error {
+	root, err := os.OpenRoot(tmp)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	return root.RemoveAll(ContextDirName(name))
+}
+
 // Source is the text of runner.py.
 //
 //go:embed runner.py

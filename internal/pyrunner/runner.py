@@ -450,6 +450,11 @@ def _sandbox_agent(chan, imp):
         if len(parts) == 3:
             info = tuple(parts)
     except OSError:
+        if fd >= 0:
+            try:
+                os.close(fd)  # a context's interpreter lives on: no descriptor left per run
+            except OSError:
+                pass
         fd = -1
 
     AgentCallError, AgentNotConfigured = _agent_errors()

@@ -115,6 +115,12 @@ func testAgentCalls(t *testing.T, h Harness, d driver.Driver) {
 			code: channelFD + "import os\nb = b'x' * ((1 << 20) + 10)\nwhile b: b = b[os.write(CH, b):]\nans = os.read(CH, 1000).decode()\n" +
 				"try:\n    agent.run('after')\nexcept AgentCallError as e:\n    result = [ans.count('413'), str(e).startswith('the agent channel')]",
 			result: `[1, true]`},
+		{name: "a flood of lines without reading", // what waits to be read stays bounded (one at a time)
+			code: channelFD + "import os\ntry:\n    os.set_blocking(CH, False)\nexcept Exception:\n    pass\nsent = 0\n" +
+				"for i in range(16):\n    try:\n        sent += os.write(CH, b'\\n' * (1 << 20))\n    except OSError:\n        break\n" +
+				"got = 0\nwhile got < (64 << 20):\n    try:\n        c = os.read(CH, 1 << 16)\n    except OSError:\n        break\n" +
+				"    if not c:\n        break\n    got += len(c)\nresult = [sent > 0, got > 0, got < (64 << 20)]",
+			result: `[true, true, true]`},
 		{name: "the code cannot forge an answer", calls: 1,
 			code: channelFD + "import os\nos.write(CH, b'{\"ok\": true, \"result\": \"spoof\"}\\n')\n" +
 				"try:\n    result = agent.run('x')\nexcept AgentCallError:\n    result = 'refused'",

@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
+	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
 // Code contexts (driver.Contexter). A context is a long-lived instance in the sandbox's worker
@@ -78,12 +78,7 @@ func (d *Driver) DeleteContext(ctx context.Context, id, name string) error {
 	// No worker: no instance; the directory is removed from the host side.
 	for _, m := range b.cfg.Mounts {
 		if m.Path == tmpPath && !m.Empty {
-			root, err := os.OpenRoot(m.HostDir)
-			if err != nil {
-				return fmt.Errorf("delete context in sandbox %s: %w", id, err)
-			}
-			defer root.Close()
-			if err := root.RemoveAll(".context-" + name); err != nil {
+			if err := pyrunner.RemoveContextDir(m.HostDir, name); err != nil {
 				return fmt.Errorf("delete context in sandbox %s: %w", id, err)
 			}
 		}

@@ -121,3 +121,40 @@ func attainable(t *testing.T, d *Driver, id string) int {
 	}
 	return got
 }
+
+// TestContextAgentAfterItsRun: code that ends its context run early (it closes the loop's
+// "status", found through its frames) and goes on has no agent channel left: its calls are
+// refused, not served as the next run's (with that run's OnAgentCall), and the worker lives on.
+func TestContextAgentAfterItsRun(t *testing.T) {
+	d, id, _ := pySandbox(t)
+	ctx := context.Background()
+	if err := d.CreateContext(ctx, id, "c"); err != nil {
+		t.Fatal(err)
+	}
+	const early = "import os, sys\nf = sys._getframe()\nwhile f is not None and 'st_fd' not in f.f_locals:\n    f = f.f_back\n" +
+		"os.write(f.f_locals['st_fd'], b'0')\nos.close(f.f_locals['st_fd'])\n" +
+		"try:\n    agent.run('late')\n    late = 'served'\nexcept AgentCallError as e:\n    late = 'refused: ' + str(e)\n"
+	var eps []*drivertest.AgentEndpoint
+	var results []string
+	for _, code := range []string{early, "result = [late, agent.run('next')['echo']]"} {
+		ep := &drivertest.AgentEndpoint{}
+		eps = append(eps, ep)
+		res, err := d.Exec(ctx, id, driver.ExecRequest{Code: code, Timeout: time.Minute, MaxOutput: 1 << 20, Context: "c",
+			Agent: driver.AgentInfo{AgentID: "a"}, OnAgentCall: ep.Handle})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Status != driver.StatusCompleted || res.ContextLost != "" || res.ContextRestarted != "" {
+			t.Fatalf("status %s, lost %q, restarted %q, stderr %q", res.Status, res.ContextLost, res.ContextRestarted, tail(res.Stderr, 300))
+		}
+		results = append(results, string(res.Result))
+	}
+	var got []string
+	if err := json.Unmarshal([]byte(results[1]), &got); err != nil || len(got) != 2 ||
+		!strings.HasPrefix(got[0], "refused: ") || got[1] != "next" {
+		t.Errorf("the next run's result %s: want the late call refused, the next run's own served", results[1])
+	}
+	if n0, n1 := len(eps[0].Calls()), len(eps[1].Calls()); n0 != 0 || n1 != 1 {
+		t.Errorf("calls reaching the first run's OnAgentCall %d, the next's %d: want 0 and 1", n0, n1)
+	}
+}

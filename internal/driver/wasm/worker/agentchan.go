@@ -2,8 +2,6 @@ package worker
 
 import (
 	"bytes"
-	"encoding/json"
-	"fmt"
 	"io/fs"
 	"sync"
 
@@ -14,14 +12,20 @@ import (
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
+// maxUnread bounds the answers a guest may leave unread and still send a request (the runner
+// reads each answer before its next request).
+const maxUnread = 64 << 10
+
 // agentChan is a run's agent channel (package pyrunner, agent.go), the file pyrunner.AgentFile of
 // its private directory: the guest reads the hello, then writes request lines; each complete line
 // is answered before the write returns — by the host (forward: a FrameCall, then the wait for its
-// FrameAnswer), or by the channel itself when the line is not JSON or past
-// pyrunner.MaxAgentForwards — and the answer waits for the guest to read it. A line over
-// pyrunner.MaxAgentRequest is answered with an error and ends the channel (writes then fail with
-// EIO). Reads never wait: with nothing to read they return end of file. The guest is one thread,
-// so one request is in flight at a time.
+// FrameAnswer), or by the channel itself (pyrunner.AgentLocalAnswer) — and the answer waits for
+// the guest to read it. A line over pyrunner.MaxAgentRequest is refused and ends the channel; so
+// does a line that completes while more than maxUnread bytes of answers wait to be read — a flood
+// of lines never read — (pyrunner.AgentOutOfTurn): what waits is at most maxUnread, one answer and
+// a refusal, whatever the guest writes (container mode's socket buffer bounds it there). The
+// run's end (end) ends the channel too. An ended channel fails writes with EIO. Reads never
+// wait: with nothing to read they return end of file.
 type agentChan struct {
 	forward func(line []byte) []byte // nil: the calls are not served
 
@@ -57,40 +61,68 @@ func (c *agentChan) write(p []byte) (int, experimentalsys.Errno) {
 		if i < 0 {
 			break
 		}
-		line := c.in[:i]
-		c.in = c.in[i+1:]
-		if i > pyrunner.MaxAgentRequest {
-			c.tooLong()
+		switch {
+		case i > pyrunner.MaxAgentRequest:
+			c.refuse(pyrunner.AgentTooLong())
+			return len(p), 0
+		case len(c.out) > maxUnread:
+			c.refuse(pyrunner.AgentOutOfTurn())
 			return len(p), 0
 		}
-		ans := c.answer(line)
-		c.out = append(append(c.out, ans...), '\n')
+		line := c.in[:i]
+		c.in = c.in[i+1:]
+		c.out = append(append(c.out, c.answer(line)...), '\n')
 	}
 	if len(c.in) > pyrunner.MaxAgentRequest {
-		c.tooLong()
+		c.refuse(pyrunner.AgentTooLong())
 	}
 	return len(p), 0
 }
 
-// tooLong answers a request over the limit and ends the channel (c.mu held).
-func (c *agentChan) tooLong() {
+// refuse answers with ans and ends the channel (c.mu held).
+func (c *agentChan) refuse(ans []byte) {
 	c.in, c.closed = nil, true
-	c.out = append(append(c.out, pyrunner.AgentRefusal(pyrunner.AgentCallError, 413,
-		fmt.Sprintf("a request over %d bytes: the agent channel is closed", pyrunner.MaxAgentRequest))...), '\n')
+	c.out = append(append(c.out, ans...), '\n')
+}
+
+// end ends the channel at its run's end: a context's instance, whose code may go on after its
+// run (a thread, or code that ended the run early), has no way left to the host's calls.
+func (c *agentChan) end() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.in, c.closed = nil, true
 }
 
 // answer answers one request line (c.mu held: the guest waits in its write meanwhile).
 func (c *agentChan) answer(line []byte) []byte {
 	c.calls++
-	switch {
-	case c.calls > pyrunner.MaxAgentForwards:
-		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 429, pyrunner.AgentOverLimit)
-	case !json.Valid(line):
-		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 400, "the request is not JSON")
-	case c.forward == nil:
+	if ans, forward := pyrunner.AgentLocalAnswer(c.calls, line); !forward {
+		return ans
+	}
+	if c.forward == nil {
 		return pyrunner.AgentRefusal(pyrunner.AgentCallError, 0, "agent calls are not served to this run")
 	}
 	return c.forward(bytes.Clone(line))
+}
+
+// runAgentChan returns the agent channel of the run about to start, whose requests go to the
+// host (forwardCall) while it is the running run's: endAgentChan ends it with the run.
+func (w *worker) runAgentChan(info pyrunner.AgentInfo) *agentChan {
+	c := newAgentChan(info, nil)
+	c.forward = func(line []byte) []byte {
+		if w.serving.Load() != c {
+			return pyrunner.AgentRefusal(pyrunner.AgentCallError, 0, "the run of this agent channel is over")
+		}
+		return w.forwardCall(line)
+	}
+	w.serving.Store(c)
+	return c
+}
+
+// endAgentChan ends run channel c at its run's end.
+func (w *worker) endAgentChan(c *agentChan) {
+	w.serving.CompareAndSwap(c, nil)
+	c.end()
 }
 
 // forwardCall sends a request to the host and waits for its answer (see protocol, "Agent calls").

@@ -39,6 +39,9 @@ del f
 exec(_r)
 `
 
+// errStuck is an instance the worker could not end: the worker ends instead.
+var errStuck = errors.New("an instance is stuck")
+
 // maxStatus bounds what a context's loop writes to "status" (an exit status in decimal).
 const maxStatus = 32
 
@@ -124,10 +127,8 @@ func (o *switchWriter) set(s *stream) {
 // first): a directory of its own in /tmp (kept over restarts of its interpreter, removed when it
 // is deleted), else the fresh runs' (emptied after every run), else /tmp.
 func contextWorkDirs(name string) []string {
-	return []string{"/tmp/" + contextDirName(name), pyrunner.WorkDir, "/tmp"}
+	return []string{"/tmp/" + pyrunner.ContextDirName(name), pyrunner.WorkDir, "/tmp"}
 }
-
-func contextDirName(name string) string { return ".context-" + name }
 
 // contextOp serves a protocol.ContextOp.
 func (w *worker) contextOp(p []byte) error {
@@ -181,8 +182,9 @@ func (w *worker) startContext(name string, timeout time.Duration) (*codeContext,
 		c.inst.alloc.release()
 		return nil, fmt.Errorf("the context's interpreter ended as it started: %s", ended(c.inst))
 	case <-expired:
-		// Its goroutine cannot be stopped: the host kills the worker on this error.
-		return nil, fmt.Errorf("the context's interpreter did not start within %v", timeout)
+		// Its goroutine cannot be stopped, nor its memory released: the worker ends on this error
+		// (runWorker), and the host, finding it gone, resets the sandbox's contexts.
+		return nil, fmt.Errorf("%w: the context's interpreter did not start within %v", errStuck, timeout)
 	}
 }
 
@@ -219,15 +221,9 @@ func (w *worker) deleteContext(name string) {
 	}
 	for _, m := range w.mounts {
 		if m.path == "/tmp" && m.fs != nil {
-			root, err := os.OpenRoot(procFD(m.fs.root))
-			if err != nil {
-				fmt.Fprintf(os.Stderr, "wasm-worker: removing a context's directory: %v\n", err)
-				return
-			}
-			if err := root.RemoveAll(contextDirName(name)); err != nil {
+			if err := pyrunner.RemoveContextDir(procFD(m.fs.root), name); err != nil {
 				fmt.Fprintf(os.Stderr, "wasm-worker: removing a context's directory: %v\n", err)
 			}
-			root.Close()
 		}
 	}
 }
@@ -274,7 +270,9 @@ func (w *worker) runContext(m protocol.Run, maxOut int) (protocol.Exit, *instanc
 	}
 	rd.mu.Unlock()
 	from := time.Now()
-	rd.deliver(runHeader(maxOut, m.Env), []byte(m.Code), newAgentChan(m.Agent, w.forwardCall))
+	agent := w.runAgentChan(m.Agent)
+	defer w.endAgentChan(agent) // the code may go on after its run: not its calls
+	rd.deliver(runHeader(maxOut, m.Env), []byte(m.Code), agent)
 	select {
 	case st := <-status:
 		ex.DurationNS = time.Since(from).Nanoseconds()

@@ -80,6 +80,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -187,8 +188,9 @@ type worker struct {
 	contexts   map[string]*codeContext
 	env        []string // a standby's environment (protocol.Config.Env)
 	mounts     []workerMount
-	standby    *instance   // the next run's instance, started and waiting (nil: none)
-	answers    chan []byte // the host's answers to the running run's agent calls (FrameAnswer)
+	standby    *instance                 // the next run's instance, started and waiting (nil: none)
+	answers    chan []byte               // the host's answers to the running run's agent calls (FrameAnswer)
+	serving    atomic.Pointer[agentChan] // the running run's agent channel (nil: no run)
 }
 
 type workerOptions struct {
@@ -295,6 +297,9 @@ func runWorker(o workerOptions) error {
 			}
 			var rep protocol.Reply
 			if err := w.contextOp(f.p); err != nil {
+				if errors.Is(err, errStuck) {
+					return err
+				}
 				rep.Error = err.Error()
 			}
 			if err := w.fw.SendJSON(protocol.FrameContextDone, rep); err != nil {
@@ -768,8 +773,10 @@ func (w *worker) run(m protocol.Run) (protocol.Exit, *instance) {
 		}
 		from := time.Now()
 		inst.maxOutput = maxOut
-		inst.rd.deliver(header, []byte(m.Code), newAgentChan(m.Agent, w.forwardCall))
+		agent := w.runAgentChan(m.Agent)
+		inst.rd.deliver(header, []byte(m.Code), agent)
 		<-inst.done
+		w.endAgentChan(agent)
 		if warm && !inst.rd.took() {
 			// The standby ended before it took the run (it failed to start): what it printed is
 			// not the run's; the run gets a fresh instance.
