@@ -2,6 +2,7 @@ package mcpserver_test
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -40,7 +41,12 @@ func TestToolErrors(t *testing.T) {
 		{"no key", &client.Client{BaseURL: busy.URL}, "no API key: start `sandboxd mcp` with --key or SANDBOXD_API_KEY set"},
 		{"busy", &client.Client{BaseURL: busy.URL, APIKey: "k"}, "rate_limited: too many requests for this API key: slow down (retry in 7s)"},
 		{"proxy", &client.Client{BaseURL: proxy.URL, APIKey: "k"}, "http_502: upstream gone"},
-		{"panic", nil, "internal error in tool get_sandbox: "},
+		{"panic", nil, "internal error in tool get_sandbox"},
+		// /mcp's in-process transport: a handler that panicked is no server to look for (--url)
+		{"in-process panic", &client.Client{BaseURL: "http://sandboxd", APIKey: "k", HTTPClient: &http.Client{Transport: roundTripFunc(
+			func(r *http.Request) (*http.Response, error) {
+				return nil, fmt.Errorf("in-process %s %s: %w", r.Method, r.URL.Path, mcpserver.ErrInternal)
+			})}}, "internal error"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			srv := mcpserver.New(func(context.Context, *mcp.CallToolRequest) (*client.Client, error) {
@@ -65,9 +71,14 @@ func TestToolErrors(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !res.IsError || !strings.HasPrefix(mcpserver.Text(res), c.want) {
+			if text := mcpserver.Text(res); !res.IsError || !strings.HasPrefix(text, c.want) ||
+				(strings.HasPrefix(c.name, "panic") || strings.HasPrefix(c.name, "in-process")) && text != c.want {
 				t.Errorf("isError %v, %q; want it to start %q", res.IsError, mcpserver.Text(res), c.want)
 			}
 		})
 	}
 }
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
