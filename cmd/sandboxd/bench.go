@@ -32,6 +32,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver/container"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm"
 	"github.com/sandboxd/sandboxd/internal/mountns"
+	"github.com/sandboxd/sandboxd/internal/procstatus"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 )
 
@@ -440,7 +441,7 @@ func idleProcessRSS() (int64, error) {
 			return 0, errors.New("idle sandboxd process: not reading its stdin after 10 s")
 		}
 	}
-	return kBField(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid), "VmRSS")
+	return procstatus.RSS(cmd.Process.Pid)
 }
 
 // benchPins reports what the egress gateway's pinning of a DNS answer in the host's rules costs
@@ -675,23 +676,8 @@ func isolationFigures(dataDir string) (diskBytes float64, ranges struct{ distinc
 
 // memAvailable is the host's MemAvailable in bytes.
 func memAvailable() int64 {
-	v, _ := kBField("/proc/meminfo", "MemAvailable")
+	v, _ := procstatus.Bytes("/proc/meminfo", "MemAvailable")
 	return v
-}
-
-// kBField reads a figure in kB of a /proc file of "Name: N kB" lines, in bytes.
-func kBField(file, name string) (int64, error) {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return 0, err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, name+":"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return kb << 10, err
-		}
-	}
-	return 0, fmt.Errorf("no %s in %s", name, file)
 }
 
 // sandboxPSS sums the proportional set size of every process in a sandbox cgroup, in bytes.
