@@ -323,7 +323,7 @@ func benchWasm(ctx context.Context, c *benchClient, rep *report, tmp, image stri
 	}
 	wd, ok := drvAny.(*wasm.Driver)
 	if !ok {
-		return errors.New("bench: the wasm driver has no baseline measurement")
+		return fmt.Errorf("bench: the driver registered as \"wasm\" is a %T, not the wasm driver (its Baseline is what this bench times)", drvAny)
 	}
 	wasmCfg := map[string]any{"network": map[string]any{"block_outbound": true}}
 	create := func() (string, error) {

@@ -287,6 +287,7 @@ func TestMCPHostileArguments(t *testing.T) {
 		{"write_file", map[string]any{"sandbox_id": id, "path": "/out/a\x00b", "content": "x"}, "path_not_allowed: "},
 		{"list_files", map[string]any{"sandbox_id": id, "path": "/"}, "path_not_allowed: "},
 		{"list_sandboxes", map[string]any{"limit": 501}, "invalid_request: limit"},
+		{"delete_context", map[string]any{"sandbox_id": id, "context_id": ""}, "invalid_request: context_id is required"},
 		{"delete_sandbox", map[string]any{"sandbox_id": "sbx_nope"}, "not_found: "},
 		{"no_such_tool", map[string]any{}, ""},
 	}

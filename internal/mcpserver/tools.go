@@ -169,7 +169,7 @@ func deleteContext(ctx context.Context, c *client.Client, in ContextInput) (*mcp
 		return nil, api.CodeContext{}, errNoSandboxID
 	}
 	if in.ContextID == "" {
-		return nil, api.CodeContext{}, errors.New("context_id is required")
+		return nil, api.CodeContext{}, errors.New("invalid_request: context_id is required")
 	}
 	if err := c.DeleteContext(ctx, in.SandboxID, in.ContextID); err != nil {
 		return nil, api.CodeContext{}, err
