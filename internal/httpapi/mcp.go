@@ -63,6 +63,9 @@ func newMCPHandler(version string, log *slog.Logger) http.Handler {
 		// carries an API key a rebinding page cannot know, and a reverse proxy on the same host
 		// forwards its own Host name: the check would refuse it and protect nothing.
 		DisableLocalhostProtection: true,
+		// A tool call ends with its HTTP request (protocol versions where the POST is the whole
+		// call): its API calls stop, and create_sandbox deletes a sandbox it made (abandon).
+		PropagateRequestCancellation: true,
 	})
 }
 

@@ -3,6 +3,7 @@ package mcpserver_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -54,7 +55,7 @@ func TestToolErrors(t *testing.T) {
 					panic("no client")
 				}
 				return c.client, nil
-			}, mcpserver.Options{})
+			}, mcpserver.Options{Logger: slog.New(slog.DiscardHandler)})
 			st, ct := mcp.NewInMemoryTransports()
 			ctx := context.Background()
 			ss, err := srv.Connect(ctx, st, nil)
@@ -82,3 +83,72 @@ func TestToolErrors(t *testing.T) {
 type roundTripFunc func(*http.Request) (*http.Response, error)
 
 func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestCreateSandboxAbandoned: a sandbox created but not seen ready for a reason other than its
+// failure is deleted (the caller never learns its id); when that delete fails the result names
+// it; a failed or destroyed one is left to its record.
+func TestCreateSandboxAbandoned(t *testing.T) {
+	for _, c := range []struct {
+		name        string
+		get, delete int    // the API's statuses for GET and DELETE of the sandbox
+		getBody     string // with 200
+		want        string // the tool's text
+		deleted     bool
+	}{
+		{"the wait failed", 503, 204, "", "unavailable: try later", true},
+		{"the delete failed too", 503, 503, "",
+			"unavailable: try later; sandbox sbx_1 was created and could not be deleted (unavailable: try later): delete it with delete_sandbox", true},
+		{"provisioning failed", 200, 204, `{"sandbox_id": "sbx_1", "status": "error"}`, "provisioning_failed: provisioning failed", false},
+		{"destroyed meanwhile", 200, 204, `{"sandbox_id": "sbx_1", "status": "destroyed"}`, "sandbox_destroyed: ", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			deletes := make(chan string, 2)
+			api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				status, body := 0, ""
+				switch {
+				case r.Method == "POST" && r.URL.Path == "/api/sandbox/create":
+					status, body = 202, `{"sandbox_id": "sbx_1", "status": "provisioning"}`
+				case r.Method == "GET" && r.URL.Path == "/api/sandbox/sbx_1":
+					status, body = c.get, c.getBody
+				case r.Method == "DELETE" && r.URL.Path == "/api/sandbox/sbx_1":
+					deletes <- r.URL.Path
+					status = c.delete
+				default:
+					status = 404
+				}
+				if status >= 400 {
+					body = fmt.Sprintf(`{"error": "unavailable", "message": "try later", "code": %d}`, status)
+				}
+				w.WriteHeader(status)
+				_, _ = w.Write([]byte(body))
+			}))
+			defer api.Close()
+			srv := mcpserver.New(func(context.Context, *mcp.CallToolRequest) (*client.Client, error) {
+				return &client.Client{BaseURL: api.URL, APIKey: "k"}, nil
+			}, mcpserver.Options{})
+			st, ct := mcp.NewInMemoryTransports()
+			ctx := context.Background()
+			ss, err := srv.Connect(ctx, st, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ss.Close()
+			cs, err := mcp.NewClient(&mcp.Implementation{Name: "t", Version: "1"}, nil).Connect(ctx, ct, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cs.Close()
+			res, err := cs.CallTool(ctx, &mcp.CallToolParams{Name: "create_sandbox", Arguments: map[string]any{"agent_id": "a"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if text := mcpserver.Text(res); !res.IsError || !strings.HasPrefix(text, c.want) {
+				t.Errorf("isError %v, %q; want it to start %q", res.IsError, text, c.want)
+			}
+			if got := len(deletes) > 0; got != c.deleted {
+				t.Errorf("deleted: %v, want %v", got, c.deleted)
+			}
+		})
+	}
+}
