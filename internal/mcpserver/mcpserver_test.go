@@ -50,28 +50,12 @@ func TestToolErrors(t *testing.T) {
 			})}}, "internal error"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			srv := mcpserver.New(func(context.Context, *mcp.CallToolRequest) (*client.Client, error) {
+			res := callInMemory(t, func(context.Context, *mcp.CallToolRequest) (*client.Client, error) {
 				if c.client == nil {
 					panic("no client")
 				}
 				return c.client, nil
-			}, mcpserver.Options{Logger: slog.New(slog.DiscardHandler)})
-			st, ct := mcp.NewInMemoryTransports()
-			ctx := context.Background()
-			ss, err := srv.Connect(ctx, st, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ss.Close()
-			cs, err := mcp.NewClient(&mcp.Implementation{Name: "t", Version: "1"}, nil).Connect(ctx, ct, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer cs.Close()
-			res, err := cs.CallTool(ctx, &mcp.CallToolParams{Name: "get_sandbox", Arguments: map[string]any{"sandbox_id": "sbx_1"}})
-			if err != nil {
-				t.Fatal(err)
-			}
+			}, "get_sandbox", map[string]any{"sandbox_id": "sbx_1"})
 			if text := mcpserver.Text(res); !res.IsError || !strings.HasPrefix(text, c.want) ||
 				(strings.HasPrefix(c.name, "panic") || strings.HasPrefix(c.name, "in-process")) && text != c.want {
 				t.Errorf("isError %v, %q; want it to start %q", res.IsError, mcpserver.Text(res), c.want)
@@ -124,25 +108,9 @@ func TestCreateSandboxAbandoned(t *testing.T) {
 				_, _ = w.Write([]byte(body))
 			}))
 			defer api.Close()
-			srv := mcpserver.New(func(context.Context, *mcp.CallToolRequest) (*client.Client, error) {
+			res := callInMemory(t, func(context.Context, *mcp.CallToolRequest) (*client.Client, error) {
 				return &client.Client{BaseURL: api.URL, APIKey: "k"}, nil
-			}, mcpserver.Options{})
-			st, ct := mcp.NewInMemoryTransports()
-			ctx := context.Background()
-			ss, err := srv.Connect(ctx, st, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ss.Close()
-			cs, err := mcp.NewClient(&mcp.Implementation{Name: "t", Version: "1"}, nil).Connect(ctx, ct, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer cs.Close()
-			res, err := cs.CallTool(ctx, &mcp.CallToolParams{Name: "create_sandbox", Arguments: map[string]any{"agent_id": "a"}})
-			if err != nil {
-				t.Fatal(err)
-			}
+			}, "create_sandbox", map[string]any{"agent_id": "a"})
 			if text := mcpserver.Text(res); !res.IsError || !strings.HasPrefix(text, c.want) {
 				t.Errorf("isError %v, %q; want it to start %q", res.IsError, text, c.want)
 			}
@@ -151,4 +119,28 @@ func TestCreateSandboxAbandoned(t *testing.T) {
 			}
 		})
 	}
+}
+
+// callInMemory calls tool on a server whose tools use the client clientFor returns, connected to
+// the SDK's client in memory (as `sandboxd mcp` is, over stdio); a panic is logged nowhere.
+func callInMemory(t *testing.T, clientFor mcpserver.ClientFunc, tool string, args map[string]any) *mcp.CallToolResult {
+	t.Helper()
+	srv := mcpserver.New(clientFor, mcpserver.Options{Logger: slog.New(slog.DiscardHandler)})
+	st, ct := mcp.NewInMemoryTransports()
+	ctx := context.Background()
+	ss, err := srv.Connect(ctx, st, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ss.Close()
+	cs, err := mcp.NewClient(&mcp.Implementation{Name: "t", Version: "1"}, nil).Connect(ctx, ct, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cs.Close()
+	res, err := cs.CallTool(ctx, &mcp.CallToolParams{Name: tool, Arguments: args})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
 }
