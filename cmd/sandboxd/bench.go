@@ -25,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/client"
 	"github.com/sandboxd/sandboxd/internal/cgroup"
 	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/disk"
@@ -32,6 +33,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver/container"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm"
 	"github.com/sandboxd/sandboxd/internal/mountns"
+	"github.com/sandboxd/sandboxd/internal/procstatus"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 )
 
@@ -101,7 +103,7 @@ func bench(args []string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	c := &benchClient{url: "http://" + d.ln.Addr().String(), key: key}
+	c := newBenchClient("http://"+d.ln.Addr().String(), key)
 	rootfs := cfg.Images[0].RootFS
 	rep := &report{Date: time.Now().UTC().Format(time.RFC3339), CPUs: runtime.NumCPU(), Runtime: floorDrv.Runtime(), Samples: *n}
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
@@ -322,7 +324,7 @@ func benchWasm(ctx context.Context, c *benchClient, rep *report, tmp, image stri
 	}
 	wd, ok := drvAny.(*wasm.Driver)
 	if !ok {
-		return errors.New("bench: the wasm driver has no baseline measurement")
+		return fmt.Errorf("bench: the driver registered as \"wasm\" is a %T, not the wasm driver (its Baseline is what this bench times)", drvAny)
 	}
 	wasmCfg := map[string]any{"network": map[string]any{"block_outbound": true}}
 	create := func() (string, error) {
@@ -440,7 +442,7 @@ func idleProcessRSS() (int64, error) {
 			return 0, errors.New("idle sandboxd process: not reading its stdin after 10 s")
 		}
 	}
-	return kBField(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid), "VmRSS")
+	return procstatus.RSS(cmd.Process.Pid)
 }
 
 // benchPins reports what the egress gateway's pinning of a DNS answer in the host's rules costs
@@ -675,23 +677,8 @@ func isolationFigures(dataDir string) (diskBytes float64, ranges struct{ distinc
 
 // memAvailable is the host's MemAvailable in bytes.
 func memAvailable() int64 {
-	v, _ := kBField("/proc/meminfo", "MemAvailable")
+	v, _ := procstatus.Bytes("/proc/meminfo", "MemAvailable")
 	return v
-}
-
-// kBField reads a figure in kB of a /proc file of "Name: N kB" lines, in bytes.
-func kBField(file, name string) (int64, error) {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return 0, err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, name+":"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return kb << 10, err
-		}
-	}
-	return 0, fmt.Errorf("no %s in %s", name, file)
 }
 
 // sandboxPSS sums the proportional set size of every process in a sandbox cgroup, in bytes.
@@ -808,7 +795,16 @@ func pct(d []time.Duration, p int) time.Duration {
 	return s[max(i-1, 0)]
 }
 
-type benchClient struct{ url, key string }
+// benchClient makes the bench's API calls: the timed ones with do (nothing but the request), the
+// others with cl, the API's Go client.
+type benchClient struct {
+	url, key string
+	cl       *client.Client
+}
+
+func newBenchClient(url, key string) *benchClient {
+	return &benchClient{url: url, key: key, cl: &client.Client{BaseURL: url, APIKey: key, HTTPClient: benchHTTP, UserAgent: "sandboxd-bench"}}
+}
 
 // benchHTTP keeps a connection per concurrent client (the default keeps 2 idle per host).
 var benchHTTP = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
@@ -861,9 +857,11 @@ func (c *benchClient) runIn(id, ctx string) (time.Duration, error) {
 
 // createContext makes a code context in sandbox id.
 func (c *benchClient) createContext(id string) (string, error) {
-	var r api.CodeContext
-	err := c.do("POST", "/api/sandbox/"+id+"/contexts", nil, &r)
-	return r.ContextID, err
+	cc, err := c.cl.CreateContext(context.Background(), id)
+	if err != nil {
+		return "", err
+	}
+	return cc.ContextID, nil
 }
 
 // runCode runs code synchronously in sandbox id and times the request; the run must complete and

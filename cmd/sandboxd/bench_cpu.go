@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -134,8 +135,9 @@ func selfCPU() time.Duration {
 // runResult runs code synchronously in sandbox id; the run must complete, and its result is
 // decoded into out.
 func (c *benchClient) runResult(id, code string, out any) error {
-	var r api.Run
-	if err := c.do("POST", "/api/sandbox/"+id+"/run", map[string]any{"code": code, "timeout": 120}, &r); err != nil {
+	timeout := 120
+	r, err := c.cl.Run(context.Background(), id, api.RunRequest{Code: &code, Timeout: &timeout})
+	if err != nil {
 		return err
 	}
 	if r.Status != "completed" {

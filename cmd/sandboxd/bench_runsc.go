@@ -60,17 +60,20 @@ func benchRuntimes(ctx context.Context, rep *report, tmp, rootfs, agentBin, runs
 			if err == nil {
 				err = r.d.Warm(ctx, id)
 			}
-			if err != nil {
-				return fmt.Errorf("bench %s: %w", r.d.Runtime(), err)
+			var el time.Duration
+			if err == nil {
+				r.create = append(r.create, time.Since(t0))
+				t0 = time.Now()
+				var res driver.ExecResult
+				res, err = r.d.Exec(ctx, id, driver.ExecRequest{Code: "print(1)", Timeout: 30 * time.Second, MaxOutput: 1 << 10})
+				el = time.Since(t0)
+				if err == nil && string(res.Stdout) != "1\n" {
+					err = fmt.Errorf("print(1) printed %q (%s)", res.Stdout, res.Status)
+				}
 			}
-			r.create = append(r.create, time.Since(t0))
-			t0 = time.Now()
-			res, err := r.d.Exec(ctx, id, driver.ExecRequest{Code: "print(1)", Timeout: 30 * time.Second, MaxOutput: 1 << 10})
-			el := time.Since(t0)
-			if err == nil && string(res.Stdout) != "1\n" {
-				err = fmt.Errorf("print(1) printed %q (%s)", res.Stdout, res.Status)
-			}
-			if derr := r.d.Destroy(ctx, id); err == nil {
+			// Destroyed whatever failed, a Warm or Exec cut by Ctrl-C (ctx) too: the sandbox's
+			// runtime root is in tmp, where no later start looks for leftovers.
+			if derr := r.d.Destroy(context.WithoutCancel(ctx), id); err == nil {
 				err = derr
 			}
 			if err != nil {

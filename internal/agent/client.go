@@ -11,7 +11,6 @@ import (
 	"net"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
@@ -60,8 +59,19 @@ func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Ev
 		return RunResult{}, runErr(ctx, fmt.Errorf("sending request: %w", err))
 	}
 
-	calls := newCallServer(ctx, conn, onCall)
-	defer calls.stop()
+	var wmu sync.Mutex // one answer line at a time on conn
+	var answer func(context.Context, []byte) []byte
+	if onCall != nil {
+		answer = func(ctx context.Context, line []byte) []byte { return onCall(ctx, line) }
+	}
+	calls := pyrunner.NewCallServer(ctx, answer, func(line []byte) {
+		// A failed write is the connection's end, which the event loop sees.
+		wmu.Lock()
+		defer wmu.Unlock()
+		conn.SetWriteDeadline(time.Now().Add(answerWriteTimeout))
+		conn.Write(append(line[:len(line):len(line)], '\n'))
+	})
+	defer calls.Stop()
 	br := bufio.NewReaderSize(conn, 64<<10)
 	for {
 		line, err := ReadLine(br, MaxEventLine)
@@ -81,7 +91,7 @@ func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Ev
 				onEvent(ev)
 			}
 		case "call":
-			calls.serve(ev.Call)
+			calls.Serve(ev.Call)
 		case "exit":
 			if ev.Result == nil {
 				return RunResult{}, errors.New("agent run: exit event without a result")
@@ -92,56 +102,8 @@ func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Ev
 	}
 }
 
-// callServer answers a run's agent calls on the connection, one at a time.
-type callServer struct {
-	ctx    context.Context
-	cancel context.CancelFunc
-	conn   net.Conn
-	onCall CallHandler
-	wmu    sync.Mutex // one answer line at a time on conn
-	busy   atomic.Bool
-	wg     sync.WaitGroup
-}
-
-func newCallServer(ctx context.Context, conn net.Conn, onCall CallHandler) *callServer {
-	cctx, cancel := context.WithCancel(ctx)
-	return &callServer{ctx: cctx, cancel: cancel, conn: conn, onCall: onCall}
-}
-
-// serve answers call: in a goroutine, or at once when it is refused.
-func (c *callServer) serve(call json.RawMessage) {
-	switch {
-	case c.onCall == nil:
-		c.answer(pyrunner.AgentRefusal(pyrunner.AgentCallError, 0, "agent calls are not served to this run"))
-	case !c.busy.CompareAndSwap(false, true):
-		c.answer(pyrunner.AgentRefusal(pyrunner.AgentCallError, 429, "one agent call at a time"))
-	default:
-		c.wg.Add(1)
-		go func() {
-			defer c.wg.Done()
-			ans := c.onCall(c.ctx, call)
-			c.busy.Store(false) // before the answer: the agent sends the next call once it has it
-			c.answer(ans)
-		}()
-	}
-}
-
-// answer writes one answer line; a failed write is the connection's end, which the event loop sees.
-func (c *callServer) answer(line []byte) {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.conn.SetWriteDeadline(time.Now().Add(answerWriteTimeout))
-	c.conn.Write(append(line[:len(line):len(line)], '\n'))
-}
-
 // answerWriteTimeout bounds the write of one answer (the agent reads the host's lines all the time).
 const answerWriteTimeout = 30 * time.Second
-
-// stop ends the call being answered (its ctx) and waits for it.
-func (c *callServer) stop() {
-	c.cancel()
-	c.wg.Wait()
-}
 
 // runErr prefers ctx's error: a closed connection is the expected effect of cancellation.
 func runErr(ctx context.Context, err error) error {

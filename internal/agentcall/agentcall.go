@@ -60,8 +60,9 @@ func (e Endpoint) Check() error {
 			return fmt.Errorf("header %q is sandboxd's to set", k)
 		}
 	}
+	// Under a second is allowed here (tests); the config file's timeouts are 1 s or more.
 	if e.Timeout < 0 || e.Timeout > MaxTimeout {
-		return fmt.Errorf("timeout %v: want 1 to %d seconds", e.Timeout, int(MaxTimeout/time.Second))
+		return fmt.Errorf("timeout %v: want at most %d seconds (0: the default, %v)", e.Timeout, int(MaxTimeout/time.Second), DefaultTimeout)
 	}
 	return nil
 }

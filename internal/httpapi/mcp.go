@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"runtime/debug"
 	"strconv"
 	"sync"
 
@@ -33,7 +34,7 @@ const MCPPath = "/mcp"
 // would be (validation, quotas, rate limits, audit, error messages).
 func (s *server) mcp(w http.ResponseWriter, r *http.Request, _ store.Account) error {
 	c := &client.Client{BaseURL: "http://sandboxd", APIKey: keyOf(r), UserAgent: "sandboxd-mcp",
-		HTTPClient: &http.Client{Transport: &inProcess{handler: s.api, remoteAddr: r.RemoteAddr}}}
+		HTTPClient: &http.Client{Transport: &inProcess{handler: s.api, remoteAddr: r.RemoteAddr, log: s.log}}}
 	s.mcpHandler.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), mcpClientKey{}, c)))
 	return nil
 }
@@ -52,7 +53,7 @@ func clientOf(ctx context.Context, _ *mcpsdk.CallToolRequest) (*client.Client, e
 // newMCPHandler returns the streamable HTTP handler of /mcp: one server for every request
 // (building one costs ~1.4 ms of CPU: the SDK re-encodes each tool's schemas).
 func newMCPHandler(version string, log *slog.Logger) http.Handler {
-	srv := mcpserver.New(clientOf, mcpserver.Options{Version: version})
+	srv := mcpserver.New(clientOf, mcpserver.Options{Version: version, Logger: log})
 	return mcpsdk.NewStreamableHTTPHandler(func(*http.Request) *mcpsdk.Server { return srv }, &mcpsdk.StreamableHTTPOptions{
 		Stateless:           true,
 		Logger:              log,
@@ -62,6 +63,9 @@ func newMCPHandler(version string, log *slog.Logger) http.Handler {
 		// carries an API key a rebinding page cannot know, and a reverse proxy on the same host
 		// forwards its own Host name: the check would refuse it and protect nothing.
 		DisableLocalhostProtection: true,
+		// A tool call ends with its HTTP request (protocol versions where the POST is the whole
+		// call): its API calls stop, and create_sandbox deletes a sandbox it made (abandon).
+		PropagateRequestCancellation: true,
 	})
 }
 
@@ -69,11 +73,13 @@ func newMCPHandler(version string, log *slog.Logger) http.Handler {
 // client's request becomes a server request (RemoteAddr: the MCP caller's), the handler runs in
 // a goroutine of its own, and the response streams back through a pipe as it is written, so a
 // reader that stops early (read_file's limit) stops the handler's writes. A handler that panics
-// ends the exchange with an error, as net/http's server would drop the connection; a caller that
+// ends the exchange with an error wrapping mcpserver.ErrInternal (its value and stack logged, not
+// passed on), as net/http's server would drop the connection; a caller that
 // gives up (its context) before the answer gets the context's error and the handler's writes fail.
 type inProcess struct {
 	handler    http.Handler
 	remoteAddr string
+	log        *slog.Logger
 }
 
 func (t *inProcess) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -93,7 +99,9 @@ func (t *inProcess) RoundTrip(req *http.Request) (*http.Response, error) {
 	go func() {
 		defer func() {
 			if p := recover(); p != nil {
-				err := fmt.Errorf("in-process %s %s: the handler panicked: %v", req.Method, req.URL.Path, p)
+				t.log.Error("in-process request: the handler panicked", "method", req.Method, "path", req.URL.Path,
+					"panic", p, "stack", string(debug.Stack()))
+				err := fmt.Errorf("in-process %s %s: %w", req.Method, req.URL.Path, mcpserver.ErrInternal)
 				pw.CloseWithError(err)
 				panicked <- err
 			} else {

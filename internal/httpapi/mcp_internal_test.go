@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/sandboxd/sandboxd/internal/mcpserver"
 )
 
 // TestInProcess: the transport of /mcp's tools hands a request to a handler in this process and
@@ -44,7 +47,7 @@ func TestInProcess(t *testing.T) {
 			stopped <- err
 		}
 	})
-	c := &http.Client{Transport: &inProcess{handler: h, remoteAddr: "192.0.2.1:1234"}}
+	c := &http.Client{Transport: &inProcess{handler: h, remoteAddr: "192.0.2.1:1234", log: slog.New(slog.DiscardHandler)}}
 	for _, tc := range []struct {
 		method, path, body string
 		status             int // 0: no answer
@@ -60,7 +63,7 @@ func TestInProcess(t *testing.T) {
 		req.Header.Set("X-AgentCop-Key", "k")
 		resp, err := c.Do(req)
 		if tc.status == 0 {
-			if err == nil || !strings.Contains(err.Error(), "the handler panicked: boom") {
+			if !errors.Is(err, mcpserver.ErrInternal) || strings.Contains(err.Error(), "boom") {
 				t.Errorf("%s: %v", tc.path, err)
 			}
 			continue
@@ -70,6 +73,9 @@ func TestInProcess(t *testing.T) {
 		}
 		b, err := io.ReadAll(resp.Body)
 		resp.Body.Close()
+		if tc.readErr && (!errors.Is(err, mcpserver.ErrInternal) || strings.Contains(err.Error(), "boom")) {
+			t.Errorf("%s: the read's error %v: want the fixed internal error", tc.path, err)
+		}
 		if resp.StatusCode != tc.status || string(b) != tc.want || (err != nil) != tc.readErr {
 			t.Errorf("%s %s: %d %q %v", tc.method, tc.path, resp.StatusCode, b, err)
 		}

@@ -287,6 +287,7 @@ func TestMCPHostileArguments(t *testing.T) {
 		{"write_file", map[string]any{"sandbox_id": id, "path": "/out/a\x00b", "content": "x"}, "path_not_allowed: "},
 		{"list_files", map[string]any{"sandbox_id": id, "path": "/"}, "path_not_allowed: "},
 		{"list_sandboxes", map[string]any{"limit": 501}, "invalid_request: limit"},
+		{"delete_context", map[string]any{"sandbox_id": id, "context_id": ""}, "invalid_request: context_id is required"},
 		{"delete_sandbox", map[string]any{"sandbox_id": "sbx_nope"}, "not_found: "},
 		{"no_such_tool", map[string]any{}, ""},
 	}
@@ -363,24 +364,27 @@ func TestMCPAuth(t *testing.T) {
 // TestMCPRateLimited: /mcp requests and the API calls its tools make count against the key's
 // rate limit, as REST requests do.
 func TestMCPRateLimited(t *testing.T) {
+	// Connecting costs 1 request; a tool call 2: its POST to /mcp and list_sandboxes's GET
+	// /api/sandbox, made in-process. A burst of 8 leaves 7 after connecting: calls 0-2 are
+	// served, call 3's POST takes the last token and its in-process call is refused, call 4's
+	// POST is refused (had the in-process calls not been counted, 7 calls would have been served).
 	srv := setup(t, httpapi.Options{RatePerSec: 0.001, RateBurst: 8})
 	s := connect(t, srv.url, "X-AgentCop-Key", srv.key)
-	for i := 0; ; i++ {
-		if i == 8 {
-			t.Fatal("8 tool calls within a burst of 8 requests were all served")
-		}
+	for i := 0; i <= 4; i++ {
 		res, err := s.CallTool(context.Background(), &mcp.CallToolParams{Name: "list_sandboxes", Arguments: map[string]any{}})
-		if err != nil {
-			if !strings.Contains(err.Error(), "Too Many Requests") && !strings.Contains(err.Error(), "429") && !strings.Contains(err.Error(), "rate_limited") {
-				t.Fatalf("call %d: %v", i, err)
+		switch {
+		case i < 3:
+			if err != nil || res.IsError {
+				t.Fatalf("call %d within the burst: %v %v", i, err, res)
 			}
-			break
-		}
-		if res.IsError {
-			if !strings.HasPrefix(mcpserver.Text(res), "rate_limited: ") {
-				t.Fatalf("call %d: %s", i, mcpserver.Text(res))
+		case i == 3: // the POST is served, the in-process call refused
+			if err != nil || !res.IsError || !strings.HasPrefix(mcpserver.Text(res), "rate_limited: ") {
+				t.Fatalf("call %d: want the in-process call refused: %v %v", i, err, res)
 			}
-			break
+		case i == 4: // the POST itself is refused
+			if err == nil || !strings.Contains(err.Error(), "Too Many Requests") && !strings.Contains(err.Error(), "429") {
+				t.Fatalf("call %d: want the POST refused: %v %v", i, err, res)
+			}
 		}
 	}
 }

@@ -18,7 +18,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
+	"runtime/debug"
 	"strings"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
@@ -47,54 +49,63 @@ type ClientFunc func(ctx context.Context, req *mcp.CallToolRequest) (*client.Cli
 
 // Options configure New.
 type Options struct {
-	Version string // the server's version, reported to MCP clients
+	Version string       // the server's version, reported to MCP clients
+	Logger  *slog.Logger // where a tool's panic is logged (nil: slog.Default())
 }
+
+// ErrInternal is what a caller learns of a failure inside sandboxd (a panic): the details go to
+// the log, never to the MCP client. A ClientFunc's transport may wrap it (httpapi's in-process
+// one does) so that the tool says "internal error", not that the server cannot be reached.
+var ErrInternal = errors.New("internal error")
 
 // New returns an MCP server whose tools call the API through the client clientFor returns.
 func New(clientFor ClientFunc, opts Options) *mcp.Server {
 	if opts.Version == "" {
 		opts.Version = "dev"
 	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
 	s := mcp.NewServer(&mcp.Implementation{Name: "sandboxd", Title: "sandboxd: run code in sandboxes", Version: opts.Version},
 		&mcp.ServerOptions{Instructions: instructions})
 	yes, no := true, false
-	add(s, clientFor, &mcp.Tool{Name: "create_sandbox", Title: "Create a sandbox",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "create_sandbox", Title: "Create a sandbox",
 		Description: "Create an isolated sandbox (a container, or a WebAssembly interpreter with mode \"wasm\") to run Python code in. " +
 			"Returns its record once it is ready; pass its sandbox_id to the other tools. Everything but agent_id has a default; " +
 			"filesystem paths are the directories the files tools and the code can use. The sandbox is destroyed after timeout seconds or by delete_sandbox.",
 		Annotations: &mcp.ToolAnnotations{DestructiveHint: &no, OpenWorldHint: &no}}, createSandbox)
-	add(s, clientFor, &mcp.Tool{Name: "run_code", Title: "Run Python code",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "run_code", Title: "Run Python code",
 		Description: "Run Python code in a sandbox and wait for it to end. The run's stdout, stderr, exit code and the value of the " +
 			"global variable `result` (JSON) come back; a run that raises, exits non-zero, times out or runs out of memory is an " +
 			"error result with the Python error. Each run is a fresh interpreter (files in read_write paths and /tmp persist) " +
 			"unless `context` names a code context of the sandbox.",
 		Annotations: &mcp.ToolAnnotations{DestructiveHint: &no, OpenWorldHint: &no}}, runCode)
-	add(s, clientFor, &mcp.Tool{Name: "create_context", Title: "Create a code context",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "create_context", Title: "Create a code context",
 		Description: "Create a code context in a sandbox: a long-lived Python interpreter whose variables, imports, " +
 			"open files and working directory persist across the runs made with run_code's `context` set to its context_id — " +
 			"load data once, then ask many questions of it. At most 8 per sandbox; a context dies with its sandbox.",
 		Annotations: &mcp.ToolAnnotations{DestructiveHint: &no, OpenWorldHint: &no}}, createContext)
-	add(s, clientFor, &mcp.Tool{Name: "delete_context", Title: "Delete a code context",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "delete_context", Title: "Delete a code context",
 		Description: "Delete a code context: its interpreter and everything its runs left in memory are gone. Deleting a deleted context succeeds.",
 		Annotations: &mcp.ToolAnnotations{DestructiveHint: &yes, IdempotentHint: true, OpenWorldHint: &no}}, deleteContext)
-	add(s, clientFor, &mcp.Tool{Name: "read_file", Title: "Read a file from a sandbox",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "read_file", Title: "Read a file from a sandbox",
 		Description: fmt.Sprintf("Read a file in one of the sandbox's filesystem paths: UTF-8 text as it is, other bytes as base64; "+
 			"PNG, JPEG, GIF and WebP images also as image content. At most %d MiB per call: offset reads further.", MaxFileBytes>>20),
 		Annotations: &mcp.ToolAnnotations{ReadOnlyHint: true, IdempotentHint: true, OpenWorldHint: &no}}, readFile)
-	add(s, clientFor, &mcp.Tool{Name: "write_file", Title: "Write a file into a sandbox",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "write_file", Title: "Write a file into a sandbox",
 		Description: fmt.Sprintf("Write a file into one of the sandbox's filesystem paths (read_only paths too: they are read-only to the code, "+
 			"not to you); parents are created, an existing file is replaced. content is text, or base64 with encoding \"base64\"; at most %d MiB.", MaxFileBytes>>20),
 		Annotations: &mcp.ToolAnnotations{DestructiveHint: &yes, IdempotentHint: true, OpenWorldHint: &no}}, writeFile)
-	add(s, clientFor, &mcp.Tool{Name: "list_files", Title: "List a directory of a sandbox",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "list_files", Title: "List a directory of a sandbox",
 		Description: "List the entries (name, size, type, modified_at) of a directory in one of the sandbox's filesystem paths.",
 		Annotations: &mcp.ToolAnnotations{ReadOnlyHint: true, IdempotentHint: true, OpenWorldHint: &no}}, listFiles)
-	add(s, clientFor, &mcp.Tool{Name: "list_sandboxes", Title: "List sandboxes",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "list_sandboxes", Title: "List sandboxes",
 		Description: "List your sandboxes, newest first, optionally by status (provisioning, ready, running, destroyed, error) or agent_id.",
 		Annotations: &mcp.ToolAnnotations{ReadOnlyHint: true, IdempotentHint: true, OpenWorldHint: &no}}, listSandboxes)
-	add(s, clientFor, &mcp.Tool{Name: "get_sandbox", Title: "Get a sandbox",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "get_sandbox", Title: "Get a sandbox",
 		Description: "Get a sandbox's record: status, normalised config, times, run counts and usage.",
 		Annotations: &mcp.ToolAnnotations{ReadOnlyHint: true, IdempotentHint: true, OpenWorldHint: &no}}, getSandbox)
-	add(s, clientFor, &mcp.Tool{Name: "delete_sandbox", Title: "Delete a sandbox",
+	add(s, opts.Logger, clientFor, &mcp.Tool{Name: "delete_sandbox", Title: "Delete a sandbox",
 		Description: "Destroy a sandbox now: its running code is cancelled and its files are gone. Deleting a destroyed sandbox succeeds.",
 		Annotations: &mcp.ToolAnnotations{DestructiveHint: &yes, IdempotentHint: true, OpenWorldHint: &no}}, deleteSandbox)
 	return s
@@ -108,14 +119,16 @@ const instructions = "sandboxd runs Python code in isolated sandboxes. Create on
 // and the client to call the API with.
 type handler[In, Out any] func(ctx context.Context, c *client.Client, in In) (*mcp.CallToolResult, Out, error)
 
-// add registers a typed tool. Its handler's errors, and a panic, become isError results that
-// say what the API said (see toolError).
-func add[In, Out any](s *mcp.Server, clientFor ClientFunc, t *mcp.Tool, h handler[In, Out]) {
+// add registers a typed tool. Its handler's errors become isError results that say what the API
+// said (see toolError); a panic becomes a fixed "internal error" result, its value and stack
+// logged.
+func add[In, Out any](s *mcp.Server, log *slog.Logger, clientFor ClientFunc, t *mcp.Tool, h handler[In, Out]) {
 	mcp.AddTool(s, t, func(ctx context.Context, req *mcp.CallToolRequest, in In) (res *mcp.CallToolResult, out Out, err error) {
 		defer func() {
 			if p := recover(); p != nil {
+				log.Error("MCP tool panicked", "tool", t.Name, "panic", p, "stack", string(debug.Stack()))
 				var zero Out
-				res, out, err = nil, zero, fmt.Errorf("internal error in tool %s: %v", t.Name, p)
+				res, out, err = nil, zero, fmt.Errorf("%w in tool %s", ErrInternal, t.Name)
 			}
 		}()
 		c, err := clientFor(ctx, req)
@@ -136,6 +149,8 @@ func toolError(err error) error {
 	var ae *client.Error
 	var te *client.TransportError
 	switch {
+	case errors.Is(err, ErrInternal): // the details were logged where it happened
+		return ErrInternal
 	case errors.Is(err, client.ErrNoKey):
 		return errors.New("no API key: start `sandboxd mcp` with --key or SANDBOXD_API_KEY set")
 	case errors.As(err, &te):

@@ -113,10 +113,30 @@ func createSandbox(ctx context.Context, c *client.Client, in CreateSandboxInput)
 	}
 	sb, err := c.WaitReady(ctx, created.SandboxID) // at once when it is ready (201)
 	if err != nil {
-		return nil, Sandbox{}, err
+		return nil, Sandbox{}, abandon(ctx, c, created.SandboxID, err)
 	}
 	return nil, sandboxOf(sb), nil
 }
+
+// abandon deletes sandbox id, created but not seen ready because of err, unless err says it
+// failed or was destroyed (nothing is left to delete): the caller never learns its id, and it
+// would hold its plan's quota until its timeout. The delete outlives ctx (the caller may be
+// gone); when it fails, the error names the sandbox.
+func abandon(ctx context.Context, c *client.Client, id string, err error) error {
+	var ae *client.Error
+	if errors.As(err, &ae) && (ae.Code == client.CodeProvisioningFailed || ae.Code == client.CodeSandboxDestroyed) {
+		return err
+	}
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), abandonTimeout)
+	defer cancel()
+	if derr := c.Delete(dctx, id); derr != nil {
+		return fmt.Errorf("%v; sandbox %s was created and could not be deleted (%v): delete it with delete_sandbox", toolError(err), id, toolError(derr))
+	}
+	return err
+}
+
+// abandonTimeout bounds abandon's delete.
+const abandonTimeout = 30 * time.Second
 
 // SandboxIDInput names a sandbox.
 type SandboxIDInput struct {
@@ -169,7 +189,7 @@ func deleteContext(ctx context.Context, c *client.Client, in ContextInput) (*mcp
 		return nil, api.CodeContext{}, errNoSandboxID
 	}
 	if in.ContextID == "" {
-		return nil, api.CodeContext{}, errors.New("context_id is required")
+		return nil, api.CodeContext{}, errors.New("invalid_request: context_id is required")
 	}
 	if err := c.DeleteContext(ctx, in.SandboxID, in.ContextID); err != nil {
 		return nil, api.CodeContext{}, err

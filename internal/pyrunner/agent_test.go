@@ -1,6 +1,8 @@
 package pyrunner
 
 import (
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -70,4 +72,45 @@ func TestAgentLocalAnswer(t *testing.T) {
 			t.Errorf("%s: does not say the channel is closed", ans)
 		}
 	}
+}
+
+// TestRunnerLimits: the limits runner.py enforces on its own side of the channel (the request it
+// sends, the answer line it reads) are this package's MaxAgentRequest and MaxAgentAnswerLine.
+// runner.py writes them as Python literals: sums of integers and shifts.
+func TestRunnerLimits(t *testing.T) {
+	m := regexp.MustCompile(`(?m)^\s*max_request, max_answer = ([^,\n]+), ([^#\n]+?)\s*(?:#|$)`).FindStringSubmatch(Source)
+	if m == nil {
+		t.Fatal("runner.py: no line `max_request, max_answer = …  # …`")
+	}
+	for _, c := range []struct {
+		name, expr string
+		want       int
+	}{{"max_request", m[1], MaxAgentRequest}, {"max_answer", m[2], MaxAgentAnswerLine}} {
+		got, err := pyIntSum(c.expr)
+		if err != nil || got != c.want {
+			t.Errorf("runner.py's %s = %s = %d (%v); want %d", c.name, c.expr, got, err, c.want)
+		}
+	}
+}
+
+// pyIntSum evaluates a Python expression of the form "a << b + (c << d) + e".
+func pyIntSum(expr string) (int, error) {
+	sum := 0
+	for term := range strings.SplitSeq(expr, "+") {
+		term = strings.Trim(strings.TrimSpace(term), "()")
+		v, shift, _ := strings.Cut(term, "<<")
+		n, err := strconv.Atoi(strings.TrimSpace(v))
+		if err != nil {
+			return 0, err
+		}
+		if shift != "" {
+			k, err := strconv.Atoi(strings.TrimSpace(shift))
+			if err != nil {
+				return 0, err
+			}
+			n <<= k
+		}
+		sum += n
+	}
+	return sum, nil
 }

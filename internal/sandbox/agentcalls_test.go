@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -69,8 +70,15 @@ func TestAgentCalls(t *testing.T) {
 	ep := func(path string, timeout time.Duration) agentcall.Endpoint {
 		return agentcall.Endpoint{URL: srv.URL + path, Headers: map[string]string{"Authorization": "Bearer s3cret"}, Timeout: timeout}
 	}
+	closed, err := net.Listen("tcp", "127.0.0.1:0") // a loopback port nothing listens on once closed
+	if err != nil {
+		t.Fatal(err)
+	}
+	closedURL := "http://" + closed.Addr().String() + "/agent"
+	closed.Close()
 	agents, err := agentcall.New(map[string]agentcall.Endpoint{
-		"ok": ep("/ok", 0), "fail": ep("/fail", 0), "notjson": ep("/notjson", 0), "redirect": ep("/redirect", 0),
+		"closed": {URL: closedURL},
+		"ok":     ep("/ok", 0), "fail": ep("/fail", 0), "notjson": ep("/notjson", 0), "redirect": ep("/redirect", 0),
 		"huge": ep("/huge", 0), "slow": ep("/slow", 300*time.Millisecond), "slow-run": ep("/slow", time.Minute),
 	})
 	if err != nil {
@@ -108,6 +116,8 @@ func TestAgentCalls(t *testing.T) {
 			answer: `{"error": "AgentCallError", "message": "no answer from the endpoint in time (its timeout is 300ms, and a call ends with its run)"}`, outcome: "timeout", reached: 1},
 		{name: "the run's time", agent: "slow-run", code: "agent:1:" + callTool, timeout: 1,
 			answer: `{"error": "AgentCallError", "message": "no answer from the endpoint in time (its timeout is 1m0s, and a call ends with its run)"}`, outcome: "timeout", reached: 1},
+		{name: "an unreachable endpoint", agent: "closed", code: "agent:1:" + callTool,
+			answer: `{"error": "AgentCallError", "message": "the endpoint could not be reached"}`, outcome: "unreachable"},
 		{name: "a bad request never reaches the endpoint", agent: "ok", code: `agent:1:{"method": "call", "tool": "a b"}`,
 			answer: `{"error": "AgentCallError", "message": "request: tool name \"a b\": want 1–128 characters of A-Z a-z 0-9 _ . : / -", "status": 400}`},
 	}
@@ -122,6 +132,9 @@ func TestAgentCalls(t *testing.T) {
 			r, _, err := e.svc.Run(context.Background(), e.acct, id, req)
 			if err != nil {
 				t.Fatal(err)
+			}
+			if b, _ := json.Marshal(r); strings.Contains(string(b), srv.URL) || strings.Contains(string(b), closedURL) {
+				t.Errorf("the run's result names the endpoint: %s", b)
 			}
 			var answers []json.RawMessage
 			if err := json.Unmarshal(r.Result, &answers); err != nil || len(answers) != 1 {

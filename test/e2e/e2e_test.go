@@ -19,7 +19,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -147,24 +146,11 @@ func (s *server) stop() {
 func (s *server) servingPid() int {
 	s.t.Helper()
 	pid := s.cmd.Process.Pid
-	// A child is listed under the thread that forked it: any of the Go process's threads.
-	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
-	var kids []string
-	for _, f := range tasks {
-		b, rerr := os.ReadFile(f)
-		if rerr != nil {
-			err = rerr
-			continue
-		}
-		kids = append(kids, strings.Fields(string(b))...)
+	kids := processChildren()[pid]
+	if len(kids) != 1 {
+		s.t.Fatalf("sandboxd %d: no single re-executed child (%v)", pid, kids)
 	}
-	if len(kids) == 1 {
-		if child, err := strconv.Atoi(kids[0]); err == nil {
-			return child
-		}
-	}
-	s.t.Fatalf("sandboxd %d: no single re-executed child (%q, %v)", pid, kids, err)
-	return 0
+	return kids[0]
 }
 
 // startServer launches a server that the test owns.

@@ -131,7 +131,7 @@ func TestStop(t *testing.T) {
 			// The busy run is running, and the pool is full (the default 2 warm sandboxes for
 			// the one shape asked for), which the stop must destroy too: none is half made.
 			s.awaitRun(key, ids[0], busyRun, "running")
-			waitfor.True(t, 60*time.Second, func() bool { return warmContainers(s) == 2 })
+			waitWarm(t, s, 2, ids...)
 			before := stopSnapshot(t, s.cmd.Process.Pid, dir, ids)
 
 			start := time.Now()
@@ -350,15 +350,7 @@ func containerIDs(dir string) []string {
 
 // descendants returns every live process below pid (and pid), with its start time.
 func descendants(pid int) map[int]string {
-	children := map[int][]int{}
-	dirs, _ := filepath.Glob("/proc/[0-9]*")
-	for _, d := range dirs {
-		p, _ := strconv.Atoi(filepath.Base(d))
-		if f := procStatFields(p); len(f) > 1 {
-			pp, _ := strconv.Atoi(f[1])
-			children[pp] = append(children[pp], p)
-		}
-	}
+	children := processChildren()
 	out := map[int]string{}
 	for todo := []int{pid}; len(todo) > 0; {
 		p := todo[len(todo)-1]
@@ -369,6 +361,21 @@ func descendants(pid int) map[int]string {
 		todo = append(todo, children[p]...)
 	}
 	return out
+}
+
+// processChildren maps every process of the host to its children, by their parent's PID (a
+// child forked by any thread of a process has the process's PID as its parent).
+func processChildren() map[int][]int {
+	children := map[int][]int{}
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, d := range dirs {
+		p, _ := strconv.Atoi(filepath.Base(d))
+		if f := procStatFields(p); len(f) > 1 {
+			pp, _ := strconv.Atoi(f[1])
+			children[pp] = append(children[pp], p)
+		}
+	}
+	return children
 }
 
 // cgroupProcs returns the processes in sandbox id's cgroup, with their start times.

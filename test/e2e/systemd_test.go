@@ -137,7 +137,7 @@ func TestSystemdService(t *testing.T) {
 	}
 	// The pool is full (the default 2 warm sandboxes for the one shape asked for), which the stop
 	// must destroy too: none is half made when the snapshot is taken (as in TestStop).
-	waitfor.True(t, 60*time.Second, func() bool { return warmContainers(s) == 2 })
+	waitWarm(t, s, 2, ids...)
 	before := stopSnapshot(t, pid, unitDataDir, ids)
 
 	// systemctl stop: SIGTERM to the main process only; sandboxd destroys and records.

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
 // driverSandboxes lists the sandboxes the container driver of the server on dataDir holds.
@@ -24,23 +26,21 @@ func driverSandboxes(dataDir string) []string {
 	return ids
 }
 
-// waitWarm waits until the server reports want warm (ready, unowned) container sandboxes, and
-// returns the sandboxes its driver holds besides owned.
+// waitWarm waits until the server reports want warm (ready, unowned) container sandboxes and its
+// driver holds that many besides owned, and returns those.
 func waitWarm(t *testing.T, s *server, want int, owned ...string) []string {
 	t.Helper()
-	gauge := fmt.Sprintf(`sandboxd_sandboxes{mode="container",status="warm"} %d`, want)
 	var warm []string
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if !strings.Contains(s.metrics(), gauge) {
-			continue
+	if !waitfor.Until(60*time.Second, func() bool {
+		if warmContainers(s) != want {
+			return false
 		}
 		warm = slices.DeleteFunc(driverSandboxes(s.dataDir), func(id string) bool { return slices.Contains(owned, id) })
-		if len(warm) == want {
-			return warm
-		}
+		return len(warm) == want
+	}) {
+		t.Fatalf("warm sandboxes: the server reports %d, its driver holds %v besides %v; want %d", warmContainers(s), warm, owned, want)
 	}
-	t.Fatalf("warm sandboxes: %v, want %d", warm, want)
-	return nil
+	return warm
 }
 
 // warmContainers is how many warm container sandboxes the server reports (-1: no such gauge).

@@ -4,12 +4,12 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
+	"github.com/sandboxd/sandboxd/internal/procstatus"
 )
 
 // Baseline measures what a wasm sandbox's run is compared against (as the container driver's
@@ -109,7 +109,7 @@ func (d *Driver) MeasureWorkers(ctx context.Context, image string, n int) (Worke
 		if w, err = start(d.cacheDir()); err != nil {
 			return WorkerCosts{}, err
 		}
-		rss, err := procRSS(w.pid)
+		rss, err := procstatus.RSS(w.pid)
 		d.discard(w)
 		if err != nil {
 			return WorkerCosts{}, fmt.Errorf("measure workers: %w", err)
@@ -118,19 +118,4 @@ func (d *Driver) MeasureWorkers(ctx context.Context, image string, n int) (Worke
 		wc.IdleRSS = append(wc.IdleRSS, rss)
 	}
 	return wc, nil
-}
-
-// procRSS returns process pid's resident set size (VmRSS) in bytes.
-func procRSS(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return kb << 10, err
-		}
-	}
-	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
 }

@@ -731,9 +731,14 @@ func (e *execution) stream(ctx context.Context, req driver.ExecRequest) {
 		defer t.Stop()
 		timeout = t.C
 	}
-	calls := newCallServer(ctx, e.w, req)
+	// A worker sends one call at a time; each is answered while await goes on reading output.
+	calls := pyrunner.NewCallServer(ctx, func(ctx context.Context, line []byte) []byte {
+		return driver.AnswerAgentCall(ctx, req, line)
+	}, func(ans []byte) {
+		_ = e.w.fw.Send(protocol.FrameAnswer, ans) // fails only if the worker is gone
+	})
 	e.await(ctx, frames, timeout, req.OnOutput, calls)
-	calls.stop()
+	calls.Stop()
 	e.res.Duration = time.Since(e.res.Started)
 	if e.ex == nil {
 		e.w.kill()
@@ -778,7 +783,7 @@ func readFrames(w *proc) (frames <-chan frame, stop func()) {
 // await takes the run's frames until it ends: its exit frame (e.ex), the timeout or ctx's end
 // (e.stopped), or a read error or a frame out of place (e.readErr). Output goes to e.res and to
 // onOutput, if set.
-func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-chan time.Time, onOutput func(driver.Stream, []byte), calls *callServer) {
+func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-chan time.Time, onOutput func(driver.Stream, []byte), calls *pyrunner.CallServer) {
 	for {
 		select {
 		case f := <-frames:
@@ -797,7 +802,7 @@ func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-ch
 					onOutput(s, f.p)
 				}
 			case protocol.FrameCall:
-				calls.serve(f.p)
+				calls.Serve(f.p)
 			case protocol.FrameExit:
 				var ex protocol.Exit
 				if err := json.Unmarshal(f.p, &ex); err != nil {
@@ -818,43 +823,6 @@ func (e *execution) await(ctx context.Context, frames <-chan frame, timeout <-ch
 			return
 		}
 	}
-}
-
-// callServer answers the agent calls of a run (protocol.FrameCall) with req.OnAgentCall, each in a
-// goroutine of its own while await goes on reading output, one at a time (a worker sends one at a
-// time: another is refused at once).
-type callServer struct {
-	ctx    context.Context
-	cancel context.CancelFunc
-	w      *proc
-	req    driver.ExecRequest
-	busy   atomic.Bool
-	wg     sync.WaitGroup
-}
-
-func newCallServer(ctx context.Context, w *proc, req driver.ExecRequest) *callServer {
-	cctx, cancel := context.WithCancel(ctx)
-	return &callServer{ctx: cctx, cancel: cancel, w: w, req: req}
-}
-
-func (c *callServer) serve(line []byte) {
-	if !c.busy.CompareAndSwap(false, true) {
-		_ = c.w.fw.Send(protocol.FrameAnswer, pyrunner.AgentRefusal(pyrunner.AgentCallError, 429, "one agent call at a time"))
-		return
-	}
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		ans := driver.AnswerAgentCall(c.ctx, c.req, line)
-		c.busy.Store(false)                        // before the answer: the worker sends the next call once it has it
-		_ = c.w.fw.Send(protocol.FrameAnswer, ans) // fails only if the worker is gone
-	}()
-}
-
-// stop ends the call being answered (its ctx) and waits for it.
-func (c *callServer) stop() {
-	c.cancel()
-	c.wg.Wait()
 }
 
 // release reads what the run cost the sandbox's cgroup (CPU time, OOM kills) and, when the run
