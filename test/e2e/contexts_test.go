@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"fmt"
 	"strings"
 	"testing"
@@ -75,6 +76,31 @@ func (c contextsAPI) steps(steps []contextStep) {
 	}
 }
 
+// cancelKeepsState cancels a run of context ctx while its code runs (its first output seen on the
+// event stream): the code is interrupted, and the context keeps its state, as at a timeout.
+func (c contextsAPI) cancelKeepsState(ctx string) {
+	t := c.t
+	c.run(ctx, "kept = 'yes'", 30)
+	status, m := c.s.do("POST", "/api/sandbox/"+c.id+"/run", c.key, map[string]any{"context": ctx, "async": true, "timeout": 120,
+		"code": "import time\nprint('go', flush=True)\nwhile True:\n    time.sleep(0.05)"})
+	if status != 202 {
+		t.Fatalf("async run: %d %v", status, m)
+	}
+	runID := m["run_id"].(string)
+	resp := c.s.raw("GET", "/api/sandbox/"+c.id+"/runs/"+runID+"/events", c.key, nil)
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() && sc.Text() != "event: stdout" {
+	}
+	resp.Body.Close()
+	if status, m := c.s.do("POST", "/api/sandbox/"+c.id+"/runs/"+runID+"/cancel", c.key, nil); status != 200 || m["status"] != "cancelled" {
+		t.Fatalf("cancel: %d %v", status, m)
+	}
+	r := c.run(ctx, "result = kept", 30)
+	if r["result"] != "yes" || r["context_reset"] != nil {
+		t.Errorf("after a cancel: %v", r)
+	}
+}
+
 // limitAndDelete fills the sandbox (which has two contexts) up to the limit, checks the 9th is
 // refused, deletes context del twice and checks a run in it is 404.
 func (c contextsAPI) limitAndDelete(del string) {
@@ -122,6 +148,7 @@ func TestContexts(t *testing.T) {
 		{"reset after oom", a, "result = 'rows' in globals()", 30, "completed", false, "killed"},
 		{"other context untouched", b, "result = 1", 30, "completed", float64(1), ""},
 	})
+	c.cancelKeepsState(b)
 	c.limitAndDelete(b)
 	// Fresh runs are as before: only the agent and the run itself in the sandbox besides the contexts.
 	r := c.run("", "import os\nresult = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())", 30)

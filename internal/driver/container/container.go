@@ -1008,9 +1008,11 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	b.standby.Store(int64(res.StandbyPID))
 	if runErr == nil {
 		b.ctxPIDs.Store(&res.ContextPIDs)
-	} else if req.Context != "" {
-		// No answer: the context's interpreter may still run the code. It is not spared (the
-		// stragglers' kill below ends it) and the next run of the context reports the reset.
+	} else if req.Context != "" && ctx.Err() == nil {
+		// No answer, and not the caller's cancel (on which the agent interrupts the code and keeps
+		// the interpreter, as a cancel promises): the agent failed or overran, and the context's
+		// interpreter may still run the code. It is not spared (the stragglers' kill below ends
+		// it) and the next run of the context reports the reset.
 		b.dropContextPID(req.Context)
 	}
 	// With an answer, the run has been reaped: a child of the zygote is the next run's standby.
