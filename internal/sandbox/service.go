@@ -670,9 +670,7 @@ func billedMinutes(created time.Time, destroyed *time.Time) int64 {
 	if destroyed != nil {
 		end = *destroyed
 	}
-	d := end.Sub(created)
-	m := int64((d + time.Minute - 1) / time.Minute)
-	return max(m, 1)
+	return store.BilledMinutes(created, end)
 }
 
 // List returns a page of the caller's sandboxes, newest first.

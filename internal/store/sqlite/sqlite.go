@@ -79,10 +79,11 @@ const timeLayout = "2006-01-02T15:04:05.000000000Z"
 
 // DB is a store.Store on one SQLite file. It is safe for concurrent use.
 type DB struct {
-	w  *sql.DB // exactly one connection: every write
-	r  *sql.DB // read-only connections
-	ws stmtCache
-	rs stmtCache
+	path string  // the database file's absolute path
+	w    *sql.DB // exactly one connection: every write
+	r    *sql.DB // read-only connections
+	ws   stmtCache
+	rs   stmtCache
 }
 
 var _ store.Store = (*DB)(nil)
@@ -116,7 +117,7 @@ func Open(ctx context.Context, path string) (*DB, error) {
 	w.SetConnMaxLifetime(0)
 	w.SetConnMaxIdleTime(0)
 
-	d := &DB{w: w, ws: stmtCache{db: w}}
+	d := &DB{path: abs, w: w, ws: stmtCache{db: w}}
 	// The first connection sets WAL mode (persistent in the file) before any reader opens.
 	if err := d.migrate(ctx); err != nil {
 		w.Close()

@@ -45,6 +45,14 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+// TestShared: two Store values on one file, as serve and `sandboxd keys create` open it.
+func TestShared(t *testing.T) {
+	storetest.RunShared(t, func(t *testing.T) (store.Store, store.Store) {
+		p := filepath.Join(t.TempDir(), "sandboxd.db")
+		return open(t, p), open(t, p)
+	})
+}
+
 var t0 = time.Date(2026, 4, 6, 14, 23, 11, 123456789, time.UTC)
 
 // fill writes one record of each kind.

@@ -63,7 +63,7 @@ func (d *DB) Usage(ctx context.Context, accountID string, from, to, now time.Tim
 			}
 			u := day(created.Format(time.DateOnly))
 			u.Sandboxes++
-			u.BilledMinutes += billedMinutes(created, end)
+			u.BilledMinutes += store.BilledMinutes(created, end)
 		}
 		if err := rows.Err(); err != nil {
 			return err
@@ -98,11 +98,4 @@ func (d *DB) Usage(ctx context.Context, accountID string, from, to, now time.Tim
 	}
 	slices.SortFunc(out, func(a, b store.UsageDay) int { return strings.Compare(a.Day, b.Day) })
 	return out, nil
-}
-
-// billedMinutes is the billed minutes of a lifetime from created to end: each started minute,
-// and at least one (also when end is not after created).
-func billedMinutes(created, end time.Time) int64 {
-	d := end.Sub(created)
-	return max(int64((d+time.Minute-1)/time.Minute), 1)
 }
