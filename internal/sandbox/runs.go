@@ -175,7 +175,10 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 		Detail: obj("status", run.Status, "exit_code", run.ExitCode, "duration_ms", run.DurationMS)})
 	if !recorded {
 		// The run's end, the sandbox ready again and the audit event: one commit.
-		if err := s.st.RecordRun(ctx, run, ready, &finished); err != nil {
+		if err := s.st.RecordRun(ctx, run, ready, &finished); errors.Is(err, store.ErrFinal) {
+			// Another replica ended it first (it declared this one lost): its record stays.
+			s.log.Warn("run record ended by another replica", "run", run.ID)
+		} else if err != nil {
 			s.log.Error("record run end", "run", run.ID, "err", err)
 		}
 	}

@@ -125,6 +125,14 @@ type Config struct {
 	// Agents sends runs' agent calls to the operator's endpoints by agent_id (nil: none is
 	// configured, every call is AgentNotConfigured).
 	Agents *agentcall.Client
+	// Replica is this service's replica ID among those sharing the store (default LocalReplica),
+	// Address the URL its API is reached at; it heartbeats every HeartbeatEvery (default
+	// DefaultHeartbeatEvery) and declares lost the replicas silent for StaleAfter (default
+	// DefaultStaleAfter). See replicas.go.
+	Replica        string
+	Address        string
+	HeartbeatEvery time.Duration
+	StaleAfter     time.Duration
 	// Logger receives the service's log records, which name a sandbox "sandbox" and a run "run"
 	// (nil: nothing is logged). serve gives it and the drivers one logger.
 	Logger *slog.Logger
@@ -145,6 +153,7 @@ type Service struct {
 	closed   bool
 	wg       sync.WaitGroup
 	pool     *warmPool
+	loop     *replicaLoop // heartbeats and sweeps (replicas.go)
 }
 
 // live is the in-memory state of a sandbox that has not been destroyed.
@@ -190,8 +199,9 @@ type job struct {
 	final   bool // the final record is written: execute does not write another (see endRuns)
 }
 
-// New opens the service: it reconciles what a previous process left (live records are destroyed
-// with reason server_restart, their runs ended, their host resources released) and returns.
+// New opens the service: it reconciles what a previous process of this replica left (its live
+// records are destroyed with reason server_restart, their runs ended, their host resources
+// released), registers the replica and starts its heartbeat and sweep (replicas.go), and returns.
 func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]driver.Driver) (*Service, error) {
 	if cfg.DataDir == "" {
 		return nil, errors.New("sandbox: Config.DataDir is required")
@@ -237,6 +247,15 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Replica == "" {
+		cfg.Replica = LocalReplica
+	}
+	if cfg.HeartbeatEvery <= 0 {
+		cfg.HeartbeatEvery = DefaultHeartbeatEvery
+	}
+	if cfg.StaleAfter <= 0 {
+		cfg.StaleAfter = DefaultStaleAfter
+	}
 	s := &Service{cfg: cfg, st: st, drivers: drivers, log: cfg.Logger, live: map[string]*live{},
 		hosts: map[string]*host{}, ids: newIDAllocator(cfg.IDs)}
 	if err := os.MkdirAll(s.sandboxesDir(), 0o711); err != nil {
@@ -244,6 +263,9 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 	}
 	if err := s.reconcile(ctx); err != nil {
 		return nil, err
+	}
+	if err := s.startReplica(ctx); err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	s.pool = newWarmPool(s, cfg.WarmPool)
 	if cfg.Catalog != nil {
@@ -468,6 +490,7 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 		AccountID: acct.ID, AgentID: sp.agentID, Mode: sp.mode,
 		Status: store.SandboxProvisioning, Config: cfgJSON, CreatedAt: now,
 		ExpiresAt: now.Add(time.Duration(sp.timeout) * time.Second), ImageDigest: sp.image.Digest,
+		Replica: s.cfg.Replica,
 	}
 
 	s.mu.Lock()
@@ -796,12 +819,18 @@ func (s *Service) record(lv *live, reason string) {
 	if _, err := s.st.EndContexts(context.Background(), lv.id, "sandbox "+reason, now()); err != nil {
 		s.log.Error("record contexts deleted", "sandbox", lv.id, "err", err)
 	}
+	ctx := context.Background()
 	if !failed {
-		ctx := context.Background()
 		s.cfg.Observer.Destroyed(rec.Mode, reason)
-		if err := s.st.UpdateSandbox(ctx, rec); err != nil {
+		if err := s.st.UpdateSandbox(ctx, rec); errors.Is(err, store.ErrFinal) {
+			// Another replica ended its record (it declared this one lost) and wrote its event.
+			s.log.Warn("sandbox record ended by another replica", "sandbox", lv.id)
+			failed = true
+		} else if err != nil {
 			s.log.Error("record sandbox destroyed", "sandbox", lv.id, "err", err)
 		}
+	}
+	if !failed {
 		s.audit(ctx, store.Event{AccountID: rec.AccountID, Type: "sandbox.destroyed", SandboxID: lv.id, AgentID: rec.AgentID,
 			Detail: obj("reason", reason)})
 	}
@@ -886,6 +915,7 @@ func (s *Service) Close(ctx context.Context) error {
 	}
 	done := make(chan struct{})
 	go func() { wg.Wait(); s.wg.Wait(); close(done) }()
+	defer s.stopReplica() // heartbeats go on while the sandboxes are destroyed
 	select {
 	case <-done:
 		return nil
@@ -930,13 +960,18 @@ func (s *Service) SetWarmPool(n int) { s.pool.resize(n) }
 // on it so that background provisioning does not disturb what they measure).
 func (s *Service) WarmSettled() <-chan struct{} { return s.pool.settled() }
 
-// reconcile destroys what a previous process of the service left live.
+// reconcile destroys what a previous process of this replica left live: its own records (and
+// those from before replicas, which have none), never another replica's — a live one's are its
+// own business, a lost one's the sweep's (replicas.go).
 func (s *Service) reconcile(ctx context.Context) error {
 	recs, err := s.st.LiveSandboxes(ctx)
 	if err != nil {
 		return fmt.Errorf("reconcile: %w", err)
 	}
 	for _, rec := range recs {
+		if rec.Replica != s.cfg.Replica && rec.Replica != "" {
+			continue
+		}
 		if d, ok := s.drivers[rec.Mode]; ok {
 			if err := d.Destroy(ctx, rec.ID); err != nil {
 				return fmt.Errorf("reconcile: destroy %s: %w", rec.ID, err)

@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sandboxd/sandboxd/internal/store/postgres/pgtest"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
@@ -336,6 +337,7 @@ func TestMain(m *testing.M) {
 		}
 		os.RemoveAll(shared.dataDir)
 	}
+	pgtest.StopShared()
 	os.Exit(code)
 }
 

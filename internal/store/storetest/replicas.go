@@ -211,3 +211,19 @@ func testReplicasAcross(t *testing.T, s1, s2 store.Store) {
 	}
 	wantErr(t, "heartbeat of a lost replica through the other store", s1.Heartbeat(ctx, "rep_a"), store.ErrReplicaLost)
 }
+
+// testHostileBytes: what sandbox code prints (and a caller sends as code) is bytes, NUL and
+// invalid UTF-8 included; the run's record keeps them rather than failing to be written.
+func testHostileBytes(t *testing.T, st store.Store) {
+	a := account(t, st, "acct_a")
+	sb := createSandbox(t, st, sandbox("sbx_1", a.ID, base, store.SandboxReady))
+	const hostile = "a\x00b\xff\xfe\xc3(\u2028z"
+	r := run("run_1", sb.ID, a.ID, base, "queued")
+	r.Code = "print(" + hostile + ")"
+	ok(t, st.CreateRun(ctx, r))
+	r.Status, r.Stdout, r.Stderr, r.Display = "completed", hostile, hostile+hostile, ptr(hostile)
+	ok(t, st.UpdateRun(ctx, r))
+	got, err := st.GetRun(ctx, sb.ID, r.ID)
+	ok(t, err)
+	same(t, "run with hostile bytes", canonRun(got, false), canonRun(r, true))
+}
