@@ -94,9 +94,15 @@ func TestReplicaLost(t *testing.T) {
 
 	// No upper bound but the staleness threshold's order: waitfor's is generous.
 	var run map[string]any
+	var polled time.Time
 	waitfor.True(t, 5*time.Minute, func() bool {
-		_, run = b.do("GET", "/api/sandbox/"+id+"/runs/"+runID, key, nil)
-		return run["status"] != "running"
+		if time.Since(polled) < 200*time.Millisecond { // within the API key's rate limit
+			return false
+		}
+		polled = time.Now()
+		status, m := b.do("GET", "/api/sandbox/"+id+"/runs/"+runID, key, nil)
+		run = m
+		return status == 200 && run["status"] != "running"
 	})
 	t.Logf("the run was recorded ended %v after its replica was killed", time.Since(start).Round(time.Second))
 	errObj, _ := run["error"].(map[string]any)
