@@ -68,7 +68,7 @@ type Sandbox struct {
 	ReadyAt       *time.Time
 	ExpiresAt     time.Time
 	DestroyedAt   *time.Time
-	DestroyReason string          // "", "deleted", "expired", "error", "server_restart"
+	DestroyReason string          // "", "deleted", "expired", "error", "server_restart", "replica_lost"
 	Error         json.RawMessage // nil or {"error": code, "message": text}
 	DiskUsedBytes int64           // bytes used on its disk: the last figure recorded while it lived
 	ImageDigest   string          // the digest of the image it ran ("sha256:<hex>"; "" when unknown); set at create

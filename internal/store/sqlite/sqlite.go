@@ -26,6 +26,10 @@
 // does while the server runs): every connection waits up to busyTimeout for a lock held by the
 // other process instead of failing with "database is locked".
 //
+// A file is served by one server (serve locks its data directory): one replica. Its leadership
+// locks (TryLock) are held in this process, by file and name; replica times are this process's
+// clock.
+//
 // # Encoding
 //
 // Times are stored as TEXT in a fixed-width UTC form with nanoseconds
