@@ -154,6 +154,10 @@ type Service struct {
 	wg       sync.WaitGroup
 	pool     *warmPool
 	loop     *replicaLoop // heartbeats and sweeps (replicas.go)
+
+	repMu    sync.Mutex               // guards the replicas' addresses (route.go)
+	repCache map[string]store.Replica // by ID
+	repRead  time.Time
 }
 
 // live is the in-memory state of a sandbox that has not been destroyed.

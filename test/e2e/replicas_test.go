@@ -124,3 +124,77 @@ func TestReplicaLost(t *testing.T) {
 		t.Fatalf("run on the surviving replica: %v", r)
 	}
 }
+
+// TestReplicasRoute: every request for a sandbox may reach any replica. A sandbox created
+// through replica A is read, run in (sync, async with its event stream, in a code context), given
+// files and deleted through replica B, which forwards each request to A; B's forwards cross one
+// hop only, and what B answers is what A would.
+func TestReplicasRoute(t *testing.T) {
+	reps, url := replicas(t, 2)
+	a, b := reps[0], reps[1]
+	key := keyFor(t, url, "e2e-replicas-route", "pro")
+	b.key = key
+	id := a.createReady(key, map[string]any{"agent_id": "route",
+		"sandbox": map[string]any{"filesystem": map[string]any{"read_write": []string{"/workspace"}}}})
+
+	if st, m := b.do("GET", "/api/sandbox/"+id, key, nil); st != 200 || m["status"] != "ready" {
+		t.Fatalf("get through B: %d %v", st, m)
+	}
+	if r := b.run(key, id, "import os; result = os.getpid() > 0", 30); r["status"] != "completed" || r["result"] != true {
+		t.Fatalf("run through B: %v", r)
+	}
+	if st, m := b.put(id, "/workspace/in.txt", []byte("through B")); st != 201 {
+		t.Fatalf("upload through B: %d %v", st, m)
+	}
+	if st, body, _ := a.get(id, "/workspace/in.txt"); st != 200 || string(body) != "through B" {
+		t.Fatalf("A reads the file B uploaded: %d %q", st, body)
+	}
+
+	// An async run through B, followed through B's forwarded event stream.
+	st, m := b.do("POST", "/api/sandbox/"+id+"/run", key, map[string]any{"async": true,
+		"code": "print(open('/workspace/in.txt').read())"})
+	if st != 202 {
+		t.Fatalf("async run through B: %d %v", st, m)
+	}
+	runID := m["run_id"].(string)
+	evs := b.events(id, runID, "")
+	var out strings.Builder
+	for _, e := range evs[:len(evs)-1] {
+		out.WriteString(chunkText(e))
+	}
+	if evs[len(evs)-1].event != "end" || !strings.Contains(out.String(), "through B") {
+		t.Fatalf("event stream through B carried %q; events %+v", out.String(), evs)
+	}
+
+	// A code context made through B keeps its state on A.
+	st, m = b.do("POST", "/api/sandbox/"+id+"/contexts", key, map[string]any{})
+	if st != 201 {
+		t.Fatalf("context through B: %d %v", st, m)
+	}
+	ctxID := m["context_id"].(string)
+	for i, c := range []struct{ code, want string }{{"x = 41", ""}, {"x += 1; result = x", "42"}} {
+		st, r := b.do("POST", "/api/sandbox/"+id+"/run", key, map[string]any{"code": c.code, "context": ctxID})
+		if st != 200 || r["status"] != "completed" || (c.want != "" && r["result"] != float64(42)) {
+			t.Fatalf("context run %d through B: %d %v", i, st, r)
+		}
+	}
+
+	// A forwarded request is never forwarded again: B serves one marked forwarded itself, and has
+	// no such sandbox running.
+	resp := b.raw("POST", "/api/sandbox/"+id+"/run", key, strings.NewReader(`{"code":"print(1)"}`),
+		"Content-Type", "application/json", "X-Sandboxd-Forwarded-By", "rep_someone")
+	resp.Body.Close()
+	if resp.StatusCode == 200 {
+		t.Fatalf("a request marked forwarded was forwarded again (200)")
+	}
+
+	if st, m := b.do("DELETE", "/api/sandbox/"+id, key, nil); st != 200 && st != 202 && st != 204 {
+		t.Fatalf("delete through B: %d %v", st, m)
+	}
+	if _, m := a.do("GET", "/api/sandbox/"+id, key, nil); m["status"] != "destroyed" {
+		t.Fatalf("after delete through B, A says %v", m)
+	}
+	if st, _ := b.do("GET", "/api/sandbox/"+id, key, nil); st != 200 {
+		t.Fatalf("a destroyed sandbox's record through B: %d", st)
+	}
+}
