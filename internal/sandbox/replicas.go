@@ -134,6 +134,11 @@ func (s *Service) sweep() {
 }
 
 func (s *Service) sweepLocked(ctx context.Context) error {
+	if reps, err := s.st.Replicas(ctx); err != nil {
+		return err
+	} else if len(reps) == 1 && reps[0].ID == s.cfg.Replica {
+		return nil // alone (a SQLite file has one server): a read, not a write, every period
+	}
 	stale, err := s.st.MarkStaleReplicas(ctx, s.cfg.StaleAfter)
 	if err != nil {
 		return err

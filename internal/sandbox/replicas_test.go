@@ -13,20 +13,49 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver/fakedriver"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/store/postgres"
+	"github.com/sandboxd/sandboxd/internal/store/postgres/pgtest"
 	"github.com/sandboxd/sandboxd/internal/store/sqlite"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
-// replicaEnv is a service of replica id on a database file shared with other replicas: its own
-// data directory, driver and Store value, as a process of its own would have.
-func replicaEnv(t *testing.T, db, id string, heartbeat, stale time.Duration) (*sandbox.Service, store.Store) {
+func TestMain(m *testing.M) { pgtest.Main(m) }
+
+// backend opens a Store value on a database that several replicas share.
+type backend func(t *testing.T) store.Store
+
+// backends runs fn for each store implementation, on a new database.
+func backends(t *testing.T, fn func(t *testing.T, open backend)) {
+	t.Run("sqlite", func(t *testing.T) {
+		db := filepath.Join(t.TempDir(), "db")
+		fn(t, func(t *testing.T) store.Store {
+			st, err := sqlite.Open(context.Background(), db)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { st.Close() })
+			return st
+		})
+	})
+	t.Run("postgres", func(t *testing.T) {
+		url := pgtest.Shared(t).NewDatabase(t)
+		fn(t, func(t *testing.T) store.Store {
+			st, err := postgres.Open(context.Background(), url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { st.Close() })
+			return st
+		})
+	})
+}
+
+// replicaEnv is a service of replica id on a database shared with other replicas: its own data
+// directory, driver and Store value, as a process of its own would have.
+func replicaEnv(t *testing.T, open backend, id string, heartbeat, stale time.Duration) (*sandbox.Service, store.Store) {
 	t.Helper()
 	ctx := context.Background()
-	st, err := sqlite.Open(ctx, db)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := open(t)
 	svc, err := sandbox.New(ctx, sandbox.Config{
 		DataDir: t.TempDir(), Images: []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/nonexistent", Default: true}},
 		Replica: id, Address: "http://" + id, HeartbeatEvery: heartbeat, StaleAfter: stale,
@@ -49,9 +78,10 @@ func events(t *testing.T, st store.Store, sandboxID, typ string) []store.Event {
 
 // A replica starting leaves the other replicas' sandboxes alone (reconcile used to destroy every
 // live record), and its sandboxes record it as their owner.
-func TestReconcileLeavesOtherReplicas(t *testing.T) {
+func TestReconcileLeavesOtherReplicas(t *testing.T) { backends(t, testReconcileLeavesOtherReplicas) }
+
+func testReconcileLeavesOtherReplicas(t *testing.T, db backend) {
 	ctx := context.Background()
-	db := filepath.Join(t.TempDir(), "db")
 	a, st := replicaEnv(t, db, "rep_a", time.Second, time.Hour)
 	_, acct, _, err := sandbox.CreateKey(ctx, st, sandbox.DefaultPlans(), "acme", "pro")
 	if err != nil {
@@ -74,14 +104,11 @@ func TestReconcileLeavesOtherReplicas(t *testing.T) {
 // A replica that died (its records stay, its heartbeat stops) has its open runs ended as error
 // with a ReplicaLost reason and its live sandboxes destroyed (replica_lost) by another, each with
 // one event; its finished runs are left as they are.
-func TestSweepEndsLostReplica(t *testing.T) {
+func TestSweepEndsLostReplica(t *testing.T) { backends(t, testSweepEndsLostReplica) }
+
+func testSweepEndsLostReplica(t *testing.T, db backend) {
 	ctx := context.Background()
-	db := filepath.Join(t.TempDir(), "db")
-	st, err := sqlite.Open(ctx, db)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := db(t)
 	_, acct, _, err := sandbox.CreateKey(ctx, st, sandbox.DefaultPlans(), "acme", "free")
 	if err != nil {
 		t.Fatal(err)
@@ -146,9 +173,10 @@ func TestSweepEndsLostReplica(t *testing.T) {
 // A replica declared lost while it was only slow (here: it heartbeats less often than the other
 // replica's staleness threshold) comes back: it must not resurrect its sandbox or finish its run
 // a second time. It destroys what it ran and registers again.
-func TestLostReplicaComesBack(t *testing.T) {
+func TestLostReplicaComesBack(t *testing.T) { backends(t, testLostReplicaComesBack) }
+
+func testLostReplicaComesBack(t *testing.T, db backend) {
 	ctx := context.Background()
-	db := filepath.Join(t.TempDir(), "db")
 	a, st := replicaEnv(t, db, "rep_slow", 400*time.Millisecond, time.Hour)
 	_, acct, _, err := sandbox.CreateKey(ctx, st, sandbox.DefaultPlans(), "acme", "free")
 	if err != nil {

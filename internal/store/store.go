@@ -18,6 +18,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -205,6 +207,43 @@ type UsageDay struct {
 func BilledMinutes(created, end time.Time) int64 {
 	d := end.Sub(created)
 	return max(int64((d+time.Minute-1)/time.Minute), 1)
+}
+
+// UsageDays sums usage by day, for implementations of Store.Usage: add each sandbox and each
+// day's runs, then take the days.
+type UsageDays map[string]*UsageDay
+
+func (u UsageDays) day(d string) *UsageDay {
+	x := u[d]
+	if x == nil {
+		x = &UsageDay{Day: d}
+		u[d] = x
+	}
+	return x
+}
+
+// AddSandbox counts a sandbox created at created whose lifetime ends at end, on its creation day.
+func (u UsageDays) AddSandbox(created, end time.Time) {
+	x := u.day(created.UTC().Format(time.DateOnly))
+	x.Sandboxes++
+	x.BilledMinutes += BilledMinutes(created, end)
+}
+
+// AddRuns counts n runs created on day d ("2026-04-06") that used cpuMS of CPU.
+func (u UsageDays) AddRuns(d string, n int, cpuMS int64) {
+	x := u.day(d)
+	x.Runs += n
+	x.CPUSeconds += float64(cpuMS) / 1000
+}
+
+// Days returns the days, oldest first.
+func (u UsageDays) Days() []UsageDay {
+	out := make([]UsageDay, 0, len(u))
+	for _, x := range u {
+		out = append(out, *x)
+	}
+	slices.SortFunc(out, func(a, b UsageDay) int { return strings.Compare(a.Day, b.Day) })
+	return out
 }
 
 // SandboxUsage sums one sandbox's runs.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/store/migrate"
 	"github.com/sandboxd/sandboxd/internal/store/postgres/pgtest"
 	"github.com/sandboxd/sandboxd/internal/store/storetest"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
@@ -63,7 +64,7 @@ func TestMigrateTogether(t *testing.T) {
 	if err := dbs[0].db.QueryRow(`SELECT COUNT(*), COUNT(DISTINCT version) FROM schema_version`).Scan(&applied, &versions); err != nil {
 		t.Fatal(err)
 	}
-	ms, err := migrations()
+	ms, err := migrate.Load(migrationFiles)
 	if err != nil {
 		t.Fatal(err)
 	}

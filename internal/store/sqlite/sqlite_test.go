@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/store/migrate"
 	"github.com/sandboxd/sandboxd/internal/store/storetest"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
@@ -110,7 +111,7 @@ func schemaVersions(t *testing.T, d *DB) []int {
 
 func TestReopen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "sandboxd.db")
-	ms, err := migrations()
+	ms, err := migrate.Load(migrationFiles)
 	ok(t, err)
 
 	d, err := Open(ctx, path)
