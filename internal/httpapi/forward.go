@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strings"
 
 	"github.com/sandboxd/sandboxd/internal/store"
 )
@@ -32,6 +33,7 @@ func (s *server) route(w http.ResponseWriter, r *http.Request, acct store.Accoun
 		return false, apiError(http.StatusServiceUnavailable, "unavailable",
 			"the replica that runs this sandbox advertises an address that is not a URL: "+addr)
 	}
+	var unreachable error // the owner did not answer (nothing was written)
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
@@ -39,14 +41,24 @@ func (s *server) route(w http.ResponseWriter, r *http.Request, acct store.Accoun
 			pr.Out.Header.Set(ForwardedHeader, s.svc.Replica())
 		},
 		FlushInterval: -1, // event streams flow as they are written
-		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			s.log.Warn("forward to owner replica", "path", r.URL.Path, "to", addr, "err", err)
-			he := &httpError{status: http.StatusServiceUnavailable, code: "unavailable",
-				msg:    "the replica that runs this sandbox (" + addr + ") does not answer; try again (if it is gone, its sandbox is recorded ended within seconds)",
-				header: map[string]string{"Retry-After": "5"}}
-			s.writeError(w, r, he)
-		},
+		ErrorHandler:  func(_ http.ResponseWriter, _ *http.Request, err error) { unreachable = err },
 	}
 	rp.ServeHTTP(w, r)
-	return true, nil
+	if unreachable == nil {
+		return true, nil
+	}
+	s.log.Warn("forward to the owner replica", "path", r.URL.Path, "to", addr, "err", unreachable)
+	if recordsOnly(r) { // the records answer it, as the owner would have, while its end is recorded
+		return false, nil
+	}
+	return false, &httpError{status: http.StatusServiceUnavailable, code: "unavailable",
+		msg:    "the replica that runs this sandbox (" + addr + ") does not answer; try again (if it is gone, its sandbox and runs are recorded ended within seconds)",
+		header: map[string]string{"Retry-After": "5"}}
+}
+
+// recordsOnly reports whether a request is answered from the records alone, the same by any
+// replica: the reads of a sandbox, its runs and its contexts — not a run's live event stream nor
+// its files, which are on the owner's host.
+func recordsOnly(r *http.Request) bool {
+	return r.Method == http.MethodGet && !strings.HasSuffix(r.URL.Path, "/events") && !strings.HasSuffix(r.URL.Path, "/files")
 }

@@ -91,6 +91,11 @@ func TestReplicaLost(t *testing.T) {
 	}
 	_ = a.cmd.Wait()
 	start := time.Now()
+	// Until A is declared lost, B forwards to it: a run asked of B is refused as unavailable (503,
+	// Retry-After), or, once the sweep recorded the sandbox ended, as destroyed (409).
+	if st, m := b.do("POST", "/api/sandbox/"+id+"/run", key, map[string]any{"code": "print(1)"}); !(st == 503 && m["error"] == "unavailable") && !(st == 409 && m["error"] == "sandbox_destroyed") {
+		t.Fatalf("run through B while A is dead: %d %v", st, m)
+	}
 
 	// No upper bound but the staleness threshold's order: waitfor's is generous.
 	var run map[string]any
@@ -133,9 +138,8 @@ func TestReplicasRoute(t *testing.T) {
 	reps, url := replicas(t, 2)
 	a, b := reps[0], reps[1]
 	key := keyFor(t, url, "e2e-replicas-route", "pro")
-	b.key = key
-	id := a.createReady(key, map[string]any{"agent_id": "route",
-		"sandbox": map[string]any{"filesystem": map[string]any{"read_write": []string{"/workspace"}}}})
+	a.key, b.key = key, key
+	id := a.create(key, map[string]any{"filesystem": map[string]any{"read_write": []string{"/workspace"}}})
 
 	if st, m := b.do("GET", "/api/sandbox/"+id, key, nil); st != 200 || m["status"] != "ready" {
 		t.Fatalf("get through B: %d %v", st, m)
