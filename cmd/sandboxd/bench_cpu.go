@@ -85,7 +85,7 @@ func benchRunCPU(c *benchClient, rep *report, cpuOf func(id string) (time.Durati
 			}
 		}
 		for i := 0; i < 2 && err == nil; i++ {
-			settle() // the warm pool's refill, which waits for the sandbox to go quiet
+			settle()                    // the warm pool's refill, which waits for the sandbox to go quiet
 			time.Sleep(2 * time.Second) // what is measured: a sandbox that has idled
 			var d, used, server time.Duration
 			if used, server, d, err = runCPU(c, id, "", cpuOf); err == nil {
