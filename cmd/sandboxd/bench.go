@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -61,6 +62,7 @@ func bench(args []string, log *slog.Logger) error {
 	runscBin := fs.String("runsc", "", "gVisor's runsc binary (scripts/build-runsc.sh): adds runsc's create and print(1) run figures beside the default runtime's")
 	runscN := fs.Int("runsc-n", 20, "samples per runsc figure (and its baseline's)")
 	cpuOnly := fs.Bool("cpu-only", false, "measure only the CPU per run, its floor and the runs/s of fresh and context runs")
+	cpuProfile := fs.String("cpuprofile", "", "with --cpu-only: write a CPU profile of this process (the server) during it to FILE (go tool pprof)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -143,6 +145,17 @@ func bench(args []string, log *slog.Logger) error {
 	}
 	if *cpuOnly {
 		progress("bench: CPU per run…")
+		if *cpuProfile != "" {
+			f, err := os.Create(*cpuProfile)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			if err := pprof.StartCPUProfile(f); err != nil {
+				return err
+			}
+			defer pprof.StopCPUProfile()
+		}
 		if err := benchRunCPU(c, rep, cpuOf.CPUUsage, *n, settle); err != nil {
 			return err
 		}
