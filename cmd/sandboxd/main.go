@@ -27,7 +27,7 @@ const usage = `usage:
   sandboxd keys create [--data-dir DIR] [--store postgres://…] --account NAME [--plan free|pro|enterprise]
   sandboxd images import FILE|DIR --name NAME [--runtime crun|runc|runsc] [--data-dir DIR]   a 'docker save' archive or an OCI layout
   sandboxd images pull REF [--name NAME] [--runtime crun|runc|runsc] [--data-dir DIR] · images ls [--json] · images rm NAME
-  sandboxd bench [-n N] [--idle N] [--throughput-for DURATION] [--json] [--image NAME=ROOTFS]
+  sandboxd bench [-n N] [--idle N] [--throughput-for DURATION] [--json] [--cpu-only] [--image NAME=ROOTFS]
                  [--wasm-image NAME=DIR] [--runtime crun|runc] [--runsc PATH] [--runsc-n N]   starts its own server; prints figures
   sandboxd doctor [--json] [--data-dir DIR] [--config FILE] [serve flags]   checks this host: ok / missing (exit 1) / warn, with fixes
 client commands (a running server: --url or SANDBOXD_URL, --key or SANDBOXD_API_KEY; --json for the API's JSON):

@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sandboxd/sandboxd/api"
@@ -170,11 +171,13 @@ type live struct {
 	expiry *time.Timer
 	ready  chan struct{} // closed when provisioning has ended, well or not
 	// firstRun is closed when the sandbox's first run has ended or the sandbox's goroutine has
-	// returned (firstRunEnded): then the warm pool refills (warmPool.replenishAfter).
-	firstRun  chan struct{}
-	firstOnce sync.Once
-	done      chan struct{} // closed when the sandbox's goroutine has returned
-	gone      chan struct{} // closed when destroy has finished
+	// returned (firstRunEnded), and lastRunEnd is when its last run ended (unix ns; 0 while one
+	// runs): the warm pool refills once they show the sandbox quiet (warmPool.replenishAfter).
+	firstRun   chan struct{}
+	firstOnce  sync.Once
+	lastRunEnd atomic.Int64
+	done       chan struct{} // closed when the sandbox's goroutine has returned
+	gone       chan struct{} // closed when destroy has finished
 
 	mu       sync.Mutex
 	rec      store.Sandbox
@@ -507,10 +510,13 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 	first := make(chan struct{}) // the live sandbox closes it (firstRunEnded); else the defer below
 	var lv *live
 	defer func() {
+		var quietSince func() time.Time
 		if lv == nil {
 			close(first)
+		} else {
+			quietSince = lv.quietSince
 		}
-		s.pool.replenishAfter(sp, first)
+		s.pool.replenishAfter(sp, first, quietSince)
 	}()
 	rec.ID = warmID
 	if !warm {
@@ -570,7 +576,10 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 // serve provisions a sandbox, then executes its runs one at a time until it is destroyed.
 func (s *Service) serve(lv *live, drv driver.Driver) {
 	defer close(lv.done)
-	defer lv.firstRunEnded()
+	defer func() {
+		lv.lastRunEnd.CompareAndSwap(0, time.Now().UnixNano()) // nothing runs any more
+		lv.firstRunEnded()
+	}()
 	if !s.provision(lv, drv) {
 		return
 	}
@@ -579,9 +588,19 @@ func (s *Service) serve(lv *live, drv driver.Driver) {
 		if j == nil {
 			return
 		}
+		lv.lastRunEnd.Store(0)
 		s.execute(lv, drv, j)
+		lv.lastRunEnd.Store(time.Now().UnixNano())
 		lv.firstRunEnded()
 	}
+}
+
+// quietSince is when lv's last run ended, or the zero time while one runs.
+func (lv *live) quietSince() time.Time {
+	if ns := lv.lastRunEnd.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 // firstRunEnded closes lv.firstRun, once.
