@@ -230,3 +230,40 @@ func testLostReplicaComesBack(t *testing.T, db backend) {
 		t.Fatalf("new sandbox: %+v %v", rec, err)
 	}
 }
+
+// A queued run that another replica ended (it declared this one lost) is not run when its turn
+// comes: its code never reaches the driver, and its record stays the other replica's.
+func TestEndedQueuedRunNotStarted(t *testing.T) {
+	e := newEnv(t, "pro")
+	ctx := context.Background()
+	id := e.create(t, nil)
+	first := e.run(t, id, "block", true)
+	e.waitExec(t, 1)
+	queued := e.run(t, id, "print(2)", true)
+	r, err := e.st.GetRun(ctx, id, queued.RunID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Status, r.Error = "error", json.RawMessage(`{"type":"ReplicaLost","message":"replica rep_x stopped heartbeating while the run ran","traceback":""}`)
+	if err := e.st.UpdateRun(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	last := e.run(t, id, "print(3)", true)
+	if _, err := e.svc.CancelRun(ctx, e.acct, id, first.RunID); err != nil {
+		t.Fatal(err)
+	}
+	waitfor.True(t, time.Minute, func() bool {
+		got, err := e.st.GetRun(ctx, id, last.RunID)
+		return err == nil && got.Status == "completed"
+	})
+	if n := e.drv.Ended(); n != 2 {
+		t.Fatalf("the driver ran %d runs, want 2 (the ended one not run)", n)
+	}
+	got, err := e.st.GetRun(ctx, id, queued.RunID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Status != "error" || got.StartedAt != nil || !strings.Contains(string(got.Error), "ReplicaLost") {
+		t.Fatalf("ended queued run: %+v", got)
+	}
+}
