@@ -124,7 +124,18 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	j.run.Status, j.run.StartedAt = RunRunning, &start
 	// The run, the sandbox's status and the audit event: one commit.
 	started := s.event(store.Event{AccountID: j.run.AccountID, Type: "run.started", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID})
-	if err := s.st.RecordRun(ctx, j.run, s.statusRecord(lv, store.SandboxRunning), &started); err != nil {
+	if err := s.st.RecordRun(ctx, j.run, s.statusRecord(lv, store.SandboxRunning), &started); errors.Is(err, store.ErrFinal) {
+		// Another replica ended the run, or its sandbox, before it started (it declared this one
+		// lost): the code is not run, and the record stays as that replica wrote it.
+		j.final = true
+		j.finalMu.Unlock()
+		s.statusRecord(lv, store.SandboxReady) // in memory only: nothing was written
+		s.log.Warn("run not started: another replica ended its record", "run", j.run.ID)
+		lv.mu.Lock()
+		delete(lv.jobs, j.run.ID)
+		lv.mu.Unlock()
+		return
+	} else if err != nil {
 		s.log.Error("record run start", "run", j.run.ID, "err", err)
 	}
 	j.finalMu.Unlock()

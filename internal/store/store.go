@@ -79,9 +79,6 @@ type Sandbox struct {
 	Replica string
 }
 
-// FinalSandbox reports whether a sandbox status is final.
-func FinalSandbox(status string) bool { return status == SandboxDestroyed || status == SandboxError }
-
 // FinalRun reports whether a run status is final.
 func FinalRun(status string) bool { return status != "queued" && status != "running" }
 

@@ -112,23 +112,11 @@ func (d *DB) migrate(ctx context.Context) error {
 			applied_at timestamptz NOT NULL)`); err != nil {
 			return fmt.Errorf("schema_version: %w", err)
 		}
-		var cur int
-		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&cur); err != nil {
-			return fmt.Errorf("schema_version: %w", err)
-		}
-		if cur > len(ms) {
-			return fmt.Errorf("database schema version %d is newer than this binary's (%d)", cur, len(ms))
-		}
-		for _, m := range ms[cur:] {
-			if _, err := tx.ExecContext(ctx, m.SQL); err != nil {
-				return fmt.Errorf("migration %s: %w", m.Name, err)
-			}
-			if _, err := tx.ExecContext(ctx, `INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, now())`,
-				m.Version, m.Name); err != nil {
-				return fmt.Errorf("migration %s: %w", m.Name, err)
-			}
-		}
-		return nil
+		return migrate.Apply(ctx, tx, ms, func(m migrate.Migration) error {
+			_, err := tx.ExecContext(ctx, `INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, now())`,
+				m.Version, m.Name)
+			return err
+		})
 	})
 }
 
