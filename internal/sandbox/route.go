@@ -35,7 +35,7 @@ func (s *Service) Owner(ctx context.Context, acct store.Account, id string) (str
 	if err != nil {
 		return "", internal("read sandbox", err)
 	}
-	if sb.Replica == "" || sb.Replica == s.cfg.Replica || store.FinalSandbox(sb.Status) {
+	if sb.Replica == "" || sb.Replica == s.cfg.Replica || sb.Status == store.SandboxDestroyed || sb.Status == store.SandboxError {
 		return "", nil
 	}
 	rep, err := s.replica(ctx, sb.Replica)
