@@ -42,7 +42,7 @@ func withGateway(t *testing.T, m *Manager, sb *Sandbox, p egress.Policy, pinTTL 
 	t.Helper()
 	ds := &decisions{}
 	g, err := egress.NewGateway(egress.Config{Resolver: connectNames, OnDecision: ds.add, Denied: []netip.Prefix{m.Pool()},
-		OnAnswer: m.Pin, PinTTL: pinTTL, DialTimeout: 2 * time.Second})
+		OnAnswer: m.Pin, PinTTL: pinTTL, DialTimeout: 2 * time.Second, Dial: dialFakeInternet})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,6 +51,22 @@ func withGateway(t *testing.T, m *Manager, sb *Sandbox, p egress.Policy, pinTTL 
 		t.Fatal(err)
 	}
 	return g, ds
+}
+
+// inetPrefix is the fake internet's network: the only upstreams the tests' gateways dial.
+var inetPrefix = netip.MustParsePrefix("198.51.100.0/24")
+
+// dialFakeInternet is the tests' gateways' upstream dialer: it connects within the fake internet
+// and treats every other address as unreachable (it waits out the dial's deadline), so that no
+// test sends a packet beyond the host — what the host's real network does with an address such
+// as 10.9.1.1 differs between machines (one answered every port at once).
+func dialFakeInternet(ctx context.Context, network, address string) (net.Conn, error) {
+	if ap, err := netip.ParseAddrPort(address); err != nil || !inetPrefix.Contains(ap.Addr()) {
+		<-ctx.Done()
+		return nil, fmt.Errorf("dial %s: outside the fake internet: %w", address, ctx.Err())
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, address)
 }
 
 func mustPolicy(t *testing.T, block bool, allow ...string) egress.Policy {
