@@ -330,15 +330,20 @@ func containerIDs(dir string) []string {
 	return ids
 }
 
-// removeEmptyTree removes d if it holds directories only (bottom-up).
+// removeEmptyTree removes d if it holds directories and sockets only (bottom-up): a directory
+// the cluster created, with the sockets of its dead processes (the kubelet's device-plugin
+// socket is /var/lib/kubelet/device-plugins/kubelet.sock whatever its root dir).
 func removeEmptyTree(d string) {
 	ents, err := os.ReadDir(d)
 	if err != nil {
 		return
 	}
 	for _, e := range ents {
-		if e.IsDir() {
-			removeEmptyTree(filepath.Join(d, e.Name()))
+		switch p := filepath.Join(d, e.Name()); {
+		case e.IsDir():
+			removeEmptyTree(p)
+		case e.Type()&os.ModeSocket != 0:
+			_ = os.Remove(p)
 		}
 	}
 	_ = os.Remove(d)
