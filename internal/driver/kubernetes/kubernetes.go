@@ -80,7 +80,6 @@ type Driver struct {
 	replica    string
 	images     map[string]driver.ClusterImage
 	agentImage string
-	gateway    string // the egress gateway's address as pods reach it ("": none)
 	log        *slog.Logger
 
 	mu    sync.Mutex

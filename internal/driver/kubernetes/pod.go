@@ -125,7 +125,7 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		mounts = append(mounts, corev1.VolumeMount{Name: "blocked", MountPath: p, ReadOnly: true})
 	}
 	if blockedDirs {
-		volumes = append(volumes, emptyDir("blocked", resource.NewQuantity(0, resource.BinarySI)))
+		volumes = append(volumes, emptyDir("blocked", nil)) // read-only wherever it is mounted
 	}
 	prestart := "0"
 	if spec.AllowSpawn {
@@ -138,11 +138,8 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		Command:         []string{"/sandbox-agent", "install", "/agent"},
 		VolumeMounts:    []corev1.VolumeMount{{Name: "agent", MountPath: "/agent"}},
 		SecurityContext: restricted,
-		Resources: corev1.ResourceRequirements{Requests: initResources, Limits: initResources},
-	}}
-	if ni := netinitContainer(d.agentImage, spec.Network, d.gateway); ni != nil {
-		initContainers = append(initContainers, *ni)
-	}
+		Resources:       corev1.ResourceRequirements{Requests: initResources, Limits: initResources},
+	}, netinitContainer(d.agentImage)} // Create accepts only block_outbound without an allow list
 	var runtimeClass *string
 	if img.RuntimeClass != "" {
 		runtimeClass = &img.RuntimeClass
