@@ -191,6 +191,11 @@ var harness = drivertest.Harness{
 	Idle: func(t *testing.T, dd driver.Driver, id string) { onlyInit(t, dd.(*Driver), id) },
 }
 
+// TestMeasure: create -> ready and a print(1) run, p50 of 10 (SANDBOXD_MEASURE=1), per runtime.
+func TestMeasure(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) { drivertest.Measure(t, harness, d, 10) })
+}
+
 func TestConformance(t *testing.T) {
 	for _, name := range testRuntimes {
 		t.Run(name, func(t *testing.T) {
