@@ -1,7 +1,7 @@
 // Package kubernetes is the sandbox driver that runs each sandbox as a pod of a Kubernetes
 // cluster, through client-go. It registers itself as driver "kubernetes".
 //
-// A sandbox is one pod (pod.go) named sbx-<id>, labelled app.kubernetes.io/managed-by=sandboxd,
+// A sandbox is one pod (pod.go) named sbx-<hash of id>, labelled app.kubernetes.io/managed-by=sandboxd,
 // sandboxd/id=<id> and sandboxd/replica=<Options.Replica>, and a Secret of the same name holding
 // the sandbox's agent secret:
 //
@@ -143,6 +143,9 @@ func (d *Driver) selector() string {
 func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err error) {
 	if err := statedir.CheckID(id); err != nil {
 		return err
+	}
+	if !labelValue.MatchString(id) {
+		return fmt.Errorf("kubernetes: sandbox id %q is not a label value (at most 63 characters, ending in a letter or digit)", id)
 	}
 	if spec.SitePackages != "" {
 		return fmt.Errorf("kubernetes: site packages: %w", driver.ErrUnsupported)
@@ -368,14 +371,16 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 		return nil
 	}
 	name := objectName(id)
+	// Grace 1 s, not 0: 0 removes the object at once (a force delete) while the kubelet may still
+	// run the containers; 1 has the kubelet kill them (the agent ignores SIGTERM: SIGKILL after
+	// 1 s) and remove the object once they are gone, which waitGone waits for.
 	fg := metav1.DeletePropagationForeground
-	zero := int64(0)
-	opts := metav1.DeleteOptions{PropagationPolicy: &fg, GracePeriodSeconds: &zero}
+	grace := int64(1)
 	pods, secrets := d.cs.CoreV1().Pods(d.ns), d.cs.CoreV1().Secrets(d.ns)
-	if err := pods.Delete(ctx, name, opts); err != nil && !apierrors.IsNotFound(err) {
+	if err := pods.Delete(ctx, name, metav1.DeleteOptions{PropagationPolicy: &fg, GracePeriodSeconds: &grace}); err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("kubernetes: destroy %s: pod: %w", id, err)
 	}
-	if err := secrets.Delete(ctx, name, opts); err != nil && !apierrors.IsNotFound(err) {
+	if err := secrets.Delete(ctx, name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("kubernetes: destroy %s: secret: %w", id, err)
 	}
 	if err := d.waitGone(ctx, name); err != nil {
@@ -456,7 +461,8 @@ func metasOfSecrets(ss []corev1.Secret) []metav1.ObjectMeta {
 	return ms
 }
 
-// Kill deletes sandbox id's pod at once without waiting (driver.Killer).
+// Kill force-deletes sandbox id's pod without waiting (driver.Killer): the object goes at once,
+// the kubelet kills the containers when it sees that; List still has the Secret until a Destroy.
 func (d *Driver) Kill(id string) error {
 	if statedir.CheckID(id) != nil {
 		return nil

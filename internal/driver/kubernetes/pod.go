@@ -1,13 +1,15 @@
 package kubernetes
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
-	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -37,8 +39,15 @@ const (
 // AgentPort is the port the agent listens on in every pod.
 const AgentPort = 7070
 
-// objectName is the name of sandbox id's pod and Secret.
-func objectName(id string) string { return "sbx-" + strings.ToLower(id) }
+// objectName is the name of sandbox id's pod and Secret: a DNS label, which an ID (with "_" and
+// capitals) need not be.
+func objectName(id string) string {
+	sum := sha256.Sum256([]byte(id))
+	return "sbx-" + hex.EncodeToString(sum[:10])
+}
+
+// labelValue matches what Kubernetes accepts as a label value.
+var labelValue = regexp.MustCompile(`^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$`)
 
 func (d *Driver) labels(id string) map[string]string {
 	return map[string]string{labelManagedBy: managedBy, labelID: id, labelReplica: d.replica}
