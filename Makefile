@@ -8,7 +8,7 @@ WASM    := python:3.11-wasi
 GOFLAGS ?=
 export CGO_ENABLED := 0
 
-.PHONY: all deps image wasm vm runsc caches build doctor run test test-vm bench clean
+.PHONY: all deps image wasm vm runsc k8s caches build doctor run test test-vm bench clean
 
 all: build
 
@@ -37,6 +37,12 @@ vm: deps
 runsc:
 	@scripts/build-runsc.sh >/dev/null
 
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and etcd, built statically from
+# their Go modules at pinned versions (about 19 min the first time), cached in
+# ~/.cache/sandboxd/k8s: the single-node cluster internal/k8stest runs for the tests.
+k8s:
+	@scripts/build-k8s.sh >/dev/null
+
 build:
 	go build $(GOFLAGS) -o bin/sandboxd ./cmd/sandboxd
 	go build $(GOFLAGS) -o bin/sandbox-agent ./cmd/sandbox-agent
@@ -56,10 +62,11 @@ run:
 # small machine, and timing-sensitive host tests must not share them. test/vm's summary lines
 # (vm[init|systemd]: boot, tests, results) are printed; its whole output goes to bin/test-vm.log.
 TESTENV = SANDBOXD_ROOTFS=$$(scripts/build-image.sh) SANDBOXD_PYTHON_WASM=$$(scripts/build-python-wasm.sh 2>/dev/null) \
-	SANDBOXD_RUNSC=$$(scripts/build-runsc.sh 2>/dev/null) SANDBOXD_BIN=$(CURDIR)/bin
+	SANDBOXD_RUNSC=$$(scripts/build-runsc.sh 2>/dev/null) SANDBOXD_K8S=$$(scripts/build-k8s.sh 2>/dev/null) \
+	SANDBOXD_BIN=$(CURDIR)/bin
 
-# The images, python.wasm, runsc, the test VM and the npm packages that check api/openapi.json,
-# built in parallel when missing (scripts/caches.sh).
+# The images, python.wasm, runsc, the Kubernetes binaries, the test VM and the npm packages that
+# check api/openapi.json, built in parallel when missing (scripts/caches.sh).
 caches:
 	@scripts/caches.sh
 

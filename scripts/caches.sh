@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds what make test needs besides the binaries — the cgroup v2 test VM (a kernel package: the
 # network), then the two container images (debootstrap: mostly the network and the disk) beside
-# python.wasm (the compiler: the CPU, ~8.5 min cold, the longest) and the npm packages that check
-# the OpenAPI document (npm ci: the network), and gVisor's runsc (go build: the CPU, ~2.5 min
-# alone) — each cached in ~/.cache/sandboxd, a no-op when cached. On 2 cores runsc's compile would
-# halve python.wasm's share of the CPU if they ran side by side: runsc starts after the two
-# images, whose debootstrap waits mostly on the network, so that it overlaps python.wasm's long
-# tail rather than its start, and the critical path stays python.wasm's.
+# python.wasm (the compiler: the CPU, ~8.5 min cold) and the npm packages that check the OpenAPI
+# document (npm ci: the network), gVisor's runsc (go build: the CPU, ~2.5 min alone) and the
+# Kubernetes binaries of the tests' cluster (go build: the CPU, ~19 min alone, the longest) — each
+# cached in ~/.cache/sandboxd, a no-op when cached. The Kubernetes build is the critical path: it
+# starts first, beside all the others, and the two compilers share the 2 cores while python.wasm
+# lasts. runsc starts after the two images, whose debootstrap waits mostly on the network, so that
+# it overlaps the compilers' tails rather than their start.
 # One line each with its time; each one's output goes to bin/logs/<name>.log, whose last lines are
 # shown when it fails. The dependencies are installed first, alone (apt takes a lock).
 #
@@ -33,6 +34,8 @@ phase deps scripts/install-deps.sh
 # The VM's kernel first, alone (it may run apt-get update, as the python.wasm build does: apt's
 # lists lock admits one); then debootstrap (no apt), one per image, beside the compiler.
 phase vm scripts/build-vm.sh
+phase k8s scripts/build-k8s.sh &
+k8s=$!
 phase image scripts/build-image.sh &
 image=$!
 phase image-slim scripts/build-image.sh slim &
@@ -47,7 +50,7 @@ nodetools=$!
   phase runsc scripts/build-runsc.sh ) &
 runsc=$!
 rc=0
-for p in $image $slim $wasm $nodetools $runsc; do
+for p in $k8s $image $slim $wasm $nodetools $runsc; do
   wait "$p" || rc=1
 done
 echo "make test: caches in $((SECONDS - start)) s"

@@ -11,7 +11,9 @@
 # node and npm from nodejs and npm (api/openapi_test.go lints the OpenAPI document and type-checks
 # a TypeScript client generated from it with npm packages, scripts/build-node-tools.sh; those need
 # Node.js >= 20.19, which this project's machines come with: Debian 12's own nodejs is 18, and
-# build-node-tools.sh says so).
+# build-node-tools.sh says so), and for the single-node Kubernetes cluster of the tests
+# (internal/k8stest, over binaries from scripts/build-k8s.sh): containerd (with ctr and the runc
+# shim) and the CNI plugins bridge, host-local and loopback from containernetworking-plugins.
 # Idempotent: apt-get runs only when something is missing
 # (after an `apt-get update`), non-interactively. Needs root (or sudo) only in that case.
 #
@@ -33,6 +35,15 @@ declare -A pkgs=(
   [nft]=nftables
   [node]=nodejs
   [npm]=npm
+  [containerd]=containerd
+  [ctr]=containerd
+  [containerd-shim-runc-v2]=containerd
+)
+# files (not commands on PATH) → Debian package providing them
+declare -A files=(
+  [/usr/lib/cni/bridge]=containernetworking-plugins
+  [/usr/lib/cni/host-local]=containernetworking-plugins
+  [/usr/lib/cni/loopback]=containernetworking-plugins
 )
 
 # debootstrap lives in /usr/sbin, which a non-root PATH may lack.
@@ -49,12 +60,16 @@ for cmd in "${!pkgs[@]}"; do
   have "$cmd" || missing+=("${pkgs[$cmd]}")
 done
 
+for f in "${!files[@]}"; do
+  [ -e "$f" ] || missing+=("${files[$f]}")
+done
+
 for mod in "${!pymods[@]}"; do
   [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import $mod" 2>/dev/null || missing+=("${pymods[$mod]}")
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, mkfs.ext4, qemu, busybox, depmod, nft, node, npm, python3 with pip, setuptools, wheel)" >&2
+  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, mkfs.ext4, qemu, busybox, depmod, nft, node, npm, containerd, ctr, CNI plugins, python3 with pip, setuptools, wheel)" >&2
   exit 0
 fi
 
@@ -70,5 +85,8 @@ $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
 $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 for cmd in "${!pkgs[@]}"; do
   have "$cmd" || { echo "install-deps: $cmd still missing after install" >&2; exit 1; }
+done
+for f in "${!files[@]}"; do
+  [ -e "$f" ] || { echo "install-deps: $f still missing after install" >&2; exit 1; }
 done
 echo "install-deps: done" >&2

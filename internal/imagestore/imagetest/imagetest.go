@@ -143,10 +143,20 @@ func Digest(t testing.TB, img v1.Image) string {
 	return d.String()
 }
 
-// DirLayer makes one gzip layer (fastest compression) of the tree at dir, as it is: files,
-// directories, symlinks, hard links (by inode), devices; modes, owners and times. The tar is
-// written once to a file of t's.
+// DirLayer makes one gzip layer (fastest compression) of the tree at dir (DirTar).
 func DirLayer(t testing.TB, dir string) v1.Layer {
+	t.Helper()
+	l, err := tarball.LayerFromFile(DirTar(t, dir), tarball.WithCompressionLevel(gzip.BestSpeed), tarball.WithCompressedCaching)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// DirTar writes the tree at dir, as it is — files, directories, symlinks, hard links (by inode),
+// devices; modes, owners and modification times (not access or change times: the same tree
+// makes the same tar) — as a tar file of t's and returns its path.
+func DirTar(t testing.TB, dir string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "layer.tar")
 	f, err := os.Create(p)
@@ -181,6 +191,7 @@ func DirLayer(t testing.TB, dir string) v1.Layer {
 			return err
 		}
 		h.Name, h.Uname, h.Gname, h.Format = filepath.ToSlash(rel), "", "", tar.FormatPAX
+		h.AccessTime, h.ChangeTime = time.Time{}, time.Time{}
 		if fi.IsDir() {
 			h.Name += "/"
 		}
@@ -215,11 +226,7 @@ func DirLayer(t testing.TB, dir string) v1.Layer {
 	if err != nil {
 		t.Fatalf("tar of %s: %v", dir, err)
 	}
-	l, err := tarball.LayerFromFile(p, tarball.WithCompressionLevel(gzip.BestSpeed), tarball.WithCompressedCaching)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return l
+	return p
 }
 
 // WheelFile is one entry of a wheel (Wheel): its name as stored (hostile ones included), its

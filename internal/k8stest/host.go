@@ -1,0 +1,316 @@
+package k8stest
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/cgroup"
+	"github.com/sandboxd/sandboxd/internal/waitfor"
+)
+
+// sysctls are the kernel settings the cluster changes (the kubelet's tunables, and the bridge
+// plugin's ip_forward), restored by teardown from the state directory's sysctls.json.
+var sysctls = []string{
+	"vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
+	"kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes", "net/ipv4/ip_forward",
+}
+
+// hostDirs are host directories a component may create despite the configuration (the kubelet's
+// /var/log/containers symlinks, defaults of containerd's and the CNI plugins'); teardown removes
+// those that did not exist before, if empty.
+var hostDirs = []string{
+	"/var/log/containers", "/var/log/pods", "/var/lib/kubelet", "/var/lib/containerd", "/run/containerd",
+	"/var/run/netns", "/var/lib/cni", "/etc/cni", "/opt/cni", "/opt/containerd", "/run/kubernetes",
+	"/etc/kubernetes", "/usr/libexec/kubernetes",
+}
+
+// hostState is what of the host the cluster may change, before it starts.
+type hostState struct {
+	Sysctls map[string]string `json:"sysctls"`
+	Missing []string          `json:"missing"` // hostDirs that did not exist
+}
+
+func snapshotHost() hostState {
+	s := hostState{Sysctls: map[string]string{}}
+	for _, k := range sysctls {
+		if v, err := os.ReadFile("/proc/sys/" + k); err == nil {
+			s.Sysctls[k] = strings.TrimSpace(string(v))
+		}
+	}
+	for _, d := range hostDirs {
+		if _, err := os.Lstat(d); errors.Is(err, os.ErrNotExist) {
+			s.Missing = append(s.Missing, d)
+		}
+	}
+	return s
+}
+
+// saveHostSettings writes c.before into the state directory, for a teardown by another process.
+func (c *Cluster) saveHostSettings() error {
+	b, _ := json.Marshal(c.before)
+	return os.WriteFile(filepath.Join(c.dir, "host.json"), b, 0o600)
+}
+
+// nodeIP is the IPv4 address of the interface of the default route (else the first global one).
+func nodeIP() (string, error) {
+	var names []string
+	if f, err := os.Open("/proc/net/route"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fs := strings.Fields(sc.Text())
+			if len(fs) > 2 && fs[1] == "00000000" {
+				names = append(names, fs[0])
+			}
+		}
+		f.Close()
+	}
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return "", err
+	}
+	for _, i := range ifs {
+		if i.Flags&net.FlagUp != 0 && i.Flags&net.FlagLoopback == 0 && i.Name != BridgeName {
+			names = append(names, i.Name)
+		}
+	}
+	for _, n := range names {
+		i, err := net.InterfaceByName(n)
+		if err != nil {
+			continue
+		}
+		addrs, _ := i.Addrs()
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() != nil && ipn.IP.IsGlobalUnicast() {
+				return ipn.IP.String(), nil
+			}
+		}
+	}
+	return "", errors.New("no non-loopback IPv4 address for the node (the kubelet must not listen on loopback)")
+}
+
+// podCIDR is the first of 10.244.N.0/24 that no route of the host's overlaps.
+func podCIDR() (string, error) {
+	var routes []*net.IPNet
+	if f, err := os.Open("/proc/net/route"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fs := strings.Fields(sc.Text())
+			if len(fs) < 8 || fs[1] == "Destination" || fs[1] == "00000000" || fs[0] == BridgeName {
+				continue
+			}
+			d, err1 := strconv.ParseUint(fs[1], 16, 32)
+			m, err2 := strconv.ParseUint(fs[7], 16, 32)
+			if err1 != nil || err2 != nil {
+				continue
+			}
+			ip, mask := make(net.IP, 4), make(net.IPMask, 4)
+			binary.LittleEndian.PutUint32(ip, uint32(d))
+			binary.LittleEndian.PutUint32(mask, uint32(m))
+			routes = append(routes, &net.IPNet{IP: ip, Mask: mask})
+		}
+		f.Close()
+	}
+	for n := 0; n < 256; n++ {
+		_, cand, _ := net.ParseCIDR(fmt.Sprintf("10.244.%d.0/24", n))
+		free := true
+		for _, r := range routes {
+			if r.Contains(cand.IP) || cand.Contains(r.IP) {
+				free = false
+				break
+			}
+		}
+		if free {
+			return cand.String(), nil
+		}
+	}
+	return "", errors.New("no free 10.244.N.0/24 for the pods")
+}
+
+// cgroupMounts are the mount points of the host's cgroup hierarchies (v1 and v2).
+func cgroupMounts() []string {
+	l, err := cgroup.ReadLayout()
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, m := range l.Mounts() {
+		out = append(out, m.Dir)
+	}
+	return out
+}
+
+// makeCgroupRoot makes CgroupRoot in every hierarchy (the kubelet requires it to exist), with
+// the parent's cpus and mems in a cgroup v1 cpuset.
+func makeCgroupRoot() error {
+	for _, m := range cgroupMounts() {
+		d := filepath.Join(m, CgroupRoot)
+		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return err
+		}
+		for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+			if v, err := os.ReadFile(filepath.Join(m, f)); err == nil {
+				if err := os.WriteFile(filepath.Join(d, f), v, 0o644); err != nil {
+					return fmt.Errorf("%s: %w", filepath.Join(d, f), err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// mountPoints is the mount points of this process's mount namespace.
+func mountPoints() []string {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, l := range strings.Split(string(data), "\n") {
+		if fs := strings.Fields(l); len(fs) > 4 {
+			out = append(out, cgroup.UnescapeMountinfo(fs[4]))
+		}
+	}
+	return out
+}
+
+// stop stops the components in reverse order of start (SIGTERM, then SIGKILL after a grace),
+// then tears the rest down.
+func (c *Cluster) stop() error {
+	for i := len(c.procs) - 1; i >= 0; i-- {
+		p := c.procs[i]
+		if p.exited() {
+			continue
+		}
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(15 * time.Second):
+			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+			<-p.done
+		}
+	}
+	err := teardown(c.dir)
+	if c.lock != nil {
+		_ = c.lock.Truncate(0)
+		c.lock.Close() // releases the flock
+		c.lock = nil
+	}
+	return err
+}
+
+// teardown removes what a cluster with state directory dir left: processes that name dir
+// (containerd's shims, and the components if a killed test process left them), the processes of
+// the pods' cgroups and those cgroups, the mounts under dir (pods' root filesystems, network
+// namespaces, shm), the bridge, the kubelet's symlinks into dir, dir itself; it restores the
+// kernel settings and removes the host directories that did not exist before, if empty.
+func teardown(dir string) error {
+	var errs []error
+	// Processes naming dir: SIGKILL, and wait until gone.
+	for _, pid := range pidsNaming(dir) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+	if !waitfor.Until(30*time.Second, func() bool { return len(pidsNaming(dir)) == 0 }) {
+		errs = append(errs, fmt.Errorf("processes naming %s survive SIGKILL: %v", dir, pidsNaming(dir)))
+	}
+	if err := removeCgroupRoot(); err != nil {
+		errs = append(errs, err)
+	}
+	// Mounts under dir, deepest first.
+	var points []string
+	for _, m := range mountPoints() {
+		if m == dir || strings.HasPrefix(m, dir+"/") {
+			points = append(points, m)
+		}
+	}
+	sort.Sort(sort.Reverse(sort.StringSlice(points)))
+	for _, p := range points {
+		if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("umount %s: %w", p, err))
+		}
+	}
+	if _, err := net.InterfaceByName(BridgeName); err == nil {
+		if out, err := exec.Command("ip", "link", "del", BridgeName).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("ip link del %s: %v: %s", BridgeName, err, out))
+		}
+	}
+	if ents, err := os.ReadDir("/var/log/containers"); err == nil {
+		for _, e := range ents {
+			p := filepath.Join("/var/log/containers", e.Name())
+			if t, err := os.Readlink(p); err == nil && strings.HasPrefix(t, dir+"/") {
+				_ = os.Remove(p)
+			}
+		}
+	}
+	var before hostState
+	if b, err := os.ReadFile(filepath.Join(dir, "host.json")); err == nil && json.Unmarshal(b, &before) == nil {
+		for k, v := range before.Sysctls {
+			if cur, err := os.ReadFile("/proc/sys/" + k); err == nil && strings.TrimSpace(string(cur)) != v {
+				if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
+					errs = append(errs, fmt.Errorf("restore %s=%s: %w", k, v, err))
+				}
+			}
+		}
+		for _, d := range before.Missing {
+			removeEmptyTree(d)
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// removeEmptyTree removes d if it holds directories only (bottom-up).
+func removeEmptyTree(d string) {
+	ents, err := os.ReadDir(d)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if e.IsDir() {
+			removeEmptyTree(filepath.Join(d, e.Name()))
+		}
+	}
+	_ = os.Remove(d)
+}
+
+// pidsNaming is the processes whose command line names dir (other than this one).
+func pidsNaming(dir string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.Contains(string(cmdline), dir+"/") {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// removeCgroupRoot kills every process of CgroupRoot's cgroups and removes them, in every
+// hierarchy.
+func removeCgroupRoot() error {
+	l, err := cgroup.ReadLayout()
+	if err != nil {
+		return err
+	}
+	return l.Remove(CgroupRoot)
+}

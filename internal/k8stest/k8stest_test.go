@@ -1,0 +1,243 @@
+package k8stest
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/sandboxd/sandboxd/internal/waitfor"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	Stop()
+	os.Exit(code)
+}
+
+// python starts the cluster and imports $SANDBOXD_ROOTFS (python3): a client and the pinned image.
+func python(t *testing.T) (*Cluster, *kubernetes.Clientset, string) {
+	t.Helper()
+	rootfs := os.Getenv("SANDBOXD_ROOTFS")
+	if rootfs == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("k8stest: SANDBOXD_ROOTFS must be set under CI")
+		}
+		t.Skip("SANDBOXD_ROOTFS is not set (SANDBOXD_ROOTFS=$(scripts/build-image.sh))")
+	}
+	c := Start(t)
+	t.Logf("cluster started in %v (node %s at %s, pods in %s)", c.StartDuration.Round(time.Millisecond), c.NodeName, c.NodeIP, c.CNIBridgeCIDR)
+	t0 := time.Now()
+	img := c.ImportImage(t, rootfs, "sandboxd.invalid/k8stest/python:1")
+	t.Logf("ImportImage(%s) = %s in %v", rootfs, img, time.Since(t0).Round(time.Millisecond))
+	cs, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, cs, img
+}
+
+// pod is a pod of ours: one container running cmd, never restarted, no service-account token,
+// the image never pulled.
+func pod(name, image string, cmd ...string) *corev1.Pod {
+	no, zero := false, int64(0)
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.PodSpec{
+			RestartPolicy:                 corev1.RestartPolicyNever,
+			AutomountServiceAccountToken:  &no,
+			TerminationGracePeriodSeconds: &zero,
+			Containers: []corev1.Container{{
+				Name: "main", Image: image, ImagePullPolicy: corev1.PullNever, Command: cmd,
+			}},
+		},
+	}
+}
+
+// run creates p and waits until it is in a phase of want (or Failed); it returns the pod and
+// how long creation to that phase took.
+func run(t *testing.T, cs *kubernetes.Clientset, p *corev1.Pod, want ...corev1.PodPhase) (*corev1.Pod, time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	w, err := cs.CoreV1().Pods("default").Watch(ctx, metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("metadata.name", p.Name).String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	t0 := time.Now()
+	if _, err := cs.CoreV1().Pods("default").Create(ctx, p, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cs.CoreV1().Pods("default").Delete(context.Background(), p.Name, metav1.DeleteOptions{})
+	})
+	for ev := range w.ResultChan() {
+		got, ok := ev.Object.(*corev1.Pod)
+		if !ok {
+			continue
+		}
+		for _, ph := range want {
+			if got.Status.Phase == ph {
+				return got, time.Since(t0)
+			}
+		}
+		if got.Status.Phase == corev1.PodFailed {
+			t.Fatalf("pod %s failed: %+v", p.Name, got.Status)
+		}
+	}
+	t.Fatalf("pod %s: not %v within the timeout", p.Name, want)
+	return nil, 0
+}
+
+func TestPodRunsPython(t *testing.T) {
+	_, cs, img := python(t)
+	_, took := run(t, cs, pod("print", img, "python3", "-c", "print(1)"), corev1.PodSucceeded)
+	t.Logf("create → Succeeded: %v", took.Round(time.Millisecond))
+	logs, err := cs.CoreV1().Pods("default").GetLogs("print", &corev1.PodLogOptions{}).DoRaw(context.Background())
+	if err != nil {
+		t.Fatalf("logs: %v", err)
+	}
+	if string(logs) != "1\n" {
+		t.Fatalf("log %q, want %q", logs, "1\n")
+	}
+}
+
+func TestHostReachesPod(t *testing.T) {
+	_, cs, img := python(t)
+	p, took := run(t, cs, pod("http", img, "python3", "-m", "http.server", "8000"), corev1.PodRunning)
+	t.Logf("create → Running: %v (pod IP %s)", took.Round(time.Millisecond), p.Status.PodIP)
+	var body string
+	ok := waitfor.Until(time.Minute, func() bool {
+		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get("http://" + p.Status.PodIP + ":8000/")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		body = string(b)
+		return resp.StatusCode == http.StatusOK
+	})
+	if !ok || !strings.Contains(body, "Directory listing") {
+		t.Fatalf("GET http://%s:8000/: ok=%v body %.200q", p.Status.PodIP, ok, body)
+	}
+}
+
+// A pod's code is hostile: from the pods' network it must not reach etcd (loopback only: the
+// cluster's whole state), nor the kubelet's API without a client certificate of the cluster's CA.
+func TestPodCannotReachClusterState(t *testing.T) {
+	c, cs, img := python(t)
+	probe := fmt.Sprintf(`
+import socket, ssl, urllib.request, urllib.error
+try:
+    socket.create_connection((%[1]q, %[2]d), timeout=5); print("etcd: connected")
+except OSError as e:
+    print("etcd: refused" if isinstance(e, ConnectionRefusedError) else "etcd: " + type(e).__name__)
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+try:
+    urllib.request.urlopen("https://%[1]s:%[3]d/pods", context=ctx, timeout=5); print("kubelet: 200")
+except urllib.error.HTTPError as e:
+    print("kubelet: %%d" %% e.code)
+except Exception as e:
+    print("kubelet: " + type(e).__name__)
+`, c.NodeIP, c.etcdPort, c.kubeletPort)
+	run(t, cs, pod("probe", img, "python3", "-c", probe), corev1.PodSucceeded)
+	logs, err := cs.CoreV1().Pods("default").GetLogs("probe", &corev1.PodLogOptions{}).DoRaw(context.Background())
+	if err != nil {
+		t.Fatalf("logs: %v", err)
+	}
+	if want := "etcd: refused\nkubelet: 401\n"; string(logs) != want {
+		t.Fatalf("probe said %q, want %q", logs, want)
+	}
+}
+
+// Stop leaves nothing: run last (it stops the process's cluster, with a pod still running).
+func TestStopLeavesNothing(t *testing.T) {
+	c := Start(t)
+	cs, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, cs, pod("sleeper", PauseImage, "/busybox", "sleep", "1000"), corev1.PodRunning)
+	dir := c.dir
+	pids := pidsNaming(dir)
+	for _, p := range c.procs {
+		pids = append(pids, p.cmd.Process.Pid)
+	}
+	veths, _ := os.ReadDir("/sys/class/net/" + BridgeName + "/brif")
+	if len(veths) == 0 {
+		t.Fatalf("no veth on %s with a pod running", BridgeName)
+	}
+	before := c.before
+	Stop()
+
+	var left []string
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, 0); err != syscall.ESRCH {
+			left = append(left, fmt.Sprintf("process %d (%v)", pid, err))
+		}
+	}
+	for _, pid := range pidsNaming(dir) {
+		left = append(left, fmt.Sprintf("process %d naming %s", pid, dir))
+	}
+	for _, m := range mountPoints() {
+		if strings.HasPrefix(m, dir) {
+			left = append(left, "mount "+m)
+		}
+	}
+	if _, err := os.Lstat(dir); err == nil {
+		left = append(left, "state directory "+dir)
+	}
+	if _, err := os.Lstat("/sys/class/net/" + BridgeName); err == nil {
+		left = append(left, "bridge "+BridgeName)
+	}
+	for _, v := range veths {
+		if _, err := os.Lstat("/sys/class/net/" + v.Name()); err == nil {
+			left = append(left, "veth "+v.Name())
+		}
+	}
+	for _, m := range cgroupMounts() {
+		if _, err := os.Lstat(filepath.Join(m, CgroupRoot)); err == nil {
+			left = append(left, "cgroup "+filepath.Join(m, CgroupRoot))
+		}
+	}
+	after := snapshotHost()
+	for k, v := range before.Sysctls {
+		if after.Sysctls[k] != v {
+			left = append(left, fmt.Sprintf("sysctl %s=%s (was %s)", k, after.Sysctls[k], v))
+		}
+	}
+	for _, d := range before.Missing {
+		if _, err := os.Lstat(d); err == nil {
+			left = append(left, "directory "+d)
+		}
+	}
+	for _, cmd := range [][]string{{"iptables-save"}, {"nft", "list", "ruleset"}} {
+		out, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput()
+		if err != nil {
+			continue // no such tool: no such rules
+		}
+		for _, l := range strings.Split(string(out), "\n") {
+			for _, s := range []string{BridgeName, c.CNIBridgeCIDR, "KUBE-", "CNI-"} {
+				if strings.Contains(l, s) {
+					left = append(left, fmt.Sprintf("%s: %s", cmd[0], l))
+				}
+			}
+		}
+	}
+	if len(left) > 0 {
+		t.Fatalf("left after Stop:\n%s", strings.Join(left, "\n"))
+	}
+}
