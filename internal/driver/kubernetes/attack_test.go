@@ -45,7 +45,7 @@ func sandbox(t *testing.T, d driver.Driver, spec driver.Spec) string {
 func TestPodConfinement(t *testing.T) {
 	d := shared(t)
 	spec := testSpec()
-	spec.Blocked = []string{"/usr/share/doc", "/usr/lib/os-release"}
+	spec.Blocked = []string{"/usr/share/common-licenses", "/usr/lib/os-release"}
 	spec.Mounts = []driver.Mount{{Path: "/workspace/output"}}
 	id := sandbox(t, d, spec)
 	got := probe(t, d, id, `
@@ -61,9 +61,9 @@ attempt("uid", lambda: "%d %d" % (os.getuid(), os.getgid()))
 attempt("caps", lambda: status("CapEff") + " " + status("CapBnd"))
 attempt("nnp", lambda: status("NoNewPrivs"))
 attempt("seccomp", lambda: status("Seccomp"))
-attempt("blocked dir", lambda: os.listdir("/usr/share/doc") or None)
-attempt("blocked dir file", lambda: read("/usr/share/doc/base-files/README"))
-attempt("blocked dir write", lambda: write("/usr/share/doc/x"))
+attempt("blocked dir", lambda: os.listdir("/usr/share/common-licenses") or None)
+attempt("blocked dir file", lambda: read("/usr/share/common-licenses/GPL-3"))
+attempt("blocked dir write", lambda: write("/usr/share/common-licenses/x"))
 attempt("blocked file", lambda: read("/usr/lib/os-release"))
 attempt("rw write", lambda: write("/workspace/output/x"))
 attempt("tmp write", lambda: write("/tmp/x"))
