@@ -49,11 +49,11 @@ func TestPodConfinement(t *testing.T) {
 	spec.Mounts = []driver.Mount{{Path: "/workspace/output"}}
 	id := sandbox(t, d, spec)
 	got := probe(t, d, id, `
-import glob
+import os
 def status(key):
     return [l.split(":", 1)[1].strip() for l in open("/proc/self/status") if l.startswith(key + ":")][0]
 attempt("token", lambda: os.listdir("/var/run/secrets/kubernetes.io/serviceaccount"))
-attempt("any token", lambda: glob.glob("/var/run/secrets/**", recursive=True) or None)
+attempt("any token", lambda: [f for d in ("/run/secrets", "/var/run/secrets") for _, _, fs in os.walk(d) for f in fs] or None)
 attempt("root write", lambda: write("/usr/x"))
 attempt("etc write", lambda: write("/etc/passwd"))
 attempt("agent write", lambda: write("/.sandbox/bin/sandbox-agent"))
