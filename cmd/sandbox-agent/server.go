@@ -82,10 +82,11 @@ func newAgent(python string, log *slog.Logger, tcp *tcpMode) (*agentServer, erro
 		log.Warn("prctl(PR_SET_CHILD_SUBREAPER)", "err", err)
 	}
 	a.reaper = startReaper()
+	listen := a.listen
 	if tcp != nil {
-		return a, a.listenTCP(tcp)
+		listen = func() error { return a.listenTCP(tcp) }
 	}
-	if err := a.listen(); err != nil {
+	if err := listen(); err != nil {
 		return nil, err
 	}
 	return a, nil
