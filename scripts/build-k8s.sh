@@ -33,8 +33,9 @@
 #   BUILDINFO       key=value: versions, go, sha256 of each binary, fetch and build seconds
 #   .complete       written last; a directory without it is never used
 # The containerd, runc and CNI plugins the cluster also needs are Debian's (scripts/install-deps.sh).
-# Cost (this 2-core machine): ~19 min of compiling cold when the machine is otherwise idle, ~1 GB
-# of module sources in the Go module cache, ~2.5 GB of GOCACHE, ~400 MB of binaries.
+# Cost (this 2-core machine): ~19 min of compiling cold when the machine is otherwise idle (28 CPU
+# minutes; 72 min of wall time when it was shared at load 15–24), ~400 MB of binaries, and the
+# modules' sources in the Go module cache (k8s.io alone ~280 MB).
 set -euo pipefail
 
 KUBE_VERSION=v1.37.2

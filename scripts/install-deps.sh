@@ -11,9 +11,11 @@
 # node and npm from nodejs and npm (api/openapi_test.go lints the OpenAPI document and type-checks
 # a TypeScript client generated from it with npm packages, scripts/build-node-tools.sh; those need
 # Node.js >= 20.19, which this project's machines come with: Debian 12's own nodejs is 18, and
-# build-node-tools.sh says so), and for the single-node Kubernetes cluster of the tests
-# (internal/k8stest, over binaries from scripts/build-k8s.sh): containerd (with ctr and the runc
-# shim) and the CNI plugins bridge, host-local and loopback from containernetworking-plugins.
+# build-node-tools.sh says so), postgresql (Debian 12's PostgreSQL 15: the postgres store's
+# tests start throwaway servers with its initdb and postgres, internal/store/postgres/pgtest),
+# and for the single-node Kubernetes cluster of the tests (internal/k8stest, over binaries from
+# scripts/build-k8s.sh): containerd (with ctr and the runc shim) and the CNI plugins bridge,
+# host-local and loopback from containernetworking-plugins.
 # Idempotent: apt-get runs only when something is missing
 # (after an `apt-get update`), non-interactively. Needs root (or sudo) only in that case.
 #
@@ -35,6 +37,7 @@ declare -A pkgs=(
   [nft]=nftables
   [node]=nodejs
   [npm]=npm
+  [postgres]=postgresql
   [containerd]=containerd
   [ctr]=containerd
   [containerd-shim-runc-v2]=containerd
@@ -47,7 +50,8 @@ declare -A files=(
 )
 
 # debootstrap lives in /usr/sbin, which a non-root PATH may lack.
-have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+# PostgreSQL's server binaries live in /usr/lib/postgresql/<version>/bin, out of PATH.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] || compgen -G "/usr/lib/postgresql/*/bin/$1" >/dev/null; }
 # Python modules → Debian package (checked with Debian's own python3).
 declare -A pymods=(
   [pip]=python3-pip
@@ -69,7 +73,7 @@ for mod in "${!pymods[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, mkfs.ext4, qemu, busybox, depmod, nft, node, npm, containerd, ctr, CNI plugins, python3 with pip, setuptools, wheel)" >&2
+  echo "install-deps: all present (crun, runc, debootstrap, ip, nsenter, mkfs.ext4, qemu, busybox, depmod, nft, node, npm, postgres, containerd, ctr, CNI plugins, python3 with pip, setuptools, wheel)" >&2
   exit 0
 fi
 

@@ -29,7 +29,12 @@ import os, sys, socket, select, fcntl, ctypes, gc
 
 def _zygote():
     runner_src, start_src, nospawn = _blob.split(b"\0", 2)
-    runner = compile(runner_src, "<sandbox-runner>", "exec")
+    # The runner is defined here once (its functions and classes: runner.py, _sandbox_zygote), in
+    # globals each forked process runs its bootstrap in; the bootstrap's exec(_r) then only calls it.
+    runner = {"__name__": "__main__", "__builtins__": __builtins__, "_sandbox_zygote": True}
+    exec(compile(runner_src, "<sandbox-runner>", "exec"), runner)
+    del runner["_sandbox_zygote"], runner_src
+    runner["_r"] = compile("_sandbox_main()", "<sandbox-runner>", "exec")
     start = compile(start_src, "<sandbox-bootstrap>", "exec")
     libc = ctypes.CDLL(None, use_errno=True)
     prog = None
@@ -126,8 +131,9 @@ def _child(fds, w, allow_spawn, max_out, runner, start, libc, prog, context, zen
             os._exit(127)
     os.close(5)
     sys.argv[:] = ["-c", "", str(max_out)]
-    g = {"__name__": "__main__", "__builtins__": __builtins__, "_r": runner, "_zenv": zenv,
-         "_sandbox_dumpable": lambda on, _prctl=libc.prctl: _prctl(4, on, 0, 0, 0)}  # PR_SET_DUMPABLE
+    g = runner  # this process's copy of the zygote's: the runner's globals
+    g["_zenv"] = zenv
+    g["_sandbox_dumpable"] = lambda on, _prctl=libc.prctl: _prctl(4, on, 0, 0, 0)  # PR_SET_DUMPABLE
     if context:
         g["_sandbox_context_fd"] = 3
     del fds, w, libc, prog

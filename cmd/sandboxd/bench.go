@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -60,6 +61,8 @@ func bench(args []string, log *slog.Logger) error {
 	runtimeName := fs.String("runtime", "", "OCI runtime: crun or runc (default: detect)")
 	runscBin := fs.String("runsc", "", "gVisor's runsc binary (scripts/build-runsc.sh): adds runsc's create and print(1) run figures beside the default runtime's")
 	runscN := fs.Int("runsc-n", 20, "samples per runsc figure (and its baseline's)")
+	cpuOnly := fs.Bool("cpu-only", false, "measure only the CPU per run, its floor and the runs/s of fresh and context runs")
+	cpuProfile := fs.String("cpuprofile", "", "with --cpu-only: write a CPU profile of this process (the server) during it to FILE (go tool pprof)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -115,22 +118,6 @@ func bench(args []string, log *slog.Logger) error {
 		}
 	}
 
-	// Latencies, interleaved.
-	progress("bench: %d latency samples…", *n)
-	live, err := c.create(benchConfig)
-	if err != nil {
-		return err
-	}
-	if _, err := c.run(live); err != nil { // warm-up
-		return err
-	}
-	liveCtx, err := c.createContext(live)
-	if err != nil {
-		return err
-	}
-	if _, err := c.runIn(live, liveCtx); err != nil { // warm-up
-		return err
-	}
 	// Every sample starts with the warm pool settled: no sandbox being provisioned in the
 	// background meanwhile (it would slow down what is measured, baselines included), and creates
 	// find a warm sandbox, as they do when they come no faster than the pool refills.
@@ -149,6 +136,47 @@ func bench(args []string, log *slog.Logger) error {
 		for end := time.Now().Add(10 * time.Second); time.Now().Before(end) && !rel.Released(id); {
 			time.Sleep(time.Millisecond)
 		}
+	}
+	cpuOf, ok := rel.(interface {
+		CPUUsage(id string) (time.Duration, error)
+	})
+	if !ok {
+		return errors.New("bench: the container driver cannot tell a sandbox's CPU time")
+	}
+	if *cpuOnly {
+		progress("bench: CPU per run…")
+		if *cpuProfile != "" {
+			f, err := os.Create(*cpuProfile)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			if err := pprof.StartCPUProfile(f); err != nil {
+				return err
+			}
+			defer pprof.StopCPUProfile()
+		}
+		if err := benchRunCPU(c, rep, cpuOf.CPUUsage, *n, settle); err != nil {
+			return err
+		}
+		return rep.output(*asJSON)
+	}
+
+	// Latencies, interleaved.
+	progress("bench: %d latency samples…", *n)
+	live, err := c.create(benchConfig)
+	if err != nil {
+		return err
+	}
+	if _, err := c.run(live); err != nil { // warm-up
+		return err
+	}
+	liveCtx, err := c.createContext(live)
+	if err != nil {
+		return err
+	}
+	if _, err := c.runIn(live, liveCtx); err != nil { // warm-up
+		return err
 	}
 	diskCost, err := newDiskCost(tmp)
 	if err != nil {
@@ -256,12 +284,6 @@ func bench(args []string, log *slog.Logger) error {
 		return err
 	}
 	progress("bench: CPU per run…")
-	cpuOf, ok := rel.(interface {
-		CPUUsage(id string) (time.Duration, error)
-	})
-	if !ok {
-		return errors.New("bench: the container driver cannot tell a sandbox's CPU time")
-	}
 	if err := benchRunCPU(c, rep, cpuOf.CPUUsage, *n, settle); err != nil {
 		return err
 	}
@@ -300,12 +322,17 @@ func bench(args []string, log *slog.Logger) error {
 			return err
 		}
 	}
-	if *asJSON {
+	return rep.output(*asJSON)
+}
+
+// output prints the report, as JSON if asJSON.
+func (r *report) output(asJSON bool) error {
+	if asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(rep)
+		return enc.Encode(r)
 	}
-	rep.print()
+	r.print()
 	return nil
 }
 

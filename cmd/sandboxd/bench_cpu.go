@@ -39,8 +39,10 @@ result = out
 //     client's side of HTTP, which is a fraction of a millisecond) plus the sandbox's cgroup
 //     (the agent, the zygote, the run) — against the fork floor (forkFloorCode), measured in a
 //     sandbox of the same image in the same bench;
-//   - the runs per second one client gets back to back (a figure with no baseline of its own:
-//     its inverse is the latency row).
+//   - the same CPU for print(1) runs in one code context of a sandbox (no fork per run: the
+//     path that can go below the floor), back to back after its first run;
+//   - the runs per second one client gets back to back, fresh and in a context (figures with no
+//     baseline of their own: their inverse is the latency row).
 //
 // cpuOf returns a sandbox's CPU time so far (its cgroup's).
 func benchRunCPU(c *benchClient, rep *report, cpuOf func(id string) (time.Duration, error), n int, settle func()) error {
@@ -68,7 +70,7 @@ func benchRunCPU(c *benchClient, rep *report, cpuOf func(id string) (time.Durati
 	}
 
 	// Fresh sandboxes, ten runs each at once, then runs after 2 s of idling.
-	var first, idle, cpu []time.Duration
+	var first, idle, cpu, idleCPU, srv, idleSrv []time.Duration
 	var busy time.Duration // wall time of the back-to-back runs
 	for len(first) < min(max(n, 10), 50) {
 		settle()
@@ -77,16 +79,18 @@ func benchRunCPU(c *benchClient, rep *report, cpuOf func(id string) (time.Durati
 			return err
 		}
 		for i := 0; i < 10 && err == nil; i++ {
-			var d, used time.Duration
-			if used, d, err = runCPU(c, id, cpuOf); err == nil {
-				first, cpu, busy = append(first, d), append(cpu, used), busy+d
+			var d, used, server time.Duration
+			if used, server, d, err = runCPU(c, id, "", cpuOf); err == nil {
+				first, cpu, srv, busy = append(first, d), append(cpu, used), append(srv, server), busy+d
 			}
 		}
 		for i := 0; i < 2 && err == nil; i++ {
+			settle()                    // the warm pool's refill, which waits for the sandbox to go quiet
 			time.Sleep(2 * time.Second) // what is measured: a sandbox that has idled
-			var d time.Duration
-			d, err = c.run(id)
-			idle = append(idle, d)
+			var d, used, server time.Duration
+			if used, server, d, err = runCPU(c, id, "", cpuOf); err == nil {
+				idle, idleCPU, idleSrv = append(idle, d), append(idleCPU, used), append(idleSrv, server)
+			}
 		}
 		if derr := c.delete(id); err == nil {
 			err = derr
@@ -95,32 +99,65 @@ func benchRunCPU(c *benchClient, rep *report, cpuOf func(id string) (time.Durati
 			return err
 		}
 	}
+	// One code context, n runs back to back after its first.
+	settle()
+	id, err = c.create(benchConfig)
+	if err != nil {
+		return err
+	}
+	var ctxCPU, ctxSrv []time.Duration
+	var ctxBusy time.Duration
+	cc, err := c.createContext(id)
+	if err == nil {
+		_, err = c.runIn(id, cc) // its first run
+	}
+	for i := 0; i < max(n, 20) && err == nil; i++ {
+		var d, used, server time.Duration
+		if used, server, d, err = runCPU(c, id, cc, cpuOf); err == nil {
+			ctxCPU, ctxSrv, ctxBusy = append(ctxCPU, used), append(ctxSrv, server), ctxBusy+d
+		}
+	}
+	if derr := c.delete(id); err == nil {
+		err = derr
+	}
+	if err != nil {
+		return fmt.Errorf("context runs: %w", err)
+	}
+
 	rep.add(floor, nil, "")
 	rep.add(figure{Name: "fresh run print(1): machine CPU per run", Samples: cpu}, &floor, "p50 ≤ 1.3x")
+	rep.add(figure{Name: "  of which sandboxd's", Samples: srv}, &floor, "")
+	rep.add(figure{Name: "  the same after 2 s idle", Samples: idleCPU}, &floor, "")
+	rep.add(figure{Name: "  of which sandboxd's", Samples: idleSrv}, &floor, "")
+	rep.add(figure{Name: "context run print(1): machine CPU per run", Samples: ctxCPU}, &floor, "p50 ≤ 0.1x")
+	rep.add(figure{Name: "  of which sandboxd's", Samples: ctxSrv}, &floor, "")
 	idleFig := figure{Name: "baseline: run print(1) after 2 s idle", Samples: idle}
 	rep.add(idleFig, nil, "")
 	rep.add(figure{Name: "run print(1), first 10 of a new sandbox", Samples: first}, &idleFig, "p50 ≤ 1.1x")
-	rep.Values = append(rep.Values, value{Name: "fresh runs/s back to back, 1 client", Value: float64(len(first)) / busy.Seconds(), Unit: "runs/s"})
+	rep.Values = append(rep.Values,
+		value{Name: "fresh runs/s back to back, 1 client", Value: float64(len(first)) / busy.Seconds(), Unit: "runs/s"},
+		value{Name: "context runs/s back to back, 1 client", Value: float64(len(ctxCPU)) / ctxBusy.Seconds(), Unit: "runs/s"})
 	return nil
 }
 
-// runCPU runs print(1) in sandbox id and returns the CPU time it cost this process and the
-// sandbox, and the request's latency.
-func runCPU(c *benchClient, id string, cpuOf func(string) (time.Duration, error)) (used, d time.Duration, err error) {
+// runCPU runs print(1) in sandbox id (in its code context cc, or fresh if "") and returns the CPU
+// time it cost this process and the sandbox, this process's share of it (sandboxd's, with the
+// client's side of HTTP), and the request's latency.
+func runCPU(c *benchClient, id, cc string, cpuOf func(string) (time.Duration, error)) (used, server, d time.Duration, err error) {
 	s0, err := cpuOf(id)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	p0 := selfCPU()
-	if d, err = c.run(id); err != nil {
-		return 0, 0, err
+	if d, err = c.runIn(id, cc); err != nil {
+		return 0, 0, 0, err
 	}
 	p1 := selfCPU()
 	s1, err := cpuOf(id)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
-	return (p1 - p0) + (s1 - s0), d, nil
+	return (p1 - p0) + (s1 - s0), p1 - p0, d, nil
 }
 
 // selfCPU is this process's CPU time so far (user + system, every thread).

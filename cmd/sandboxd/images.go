@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"text/tabwriter"
 
+	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/imagestore"
 	"github.com/sandboxd/sandboxd/internal/store"
 )
@@ -31,7 +32,7 @@ const imagesUsage = `usage:
       added to the WASM image --base (which the server must serve: --wasm-image or --wasm-build)
   sandboxd images pull REF [--name NAME] [--runtime crun|runc|runsc] [--max-size BYTES] [--data-dir DIR]
   sandboxd images ls [--json] [--data-dir DIR]
-  sandboxd images rm NAME [--data-dir DIR]
+  sandboxd images rm NAME [--data-dir DIR] [--store postgres://…]
 `
 
 // imagesDir is the image store of a data directory.
@@ -45,6 +46,7 @@ func images(args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("images "+sub, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	dataDir := fs.String("data-dir", "data", "the server's data directory")
+	storeURL := fs.String("store", "", config.StoreUsage)
 	name := fs.String("name", "", "the name sandboxes ask for (config.image)")
 	rt := fs.String("runtime", "", "OCI runtime of the image's sandboxes: "+strings.Join(imagestore.Runtimes, ", ")+" (default: the server's --runtime)")
 	mode := fs.String("mode", imagestore.ModeContainer, "import: container (an OCI image) or wasm (pure-Python packages)")
@@ -76,7 +78,7 @@ func images(args []string, stdout io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	inUse := func(digest string) (bool, error) {
-		ids, err := sandboxesRunning(ctx, *dataDir, digest)
+		ids, err := sandboxesRunning(ctx, *dataDir, *storeURL, digest)
 		return len(ids) > 0, err
 	}
 	if *mode != imagestore.ModeContainer && sub != "import" {
@@ -121,7 +123,7 @@ func images(args []string, stdout io.Writer) error {
 		if err != nil {
 			return imagesExplain(err)
 		}
-		if ids, err := sandboxesRunning(ctx, *dataDir, im.Digest); err != nil {
+		if ids, err := sandboxesRunning(ctx, *dataDir, *storeURL, im.Digest); err != nil {
 			return err
 		} else if len(ids) > 0 {
 			return fmt.Errorf("images rm: image %s (%s) is in use by live sandbox(es) %s: delete them first (sandboxd rm ID, or DELETE /api/sandbox/ID)",
@@ -156,8 +158,8 @@ func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
 }
 
 // sandboxesRunning returns the live sandboxes whose records say they run digest.
-func sandboxesRunning(ctx context.Context, dataDir, digest string) ([]string, error) {
-	st, err := openStore(ctx, dataDir)
+func sandboxesRunning(ctx context.Context, dataDir, storeURL, digest string) ([]string, error) {
+	st, err := openStore(ctx, dataDir, storeURL)
 	if err != nil {
 		return nil, err
 	}

@@ -58,7 +58,7 @@ func TestImagesCommands(t *testing.T) {
 
 	// A live sandbox's record runs the image.
 	ctx := context.Background()
-	st, err := openStore(ctx, dataDir)
+	st, err := openStore(ctx, dataDir, "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,17 +16,18 @@ import (
 	"log/slog"
 	"os"
 
+	"github.com/sandboxd/sandboxd/internal/config"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 )
 
 const usage = `usage:
-  sandboxd serve [--listen ADDR] [--data-dir DIR] --image NAME=ROOTFS [--runtime crun|runc|runsc] [--runsc PATH] [--config FILE]
+  sandboxd serve [--listen ADDR] [--data-dir DIR] [--store postgres://…] [--advertise URL] --image NAME=ROOTFS [--runtime crun|runc|runsc] [--runsc PATH] [--config FILE]
                  [--agent-bin PATH] [--warm-pool N] [--stop-grace DURATION] [--wasm-image NAME=DIR]
                  [--wasm-build NAME=COMMAND]   (sandboxd serve -h says what each does)
-  sandboxd keys create [--data-dir DIR] --account NAME [--plan free|pro|enterprise]
+  sandboxd keys create [--data-dir DIR] [--store postgres://…] --account NAME [--plan free|pro|enterprise]
   sandboxd images import FILE|DIR --name NAME [--runtime crun|runc|runsc] [--data-dir DIR]   a 'docker save' archive or an OCI layout
   sandboxd images pull REF [--name NAME] [--runtime crun|runc|runsc] [--data-dir DIR] · images ls [--json] · images rm NAME
-  sandboxd bench [-n N] [--idle N] [--throughput-for DURATION] [--json] [--image NAME=ROOTFS]
+  sandboxd bench [-n N] [--idle N] [--throughput-for DURATION] [--json] [--cpu-only] [--image NAME=ROOTFS]
                  [--wasm-image NAME=DIR] [--runtime crun|runc] [--runsc PATH] [--runsc-n N]   starts its own server; prints figures
   sandboxd doctor [--json] [--data-dir DIR] [--config FILE] [serve flags]   checks this host: ok / missing (exit 1) / warn, with fixes
 client commands (a running server: --url or SANDBOXD_URL, --key or SANDBOXD_API_KEY; --json for the API's JSON):
@@ -87,6 +88,7 @@ func keys(args []string) error {
 	}
 	fs := flag.NewFlagSet("keys create", flag.ContinueOnError)
 	dataDir := fs.String("data-dir", "data", "the server's data directory")
+	storeURL := fs.String("store", "", config.StoreUsage)
 	account := fs.String("account", "", "account name (created if missing)")
 	plan := fs.String("plan", "free", "plan of a new account: free, pro or enterprise")
 	if err := fs.Parse(args[1:]); err != nil {
@@ -96,7 +98,7 @@ func keys(args []string) error {
 		return errors.New("keys create: --account is required")
 	}
 	ctx := context.Background()
-	st, err := openStore(ctx, *dataDir)
+	st, err := openStore(ctx, *dataDir, *storeURL)
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -32,14 +35,49 @@ import (
 	"github.com/sandboxd/sandboxd/internal/mountns"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/store/postgres"
 	"github.com/sandboxd/sandboxd/internal/store/sqlite"
 )
 
-func openStore(ctx context.Context, dataDir string) (store.Store, error) {
+// openStore opens the records of every command that reads or writes them: the PostgreSQL
+// database at url (--store postgres://…), or when url is "" the SQLite file in dataDir.
+func openStore(ctx context.Context, dataDir, url string) (store.Store, error) {
+	if err := config.CheckStore(url); err != nil {
+		return nil, err
+	}
+	if url != "" {
+		return postgres.Open(ctx, url)
+	}
 	if err := os.MkdirAll(dataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
 	return sqlite.Open(ctx, filepath.Join(dataDir, "sandboxd.db"))
+}
+
+// replicaID returns this data directory's replica ID (data/replica-id), making it on first use:
+// stable across restarts, so that a restarted server reconciles its own sandboxes.
+func replicaID(dataDir string) (string, error) {
+	p := filepath.Join(dataDir, "replica-id")
+	b, err := os.ReadFile(p)
+	if err == nil {
+		id := strings.TrimSpace(string(b))
+		if !strings.HasPrefix(id, "rep_") || len(id) > 64 || strings.ContainsAny(id, " \t") {
+			return "", fmt.Errorf("replica id in %s: %q is not one", p, id)
+		}
+		return id, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("replica id: %w", err)
+	}
+	r := make([]byte, 10)
+	if _, err := rand.Read(r); err != nil {
+		return "", fmt.Errorf("replica id: %w", err)
+	}
+	id := "rep_" + hex.EncodeToString(r)
+	if err := os.WriteFile(p, []byte(id+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("replica id: %w", err)
+	}
+	return id, nil
 }
 
 func createKey(ctx context.Context, st store.Store, account, plan string) (string, store.Account, bool, error) {
@@ -94,7 +132,11 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 		d.close(context.Background())
 		return nil, err
 	}
-	if d.st, err = openStore(ctx, cfg.DataDir); err != nil {
+	if d.st, err = openStore(ctx, cfg.DataDir, cfg.Store); err != nil {
+		return fail(err)
+	}
+	replica, err := replicaID(cfg.DataDir)
+	if err != nil {
 		return fail(err)
 	}
 	if firstKey {
@@ -123,7 +165,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 		opts.Resolver = cfg.StaticHosts
 	}
 	if cfg.Driver == kubernetes.Name {
-		opts = kubernetesOptions(cfg, log)
+		opts = kubernetesOptions(cfg, replica, log)
 	}
 	drv, err := driver.Open(cfg.Driver, opts)
 	if err != nil {
@@ -190,6 +232,7 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 		DataDir: cfg.DataDir, Images: images, Plans: cfg.Plans, PidsLimit: cfg.PidsLimit, Logger: log,
 		DiskBytes: cfg.DiskBytes, DiskFreeFloor: cfg.DiskFreeFloor, IDs: cfg.IDs, Disks: disks, MountDir: mountDir,
 		MaxUploadBytes: cfg.MaxUploadBytes, WarmPool: cfg.WarmPool, Observer: m, Catalog: catalog(imgStore, runtimeOf(drv)),
+		Replica: replica, Address: cfg.Advertise,
 	}, m.Store(d.st), drivers)
 	if err != nil {
 		return fail(err)
@@ -204,14 +247,15 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
-	log.Info("sandboxd serving", "addr", d.ln.Addr().String(), "data_dir", cfg.DataDir, "runtime", runtimeOf(drv), "version", version)
+	log.Info("sandboxd serving", "addr", d.ln.Addr().String(), "data_dir", cfg.DataDir, "replica", replica, "store", storeKind(cfg.Store), "runtime", runtimeOf(drv), "version", version)
 	return d, nil
 }
 
 // kubernetesOptions are the kubernetes driver's options: the configured container images' cluster
 // references, by their root filesystems (images imported into the store later have none: creates
-// of them fail until the config names them).
-func kubernetesOptions(cfg config.Config, log *slog.Logger) driver.Options {
+// of them fail until the config names them); its pods carry this data directory's replica ID, so
+// that a restarted server reconciles its own and no other replica's.
+func kubernetesOptions(cfg config.Config, replica string, log *slog.Logger) driver.Options {
 	ims := map[string]driver.ClusterImage{}
 	for _, im := range imagesOf(cfg.Images, sandbox.ModeContainer) {
 		if ci, ok := cfg.ClusterImages[im.Name]; ok {
@@ -219,7 +263,15 @@ func kubernetesOptions(cfg config.Config, log *slog.Logger) driver.Options {
 		}
 	}
 	return driver.Options{Kubeconfig: cfg.Kubeconfig, Namespace: cfg.Namespace, AgentImage: cfg.AgentImage,
-		ClusterImages: ims, Replica: "default", Logger: log.With("driver", kubernetes.Name)}
+		ClusterImages: ims, Replica: replica, Logger: log.With("driver", kubernetes.Name)}
+}
+
+// storeKind names the store in the log (never the URL: it may hold a password).
+func storeKind(url string) string {
+	if url == "" {
+		return "sqlite"
+	}
+	return "postgres"
 }
 
 // runtimeOf names the OCI runtime a container driver runs (crun or runc).

@@ -35,8 +35,14 @@ const (
 
 // Config is the whole configuration of the serve command.
 type Config struct {
-	Listen     string
-	DataDir    string
+	Listen  string
+	DataDir string
+	// Store is where the records live: "" for the SQLite file in DataDir, or a postgres:// URL
+	// (--store) of a database that several serve processes (API replicas) may share.
+	Store string
+	// Advertise is the URL this replica's API is reached at, as other replicas and operators see
+	// it (--advertise; default http://<Listen>).
+	Advertise  string
 	Runtime    string // crun, runc, runsc (gVisor) or "" (detect crun or runc)
 	RunscBin   string // gVisor's runsc binary ("": runsc in PATH, if any)
 	AgentBin   string
@@ -79,6 +85,18 @@ type Config struct {
 	Namespace     string
 	AgentImage    string
 	ClusterImages map[string]driver.ClusterImage
+}
+
+// StoreUsage is the --store flag's help, for every command that opens the store.
+const StoreUsage = "where the records live: a postgres://user@host/db URL, shared by several serve replicas (default: the SQLite file in the data directory)"
+
+// CheckStore checks a --store value: "" (the SQLite file in the data directory) or a
+// postgres:// (postgresql://) URL.
+func CheckStore(s string) error {
+	if s == "" || strings.HasPrefix(s, "postgres://") || strings.HasPrefix(s, "postgresql://") {
+		return nil
+	}
+	return fmt.Errorf("--store %q: want a postgres://user@host/db URL, or nothing (the SQLite file in the data directory)", s)
 }
 
 // Build is an image the server builds while it serves: the command prints the image's directory
@@ -166,6 +184,8 @@ func parse(name string, args []string) (Config, error) {
 	var images, wasmImages, wasmBuilds imageFlags
 	fs.StringVar(&c.Listen, "listen", "127.0.0.1:8080", "address to serve the API on")
 	fs.StringVar(&c.DataDir, "data-dir", "data", "directory for the database and the sandboxes' files")
+	fs.StringVar(&c.Store, "store", "", StoreUsage)
+	fs.StringVar(&c.Advertise, "advertise", "", "URL this replica's API is reached at, recorded for the other replicas (default http://<listen>)")
 	fs.StringVar(&c.Runtime, "runtime", "", "OCI runtime of every sandbox: crun, runc or runsc (gVisor; see --runsc) (default: detect crun, then runc)")
 	fs.StringVar(&c.RunscBin, "runsc", "", "gVisor's runsc binary, built by scripts/build-runsc.sh (default: runsc in PATH, if any)")
 	fs.StringVar(&c.AgentBin, "agent-bin", "", "path of the sandbox-agent binary (default: next to sandboxd)")
@@ -200,6 +220,12 @@ func parse(name string, args []string) (Config, error) {
 	}
 	if c.DataDir, err = filepath.Abs(c.DataDir); err != nil {
 		return c, err
+	}
+	if err := CheckStore(c.Store); err != nil {
+		return c, err
+	}
+	if c.Advertise == "" {
+		c.Advertise = "http://" + c.Listen
 	}
 	c.WarmPool = DefaultWarmPool
 	if cfgPath != "" {

@@ -195,7 +195,11 @@ func (s *server) handle(h handlerFunc, auth bool) http.Handler {
 			}
 			return nil
 		}()
-		if err == nil {
+		routed := false // served by the replica that owns the sandbox (forward.go)
+		if err == nil && auth {
+			routed, err = s.route(sw, r, acct)
+		}
+		if err == nil && !routed {
 			err = h(sw, r, acct)
 		}
 		if err != nil {

@@ -2,6 +2,7 @@ package k8stest
 
 import (
 	"bufio"
+	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -187,9 +188,16 @@ func mountPoints() []string {
 	return out
 }
 
-// stop stops the components in reverse order of start (SIGTERM, then SIGKILL after a grace),
-// then tears the rest down.
+// stop shuts the cluster down and releases the lock.
 func (c *Cluster) stop() error {
+	err := c.shutdown()
+	c.unlock()
+	return err
+}
+
+// shutdown stops the components in reverse order of start (SIGTERM, then SIGKILL after a
+// grace), then tears the rest down; the lock stays held.
+func (c *Cluster) shutdown() error {
 	for i := len(c.procs) - 1; i >= 0; i-- {
 		p := c.procs[i]
 		if p.exited() {
@@ -203,13 +211,16 @@ func (c *Cluster) stop() error {
 			<-p.done
 		}
 	}
-	err := teardown(c.dir)
+	return teardown(c.dir)
+}
+
+// unlock releases the host-wide lock (another process may start its cluster at once).
+func (c *Cluster) unlock() {
 	if c.lock != nil {
 		_ = c.lock.Truncate(0)
 		c.lock.Close() // releases the flock
 		c.lock = nil
 	}
-	return err
 }
 
 // teardown removes what a cluster with state directory dir left: processes that name dir
@@ -240,6 +251,32 @@ func teardown(dir string) error {
 	for _, p := range points {
 		if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("umount %s: %w", p, err))
+		}
+	}
+	// containerd 1.6 keeps two things outside its root and state whatever the configuration:
+	// its shims' sockets (named by a hash of its address, namespace and the task's ID) and the
+	// CNI library's cached results (named by network, container ID and interface). A shim or
+	// a sandbox killed here leaves them.
+	sock := filepath.Join(dir, "containerd", "containerd.sock")
+	ids := containerIDs(dir)
+	for _, id := range ids {
+		_ = os.Remove(fmt.Sprintf("/run/containerd/s/%x", sha256.Sum256([]byte(filepath.Join(sock, "k8s.io", id)))))
+	}
+	// The results of this network are all ours (one cluster at a time), earlier ones included.
+	if ents, err := os.ReadDir(cniResults); err == nil {
+		for _, e := range ents {
+			if rest, ok := strings.CutPrefix(e.Name(), cniNetwork+"-"); ok {
+				if i := strings.LastIndex(rest, "-"); i > 0 {
+					ids = append(ids, rest[:i])
+				}
+			}
+		}
+		for _, e := range ents {
+			for _, id := range ids {
+				if strings.Contains(e.Name(), "-"+id+"-") {
+					_ = os.Remove(filepath.Join(cniResults, e.Name()))
+				}
+			}
 		}
 	}
 	if _, err := net.InterfaceByName(BridgeName); err == nil {
@@ -274,15 +311,39 @@ func teardown(dir string) error {
 	return errors.Join(errs...)
 }
 
-// removeEmptyTree removes d if it holds directories only (bottom-up).
+// cniResults is where the CNI library caches the results of ADD (libcni's default cache dir).
+const cniResults = "/var/lib/cni/results"
+
+// containerIDs is the IDs of the sandboxes and containers the containerd under dir knew.
+func containerIDs(dir string) []string {
+	var ids []string
+	for _, d := range []string{
+		"containerd/state/io.containerd.runtime.v2.task/k8s.io",
+		"containerd/root/io.containerd.grpc.v1.cri/sandboxes",
+		"containerd/root/io.containerd.grpc.v1.cri/containers",
+	} {
+		ents, _ := os.ReadDir(filepath.Join(dir, d))
+		for _, e := range ents {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids
+}
+
+// removeEmptyTree removes d if it holds directories and sockets only (bottom-up): a directory
+// the cluster created, with the sockets of its dead processes (the kubelet's device-plugin
+// socket is /var/lib/kubelet/device-plugins/kubelet.sock whatever its root dir).
 func removeEmptyTree(d string) {
 	ents, err := os.ReadDir(d)
 	if err != nil {
 		return
 	}
 	for _, e := range ents {
-		if e.IsDir() {
-			removeEmptyTree(filepath.Join(d, e.Name()))
+		switch p := filepath.Join(d, e.Name()); {
+		case e.IsDir():
+			removeEmptyTree(p)
+		case e.Type()&os.ModeSocket != 0:
+			_ = os.Remove(p)
 		}
 	}
 	_ = os.Remove(d)

@@ -59,6 +59,8 @@ const (
 	BridgeName = "sbxk8s0"
 	// CgroupRoot is the kubelet's cgroup root (cgroupfs driver), in every hierarchy.
 	CgroupRoot = "/sandboxd-k8stest"
+	// cniNetwork is the name of the pods' CNI network.
+	cniNetwork = "sandboxd-k8stest"
 	// PauseImage is the pods' sandbox image, imported at Start: busybox sleeping.
 	PauseImage = "sandboxd.invalid/k8stest/pause:1"
 	// serviceCIDR is the range of service IPs (no kube-proxy: nothing routes them).
@@ -181,7 +183,6 @@ func lockPath() string { return filepath.Join(os.TempDir(), "sandboxd-k8stest.lo
 
 // start brings the cluster up; on error, the returned cluster (if not nil) is to be stopped.
 func start(t testing.TB) (*Cluster, error) {
-	t0 := time.Now()
 	lock, err := os.OpenFile(lockPath(), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
@@ -202,6 +203,7 @@ func start(t testing.TB) (*Cluster, error) {
 			}
 		}
 	}
+	t0 := time.Now() // the lock is held: what follows is the start itself
 	dir, err := os.MkdirTemp("", "sandboxd-k8s-")
 	if err != nil {
 		lock.Close()
@@ -352,7 +354,7 @@ state = %[2]q
 	}
 	cni, _ := json.MarshalIndent(map[string]any{
 		"cniVersion": "0.4.0",
-		"name":       "sandboxd-k8stest",
+		"name":       cniNetwork,
 		"plugins": []any{map[string]any{
 			"type": "bridge", "bridge": BridgeName, "isGateway": true, "ipMasq": false, "hairpinMode": true,
 			"ipam": map[string]any{
@@ -428,7 +430,7 @@ func (c *Cluster) startControlPlane() error {
 		"--service-account-key-file", f("sa.pub"), "--service-account-signing-key-file", f("sa.key"),
 		"--service-account-issuer", "https://kubernetes.default.svc",
 		"--service-cluster-ip-range", serviceCIDR,
-		"--authorization-mode", "Node,RBAC", "--allow-privileged=true",
+		"--authorization-mode", "Node,RBAC", "--allow-privileged=false",
 		"--kubelet-client-certificate", kubeletClient.certFile, "--kubelet-client-key", kubeletClient.keyFile,
 		"--kubelet-certificate-authority", f("ca.crt"),
 		"--kubelet-preferred-address-types", "InternalIP,Hostname",

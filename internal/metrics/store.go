@@ -142,3 +142,23 @@ func (t *timedStore) ListContexts(ctx context.Context, sandboxID string) ([]stor
 func (t *timedStore) EndContexts(ctx context.Context, sandboxID, reason string, at time.Time) (int, error) {
 	return timed(t, "end_contexts", func() (int, error) { return t.st.EndContexts(ctx, sandboxID, reason, at) })
 }
+
+func (t *timedStore) RegisterReplica(ctx context.Context, id, address string) error {
+	return t.exec("register_replica", func() error { return t.st.RegisterReplica(ctx, id, address) })
+}
+
+func (t *timedStore) Heartbeat(ctx context.Context, id string) error {
+	return t.exec("heartbeat", func() error { return t.st.Heartbeat(ctx, id) })
+}
+
+func (t *timedStore) MarkStaleReplicas(ctx context.Context, staleAfter time.Duration) ([]store.Replica, error) {
+	return timed(t, "mark_stale_replicas", func() ([]store.Replica, error) { return t.st.MarkStaleReplicas(ctx, staleAfter) })
+}
+
+func (t *timedStore) Replicas(ctx context.Context) ([]store.Replica, error) {
+	return timed(t, "replicas", func() ([]store.Replica, error) { return t.st.Replicas(ctx) })
+}
+
+func (t *timedStore) TryLock(ctx context.Context, name string) (store.Lock, error) {
+	return timed(t, "try_lock", func() (store.Lock, error) { return t.st.TryLock(ctx, name) })
+}

@@ -27,7 +27,7 @@ const (
 	KindPayloadTooLarge     Kind = "payload_too_large"    // files API: over the upload limit
 	KindInsufficientStorage Kind = "insufficient_storage" // files API: the sandbox's disk is full
 	KindConflict            Kind = "conflict"             // files API: a directory where a file is meant, …
-	KindUnavailable         Kind = "unavailable"          // the service is shutting down
+	KindUnavailable         Kind = "unavailable"          // the service is shutting down (httpapi: or the owner replica does not answer)
 	KindImageNotReady       Kind = "image_not_ready"      // the image is being built, or its build failed
 	KindContextLimit        Kind = "context_limit"        // the sandbox has MaxContexts code contexts
 	KindInternal            Kind = "internal_error"

@@ -8,7 +8,8 @@ type Observer interface {
 	// Created: a create request ended, with the sandbox's status ("ready", "provisioning") or
 	// the error kind.
 	Created(mode, outcome string, took time.Duration)
-	// Destroyed: a sandbox was destroyed for reason (deleted, expired, error, server_restart).
+	// Destroyed: a sandbox was destroyed for reason (deleted, expired, error, server_restart,
+	// replica_lost).
 	Destroyed(mode, reason string)
 	// RunFinished: a run ended with status after running for took.
 	RunFinished(mode, status string, took time.Duration)

@@ -14,9 +14,10 @@ import (
 const (
 	warmShapes     = 4                // shapes kept warm at once; the least recently asked for goes first
 	warmRetryAfter = 30 * time.Second // after a failed refill, how long a shape waits before the next
-	// warmRefillGrace bounds how long the refill for a taken warm sandbox waits for that sandbox's
-	// first run to end (replenishAfter).
-	warmRefillGrace = time.Second
+	// warmRefillQuiet is how long a taken warm sandbox must go without a run ending before its
+	// refill starts, and warmRefillGrace bounds the whole wait (replenishAfter).
+	warmRefillQuiet = 250 * time.Millisecond
+	warmRefillGrace = 3 * time.Second
 	// catalogWatch is how often the catalog is read while warm sandboxes of its images are kept
 	// (warmPool.watch).
 	catalogWatch = 2 * time.Second
@@ -31,7 +32,7 @@ const (
 //
 // The pool learns shapes from demand: each create names its shape, the pool keeps Config.WarmPool
 // sandboxes of the warmShapes shapes asked for last, and provisions a replacement in the
-// background once the sandbox of the create that took one has ended its first run (see
+// background once the sandbox of the create that took one has gone quiet after its first run (see
 // replenishAfter). A warm sandbox has the ID it will keep (no record exists
 // until a create takes it), its host directories and everything the driver gives a sandbox; it
 // has run nothing. A crash leaves warm sandboxes to the start-up reconciliation, which destroys
@@ -48,6 +49,8 @@ type warmPool struct {
 	wg     sync.WaitGroup // refill goroutines
 	busy   int            // provisioning in flight, over all shapes
 	idle   chan struct{}  // closed when busy drops to 0; replaced when it rises
+
+	quiet, grace time.Duration // warmRefillQuiet and warmRefillGrace (tests set others)
 }
 
 // shape is the pool of one shape.
@@ -61,7 +64,8 @@ type shape struct {
 }
 
 func newWarmPool(s *Service, size int) *warmPool {
-	p := &warmPool{s: s, size: size, shapes: map[string]*shape{}, idle: make(chan struct{})}
+	p := &warmPool{s: s, size: size, shapes: map[string]*shape{}, idle: make(chan struct{}),
+		quiet: warmRefillQuiet, grace: warmRefillGrace}
 	close(p.idle)
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	return p
@@ -122,27 +126,50 @@ func (p *warmPool) replenish(sp spec) {
 	}
 }
 
-// replenishAfter is replenish once first is closed — the sandbox made by the create that called
-// take has ended its first run, or is gone, or was never made — or after warmRefillGrace: a refill
-// (a whole sandbox booting) does not compete for the CPU with the first run of the sandbox it
-// replaces, since creating and then running at once is what agents do. Until it replenishes it
-// counts as provisioning (settled waits for it).
-func (p *warmPool) replenishAfter(sp spec, first <-chan struct{}) {
+// replenishAfter is replenish once the sandbox made by the create that called take has ended its
+// first run and then been quiet for warmRefillQuiet — no run in flight, none ended meanwhile:
+// quietSince returns when its last run ended, or the zero time while one runs — or is gone, or
+// was never made (first is closed; quietSince nil) — or after warmRefillGrace: a refill (a whole
+// sandbox booting, a few hundred ms of CPU on every core) does not compete for the CPU with the
+// runs an agent makes back to back right after its create (on 2 cores it doubled the CPU and
+// tripled the latency of the first runs; bench measures both). Until it replenishes it counts as
+// provisioning (settled waits for it).
+func (p *warmPool) replenishAfter(sp spec, first <-chan struct{}, quietSince func() time.Time) {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
 		return
 	}
 	p.beginLocked()
+	quiet, graceFor := p.quiet, p.grace
 	p.mu.Unlock()
 	go func() {
 		defer p.end()
-		t := time.NewTimer(warmRefillGrace)
-		defer t.Stop()
+		grace := time.NewTimer(graceFor)
+		defer grace.Stop()
 		select {
 		case <-first:
-		case <-t.C:
+		case <-grace.C:
+			p.replenish(sp)
+			return
 		case <-p.ctx.Done():
+		}
+		for quietSince != nil && p.ctx.Err() == nil {
+			wait := quiet
+			if since := quietSince(); !since.IsZero() {
+				if wait = quiet - time.Since(since); wait <= 0 {
+					break
+				}
+			}
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+				continue
+			case <-grace.C:
+			case <-p.ctx.Done():
+			}
+			t.Stop()
+			break
 		}
 		p.replenish(sp)
 	}()

@@ -204,7 +204,8 @@ func TestWarmPoolAdoptFails(t *testing.T) {
 }
 
 // TestWarmPoolRefillsAfterFirstRun: the refill for a taken warm sandbox waits for that sandbox's
-// first run (it would compete with it for the CPU), or for the grace when no run comes.
+// first run (it would compete with it for the CPU) and the quiet after it, or for the grace when
+// no run comes.
 func TestWarmPoolRefillsAfterFirstRun(t *testing.T) {
 	e := newWarmEnv(t, "pro", 1)
 	e.create(t, allow("a.example.com"))
@@ -233,6 +234,32 @@ func TestWarmPoolRefillsAfterFirstRun(t *testing.T) {
 	}
 	if n := len(e.unowned(t)); n != 1 {
 		t.Fatalf("the pool was not refilled after the first run: %d warm", n)
+	}
+}
+
+// TestWarmPoolRefillWaitsForQuiet: runs made back to back after a create (what agents do) hold
+// the refill back: it starts once the sandbox has gone quiet, not after its first run.
+func TestWarmPoolRefillWaitsForQuiet(t *testing.T) {
+	e := newWarmEnv(t, "pro", 1)
+	e.create(t, allow("a.example.com"))
+	e.settle(t) // the pool is full
+	e.svc.SetWarmRefillWait(time.Hour, time.Hour)
+	b := e.create(t, allow("b.example.com"))
+	if !e.warmReady(t, b) {
+		t.Fatal("the create did not take the warm sandbox")
+	}
+	for i := 0; i < 3; i++ {
+		if r := e.run(t, b, "hello", false); r.Status != "completed" {
+			t.Fatalf("run %d: %+v", i, r)
+		}
+	}
+	select {
+	case <-e.svc.WarmSettled():
+		t.Fatal("the pool refilled while the taken sandbox was still running back to back")
+	default:
+	}
+	if n := len(e.unowned(t)); n != 0 {
+		t.Fatalf("%d warm sandboxes before the taken sandbox went quiet, want 0", n)
 	}
 }
 

@@ -124,7 +124,18 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	j.run.Status, j.run.StartedAt = RunRunning, &start
 	// The run, the sandbox's status and the audit event: one commit.
 	started := s.event(store.Event{AccountID: j.run.AccountID, Type: "run.started", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID})
-	if err := s.st.RecordRun(ctx, j.run, s.statusRecord(lv, store.SandboxRunning), &started); err != nil {
+	if err := s.st.RecordRun(ctx, j.run, s.statusRecord(lv, store.SandboxRunning), &started); errors.Is(err, store.ErrFinal) {
+		// Another replica ended the run, or its sandbox, before it started (it declared this one
+		// lost): the code is not run, and the record stays as that replica wrote it.
+		j.final = true
+		j.finalMu.Unlock()
+		s.statusRecord(lv, store.SandboxReady) // in memory only: nothing was written
+		s.log.Warn("run not started: another replica ended its record", "run", j.run.ID)
+		lv.mu.Lock()
+		delete(lv.jobs, j.run.ID)
+		lv.mu.Unlock()
+		return
+	} else if err != nil {
 		s.log.Error("record run start", "run", j.run.ID, "err", err)
 	}
 	j.finalMu.Unlock()
@@ -175,7 +186,10 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 		Detail: obj("status", run.Status, "exit_code", run.ExitCode, "duration_ms", run.DurationMS)})
 	if !recorded {
 		// The run's end, the sandbox ready again and the audit event: one commit.
-		if err := s.st.RecordRun(ctx, run, ready, &finished); err != nil {
+		if err := s.st.RecordRun(ctx, run, ready, &finished); errors.Is(err, store.ErrFinal) {
+			// Another replica ended it first (it declared this one lost): its record stays.
+			s.log.Warn("run record ended by another replica", "run", run.ID)
+		} else if err != nil {
 			s.log.Error("record run end", "run", run.ID, "err", err)
 		}
 	}

@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sandboxd/sandboxd/api"
@@ -125,6 +126,14 @@ type Config struct {
 	// Agents sends runs' agent calls to the operator's endpoints by agent_id (nil: none is
 	// configured, every call is AgentNotConfigured).
 	Agents *agentcall.Client
+	// Replica is this service's replica ID among those sharing the store (default LocalReplica),
+	// Address the URL its API is reached at; it heartbeats every HeartbeatEvery (default
+	// DefaultHeartbeatEvery) and declares lost the replicas silent for StaleAfter (default
+	// DefaultStaleAfter). See replicas.go.
+	Replica        string
+	Address        string
+	HeartbeatEvery time.Duration
+	StaleAfter     time.Duration
 	// Logger receives the service's log records, which name a sandbox "sandbox" and a run "run"
 	// (nil: nothing is logged). serve gives it and the drivers one logger.
 	Logger *slog.Logger
@@ -145,6 +154,11 @@ type Service struct {
 	closed   bool
 	wg       sync.WaitGroup
 	pool     *warmPool
+	loop     *replicaLoop // heartbeats and sweeps (replicas.go)
+
+	repMu    sync.Mutex               // guards the replicas' addresses (route.go)
+	repCache map[string]store.Replica // by ID
+	repRead  time.Time
 }
 
 // live is the in-memory state of a sandbox that has not been destroyed.
@@ -157,11 +171,13 @@ type live struct {
 	expiry *time.Timer
 	ready  chan struct{} // closed when provisioning has ended, well or not
 	// firstRun is closed when the sandbox's first run has ended or the sandbox's goroutine has
-	// returned (firstRunEnded): then the warm pool refills (warmPool.replenishAfter).
-	firstRun  chan struct{}
-	firstOnce sync.Once
-	done      chan struct{} // closed when the sandbox's goroutine has returned
-	gone      chan struct{} // closed when destroy has finished
+	// returned (firstRunEnded), and lastRunEnd is when its last run ended (unix ns; 0 while one
+	// runs): the warm pool refills once they show the sandbox quiet (warmPool.replenishAfter).
+	firstRun   chan struct{}
+	firstOnce  sync.Once
+	lastRunEnd atomic.Int64
+	done       chan struct{} // closed when the sandbox's goroutine has returned
+	gone       chan struct{} // closed when destroy has finished
 
 	mu       sync.Mutex
 	rec      store.Sandbox
@@ -190,8 +206,9 @@ type job struct {
 	final   bool // the final record is written: execute does not write another (see endRuns)
 }
 
-// New opens the service: it reconciles what a previous process left (live records are destroyed
-// with reason server_restart, their runs ended, their host resources released) and returns.
+// New opens the service: it reconciles what a previous process of this replica left (its live
+// records are destroyed with reason server_restart, their runs ended, their host resources
+// released), registers the replica and starts its heartbeat and sweep (replicas.go), and returns.
 func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]driver.Driver) (*Service, error) {
 	if cfg.DataDir == "" {
 		return nil, errors.New("sandbox: Config.DataDir is required")
@@ -237,6 +254,15 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Replica == "" {
+		cfg.Replica = LocalReplica
+	}
+	if cfg.HeartbeatEvery <= 0 {
+		cfg.HeartbeatEvery = DefaultHeartbeatEvery
+	}
+	if cfg.StaleAfter <= 0 {
+		cfg.StaleAfter = DefaultStaleAfter
+	}
 	s := &Service{cfg: cfg, st: st, drivers: drivers, log: cfg.Logger, live: map[string]*live{},
 		hosts: map[string]*host{}, ids: newIDAllocator(cfg.IDs)}
 	if err := os.MkdirAll(s.sandboxesDir(), 0o711); err != nil {
@@ -244,6 +270,9 @@ func New(ctx context.Context, cfg Config, st store.Store, drivers map[string]dri
 	}
 	if err := s.reconcile(ctx); err != nil {
 		return nil, err
+	}
+	if err := s.startReplica(ctx); err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	s.pool = newWarmPool(s, cfg.WarmPool)
 	if cfg.Catalog != nil {
@@ -468,6 +497,7 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 		AccountID: acct.ID, AgentID: sp.agentID, Mode: sp.mode,
 		Status: store.SandboxProvisioning, Config: cfgJSON, CreatedAt: now,
 		ExpiresAt: now.Add(time.Duration(sp.timeout) * time.Second), ImageDigest: sp.image.Digest,
+		Replica: s.cfg.Replica,
 	}
 
 	s.mu.Lock()
@@ -480,10 +510,13 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 	first := make(chan struct{}) // the live sandbox closes it (firstRunEnded); else the defer below
 	var lv *live
 	defer func() {
+		var quietSince func() time.Time
 		if lv == nil {
 			close(first)
+		} else {
+			quietSince = lv.quietSince
 		}
-		s.pool.replenishAfter(sp, first)
+		s.pool.replenishAfter(sp, first, quietSince)
 	}()
 	rec.ID = warmID
 	if !warm {
@@ -543,7 +576,10 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 // serve provisions a sandbox, then executes its runs one at a time until it is destroyed.
 func (s *Service) serve(lv *live, drv driver.Driver) {
 	defer close(lv.done)
-	defer lv.firstRunEnded()
+	defer func() {
+		lv.lastRunEnd.CompareAndSwap(0, time.Now().UnixNano()) // nothing runs any more
+		lv.firstRunEnded()
+	}()
 	if !s.provision(lv, drv) {
 		return
 	}
@@ -552,9 +588,19 @@ func (s *Service) serve(lv *live, drv driver.Driver) {
 		if j == nil {
 			return
 		}
+		lv.lastRunEnd.Store(0)
 		s.execute(lv, drv, j)
+		lv.lastRunEnd.Store(time.Now().UnixNano())
 		lv.firstRunEnded()
 	}
+}
+
+// quietSince is when lv's last run ended, or the zero time while one runs.
+func (lv *live) quietSince() time.Time {
+	if ns := lv.lastRunEnd.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 // firstRunEnded closes lv.firstRun, once.
@@ -670,9 +716,7 @@ func billedMinutes(created time.Time, destroyed *time.Time) int64 {
 	if destroyed != nil {
 		end = *destroyed
 	}
-	d := end.Sub(created)
-	m := int64((d + time.Minute - 1) / time.Minute)
-	return max(m, 1)
+	return store.BilledMinutes(created, end)
 }
 
 // List returns a page of the caller's sandboxes, newest first.
@@ -798,12 +842,18 @@ func (s *Service) record(lv *live, reason string) {
 	if _, err := s.st.EndContexts(context.Background(), lv.id, "sandbox "+reason, now()); err != nil {
 		s.log.Error("record contexts deleted", "sandbox", lv.id, "err", err)
 	}
+	ctx := context.Background()
 	if !failed {
-		ctx := context.Background()
 		s.cfg.Observer.Destroyed(rec.Mode, reason)
-		if err := s.st.UpdateSandbox(ctx, rec); err != nil {
+		if err := s.st.UpdateSandbox(ctx, rec); errors.Is(err, store.ErrFinal) {
+			// Another replica ended its record (it declared this one lost) and wrote its event.
+			s.log.Warn("sandbox record ended by another replica", "sandbox", lv.id)
+			failed = true
+		} else if err != nil {
 			s.log.Error("record sandbox destroyed", "sandbox", lv.id, "err", err)
 		}
+	}
+	if !failed {
 		s.audit(ctx, store.Event{AccountID: rec.AccountID, Type: "sandbox.destroyed", SandboxID: lv.id, AgentID: rec.AgentID,
 			Detail: obj("reason", reason)})
 	}
@@ -888,6 +938,7 @@ func (s *Service) Close(ctx context.Context) error {
 	}
 	done := make(chan struct{})
 	go func() { wg.Wait(); s.wg.Wait(); close(done) }()
+	defer s.stopReplica() // heartbeats go on while the sandboxes are destroyed
 	select {
 	case <-done:
 		return nil
@@ -932,13 +983,18 @@ func (s *Service) SetWarmPool(n int) { s.pool.resize(n) }
 // on it so that background provisioning does not disturb what they measure).
 func (s *Service) WarmSettled() <-chan struct{} { return s.pool.settled() }
 
-// reconcile destroys what a previous process of the service left live.
+// reconcile destroys what a previous process of this replica left live: its own records (and
+// those from before replicas, which have none), never another replica's — a live one's are its
+// own business, a lost one's the sweep's (replicas.go).
 func (s *Service) reconcile(ctx context.Context) error {
 	recs, err := s.st.LiveSandboxes(ctx)
 	if err != nil {
 		return fmt.Errorf("reconcile: %w", err)
 	}
 	for _, rec := range recs {
+		if rec.Replica != s.cfg.Replica && rec.Replica != "" {
+			continue
+		}
 		if d, ok := s.drivers[rec.Mode]; ok {
 			if err := d.Destroy(ctx, rec.ID); err != nil {
 				return fmt.Errorf("reconcile: destroy %s: %w", rec.ID, err)

@@ -1,7 +1,15 @@
 // Package store keeps sandboxd's records — accounts, API keys, sandboxes, runs and audit events —
 // behind one interface. Records are never deleted: a destroyed sandbox keeps its record for billing
-// and audit. Implementations: sqlite (embedded, default). Every implementation passes the shared
-// conformance suite in storetest.
+// and audit. Implementations: sqlite (embedded, default) and postgres (one database shared by
+// several API replicas). Every implementation passes the shared conformance suite in storetest.
+//
+// # Finality
+//
+// A run whose status is final (anything but queued and running) and a sandbox whose status is
+// final (destroyed, error) are never written again: UpdateRun, RecordRun and UpdateSandbox
+// return ErrFinal and write nothing. That is what makes a run or a sandbox end exactly once when
+// two writers race to end it (the replica running it, and a replica recovering the runs of a lost
+// one): the first wins, the second is told.
 //
 // All times are UTC. Methods block on the database and honour ctx cancellation.
 package store
@@ -10,6 +18,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -18,6 +28,14 @@ var (
 	ErrNotFound = errors.New("not found")
 	ErrConflict = errors.New("already exists")
 	ErrQuota    = errors.New("concurrency limit reached")
+	// ErrFinal: the record is final (see Finality) and was left as it is.
+	ErrFinal = errors.New("already final")
+	// ErrReplicaLost: the replica was declared lost (see MarkStaleReplicas); it must drop what it
+	// holds and register again.
+	ErrReplicaLost = errors.New("replica declared lost")
+	// ErrUnavailable: the database could not be reached (connection refused or lost); the
+	// operation may or may not have been applied.
+	ErrUnavailable = errors.New("database unavailable")
 )
 
 // Account owns API keys and sandboxes.
@@ -52,10 +70,31 @@ type Sandbox struct {
 	ReadyAt       *time.Time
 	ExpiresAt     time.Time
 	DestroyedAt   *time.Time
-	DestroyReason string          // "", "deleted", "expired", "error", "server_restart"
+	DestroyReason string          // "", "deleted", "expired", "error", "server_restart", "replica_lost"
 	Error         json.RawMessage // nil or {"error": code, "message": text}
 	DiskUsedBytes int64           // bytes used on its disk: the last figure recorded while it lived
 	ImageDigest   string          // the digest of the image it ran ("sha256:<hex>"; "" when unknown); set at create
+	// Replica is the ID of the replica that owns it (its driver runs it on that replica's host):
+	// set at create; "" for records made before replicas existed.
+	Replica string
+}
+
+// FinalRun reports whether a run status is final.
+func FinalRun(status string) bool { return status != "queued" && status != "running" }
+
+// Replica is one `sandboxd serve` process sharing the database: an API replica.
+type Replica struct {
+	ID          string // "rep_…", stable across restarts (kept in its data directory)
+	Address     string // the URL its API is reached at
+	StartedAt   time.Time
+	HeartbeatAt time.Time  // its last heartbeat, by the database's clock
+	LostAt      *time.Time // when it was declared lost (nil: it is not)
+}
+
+// Lock is a held leadership lock (TryLock).
+type Lock interface {
+	// Release gives the lock up; it is idempotent.
+	Release()
 }
 
 // Run is one execution's record.
@@ -160,6 +199,50 @@ type UsageDay struct {
 	Runs          int
 }
 
+// BilledMinutes is the billed minutes of a lifetime from created to end: each started minute,
+// and at least one (also when end is not after created).
+func BilledMinutes(created, end time.Time) int64 {
+	d := end.Sub(created)
+	return max(int64((d+time.Minute-1)/time.Minute), 1)
+}
+
+// UsageDays sums usage by day, for implementations of Store.Usage: add each sandbox and each
+// day's runs, then take the days.
+type UsageDays map[string]*UsageDay
+
+func (u UsageDays) day(d string) *UsageDay {
+	x := u[d]
+	if x == nil {
+		x = &UsageDay{Day: d}
+		u[d] = x
+	}
+	return x
+}
+
+// AddSandbox counts a sandbox created at created whose lifetime ends at end, on its creation day.
+func (u UsageDays) AddSandbox(created, end time.Time) {
+	x := u.day(created.UTC().Format(time.DateOnly))
+	x.Sandboxes++
+	x.BilledMinutes += BilledMinutes(created, end)
+}
+
+// AddRuns counts n runs created on day d ("2026-04-06") that used cpuMS of CPU.
+func (u UsageDays) AddRuns(d string, n int, cpuMS int64) {
+	x := u.day(d)
+	x.Runs += n
+	x.CPUSeconds += float64(cpuMS) / 1000
+}
+
+// Days returns the days, oldest first.
+func (u UsageDays) Days() []UsageDay {
+	out := make([]UsageDay, 0, len(u))
+	for _, x := range u {
+		out = append(out, *x)
+	}
+	slices.SortFunc(out, func(a, b UsageDay) int { return strings.Compare(a.Day, b.Day) })
+	return out
+}
+
 // SandboxUsage sums one sandbox's runs.
 type SandboxUsage struct {
 	RunsTotal       int
@@ -181,9 +264,11 @@ type Store interface {
 
 	// CreateSandbox inserts sb atomically with a concurrency check: if the account already has
 	// limit or more live sandboxes it inserts nothing and returns ErrQuota. limit < 0 = unlimited.
+	// The check holds across Store values and processes on the same database.
 	CreateSandbox(ctx context.Context, sb Sandbox, limit int) error
 	// UpdateSandbox overwrites the mutable fields (Status, ReadyAt, DestroyedAt, DestroyReason,
-	// Error, DiskUsedBytes) of an existing record; ErrNotFound if there is none.
+	// Error, DiskUsedBytes) of an existing record; ErrNotFound if there is none, ErrFinal (nothing
+	// written) if its stored status is final.
 	UpdateSandbox(ctx context.Context, sb Sandbox) error
 	// GetSandbox returns a sandbox; accountID "" matches any account. ErrNotFound otherwise.
 	GetSandbox(ctx context.Context, accountID, id string) (Sandbox, error)
@@ -197,12 +282,13 @@ type Store interface {
 	// CreateRun inserts a run; ErrConflict on a duplicate ID.
 	CreateRun(ctx context.Context, r Run) error
 	// UpdateRun overwrites every field but ID, SandboxID, AccountID, Code and CreatedAt of the run
-	// with r.ID; ErrNotFound if there is none.
+	// with r.ID; ErrNotFound if there is none, ErrFinal (nothing written) if its stored status is
+	// final.
 	UpdateRun(ctx context.Context, r Run) error
 	// RecordRun writes a step of a run atomically: r as UpdateRun does, then sb as UpdateSandbox
 	// does (when sb is not nil), then appends ev (when ev is not nil) — one commit instead of three
 	// for each start and end of a run. Nothing is written if a part fails (ErrNotFound when the
-	// run or the sandbox does not exist).
+	// run or the sandbox does not exist, ErrFinal when either is final).
 	RecordRun(ctx context.Context, r Run, sb *Sandbox, ev *Event) error
 	// GetRun returns one run of a sandbox, or ErrNotFound.
 	GetRun(ctx context.Context, sandboxID, runID string) (Run, error)
@@ -235,6 +321,22 @@ type Store interface {
 	// Usage returns an account's usage per UTC day for days in [from, to), oldest first; days
 	// with nothing are left out. now is the end of lifetime for live sandboxes.
 	Usage(ctx context.Context, accountID string, from, to, now time.Time) ([]UsageDay, error)
+
+	// RegisterReplica records replica id as alive at address, now: a new replica, or one starting
+	// again (a lost one is not lost any more).
+	RegisterReplica(ctx context.Context, id, address string) error
+	// Heartbeat records that replica id is alive now; ErrReplicaLost (nothing written) if it was
+	// declared lost or is not registered.
+	Heartbeat(ctx context.Context, id string) error
+	// MarkStaleReplicas declares lost every replica not lost yet whose last heartbeat is older
+	// than staleAfter by the database's clock, and returns them.
+	MarkStaleReplicas(ctx context.Context, staleAfter time.Duration) ([]Replica, error)
+	// Replicas returns every registered replica, oldest first.
+	Replicas(ctx context.Context) ([]Replica, error)
+	// TryLock takes the leadership lock called name if no one holds it — in any process on the
+	// same database — and returns it (nil and no error when someone else holds it). The lock is
+	// held until Release, or until the holder's process or connection ends.
+	TryLock(ctx context.Context, name string) (Lock, error)
 
 	// Close releases the database.
 	Close() error

@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sandboxd/sandboxd/internal/store/postgres/pgtest"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
@@ -336,6 +337,7 @@ func TestMain(m *testing.M) {
 		}
 		os.RemoveAll(shared.dataDir)
 	}
+	pgtest.StopShared()
 	os.Exit(code)
 }
 
@@ -683,8 +685,14 @@ func TestCrashRecovery(t *testing.T) {
 	if len(veths) != 2 {
 		t.Fatalf("want a veth per sandbox, found %v", veths)
 	}
-	sandboxNets := netNamespaces(b)
-	if len(sandboxNets) != 1 || sandboxNets[hostNet()] {
+	// One network namespace of its own, once the zygote's start (an nsenter in the sandbox's
+	// cgroup, still in the host's namespace until it enters the sandbox's) is over: a loaded host
+	// may still be starting it while the run above runs through the launcher.
+	var sandboxNets map[string]bool
+	if !waitfor.Until(60*time.Second, func() bool {
+		sandboxNets = netNamespaces(b)
+		return len(sandboxNets) == 1 && !sandboxNets[hostNet()]
+	}) {
 		t.Fatalf("sandbox %s should have one network namespace of its own, has %v", b, sandboxNets)
 	}
 

@@ -557,7 +557,9 @@ func testTimeout(t *testing.T, h Harness, d driver.Driver) {
 	id := h.Sandbox(t, d, h.Spec(t))
 	for _, tc := range endless {
 		t.Run(tc.name, func(t *testing.T) {
-			res := Exec(t, d, id, tc.code, time.Second)
+			// 3 s: time enough for the code to reach its print on a loaded host (at 1 s a host at
+			// load 20 killed some runs before their first line).
+			res := Exec(t, d, id, tc.code, 3*time.Second)
 			if res.Status != driver.StatusTimeout || res.ExitCode != 128+int(syscall.SIGKILL) {
 				t.Errorf("status %s exit %d, want timeout %d", res.Status, res.ExitCode, 128+int(syscall.SIGKILL))
 			}

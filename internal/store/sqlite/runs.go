@@ -19,7 +19,7 @@ const updateRunSQL = `UPDATE runs SET status = ?, timeout_seconds = ?, async = ?
 	exit_code = ?, stdout = ?, stderr = ?, stdout_truncated = ?, stderr_truncated = ?, result = ?,
 	error = ?, started_at = ?, finished_at = ?, duration_ms = ?, cpu_ms = ?, memory_peak_bytes = ?,
 	network_allowed = ?, network_denied = ?, context_reset = ?, display = ?, outputs = ?, outputs_truncated = ?
-	WHERE id = ?`
+	WHERE id = ? AND status IN ('queued', 'running')`
 
 // CreateRun inserts a run; store.ErrConflict on a duplicate ID, store.ErrNotFound if its sandbox
 // does not exist.
@@ -42,14 +42,16 @@ func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
 }
 
 // UpdateRun overwrites every field of the run with r.ID but ID, SandboxID, AccountID, Code and
-// CreatedAt; store.ErrNotFound if there is none.
+// CreatedAt; store.ErrNotFound if there is none, store.ErrFinal if it is final (its first final
+// record stays).
 func (d *DB) UpdateRun(ctx context.Context, r store.Run) error {
 	return d.updateRun(ctx, nil, r)
 }
 
 // RecordRun writes a step of a run in one transaction: run r as UpdateRun does, then sb's mutable
 // fields as UpdateSandbox does (when sb is not nil), then the event ev (when not nil). Nothing is
-// written if any part fails (store.ErrNotFound when the run or the sandbox does not exist).
+// written if any part fails (store.ErrNotFound when the run or the sandbox does not exist,
+// store.ErrFinal when either is final).
 func (d *DB) RecordRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event) error {
 	return d.write(ctx, func(tx *sql.Tx) error {
 		if err := d.updateRun(ctx, tx, r); err != nil {
@@ -84,7 +86,7 @@ func (d *DB) updateRun(ctx context.Context, tx *sql.Tx, r store.Run) error {
 	if n, err := res.RowsAffected(); err != nil {
 		return fmt.Errorf("update run %s: %w", r.ID, err)
 	} else if n == 0 {
-		return fmt.Errorf("update run %s: %w", r.ID, store.ErrNotFound)
+		return fmt.Errorf("update run %s: %w", r.ID, d.whyUnchanged(ctx, tx, "runs", r.ID))
 	}
 	return nil
 }

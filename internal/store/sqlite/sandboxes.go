@@ -9,7 +9,7 @@ import (
 )
 
 const sandboxCols = `id, account_id, agent_id, mode, status, config, created_at, ready_at, expires_at,
-	destroyed_at, destroy_reason, error, disk_used_bytes, image_digest`
+	destroyed_at, destroy_reason, error, disk_used_bytes, image_digest, replica`
 
 // liveIn is the SQL list of the live statuses.
 const liveIn = `('` + store.SandboxProvisioning + `', '` + store.SandboxReady + `', '` + store.SandboxRunning + `')`
@@ -22,7 +22,7 @@ func (d *DB) CreateSandbox(ctx context.Context, sb store.Sandbox, limit int) err
 	var e enc
 	args := []any{sb.ID, sb.AccountID, sb.AgentID, sb.Mode, sb.Status, e.json("config", sb.Config),
 		e.time(sb.CreatedAt), e.ptime(sb.ReadyAt), e.time(sb.ExpiresAt), e.ptime(sb.DestroyedAt),
-		sb.DestroyReason, e.json("error", sb.Error), sb.DiskUsedBytes, sb.ImageDigest}
+		sb.DestroyReason, e.json("error", sb.Error), sb.DiskUsedBytes, sb.ImageDigest, sb.Replica}
 	if e.err != nil {
 		return fmt.Errorf("create sandbox %s: %w", sb.ID, e.err)
 	}
@@ -38,7 +38,7 @@ func (d *DB) CreateSandbox(ctx context.Context, sb store.Sandbox, limit int) err
 			}
 		}
 		_, err := tx.ExecContext(ctx, `INSERT INTO sandboxes (`+sandboxCols+`)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
 		return err
 	})
 	if err != nil {
@@ -49,11 +49,11 @@ func (d *DB) CreateSandbox(ctx context.Context, sb store.Sandbox, limit int) err
 
 const updateSandboxSQL = `UPDATE sandboxes
 	SET status = ?, ready_at = ?, destroyed_at = ?, destroy_reason = ?, error = ?, disk_used_bytes = ?
-	WHERE id = ?`
+	WHERE id = ? AND status NOT IN ('` + store.SandboxDestroyed + `', '` + store.SandboxError + `')`
 
 // UpdateSandbox overwrites Status, ReadyAt, DestroyedAt, DestroyReason, Error and DiskUsedBytes
 // of the sandbox with sb.ID; the other fields of sb are ignored. store.ErrNotFound if there is
-// none.
+// none, store.ErrFinal if it is destroyed or failed (a final record is never written again).
 func (d *DB) UpdateSandbox(ctx context.Context, sb store.Sandbox) error {
 	return d.updateSandbox(ctx, nil, sb)
 }
@@ -73,9 +73,29 @@ func (d *DB) updateSandbox(ctx context.Context, tx *sql.Tx, sb store.Sandbox) er
 	if n, err := res.RowsAffected(); err != nil {
 		return fmt.Errorf("update sandbox %s: %w", sb.ID, err)
 	} else if n == 0 {
-		return fmt.Errorf("update sandbox %s: %w", sb.ID, store.ErrNotFound)
+		return fmt.Errorf("update sandbox %s: %w", sb.ID, d.whyUnchanged(ctx, tx, "sandboxes", sb.ID))
 	}
 	return nil
+}
+
+// whyUnchanged tells why a conditional update of record id of table changed no row: it does not
+// exist (store.ErrNotFound), or it is final (store.ErrFinal).
+func (d *DB) whyUnchanged(ctx context.Context, tx *sql.Tx, table, id string) error {
+	q := `SELECT COUNT(*) FROM ` + table + ` WHERE id = ?`
+	var row *sql.Row
+	if tx != nil {
+		row = tx.QueryRowContext(ctx, q, id)
+	} else {
+		row = d.queryRow(ctx, q, id)
+	}
+	var n int
+	if err := row.Scan(&n); err != nil {
+		return classify(err)
+	}
+	if n == 0 {
+		return store.ErrNotFound
+	}
+	return store.ErrFinal
 }
 
 // GetSandbox returns the sandbox id of accountID ("" = any account), or store.ErrNotFound.
@@ -129,7 +149,7 @@ func (d *DB) ListSandboxes(ctx context.Context, f store.SandboxFilter) ([]store.
 	return out, total, nil
 }
 
-// LiveSandboxes returns every live sandbox of every account, oldest first.
+// LiveSandboxes returns every live sandbox of every account (of every replica), oldest first.
 func (d *DB) LiveSandboxes(ctx context.Context) ([]store.Sandbox, error) {
 	out, err := querySandboxes(ctx, d.r, `SELECT `+sandboxCols+` FROM sandboxes
 		WHERE status IN `+liveIn+` ORDER BY created_at, seq`)
@@ -179,7 +199,7 @@ func scanSandbox(s scanner) (store.Sandbox, error) {
 	var config, errJSON, ready, destroyed sql.NullString
 	var created, expires string
 	if err := s.Scan(&sb.ID, &sb.AccountID, &sb.AgentID, &sb.Mode, &sb.Status, &config, &created, &ready,
-		&expires, &destroyed, &sb.DestroyReason, &errJSON, &sb.DiskUsedBytes, &sb.ImageDigest); err != nil {
+		&expires, &destroyed, &sb.DestroyReason, &errJSON, &sb.DiskUsedBytes, &sb.ImageDigest, &sb.Replica); err != nil {
 		return store.Sandbox{}, err
 	}
 	var err error

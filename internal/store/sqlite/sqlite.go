@@ -26,6 +26,10 @@
 // does while the server runs): every connection waits up to busyTimeout for a lock held by the
 // other process instead of failing with "database is locked".
 //
+// A file is served by one server (serve locks its data directory): one replica. Its leadership
+// locks (TryLock) are held in this process, by file and name; replica times are this process's
+// clock.
+//
 // # Encoding
 //
 // Times are stored as TEXT in a fixed-width UTC form with nanoseconds
@@ -56,12 +60,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/url"
 	"path/filepath"
 	"runtime"
-	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -69,6 +70,7 @@ import (
 	sqlite3 "modernc.org/sqlite/lib"
 
 	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/store/migrate"
 )
 
 // busyTimeout is how long a connection waits for a lock held by another process.
@@ -79,10 +81,11 @@ const timeLayout = "2006-01-02T15:04:05.000000000Z"
 
 // DB is a store.Store on one SQLite file. It is safe for concurrent use.
 type DB struct {
-	w  *sql.DB // exactly one connection: every write
-	r  *sql.DB // read-only connections
-	ws stmtCache
-	rs stmtCache
+	path string  // the database file's absolute path
+	w    *sql.DB // exactly one connection: every write
+	r    *sql.DB // read-only connections
+	ws   stmtCache
+	rs   stmtCache
 }
 
 var _ store.Store = (*DB)(nil)
@@ -116,7 +119,7 @@ func Open(ctx context.Context, path string) (*DB, error) {
 	w.SetConnMaxLifetime(0)
 	w.SetConnMaxIdleTime(0)
 
-	d := &DB{w: w, ws: stmtCache{db: w}}
+	d := &DB{path: abs, w: w, ws: stmtCache{db: w}}
 	// The first connection sets WAL mode (persistent in the file) before any reader opens.
 	if err := d.migrate(ctx); err != nil {
 		w.Close()
@@ -171,44 +174,9 @@ func (d *DB) Close() error {
 //go:embed migrations/*.sql
 var migrationFiles embed.FS
 
-type migration struct {
-	version int
-	name    string
-	sql     string
-}
-
-// migrations returns the embedded migrations in order; versions must run 1, 2, 3, … without gaps.
-func migrations() ([]migration, error) {
-	names, err := fs.Glob(migrationFiles, "migrations/*.sql")
-	if err != nil {
-		return nil, err
-	}
-	var ms []migration
-	for _, p := range names {
-		name := strings.TrimPrefix(p, "migrations/")
-		num, _, ok := strings.Cut(name, "_")
-		v, err := strconv.Atoi(num)
-		if !ok || err != nil || v <= 0 {
-			return nil, fmt.Errorf("migration %s: name must be NNNN_description.sql", name)
-		}
-		b, err := migrationFiles.ReadFile(p)
-		if err != nil {
-			return nil, err
-		}
-		ms = append(ms, migration{version: v, name: name, sql: string(b)})
-	}
-	slices.SortFunc(ms, func(a, b migration) int { return a.version - b.version })
-	for i, m := range ms {
-		if m.version != i+1 {
-			return nil, fmt.Errorf("migration %s: expected version %d", m.name, i+1)
-		}
-	}
-	return ms, nil
-}
-
 // migrate applies, in one write transaction, every migration the database has not had yet.
 func (d *DB) migrate(ctx context.Context) error {
-	ms, err := migrations()
+	ms, err := migrate.Load(migrationFiles)
 	if err != nil {
 		return err
 	}
@@ -219,23 +187,11 @@ func (d *DB) migrate(ctx context.Context) error {
 			applied_at TEXT NOT NULL)`); err != nil {
 			return fmt.Errorf("schema_version: %w", err)
 		}
-		var cur int
-		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&cur); err != nil {
-			return fmt.Errorf("schema_version: %w", err)
-		}
-		if cur > len(ms) {
-			return fmt.Errorf("database schema version %d is newer than this binary's (%d)", cur, len(ms))
-		}
-		for _, m := range ms[cur:] {
-			if _, err := tx.ExecContext(ctx, m.sql); err != nil {
-				return fmt.Errorf("migration %s: %w", m.name, err)
-			}
-			if _, err := tx.ExecContext(ctx, `INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)`,
-				m.version, m.name, time.Now().UTC().Format(timeLayout)); err != nil {
-				return fmt.Errorf("migration %s: %w", m.name, err)
-			}
-		}
-		return nil
+		return migrate.Apply(ctx, tx, ms, func(m migrate.Migration) error {
+			_, err := tx.ExecContext(ctx, `INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)`,
+				m.Version, m.Name, time.Now().UTC().Format(timeLayout))
+			return err
+		})
 	})
 }
 

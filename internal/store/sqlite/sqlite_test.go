@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/store/migrate"
 	"github.com/sandboxd/sandboxd/internal/store/storetest"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
@@ -42,6 +43,14 @@ func ok(t *testing.T, err error) {
 func TestConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) store.Store {
 		return open(t, filepath.Join(t.TempDir(), "sandboxd.db"))
+	})
+}
+
+// TestShared: two Store values on one file, as serve and `sandboxd keys create` open it.
+func TestShared(t *testing.T) {
+	storetest.RunShared(t, func(t *testing.T) (store.Store, store.Store) {
+		p := filepath.Join(t.TempDir(), "sandboxd.db")
+		return open(t, p), open(t, p)
 	})
 }
 
@@ -102,7 +111,7 @@ func schemaVersions(t *testing.T, d *DB) []int {
 
 func TestReopen(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "sandboxd.db")
-	ms, err := migrations()
+	ms, err := migrate.Load(migrationFiles)
 	ok(t, err)
 
 	d, err := Open(ctx, path)

@@ -4,8 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
-	"slices"
-	"strings"
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/store"
@@ -30,15 +28,7 @@ func (d *DB) Usage(ctx context.Context, accountID string, from, to, now time.Tim
 	if e.err != nil {
 		return nil, fmt.Errorf("usage of account %s: %w", accountID, e.err)
 	}
-	days := map[string]*store.UsageDay{}
-	day := func(d string) *store.UsageDay {
-		u := days[d]
-		if u == nil {
-			u = &store.UsageDay{Day: d}
-			days[d] = u
-		}
-		return u
-	}
+	days := store.UsageDays{}
 	err := d.read(ctx, func(tx *sql.Tx) error {
 		rows, err := tx.QueryContext(ctx, `SELECT created_at, destroyed_at FROM sandboxes`+where(conds), args...)
 		if err != nil {
@@ -61,9 +51,7 @@ func (d *DB) Usage(ctx context.Context, accountID string, from, to, now time.Tim
 					return err
 				}
 			}
-			u := day(created.Format(time.DateOnly))
-			u.Sandboxes++
-			u.BilledMinutes += billedMinutes(created, end)
+			days.AddSandbox(created, end)
 		}
 		if err := rows.Err(); err != nil {
 			return err
@@ -83,26 +71,12 @@ func (d *DB) Usage(ctx context.Context, accountID string, from, to, now time.Tim
 			if err := rows.Scan(&d, &n, &cpuMS); err != nil {
 				return err
 			}
-			u := day(d)
-			u.Runs += n
-			u.CPUSeconds += float64(cpuMS) / 1000
+			days.AddRuns(d, n, cpuMS)
 		}
 		return rows.Err()
 	})
 	if err != nil {
 		return nil, fmt.Errorf("usage of account %s: %w", accountID, classify(err))
 	}
-	out := make([]store.UsageDay, 0, len(days))
-	for _, u := range days {
-		out = append(out, *u)
-	}
-	slices.SortFunc(out, func(a, b store.UsageDay) int { return strings.Compare(a.Day, b.Day) })
-	return out, nil
-}
-
-// billedMinutes is the billed minutes of a lifetime from created to end: each started minute,
-// and at least one (also when end is not after created).
-func billedMinutes(created, end time.Time) int64 {
-	d := end.Sub(created)
-	return max(int64((d+time.Minute-1)/time.Minute), 1)
+	return days.Days(), nil
 }

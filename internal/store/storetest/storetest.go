@@ -65,6 +65,10 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"Usage", testUsage},
 		{"CancelledContext", testCancelledContext},
 		{"Contexts", testContexts},
+		{"HostileBytes", testHostileBytes},
+		{"Replicas", testReplicas},
+		{"Locks", testLocks},
+		{"FinishRace", func(t *testing.T, st store.Store) { testFinishRace(t, st, st) }},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, open(t)) })
@@ -110,7 +114,7 @@ func sandbox(id, accountID string, created time.Time, status string) store.Sandb
 	return store.Sandbox{
 		ID: id, AccountID: accountID, AgentID: "agent-1", Mode: "container", Status: status,
 		Config:    json.RawMessage(`{"image":"agentcop/agent-sandbox:latest","resources":{"cpu":"1","memory":"512m","timeout":1800}}`),
-		CreatedAt: created, ExpiresAt: created.Add(30 * time.Minute),
+		CreatedAt: created, ExpiresAt: created.Add(30 * time.Minute), Replica: "rep_1",
 	}
 }
 
@@ -367,14 +371,14 @@ func testSandboxUpdate(t *testing.T, st store.Store) {
 			sb.Status, sb.ReadyAt = store.SandboxReady, ptr(at(time.Second))
 		}},
 		{"running", func(sb *store.Sandbox) { sb.Status = store.SandboxRunning }},
+		{"cleared", func(sb *store.Sandbox) { // overwriting with nil clears
+			sb.Status, sb.ReadyAt, sb.DestroyedAt, sb.DestroyReason, sb.Error = store.SandboxReady, nil, nil, "", nil
+			sb.DiskUsedBytes = 0
+		}},
 		{"destroyed", func(sb *store.Sandbox) {
 			sb.Status, sb.DestroyedAt, sb.DestroyReason = store.SandboxDestroyed, ptr(at(61*time.Second).In(zone)), "error"
 			sb.Error = json.RawMessage(`{"error": "sandbox_error", "message": "crashed"}`)
 			sb.DiskUsedBytes = 5 << 30
-		}},
-		{"cleared", func(sb *store.Sandbox) { // overwriting with nil clears
-			sb.Status, sb.ReadyAt, sb.DestroyedAt, sb.DestroyReason, sb.Error = store.SandboxError, nil, nil, "", nil
-			sb.DiskUsedBytes = 0
 		}},
 	}
 	want := orig
@@ -395,6 +399,20 @@ func testSandboxUpdate(t *testing.T, st store.Store) {
 
 	missing := sandbox("sbx_missing", a.ID, base, store.SandboxReady)
 	wantErr(t, "update of an unknown sandbox", st.UpdateSandbox(ctx, missing), store.ErrNotFound)
+
+	// A final record is never written again: not brought back to life (a replica declared lost
+	// that comes back), not closed a second time.
+	for _, status := range []string{store.SandboxReady, store.SandboxDestroyed, store.SandboxError} {
+		again := want
+		again.Status, again.DestroyReason, again.DiskUsedBytes = status, "deleted", 1
+		wantErr(t, "update of a destroyed sandbox to "+status, st.UpdateSandbox(ctx, again), store.ErrFinal)
+	}
+	failed := createSandbox(t, st, sandbox("sbx_3", a.ID, base, store.SandboxError))
+	failed.Status = store.SandboxReady
+	wantErr(t, "update of a failed sandbox", st.UpdateSandbox(ctx, failed), store.ErrFinal)
+	got, err = st.GetSandbox(ctx, a.ID, orig.ID)
+	ok(t, err)
+	same(t, "the destroyed sandbox after refused updates", canonSandbox(got, false), canonSandbox(want, true))
 }
 
 func testListSandboxes(t *testing.T, st store.Store) {
@@ -683,19 +701,22 @@ func testRunUpdate(t *testing.T, st store.Store) {
 		name string
 		set  func(r *store.Run)
 	}{
-		{"running", func(r *store.Run) { r.Status, r.StartedAt = "running", ptr(at(time.Second)) }},
+		{"running", func(r *store.Run) {
+			r.Status, r.StartedAt, r.ExitCode, r.Stdout, r.Result = "running", ptr(at(time.Second)), ptr(1), "partial", json.RawMessage(`1`)
+			r.StdoutTruncated, r.Async, r.DurationMS = true, true, 5
+		}},
+		{"cleared", func(r *store.Run) {
+			r.Status, r.ExitCode, r.Result, r.Error, r.StartedAt, r.FinishedAt = "queued", nil, nil, nil, nil, nil
+			r.StdoutTruncated, r.StderrTruncated, r.Async = false, false, false
+			r.Stdout, r.Stderr, r.DurationMS, r.CPUMS, r.MemoryPeakBytes = "", "", 0, 0, 0
+		}},
 		{"completed", func(r *store.Run) {
 			r.Status, r.ExitCode, r.Stdout, r.Stderr = "completed", ptr(0), "out\n", "err\n"
 			r.StdoutTruncated, r.StderrTruncated = true, true
 			r.Result, r.Error = json.RawMessage(`[1,2,3]`), json.RawMessage(`{"type":"X","message":"m","traceback":""}`)
-			r.FinishedAt = ptr(at(2 * time.Second).In(zone))
+			r.StartedAt, r.FinishedAt = ptr(at(time.Second)), ptr(at(2*time.Second).In(zone))
 			r.DurationMS, r.CPUMS, r.MemoryPeakBytes = 1000, 900, 9437184
 			r.TimeoutSeconds, r.Async = 60, true
-		}},
-		{"cleared", func(r *store.Run) {
-			r.Status, r.ExitCode, r.Result, r.Error, r.StartedAt, r.FinishedAt = "error", nil, nil, nil, nil, nil
-			r.StdoutTruncated, r.StderrTruncated, r.Async = false, false, false
-			r.Stdout, r.Stderr, r.DurationMS, r.CPUMS, r.MemoryPeakBytes = "", "", 0, 0, 0
 		}},
 	}
 	want := orig
@@ -713,6 +734,16 @@ func testRunUpdate(t *testing.T, st store.Store) {
 	ok(t, err)
 	same(t, "the other run", canonRun(got, false), canonRun(bystander, true))
 	wantErr(t, "update of an unknown run", st.UpdateRun(ctx, run("run_missing", sb.ID, a.ID, base, "running")), store.ErrNotFound)
+
+	// The first final record stays: a second finisher is told, and writes nothing.
+	for _, status := range []string{"running", "error", "cancelled", "completed"} {
+		again := want
+		again.Status, again.Stdout, again.Error = status, "second finisher", json.RawMessage(`{"type":"ReplicaLost","message":"m","traceback":""}`)
+		wantErr(t, "update of a completed run to "+status, st.UpdateRun(ctx, again), store.ErrFinal)
+	}
+	got, err = st.GetRun(ctx, sb.ID, orig.ID)
+	ok(t, err)
+	same(t, "the completed run after refused updates", canonRun(got, false), canonRun(want, true))
 }
 
 func testRecordRun(t *testing.T, st store.Store) {
@@ -725,6 +756,10 @@ func testRecordRun(t *testing.T, st store.Store) {
 	}
 	sbAs := func(status string) *store.Sandbox { s := sb; s.Status = status; return &s }
 	missingSandbox := sandbox("sbx_missing", a.ID, base, store.SandboxRunning)
+	// A second sandbox, destroyed, with a running run: its run's end is refused with it.
+	sb2 := createSandbox(t, st, sandbox("sbx_2", a.ID, base, store.SandboxDestroyed))
+	r2 := run("run_2", sb2.ID, a.ID, base, "running")
+	ok(t, st.CreateRun(ctx, r2))
 
 	tests := []struct {
 		name    string
@@ -739,16 +774,21 @@ func testRecordRun(t *testing.T, st store.Store) {
 	}{
 		{"all three", func() store.Run { x := r; x.Status, x.StartedAt = "running", ptr(at(time.Second)); return x }(),
 			sbAs(store.SandboxRunning), ev("evt_1"), nil, "running", store.SandboxRunning, []string{"evt_1"}},
-		{"run alone", func() store.Run { x := r; x.Status = "completed"; return x }(),
-			nil, nil, nil, "completed", store.SandboxRunning, []string{"evt_1"}},
-		{"run and event", func() store.Run { x := r; x.Status = "failed"; return x }(),
-			nil, ev("evt_2"), nil, "failed", store.SandboxRunning, []string{"evt_1", "evt_2"}},
+		{"run alone", func() store.Run { x := r; x.Status, x.Stdout = "running", "partial"; return x }(),
+			nil, nil, nil, "running", store.SandboxRunning, []string{"evt_1"}},
 		{"unknown run: nothing written", run("run_missing", sb.ID, a.ID, base, "running"),
-			sbAs(store.SandboxReady), ev("evt_3"), store.ErrNotFound, "failed", store.SandboxRunning, []string{"evt_1", "evt_2"}},
+			sbAs(store.SandboxReady), ev("evt_3"), store.ErrNotFound, "running", store.SandboxRunning, []string{"evt_1"}},
 		{"unknown sandbox: nothing written", func() store.Run { x := r; x.Status = "oom"; return x }(),
-			&missingSandbox, ev("evt_4"), store.ErrNotFound, "failed", store.SandboxRunning, []string{"evt_1", "evt_2"}},
+			&missingSandbox, ev("evt_4"), store.ErrNotFound, "running", store.SandboxRunning, []string{"evt_1"}},
 		{"duplicate event: nothing written", func() store.Run { x := r; x.Status = "timeout"; return x }(),
-			sbAs(store.SandboxReady), ev("evt_1"), store.ErrConflict, "failed", store.SandboxRunning, []string{"evt_1", "evt_2"}},
+			sbAs(store.SandboxReady), ev("evt_1"), store.ErrConflict, "running", store.SandboxRunning, []string{"evt_1"}},
+		{"run and event", func() store.Run { x := r; x.Status = "completed"; return x }(),
+			sbAs(store.SandboxReady), ev("evt_2"), nil, "completed", store.SandboxReady, []string{"evt_1", "evt_2"}},
+		{"final run: nothing written", func() store.Run { x := r; x.Status = "error"; return x }(),
+			sbAs(store.SandboxRunning), ev("evt_5"), store.ErrFinal, "completed", store.SandboxReady, []string{"evt_1", "evt_2"}},
+		{"final sandbox: nothing written", func() store.Run { x := r2; x.Status = "completed"; return x }(),
+			func() *store.Sandbox { s := sb2; s.Status = store.SandboxReady; return &s }(), ev("evt_6"), store.ErrFinal,
+			"completed", store.SandboxReady, []string{"evt_1", "evt_2"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -771,6 +811,11 @@ func testRecordRun(t *testing.T, st store.Store) {
 			evs, _, err := st.ListEvents(ctx, store.EventFilter{AccountID: a.ID})
 			ok(t, err)
 			same(t, "events", eventIDs(evs), tc.wantEvents)
+			got2, err := st.GetRun(ctx, sb2.ID, r2.ID)
+			ok(t, err)
+			if got2.Status != "running" {
+				t.Errorf("run of the destroyed sandbox: status %q, want running (its end refused with the sandbox's)", got2.Status)
+			}
 		})
 	}
 }
