@@ -30,9 +30,9 @@ const brokerCommand = "broker"
 // brokerListener accepts the connections the host's broker passes over the socket sock.
 type brokerListener struct{ sock *net.UnixConn }
 
-// AcceptUnix waits for the next connection. An error is final: the broker socket is closed or
-// broken (the host is gone).
-func (l *brokerListener) AcceptUnix() (*net.UnixConn, error) {
+// Accept waits for the next connection (a *net.UnixConn). An error is final: the broker socket is
+// closed or broken (the host is gone).
+func (l *brokerListener) Accept() (net.Conn, error) {
 	for {
 		buf := make([]byte, 1)
 		oob := make([]byte, unix.CmsgSpace(4))

@@ -4,6 +4,9 @@
 // sandbox can reach, remove or replace it) and executes each run as a fresh Python process.
 //
 //	sandbox-agent [--python PATH] [--prestart 0|1]
+//	sandbox-agent --listen ADDR --secret-file PATH --prestart 0|1 [--python PATH]   (TCP mode: tcp.go)
+//	sandbox-agent install DIR                                                      (tcp.go)
+//	sandbox-agent netinit AGENT_PORT                                               (netinit.go)
 //
 // Behaviour:
 //   - One run at a time. Connections are served strictly in order: a second connection made while
@@ -59,13 +62,27 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == brokerCommand {
 		brokerMain(os.Args[2:]) // does not return
 	}
+	if len(os.Args) > 1 && os.Args[1] == installCommand {
+		installMain(os.Args[2:]) // does not return
+	}
+	if len(os.Args) > 1 && os.Args[1] == netinitCommand {
+		netinitMain(os.Args[2:]) // does not return
+	}
 	log := newLogger("agent")
 	python := flag.String("python", "/usr/bin/python3", "the Python interpreter")
 	prestart := flag.String("prestart", "", "start the first run's process at once: 0 (allow_spawn false) or 1 (true)")
+	listen := flag.String("listen", "", "TCP mode (tcp.go): serve authenticated connections at this address instead of fd 3")
+	secretFile := flag.String("secret-file", "", "TCP mode: the file of the sandbox's secret")
 	flag.Parse()
-	if flag.NArg() != 0 || (*prestart != "" && *prestart != "0" && *prestart != "1") {
-		fmt.Fprintf(os.Stderr, "usage: sandbox-agent [--python PATH] [--prestart 0|1] (its listening socket on fd 3)\n")
+	if flag.NArg() != 0 || (*prestart != "" && *prestart != "0" && *prestart != "1") ||
+		(*listen != "") != (*secretFile != "") || (*listen != "" && *prestart == "") {
+		fmt.Fprintf(os.Stderr, "usage: sandbox-agent [--python PATH] [--prestart 0|1] (its listening socket on fd 3)\n"+
+			"       sandbox-agent --listen ADDR --secret-file PATH --prestart 0|1 [--python PATH]\n")
 		os.Exit(2)
+	}
+	var tcp *tcpMode
+	if *listen != "" {
+		tcp = &tcpMode{addr: *listen, secretFile: *secretFile, spawn: *prestart == "1"}
 	}
 
 	// Same-uid code in the sandbox must not ptrace the agent or read /proc/<agent>/mem.
@@ -73,7 +90,7 @@ func main() {
 		log.Warn("prctl(PR_SET_DUMPABLE, 0)", "err", err)
 	}
 	reserveThreads(16)
-	a, err := newAgent(*python, log)
+	a, err := newAgent(*python, log, tcp)
 	if err != nil {
 		log.Error("cannot serve", "err", err)
 		os.Exit(1)

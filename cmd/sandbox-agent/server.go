@@ -45,15 +45,20 @@ type agentServer struct {
 	runnerCode []byte // the runner compiled by this Python (marshal), once a process has sent it
 	dumping    bool   // a process is sending it
 
-	ln unixListener // the host's socket, inherited (agent.ListenFD), or the broker's (broker.go)
+	ln connListener // the host's socket, inherited (agent.ListenFD), the broker's (broker.go), or TCP (tcp.go)
+
+	// TCP mode (tcp.go): every connection proves it holds secret first; spawn is the sandbox's
+	// allow_spawn (tcpSpawn), which a request cannot change.
+	secret   []byte
+	tcpSpawn bool
 }
 
-// unixListener is what the agent accepts its connections from.
-type unixListener interface {
-	AcceptUnix() (*net.UnixConn, error)
+// connListener is what the agent accepts its connections from.
+type connListener interface {
+	Accept() (net.Conn, error)
 }
 
-func newAgent(python string, log *slog.Logger) (*agentServer, error) {
+func newAgent(python string, log *slog.Logger, tcp *tcpMode) (*agentServer, error) {
 	a := &agentServer{
 		python: python,
 		log:    log,
@@ -77,7 +82,11 @@ func newAgent(python string, log *slog.Logger) (*agentServer, error) {
 		log.Warn("prctl(PR_SET_CHILD_SUBREAPER)", "err", err)
 	}
 	a.reaper = startReaper()
-	if err := a.listen(); err != nil {
+	listen := a.listen
+	if tcp != nil {
+		listen = func() error { return a.listenTCP(tcp) }
+	}
+	if err := listen(); err != nil {
 		return nil, err
 	}
 	return a, nil
@@ -115,7 +124,7 @@ func (a *agentServer) serve() {
 	reqs := make(chan request)
 	go func() {
 		for {
-			conn, err := a.ln.AcceptUnix()
+			conn, err := a.ln.Accept()
 			if _, broker := a.ln.(*brokerListener); err != nil && broker {
 				a.log.Error("the host's broker is gone: exiting", "err", err)
 				os.Exit(1)
@@ -135,18 +144,25 @@ func (a *agentServer) serve() {
 
 // request is a connection and its first line (or the error reading it).
 type request struct {
-	conn *net.UnixConn
+	conn net.Conn
 	br   *bufio.Reader
 	line []byte
 	err  error
 }
 
 // readRequest reads conn's first line and passes it on to the serve loop; it drops a connection
-// from inside the sandbox (none can reach the socket; checked all the same) and one closed
-// before it said anything.
-func (a *agentServer) readRequest(conn *net.UnixConn, reqs chan<- request) {
-	if a.pid1 {
-		if pid, err := peerPID(conn); err != nil {
+// from inside the sandbox (none can reach the unix socket; checked all the same; in TCP mode:
+// tcp.go), one that fails TCP mode's challenge, and one closed before it said anything.
+func (a *agentServer) readRequest(conn net.Conn, reqs chan<- request) {
+	br := bufio.NewReaderSize(conn, 64<<10)
+	if a.secret != nil {
+		if err := a.admitTCP(conn, br); err != nil {
+			a.log.Warn("refusing a connection", "remote", conn.RemoteAddr().String(), "err", err)
+			conn.Close()
+			return
+		}
+	} else if uc, ok := conn.(*net.UnixConn); ok && a.pid1 {
+		if pid, err := peerPID(uc); err != nil {
 			a.log.Warn("refusing a connection: SO_PEERCRED", "err", err)
 			conn.Close()
 			return
@@ -157,7 +173,6 @@ func (a *agentServer) readRequest(conn *net.UnixConn, reqs chan<- request) {
 		}
 	}
 	conn.SetReadDeadline(time.Now().Add(requestTimeout))
-	br := bufio.NewReaderSize(conn, 64<<10)
 	line, err := agent.ReadLine(br, maxRequestLine)
 	if err != nil && len(line) == 0 && errors.Is(err, io.EOF) {
 		conn.Close() // a client that gave up before asking
@@ -187,9 +202,9 @@ func (a *agentServer) handle(r request) {
 		newSender(conn, nil, a.log).send(&agent.Event{Type: "ready"})
 		return
 	}
-	if string(line) == zygoteHello {
+	if uc, ok := conn.(*net.UnixConn); ok && string(line) == zygoteHello && a.secret == nil {
 		keep = true
-		a.adoptZygote(newZygote(conn, br, a.log))
+		a.adoptZygote(newZygote(uc, br, a.log))
 		return
 	}
 	var req agent.RunRequest
@@ -197,6 +212,9 @@ func (a *agentServer) handle(r request) {
 		s := newSender(conn, nil, a.log)
 		s.exit(&agent.RunResult{ExitCode: -1, AgentError: "bad request: " + err.Error()})
 		return
+	}
+	if a.secret != nil {
+		req.AllowSpawn = a.tcpSpawn // the sandbox's, fixed at its start
 	}
 
 	// After the request line the host sends only answers to the run's agent calls (see package
@@ -218,6 +236,10 @@ func (a *agentServer) handle(r request) {
 		}
 	}()
 	s := newSender(conn, gone, a.log)
+	oomBefore := int64(-1)
+	if a.secret != nil { // TCP mode: the host cannot see the sandbox's cgroup
+		oomBefore = oomKills()
+	}
 	var res *agent.RunResult
 	switch {
 	case req.Op != "":
@@ -228,6 +250,7 @@ func (a *agentServer) handle(r request) {
 		res = a.run(&req, s, answers)
 	}
 	res.ContextPIDs = a.contextPIDs()
+	res.OOMKill = oomBefore >= 0 && oomKills() > oomBefore
 	s.exit(res)
 	if f := a.afterExit; f != nil {
 		a.afterExit = nil

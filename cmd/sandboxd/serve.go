@@ -26,6 +26,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/driver"
 	// The drivers serve opens by name (driver.Open): importing them registers them.
 	_ "github.com/sandboxd/sandboxd/internal/driver/container"
+	"github.com/sandboxd/sandboxd/internal/driver/kubernetes"
 	_ "github.com/sandboxd/sandboxd/internal/driver/wasm"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/httpapi"
@@ -163,9 +164,12 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 	if cfg.StaticHosts != nil {
 		opts.Resolver = cfg.StaticHosts
 	}
-	drv, err := driver.Open("container", opts)
+	if cfg.Driver == kubernetes.Name {
+		opts = kubernetesOptions(cfg, replica, log)
+	}
+	drv, err := driver.Open(cfg.Driver, opts)
 	if err != nil {
-		return fail(fmt.Errorf("container runtime: %w", err))
+		return fail(fmt.Errorf("container mode (driver %s): %w", cfg.Driver, err))
 	}
 	d.drvs = append(d.drvs, drv)
 	drivers := map[string]driver.Driver{sandbox.ModeContainer: drv}
@@ -245,6 +249,21 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 	}
 	log.Info("sandboxd serving", "addr", d.ln.Addr().String(), "data_dir", cfg.DataDir, "replica", replica, "store", storeKind(cfg.Store), "runtime", runtimeOf(drv), "version", version)
 	return d, nil
+}
+
+// kubernetesOptions are the kubernetes driver's options: the configured container images' cluster
+// references, by their root filesystems (images imported into the store later have none: creates
+// of them fail until the config names them); its pods carry this data directory's replica ID, so
+// that a restarted server reconciles its own and no other replica's.
+func kubernetesOptions(cfg config.Config, replica string, log *slog.Logger) driver.Options {
+	ims := map[string]driver.ClusterImage{}
+	for _, im := range imagesOf(cfg.Images, sandbox.ModeContainer) {
+		if ci, ok := cfg.ClusterImages[im.Name]; ok {
+			ims[im.RootFS] = ci
+		}
+	}
+	return driver.Options{Kubeconfig: cfg.Kubeconfig, Namespace: cfg.Namespace, AgentImage: cfg.AgentImage,
+		ClusterImages: ims, Replica: replica, Logger: log.With("driver", kubernetes.Name)}
 }
 
 // storeKind names the store in the log (never the URL: it may hold a password).

@@ -38,8 +38,12 @@ import (
 // whole process tree, and returns an error wrapping ctx.Err(). Run does not wait for the agent to
 // finish killing; the agent serves the next connection only once it has.
 func Run(ctx context.Context, socketPath string, req RunRequest, onEvent func(Event), onCall CallHandler) (RunResult, error) {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", socketPath)
+	return RunDial(ctx, UnixDial(socketPath), req, onEvent, onCall)
+}
+
+// RunDial is Run on a connection dial makes (TCPDial: an agent in TCP mode).
+func RunDial(ctx context.Context, dial Dial, req RunRequest, onEvent func(Event), onCall CallHandler) (RunResult, error) {
+	conn, err := dial(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
 			return RunResult{}, fmt.Errorf("agent run: %w", ctx.Err())
@@ -120,26 +124,30 @@ func runErr(ctx context.Context, err error) error {
 // nothing behind; since the agent serves connections in order, one made during a run is answered
 // after that run.
 func WaitReady(ctx context.Context, socketPath string) error {
+	return WaitReadyDial(ctx, socketPath, UnixDial(socketPath))
+}
+
+// WaitReadyDial is WaitReady on connections dial makes; name names the agent in errors.
+func WaitReadyDial(ctx context.Context, name string, dial Dial) error {
 	t := time.NewTimer(0)
 	defer t.Stop()
 	var lastErr error
 	for {
-		if lastErr = ping(ctx, socketPath); lastErr == nil {
+		if lastErr = ping(ctx, dial); lastErr == nil {
 			return nil
 		}
 		t.Reset(time.Millisecond)
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("agent at %s not ready: %w (last error: %v)", socketPath, ctx.Err(), lastErr)
+			return fmt.Errorf("agent at %s not ready: %w (last error: %v)", name, ctx.Err(), lastErr)
 		case <-t.C:
 		}
 	}
 }
 
 // ping sends Ping and reads the "ready" answer.
-func ping(ctx context.Context, socketPath string) error {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", socketPath)
+func ping(ctx context.Context, dial Dial) error {
+	conn, err := dial(ctx)
 	if err != nil {
 		return err
 	}

@@ -134,6 +134,9 @@ type RunResult struct {
 	ContextLost string `json:"context_lost,omitempty"`
 	// ContextRestarted: this run found its context's interpreter gone (why) and started a fresh one.
 	ContextRestarted string `json:"context_restarted,omitempty"`
+	// OOMKill (TCP mode only, where the host cannot read the sandbox's cgroup): the kernel's OOM
+	// killer killed a process of the sandbox's memory cgroup during the request.
+	OOMKill bool `json:"oom_kill,omitempty"`
 }
 
 // PyError is an uncaught Python exception.

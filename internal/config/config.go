@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/agentcall"
+	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 )
@@ -75,6 +76,15 @@ type Config struct {
 	// Agents are the operator's endpoints of runs' agent calls (agent.run, agent.call), by
 	// agent_id: the file's "agents" (see package agentcall).
 	Agents map[string]agentcall.Endpoint
+	// Driver runs container-mode sandboxes: "container" (default) or "kubernetes" (--driver; WASM
+	// stays local). The kubernetes driver's cluster: Kubeconfig (--kubeconfig), Namespace
+	// (--namespace), AgentImage (--agent-image: the agent image's digest-pinned reference) and,
+	// per image name, what the cluster runs for it (the file's "cluster_images").
+	Driver        string
+	Kubeconfig    string
+	Namespace     string
+	AgentImage    string
+	ClusterImages map[string]driver.ClusterImage
 }
 
 // StoreUsage is the --store flag's help, for every command that opens the store.
@@ -129,7 +139,8 @@ type file struct {
 		Pool        string              `json:"pool"`
 		StaticHosts map[string][]string `json:"static_hosts"`
 	} `json:"egress"`
-	Agents map[string]struct {
+	ClusterImages map[string]driver.ClusterImage `json:"cluster_images"`
+	Agents        map[string]struct {
 		URL     string            `json:"url"`
 		Headers map[string]string `json:"headers"`
 		Timeout *float64          `json:"timeout"` // seconds
@@ -179,6 +190,10 @@ func parse(name string, args []string) (Config, error) {
 	fs.StringVar(&c.RunscBin, "runsc", "", "gVisor's runsc binary, built by scripts/build-runsc.sh (default: runsc in PATH, if any)")
 	fs.StringVar(&c.AgentBin, "agent-bin", "", "path of the sandbox-agent binary (default: next to sandboxd)")
 	fs.StringVar(&cfgPath, "config", "", "optional JSON file with images, plans and limits")
+	fs.StringVar(&c.Driver, "driver", "container", "what runs container-mode sandboxes: container (this host) or kubernetes (pods of --kubeconfig's cluster; the config file's cluster_images)")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "--driver kubernetes: the cluster's kubeconfig")
+	fs.StringVar(&c.Namespace, "namespace", "default", "--driver kubernetes: the namespace of the sandboxes' pods")
+	fs.StringVar(&c.AgentImage, "agent-image", "", "--driver kubernetes: the agent image's digest-pinned reference (REPO@sha256:…)")
 	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
 	warm := fs.Int("warm-pool", DefaultWarmPool, fmt.Sprintf("provisioned sandboxes kept ready per shape asked for, 0 to %d (0: none; over the config file's warm_pool)", MaxWarmPool))
 	fs.DurationVar(&c.StopGrace, "stop-grace", DefaultStopGrace, "on SIGINT/SIGTERM, how long live sandboxes may take to be destroyed before the rest are killed at once")
@@ -220,6 +235,9 @@ func parse(name string, args []string) (Config, error) {
 	}
 	if warmSet {
 		c.WarmPool = *warm
+	}
+	if err := c.checkDriver(); err != nil {
+		return c, err
 	}
 	if c.WarmPool > MaxWarmPool {
 		return c, fmt.Errorf("warm pool of %d sandboxes per shape: at most %d", c.WarmPool, MaxWarmPool)
@@ -393,6 +411,7 @@ func (c *Config) loadFile(path string) error {
 			return fmt.Errorf("config %s: egress.pool: %w", path, err)
 		}
 	}
+	c.ClusterImages = f.ClusterImages
 	for id, a := range f.Agents {
 		if !sandbox.ValidAgentID(id) {
 			return fmt.Errorf("config %s: agents[%q]: not an agent_id (1-128 characters of A-Z a-z 0-9 . _ : -)", path, id)
@@ -423,6 +442,29 @@ func (c *Config) loadFile(path string) error {
 			}
 			key := strings.ToLower(strings.TrimSuffix(name, "."))
 			c.StaticHosts[key] = append(c.StaticHosts[key], ip)
+		}
+	}
+	return nil
+}
+
+// checkDriver checks --driver and what the kubernetes driver needs.
+func (c *Config) checkDriver() error {
+	switch c.Driver {
+	case "container":
+		return nil
+	case "kubernetes":
+	default:
+		return fmt.Errorf("--driver %q: want container or kubernetes", c.Driver)
+	}
+	if c.Kubeconfig == "" {
+		return errors.New("--driver kubernetes needs --kubeconfig PATH")
+	}
+	if !strings.Contains(c.AgentImage, "@sha256:") {
+		return fmt.Errorf("--agent-image %q: want the agent image's reference pinned by digest (REPO@sha256:…)", c.AgentImage)
+	}
+	for name, ci := range c.ClusterImages {
+		if !strings.Contains(ci.Ref, "@sha256:") {
+			return fmt.Errorf("cluster_images[%q].ref %q: want a reference pinned by digest (REPO@sha256:…)", name, ci.Ref)
 		}
 	}
 	return nil

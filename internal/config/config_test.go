@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/driver"
 )
 
 func TestParseServe(t *testing.T) {
@@ -99,6 +101,18 @@ func TestParseServe(t *testing.T) {
 		{"agent: bad header", agents("a5.json", `{"a": {"url": "http://h/", "headers": {"X": "a\r\nB: c"}}}`), `header "X"`, nil},
 		{"agent: our header", agents("a6.json", `{"a": {"url": "http://h/", "headers": {"content-type": "text/plain"}}}`), `is sandboxd's to set`, nil},
 		{"agent: timeout", agents("a7.json", `{"a": {"url": "http://h/", "timeout": 0}}`), `agents["a"].timeout 0: want 1 to 600 seconds`, nil},
+		{"kubernetes", []string{img, "--agent-bin", agent, "--driver", "kubernetes", "--kubeconfig", "/k", "--namespace", "sbx",
+			"--agent-image", "r/agent@sha256:ab", "--config", cfgFile("k8s.json", `{"cluster_images": {"`+DefaultImage+`": {"ref": "r/py@sha256:cd", "runtime_class": "gvisor"}}}`)}, "", func(t *testing.T, c Config) {
+			if c.Driver != "kubernetes" || c.Kubeconfig != "/k" || c.Namespace != "sbx" || c.AgentImage != "r/agent@sha256:ab" ||
+				c.ClusterImages[DefaultImage] != (driver.ClusterImage{Ref: "r/py@sha256:cd", RuntimeClass: "gvisor"}) {
+				t.Fatalf("config %+v", c)
+			}
+		}},
+		{"kubernetes: no kubeconfig", []string{img, "--agent-bin", agent, "--driver", "kubernetes", "--agent-image", "r/a@sha256:ab"}, "--kubeconfig", nil},
+		{"kubernetes: agent image by tag", []string{img, "--agent-bin", agent, "--driver", "kubernetes", "--kubeconfig", "/k", "--agent-image", "r/a:1"}, "pinned by digest", nil},
+		{"kubernetes: image by tag", []string{img, "--agent-bin", agent, "--driver", "kubernetes", "--kubeconfig", "/k", "--agent-image", "r/a@sha256:ab",
+			"--config", cfgFile("k8s2.json", `{"cluster_images": {"x": {"ref": "r/py:1"}}}`)}, `cluster_images["x"].ref`, nil},
+		{"unknown driver", []string{img, "--agent-bin", agent, "--driver", "vm"}, `--driver "vm"`, nil},
 		{"bad wasm build flag", []string{img, "--agent-bin", agent, "--wasm-build", "python:3.11-wasi"}, "NAME=COMMAND", nil},
 		{"wasm build of an approved image", []string{img, "--agent-bin", agent, "--wasm-build", DefaultImage + "=true"}, "approved already", nil},
 	}

@@ -61,6 +61,10 @@ type Spec struct {
 	CPU          float64  // cores (0.5 = half a core)
 	MemoryBytes  int64    // memory limit of the whole sandbox
 	PidsLimit    int64    // process-count limit of the whole sandbox
+	// DiskBytes is the sandbox's disk limit (resources.disk): the size of the disk that backs
+	// TmpDir, WorkDir and the Mounts. Drivers that do not use those host directories (kubernetes)
+	// apply it to what replaces them.
+	DiskBytes int64
 	// TmpDir is the host directory that backs the sandbox's /tmp (on its disk, like the HostDirs
 	// of Mounts: its size bounds them together; traversable like them).
 	TmpDir string
@@ -314,6 +318,25 @@ type Options struct {
 	// sandbox with the attribute "sandbox" (its id), an error with "err", an image with "image",
 	// as the service does; the caller adds which driver it is (serve: "driver", the name).
 	Logger *slog.Logger
+
+	// Kubernetes driver. Kubeconfig is the path of the kubeconfig it talks to the cluster with,
+	// Namespace the namespace of its pods ("": "default"); ClusterImages maps an image's RootFS
+	// (Spec.RootFS) to what the cluster runs for it; AgentImage is the pinned reference of the
+	// agent image (package kubernetes: WriteAgentImage); Replica tells this service's pods from
+	// another's in the same namespace ("": "default").
+	Kubeconfig    string
+	Namespace     string
+	ClusterImages map[string]ClusterImage
+	AgentImage    string
+	Replica       string
+}
+
+// ClusterImage is an image as a Kubernetes cluster runs it: Ref, a reference pinned by digest
+// (REPO@sha256:…), and RuntimeClass, the pods' RuntimeClass ("": the cluster's default; e.g. a
+// gVisor one).
+type ClusterImage struct {
+	Ref          string `json:"ref"`
+	RuntimeClass string `json:"runtime_class,omitempty"`
 }
 
 // Log returns o.Logger, or a logger that discards everything when it is nil. Drivers log through

@@ -75,7 +75,7 @@ func (s *Service) newHost(id string, sp spec) (driver.Spec, error) {
 		h.root, h.size = filepath.Join(s.cfg.MountDir, hex.EncodeToString(sum[:8])), sp.diskBytes
 	}
 	ds := driver.Spec{
-		RootFS: sp.image.RootFS, SitePackages: sp.image.SitePackages, Runtime: sp.image.Runtime, Blocked: sp.config.Filesystem.Blocked, CPU: sp.cpu, MemoryBytes: sp.memoryBytes,
+		RootFS: sp.image.RootFS, SitePackages: sp.image.SitePackages, Runtime: sp.image.Runtime, Blocked: sp.config.Filesystem.Blocked, CPU: sp.cpu, MemoryBytes: sp.memoryBytes, DiskBytes: sp.diskBytes,
 		PidsLimit: s.cfg.PidsLimit, AllowSpawn: sp.allowSpawn, Network: sp.network,
 		HostIDs: ids, TmpDir: filepath.Join(h.root, "tmp"), WorkDir: filepath.Join(h.root, "work"),
 		HostReady: h.ready,

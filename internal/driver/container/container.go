@@ -994,17 +994,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		runCtx, cancel = context.WithTimeout(ctx, req.Timeout+agentGrace)
 		defer cancel()
 	}
-	onEvent := func(ev agent.Event) {
-		if req.OnOutput == nil || len(ev.Data) == 0 {
-			return
-		}
-		switch ev.Type {
-		case "stdout":
-			req.OnOutput(driver.Stdout, ev.Data)
-		case "stderr":
-			req.OnOutput(driver.Stderr, ev.Data)
-		}
-	}
+	onEvent := driver.AgentOutput(req)
 	started := time.Now()
 	onCall := func(ctx context.Context, call json.RawMessage) []byte { return driver.AnswerAgentCall(ctx, req, call) }
 	res, runErr := agentRun(runCtx, socketPath(b.dir), areq, onEvent, onCall)
@@ -1048,29 +1038,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	if res.AgentError != "" {
 		return driver.ExecResult{}, fmt.Errorf("exec in sandbox %s: agent: %s", id, res.AgentError)
 	}
-	out := driver.ExecResult{
-		Stdout:           res.Stdout,
-		Stderr:           res.Stderr,
-		StdoutTruncated:  res.StdoutTruncated,
-		StderrTruncated:  res.StderrTruncated,
-		Result:           res.Result,
-		Started:          started,
-		Duration:         time.Duration(res.DurationUS) * time.Microsecond,
-		CPU:              time.Duration(res.CPUUS) * time.Microsecond,
-		MemoryPeak:       res.MaxRSSBytes,
-		ContextLost:      res.ContextLost,
-		ContextRestarted: res.ContextRestarted,
-	}
-	if out.Duration == 0 {
-		out.Duration = wall
-	}
-	out.SetRich(res.Rich)
-	if res.Error != nil {
-		out.Error = &driver.PyError{Type: res.Error.Type, Message: res.Error.Message, Traceback: res.Error.Traceback}
-	}
-	driver.Classify(driver.Outcome{Exited: true, ExitCode: res.ExitCode, Signal: res.Signal,
-		TimedOut: res.TimedOut, OOMKill: oom}, &out)
-	return out, nil
+	return driver.AgentResult(res, started, wall, oom), nil
 }
 
 // killStragglers waits until the sandbox has no process of a run left (see runProcesses) — the

@@ -1,7 +1,6 @@
 package container
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net/netip"
@@ -67,17 +66,8 @@ func setup(tmp *string) error {
 	}
 	stateDir = filepath.Join(*tmp, "state")
 
-	rootfs = os.Getenv("SANDBOXD_ROOTFS")
-	if rootfs == "" {
-		cmd := exec.Command(filepath.Join(repo, "scripts", "build-image.sh"))
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			return fmt.Errorf("build the image (scripts/build-image.sh): %v: %s", err, lastLines(stderr.String(), 5))
-		}
-		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-		rootfs = lines[len(lines)-1]
+	if rootfs, err = drivertest.ImageRootFS(repo); err != nil {
+		return err
 	}
 	if _, err := os.Stat(filepath.Join(rootfs, "usr/bin/python3")); err != nil {
 		return fmt.Errorf("image %s has no python3: %v", rootfs, err)
@@ -189,6 +179,11 @@ var harness = drivertest.Harness{
 		return func(t *testing.T, dd driver.Driver) { assertGone(t, dd.(*Driver), id, pid) }
 	},
 	Idle: func(t *testing.T, dd driver.Driver, id string) { onlyInit(t, dd.(*Driver), id) },
+}
+
+// TestMeasure: create -> ready and a print(1) run, p50 of 10 (SANDBOXD_MEASURE=1), per runtime.
+func TestMeasure(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, d *Driver) { drivertest.Measure(t, harness, d, 10) })
 }
 
 func TestConformance(t *testing.T) {

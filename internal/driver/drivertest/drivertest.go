@@ -7,11 +7,14 @@
 package drivertest
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -201,4 +204,22 @@ func (s *Drivers[D]) Close() {
 		}
 	}
 	s.open = nil
+}
+
+// ImageRootFS returns the default image's root filesystem: $SANDBOXD_ROOTFS, else the directory
+// scripts/build-image.sh of the repository at repo prints last (building it when not cached).
+func ImageRootFS(repo string) (string, error) {
+	if r := os.Getenv("SANDBOXD_ROOTFS"); r != "" {
+		return r, nil
+	}
+	cmd := exec.Command(filepath.Join(repo, "scripts", "build-image.sh"))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
+		return "", fmt.Errorf("build the image (scripts/build-image.sh): %v: %s", err, strings.Join(lines[max(0, len(lines)-5):], "\n"))
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	return lines[len(lines)-1], nil
 }

@@ -1,0 +1,478 @@
+// Package kubernetes is the sandbox driver that runs each sandbox as a pod of a Kubernetes
+// cluster, through client-go. It registers itself as driver "kubernetes".
+//
+// A sandbox is one pod (pod.go) named sbx-<hash of id>, labelled app.kubernetes.io/managed-by=sandboxd,
+// sandboxd/id=<id> and sandboxd/replica=<Options.Replica>, and a Secret of the same name holding
+// the sandbox's agent secret:
+//
+//   - an init container from the agent image (WriteAgentImage: only the static sandbox-agent)
+//     copies the agent into an emptyDir ("sandbox-agent install"), which the sandbox's container
+//     mounts read-only at /.sandbox/bin and runs as its command: the agent in TCP mode
+//     (--listen :7070), which authenticates every connection with the sandbox's secret (a mutual
+//     HMAC challenge, package agent: auth.go) and refuses connections from the pod itself;
+//   - the sandbox's container runs the image the operator approved, by a digest-pinned reference
+//     (Options.ClusterImages, keyed by Spec.RootFS; optional RuntimeClass, e.g. gVisor's), pulled
+//     by the cluster; as uid/gid 10000, runAsNonRoot, read-only root, no privilege escalation, no
+//     capabilities, seccomp RuntimeDefault, no service-account token, no service links, none of
+//     the host's namespaces; requests = limits of CPU, memory and ephemeral-storage (the disk);
+//   - /tmp, the runs' working directory and every read_write path are emptyDirs with sizeLimit =
+//     the disk limit; read_only paths are the image's own, under the read-only root; a blocked
+//     directory is covered by an empty emptyDir mounted read-only, a blocked file by an empty
+//     root-owned file of mode 000 (the Secret's "blocked" key, by subPath);
+//   - egress: a sandbox whose policy blocks everything gets a second init container, the only one
+//     with NET_ADMIN (as root), that runs "sandbox-agent netinit": nftables rules in the pod's
+//     network namespace that drop every packet out but the agent's replies. Other policies need an
+//     egress gateway reachable from pods, which the driver does not have yet: Create refuses them
+//     (driver.ErrUnsupported).
+//
+// Exec dials the pod's IP (the host must route to the pod network) and speaks the agent protocol
+// over the authenticated connection. The driver keeps no state of its own: the pods and Secrets
+// are the state (the secret is read back from the Secret after a restart), so its sandboxes
+// outlive its process; List and the start-up reconciliation find them by label. Destroy deletes
+// the pod and its Secret in the foreground and returns once they are gone.
+//
+// What differs from the container driver: Spec's host directories (TmpDir, WorkDir, the Mounts'
+// HostDirs) are not used — what the service writes there does not reach the pod, and what the
+// sandbox writes does not reach them; there is no zygote (runs are launched: the host cannot
+// start a process in a pod); the pids limit is the kubelet's podPidsLimit, not Spec.PidsLimit;
+// an OOM is what the agent reads in its cgroup (RunResult.OOMKill); there are no code contexts.
+package kubernetes
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+)
+
+// Name is the driver's registry name.
+const Name = "kubernetes"
+
+func init() {
+	driver.Register(Name, func(opts driver.Options) (driver.Driver, error) { return Open(opts) })
+}
+
+// agentGrace is how long past a run's timeout the driver waits for the agent's answer.
+const agentGrace = 10 * time.Second
+
+// Driver is the kubernetes driver. It is safe for concurrent use.
+type Driver struct {
+	cs         kubernetes.Interface
+	ns         string
+	replica    string
+	images     map[string]driver.ClusterImage
+	agentImage string
+	log        *slog.Logger
+
+	mu    sync.Mutex
+	boxes map[string]*box // what Exec needs, cached (the API has it all)
+}
+
+// box is what the driver needs to reach a sandbox's agent.
+type box struct {
+	addr   string // pod IP:port
+	secret []byte
+}
+
+// Open connects to the cluster of opts.Kubeconfig.
+func Open(opts driver.Options) (*Driver, error) {
+	if opts.Kubeconfig == "" {
+		return nil, errors.New("kubernetes driver: no kubeconfig")
+	}
+	if opts.AgentImage == "" {
+		return nil, errors.New("kubernetes driver: no agent image")
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", opts.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes driver: kubeconfig: %w", err)
+	}
+	cfg.QPS, cfg.Burst = 50, 100
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes driver: %w", err)
+	}
+	d := &Driver{cs: cs, ns: opts.Namespace, replica: opts.Replica, images: opts.ClusterImages,
+		agentImage: opts.AgentImage, log: opts.Log(), boxes: map[string]*box{}}
+	if d.ns == "" {
+		d.ns = "default"
+	}
+	if d.replica == "" {
+		d.replica = "default"
+	}
+	return d, nil
+}
+
+// Name returns "kubernetes".
+func (d *Driver) Name() string { return Name }
+
+// Close releases nothing: the driver holds no resources of its process.
+func (d *Driver) Close() error { return nil }
+
+// Check asks the apiserver for the driver's pods (which also proves its permissions).
+func (d *Driver) Check(ctx context.Context) error {
+	_, err := d.cs.CoreV1().Pods(d.ns).List(ctx, metav1.ListOptions{LabelSelector: d.selector(), Limit: 1})
+	if err != nil {
+		return fmt.Errorf("kubernetes: %w", err)
+	}
+	return nil
+}
+
+func (d *Driver) selector() string {
+	return labels.SelectorFromSet(labels.Set{labelManagedBy: managedBy, labelReplica: d.replica}).String()
+}
+
+// Create makes sandbox id's Secret and pod and waits until its agent answers.
+func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err error) {
+	if err := statedir.CheckID(id); err != nil {
+		return err
+	}
+	if !labelValue.MatchString(id) {
+		return fmt.Errorf("kubernetes: sandbox id %q is not a label value (at most 63 characters, ending in a letter or digit)", id)
+	}
+	if spec.SitePackages != "" {
+		return fmt.Errorf("kubernetes: site packages: %w", driver.ErrUnsupported)
+	}
+	if p := spec.Network; !p.BlockOutbound || len(p.Rules) > 0 {
+		return fmt.Errorf("kubernetes: egress (a policy other than block_outbound with no allow list needs a gateway pods reach): %w", driver.ErrUnsupported)
+	}
+	img, ok := d.images[spec.RootFS]
+	if !ok {
+		return fmt.Errorf("kubernetes: image %s has no cluster reference (config: the image's cluster ref)", spec.RootFS)
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
+	pod, err := d.podObject(id, spec, img)
+	if err != nil {
+		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
+	secret := []byte(fmt.Sprintf("%x", agent.MakeSecret()))
+	defer func() {
+		if err != nil {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), destroyTimeout)
+			defer cancel()
+			if derr := d.Destroy(dctx, id); derr != nil {
+				err = fmt.Errorf("%w (and cleaning up failed: %v)", err, derr)
+			}
+		}
+	}()
+	if _, err := d.cs.CoreV1().Secrets(d.ns).Create(ctx, d.secretObject(id, secret), metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("kubernetes: create %s: secret: %w", id, err)
+	}
+	created, err := d.cs.CoreV1().Pods(d.ns).Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		return fmt.Errorf("kubernetes: create %s: pod: %w", id, err)
+	}
+	ip, err := d.waitRunning(ctx, created)
+	if err != nil {
+		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
+	b := &box{addr: net.JoinHostPort(ip, strconv.Itoa(AgentPort)), secret: secret}
+	if err := agent.WaitReadyDial(ctx, b.addr, agent.TCPDial(b.addr, b.secret)); err != nil {
+		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
+	d.mu.Lock()
+	d.boxes[id] = b
+	d.mu.Unlock()
+	return nil
+}
+
+// waitRunning watches pod until it runs with an IP, and fails as soon as it cannot (it ended, or
+// a container cannot start: a bad image, a bad mount).
+func (d *Driver) waitRunning(ctx context.Context, pod *corev1.Pod) (string, error) {
+	w, err := d.cs.CoreV1().Pods(d.ns).Watch(ctx, metav1.ListOptions{
+		FieldSelector:   fields.OneTermEqualSelector("metadata.name", pod.Name).String(),
+		ResourceVersion: pod.ResourceVersion,
+	})
+	if err != nil {
+		return "", fmt.Errorf("watching the pod: %w", err)
+	}
+	defer w.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("waiting for the pod: %w", ctx.Err())
+		case ev, ok := <-w.ResultChan():
+			if !ok {
+				// The watch ended (a timeout of the apiserver's): look once, then watch again.
+				p, err := d.cs.CoreV1().Pods(d.ns).Get(ctx, pod.Name, metav1.GetOptions{})
+				if err != nil {
+					return "", fmt.Errorf("the pod: %w", err)
+				}
+				if ip, err := running(p); ip != "" || err != nil {
+					return ip, err
+				}
+				return d.waitRunning(ctx, p)
+			}
+			switch ev.Type {
+			case watch.Deleted:
+				return "", errors.New("the pod was deleted while it started")
+			case watch.Error:
+				return "", fmt.Errorf("watching the pod: %v", apierrors.FromObject(ev.Object))
+			}
+			if p, ok := ev.Object.(*corev1.Pod); ok {
+				if ip, err := running(p); ip != "" || err != nil {
+					return ip, err
+				}
+			}
+		}
+	}
+}
+
+// running returns p's IP once p runs, an error once it cannot, else "".
+func running(p *corev1.Pod) (string, error) {
+	switch p.Status.Phase {
+	case corev1.PodFailed, corev1.PodSucceeded:
+		return "", fmt.Errorf("the pod ended (%s): %s %s%s", p.Status.Phase, p.Status.Reason, p.Status.Message, containerStates(p))
+	case corev1.PodRunning:
+		if p.Status.PodIP != "" {
+			return p.Status.PodIP, nil
+		}
+	}
+	for _, cs := range append(append([]corev1.ContainerStatus{}, p.Status.InitContainerStatuses...), p.Status.ContainerStatuses...) {
+		if w := cs.State.Waiting; w != nil && fatalWaiting[w.Reason] {
+			return "", fmt.Errorf("container %s cannot start: %s: %s", cs.Name, w.Reason, w.Message)
+		}
+		if t := cs.State.Terminated; t != nil && t.ExitCode != 0 {
+			return "", fmt.Errorf("container %s ended: exit %d %s: %s", cs.Name, t.ExitCode, t.Reason, t.Message)
+		}
+	}
+	return "", nil
+}
+
+// fatalWaiting are the reasons a container waits for that no wait ends.
+var fatalWaiting = map[string]bool{
+	"ErrImagePull": true, "ImagePullBackOff": true, "ErrImageNeverPull": true, "InvalidImageName": true,
+	"CreateContainerConfigError": true, "CreateContainerError": true, "RunContainerError": true, "CrashLoopBackOff": true,
+}
+
+func containerStates(p *corev1.Pod) string {
+	s := ""
+	for _, cs := range append(append([]corev1.ContainerStatus{}, p.Status.InitContainerStatuses...), p.Status.ContainerStatuses...) {
+		if t := cs.State.Terminated; t != nil {
+			s += fmt.Sprintf("; %s: exit %d %s %s", cs.Name, t.ExitCode, t.Reason, t.Message)
+		}
+	}
+	return s
+}
+
+// lookup returns how to reach sandbox id's agent: cached, or read back from the cluster (a
+// sandbox of an earlier process).
+func (d *Driver) lookup(ctx context.Context, id string) (*box, error) {
+	d.mu.Lock()
+	b := d.boxes[id]
+	d.mu.Unlock()
+	if b != nil {
+		return b, nil
+	}
+	if statedir.CheckID(id) != nil {
+		return nil, driver.ErrNotFound
+	}
+	pod, err := d.cs.CoreV1().Pods(d.ns).Get(ctx, objectName(id), metav1.GetOptions{})
+	if apierrors.IsNotFound(err) || (err == nil && (pod.Labels[labelID] != id || pod.DeletionTimestamp != nil)) {
+		return nil, driver.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: sandbox %s: %w", id, err)
+	}
+	if pod.Status.Phase != corev1.PodRunning || pod.Status.PodIP == "" {
+		return nil, fmt.Errorf("kubernetes: sandbox %s: the pod is %s", id, pod.Status.Phase)
+	}
+	sec, err := d.cs.CoreV1().Secrets(d.ns).Get(ctx, objectName(id), metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil, driver.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: sandbox %s: %w", id, err)
+	}
+	b = &box{addr: net.JoinHostPort(pod.Status.PodIP, strconv.Itoa(AgentPort)), secret: sec.Data[secretKey]}
+	d.mu.Lock()
+	d.boxes[id] = b
+	d.mu.Unlock()
+	return b, nil
+}
+
+// Exec runs req in sandbox id through its agent.
+func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (driver.ExecResult, error) {
+	if req.Context != "" {
+		return driver.ExecResult{}, fmt.Errorf("kubernetes: code contexts: %w", driver.ErrUnsupported)
+	}
+	b, err := d.lookup(ctx, id)
+	if err != nil {
+		return driver.ExecResult{}, err
+	}
+	runCtx := ctx
+	if req.Timeout > 0 {
+		var cancel context.CancelFunc
+		runCtx, cancel = context.WithTimeout(ctx, req.Timeout+agentGrace)
+		defer cancel()
+	}
+	areq := agent.RunRequest{Code: req.Code, TimeoutMS: req.Timeout.Milliseconds(), Env: req.Env,
+		MaxOutput: req.MaxOutput, Agent: req.Agent} // AllowSpawn: the agent's own (--prestart)
+	started := time.Now()
+	onCall := func(ctx context.Context, call json.RawMessage) []byte { return driver.AnswerAgentCall(ctx, req, call) }
+	res, err := agent.RunDial(runCtx, agent.TCPDial(b.addr, b.secret), areq, driver.AgentOutput(req), onCall)
+	wall := time.Since(started)
+	if err != nil {
+		deadline := errors.Is(err, context.DeadlineExceeded)
+		if ctx.Err() == nil && !deadline {
+			if _, lerr := d.lookupFresh(ctx, id); errors.Is(lerr, driver.ErrNotFound) {
+				return driver.ExecResult{}, lerr
+			}
+			return driver.ExecResult{}, fmt.Errorf("kubernetes: exec in sandbox %s: %w", id, err)
+		}
+		// The caller ended the run, or the agent did not answer in time: a result. The agent kills
+		// the run's processes when the connection closes.
+		killed := driver.ExecResult{Started: started, Duration: wall}
+		driver.Classify(driver.Outcome{Cancelled: ctx.Err() != nil, TimedOut: deadline}, &killed)
+		return killed, nil
+	}
+	if res.AgentError != "" {
+		return driver.ExecResult{}, fmt.Errorf("kubernetes: exec in sandbox %s: agent: %s", id, res.AgentError)
+	}
+	return driver.AgentResult(res, started, wall, res.OOMKill), nil
+}
+
+// lookupFresh forgets what the driver knew of sandbox id and asks the cluster again.
+func (d *Driver) lookupFresh(ctx context.Context, id string) (*box, error) {
+	d.mu.Lock()
+	delete(d.boxes, id)
+	d.mu.Unlock()
+	return d.lookup(ctx, id)
+}
+
+// destroyTimeout bounds a cleanup's Destroy.
+const destroyTimeout = 2 * time.Minute
+
+// Destroy deletes sandbox id's pod and Secret (foreground) and returns once both are gone.
+func (d *Driver) Destroy(ctx context.Context, id string) error {
+	d.mu.Lock()
+	delete(d.boxes, id)
+	d.mu.Unlock()
+	if statedir.CheckID(id) != nil {
+		return nil
+	}
+	name := objectName(id)
+	// Grace 1 s, not 0: 0 removes the object at once (a force delete) while the kubelet may still
+	// run the containers; 1 has the kubelet kill them (the agent ignores SIGTERM: SIGKILL after
+	// 1 s) and remove the object once they are gone, which waitGone waits for.
+	fg := metav1.DeletePropagationForeground
+	grace := int64(1)
+	pods, secrets := d.cs.CoreV1().Pods(d.ns), d.cs.CoreV1().Secrets(d.ns)
+	if err := pods.Delete(ctx, name, metav1.DeleteOptions{PropagationPolicy: &fg, GracePeriodSeconds: &grace}); err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("kubernetes: destroy %s: pod: %w", id, err)
+	}
+	if err := secrets.Delete(ctx, name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("kubernetes: destroy %s: secret: %w", id, err)
+	}
+	if err := d.waitGone(ctx, name); err != nil {
+		return fmt.Errorf("kubernetes: destroy %s: %w", id, err)
+	}
+	return nil
+}
+
+// waitGone returns once pod name no longer exists.
+func (d *Driver) waitGone(ctx context.Context, name string) error {
+	for {
+		p, err := d.cs.CoreV1().Pods(d.ns).Get(ctx, name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("the pod: %w", err)
+		}
+		w, err := d.cs.CoreV1().Pods(d.ns).Watch(ctx, metav1.ListOptions{
+			FieldSelector:   fields.OneTermEqualSelector("metadata.name", name).String(),
+			ResourceVersion: p.ResourceVersion,
+		})
+		if err != nil {
+			return fmt.Errorf("watching the pod: %w", err)
+		}
+		deleted := false
+		for ev := range w.ResultChan() {
+			if ev.Type == watch.Deleted {
+				deleted = true
+				break
+			}
+		}
+		w.Stop()
+		if deleted {
+			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("waiting for the pod to go: %w", err)
+		}
+	}
+}
+
+// List returns the sandboxes of the driver's replica that have a pod or a Secret.
+func (d *Driver) List(ctx context.Context) ([]string, error) {
+	opts := metav1.ListOptions{LabelSelector: d.selector()}
+	pods, err := d.cs.CoreV1().Pods(d.ns).List(ctx, opts)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: list pods: %w", err)
+	}
+	secrets, err := d.cs.CoreV1().Secrets(d.ns).List(ctx, opts)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: list secrets: %w", err)
+	}
+	seen := map[string]bool{}
+	var ids []string
+	for _, m := range append(metas(pods.Items), metasOfSecrets(secrets.Items)...) {
+		if id := m.Labels[labelID]; id != "" && !seen[id] && m.Name == objectName(id) {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
+}
+
+func metas(ps []corev1.Pod) []metav1.ObjectMeta {
+	var ms []metav1.ObjectMeta
+	for _, p := range ps {
+		ms = append(ms, p.ObjectMeta)
+	}
+	return ms
+}
+
+func metasOfSecrets(ss []corev1.Secret) []metav1.ObjectMeta {
+	var ms []metav1.ObjectMeta
+	for _, s := range ss {
+		ms = append(ms, s.ObjectMeta)
+	}
+	return ms
+}
+
+// Kill force-deletes sandbox id's pod without waiting (driver.Killer): the object goes at once,
+// the kubelet kills the containers when it sees that; List still has the Secret until a Destroy.
+func (d *Driver) Kill(id string) error {
+	if statedir.CheckID(id) != nil {
+		return nil
+	}
+	zero := int64(0)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := d.cs.CoreV1().Pods(d.ns).Delete(ctx, objectName(id), metav1.DeleteOptions{GracePeriodSeconds: &zero})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("kubernetes: kill %s: %w", id, err)
+	}
+	return nil
+}

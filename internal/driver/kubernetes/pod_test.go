@@ -1,0 +1,84 @@
+package kubernetes
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/egress"
+)
+
+// TestPodObject: what every pod is, without a cluster — the confinement the package promises.
+func TestPodObject(t *testing.T) {
+	rootfs := t.TempDir()
+	for _, p := range []string{"usr/share/doc", "etc"} {
+		if err := os.MkdirAll(filepath.Join(rootfs, p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(rootfs, "etc/hosts"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := &Driver{ns: "ns", replica: "r", agentImage: "agent@sha256:00"}
+	spec := driver.Spec{RootFS: rootfs, CPU: 0.5, MemoryBytes: 128 << 20, DiskBytes: 64 << 20, AllowSpawn: true,
+		Blocked: []string{"/usr/share/doc", "/etc/hosts", "/nowhere"},
+		Mounts:  []driver.Mount{{Path: "/workspace/out"}, {Path: "/workspace/in", ReadOnly: true}},
+		Network: egress.Policy{BlockOutbound: true}}
+	pod, err := d.podObject("t-1", spec, driver.ClusterImage{Ref: "python@sha256:11", RuntimeClass: "gvisor"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps := pod.Spec
+	if *ps.AutomountServiceAccountToken || *ps.EnableServiceLinks || ps.HostNetwork || ps.HostPID || ps.HostIPC ||
+		!*ps.SecurityContext.RunAsNonRoot || *ps.RuntimeClassName != "gvisor" {
+		t.Errorf("pod security: %+v", ps)
+	}
+	if pod.Labels[labelManagedBy] != managedBy || pod.Labels[labelID] != "t-1" || pod.Labels[labelReplica] != "r" {
+		t.Errorf("labels %v", pod.Labels)
+	}
+	c := ps.Containers[0]
+	sc := c.SecurityContext
+	if *sc.RunAsUser != 10000 || !*sc.ReadOnlyRootFilesystem || *sc.AllowPrivilegeEscalation || len(sc.Capabilities.Add) != 0 ||
+		sc.Capabilities.Drop[0] != "ALL" || sc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
+		t.Errorf("sandbox container security: %+v", sc)
+	}
+	if c.Image != "python@sha256:11" || c.Resources.Limits.Cpu().MilliValue() != 500 || c.Resources.Limits.Memory().Value() != 128<<20 ||
+		c.Resources.Limits.StorageEphemeral().Value() != 64<<20 || !c.Resources.Requests.Memory().Equal(*c.Resources.Limits.Memory()) {
+		t.Errorf("sandbox container: image %s resources %+v", c.Image, c.Resources)
+	}
+	mounts := map[string]corev1.VolumeMount{}
+	for _, m := range c.VolumeMounts {
+		mounts[m.MountPath] = m
+	}
+	for path, want := range map[string]struct {
+		volume, subPath string
+		ro              bool
+	}{
+		"/.sandbox/bin": {"agent", "", true}, "/tmp": {"tmp", "", false}, "/workspace/out": {"rw-0", "", false},
+		"/usr/share/doc": {"blocked", "", true}, "/nowhere": {"blocked", "", true}, "/etc/hosts": {"secret", blockedKey, true},
+	} {
+		m, ok := mounts[path]
+		if !ok || m.Name != want.volume || m.SubPath != want.subPath || m.ReadOnly != want.ro {
+			t.Errorf("mount %s: %+v, want %+v", path, m, want)
+		}
+	}
+	if _, ok := mounts["/workspace/in"]; ok {
+		t.Error("a read_only path is mounted: it is the image's own")
+	}
+	// Only netinit has a capability, and it is the only one.
+	for _, ic := range ps.InitContainers {
+		add := ic.SecurityContext.Capabilities.Add
+		if (ic.Name == "netinit") != (len(add) == 1 && add[0] == "NET_ADMIN") {
+			t.Errorf("init container %s adds %v", ic.Name, add)
+		}
+	}
+	if len(ps.InitContainers) != 2 {
+		t.Errorf("%d init containers, want agent and netinit", len(ps.InitContainers))
+	}
+	if _, err := d.podObject("t-2", driver.Spec{RootFS: rootfs, CPU: 1, MemoryBytes: 1 << 20, DiskBytes: 1 << 20, Blocked: []string{"../x"}}, driver.ClusterImage{Ref: "x"}); err == nil {
+		t.Error("a relative blocked path was accepted")
+	}
+}
