@@ -149,12 +149,18 @@ func TestContextAgentAfterItsRun(t *testing.T) {
 		}
 		results = append(results, string(res.Result))
 	}
+	// The late call races the host's reading of the forged end: made before it, it is still the
+	// first run's (served there); after it, refused. Never is it the next run's.
 	var got []string
 	if err := json.Unmarshal([]byte(results[1]), &got); err != nil || len(got) != 2 ||
-		!strings.HasPrefix(got[0], "refused: ") || got[1] != "next" {
-		t.Errorf("the next run's result %s: want the late call refused, the next run's own served", results[1])
+		!(strings.HasPrefix(got[0], "refused: ") || got[0] == "served") || got[1] != "next" {
+		t.Errorf("the next run's result %s: want the late call refused or the first run's, the next run's own served", results[1])
 	}
-	if n0, n1 := len(eps[0].Calls()), len(eps[1].Calls()); n0 != 0 || n1 != 1 {
-		t.Errorf("calls reaching the first run's OnAgentCall %d, the next's %d: want 0 and 1", n0, n1)
+	wantFirst := 0
+	if got != nil && got[0] == "served" {
+		wantFirst = 1
+	}
+	if n0, n1 := len(eps[0].Calls()), len(eps[1].Calls()); n0 != wantFirst || n1 != 1 {
+		t.Errorf("calls reaching the first run's OnAgentCall %d, the next's %d: want %d and 1", n0, n1, wantFirst)
 	}
 }
