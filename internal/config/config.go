@@ -9,6 +9,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -225,6 +226,13 @@ func parse(name string, args []string) (Config, error) {
 		return c, err
 	}
 	if c.Advertise == "" {
+		// The listen address, when other replicas can dial it as it is written: a host that is
+		// empty or unspecified (":8080", "0.0.0.0:8080") names no one, so replicas sharing a
+		// database must be told (the default store has no other replicas: any address does).
+		host, _, _ := net.SplitHostPort(c.Listen)
+		if ip := net.ParseIP(host); c.Store != "" && (host == "" || (ip != nil && ip.IsUnspecified())) {
+			return c, fmt.Errorf("--listen %s with --store: other replicas cannot reach that address; set --advertise http://<this host's address>:<port>", c.Listen)
+		}
 		c.Advertise = "http://" + c.Listen
 	}
 	c.WarmPool = DefaultWarmPool

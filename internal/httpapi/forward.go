@@ -1,10 +1,12 @@
 package httpapi
 
 import (
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"strings"
+	"time"
 
 	"github.com/sandboxd/sandboxd/internal/store"
 )
@@ -14,6 +16,16 @@ import (
 // crosses at most one hop whatever the replicas believe of each other. A caller that sets it only
 // keeps its request where it sent it.
 const ForwardedHeader = "X-Sandboxd-Forwarded-By"
+
+// forwardTransport carries forwarded requests: straight to the owner (never through the
+// environment's HTTP proxy, which would see the callers' keys), giving up on a connection after
+// 5 s (then the owner "does not answer"); an answer may take as long as the run it waits for.
+var forwardTransport = &http.Transport{
+	Proxy:               nil,
+	DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+	MaxIdleConnsPerHost: 16,
+	IdleConnTimeout:     90 * time.Second,
+}
 
 // route serves the request at the replica that owns its sandbox ({id} in the path) when that is
 // not this one, and reports whether it did. The request goes on as it came: the same method,
@@ -40,6 +52,7 @@ func (s *server) route(w http.ResponseWriter, r *http.Request, acct store.Accoun
 			pr.SetXForwarded()
 			pr.Out.Header.Set(ForwardedHeader, s.svc.Replica())
 		},
+		Transport:     forwardTransport,
 		FlushInterval: -1, // event streams flow as they are written
 		ErrorHandler:  func(_ http.ResponseWriter, _ *http.Request, err error) { unreachable = err },
 	}

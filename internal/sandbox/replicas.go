@@ -52,28 +52,60 @@ type replicaLoop struct {
 	once sync.Once
 }
 
-// startReplica registers the service's replica and starts its loop; the first sweep runs at once.
+// startReplica registers the service's replica and starts its two loops: the heartbeat, on its
+// own so that a long sweep never delays it (a replica whose heartbeat waits on its own sweep could
+// be declared lost by the next sweeper), and the sweep; the first sweep runs at once.
 func (s *Service) startReplica(ctx context.Context) error {
 	if err := s.st.RegisterReplica(ctx, s.cfg.Replica, s.cfg.Address); err != nil {
 		return fmt.Errorf("register replica: %w", err)
 	}
+	s.setHealthy(true)
 	s.loop = &replicaLoop{stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(s.loop.done)
-		t := time.NewTicker(s.cfg.HeartbeatEvery)
-		defer t.Stop()
-		s.sweep()
-		for {
-			select {
-			case <-s.loop.stop:
-				return
-			case <-t.C:
+	var wg sync.WaitGroup
+	every := func(first bool, f func()) {
+		wg.Go(func() {
+			t := time.NewTicker(s.cfg.HeartbeatEvery)
+			defer t.Stop()
+			if first {
+				f()
 			}
-			s.heartbeat()
-			s.sweep()
-		}
-	}()
+			for {
+				select {
+				case <-s.loop.stop:
+					return
+				case <-t.C:
+				}
+				f()
+			}
+		})
+	}
+	every(false, s.heartbeat)
+	every(true, s.sweep)
+	go func() { wg.Wait(); close(s.loop.done) }()
 	return nil
+}
+
+// setHealthy records whether this replica's last heartbeat succeeded; healthySince is when the
+// current run of successful heartbeats began (zero while they fail).
+func (s *Service) setHealthy(ok bool) {
+	s.repMu.Lock()
+	defer s.repMu.Unlock()
+	switch {
+	case !ok:
+		s.healthySince = time.Time{}
+	case s.healthySince.IsZero():
+		s.healthySince = time.Now()
+	}
+}
+
+// mayDeclareLost reports whether this replica has heartbeated without a failure for StaleAfter:
+// only then may it declare others lost. After the database was out of reach for everyone, every
+// replica's heartbeat is stale; the first one back must give the others a full StaleAfter to
+// heartbeat again rather than declare them all lost (and have them destroy their sandboxes).
+func (s *Service) mayDeclareLost() bool {
+	s.repMu.Lock()
+	defer s.repMu.Unlock()
+	return !s.healthySince.IsZero() && time.Since(s.healthySince) >= s.cfg.StaleAfter
 }
 
 // stopReplica stops the loop and waits for it.
@@ -89,8 +121,10 @@ func (s *Service) stopReplica() {
 // than StaleAfter: a pause, a partition from the database), what it runs was recorded ended by
 // another replica: it destroys those sandboxes here too and registers again.
 func (s *Service) heartbeat() {
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HeartbeatEvery)
 	err := s.st.Heartbeat(ctx, s.cfg.Replica)
+	cancel()
+	s.setHealthy(err == nil)
 	if err == nil {
 		return
 	}
@@ -98,6 +132,9 @@ func (s *Service) heartbeat() {
 		s.log.Error("replica heartbeat", "replica", s.cfg.Replica, "err", err)
 		return
 	}
+	s.lost.Store(true) // creates are refused until it is registered again
+	defer s.lost.Store(false)
+	ctx = context.Background()
 	s.log.Warn("this replica was declared lost: destroying its sandboxes, whose records another replica ended", "replica", s.cfg.Replica)
 	s.mu.Lock()
 	var all []*live
@@ -139,9 +176,12 @@ func (s *Service) sweepLocked(ctx context.Context) error {
 	} else if len(reps) == 1 && reps[0].ID == s.cfg.Replica {
 		return nil // alone (a SQLite file has one server): a read, not a write, every period
 	}
-	stale, err := s.st.MarkStaleReplicas(ctx, s.cfg.StaleAfter)
-	if err != nil {
-		return err
+	var stale []store.Replica
+	if s.mayDeclareLost() {
+		var err error
+		if stale, err = s.st.MarkStaleReplicas(ctx, s.cfg.StaleAfter); err != nil {
+			return err
+		}
 	}
 	for _, r := range stale {
 		s.log.Warn("replica declared lost: its heartbeat is stale", "lost_replica", r.ID, "address", r.Address,

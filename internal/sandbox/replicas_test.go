@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -265,5 +266,77 @@ func TestEndedQueuedRunNotStarted(t *testing.T) {
 	}
 	if got.Status != "error" || got.StartedAt != nil || !strings.Contains(string(got.Error), "ReplicaLost") {
 		t.Fatalf("ended queued run: %+v", got)
+	}
+}
+
+// outageStore is a replica's Store while the database may be out of reach for every replica:
+// heartbeats and the sweep's lock fail while down is set.
+type outageStore struct {
+	store.Store
+	down *atomic.Bool
+}
+
+func (o outageStore) Heartbeat(ctx context.Context, id string) error {
+	if o.down.Load() {
+		return store.ErrUnavailable
+	}
+	return o.Store.Heartbeat(ctx, id)
+}
+
+func (o outageStore) TryLock(ctx context.Context, name string) (store.Lock, error) {
+	if o.down.Load() {
+		return nil, store.ErrUnavailable
+	}
+	return o.Store.TryLock(ctx, name)
+}
+
+// TestDatabaseOutage: the database out of reach for every replica for longer than the staleness
+// threshold leaves every heartbeat stale; the first replica back must not declare the others
+// lost (they would destroy their sandboxes) but give them the threshold to heartbeat again.
+func TestDatabaseOutage(t *testing.T) { backends(t, testDatabaseOutage) }
+
+func testDatabaseOutage(t *testing.T, db backend) {
+	ctx := context.Background()
+	const beat, stale = 20 * time.Millisecond, 300 * time.Millisecond
+	var down atomic.Bool
+	var svcs []*sandbox.Service
+	var sts []store.Store
+	for _, id := range []string{"rep_a", "rep_b"} {
+		st := outageStore{Store: db(t), down: &down}
+		svc, err := sandbox.New(ctx, sandbox.Config{
+			DataDir: t.TempDir(), Images: []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/nonexistent", Default: true}},
+			Replica: id, Address: "http://" + id, HeartbeatEvery: beat, StaleAfter: stale,
+		}, st, map[string]driver.Driver{"container": fakedriver.New()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { svc.Close(ctx) })
+		svcs, sts = append(svcs, svc), append(sts, st)
+	}
+	_, acct, _, err := sandbox.CreateKey(ctx, sts[1], sandbox.DefaultPlans(), "acme", "pro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	created, err := svcs[1].Create(ctx, acct, api.CreateSandboxRequest{AgentID: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	down.Store(true)
+	outage := time.Now()
+	waitfor.True(t, time.Minute, func() bool { return time.Since(outage) > 3*stale })
+	down.Store(false)
+	back := time.Now()
+	waitfor.True(t, time.Minute, func() bool { return time.Since(back) > 3*stale })
+	reps, err := sts[0].Replicas(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range reps {
+		if r.LostAt != nil {
+			t.Errorf("replica %s declared lost after an outage of the database for all", r.ID)
+		}
+	}
+	if rec, err := sts[0].GetSandbox(ctx, "", created.SandboxID); err != nil || rec.Status == store.SandboxDestroyed {
+		t.Fatalf("rep_b's sandbox after the outage: %+v %v", rec, err)
 	}
 }

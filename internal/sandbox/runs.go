@@ -128,6 +128,7 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 		// Another replica ended the run, or its sandbox, before it started (it declared this one
 		// lost): the code is not run, and the record stays as that replica wrote it.
 		j.final = true
+		s.closeRun(ctx, lv, &j.run, "before the run started")
 		j.finalMu.Unlock()
 		s.statusRecord(lv, store.SandboxReady) // in memory only: nothing was written
 		s.log.Warn("run not started: another replica ended its record", "run", j.run.ID)
@@ -187,7 +188,12 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	if !recorded {
 		// The run's end, the sandbox ready again and the audit event: one commit.
 		if err := s.st.RecordRun(ctx, run, ready, &finished); errors.Is(err, store.ErrFinal) {
-			// Another replica ended it first (it declared this one lost): its record stays.
+			// Another replica ended it first (it declared this one lost): its record stays. If
+			// that replica ended only the sandbox (the run was made after it listed the runs),
+			// the run's own end is written without the sandbox's.
+			if err := s.st.RecordRun(ctx, run, nil, &finished); err != nil && !errors.Is(err, store.ErrFinal) {
+				s.log.Error("record run end", "run", run.ID, "err", err)
+			}
 			s.log.Warn("run record ended by another replica", "run", run.ID)
 		} else if err != nil {
 			s.log.Error("record run end", "run", run.ID, "err", err)
@@ -385,4 +391,33 @@ func runView(r store.Run) api.Run {
 		out.Error = json.RawMessage("null")
 	}
 	return out
+}
+
+// closeRun makes sure a run whose start was refused as final (another replica ended its record,
+// or its sandbox's, having declared this one lost) has a final record, and sets *r to it: the
+// other replica's, or, when that one ended only the sandbox (the run was made after it listed
+// the runs), an error written here. A caller waiting on the run gets that record, never a run
+// left queued.
+func (s *Service) closeRun(ctx context.Context, lv *live, r *store.Run, when string) {
+	rec, err := s.st.GetRun(ctx, lv.id, r.ID)
+	if err != nil {
+		s.log.Error("read run ended elsewhere", "run", r.ID, "err", err)
+		return
+	}
+	if !store.FinalRun(rec.Status) {
+		t := now()
+		rec.Status, rec.FinishedAt = RunError, &t
+		rec.Error = obj("type", "ReplicaLost", "message", "this replica was declared lost and its sandbox ended "+when, "traceback", "")
+		ev := s.event(store.Event{AccountID: rec.AccountID, Type: "run.finished", SandboxID: lv.id, RunID: rec.ID, AgentID: lv.rec.AgentID,
+			Detail: obj("status", rec.Status, "exit_code", nil, "duration_ms", 0, "reason", ReasonReplicaLost)})
+		if err := s.st.RecordRun(ctx, rec, nil, &ev); errors.Is(err, store.ErrFinal) {
+			if rec, err = s.st.GetRun(ctx, lv.id, r.ID); err != nil {
+				return
+			}
+		} else if err != nil {
+			s.log.Error("record run ended elsewhere", "run", r.ID, "err", err)
+			return
+		}
+	}
+	*r = rec
 }

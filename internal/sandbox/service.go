@@ -156,9 +156,11 @@ type Service struct {
 	pool     *warmPool
 	loop     *replicaLoop // heartbeats and sweeps (replicas.go)
 
-	repMu    sync.Mutex               // guards the replicas' addresses (route.go)
-	repCache map[string]store.Replica // by ID
-	repRead  time.Time
+	repMu        sync.Mutex               // guards the replicas' addresses (route.go) and healthySince
+	repCache     map[string]store.Replica // by ID
+	repRead      time.Time
+	healthySince time.Time   // since when this replica's heartbeats succeed (replicas.go)
+	lost         atomic.Bool // declared lost: its sandboxes are being destroyed, creates are refused
 }
 
 // live is the in-memory state of a sandbox that has not been destroyed.
@@ -506,6 +508,10 @@ func (s *Service) create(ctx context.Context, acct store.Account, req api.Create
 	if closed {
 		return api.CreateSandboxResponse{}, errorf(KindUnavailable, "the service is shutting down")
 	}
+	if s.lost.Load() {
+		return api.CreateSandboxResponse{}, &Error{Kind: KindUnavailable, RetryAfter: 5 * time.Second,
+			Message: "this replica was cut off from the database and is registering again; try again"}
+	}
 	warmID, warm := s.pool.take(sp)
 	first := make(chan struct{}) // the live sandbox closes it (firstRunEnded); else the defer below
 	var lv *live
@@ -739,7 +745,8 @@ func (s *Service) List(ctx context.Context, acct store.Account, status, agentID 
 
 // Delete destroys a sandbox now. Deleting a destroyed sandbox succeeds (idempotent).
 func (s *Service) Delete(ctx context.Context, acct store.Account, id string) error {
-	if _, err := s.st.GetSandbox(ctx, acct.ID, id); errors.Is(err, store.ErrNotFound) {
+	rec, err := s.st.GetSandbox(ctx, acct.ID, id)
+	if errors.Is(err, store.ErrNotFound) {
 		return errorf(KindNotFound, "no sandbox %q", id)
 	} else if err != nil {
 		return internal("get sandbox", err)
@@ -749,6 +756,11 @@ func (s *Service) Delete(ctx context.Context, acct store.Account, id string) err
 	s.mu.Unlock()
 	if lv != nil {
 		s.end(lv, ReasonDeleted, true)
+	} else if rec.Replica != "" && rec.Replica != s.cfg.Replica && !(rec.Status == store.SandboxDestroyed || rec.Status == store.SandboxError) {
+		// Another replica runs it (the request reached this one anyway): saying it is deleted
+		// would be false.
+		return &Error{Kind: KindUnavailable, RetryAfter: 5 * time.Second,
+			Message: fmt.Sprintf("sandbox %q runs on replica %s, which did not take this request; try again", id, rec.Replica)}
 	}
 	return nil
 }
