@@ -141,7 +141,7 @@ func UnixDial(path string) Dial {
 // TCPDial dials an agent in TCP mode at addr (host:port) and authenticates with secret.
 func TCPDial(addr string, secret []byte) Dial {
 	return func(ctx context.Context) (net.Conn, error) {
-		var d net.Dialer
+		d := net.Dialer{Timeout: 5 * time.Second} // a lost SYN is retried by the caller, not waited on for minutes
 		conn, err := d.DialContext(ctx, "tcp", addr)
 		if err != nil {
 			return nil, err

@@ -181,12 +181,16 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err != nil {
 		return fmt.Errorf("kubernetes: create %s: pod: %w", id, err)
 	}
-	ip, err := d.waitRunning(ctx, created)
+	// A pod that stays Pending (unschedulable, a CNI or mount failure) or whose agent never
+	// answers must not hold the create, nor a place in the warm pool, for ever.
+	wctx, cancel := context.WithTimeout(ctx, startTimeout)
+	defer cancel()
+	ip, err := d.waitRunning(wctx, created)
 	if err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
 	b := &box{addr: net.JoinHostPort(ip, strconv.Itoa(AgentPort)), secret: secret}
-	if err := agent.WaitReadyDial(ctx, b.addr, agent.TCPDial(b.addr, b.secret)); err != nil {
+	if err := agent.WaitReadyDial(wctx, b.addr, agent.TCPDial(b.addr, b.secret)); err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
 	d.mu.Lock()
@@ -361,6 +365,10 @@ func (d *Driver) lookupFresh(ctx context.Context, id string) (*box, error) {
 
 // destroyTimeout bounds a cleanup's Destroy.
 const destroyTimeout = 2 * time.Minute
+
+// startTimeout bounds a Create's wait for its pod to run and its agent to answer (an image the
+// node has, as the operator's approved images are, starts in seconds).
+const startTimeout = 2 * time.Minute
 
 // Destroy deletes sandbox id's pod and Secret (foreground) and returns once both are gone.
 func (d *Driver) Destroy(ctx context.Context, id string) error {
