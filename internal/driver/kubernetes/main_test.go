@@ -31,12 +31,16 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	drivers.Close()
 	k8stest.Stop()
+	if env != nil {
+		os.RemoveAll(env.tmp) // the agent binary and image built for the tests
+	}
 	os.Exit(code)
 }
 
 // testEnv is what every test's driver shares: the cluster and the images in it.
 type testEnv struct {
 	c      *k8stest.Cluster
+	tmp    string // removed at the end of the tests
 	rootfs string
 	opts   driver.Options // without Replica
 }
@@ -95,7 +99,7 @@ func newEnv(t testing.TB, c *k8stest.Cluster) (*testEnv, error) {
 	if err != nil && !apierrors.IsAlreadyExists(err) {
 		return nil, fmt.Errorf("namespace: %w", err)
 	}
-	return &testEnv{c: c, rootfs: rootfs, opts: driver.Options{
+	return &testEnv{c: c, tmp: tmp, rootfs: rootfs, opts: driver.Options{
 		Kubeconfig:    c.Kubeconfig,
 		Namespace:     testNamespace,
 		ClusterImages: map[string]driver.ClusterImage{rootfs: {Ref: imageRef}},
