@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 
 	corev1 "k8s.io/api/core/v1"
@@ -129,8 +130,11 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 			mounts = append(mounts, corev1.VolumeMount{Name: "secret", MountPath: p, SubPath: blockedKey, ReadOnly: true})
 			continue
 		}
-		// A directory (or a path the image lacks): an empty directory, read-only.
+		// A directory (or a path the image lacks): an empty directory, read-only. A blocked path
+		// that is also a writable one (/tmp, the working directory, a read_write path) is only
+		// blocked: two mounts at one path make the apiserver refuse the pod.
 		blockedDirs = true
+		mounts = slices.DeleteFunc(mounts, func(m corev1.VolumeMount) bool { return m.MountPath == p })
 		mounts = append(mounts, corev1.VolumeMount{Name: "blocked", MountPath: p, ReadOnly: true})
 	}
 	if blockedDirs {

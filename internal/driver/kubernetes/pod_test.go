@@ -82,3 +82,28 @@ func TestPodObject(t *testing.T) {
 		t.Error("a relative blocked path was accepted")
 	}
 }
+
+// TestPodBlockedWritable: a blocked path that is also a writable mount (/tmp, a read_write path)
+// is mounted once, blocked: the apiserver refuses a pod with two mounts at one path.
+func TestPodBlockedWritable(t *testing.T) {
+	d := &Driver{ns: "ns", replica: "r", agentImage: "agent@sha256:00"}
+	spec := driver.Spec{RootFS: t.TempDir(), CPU: 0.5, MemoryBytes: 128 << 20, DiskBytes: 64 << 20,
+		Blocked: []string{"/tmp", "/workspace/out"}, Mounts: []driver.Mount{{Path: "/workspace/out"}},
+		Network: egress.Policy{BlockOutbound: true}}
+	pod, err := d.podObject("t-2", spec, driver.ClusterImage{Ref: "python@sha256:11"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]string{}
+	for _, m := range pod.Spec.Containers[0].VolumeMounts {
+		if prev, dup := seen[m.MountPath]; dup {
+			t.Errorf("%s mounted twice (%s, %s)", m.MountPath, prev, m.Name)
+		}
+		seen[m.MountPath] = m.Name
+	}
+	for _, p := range spec.Blocked {
+		if seen[p] != "blocked" {
+			t.Errorf("%s mounted from %q, want blocked", p, seen[p])
+		}
+	}
+}
