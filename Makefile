@@ -8,7 +8,7 @@ WASM    := python:3.11-wasi
 GOFLAGS ?=
 export CGO_ENABLED := 0
 
-.PHONY: all deps image wasm vm runsc k8s caches build doctor run test test-vm bench clean
+.PHONY: all deps image wasm vm runsc k8s caches build doctor run test test-kubernetes test-vm bench clean
 
 all: build
 
@@ -75,7 +75,14 @@ test: caches build
 	s=$$SECONDS; $(TESTENV) SANDBOXD_NODE_MODULES=$$(scripts/build-node-tools.sh) \
 		go test -count=1 -timeout 40m $$(go list ./... | grep -v '/test/vm$$') \
 		&& { echo "make test: host tests passed in $$((SECONDS - s)) s"; }
+	@$(MAKE) --no-print-directory test-kubernetes
 	@$(MAKE) --no-print-directory test-vm
+
+# The API end-to-end suite (test/e2e) again, against the kubernetes driver: every server is two
+# replicas on PostgreSQL, on the single-node cluster of internal/k8stest (part of make test).
+test-kubernetes: caches build
+	s=$$SECONDS; $(TESTENV) SANDBOXD_E2E_DRIVER=kubernetes go test -count=1 -timeout 30m ./test/e2e \
+		&& { echo "make test: the API suite against the kubernetes driver passed in $$((SECONDS - s)) s"; }
 
 # test/vm alone (part of make test).
 test-vm: image wasm vm build
@@ -84,9 +91,12 @@ test-vm: image wasm vm build
 		&& { echo "make test: cgroup v2 VM tests passed in $$((SECONDS - s)) s (output: bin/test-vm.log)"; } \
 		|| { tail -n 60 bin/test-vm.log; echo "make test: cgroup v2 VM tests failed after $$((SECONDS - s)) s (output: bin/test-vm.log)"; exit 1; }
 
-bench: image wasm runsc build
+# sandboxd bench (its own server; every figure beside its baseline), then the cluster's figures
+# beside the local driver's, measured in the same run (test/e2e TestMeasureCluster: the k8s cache).
+bench: image wasm runsc k8s build
 	bin/sandboxd bench --image $(IMAGE)=$$(scripts/build-image.sh) --wasm-image $(WASM)=$$(scripts/build-python-wasm.sh 2>/dev/null) \
 		--runsc $$(scripts/build-runsc.sh 2>/dev/null)
+	set -o pipefail; $(TESTENV) SANDBOXD_MEASURE=1 go test -count=1 -run '^TestMeasureCluster$$' -v ./test/e2e | grep -E 'bench\[|^(FAIL|ok)'
 
 clean:
 	rm -rf bin

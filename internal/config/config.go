@@ -79,12 +79,14 @@ type Config struct {
 	Agents map[string]agentcall.Endpoint
 	// Driver runs container-mode sandboxes: "container" (default) or "kubernetes" (--driver; WASM
 	// stays local). The kubernetes driver's cluster: Kubeconfig (--kubeconfig), Namespace
-	// (--namespace), AgentImage (--agent-image: the agent image's digest-pinned reference) and,
+	// (--namespace), AgentImage (--agent-image: the agent image's digest-pinned reference),
+	// CPURequest (--cpu-request: the share of the CPU limit a pod requests) and,
 	// per image name, what the cluster runs for it (the file's "cluster_images").
 	Driver        string
 	Kubeconfig    string
 	Namespace     string
 	AgentImage    string
+	CPURequest    float64
 	ClusterImages map[string]driver.ClusterImage
 }
 
@@ -195,6 +197,7 @@ func parse(name string, args []string) (Config, error) {
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "--driver kubernetes: the cluster's kubeconfig")
 	fs.StringVar(&c.Namespace, "namespace", "default", "--driver kubernetes: the namespace of the sandboxes' pods")
 	fs.StringVar(&c.AgentImage, "agent-image", "", "--driver kubernetes: the agent image's digest-pinned reference (REPO@sha256:…)")
+	fs.Float64Var(&c.CPURequest, "cpu-request", 0.1, "--driver kubernetes: the share of a sandbox's CPU limit its pod requests from the scheduler, in (0, 1] (1: Guaranteed pods)")
 	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
 	warm := fs.Int("warm-pool", DefaultWarmPool, fmt.Sprintf("provisioned sandboxes kept ready per shape asked for, 0 to %d (0: none; over the config file's warm_pool)", MaxWarmPool))
 	fs.DurationVar(&c.StopGrace, "stop-grace", DefaultStopGrace, "on SIGINT/SIGTERM, how long live sandboxes may take to be destroyed before the rest are killed at once")
@@ -466,6 +469,9 @@ func (c *Config) checkDriver() error {
 	}
 	if c.Kubeconfig == "" {
 		return errors.New("--driver kubernetes needs --kubeconfig PATH")
+	}
+	if c.CPURequest <= 0 || c.CPURequest > 1 {
+		return fmt.Errorf("--cpu-request %v: want the share of the CPU limit a pod requests, in (0, 1]", c.CPURequest)
 	}
 	if !strings.Contains(c.AgentImage, "@sha256:") {
 		return fmt.Errorf("--agent-image %q: want the agent image's reference pinned by digest (REPO@sha256:…)", c.AgentImage)

@@ -323,12 +323,14 @@ type Options struct {
 	// Namespace the namespace of its pods ("": "default"); ClusterImages maps an image's RootFS
 	// (Spec.RootFS) to what the cluster runs for it; AgentImage is the pinned reference of the
 	// agent image (package kubernetes: WriteAgentImage); Replica tells this service's pods from
-	// another's in the same namespace ("": "default").
+	// another's in the same namespace ("": "default"); CPURequest is the share of a sandbox's CPU
+	// limit its pod requests from the scheduler, in (0, 1] (0: the driver's default).
 	Kubeconfig    string
 	Namespace     string
 	ClusterImages map[string]ClusterImage
 	AgentImage    string
 	Replica       string
+	CPURequest    float64
 }
 
 // ClusterImage is an image as a Kubernetes cluster runs it: Ref, a reference pinned by digest

@@ -27,6 +27,9 @@ type tenants struct {
 func (tn *tenants) forModes(t *testing.T, f func(t *testing.T, mode string)) {
 	for _, mode := range []string{"container", "wasm"} {
 		t.Run(mode, func(t *testing.T) {
+			if mode == "wasm" {
+				hostOnly(t, "WASM sandboxes run in the service's own process")
+			}
 			if mode == "wasm" && wasmImage == "" {
 				t.Skip("needs SANDBOXD_PYTHON_WASM (make test)")
 			}

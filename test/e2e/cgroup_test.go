@@ -29,6 +29,7 @@ result = (c1.children_user + c1.children_system - c0.children_user - c0.children
 // cpu.cfs_quota_us, v2 cpu.max), the run reports its CPU time, and delete leaves no cgroup and no
 // process behind. (Memory (typed oom) and the pids limit: TestResourceLimits.)
 func TestCgroupLimits(t *testing.T) {
+	hostOnly(t, "reads the sandbox's cgroup on the host (pods: the kubelet's; TestResourceLimits runs)")
 	s := sharedServer(t)
 	pro := s.newKey("e2e-cgroup", "pro")
 	id := s.create(pro, map[string]any{"resources": map[string]any{"cpu": "0.5"}, "process": map[string]any{"allow_spawn": true}})

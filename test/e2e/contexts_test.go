@@ -162,6 +162,7 @@ func TestContexts(t *testing.T) {
 // context of the sandbox (its worker is killed: WASI has no signals) and the reports of it, the
 // run's own agent object, the limit, delete.
 func TestContextsWasm(t *testing.T) {
+	hostOnly(t, "WASM sandboxes run in the service's own process")
 	tn := startTenants(t)
 	tn.forModes(t, func(t *testing.T, mode string) {
 		if mode != "wasm" {

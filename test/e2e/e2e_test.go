@@ -21,6 +21,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -65,6 +66,11 @@ type server struct {
 	dataDir string
 	logs    *bytes.Buffer
 	logw    *lockedWriter // writes logs (nil: nothing writes it concurrently)
+	// The kubernetes pass (launchReplicas): store is the database's URL, peer the second replica
+	// (stopped with this one); do alternates between the two.
+	store string
+	peer  *server
+	turn  atomic.Uint64
 }
 
 func freeAddr(t *testing.T) string {
@@ -135,6 +141,9 @@ func launchWith(addr, dataDir string, prep func(*exec.Cmd), extra ...string) (*s
 
 // stop ends the server with SIGTERM (it destroys its sandboxes) and waits for it.
 func (s *server) stop() {
+	if s.peer != nil {
+		s.peer.stop()
+	}
 	if s.cmd.ProcessState == nil {
 		_ = s.cmd.Process.Signal(syscall.SIGTERM)
 		_ = s.cmd.Wait()
@@ -163,15 +172,25 @@ func startServer(t *testing.T, dataDir string) *server {
 // startServerWith launches a server with extra serve flags.
 func startServerWith(t *testing.T, dataDir string, extra ...string) *server {
 	t.Helper()
-	s, err := launch(freeAddr(t), dataDir, extra...)
+	launchIt := launch
+	if onKubernetes {
+		launchIt = func(addr, dataDir string, extra ...string) (*server, error) {
+			return launchReplicas(t, addr, dataDir, extra...)
+		}
+	}
+	s, err := launchIt(freeAddr(t), dataDir, extra...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	s.t = t
 	t.Cleanup(func() {
 		s.stop()
+		s.removeKubeFiles()
 		if t.Failed() {
 			t.Logf("sandboxd logs:\n%s", s.logs.String())
+			if s.peer != nil {
+				t.Logf("second replica's logs:\n%s", s.peer.logs.String())
+			}
 		}
 	})
 	return s
@@ -208,8 +227,11 @@ func (s *server) awaitRun(key, id, runID, want string) {
 
 // newKey creates a key with the CLI (while the server runs).
 func (s *server) newKey(account, plan string) string {
-	out, err := exec.Command(filepath.Join(binDir, "sandboxd"), "keys", "create", "--data-dir", s.dataDir,
-		"--account", account, "--plan", plan).Output()
+	args := []string{"keys", "create", "--data-dir", s.dataDir, "--account", account, "--plan", plan}
+	if s.store != "" {
+		args = append(args, "--store", s.store)
+	}
+	out, err := exec.Command(filepath.Join(binDir, "sandboxd"), args...).Output()
 	if err != nil {
 		s.t.Fatalf("keys create: %v", err)
 	}
@@ -227,7 +249,11 @@ func (s *server) do(method, path, key string, body any) (int, map[string]any) {
 		}
 		rd = bytes.NewReader(b)
 	}
-	req, _ := http.NewRequest(method, s.url+path, rd)
+	url := s.url
+	if s.peer != nil && s.turn.Add(1)%2 == 0 {
+		url = s.peer.url // the kubernetes pass: every other request through the second replica
+	}
+	req, _ := http.NewRequest(method, url+path, rd)
 	req.Header.Set("X-AgentCop-Key", key)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -318,7 +344,11 @@ func sharedServer(t *testing.T) *server {
 			sharedErr = err
 			return
 		}
-		shared, sharedErr = launch(freeAddr(t), dir)
+		if onKubernetes {
+			shared, sharedErr = launchReplicas(t, freeAddr(t), dir)
+		} else {
+			shared, sharedErr = launch(freeAddr(t), dir)
+		}
 	})
 	if sharedErr != nil || shared.key == "" {
 		t.Fatalf("shared server did not start: %v", sharedErr)
@@ -336,8 +366,10 @@ func TestMain(m *testing.M) {
 			fmt.Fprintf(os.Stderr, "shared sandboxd logs:\n%s", shared.logs.String())
 		}
 		os.RemoveAll(shared.dataDir)
+		shared.removeKubeFiles()
 	}
 	pgtest.StopShared()
+	stopKube()
 	os.Exit(code)
 }
 
@@ -557,6 +589,10 @@ func TestFreePlanConcurrency(t *testing.T) {
 func TestExpiry(t *testing.T) {
 	s := sharedServer(t)
 	id := s.create(s.key, map[string]any{"resources": map[string]any{"timeout": 2}})
+	if onKubernetes {
+		expiredPod(t, s, id)
+		return
+	}
 	veths := sandboxVeths(t, id)
 	if len(veths) != 1 {
 		t.Fatalf("sandbox %s has veths %v, want one", id, veths)
@@ -663,6 +699,7 @@ func hostNet() string {
 }
 
 func TestCrashRecovery(t *testing.T) {
+	hostOnly(t, "a server killed with its sandboxes' processes, mounts and cgroups on the host")
 	requireEnv(t)
 	dir := t.TempDir()
 	s := startServer(t, dir)

@@ -277,6 +277,7 @@ result = total`
 // TestLargeFileRoundTrip: 1 GiB up and down intact (on a disk of 3 GiB), the server's memory
 // flat; an interrupted upload leaves nothing; over the limit is 413.
 func TestLargeFileRoundTrip(t *testing.T) {
+	hostOnly(t, "measures the serving process's memory and its staging files on the host")
 	requireEnv(t)
 	dir, err := os.MkdirTemp("", "sbxd-big-") // short: the agent's socket path has a length limit
 	if err != nil {

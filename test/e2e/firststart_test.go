@@ -22,6 +22,7 @@ import (
 // creates 503 while containers keep serving; a build still running when the server stops is
 // killed with its children.
 func TestWasmImageBuiltInTheBackground(t *testing.T) {
+	hostOnly(t, "WASM sandboxes run in the service's own process")
 	requireWasm(t)
 	start := func(t *testing.T, script string) (*server, string) {
 		t.Helper()

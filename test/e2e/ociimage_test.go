@@ -17,6 +17,7 @@ import (
 // sandbox lives and done after — the warm sandboxes of its shape do not block it and are destroyed
 // with it; an unapproved name is refused.
 func TestOCIImage(t *testing.T) {
+	hostOnly(t, "imports an image into the service's own store; a cluster runs images by reference (cluster_images)")
 	requireEnv(t)
 	dataDir := t.TempDir()
 	s := startServer(t, dataDir)

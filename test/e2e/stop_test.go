@@ -34,6 +34,7 @@ const stopBound = 10 * time.Second
 // record ended (destroyed, destroyed_at set, runs final) by the stop itself — read from the data
 // directory before any restart, so nothing was left to the next start's reconciliation.
 func TestStop(t *testing.T) {
+	hostOnly(t, "the server's signals and its host processes")
 	requireEnv(t)
 	group := func(sig syscall.Signal) func(*server, *os.File) {
 		return func(s *server, _ *os.File) { _ = syscall.Kill(-s.cmd.Process.Pid, sig) }

@@ -30,6 +30,7 @@ const (
 // on the host; it starts again with nothing to reconcile; after `systemctl kill -s SIGKILL` the
 // next start reconciles what the killed server left.
 func TestSystemdService(t *testing.T) {
+	hostOnly(t, "sandboxd as a systemd unit of this host")
 	if os.Getenv("SANDBOXD_VM_VARIANT") != "systemd" {
 		t.Skip("needs systemd as PID 1: runs in the systemd VM (test/vm)")
 	}

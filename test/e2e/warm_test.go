@@ -87,6 +87,7 @@ func assertReleased(t *testing.T, dataDir string, ids, veths []string) {
 // takes one — with its own allow list, its own paths, every rule — and a clean stop or a crash
 // leaves nothing of the warm ones.
 func TestWarmPool(t *testing.T) {
+	hostOnly(t, "counts the container driver's sandboxes on the host")
 	requireEnv(t)
 	dir := t.TempDir()
 	s := startServer(t, dir)

@@ -38,6 +38,7 @@ func requireWasm(t *testing.T) {
 // TestWasmMode: the seed's request in WASM mode (network removed) over HTTP, and the rules that
 // hold there — filesystem, memory, time, what WASI Python lacks, a crashing guest, no network.
 func TestWasmMode(t *testing.T) {
+	hostOnly(t, "WASM sandboxes run in the service's own process")
 	requireWasm(t)
 	dir := shortTempDir(t, "sbxd-wasm-")
 	s := startServerWith(t, dir, "--wasm-image", "python:3.11-wasi="+wasmImage)

@@ -14,6 +14,7 @@ import (
 // native code or an entry leaving the package directory is refused, naming it; `images rm` is
 // refused while the sandbox lives; an unapproved name is refused.
 func TestWASMImage(t *testing.T) {
+	hostOnly(t, "WASM sandboxes run in the service's own process")
 	requireWasm(t)
 	dataDir := shortTempDir(t, "sbxd-wasmimg-")
 	s := startServerWith(t, dataDir, "--wasm-image", "python:3.11-wasi="+wasmImage)

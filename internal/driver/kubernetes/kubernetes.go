@@ -14,7 +14,9 @@
 //     (Options.ClusterImages, keyed by Spec.RootFS; optional RuntimeClass, e.g. gVisor's), pulled
 //     by the cluster; as uid/gid 10000, runAsNonRoot, read-only root, no privilege escalation, no
 //     capabilities, seccomp RuntimeDefault, no service-account token, no service links, none of
-//     the host's namespaces; requests = limits of CPU, memory and ephemeral-storage (the disk);
+//     the host's namespaces; limits of CPU, memory and ephemeral-storage (the disk), requests the
+//     same but for CPU: a share of the limit (Options.CPURequest, default DefaultCPURequest),
+//     since a sandbox idles between runs (the limit holds its runs);
 //   - /tmp, the runs' working directory and every read_write path are emptyDirs with sizeLimit =
 //     the disk limit; read_only paths are the image's own, under the read-only root; a blocked
 //     directory is covered by an empty emptyDir mounted read-only, a blocked file by an empty
@@ -70,6 +72,10 @@ func init() {
 	driver.Register(Name, func(opts driver.Options) (driver.Driver, error) { return Open(opts) })
 }
 
+// DefaultCPURequest is the share of its CPU limit a pod requests unless Options.CPURequest says
+// otherwise.
+const DefaultCPURequest = 0.1
+
 // agentGrace is how long past a run's timeout the driver waits for the agent's answer.
 const agentGrace = 10 * time.Second
 
@@ -80,6 +86,7 @@ type Driver struct {
 	replica    string
 	images     map[string]driver.ClusterImage
 	agentImage string
+	cpuRequest float64 // the share of its CPU limit a pod requests (Options.CPURequest)
 	log        *slog.Logger
 
 	mu    sync.Mutex
@@ -113,6 +120,14 @@ func Open(opts driver.Options) (*Driver, error) {
 		agentImage: opts.AgentImage, log: opts.Log(), boxes: map[string]*box{}}
 	if d.ns == "" {
 		d.ns = "default"
+	}
+	switch r := opts.CPURequest; {
+	case r == 0:
+		d.cpuRequest = DefaultCPURequest
+	case r > 0 && r <= 1:
+		d.cpuRequest = r
+	default:
+		return nil, fmt.Errorf("kubernetes driver: CPU request %v: want a share of the limit, in (0, 1]", r)
 	}
 	if d.replica == "" {
 		d.replica = "default"

@@ -75,6 +75,10 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		corev1.ResourceMemory:           *resource.NewQuantity(spec.MemoryBytes, resource.BinarySI),
 		corev1.ResourceEphemeralStorage: *disk,
 	}
+	// Requests are the limits, but CPU: a sandbox idles between its runs, so it asks the scheduler
+	// for a share of its limit (the limit still holds its runs to their cores).
+	requests := limits.DeepCopy()
+	requests[corev1.ResourceCPU] = *resource.NewMilliQuantity(max(int64(spec.CPU*1000*d.cpuRequest+0.5), 1), resource.DecimalSI)
 	emptyDir := func(name string, size *resource.Quantity) corev1.Volume {
 		return corev1.Volume{Name: name, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{SizeLimit: size}}}
 	}
@@ -184,7 +188,7 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 				Ports:           []corev1.ContainerPort{{Name: "agent", ContainerPort: AgentPort, Protocol: corev1.ProtocolTCP}},
 				VolumeMounts:    mounts,
 				SecurityContext: restricted,
-				Resources:       corev1.ResourceRequirements{Requests: limits, Limits: limits},
+				Resources:       corev1.ResourceRequirements{Requests: requests, Limits: limits},
 			}},
 			Volumes: volumes,
 		},
