@@ -15,6 +15,8 @@ import (
 	"github.com/sandboxd/sandboxd/internal/httpapi"
 	"github.com/sandboxd/sandboxd/internal/sandbox"
 	"github.com/sandboxd/sandboxd/internal/store"
+	"github.com/sandboxd/sandboxd/internal/store/postgres"
+	"github.com/sandboxd/sandboxd/internal/store/postgres/pgtest"
 	"github.com/sandboxd/sandboxd/internal/store/sqlite"
 )
 
@@ -122,5 +124,41 @@ func TestForwardFailures(t *testing.T) {
 	}
 	if took.Load() != 1 {
 		t.Fatalf("the owner took %d requests", took.Load())
+	}
+}
+
+// TestDatabaseDown: the real thing — a PostgreSQL server that stops while the service runs makes
+// its requests 503 unavailable with Retry-After (the postgres store's store.ErrUnavailable), not
+// a 500.
+func TestDatabaseDown(t *testing.T) {
+	ctx := context.Background()
+	pg := pgtest.Start(t)
+	url := pg.NewDatabase(t)
+	st, err := postgres.Open(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	svc, err := sandbox.New(ctx, sandbox.Config{DataDir: t.TempDir(), Images: defaultImages, Replica: "rep_a", Address: "http://127.0.0.1:1"},
+		st, map[string]driver.Driver{"container": fakedriver.New()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { svc.Close(ctx) })
+	srv := httptest.NewServer(httpapi.New(svc, httpapi.Options{}))
+	t.Cleanup(srv.Close)
+	key, _, _, err := sandbox.CreateKey(ctx, st, sandbox.DefaultPlans(), "acme", "free")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, m, _ := call(t, "GET", srv.URL+"/api/sandbox", key, ""); code != 200 {
+		t.Fatalf("database up: %d %v", code, m)
+	}
+	pg.Stop()
+	for _, path := range []string{"/api/sandbox", "/api/usage", "/api/sandbox/sbx_x"} {
+		code, m, hdr := call(t, "GET", srv.URL+path, key, "")
+		if code != http.StatusServiceUnavailable || m["error"] != "unavailable" || hdr.Get("Retry-After") == "" {
+			t.Errorf("GET %s with the database stopped: %d %v Retry-After %q, want 503 unavailable with Retry-After", path, code, m, hdr.Get("Retry-After"))
+		}
 	}
 }
