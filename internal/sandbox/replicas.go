@@ -218,6 +218,9 @@ func (s *Service) sweepLocked(ctx context.Context) error {
 	return nil
 }
 
+// destroyLostWait bounds one sweep's wait for a lost replica's sandboxes to be destroyed.
+const destroyLostWait = time.Minute
+
 // destroyLost destroys what lost replica r left in the drivers every replica reaches
 // (driver.ReplicaDestroyer: the kubernetes driver's pods and Secrets, its warm pods included),
 // once per time r is declared lost (again after a failure, at the next sweep). The records are
@@ -234,7 +237,11 @@ func (s *Service) destroyLost(ctx context.Context, r store.Replica) {
 			continue
 		}
 		seen[rd] = true
-		n, err := rd.DestroyReplica(ctx, r.ID, *r.LostAt)
+		// Bounded: a pod on a node that went with the replica may never confirm its end; the
+		// next sweep tries again, and the sweep's other work is not held for ever.
+		dctx, cancel := context.WithTimeout(ctx, destroyLostWait)
+		n, err := rd.DestroyReplica(dctx, r.ID, *r.LostAt)
+		cancel()
 		if err != nil {
 			done = false
 			s.log.Error("destroy the sandboxes of a lost replica", "lost_replica", r.ID, "driver", d.Name(), "destroyed", n, "err", err)
