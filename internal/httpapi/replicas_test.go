@@ -44,6 +44,13 @@ func replica(t *testing.T, db, id, addr string) (*httptest.Server, *flakyStore) 
 	}
 	t.Cleanup(func() { inner.Close() })
 	st := &flakyStore{Store: inner}
+	return serveReplica(t, st, id, addr), st
+}
+
+// serveReplica serves a service of replica id, advertised at addr, on st.
+func serveReplica(t *testing.T, st store.Store, id, addr string) *httptest.Server {
+	t.Helper()
+	ctx := context.Background()
 	svc, err := sandbox.New(ctx, sandbox.Config{DataDir: t.TempDir(), Images: defaultImages, Replica: id, Address: addr},
 		st, map[string]driver.Driver{"container": fakedriver.New()})
 	if err != nil {
@@ -52,7 +59,7 @@ func replica(t *testing.T, db, id, addr string) (*httptest.Server, *flakyStore) 
 	t.Cleanup(func() { svc.Close(ctx) })
 	srv := httptest.NewServer(httpapi.New(svc, httpapi.Options{}))
 	t.Cleanup(srv.Close)
-	return srv, st
+	return srv
 }
 
 // TestDatabaseUnavailable: a request the database cannot serve is 503 unavailable with
@@ -139,14 +146,7 @@ func TestDatabaseDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	svc, err := sandbox.New(ctx, sandbox.Config{DataDir: t.TempDir(), Images: defaultImages, Replica: "rep_a", Address: "http://127.0.0.1:1"},
-		st, map[string]driver.Driver{"container": fakedriver.New()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { svc.Close(ctx) })
-	srv := httptest.NewServer(httpapi.New(svc, httpapi.Options{}))
-	t.Cleanup(srv.Close)
+	srv := serveReplica(t, st, "rep_a", "http://127.0.0.1:1")
 	key, _, _, err := sandbox.CreateKey(ctx, st, sandbox.DefaultPlans(), "acme", "free")
 	if err != nil {
 		t.Fatal(err)
