@@ -26,6 +26,9 @@ import (
 // podEnd says why p no longer runs its sandbox ("" while it does or may still), and whether its
 // sandbox container was OOM-killed.
 func podEnd(p *corev1.Pod) (reason string, oom bool) {
+	if p.Status.Phase == corev1.PodFailed && p.Status.Reason == "Evicted" { // its containers' ends follow from it
+		return "its pod was evicted by the node" + suffix(p.Status.Message), false
+	}
 	for _, cs := range p.Status.ContainerStatuses {
 		if cs.Name != "sandbox" {
 			continue
@@ -38,8 +41,6 @@ func podEnd(p *corev1.Pod) (reason string, oom bool) {
 		}
 	}
 	switch {
-	case p.Status.Phase == corev1.PodFailed && p.Status.Reason == "Evicted":
-		return "its pod was evicted by the node" + suffix(p.Status.Message), false
 	case p.Status.Phase == corev1.PodFailed || p.Status.Phase == corev1.PodSucceeded:
 		return fmt.Sprintf("its pod ended (%s %s%s)", p.Status.Phase, p.Status.Reason, suffix(p.Status.Message)), false
 	case p.DeletionTimestamp != nil:

@@ -85,6 +85,7 @@ func TestPodEnd(t *testing.T) {
 		{"oom killed, pod still running", corev1.PodStatus{Phase: corev1.PodRunning, ContainerStatuses: []corev1.ContainerStatus{term("OOMKilled")}}, "OOM-killed", true},
 		{"container died", corev1.PodStatus{Phase: corev1.PodFailed, ContainerStatuses: []corev1.ContainerStatus{term("Error")}}, "exit 137 Error", false},
 		{"evicted", corev1.PodStatus{Phase: corev1.PodFailed, Reason: "Evicted", Message: "Usage of EmptyDir volume \"tmp\" exceeds the limit \"64Mi\"."}, "evicted", false},
+		{"evicted, its container killed", corev1.PodStatus{Phase: corev1.PodFailed, Reason: "Evicted", ContainerStatuses: []corev1.ContainerStatus{term("Error")}}, "evicted", false},
 	} {
 		reason, oom := podEnd(&corev1.Pod{Status: c.status})
 		if oom != c.oom || (c.gone == "") != (reason == "") || !strings.Contains(reason, c.gone) {
