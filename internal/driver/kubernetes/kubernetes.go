@@ -308,7 +308,7 @@ func (d *Driver) lookup(ctx context.Context, id string) (*box, error) {
 		return nil, driver.ErrNotFound
 	}
 	pod, err := d.cs.CoreV1().Pods(d.ns).Get(ctx, objectName(id), metav1.GetOptions{})
-	if apierrors.IsNotFound(err) || (err == nil && (pod.Labels[labelID] != id || pod.DeletionTimestamp != nil)) {
+	if apierrors.IsNotFound(err) || (err == nil && pod.Labels[labelID] != id) {
 		return nil, driver.ErrNotFound
 	}
 	if err != nil {
