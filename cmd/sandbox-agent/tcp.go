@@ -112,6 +112,12 @@ func install(dir string) error {
 		return err
 	}
 	defer src.Close()
+	return installFrom(src, dir)
+}
+
+// installFrom copies src to DIR/sandbox-agent through a temporary file, which it removes when the
+// copy or the rename fails (a full emptyDir: nothing is left behind).
+func installFrom(src io.Reader, dir string) error {
 	tmp := filepath.Join(dir, ".sandbox-agent.tmp")
 	dst, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o555)
 	if err != nil {
@@ -123,6 +129,11 @@ func install(dir string) error {
 	}
 	if err == nil {
 		err = os.Rename(tmp, filepath.Join(dir, "sandbox-agent"))
+	}
+	if err != nil {
+		if rerr := os.Remove(tmp); rerr != nil {
+			err = fmt.Errorf("%w (and removing %s: %v)", err, tmp, rerr)
+		}
 	}
 	return err
 }

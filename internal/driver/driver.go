@@ -290,6 +290,33 @@ var ErrUnsupported = errors.New("not supported by this driver")
 // ErrNotFound is returned by Exec for a sandbox the driver does not know.
 var ErrNotFound = errors.New("sandbox not found in driver")
 
+// GoneError is the ErrNotFound of a sandbox that ended by itself, with why (the kubernetes driver:
+// its pod was evicted, failed, or was deleted by someone else). Exec returns it for such a
+// sandbox; the service then ends the sandbox (destroy reason sandbox_lost, with Reason) instead
+// of failing every later run. Reason is fit for the API's users.
+type GoneError struct {
+	ID     string
+	Reason string
+}
+
+func (e *GoneError) Error() string { return "sandbox " + e.ID + " is gone, " + e.Reason }
+
+// Unwrap makes a GoneError an ErrNotFound.
+func (e *GoneError) Unwrap() error { return ErrNotFound }
+
+// ReplicaDestroyer is implemented by drivers whose sandboxes any replica sharing the store can
+// reach — they do not die with the host of the replica that made them (kubernetes: pods of the one
+// cluster). When a replica is declared lost, the replica that declared it destroys what it left
+// through this. Drivers whose sandboxes live on their replica's host (container, wasm) do not
+// implement it: those went with the host.
+type ReplicaDestroyer interface {
+	// DestroyReplica destroys, as Destroy does, every sandbox the driver of replica made before
+	// before (warm ones included, which have no record), and returns how many it destroyed once
+	// they are gone. Sandboxes made at or after before are left: the replica may have come back.
+	// Idempotent; ctx bounds the wait.
+	DestroyReplica(ctx context.Context, replica string, before time.Time) (int, error)
+}
+
 // Factory opens a driver from its options.
 type Factory func(opts Options) (Driver, error)
 

@@ -3,9 +3,11 @@ package httpapi
 import (
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/store"
@@ -19,7 +21,8 @@ const ForwardedHeader = "X-Sandboxd-Forwarded-By"
 
 // forwardTransport carries forwarded requests: straight to the owner (never through the
 // environment's HTTP proxy, which would see the callers' keys), giving up on a connection after
-// 5 s (then the owner "does not answer"); an answer may take as long as the run it waits for.
+// 5 s (then the owner "does not answer": 503, try again); an answer may take as long as the run
+// it waits for. A failure once connected is 502 "outcome unknown": the owner may have acted on it.
 var forwardTransport = &http.Transport{
 	Proxy:               nil,
 	DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
@@ -46,6 +49,13 @@ func (s *server) route(w http.ResponseWriter, r *http.Request, acct store.Accoun
 			"the replica that runs this sandbox advertises an address that is not a URL: "+addr)
 	}
 	var unreachable error // the owner did not answer (nothing was written)
+	// Whether a connection to the owner was made: a failure before is "try again" (the owner
+	// never saw the request), one after is "outcome unknown" (it may have started a run: a retry
+	// could run it twice).
+	var connected atomic.Bool
+	r = r.WithContext(httptrace.WithClientTrace(r.Context(), &httptrace.ClientTrace{
+		GotConn: func(httptrace.GotConnInfo) { connected.Store(true) },
+	}))
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
@@ -60,9 +70,14 @@ func (s *server) route(w http.ResponseWriter, r *http.Request, acct store.Accoun
 	if unreachable == nil {
 		return true, nil
 	}
-	s.log.Warn("forward to the owner replica", "path", r.URL.Path, "to", addr, "err", unreachable)
+	s.log.Warn("forward to the owner replica", "path", r.URL.Path, "to", addr, "connected", connected.Load(), "err", unreachable)
 	if recordsOnly(r) { // the records answer it, as the owner would have, while its end is recorded
 		return false, nil
+	}
+	if connected.Load() {
+		return false, &httpError{status: http.StatusBadGateway, code: "owner_failed",
+			msg: "the replica that runs this sandbox (" + addr + ") took the request but failed before it answered: its outcome is unknown " +
+				"(a run may have started; look at the sandbox's runs before trying again)"}
 	}
 	return false, &httpError{status: http.StatusServiceUnavailable, code: "unavailable",
 		msg:    "the replica that runs this sandbox (" + addr + ") does not answer; try again (if it is gone, its sandbox and runs are recorded ended within seconds)",

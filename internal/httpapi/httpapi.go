@@ -263,6 +263,11 @@ func (s *server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 			fmt.Sprintf("request body is over the limit of %d bytes", mbe.Limit)
 	case r.Context().Err() != nil: // the client went away: whatever failed failed because of it
 		env.Code, env.Error, env.Message = 499, "client_closed_request", "the request ended before the answer was ready"
+	case errors.Is(err, store.ErrUnavailable): // the database is down (or out of reach): not a bug of the service
+		s.log.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		env.Code, env.Error, env.Message = http.StatusServiceUnavailable, string(sandbox.KindUnavailable),
+			"the service's database is out of reach; try again"
+		w.Header().Set("Retry-After", "5")
 	case errors.As(err, &se):
 		env.Code, env.Error, env.Message = statusOf[se.Kind], string(se.Kind), se.Message
 		if env.Code == 0 {

@@ -31,6 +31,7 @@ func TestErrorCodesDocumented(t *testing.T) {
 		"unauthorized": http.StatusUnauthorized, "rate_limited": http.StatusTooManyRequests,
 		"payload_too_large": http.StatusRequestEntityTooLarge, "client_closed_request": 499,
 		"not_found": http.StatusNotFound, "invalid_request": http.StatusBadRequest,
+		"owner_failed": http.StatusBadGateway, // forward.go
 	}
 	for kind, status := range statusOf {
 		want[string(kind)] = status

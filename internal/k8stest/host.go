@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -182,7 +183,8 @@ func mountPoints() []string {
 	var out []string
 	for _, l := range strings.Split(string(data), "\n") {
 		if fs := strings.Fields(l); len(fs) > 4 {
-			out = append(out, cgroup.UnescapeMountinfo(fs[4]))
+			// A mount point whose directory was removed reads "…//deleted".
+			out = append(out, strings.TrimSuffix(cgroup.UnescapeMountinfo(fs[4]), "//deleted"))
 		}
 	}
 	return out
@@ -228,6 +230,43 @@ func (c *Cluster) unlock() {
 // the pods' cgroups and those cgroups, the mounts under dir (pods' root filesystems, network
 // namespaces, shm), the bridge, the kubelet's symlinks into dir, dir itself; it restores the
 // kernel settings and removes the host directories that did not exist before, if empty.
+// stateDirName matches the name of a cluster's state directory in os.TempDir() (os.MkdirTemp's
+// random digits), and no other's (the kubernetes driver's tests' sandboxd-k8s-driver-*).
+var stateDirName = regexp.MustCompile(`^sandboxd-k8s-[0-9]+$`)
+
+// leftovers returns the state directories killed holders of the lock left: the one the lock
+// file names, every other one in os.TempDir() (a holder killed before it wrote the lock file, or
+// whose teardown failed and was forgotten when the next holder wrote its own), and those only
+// mounts still name (their directory removed). Only the lock's holder may call it.
+func leftovers() []string {
+	seen := map[string]bool{}
+	var dirs []string
+	add := func(d string) {
+		if d = filepath.Clean(d); !seen[d] && filepath.Dir(d) == filepath.Clean(os.TempDir()) && stateDirName.MatchString(filepath.Base(d)) {
+			seen[d] = true
+			dirs = append(dirs, d)
+		}
+	}
+	if prev, _ := os.ReadFile(lockPath()); len(prev) > 0 {
+		add(string(prev))
+	}
+	if ents, err := os.ReadDir(os.TempDir()); err == nil {
+		for _, e := range ents {
+			if e.IsDir() {
+				add(filepath.Join(os.TempDir(), e.Name()))
+			}
+		}
+	}
+	tmp := filepath.Clean(os.TempDir()) + "/"
+	for _, m := range mountPoints() {
+		if rest, ok := strings.CutPrefix(m, tmp); ok {
+			first, _, _ := strings.Cut(rest, "/")
+			add(tmp + first)
+		}
+	}
+	return dirs
+}
+
 func teardown(dir string) error {
 	var errs []error
 	// Processes naming dir: SIGKILL, and wait until gone.

@@ -178,6 +178,10 @@ const cniBinDir = "/usr/lib/cni"
 
 var binaries = []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"}
 
+// PodPidsLimit is the kubelet's podPidsLimit: the pids.max of every pod's cgroup (the pause
+// process, init containers and the sandbox's agent and runs count).
+const PodPidsLimit = 256
+
 // lockPath is the host-wide lock of the one cluster; it holds the holder's state directory.
 func lockPath() string { return filepath.Join(os.TempDir(), "sandboxd-k8stest.lock") }
 
@@ -194,13 +198,11 @@ func start(t testing.TB) (*Cluster, error) {
 			return nil, fmt.Errorf("flock %s: %w", lockPath(), err)
 		}
 	}
-	// What a killed holder left.
-	if prev, _ := os.ReadFile(lockPath()); len(prev) > 0 {
-		if d := string(prev); strings.HasPrefix(filepath.Base(d), "sandboxd-k8s-") {
-			if _, err := os.Stat(d); err == nil {
-				t.Logf("k8stest: cleaning up %s, left by a killed test process", d)
-				_ = teardown(d)
-			}
+	// What killed holders left (the lock is held: no cluster runs).
+	for _, d := range leftovers() {
+		t.Logf("k8stest: cleaning up %s, left by a killed test process", d)
+		if err := teardown(d); err != nil {
+			t.Logf("k8stest: cleaning up %s: %v", d, err)
 		}
 	}
 	t0 := time.Now() // the lock is held: what follows is the start itself
@@ -552,6 +554,12 @@ func (c *Cluster) startKubelet() error {
 		"imageGCLowThresholdPercent":  99,
 		"serializeImagePulls":         false,
 		"resolvConf":                  "/etc/resolv.conf",
+
+		// What the kubernetes driver requires of every node: a pids limit per pod (a fork bomb in
+		// one pod must not exhaust the node's PIDs) and no group OOM kill (on cgroup v2 it kills
+		// the agent with the run; this host's cgroup v1 kills one process anyway).
+		"podPidsLimit":         PodPidsLimit,
+		"singleProcessOOMKill": true,
 	}, "", "  ")
 	conf := filepath.Join(c.dir, "kubelet.yaml") // JSON is YAML
 	if err := os.WriteFile(conf, cfg, 0o600); err != nil {

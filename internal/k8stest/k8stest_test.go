@@ -27,6 +27,54 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// TestStartReclaimsLeftovers: a test process killed before its Stop leaves its state directory
+// (with mounts under it) and, when it was killed before it wrote the lock file — or a later
+// holder's teardown of it failed and the next holder wrote its own name there — no record of it.
+// Start, under the lock, tears down every cluster state directory it finds. It must run before
+// any other test of the package starts the cluster (it is the first in the file).
+func TestStartReclaimsLeftovers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("k8stest: root is needed under CI")
+		}
+		t.Skip("needs root (a bind mount)")
+	}
+	mu.Lock()
+	started := current != nil || startErr != nil
+	mu.Unlock()
+	if started {
+		t.Fatal("the cluster was started before this test: run it first (-run TestStartReclaimsLeftovers)")
+	}
+	left, err := os.MkdirTemp("", "sandboxd-k8s-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "f"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	point := filepath.Join(left, "kubelet", "pods", "uid", "volumes", "v")
+	if err := os.MkdirAll(point, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount(src, point, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(point, syscall.MNT_DETACH); os.RemoveAll(left) })
+	Start(t)
+	if _, err := os.Lstat(left); !os.IsNotExist(err) {
+		t.Errorf("the leftover state dir %s is still there (%v)", left, err)
+	}
+	for _, m := range mountPoints() {
+		if strings.HasPrefix(m, left+"/") {
+			t.Errorf("the leftover mount %s is still there", m)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(src, "f")); err != nil {
+		t.Errorf("the bind mount's source was touched: %v", err)
+	}
+}
+
 // python starts the cluster and imports $SANDBOXD_ROOTFS (python3): a client and the pinned image.
 func python(t *testing.T) (*Cluster, *kubernetes.Clientset, string) {
 	t.Helper()

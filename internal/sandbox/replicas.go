@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/store"
 )
 
@@ -15,8 +16,8 @@ import (
 // store; one at a time (the store's "sweeper" lock) declares lost the replicas whose heartbeat is
 // stale and ends what they owned: their open runs error with a ReplicaLost reason, their live
 // sandboxes are recorded destroyed with reason replica_lost. A local driver's sandboxes die with
-// their host, so a lost replica's sandboxes are only recorded, never destroyed through another
-// replica's driver.
+// their host, so they are only recorded; a shared driver's (driver.ReplicaDestroyer: kubernetes,
+// whose pods outlive the replica that made them) are destroyed by the sweeping replica.
 //
 // The records are what makes this safe, not the lock: a run or a sandbox is final once (the
 // store refuses a second final write, store.ErrFinal), so a replica that was slow rather than
@@ -209,7 +210,53 @@ func (s *Service) sweepLocked(ctx context.Context) error {
 			}
 		}
 	}
+	for _, r := range reps {
+		if lost[r.ID] {
+			s.destroyLost(ctx, r)
+		}
+	}
 	return nil
+}
+
+// destroyLostWait bounds one sweep's wait for a lost replica's sandboxes to be destroyed.
+const destroyLostWait = time.Minute
+
+// destroyLost destroys what lost replica r left in the drivers every replica reaches
+// (driver.ReplicaDestroyer: the kubernetes driver's pods and Secrets, its warm pods included),
+// once per time r is declared lost (again after a failure, at the next sweep). The records are
+// ended first (endLost); a local driver's sandboxes went with r's host.
+func (s *Service) destroyLost(ctx context.Context, r store.Replica) {
+	if s.swept[r.ID].Equal(*r.LostAt) {
+		return
+	}
+	done := true
+	seen := map[driver.ReplicaDestroyer]bool{}
+	for _, d := range s.drivers {
+		rd, ok := d.(driver.ReplicaDestroyer)
+		if !ok || seen[rd] {
+			continue
+		}
+		seen[rd] = true
+		// Bounded: a pod on a node that went with the replica may never confirm its end; the
+		// next sweep tries again, and the sweep's other work is not held for ever.
+		dctx, cancel := context.WithTimeout(ctx, destroyLostWait)
+		n, err := rd.DestroyReplica(dctx, r.ID, *r.LostAt)
+		cancel()
+		if err != nil {
+			done = false
+			s.log.Error("destroy the sandboxes of a lost replica", "lost_replica", r.ID, "driver", d.Name(), "destroyed", n, "err", err)
+			continue
+		}
+		if n > 0 {
+			s.log.Warn("destroyed the sandboxes a lost replica left", "lost_replica", r.ID, "driver", d.Name(), "destroyed", n)
+		}
+	}
+	if done {
+		if s.swept == nil {
+			s.swept = map[string]time.Time{}
+		}
+		s.swept[r.ID] = *r.LostAt
+	}
 }
 
 // endLost records the end of rec, a live sandbox of a lost replica: its open runs error (each

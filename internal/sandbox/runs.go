@@ -40,6 +40,9 @@ func (s *Service) Run(ctx context.Context, acct store.Account, sandboxID string,
 	lv := s.live[sandboxID]
 	s.mu.Unlock()
 	if lv == nil {
+		if err := s.elsewhere(rec); err != nil {
+			return api.Run{}, false, err
+		}
 		return api.Run{}, false, errorf(KindSandboxDestroyed, "sandbox %s is %s: create a new one", sandboxID, rec.Status)
 	}
 	if req.Context != "" {
@@ -208,13 +211,45 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	lv.mu.Lock()
 	delete(lv.jobs, run.ID)
 	lv.mu.Unlock()
+	if errors.Is(err, driver.ErrNotFound) {
+		s.sandboxLost(lv, err)
+	}
+}
+
+// sandboxLost ends sandbox lv, which its driver says is gone (it ended by itself: driver.GoneError),
+// with destroy reason sandbox_lost and why in its record's error: every later run would fail.
+// The sandbox's own goroutine calls it, which destroy waits for: the end runs on its own.
+func (s *Service) sandboxLost(lv *live, err error) {
+	reason := "the driver no longer knows the sandbox"
+	var ge *driver.GoneError
+	if errors.As(err, &ge) {
+		reason = ge.Reason
+	}
+	s.log.Warn("the sandbox ended by itself: destroying it", "sandbox", lv.id, "reason", reason)
+	lv.mu.Lock()
+	if lv.closing {
+		lv.mu.Unlock()
+		return
+	}
+	lv.rec.Error = obj("error", ReasonSandboxLost, "message", reason)
+	lv.mu.Unlock()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.destroy(lv, ReasonSandboxLost)
+	}()
 }
 
 // endRecord fills in the final record of job j from the driver's answer (j.finalMu held).
 func (s *Service) endRecord(j *job, res driver.ExecResult, err error, start, end time.Time, allowed, denied int64) {
 	j.run.FinishedAt = &end
 	j.run.NetworkAllowed, j.run.NetworkDenied = allowed, denied
-	if err != nil {
+	var gone *driver.GoneError
+	if errors.As(err, &gone) {
+		j.run.Status = RunError
+		j.run.Error = obj("type", "SandboxLost", "message", "the sandbox ended by itself: "+gone.Reason, "traceback", "")
+		j.run.DurationMS = end.Sub(start).Milliseconds()
+	} else if err != nil {
 		s.log.Error("execute run", "sandbox", j.run.SandboxID, "run", j.run.ID, "err", err)
 		j.run.Status = RunError
 		j.run.Error = obj("type", "ServiceError", "message", "the sandbox failed to execute the run: "+publicMessage(err), "traceback", "")

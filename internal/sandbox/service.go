@@ -42,6 +42,9 @@ const (
 	ReasonExpired       = "expired"
 	ReasonError         = "error"
 	ReasonServerRestart = "server_restart"
+	// ReasonSandboxLost: the driver says the sandbox ended by itself (driver.GoneError: its pod
+	// was evicted or failed); the record's error says why.
+	ReasonSandboxLost = "sandbox_lost"
 )
 
 // Image is an approved image: a name users ask for, and the root filesystem behind it.
@@ -159,8 +162,9 @@ type Service struct {
 	repMu        sync.Mutex               // guards the replicas' addresses (route.go) and healthySince
 	repCache     map[string]store.Replica // by ID
 	repRead      time.Time
-	healthySince time.Time   // since when this replica's heartbeats succeed (replicas.go)
-	lost         atomic.Bool // declared lost: its sandboxes are being destroyed, creates are refused
+	healthySince time.Time            // since when this replica's heartbeats succeed (replicas.go)
+	swept        map[string]time.Time // lost replicas whose driver resources this one destroyed: their LostAt (sweep's goroutine only)
+	lost         atomic.Bool          // declared lost: its sandboxes are being destroyed, creates are refused
 }
 
 // live is the in-memory state of a sandbox that has not been destroyed.
@@ -756,13 +760,23 @@ func (s *Service) Delete(ctx context.Context, acct store.Account, id string) err
 	s.mu.Unlock()
 	if lv != nil {
 		s.end(lv, ReasonDeleted, true)
-	} else if rec.Replica != "" && rec.Replica != s.cfg.Replica && !(rec.Status == store.SandboxDestroyed || rec.Status == store.SandboxError) {
+	} else if err := s.elsewhere(rec); err != nil {
 		// Another replica runs it (the request reached this one anyway): saying it is deleted
 		// would be false.
-		return &Error{Kind: KindUnavailable, RetryAfter: 5 * time.Second,
-			Message: fmt.Sprintf("sandbox %q runs on replica %s, which did not take this request; try again", id, rec.Replica)}
+		return err
 	}
 	return nil
+}
+
+// elsewhere returns the error for a request about rec, a sandbox this replica does not run, when
+// another replica runs it (the request reached this one anyway, e.g. marked forwarded): 503
+// unavailable, try again — nothing was done here; nil when rec is final or this replica's.
+func (s *Service) elsewhere(rec store.Sandbox) error {
+	if rec.Replica == "" || rec.Replica == s.cfg.Replica || rec.Status == store.SandboxDestroyed || rec.Status == store.SandboxError {
+		return nil
+	}
+	return &Error{Kind: KindUnavailable, RetryAfter: 5 * time.Second,
+		Message: fmt.Sprintf("sandbox %q runs on replica %s, which did not take this request; try again", rec.ID, rec.Replica)}
 }
 
 // destroy ends a live sandbox: it stops taking runs, cancels the queued and running ones, releases

@@ -532,3 +532,35 @@ func TestObserverLabelsAreBounded(t *testing.T) {
 		t.Errorf("observed %v, want %v", obs.seen, want)
 	}
 }
+
+// TestSandboxLost: a sandbox its driver says is gone (driver.GoneError: an evicted or failed pod)
+// ends: the run that found it so is an error that says why (SandboxLost, not a ServiceError), the
+// sandbox is destroyed with reason sandbox_lost and the driver's reason in its error, its driver
+// resources are released, and later runs are refused as for any destroyed sandbox.
+func TestSandboxLost(t *testing.T) {
+	e := newEnv(t, "free")
+	ctx := context.Background()
+	id := e.create(t, nil)
+	const why = "the sandbox's pod no longer runs, its pod was evicted by the node"
+	e.drv.Lose(id, why)
+	r := e.run(t, id, "print(1)", false)
+	var perr struct{ Type, Message string }
+	if r.Status != "error" || json.Unmarshal(r.Error, &perr) != nil || perr.Type != "SandboxLost" || !strings.Contains(perr.Message, why) {
+		t.Fatalf("run in a lost sandbox: %s %s, want error SandboxLost with the reason", r.Status, r.Error)
+	}
+	var sb api.Sandbox
+	waitfor.True(t, 10*time.Second, func() bool {
+		sb, _ = e.svc.Get(ctx, e.acct, id)
+		return sb.Status == "destroyed"
+	})
+	var serr struct{ Error, Message string }
+	if sb.DestroyReason == nil || *sb.DestroyReason != sandbox.ReasonSandboxLost ||
+		json.Unmarshal(sb.Error, &serr) != nil || serr.Error != "sandbox_lost" || serr.Message != why {
+		t.Fatalf("lost sandbox: reason %v, error %s", sb.DestroyReason, sb.Error)
+	}
+	waitfor.True(t, 10*time.Second, func() bool { return !e.drv.Live(id) })
+	code := "print(2)"
+	if _, _, err := e.svc.Run(ctx, e.acct, id, api.RunRequest{Code: &code}); sandbox.KindOf(err) != sandbox.KindSandboxDestroyed {
+		t.Fatalf("run after the sandbox was lost: %v", err)
+	}
+}

@@ -1,6 +1,9 @@
 package e2e
 
 import (
+	"encoding/json"
+	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -184,12 +187,34 @@ func TestReplicasRoute(t *testing.T) {
 	}
 
 	// A forwarded request is never forwarded again: B serves one marked forwarded itself, and has
-	// no such sandbox running.
+	// no such sandbox running: it says the sandbox runs on A and ran nothing (503, try again — not
+	// a false "destroyed", and a retry cannot run the code twice).
+	runsOf := func() int {
+		st, m := a.do("GET", "/api/sandbox/"+id+"/runs", key, nil)
+		runs, ok := m["runs"].([]any)
+		if st != 200 || !ok {
+			t.Fatalf("runs through A: %d %v", st, m)
+		}
+		return len(runs)
+	}
+	before := runsOf()
+	repA, err := os.ReadFile(filepath.Join(a.dataDir, "replica-id"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	aID := strings.TrimSpace(string(repA))
 	resp := b.raw("POST", "/api/sandbox/"+id+"/run", key, strings.NewReader(`{"code":"print(1)"}`),
 		"Content-Type", "application/json", "X-Sandboxd-Forwarded-By", "rep_someone")
+	var env struct{ Error, Message string }
+	err = json.NewDecoder(resp.Body).Decode(&env)
 	resp.Body.Close()
-	if resp.StatusCode == 200 {
-		t.Fatalf("a request marked forwarded was forwarded again (200)")
+	if resp.StatusCode != 503 || err != nil || env.Error != "unavailable" || resp.Header.Get("Retry-After") != "5" ||
+		env.Message != fmt.Sprintf("sandbox %q runs on replica %s, which did not take this request; try again", id, aID) {
+		t.Fatalf("a request marked forwarded: %d %+v %v (Retry-After %q), want 503 unavailable naming replica %s",
+			resp.StatusCode, env, err, resp.Header.Get("Retry-After"), aID)
+	}
+	if n := runsOf(); n != before {
+		t.Fatalf("runs after the refused forward: %d, want the %d made before", n, before)
 	}
 
 	if st, m := b.do("DELETE", "/api/sandbox/"+id, key, nil); st != 200 && st != 202 && st != 204 {

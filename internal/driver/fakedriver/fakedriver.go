@@ -54,6 +54,18 @@ type host struct {
 	mu        sync.Mutex // guards the host and the fields of every Driver on it
 	sandboxes map[string]driver.Spec
 	contexts  map[string]*fakeContext // by sandbox id + "/" + name
+	lost      map[string]string       // sandboxes that ended by themselves (Lose): why
+}
+
+// Lose makes sandbox id end by itself, as an evicted pod does: Exec in it says
+// *driver.GoneError with reason; it is listed until destroyed.
+func (d *Driver) Lose(id, reason string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.lost == nil {
+		d.lost = map[string]string{}
+	}
+	d.lost[id] = reason
 }
 
 // fakeContext is a code context's interpreter: how many runs it ran (-1: it ended).
@@ -182,10 +194,14 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) error 
 func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (driver.ExecResult, error) {
 	d.mu.Lock()
 	_, ok := d.sandboxes[id]
-	if ok {
+	reason, lost := d.lost[id]
+	if ok && !lost {
 		d.running++
 	}
 	d.mu.Unlock()
+	if ok && lost {
+		return driver.ExecResult{}, &driver.GoneError{ID: id, Reason: reason}
+	}
 	if !ok {
 		return driver.ExecResult{}, driver.ErrNotFound
 	}
@@ -266,6 +282,7 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 		d.Destroyed = append(d.Destroyed, id)
 	}
 	delete(d.sandboxes, id)
+	delete(d.lost, id)
 	return nil
 }
 

@@ -36,8 +36,12 @@
 // What differs from the container driver: Spec's host directories (TmpDir, WorkDir, the Mounts'
 // HostDirs) are not used — what the service writes there does not reach the pod, and what the
 // sandbox writes does not reach them; there is no zygote (runs are launched: the host cannot
-// start a process in a pod); the pids limit is the kubelet's podPidsLimit, not Spec.PidsLimit;
-// an OOM is what the agent reads in its cgroup (RunResult.OOMKill); there are no code contexts.
+// start a process in a pod); the pids limit is the kubelet's podPidsLimit, every pod's (kubelet.go:
+// Check and Create require one, and singleProcessOOMKill; allow_spawn needs it at most
+// Spec.PidsLimit); an OOM is what the agent reads in its cgroup (RunResult.OOMKill), or a sandbox
+// container the kernel OOM-killed as a whole; there are no code contexts. A pod that ends by itself
+// (evicted, failed) makes Exec say driver.GoneError (gone.go); the pods of a lost replica are
+// destroyed by the replica that declared it lost (DestroyReplica, replicas.go).
 package kubernetes
 
 import (
@@ -89,8 +93,9 @@ type Driver struct {
 	cpuRequest float64 // the share of its CPU limit a pod requests (Options.CPURequest)
 	log        *slog.Logger
 
-	mu    sync.Mutex
-	boxes map[string]*box // what Exec needs, cached (the API has it all)
+	mu     sync.Mutex
+	boxes  map[string]*box // what Exec needs, cached (the API has it all)
+	limits kubeletLimits   // what the nodes' kubelets enforce (kubelet.go)
 }
 
 // box is what the driver needs to reach a sandbox's agent.
@@ -141,11 +146,20 @@ func (d *Driver) Name() string { return Name }
 // Close releases nothing: the driver holds no resources of its process.
 func (d *Driver) Close() error { return nil }
 
-// Check asks the apiserver for the driver's pods (which also proves its permissions).
+// Check asks the apiserver for the driver's pods (which also proves its permissions) and reads
+// the nodes' kubelet configuration: it fails while a node sets no pids limit or lacks
+// singleProcessOOMKill (kubelet.go).
 func (d *Driver) Check(ctx context.Context) error {
 	_, err := d.cs.CoreV1().Pods(d.ns).List(ctx, metav1.ListOptions{LabelSelector: d.selector(), Limit: 1})
 	if err != nil {
 		return fmt.Errorf("kubernetes: %w", err)
+	}
+	k := d.kubelets(ctx, true)
+	if k.readError != nil {
+		return fmt.Errorf("kubernetes: %w", k.readError)
+	}
+	if k.err != nil {
+		return fmt.Errorf("kubernetes: the nodes cannot hold sandboxes safely: %w", k.err)
 	}
 	return nil
 }
@@ -173,6 +187,9 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 		return fmt.Errorf("kubernetes: image %s has no cluster reference (config: the image's cluster ref)", spec.RootFS)
 	}
 	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
+	if err := d.kubelets(ctx, false).fit(spec.AllowSpawn, spec.PidsLimit); err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
 	pod, err := d.podObject(id, spec, img)
@@ -306,11 +323,14 @@ func (d *Driver) lookup(ctx context.Context, id string) (*box, error) {
 		return nil, driver.ErrNotFound
 	}
 	pod, err := d.cs.CoreV1().Pods(d.ns).Get(ctx, objectName(id), metav1.GetOptions{})
-	if apierrors.IsNotFound(err) || (err == nil && (pod.Labels[labelID] != id || pod.DeletionTimestamp != nil)) {
+	if apierrors.IsNotFound(err) || (err == nil && pod.Labels[labelID] != id) {
 		return nil, driver.ErrNotFound
 	}
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes: sandbox %s: %w", id, err)
+	}
+	if reason, _ := podEnd(pod); reason != "" {
+		return nil, gone(id, reason)
 	}
 	if pod.Status.Phase != corev1.PodRunning || pod.Status.PodIP == "" {
 		return nil, fmt.Errorf("kubernetes: sandbox %s: the pod is %s", id, pod.Status.Phase)
@@ -353,8 +373,17 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	if err != nil {
 		deadline := errors.Is(err, context.DeadlineExceeded)
 		if ctx.Err() == nil && !deadline {
-			if _, lerr := d.lookupFresh(ctx, id); errors.Is(lerr, driver.ErrNotFound) {
-				return driver.ExecResult{}, lerr
+			// The connection broke: did the pod end (evicted, failed), or an OOM kill its whole
+			// container during this run (gone.go)?
+			d.forget(id)
+			oom, gerr := d.afterBrokenRun(ctx, id)
+			if oom {
+				killed := driver.ExecResult{Started: started, Duration: wall}
+				driver.Classify(driver.Outcome{OOMKill: true}, &killed)
+				return killed, nil
+			}
+			if gerr != nil {
+				return driver.ExecResult{}, gerr
 			}
 			return driver.ExecResult{}, fmt.Errorf("kubernetes: exec in sandbox %s: %w", id, err)
 		}
@@ -370,12 +399,11 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 	return driver.AgentResult(res, started, wall, res.OOMKill), nil
 }
 
-// lookupFresh forgets what the driver knew of sandbox id and asks the cluster again.
-func (d *Driver) lookupFresh(ctx context.Context, id string) (*box, error) {
+// forget forgets what the driver knew of sandbox id: the next lookup asks the cluster again.
+func (d *Driver) forget(id string) {
 	d.mu.Lock()
 	delete(d.boxes, id)
 	d.mu.Unlock()
-	return d.lookup(ctx, id)
 }
 
 // destroyTimeout bounds a cleanup's Destroy.

@@ -130,7 +130,7 @@ func shared(t testing.TB) *Driver {
 // testSpec is a sandbox of the service's defaults, but a fifth of a core: the pods' CPU
 // requests must fit the test node's two cores (requests = limits) while a test holds several.
 func testSpec() driver.Spec {
-	return driver.Spec{RootFS: env.rootfs, CPU: 0.2, MemoryBytes: 256 << 20, PidsLimit: 64, DiskBytes: 64 << 20,
+	return driver.Spec{RootFS: env.rootfs, CPU: 0.2, MemoryBytes: 256 << 20, PidsLimit: k8stest.PodPidsLimit, DiskBytes: 64 << 20,
 		Network: egress.Policy{BlockOutbound: true}}
 }
 
