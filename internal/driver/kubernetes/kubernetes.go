@@ -15,13 +15,24 @@
 //     by the cluster; as uid/gid 10000, runAsNonRoot, read-only root, no privilege escalation, no
 //     capabilities, seccomp RuntimeDefault, no service-account token, no service links, none of
 //     the host's namespaces; requests = limits of CPU, memory and ephemeral-storage (the disk);
-//   - /tmp, the runs' working directory and every read_write path are emptyDirs with sizeLimit =
-//     the disk limit; read_only paths are the image's own, under the read-only root; a blocked
-//     directory is covered by an empty emptyDir mounted read-only, a blocked file by an empty
-//     root-owned file of mode 000 (the Secret's "blocked" key, by subPath);
+//   - the sandbox's disk is one emptyDir in memory (a tmpfs, sizeLimit = the disk limit: a full
+//     disk is ENOSPC, not a node's disk filled until the kubelet evicts the pod); /tmp, the runs'
+//     working directory and every read_only and read_write path are directories of it (made by
+//     the install init container, as the sandbox's user), mounted by subPath, read_only ones
+//     read-only. What a container writes there is charged to its memory: the sandbox's container
+//     gets the disk's size on top of its memory limit. A blocked directory is covered by an empty
+//     emptyDir mounted read-only, a blocked file by an empty root-owned file of mode 000 (the
+//     Secret's "blocked" key, by subPath);
+//   - the files sidecar (files.go): a native sidecar (an init container restarted Always) from the
+//     agent image, "sandbox-agent files", as the sandbox's user, confined like the sandbox's
+//     container, the whole disk mounted writable, serving the files API's operations (driver.Filer:
+//     package agent's files protocol, files.go) on FilesPort behind the same challenge as the
+//     agent; every path resolved beneath its directory by package hostfs (RESOLVE_BENEATH), so
+//     the links and races of the sandbox, which writes those directories, lead nowhere else;
 //   - egress: a sandbox whose policy blocks everything gets a second init container, the only one
 //     with NET_ADMIN (as root), that runs "sandbox-agent netinit": nftables rules in the pod's
-//     network namespace that drop every packet out but the agent's replies. Other policies need an
+//     network namespace that drop every packet out but the agent's and the files sidecar's
+//     replies. Other policies need an
 //     egress gateway reachable from pods, which the driver does not have yet: Create refuses them
 //     (driver.ErrUnsupported).
 //
@@ -31,11 +42,16 @@
 // outlive its process; List and the start-up reconciliation find them by label. Destroy deletes
 // the pod and its Secret in the foreground and returns once they are gone.
 //
-// What differs from the container driver: Spec's host directories (TmpDir, WorkDir, the Mounts'
-// HostDirs) are not used — what the service writes there does not reach the pod, and what the
-// sandbox writes does not reach them; there is no zygote (runs are launched: the host cannot
-// start a process in a pod); the pids limit is the kubelet's podPidsLimit, not Spec.PidsLimit;
-// an OOM is what the agent reads in its cgroup (RunResult.OOMKill); there are no code contexts.
+// Code contexts (driver.Contexter) are the agent's, as in the container driver: each create,
+// delete and run a connection of its own; a timeout or cancel interrupts the code and keeps the
+// interpreter if it stops in time.
+//
+// What differs from the container driver: the driver is a driver.Filer — the service makes no
+// host disk for its sandboxes, Spec's host directories (TmpDir, WorkDir, the Mounts' HostDirs)
+// are empty, and the files API goes through the files sidecar; there is no zygote (runs are
+// launched: the host cannot start a process in a pod); the pids limit is the kubelet's
+// podPidsLimit, not Spec.PidsLimit; an OOM is what the agent reads in its cgroup
+// (RunResult.OOMKill).
 package kubernetes
 
 import (
@@ -88,8 +104,13 @@ type Driver struct {
 
 // box is what the driver needs to reach a sandbox's agent.
 type box struct {
-	addr   string // pod IP:port
-	secret []byte
+	addr      string // the agent's pod IP:port
+	filesAddr string // the files sidecar's
+	secret    []byte
+}
+
+func newBox(ip string, secret []byte) *box {
+	return &box{addr: net.JoinHostPort(ip, strconv.Itoa(AgentPort)), filesAddr: net.JoinHostPort(ip, strconv.Itoa(FilesPort)), secret: secret}
 }
 
 // Open connects to the cluster of opts.Kubeconfig.
@@ -189,8 +210,11 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
-	b := &box{addr: net.JoinHostPort(ip, strconv.Itoa(AgentPort)), secret: secret}
+	b := newBox(ip, secret)
 	if err := agent.WaitReadyDial(wctx, b.addr, agent.TCPDial(b.addr, b.secret)); err != nil {
+		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
+	if err := waitFiles(wctx, b); err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
 	d.mu.Lock()
@@ -307,7 +331,7 @@ func (d *Driver) lookup(ctx context.Context, id string) (*box, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes: sandbox %s: %w", id, err)
 	}
-	b = &box{addr: net.JoinHostPort(pod.Status.PodIP, strconv.Itoa(AgentPort)), secret: sec.Data[secretKey]}
+	b = newBox(pod.Status.PodIP, sec.Data[secretKey])
 	d.mu.Lock()
 	d.boxes[id] = b
 	d.mu.Unlock()
@@ -316,9 +340,6 @@ func (d *Driver) lookup(ctx context.Context, id string) (*box, error) {
 
 // Exec runs req in sandbox id through its agent.
 func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (driver.ExecResult, error) {
-	if req.Context != "" {
-		return driver.ExecResult{}, fmt.Errorf("kubernetes: code contexts: %w", driver.ErrUnsupported)
-	}
 	b, err := d.lookup(ctx, id)
 	if err != nil {
 		return driver.ExecResult{}, err
@@ -330,7 +351,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		defer cancel()
 	}
 	areq := agent.RunRequest{Code: req.Code, TimeoutMS: req.Timeout.Milliseconds(), Env: req.Env,
-		MaxOutput: req.MaxOutput, Agent: req.Agent} // AllowSpawn: the agent's own (--prestart)
+		MaxOutput: req.MaxOutput, Agent: req.Agent, Context: req.Context} // AllowSpawn: the agent's own (--prestart)
 	started := time.Now()
 	onCall := func(ctx context.Context, call json.RawMessage) []byte { return driver.AnswerAgentCall(ctx, req, call) }
 	res, err := agent.RunDial(runCtx, agent.TCPDial(b.addr, b.secret), areq, driver.AgentOutput(req), onCall)

@@ -37,6 +37,22 @@ const (
 	agentUID   = driver.SandboxUser // the agent and the code share the run uid (tcp.go in cmd/sandbox-agent)
 )
 
+// The directories of the disk volume (diskRoot in the containers that mount it whole: the install
+// init container and the files sidecar): the sandbox's /tmp, its runs' working directory, and one
+// per read_only or read_write path (mountDir).
+const (
+	diskRoot = "/disk"
+	tmpDir   = "tmp"
+	workDir  = "work"
+)
+
+// mountDir is the disk volume's directory of read_only or read_write path p: a name of its own
+// for every path (a path may be longer than a file name may be).
+func mountDir(p string) string {
+	sum := sha256.Sum256([]byte(p))
+	return "m-" + hex.EncodeToString(sum[:12])
+}
+
 // AgentPort is the port the agent listens on in every pod.
 const AgentPort = 7070
 
@@ -70,9 +86,11 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		return nil, errors.New("the spec has no disk limit (DiskBytes)")
 	}
 	disk := resource.NewQuantity(spec.DiskBytes, resource.BinarySI)
+	// The sandbox's disk is memory (a tmpfs): what its code writes there is charged to its memory,
+	// so the disk's size is added to it, and a full disk stays ENOSPC rather than an OOM kill.
 	limits := corev1.ResourceList{
 		corev1.ResourceCPU:              *resource.NewMilliQuantity(int64(spec.CPU*1000+0.5), resource.DecimalSI),
-		corev1.ResourceMemory:           *resource.NewQuantity(spec.MemoryBytes, resource.BinarySI),
+		corev1.ResourceMemory:           *resource.NewQuantity(spec.MemoryBytes+spec.DiskBytes, resource.BinarySI),
 		corev1.ResourceEphemeralStorage: *disk,
 	}
 	emptyDir := func(name string, size *resource.Quantity) corev1.Volume {
@@ -101,24 +119,21 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 				{Key: blockedKey, Path: blockedKey, Mode: &blockedMode},
 			},
 		}}},
-		emptyDir("tmp", disk),
-		emptyDir("work", disk),
+		// The sandbox's disk: a tmpfs of its size, so that a full disk is ENOSPC (not a node's
+		// disk filled until the kubelet evicts the pod); its directories are mounted one by one.
+		{Name: "disk", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory, SizeLimit: disk}}},
 	}
 	mounts := []corev1.VolumeMount{
 		{Name: "agent", MountPath: agentDir, ReadOnly: true},
 		{Name: "secret", MountPath: secretDir, ReadOnly: true},
-		{Name: "tmp", MountPath: "/tmp"},
-		{Name: "work", MountPath: pyrunner.WorkDir},
+		{Name: "disk", SubPath: tmpDir, MountPath: "/tmp"},
+		{Name: "disk", SubPath: workDir, MountPath: pyrunner.WorkDir},
 	}
-	for i, m := range spec.Mounts {
-		if m.ReadOnly {
-			// The image's own path, under the read-only root: nothing to mount. (The files a
-			// service puts in the host directory do not reach the pod: see the package comment.)
-			continue
-		}
-		name := "rw-" + strconv.Itoa(i)
-		volumes = append(volumes, emptyDir(name, disk))
-		mounts = append(mounts, corev1.VolumeMount{Name: name, MountPath: m.Path})
+	diskDirs := []string{diskRoot + "/" + tmpDir, diskRoot + "/" + workDir}
+	for _, m := range spec.Mounts {
+		// The files API reaches it through the files sidecar (files.go), read_only ones too.
+		mounts = append(mounts, corev1.VolumeMount{Name: "disk", SubPath: mountDir(m.Path), MountPath: m.Path, ReadOnly: m.ReadOnly})
+		diskDirs = append(diskDirs, diskRoot+"/"+mountDir(m.Path))
 	}
 	blockedDirs := false
 	for _, p := range spec.Blocked {
@@ -148,11 +163,12 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		Name:            "agent",
 		Image:           d.agentImage,
 		ImagePullPolicy: corev1.PullIfNotPresent,
-		Command:         []string{"/sandbox-agent", "install", "/agent"},
-		VolumeMounts:    []corev1.VolumeMount{{Name: "agent", MountPath: "/agent"}},
+		Command:         append([]string{"/sandbox-agent", "install", "/agent"}, diskDirs...),
+		VolumeMounts:    []corev1.VolumeMount{{Name: "agent", MountPath: "/agent"}, {Name: "disk", MountPath: diskRoot}},
 		SecurityContext: restricted,
 		Resources:       corev1.ResourceRequirements{Requests: initResources, Limits: initResources},
-	}, netinitContainer(d.agentImage)} // Create accepts only block_outbound without an allow list
+	}, filesContainer(d.agentImage, restricted, spec.DiskBytes),
+		netinitContainer(d.agentImage)} // Create accepts only block_outbound without an allow list
 	var runtimeClass *string
 	if img.RuntimeClass != "" {
 		runtimeClass = &img.RuntimeClass
