@@ -138,12 +138,15 @@ attempt("link up", lambda: os.symlink("..", "/workspace/out/sub/up"))
 	if after, err := d.DiskUsage(ctx, id); err != nil || after > used+(1<<20) {
 		t.Errorf("disk usage %d before the refused writes, %d (%v) after: they left something", used, after, err)
 	}
-	// A large file round trip: its content, its sum, ranges.
-	content := bytes.Repeat([]byte("0123456789abcdef"), 3<<16) // 3 MiB: several reads
+	// A large file round trip (half the disk): its content, its sum, ranges; timed.
+	content := bytes.Repeat([]byte("0123456789abcdef"), 2<<20) // 32 MiB: many reads
+	start := time.Now()
 	size, sum, err := d.WriteFile(ctx, id, "/workspace/out", "large", bytes.NewReader(content), 1<<30)
 	if err != nil || size != int64(len(content)) {
-		t.Fatalf("write 3 MiB: %d %v", size, err)
+		t.Fatalf("write 32 MiB: %d %v", size, err)
 	}
+	wrote := time.Since(start)
+	start = time.Now()
 	rf, _, err := d.OpenFile(ctx, id, "/workspace/out", "large")
 	if err != nil {
 		t.Fatal(err)
@@ -152,9 +155,12 @@ attempt("link up", lambda: os.symlink("..", "/workspace/out/sub/up"))
 	if s, err := rf.SHA256(); err != nil || s != sum {
 		t.Errorf("sha256 %s %v, want %s", s, err, sum)
 	}
+	summed := time.Since(start)
+	start = time.Now()
 	if b, err := io.ReadAll(rf); err != nil || !bytes.Equal(b, content) {
 		t.Errorf("read back %d bytes, %v", len(b), err)
 	}
+	t.Logf("32 MiB through the files sidecar: write %v, open+sha256 %v, read %v", wrote, summed, time.Since(start))
 	rf.Seek(int64(len(content))-20, io.SeekStart)
 	tail := make([]byte, 20)
 	if _, err := io.ReadFull(rf, tail); err != nil || !bytes.Equal(tail, content[len(content)-20:]) {
