@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -108,9 +107,9 @@ func ownAddress(ip net.IP) (bool, error) {
 
 // installCommand is "sandbox-agent install DIR [MKDIR...]": the agent image's entrypoint, run by a
 // pod's init container, copies this binary to DIR/sandbox-agent (an emptyDir the sandbox's
-// container mounts read-only and runs the agent from) and creates the directories MKDIR (absolute;
-// those of the pod's disk volume that the containers mount, made here, as the sandbox's user,
-// before any container mounts them).
+// container mounts read-only and runs the agent from) and creates the directories MKDIR and their
+// parents (absolute; those of the pod's disk volume that the containers mount, and the mount
+// points in them, made here, as the sandbox's user, before any container mounts them).
 const installCommand = "install"
 
 func installMain(args []string) {
@@ -121,9 +120,7 @@ func installMain(args []string) {
 	err := install(args[0])
 	for _, d := range args[1:] {
 		if err == nil {
-			if err = os.Mkdir(d, 0o755); errors.Is(err, fs.ErrExist) {
-				err = nil
-			}
+			err = os.MkdirAll(d, 0o755)
 		}
 	}
 	if err != nil {

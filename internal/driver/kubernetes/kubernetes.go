@@ -265,14 +265,17 @@ func (d *Driver) waitRunning(ctx context.Context, pod *corev1.Pod) (string, erro
 	}
 }
 
-// running returns p's IP once p runs, an error once it cannot, else "".
+// running returns p's IP once its sandbox container runs, an error once it cannot, else "". (The
+// pod is Running as soon as its files sidecar is, before the sandbox container has started.)
 func running(p *corev1.Pod) (string, error) {
 	switch p.Status.Phase {
 	case corev1.PodFailed, corev1.PodSucceeded:
 		return "", fmt.Errorf("the pod ended (%s): %s %s%s", p.Status.Phase, p.Status.Reason, p.Status.Message, containerStates(p))
 	case corev1.PodRunning:
-		if p.Status.PodIP != "" {
-			return p.Status.PodIP, nil
+		for _, cs := range p.Status.ContainerStatuses {
+			if cs.Name == sandboxContainer && cs.State.Running != nil && p.Status.PodIP != "" {
+				return p.Status.PodIP, nil
+			}
 		}
 	}
 	for _, cs := range append(append([]corev1.ContainerStatus{}, p.Status.InitContainerStatuses...), p.Status.ContainerStatuses...) {

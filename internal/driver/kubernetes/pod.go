@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -52,6 +53,9 @@ func mountDir(p string) string {
 	sum := sha256.Sum256([]byte(p))
 	return "m-" + hex.EncodeToString(sum[:12])
 }
+
+// sandboxContainer is the name of the pod's container that runs the sandbox's code.
+const sandboxContainer = "sandbox"
 
 // AgentPort is the port the agent listens on in every pod.
 const AgentPort = 7070
@@ -140,7 +144,14 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		if !filepath.IsAbs(p) || filepath.Clean(p) != p || p == "/" {
 			return nil, fmt.Errorf("blocked path %q is not a clean absolute path", p)
 		}
-		if isFile(spec.RootFS, p) {
+		if slices.ContainsFunc(spec.Blocked, func(b string) bool { return strings.HasPrefix(p, b+"/") }) {
+			continue // inside another blocked path, which covers it (and has no room for its mount point)
+		}
+		if holder := diskMountOf(mounts, p); holder != nil {
+			// Inside a directory of the disk, not the image: its mount point is made there (by the
+			// install container: a read-only mount has no room to make it at the container's start).
+			diskDirs = append(diskDirs, diskRoot+"/"+holder.SubPath+strings.TrimPrefix(p, holder.MountPath))
+		} else if isFile(spec.RootFS, p) {
 			// An empty file of mode 000 owned by root (the Secret's blocked key).
 			mounts = append(mounts, corev1.VolumeMount{Name: "secret", MountPath: p, SubPath: blockedKey, ReadOnly: true})
 			continue
@@ -192,7 +203,7 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 			},
 			InitContainers: initContainers,
 			Containers: []corev1.Container{{
-				Name:            "sandbox",
+				Name:            sandboxContainer,
 				Image:           img.Ref,
 				ImagePullPolicy: corev1.PullIfNotPresent,
 				Command: []string{agentDir + "/sandbox-agent", "--listen", ":" + strconv.Itoa(AgentPort),
@@ -205,6 +216,17 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 			Volumes: volumes,
 		},
 	}, nil
+}
+
+// diskMountOf returns the deepest mount of the disk volume strictly above p (nil: none).
+func diskMountOf(mounts []corev1.VolumeMount, p string) *corev1.VolumeMount {
+	var holder *corev1.VolumeMount
+	for i, m := range mounts {
+		if m.Name == "disk" && strings.HasPrefix(p, m.MountPath+"/") && (holder == nil || len(m.MountPath) > len(holder.MountPath)) {
+			holder = &mounts[i]
+		}
+	}
+	return holder
 }
 
 // initResources are what an init container gets.

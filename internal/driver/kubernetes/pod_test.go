@@ -134,3 +134,29 @@ func TestPodBlockedWritable(t *testing.T) {
 		}
 	}
 }
+
+// TestPodBlockedInsideMount: a blocked path inside a read_only or read_write path gets its mount
+// point made in the disk's directory by the install container (the container runtime cannot make
+// it in a read-only mount), and one inside another blocked path is left to it.
+func TestPodBlockedInsideMount(t *testing.T) {
+	d := &Driver{ns: "ns", replica: "r", agentImage: "agent@sha256:00"}
+	spec := driver.Spec{RootFS: t.TempDir(), CPU: 0.5, MemoryBytes: 128 << 20, DiskBytes: 64 << 20,
+		Blocked: []string{"/workspace/data/secret/deep", "/workspace/hidden", "/workspace/hidden/x"},
+		Mounts:  []driver.Mount{{Path: "/workspace/data", ReadOnly: true}, {Path: "/workspace/hidden"}},
+		Network: egress.Policy{BlockOutbound: true}}
+	pod, err := d.podObject("t-3", spec, driver.ClusterImage{Ref: "python@sha256:11"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	install := strings.Join(pod.Spec.InitContainers[0].Command, " ")
+	if !strings.Contains(install, " "+diskRoot+"/"+mountDir("/workspace/data")+"/secret/deep") {
+		t.Errorf("install %s: no mount point for the blocked path inside the read_only one", install)
+	}
+	paths := map[string]int{}
+	for _, m := range pod.Spec.Containers[0].VolumeMounts {
+		paths[m.MountPath]++
+	}
+	if paths["/workspace/hidden/x"] != 0 || paths["/workspace/hidden"] != 1 || paths["/workspace/data/secret/deep"] != 1 {
+		t.Errorf("mounts %v", paths)
+	}
+}
