@@ -107,7 +107,8 @@ func ownAddress(ip net.IP) (bool, error) {
 
 // installCommand is "sandbox-agent install DIR [MKDIR...]": the agent image's entrypoint, run by a
 // pod's init container, copies this binary to DIR/sandbox-agent (an emptyDir the sandbox's
-// container mounts read-only and runs the agent from) and creates the directories MKDIR and their
+// container mounts read-only and runs the agent from), makes DIR/blocked (empty, mode 000: what
+// covers blocked directories) and creates the directories MKDIR and their
 // parents (absolute; those of the pod's disk volume that the containers mount, and the mount
 // points in them, made here, as the sandbox's user, before any container mounts them).
 const installCommand = "install"
@@ -118,6 +119,13 @@ func installMain(args []string) {
 		os.Exit(2)
 	}
 	err := install(args[0])
+	if err == nil {
+		// What covers blocked directories (the kubernetes driver's): empty, mode 000.
+		blocked := filepath.Join(args[0], "blocked")
+		if err = os.Mkdir(blocked, 0); err == nil {
+			err = os.Chmod(blocked, 0)
+		}
+	}
 	for _, d := range args[1:] {
 		if err == nil {
 			err = os.MkdirAll(d, 0o755)

@@ -57,6 +57,10 @@ func mountDir(p string) string {
 // sandboxContainer is the name of the pod's container that runs the sandbox's code.
 const sandboxContainer = "sandbox"
 
+// blockedDir is the agent volume's directory of mode 000 that covers blocked directories (made by
+// "sandbox-agent install").
+const blockedDir = "blocked"
+
 // AgentPort is the port the agent listens on in every pod.
 const AgentPort = 7070
 
@@ -90,15 +94,12 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		return nil, errors.New("the spec has no disk limit (DiskBytes)")
 	}
 	disk := resource.NewQuantity(spec.DiskBytes, resource.BinarySI)
-	// The sandbox's disk is memory (a tmpfs): what its code writes there is charged to its memory,
-	// so the disk's size is added to it, and a full disk stays ENOSPC rather than an OOM kill.
+	// The sandbox's disk is memory (a tmpfs): what its code writes there is charged to its memory
+	// limit (resources.memory stays the limit of everything it holds).
 	limits := corev1.ResourceList{
 		corev1.ResourceCPU:              *resource.NewMilliQuantity(int64(spec.CPU*1000+0.5), resource.DecimalSI),
-		corev1.ResourceMemory:           *resource.NewQuantity(spec.MemoryBytes+spec.DiskBytes, resource.BinarySI),
+		corev1.ResourceMemory:           *resource.NewQuantity(spec.MemoryBytes, resource.BinarySI),
 		corev1.ResourceEphemeralStorage: *disk,
-	}
-	emptyDir := func(name string, size *resource.Quantity) corev1.Volume {
-		return corev1.Volume{Name: name, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{SizeLimit: size}}}
 	}
 	f := false
 	t := true
@@ -139,7 +140,6 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		mounts = append(mounts, corev1.VolumeMount{Name: "disk", SubPath: mountDir(m.Path), MountPath: m.Path, ReadOnly: m.ReadOnly})
 		diskDirs = append(diskDirs, diskRoot+"/"+mountDir(m.Path))
 	}
-	blockedDirs := false
 	for _, p := range spec.Blocked {
 		if !filepath.IsAbs(p) || filepath.Clean(p) != p || p == "/" {
 			return nil, fmt.Errorf("blocked path %q is not a clean absolute path", p)
@@ -156,15 +156,13 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 			mounts = append(mounts, corev1.VolumeMount{Name: "secret", MountPath: p, SubPath: blockedKey, ReadOnly: true})
 			continue
 		}
-		// A directory (or a path the image lacks): an empty directory, read-only. A blocked path
-		// that is also a writable one (/tmp, the working directory, a read_write path) is only
-		// blocked: two mounts at one path make the apiserver refuse the pod.
-		blockedDirs = true
+		// A directory (or a path the image lacks): an empty directory of mode 000, read-only (the
+		// install container's, in the agent's volume: the sandbox's uid owns it but can neither
+		// enter it nor, on a read-only mount, chmod it). A blocked path that is also a writable
+		// one (/tmp, the working directory, a read_write path) is only blocked: two mounts at one
+		// path make the apiserver refuse the pod.
 		mounts = slices.DeleteFunc(mounts, func(m corev1.VolumeMount) bool { return m.MountPath == p })
-		mounts = append(mounts, corev1.VolumeMount{Name: "blocked", MountPath: p, ReadOnly: true})
-	}
-	if blockedDirs {
-		volumes = append(volumes, emptyDir("blocked", nil)) // read-only wherever it is mounted
+		mounts = append(mounts, corev1.VolumeMount{Name: "agent", SubPath: blockedDir, MountPath: p, ReadOnly: true})
 	}
 	prestart := "0"
 	if spec.AllowSpawn {

@@ -47,7 +47,7 @@ func TestPodObject(t *testing.T) {
 		sc.Capabilities.Drop[0] != "ALL" || sc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
 		t.Errorf("sandbox container security: %+v", sc)
 	}
-	if c.Image != "python@sha256:11" || c.Resources.Limits.Cpu().MilliValue() != 500 || c.Resources.Limits.Memory().Value() != (128+64)<<20 ||
+	if c.Image != "python@sha256:11" || c.Resources.Limits.Cpu().MilliValue() != 500 || c.Resources.Limits.Memory().Value() != 128<<20 ||
 		c.Resources.Limits.StorageEphemeral().Value() != 64<<20 || !c.Resources.Requests.Memory().Equal(*c.Resources.Limits.Memory()) {
 		t.Errorf("sandbox container: image %s resources %+v", c.Image, c.Resources)
 	}
@@ -61,7 +61,7 @@ func TestPodObject(t *testing.T) {
 	}{
 		"/.sandbox/bin": {"agent", "", true}, "/tmp": {"disk", tmpDir, false}, "/.sandbox/work": {"disk", workDir, false},
 		"/workspace/out": {"disk", mountDir("/workspace/out"), false}, "/workspace/in": {"disk", mountDir("/workspace/in"), true},
-		"/usr/share/doc": {"blocked", "", true}, "/nowhere": {"blocked", "", true}, "/etc/hosts": {"secret", blockedKey, true},
+		"/usr/share/doc": {"agent", blockedDir, true}, "/nowhere": {"agent", blockedDir, true}, "/etc/hosts": {"secret", blockedKey, true},
 	} {
 		m, ok := mounts[path]
 		if !ok || m.Name != want.volume || m.SubPath != want.subPath || m.ReadOnly != want.ro {
@@ -129,7 +129,7 @@ func TestPodBlockedWritable(t *testing.T) {
 		seen[m.MountPath] = m.Name
 	}
 	for _, p := range spec.Blocked {
-		if seen[p] != "blocked" {
+		if seen[p] != "agent" {
 			t.Errorf("%s mounted from %q, want blocked", p, seen[p])
 		}
 	}
