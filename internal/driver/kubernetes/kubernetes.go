@@ -19,10 +19,12 @@
 //     disk is ENOSPC, not a node's disk filled until the kubelet evicts the pod); /tmp, the runs'
 //     working directory and every read_only and read_write path are directories of it (made by
 //     the install init container, as the sandbox's user), mounted by subPath, read_only ones
-//     read-only. What a container writes there is charged to its memory: the sandbox's container
-//     gets the disk's size on top of its memory limit. A blocked directory is covered by an empty
-//     emptyDir mounted read-only, a blocked file by an empty root-owned file of mode 000 (the
-//     Secret's "blocked" key, by subPath);
+//     read-only. What a container writes there is charged to its memory: the sandbox's files
+//     count in its memory limit (resources.memory), uploads in the files sidecar's (the disk's
+//     size and its own needs). A blocked directory is covered by an empty directory of mode 000
+//     (the agent volume's "blocked", made by the install container) mounted read-only, a blocked
+//     file by an empty root-owned file of mode 000 (the Secret's "blocked" key, by subPath); a
+//     blocked path inside a read_only or read_write one gets its mount point made by install;
 //   - the files sidecar (files.go): a native sidecar (an init container restarted Always) from the
 //     agent image, "sandbox-agent files", as the sandbox's user, confined like the sandbox's
 //     container, the whole disk mounted writable, serving the files API's operations (driver.Filer:
