@@ -5,8 +5,9 @@
 //
 //	sandbox-agent [--python PATH] [--prestart 0|1]
 //	sandbox-agent --listen ADDR --secret-file PATH --prestart 0|1 [--python PATH]   (TCP mode: tcp.go)
-//	sandbox-agent install DIR                                                      (tcp.go)
-//	sandbox-agent netinit AGENT_PORT                                               (netinit.go)
+//	sandbox-agent install DIR [MKDIR...]                                           (tcp.go)
+//	sandbox-agent files --listen ADDR --secret-file PATH --root DIR                (files.go)
+//	sandbox-agent netinit PORT...                                                  (netinit.go)
 //
 // Behaviour:
 //   - One run at a time. Connections are served strictly in order: a second connection made while
@@ -64,6 +65,9 @@ func main() {
 	}
 	if len(os.Args) > 1 && os.Args[1] == installCommand {
 		installMain(os.Args[2:]) // does not return
+	}
+	if len(os.Args) > 1 && os.Args[1] == filesCommand {
+		filesMain(os.Args[2:]) // does not return
 	}
 	if len(os.Args) > 1 && os.Args[1] == netinitCommand {
 		netinitMain(os.Args[2:]) // does not return

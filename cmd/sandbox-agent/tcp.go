@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
@@ -39,13 +40,9 @@ type tcpMode struct {
 }
 
 func (a *agentServer) listenTCP(m *tcpMode) error {
-	secret, err := os.ReadFile(m.secretFile)
+	secret, err := readSecret(m.secretFile)
 	if err != nil {
-		return fmt.Errorf("the sandbox's secret: %w", err)
-	}
-	secret = bytes.TrimSpace(secret)
-	if len(secret) < agent.SecretBytes {
-		return fmt.Errorf("the sandbox's secret in %s is %d bytes, want at least %d", m.secretFile, len(secret), agent.SecretBytes)
+		return err
 	}
 	ln, err := net.Listen("tcp", m.addr)
 	if err != nil {
@@ -55,8 +52,27 @@ func (a *agentServer) listenTCP(m *tcpMode) error {
 	return nil
 }
 
+// readSecret reads the sandbox's secret from file.
+func readSecret(file string) ([]byte, error) {
+	secret, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("the sandbox's secret: %w", err)
+	}
+	secret = bytes.TrimSpace(secret)
+	if len(secret) < agent.SecretBytes {
+		return nil, fmt.Errorf("the sandbox's secret in %s is %d bytes, want at least %d", file, len(secret), agent.SecretBytes)
+	}
+	return secret, nil
+}
+
 // admitTCP refuses a connection from the pod itself, then runs the challenge.
 func (a *agentServer) admitTCP(conn net.Conn, br *bufio.Reader) error {
+	return admitTCP(conn, br, a.secret)
+}
+
+// admitTCP refuses a connection from the pod itself, then runs the challenge on secret (the
+// agent's and the files sidecar's).
+func admitTCP(conn net.Conn, br *bufio.Reader, secret []byte) error {
 	remote, ok := conn.RemoteAddr().(*net.TCPAddr)
 	if !ok {
 		return errors.New("not a TCP connection")
@@ -68,7 +84,7 @@ func (a *agentServer) admitTCP(conn net.Conn, br *bufio.Reader) error {
 	if own {
 		return fmt.Errorf("a connection from inside the sandbox (%s)", remote.IP)
 	}
-	return agent.AgentAuth(conn, br, a.secret)
+	return agent.AgentAuth(conn, br, secret)
 }
 
 // ownAddress reports whether ip is loopback or an address of one of this network namespace's
@@ -89,17 +105,33 @@ func ownAddress(ip net.IP) (bool, error) {
 	return false, nil
 }
 
-// installCommand is "sandbox-agent install DIR": the agent image's entrypoint, run by a pod's init
-// container, copies this binary to DIR/sandbox-agent (an emptyDir the sandbox's container mounts
-// read-only and runs the agent from).
+// installCommand is "sandbox-agent install DIR [MKDIR...]": the agent image's entrypoint, run by a
+// pod's init container, copies this binary to DIR/sandbox-agent (an emptyDir the sandbox's
+// container mounts read-only and runs the agent from), makes DIR/blocked (empty, mode 000: what
+// covers blocked directories) and creates the directories MKDIR and their
+// parents (absolute; those of the pod's disk volume that the containers mount, and the mount
+// points in them, made here, as the sandbox's user, before any container mounts them).
 const installCommand = "install"
 
 func installMain(args []string) {
-	if len(args) != 1 || !filepath.IsAbs(args[0]) {
-		fmt.Fprintln(os.Stderr, "usage: sandbox-agent install DIR")
+	if len(args) < 1 || slices.ContainsFunc(args, func(a string) bool { return !filepath.IsAbs(a) }) {
+		fmt.Fprintln(os.Stderr, "usage: sandbox-agent install DIR [MKDIR...]")
 		os.Exit(2)
 	}
-	if err := install(args[0]); err != nil {
+	err := install(args[0])
+	if err == nil {
+		// What covers blocked directories (the kubernetes driver's): empty, mode 000.
+		blocked := filepath.Join(args[0], "blocked")
+		if err = os.Mkdir(blocked, 0); err == nil {
+			err = os.Chmod(blocked, 0)
+		}
+	}
+	for _, d := range args[1:] {
+		if err == nil {
+			err = os.MkdirAll(d, 0o755)
+		}
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "sandbox-agent install:", err)
 		os.Exit(1)
 	}

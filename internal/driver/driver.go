@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"sort"
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/hostfs"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
@@ -62,8 +64,9 @@ type Spec struct {
 	MemoryBytes  int64    // memory limit of the whole sandbox
 	PidsLimit    int64    // process-count limit of the whole sandbox
 	// DiskBytes is the sandbox's disk limit (resources.disk): the size of the disk that backs
-	// TmpDir, WorkDir and the Mounts. Drivers that do not use those host directories (kubernetes)
-	// apply it to what replaces them.
+	// TmpDir, WorkDir and the Mounts. Drivers that keep their sandboxes' files themselves
+	// (Filer: kubernetes), for which those host directories are empty, apply it to what replaces
+	// them.
 	DiskBytes int64
 	// TmpDir is the host directory that backs the sandbox's /tmp (on its disk, like the HostDirs
 	// of Mounts: its size bounds them together; traversable like them).
@@ -282,6 +285,44 @@ type Contexter interface {
 	CreateContext(ctx context.Context, id, name string) error
 	// DeleteContext ends the context's interpreter and removes its working directory.
 	DeleteContext(ctx context.Context, id, name string) error
+}
+
+// Filer is implemented by drivers whose sandboxes keep their files where they run, not in Spec's
+// host directories (kubernetes: in the pod, which the service's host never sees). For such a
+// driver the service makes no host disk and leaves Spec.TmpDir, Spec.WorkDir and the Mounts'
+// HostDirs empty (Spec.DiskBytes bounds what replaces them), and its files API reads and writes
+// through these methods instead of the host directories.
+//
+// mount is the Path of one of the sandbox's Spec.Mounts; rel a slash-separated path relative to
+// it ("" is the mount itself). rel is resolved beneath the mount as package hostfs does it: an
+// absolute path, a ".." above the mount or a symlink leading out (whoever planted it, whenever)
+// fails, and only regular files and directories are opened. The methods may be called
+// concurrently, also with Exec; cancelling ctx ends the transfer. Errors wrap: ErrNotFound (an
+// unknown sandbox); hostfs's kinds (ErrEscapes, ErrNotRegular, ErrTooLarge, ErrIsDir, ErrNotDir,
+// ErrNotEmpty, ErrRoot); fs.ErrNotExist; unix.ENOSPC (the sandbox's disk is full); anything else
+// is the driver failing.
+type Filer interface {
+	// WriteFile stores r as rel, creating its parent directories, atomically (readers see the old
+	// file or the whole new one) and returns its size and hex SHA-256. More than limit bytes in r:
+	// ErrTooLarge, and nothing is stored; the disk full: ENOSPC, and nothing is stored.
+	WriteFile(ctx context.Context, id, mount, rel string, r io.Reader, limit int64) (size int64, sha256 string, err error)
+	// OpenFile opens rel for reading: a regular file or a directory (Info.Type "file" or "dir").
+	OpenFile(ctx context.Context, id, mount, rel string) (File, hostfs.Info, error)
+	// RemoveFile removes the file rel, or the directory rel if it is empty (ErrNotEmpty otherwise);
+	// a symlink is removed itself.
+	RemoveFile(ctx context.Context, id, mount, rel string) error
+	// DiskUsage returns the bytes the sandbox's files use of its disk (Spec.DiskBytes).
+	DiskUsage(ctx context.Context, id string) (int64, error)
+}
+
+// File is an open file or directory of a sandbox (Filer.OpenFile; *hostfs.File is one). Read and
+// Seek read a file's content as it was opened (the same file, whatever replaces its name
+// meanwhile); ReadDir lists a directory, sorted by name, entries not followed; SHA256 is the
+// hex SHA-256 of a file's content. Close it.
+type File interface {
+	io.ReadSeekCloser
+	ReadDir() ([]hostfs.Info, error)
+	SHA256() (string, error)
 }
 
 // ErrUnsupported is returned (wrapped) by a driver for what it cannot do in a sandbox.

@@ -85,7 +85,7 @@ func (s *server) getFile(w http.ResponseWriter, r *http.Request, acct store.Acco
 	w.Header().Set("ETag", `"`+sum+`"`)
 	w.Header().Set("X-Content-SHA256", sum)
 	cw := &countingWriter{ResponseWriter: w}
-	http.ServeContent(cw, r, "", f.Info.ModTime, f.File.File)
+	http.ServeContent(cw, r, "", f.Info.ModTime, f)
 	f.Audited(r.Context(), cw.n)
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/api"
+	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/hostfs"
 	"github.com/sandboxd/sandboxd/internal/store"
 )
@@ -19,14 +20,49 @@ import (
 // DefaultMaxUploadBytes is the per-file upload limit unless Config.MaxUploadBytes says otherwise.
 const DefaultMaxUploadBytes = 100 << 20
 
-// fileTarget is a user path resolved to the mount that holds it.
+// fileTarget is a user path resolved to the mount that holds it: a host directory, or a path of a
+// driver that keeps the sandbox's files (driver.Filer).
 type fileTarget struct {
-	lv   *live
-	path string      // the clean absolute path in the sandbox
-	rel  string      // relative to the mount's host directory ("" for the mount itself)
-	dir  *hostfs.Dir // the mount's host directory; the caller closes it
+	ctx   context.Context // the request's
+	lv    *live
+	path  string      // the clean absolute path in the sandbox
+	mount string      // the declared path that holds it ("" for the runs' outputs)
+	rel   string      // relative to the mount ("" for the mount itself)
+	dir   *hostfs.Dir // the mount's host directory (nil with filer); close closes it
+	filer driver.Filer
 	// readOnly: the files API only reads here, whatever the sandbox may do (the runs' outputs).
 	readOnly bool
+}
+
+func (t *fileTarget) close() {
+	if t.dir != nil {
+		t.dir.Close()
+	}
+}
+
+func (t *fileTarget) write(r io.Reader, limit int64) (int64, string, error) {
+	if t.filer != nil {
+		return t.filer.WriteFile(t.ctx, t.lv.id, t.mount, t.rel, r, limit)
+	}
+	return t.dir.Write(t.rel, r, limit)
+}
+
+func (t *fileTarget) open() (driver.File, hostfs.Info, error) {
+	if t.filer != nil {
+		return t.filer.OpenFile(t.ctx, t.lv.id, t.mount, t.rel)
+	}
+	f, err := t.dir.OpenFile(t.rel)
+	if err != nil {
+		return nil, hostfs.Info{}, err
+	}
+	return f, f.Info, nil
+}
+
+func (t *fileTarget) remove() error {
+	if t.filer != nil {
+		return t.filer.RemoveFile(t.ctx, t.lv.id, t.mount, t.rel)
+	}
+	return t.dir.Remove(t.rel)
 }
 
 // resolveFile finds the declared read_only or read_write path that holds p in a live sandbox.
@@ -53,7 +89,7 @@ func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID
 	}
 	clean := path.Clean(p)
 	if within(clean, OutputsPath) {
-		return s.resolveOutput(lv, clean)
+		return s.resolveOutput(ctx, lv, clean)
 	}
 	fsys := lv.sp.config.Filesystem
 	for _, b := range fsys.Blocked {
@@ -71,6 +107,11 @@ func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID
 		return nil, errorf(KindPathNotAllowed, "path %s is outside the sandbox's read_only and read_write paths (%s)",
 			clean, strings.Join(append(append([]string{}, fsys.ReadOnly...), fsys.ReadWrite...), ", "))
 	}
+	t := &fileTarget{ctx: ctx, lv: lv, path: clean, mount: mount, rel: strings.TrimPrefix(strings.TrimPrefix(clean, mount), "/")}
+	if f, ok := s.drivers[lv.rec.Mode].(driver.Filer); ok {
+		t.filer = f
+		return t, nil
+	}
 	h := s.hostOf(lv.id)
 	if h == nil {
 		return nil, errorf(KindSandboxDestroyed, "sandbox %s was destroyed meanwhile", lv.id)
@@ -79,11 +120,12 @@ func (s *Service) resolveFile(ctx context.Context, acct store.Account, sandboxID
 	if err != nil {
 		return nil, s.fileGone(lv, err)
 	}
-	return &fileTarget{lv: lv, path: clean, rel: strings.TrimPrefix(strings.TrimPrefix(clean, mount), "/"), dir: dir}, nil
+	t.dir = dir
+	return t, nil
 }
 
 // resolveOutput is resolveFile for a path below OutputsPath: the sandbox's run outputs, read-only.
-func (s *Service) resolveOutput(lv *live, clean string) (*fileTarget, error) {
+func (s *Service) resolveOutput(ctx context.Context, lv *live, clean string) (*fileTarget, error) {
 	h := s.hostOf(lv.id)
 	if h == nil {
 		return nil, errorf(KindSandboxDestroyed, "sandbox %s was destroyed meanwhile", lv.id)
@@ -96,7 +138,7 @@ func (s *Service) resolveOutput(lv *live, clean string) (*fileTarget, error) {
 		return nil, s.fileGone(lv, err)
 	}
 	rel := strings.TrimPrefix(strings.TrimPrefix(clean, OutputsPath), "/")
-	return &fileTarget{lv: lv, path: clean, rel: rel, dir: dir, readOnly: true}, nil
+	return &fileTarget{ctx: ctx, lv: lv, path: clean, rel: rel, dir: dir, readOnly: true}, nil
 }
 
 // errReadOnly refuses a write or delete of t when it is read-only.
@@ -141,7 +183,7 @@ func (s *Service) liveSandbox(ctx context.Context, acct store.Account, id string
 // fileGone classifies a failure of the host directory: the sandbox went away meanwhile, or an
 // internal error.
 func (s *Service) fileGone(lv *live, err error) error {
-	if lv.ctx.Err() != nil {
+	if lv.ctx.Err() != nil || errors.Is(err, driver.ErrNotFound) {
 		return errorf(KindSandboxDestroyed, "sandbox %s was destroyed meanwhile", lv.id)
 	}
 	return internal("sandbox files", err)
@@ -167,9 +209,16 @@ func (s *Service) fileError(t *fileTarget, err error) error {
 	case errors.Is(err, fs.ErrNotExist):
 		return errorf(KindNotFound, "no file %s in sandbox %s", t.path, t.lv.id)
 	case errors.Is(err, unix.ENOSPC), errors.Is(err, unix.EDQUOT):
-		h := s.hostOf(t.lv.id)
+		size, used := int64(0), int64(0)
+		if t.filer != nil {
+			size = t.lv.sp.diskBytes
+			used, _ = t.filer.DiskUsage(t.ctx, t.lv.id) // 0 if it cannot tell
+		} else {
+			h := s.hostOf(t.lv.id)
+			size, used = h.size, h.diskUsed()
+		}
 		return errorf(KindInsufficientStorage, "the file does not fit on the sandbox's disk of %s (config.resources.disk), of which its files use %s: delete files or create the sandbox with a larger disk",
-			formatBytes(h.size), formatBytes(h.diskUsed()))
+			formatBytes(size), formatBytes(used))
 	}
 	return s.fileGone(t.lv, err)
 }
@@ -192,14 +241,14 @@ func (s *Service) WriteFile(ctx context.Context, acct store.Account, sandboxID, 
 	if err != nil {
 		return api.FileWritten{}, err
 	}
-	defer t.dir.Close()
+	defer t.close()
 	if err := errReadOnly(t); err != nil {
 		return api.FileWritten{}, err
 	}
 	if strings.HasSuffix(p, "/") {
 		return api.FileWritten{}, errorf(KindInvalid, "path %s names a directory: name the file to write", p)
 	}
-	size, sum, err := t.dir.Write(t.rel, body, s.maxUpload())
+	size, sum, err := t.write(body, s.maxUpload())
 	if err != nil {
 		var mbe interface{ MaxBytesLimit() int64 }
 		if errors.As(err, &mbe) {
@@ -214,7 +263,8 @@ func (s *Service) WriteFile(ctx context.Context, acct store.Account, sandboxID, 
 
 // OpenedFile is a file or directory of a sandbox opened for reading. Close it.
 type OpenedFile struct {
-	*hostfs.File
+	driver.File
+	Info hostfs.Info
 	Path string
 	t    *fileTarget
 	s    *Service
@@ -227,16 +277,16 @@ func (s *Service) OpenFile(ctx context.Context, acct store.Account, sandboxID, p
 	if err != nil {
 		return nil, err
 	}
-	defer t.dir.Close()
-	f, err := t.dir.OpenFile(t.rel)
+	defer t.close()
+	f, info, err := t.open()
 	if err != nil {
 		return nil, s.fileError(t, err)
 	}
-	if strings.HasSuffix(p, "/") && f.Info.Type != "dir" {
+	if strings.HasSuffix(p, "/") && info.Type != "dir" {
 		f.Close()
 		return nil, errorf(KindConflict, "path %s ends with \"/\" but %s is a file, not a directory", p, t.path)
 	}
-	return &OpenedFile{File: f, Path: t.path, t: t, s: s, acct: acct}, nil
+	return &OpenedFile{File: f, Info: info, Path: t.path, t: t, s: s, acct: acct}, nil
 }
 
 // List returns the entries of an opened directory.
@@ -264,11 +314,11 @@ func (s *Service) DeleteFile(ctx context.Context, acct store.Account, sandboxID,
 	if err != nil {
 		return err
 	}
-	defer t.dir.Close()
+	defer t.close()
 	if err := errReadOnly(t); err != nil {
 		return err
 	}
-	if err := t.dir.Remove(t.rel); err != nil {
+	if err := t.remove(); err != nil {
 		return s.fileError(t, err)
 	}
 	s.audit(ctx, store.Event{AccountID: acct.ID, Type: "file.deleted", SandboxID: sandboxID, AgentID: t.lv.rec.AgentID,

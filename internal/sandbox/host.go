@@ -18,8 +18,10 @@ import (
 )
 
 // A sandbox's host side is what the service provisions for it on this machine before its driver
-// does its part, and releases after: its host ids (IDRange) and its disk (package disk), a file
-// system of the sandbox's resources.disk on which everything it can write lives:
+// does its part, and releases after: its host ids (IDRange), its runs' outputs (outputs.go) and —
+// unless its driver keeps its files itself (driver.Filer: the kubernetes driver's pods) — its
+// disk (package disk), a file system of the sandbox's resources.disk on which everything it can
+// write lives:
 //
 //	<disk>/mounts/<path, escaped>   the host directory of each read_only and read_write path
 //	<disk>/tmp                      its /tmp
@@ -38,6 +40,9 @@ type host struct {
 	base int64         // bytes the empty disk uses (its own metadata)
 	made chan struct{} // closed once its disk and directories are made, or err says why not
 	err  error
+	// filer: the sandbox's driver keeps its files (driver.Filer): no disk, no directory but dir
+	// and its outputs.
+	filer bool
 
 	outputs outputsKept // its runs' outputs (outputs.go)
 }
@@ -50,11 +55,12 @@ func MountDir(root, p string) string {
 	return filepath.Join(root, mountsDir, url.PathEscape(strings.TrimPrefix(p, "/"))) // "/" → %2F: one name per path
 }
 
-// newHost provisions sandbox id's host side and describes the sandbox for its driver. Its disk
+// newHost provisions sandbox id's host side and describes the sandbox for its driver drv. Its disk
 // and directories are made in the background, meanwhile the driver sets up the rest: the spec's
-// HostReady waits for them. On error nothing of it is left; once it returns, releaseHost releases
-// it (also when making the disk fails).
-func (s *Service) newHost(id string, sp spec) (driver.Spec, error) {
+// HostReady waits for them. A driver that keeps the sandbox's files itself (driver.Filer) gets
+// neither: no disk, and the spec's host directories are empty. On error nothing of it is left;
+// once it returns, releaseHost releases it (also when making the disk fails).
+func (s *Service) newHost(drv driver.Driver, id string, sp spec) (driver.Spec, error) {
 	ids, err := s.ids.take()
 	if err != nil {
 		return driver.Spec{}, err
@@ -70,15 +76,18 @@ func (s *Service) newHost(id string, sp spec) (driver.Spec, error) {
 		return driver.Spec{}, fmt.Errorf("sandbox outputs dir: %w", err)
 	}
 	h.root = h.dir
-	if s.cfg.Disks != nil {
+	_, h.filer = drv.(driver.Filer)
+	if s.cfg.Disks != nil && !h.filer {
 		sum := sha256.Sum256([]byte(id))
 		h.root, h.size = filepath.Join(s.cfg.MountDir, hex.EncodeToString(sum[:8])), sp.diskBytes
 	}
 	ds := driver.Spec{
 		RootFS: sp.image.RootFS, SitePackages: sp.image.SitePackages, Runtime: sp.image.Runtime, Blocked: sp.config.Filesystem.Blocked, CPU: sp.cpu, MemoryBytes: sp.memoryBytes, DiskBytes: sp.diskBytes,
 		PidsLimit: s.cfg.PidsLimit, AllowSpawn: sp.allowSpawn, Network: sp.network,
-		HostIDs: ids, TmpDir: filepath.Join(h.root, "tmp"), WorkDir: filepath.Join(h.root, "work"),
-		HostReady: h.ready,
+		HostIDs: ids, HostReady: h.ready,
+	}
+	if !h.filer {
+		ds.TmpDir, ds.WorkDir = filepath.Join(h.root, "tmp"), filepath.Join(h.root, "work")
 	}
 	fs := sp.config.Filesystem
 	for _, l := range []struct {
@@ -86,7 +95,11 @@ func (s *Service) newHost(id string, sp spec) (driver.Spec, error) {
 		ro    bool
 	}{{fs.ReadOnly, true}, {fs.ReadWrite, false}} {
 		for _, p := range l.paths {
-			ds.Mounts = append(ds.Mounts, driver.Mount{Path: p, HostDir: MountDir(h.root, p), ReadOnly: l.ro})
+			m := driver.Mount{Path: p, ReadOnly: l.ro}
+			if !h.filer {
+				m.HostDir = MountDir(h.root, p)
+			}
+			ds.Mounts = append(ds.Mounts, m)
 		}
 	}
 	s.mu.Lock()
@@ -103,7 +116,7 @@ func (s *Service) newHost(id string, sp spec) (driver.Spec, error) {
 // which its disk is made beside. The caller releases what is left on error (releaseHost after
 // drv.Destroy).
 func (s *Service) createOn(ctx context.Context, drv driver.Driver, id string, sp spec) error {
-	ds, err := s.newHost(id, sp)
+	ds, err := s.newHost(drv, id, sp)
 	if err == nil {
 		err = drv.Create(ctx, id, ds)
 	}
@@ -113,8 +126,11 @@ func (s *Service) createOn(ctx context.Context, drv driver.Driver, id string, sp
 	return err
 }
 
-// makeHost makes sandbox h's disk and the directories of ds on it.
+// makeHost makes sandbox h's disk and the directories of ds on it (nothing for a Filer driver's).
 func (s *Service) makeHost(h *host, ds driver.Spec) error {
+	if h.filer {
+		return nil
+	}
 	if s.cfg.Disks != nil {
 		if err := s.cfg.Disks.Create(filepath.Join(h.dir, "disk.img"), h.root, h.size); err != nil {
 			return err

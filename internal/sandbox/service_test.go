@@ -34,9 +34,17 @@ type env struct {
 	catalog func() ([]sandbox.Image, error)
 	// agents is Config.Agents of the services open makes.
 	agents *agentcall.Client
+	// filer, when set, is the driver of the services open makes (drv is its fake).
+	filer *fakedriver.Filer
 }
 
 func newEnv(t *testing.T, plan string) *env {
+	t.Helper()
+	return newEnvOn(t, plan, nil)
+}
+
+// newEnvOn is newEnv on filer (nil: the plain fake).
+func newEnvOn(t *testing.T, plan string, filer *fakedriver.Filer) *env {
 	t.Helper()
 	dir := t.TempDir()
 	st, err := sqlite.Open(context.Background(), filepath.Join(dir, "db"))
@@ -44,7 +52,10 @@ func newEnv(t *testing.T, plan string) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	e := &env{st: st, drv: fakedriver.New(), dir: dir}
+	e := &env{st: st, drv: fakedriver.New(), dir: dir, filer: filer}
+	if filer != nil {
+		e.drv = filer.Driver
+	}
 	e.svc = e.open(t)
 	t.Cleanup(e.drv.ReleaseStubborn) // before the service's Close, which waits for its runs
 	_, e.acct, _, err = sandbox.CreateKey(context.Background(), st, sandbox.DefaultPlans(), "acme", plan)
@@ -59,12 +70,19 @@ func (e *env) open(t *testing.T) *sandbox.Service {
 	svc, err := sandbox.New(context.Background(), sandbox.Config{
 		DataDir: e.dir, Images: []sandbox.Image{{Name: "agentcop/agent-sandbox:latest", Mode: "container", RootFS: "/nonexistent", Default: true}},
 		WarmPool: e.warm, Catalog: e.catalog, Agents: e.agents,
-	}, e.st, map[string]driver.Driver{"container": e.drv})
+	}, e.st, map[string]driver.Driver{"container": e.driver()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { svc.Close(context.Background()) })
 	return svc
+}
+
+func (e *env) driver() driver.Driver {
+	if e.filer != nil {
+		return e.filer
+	}
+	return e.drv
 }
 
 func (e *env) create(t *testing.T, cfg *api.Config) string {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -55,7 +56,9 @@ type Harness struct {
 	OOMMayEndSandbox bool
 	// NoHostDirs, when set, says why the sandbox's paths are not the spec's host directories
 	// (TmpDir, WorkDir, the Mounts' HostDirs): what the host writes there the sandbox does not see,
-	// and back. The tests that share files through them (Paths, Streaming, TmpSize) skip with it.
+	// and back. The tests that share files through them (Paths, Streaming, TmpSize) share them
+	// through the driver's driver.Filer instead (its disk is Spec.DiskBytes), or skip with it
+	// when the driver has none.
 	NoHostDirs string
 	// ImageFile is a file of the image that runs can read but do not need: the suite blocks it.
 	// Required with Python.
@@ -132,7 +135,7 @@ func Run(t *testing.T, h Harness) {
 			if tc.python && !h.Python {
 				t.Skip("the driver runs no Python")
 			}
-			if tc.host && h.NoHostDirs != "" {
+			if _, filer := d.(driver.Filer); tc.host && h.NoHostDirs != "" && !filer {
 				t.Skip(h.NoHostDirs)
 			}
 			tc.fn(t, h, d)
@@ -687,7 +690,19 @@ func testStreaming(t *testing.T, h Harness, d driver.Driver) {
 	dir := HostDir(t)
 	spec := h.Spec(t)
 	spec.Mounts = []driver.Mount{{Path: "/workspace/signal", HostDir: dir}}
+	filer, _ := d.(driver.Filer)
+	if filer != nil && h.NoHostDirs != "" {
+		spec.Mounts[0].HostDir = ""
+	}
 	id := h.Sandbox(t, d, spec)
+	signal := func() error { return os.WriteFile(filepath.Join(dir, "go"), nil, 0o644) }
+	if spec.Mounts[0].HostDir == "" {
+		signal = func() error {
+			_, _, err := filer.WriteFile(context.Background(), id, "/workspace/signal", "go", strings.NewReader(""), 1)
+			return err
+		}
+	}
+	var once sync.Once
 	var mu sync.Mutex
 	var streamed []byte
 	res, err := d.Exec(context.Background(), id, driver.ExecRequest{
@@ -698,9 +713,11 @@ func testStreaming(t *testing.T, h Harness, d driver.Driver) {
 			defer mu.Unlock()
 			streamed = append(streamed, p...)
 			if bytes.Contains(streamed, []byte("early\n")) {
-				if err := os.WriteFile(filepath.Join(dir, "go"), nil, 0o644); err != nil {
-					t.Error(err)
-				}
+				once.Do(func() {
+					if err := signal(); err != nil {
+						t.Error(err)
+					}
+				})
 			}
 		}})
 	if err != nil {
@@ -774,7 +791,23 @@ func testPaths(t *testing.T, h Harness, d driver.Driver) {
 		{Path: "/workspace/hidden", HostDir: hidden},
 	}
 	spec.Blocked = []string{"/workspace/data/secret", "/workspace/hidden", h.ImageFile}
+	filer, _ := d.(driver.Filer)
+	viaFiler := filer != nil && h.NoHostDirs != "" // the files go through the driver, not host dirs
+	if viaFiler {
+		for i := range spec.Mounts {
+			spec.Mounts[i].HostDir = ""
+		}
+	}
 	id := h.Sandbox(t, d, spec)
+	if viaFiler {
+		for _, f := range []struct{ mount, rel, content string }{
+			{"/workspace/data", "in.txt", "input"}, {"/workspace/data", "secret/key.txt", "key"}, {"/workspace/hidden", "h.txt", "hidden"},
+		} {
+			if _, _, err := filer.WriteFile(context.Background(), id, f.mount, f.rel, strings.NewReader(f.content), 1<<10); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	res := Exec(t, d, id, PathProbe+fmt.Sprintf(`
 x = 1
 image_file, outside = %q, %q
@@ -829,7 +862,49 @@ attempt("tmp write", lambda: write("/tmp/persist.txt", "kept"))
 			t.Errorf("%s: %s, want %s", name, g, w)
 		}
 	}
-	// The host's side.
+	if viaFiler {
+		checkFiler(t, filer, id)
+	} else {
+		checkHostSide(t, spec, rw, ro, hidden, outside)
+	}
+	// What persists between runs.
+	if out := MustExec(t, d, id, "print('x' in globals(), open('/tmp/persist.txt').read(), open('/workspace/output/out.txt').read())"); out != "False kept result\n" {
+		t.Errorf("the next run sees %q, want \"False kept result\\n\"", out)
+	}
+}
+
+// checkFiler is testPaths's check of what a run left, through the driver's Filer.
+func checkFiler(t *testing.T, filer driver.Filer, id string) {
+	t.Helper()
+	for _, f := range []struct{ mount, rel, content string }{
+		{"/workspace/output", "out.txt", "result"}, {"/workspace/data", "in.txt", "input"}, {"/workspace/hidden", "h.txt", "hidden"},
+		{"/workspace/data", "new.txt", ""}, {"/workspace/hidden", "new.txt", ""},
+	} {
+		file, _, err := filer.OpenFile(context.Background(), id, f.mount, f.rel)
+		if f.content == "" {
+			if !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("%s/%s: %v, want none", f.mount, f.rel, err)
+			}
+			if err == nil {
+				file.Close()
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s/%s: %v", f.mount, f.rel, err)
+			continue
+		}
+		b, err := io.ReadAll(file)
+		file.Close()
+		if err != nil || string(b) != f.content {
+			t.Errorf("%s/%s: %q, %v; want %q", f.mount, f.rel, b, err, f.content)
+		}
+	}
+}
+
+// checkHostSide is testPaths's check of what a run left, in the host directories.
+func checkHostSide(t *testing.T, spec driver.Spec, rw, ro, hidden, outside string) {
+	t.Helper()
 	var st syscall.Stat_t
 	if err := syscall.Stat(rw+"/out.txt", &st); err != nil {
 		t.Errorf("read_write file on the host: %v", err)
@@ -846,18 +921,18 @@ attempt("tmp write", lambda: write("/tmp/persist.txt", "kept"))
 			t.Errorf("%s on the host: %v, want none", p, err)
 		}
 	}
-	// What persists between runs.
-	if out := MustExec(t, d, id, "print('x' in globals(), open('/tmp/persist.txt').read(), open('/workspace/output/out.txt').read())"); out != "False kept result\n" {
-		t.Errorf("the next run sees %q, want \"False kept result\\n\"", out)
-	}
 }
 
 // testTmpSize: /tmp holds what its disk holds; past it writes fail.
 func testTmpSize(t *testing.T, h Harness, d driver.Driver) {
 	spec := h.Spec(t)
-	spec.TmpDir = filepath.Join(Disk(t, 16<<20), "tmp")
-	if err := os.Mkdir(spec.TmpDir, 0o755); err != nil {
-		t.Fatal(err)
+	if _, filer := d.(driver.Filer); filer && h.NoHostDirs != "" {
+		spec.DiskBytes = 16 << 20 // what holds its /tmp
+	} else {
+		spec.TmpDir = filepath.Join(Disk(t, 16<<20), "tmp")
+		if err := os.Mkdir(spec.TmpDir, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	id := h.Sandbox(t, d, spec)
 	out := MustExec(t, d, id, `

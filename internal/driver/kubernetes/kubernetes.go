@@ -17,13 +17,26 @@
 //     the host's namespaces; limits of CPU, memory and ephemeral-storage (the disk), requests the
 //     same but for CPU: a share of the limit (Options.CPURequest, default DefaultCPURequest),
 //     since a sandbox idles between runs (the limit holds its runs);
-//   - /tmp, the runs' working directory and every read_write path are emptyDirs with sizeLimit =
-//     the disk limit; read_only paths are the image's own, under the read-only root; a blocked
-//     directory is covered by an empty emptyDir mounted read-only, a blocked file by an empty
-//     root-owned file of mode 000 (the Secret's "blocked" key, by subPath);
+//   - the sandbox's disk is one emptyDir in memory (a tmpfs, sizeLimit = the disk limit: a full
+//     disk is ENOSPC, not a node's disk filled until the kubelet evicts the pod); /tmp, the runs'
+//     working directory and every read_only and read_write path are directories of it (made by
+//     the install init container, as the sandbox's user), mounted by subPath, read_only ones
+//     read-only. What a container writes there is charged to its memory: the sandbox's files
+//     count in its memory limit (resources.memory), uploads in the files sidecar's (the disk's
+//     size and its own needs). A blocked directory is covered by an empty directory of mode 000
+//     (the agent volume's "blocked", made by the install container) mounted read-only, a blocked
+//     file by an empty root-owned file of mode 000 (the Secret's "blocked" key, by subPath); a
+//     blocked path inside a read_only or read_write one gets its mount point made by install;
+//   - the files sidecar (files.go): a native sidecar (an init container restarted Always) from the
+//     agent image, "sandbox-agent files", as the sandbox's user, confined like the sandbox's
+//     container, the whole disk mounted writable, serving the files API's operations (driver.Filer:
+//     package agent's files protocol, files.go) on FilesPort behind the same challenge as the
+//     agent; every path resolved beneath its directory by package hostfs (RESOLVE_BENEATH), so
+//     the links and races of the sandbox, which writes those directories, lead nowhere else;
 //   - egress: a sandbox whose policy blocks everything gets a second init container, the only one
 //     with NET_ADMIN (as root), that runs "sandbox-agent netinit": nftables rules in the pod's
-//     network namespace that drop every packet out but the agent's replies. Other policies need an
+//     network namespace that drop every packet out but the agent's and the files sidecar's
+//     replies. Other policies need an
 //     egress gateway reachable from pods, which the driver does not have yet: Create refuses them
 //     (driver.ErrUnsupported).
 //
@@ -33,15 +46,19 @@
 // outlive its process; List and the start-up reconciliation find them by label. Destroy deletes
 // the pod and its Secret in the foreground and returns once they are gone.
 //
-// What differs from the container driver: Spec's host directories (TmpDir, WorkDir, the Mounts'
-// HostDirs) are not used — what the service writes there does not reach the pod, and what the
-// sandbox writes does not reach them; there is no zygote (runs are launched: the host cannot
-// start a process in a pod); the pids limit is the kubelet's podPidsLimit, every pod's (kubelet.go:
-// Check and Create require one, and singleProcessOOMKill; allow_spawn needs it at most
-// Spec.PidsLimit); an OOM is what the agent reads in its cgroup (RunResult.OOMKill), or a sandbox
-// container the kernel OOM-killed as a whole; there are no code contexts. A pod that ends by itself
-// (evicted, failed) makes Exec say driver.GoneError (gone.go); the pods of a lost replica are
-// destroyed by the replica that declared it lost (DestroyReplica, replicas.go).
+// Code contexts (driver.Contexter) are the agent's, as in the container driver: each create,
+// delete and run a connection of its own; a timeout or cancel interrupts the code and keeps the
+// interpreter if it stops in time.
+//
+// What differs from the container driver: the driver is a driver.Filer — the service makes no
+// host disk for its sandboxes, Spec's host directories (TmpDir, WorkDir, the Mounts' HostDirs)
+// are empty, and the files API goes through the files sidecar; there is no zygote (runs are
+// launched: the host cannot start a process in a pod); the pids limit is the kubelet's
+// podPidsLimit, every pod's (kubelet.go: Check and Create require one, and singleProcessOOMKill;
+// allow_spawn needs it at most Spec.PidsLimit); an OOM is what the agent reads in its cgroup
+// (RunResult.OOMKill), or a sandbox container the kernel OOM-killed as a whole. A pod that ends
+// by itself (evicted, failed) makes Exec say driver.GoneError (gone.go); the pods of a lost
+// replica are destroyed by the replica that declared it lost (DestroyReplica, replicas.go).
 package kubernetes
 
 import (
@@ -100,8 +117,13 @@ type Driver struct {
 
 // box is what the driver needs to reach a sandbox's agent.
 type box struct {
-	addr   string // pod IP:port
-	secret []byte
+	addr      string // the agent's pod IP:port
+	filesAddr string // the files sidecar's
+	secret    []byte
+}
+
+func newBox(ip string, secret []byte) *box {
+	return &box{addr: net.JoinHostPort(ip, strconv.Itoa(AgentPort)), filesAddr: net.JoinHostPort(ip, strconv.Itoa(FilesPort)), secret: secret}
 }
 
 // Open connects to the cluster of opts.Kubeconfig.
@@ -221,8 +243,11 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
-	b := &box{addr: net.JoinHostPort(ip, strconv.Itoa(AgentPort)), secret: secret}
+	b := newBox(ip, secret)
 	if err := agent.WaitReadyDial(wctx, b.addr, agent.TCPDial(b.addr, b.secret)); err != nil {
+		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
+	if err := waitFiles(wctx, b); err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
 	d.mu.Lock()
@@ -273,14 +298,17 @@ func (d *Driver) waitRunning(ctx context.Context, pod *corev1.Pod) (string, erro
 	}
 }
 
-// running returns p's IP once p runs, an error once it cannot, else "".
+// running returns p's IP once its sandbox container runs, an error once it cannot, else "". (The
+// pod is Running as soon as its files sidecar is, before the sandbox container has started.)
 func running(p *corev1.Pod) (string, error) {
 	switch p.Status.Phase {
 	case corev1.PodFailed, corev1.PodSucceeded:
 		return "", fmt.Errorf("the pod ended (%s): %s %s%s", p.Status.Phase, p.Status.Reason, p.Status.Message, containerStates(p))
 	case corev1.PodRunning:
-		if p.Status.PodIP != "" {
-			return p.Status.PodIP, nil
+		for _, cs := range p.Status.ContainerStatuses {
+			if cs.Name == sandboxContainer && cs.State.Running != nil && p.Status.PodIP != "" {
+				return p.Status.PodIP, nil
+			}
 		}
 	}
 	for _, cs := range append(append([]corev1.ContainerStatus{}, p.Status.InitContainerStatuses...), p.Status.ContainerStatuses...) {
@@ -342,7 +370,7 @@ func (d *Driver) lookup(ctx context.Context, id string) (*box, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes: sandbox %s: %w", id, err)
 	}
-	b = &box{addr: net.JoinHostPort(pod.Status.PodIP, strconv.Itoa(AgentPort)), secret: sec.Data[secretKey]}
+	b = newBox(pod.Status.PodIP, sec.Data[secretKey])
 	d.mu.Lock()
 	d.boxes[id] = b
 	d.mu.Unlock()
@@ -351,9 +379,6 @@ func (d *Driver) lookup(ctx context.Context, id string) (*box, error) {
 
 // Exec runs req in sandbox id through its agent.
 func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (driver.ExecResult, error) {
-	if req.Context != "" {
-		return driver.ExecResult{}, fmt.Errorf("kubernetes: code contexts: %w", driver.ErrUnsupported)
-	}
 	b, err := d.lookup(ctx, id)
 	if err != nil {
 		return driver.ExecResult{}, err
@@ -365,7 +390,7 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		defer cancel()
 	}
 	areq := agent.RunRequest{Code: req.Code, TimeoutMS: req.Timeout.Milliseconds(), Env: req.Env,
-		MaxOutput: req.MaxOutput, Agent: req.Agent} // AllowSpawn: the agent's own (--prestart)
+		MaxOutput: req.MaxOutput, Agent: req.Agent, Context: req.Context} // AllowSpawn: the agent's own (--prestart)
 	started := time.Now()
 	onCall := func(ctx context.Context, call json.RawMessage) []byte { return driver.AnswerAgentCall(ctx, req, call) }
 	res, err := agent.RunDial(runCtx, agent.TCPDial(b.addr, b.secret), areq, driver.AgentOutput(req), onCall)

@@ -147,8 +147,10 @@ var harness = drivertest.Harness{
 	Egress:    false,
 	Survives:  true, // the pods are the state; the secret is read back from the Secret
 	ImageFile: "/usr/lib/os-release",
-	NoHostDirs: "the pod's /tmp, working directory and read_write paths are emptyDirs of the pod, " +
-		"not the spec's host directories (a cluster's node is not the service's host)",
+	// The pod's /tmp, working directory and paths are a tmpfs of the pod, not the spec's host
+	// directories (a cluster's node is not the service's host): the suite shares files through
+	// the driver's Filer (the files sidecar) and sizes /tmp with DiskBytes.
+	NoHostDirs: "the pod's paths are a tmpfs of the pod",
 	// Crash: nil — the driver holds nothing of its process (no mounts, sockets or processes).
 }
 

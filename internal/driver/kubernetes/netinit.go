@@ -7,7 +7,7 @@ import (
 )
 
 // netinitContainer is the init container that drops every packet the pod sends but the agent's
-// replies ("sandbox-agent netinit", cmd/sandbox-agent/netinit.go): the one container of the pod
+// and the files sidecar's replies ("sandbox-agent netinit", cmd/sandbox-agent/netinit.go): the one container of the pod
 // with a capability (NET_ADMIN, as root, for the nftables rules of the pod's network namespace).
 // The sandbox's container, which starts after it has exited, has none.
 func netinitContainer(agentImage string) corev1.Container {
@@ -17,7 +17,7 @@ func netinitContainer(agentImage string) corev1.Container {
 		Name:            "netinit",
 		Image:           agentImage,
 		ImagePullPolicy: corev1.PullIfNotPresent,
-		Command:         []string{"/sandbox-agent", "netinit", strconv.Itoa(AgentPort)},
+		Command:         []string{"/sandbox-agent", "netinit", strconv.Itoa(AgentPort), strconv.Itoa(FilesPort)},
 		SecurityContext: &corev1.SecurityContext{
 			RunAsNonRoot:             &f,
 			RunAsUser:                &root,

@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -36,6 +37,29 @@ const (
 	blockedKey = "blocked"          // its key holding an empty file of mode 000: what masks a blocked file
 	agentUID   = driver.SandboxUser // the agent and the code share the run uid (tcp.go in cmd/sandbox-agent)
 )
+
+// The directories of the disk volume (diskRoot in the containers that mount it whole: the install
+// init container and the files sidecar): the sandbox's /tmp, its runs' working directory, and one
+// per read_only or read_write path (mountDir).
+const (
+	diskRoot = "/disk"
+	tmpDir   = "tmp"
+	workDir  = "work"
+)
+
+// mountDir is the disk volume's directory of read_only or read_write path p: a name of its own
+// for every path (a path may be longer than a file name may be).
+func mountDir(p string) string {
+	sum := sha256.Sum256([]byte(p))
+	return "m-" + hex.EncodeToString(sum[:12])
+}
+
+// sandboxContainer is the name of the pod's container that runs the sandbox's code.
+const sandboxContainer = "sandbox"
+
+// blockedDir is the agent volume's directory of mode 000 that covers blocked directories (made by
+// "sandbox-agent install").
+const blockedDir = "blocked"
 
 // AgentPort is the port the agent listens on in every pod.
 const AgentPort = 7070
@@ -70,6 +94,8 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		return nil, errors.New("the spec has no disk limit (DiskBytes)")
 	}
 	disk := resource.NewQuantity(spec.DiskBytes, resource.BinarySI)
+	// The sandbox's disk is memory (a tmpfs): what its code writes there is charged to its memory
+	// limit (resources.memory stays the limit of everything it holds).
 	limits := corev1.ResourceList{
 		corev1.ResourceCPU:              *resource.NewMilliQuantity(int64(spec.CPU*1000+0.5), resource.DecimalSI),
 		corev1.ResourceMemory:           *resource.NewQuantity(spec.MemoryBytes, resource.BinarySI),
@@ -79,9 +105,6 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 	// for a share of its limit (the limit still holds its runs to their cores).
 	requests := limits.DeepCopy()
 	requests[corev1.ResourceCPU] = *resource.NewMilliQuantity(max(int64(spec.CPU*1000*d.cpuRequest+0.5), 1), resource.DecimalSI)
-	emptyDir := func(name string, size *resource.Quantity) corev1.Volume {
-		return corev1.Volume{Name: name, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{SizeLimit: size}}}
-	}
 	f := false
 	t := true
 	uid := int64(agentUID)
@@ -105,44 +128,45 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 				{Key: blockedKey, Path: blockedKey, Mode: &blockedMode},
 			},
 		}}},
-		emptyDir("tmp", disk),
-		emptyDir("work", disk),
+		// The sandbox's disk: a tmpfs of its size, so that a full disk is ENOSPC (not a node's
+		// disk filled until the kubelet evicts the pod); its directories are mounted one by one.
+		{Name: "disk", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory, SizeLimit: disk}}},
 	}
 	mounts := []corev1.VolumeMount{
 		{Name: "agent", MountPath: agentDir, ReadOnly: true},
 		{Name: "secret", MountPath: secretDir, ReadOnly: true},
-		{Name: "tmp", MountPath: "/tmp"},
-		{Name: "work", MountPath: pyrunner.WorkDir},
+		{Name: "disk", SubPath: tmpDir, MountPath: "/tmp"},
+		{Name: "disk", SubPath: workDir, MountPath: pyrunner.WorkDir},
 	}
-	for i, m := range spec.Mounts {
-		if m.ReadOnly {
-			// The image's own path, under the read-only root: nothing to mount. (The files a
-			// service puts in the host directory do not reach the pod: see the package comment.)
-			continue
-		}
-		name := "rw-" + strconv.Itoa(i)
-		volumes = append(volumes, emptyDir(name, disk))
-		mounts = append(mounts, corev1.VolumeMount{Name: name, MountPath: m.Path})
+	diskDirs := []string{diskRoot + "/" + tmpDir, diskRoot + "/" + workDir}
+	for _, m := range spec.Mounts {
+		// The files API reaches it through the files sidecar (files.go), read_only ones too.
+		mounts = append(mounts, corev1.VolumeMount{Name: "disk", SubPath: mountDir(m.Path), MountPath: m.Path, ReadOnly: m.ReadOnly})
+		diskDirs = append(diskDirs, diskRoot+"/"+mountDir(m.Path))
 	}
-	blockedDirs := false
 	for _, p := range spec.Blocked {
 		if !filepath.IsAbs(p) || filepath.Clean(p) != p || p == "/" {
 			return nil, fmt.Errorf("blocked path %q is not a clean absolute path", p)
 		}
-		if isFile(spec.RootFS, p) {
+		if slices.ContainsFunc(spec.Blocked, func(b string) bool { return strings.HasPrefix(p, b+"/") }) {
+			continue // inside another blocked path, which covers it (and has no room for its mount point)
+		}
+		if holder := diskMountOf(mounts, p); holder != nil {
+			// Inside a directory of the disk, not the image: its mount point is made there (by the
+			// install container: a read-only mount has no room to make it at the container's start).
+			diskDirs = append(diskDirs, diskRoot+"/"+holder.SubPath+strings.TrimPrefix(p, holder.MountPath))
+		} else if isFile(spec.RootFS, p) {
 			// An empty file of mode 000 owned by root (the Secret's blocked key).
 			mounts = append(mounts, corev1.VolumeMount{Name: "secret", MountPath: p, SubPath: blockedKey, ReadOnly: true})
 			continue
 		}
-		// A directory (or a path the image lacks): an empty directory, read-only. A blocked path
-		// that is also a writable one (/tmp, the working directory, a read_write path) is only
-		// blocked: two mounts at one path make the apiserver refuse the pod.
-		blockedDirs = true
+		// A directory (or a path the image lacks): an empty directory of mode 000, read-only (the
+		// install container's, in the agent's volume: the sandbox's uid owns it but can neither
+		// enter it nor, on a read-only mount, chmod it). A blocked path that is also a writable
+		// one (/tmp, the working directory, a read_write path) is only blocked: two mounts at one
+		// path make the apiserver refuse the pod.
 		mounts = slices.DeleteFunc(mounts, func(m corev1.VolumeMount) bool { return m.MountPath == p })
-		mounts = append(mounts, corev1.VolumeMount{Name: "blocked", MountPath: p, ReadOnly: true})
-	}
-	if blockedDirs {
-		volumes = append(volumes, emptyDir("blocked", nil)) // read-only wherever it is mounted
+		mounts = append(mounts, corev1.VolumeMount{Name: "agent", SubPath: blockedDir, MountPath: p, ReadOnly: true})
 	}
 	prestart := "0"
 	if spec.AllowSpawn {
@@ -152,11 +176,12 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		Name:            "agent",
 		Image:           d.agentImage,
 		ImagePullPolicy: corev1.PullIfNotPresent,
-		Command:         []string{"/sandbox-agent", "install", "/agent"},
-		VolumeMounts:    []corev1.VolumeMount{{Name: "agent", MountPath: "/agent"}},
+		Command:         append([]string{"/sandbox-agent", "install", "/agent"}, diskDirs...),
+		VolumeMounts:    []corev1.VolumeMount{{Name: "agent", MountPath: "/agent"}, {Name: "disk", MountPath: diskRoot}},
 		SecurityContext: restricted,
 		Resources:       corev1.ResourceRequirements{Requests: initResources, Limits: initResources},
-	}, netinitContainer(d.agentImage)} // Create accepts only block_outbound without an allow list
+	}, filesContainer(d.agentImage, restricted, spec.DiskBytes),
+		netinitContainer(d.agentImage)} // Create accepts only block_outbound without an allow list
 	var runtimeClass *string
 	if img.RuntimeClass != "" {
 		runtimeClass = &img.RuntimeClass
@@ -180,7 +205,7 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 			},
 			InitContainers: initContainers,
 			Containers: []corev1.Container{{
-				Name:            "sandbox",
+				Name:            sandboxContainer,
 				Image:           img.Ref,
 				ImagePullPolicy: corev1.PullIfNotPresent,
 				Command: []string{agentDir + "/sandbox-agent", "--listen", ":" + strconv.Itoa(AgentPort),
@@ -193,6 +218,17 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 			Volumes: volumes,
 		},
 	}, nil
+}
+
+// diskMountOf returns the deepest mount of the disk volume strictly above p (nil: none).
+func diskMountOf(mounts []corev1.VolumeMount, p string) *corev1.VolumeMount {
+	var holder *corev1.VolumeMount
+	for i, m := range mounts {
+		if m.Name == "disk" && strings.HasPrefix(p, m.MountPath+"/") && (holder == nil || len(m.MountPath) > len(holder.MountPath)) {
+			holder = &mounts[i]
+		}
+	}
+	return holder
 }
 
 // initResources are what an init container gets.

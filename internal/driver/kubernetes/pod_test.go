@@ -1,8 +1,10 @@
 package kubernetes
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -57,16 +59,23 @@ func TestPodObject(t *testing.T) {
 		volume, subPath string
 		ro              bool
 	}{
-		"/.sandbox/bin": {"agent", "", true}, "/tmp": {"tmp", "", false}, "/workspace/out": {"rw-0", "", false},
-		"/usr/share/doc": {"blocked", "", true}, "/nowhere": {"blocked", "", true}, "/etc/hosts": {"secret", blockedKey, true},
+		"/.sandbox/bin": {"agent", "", true}, "/tmp": {"disk", tmpDir, false}, "/.sandbox/work": {"disk", workDir, false},
+		"/workspace/out": {"disk", mountDir("/workspace/out"), false}, "/workspace/in": {"disk", mountDir("/workspace/in"), true},
+		"/usr/share/doc": {"agent", blockedDir, true}, "/nowhere": {"agent", blockedDir, true}, "/etc/hosts": {"secret", blockedKey, true},
 	} {
 		m, ok := mounts[path]
 		if !ok || m.Name != want.volume || m.SubPath != want.subPath || m.ReadOnly != want.ro {
 			t.Errorf("mount %s: %+v, want %+v", path, m, want)
 		}
 	}
-	if _, ok := mounts["/workspace/in"]; ok {
-		t.Error("a read_only path is mounted: it is the image's own")
+	// The disk: one tmpfs of the disk's size, its directories made by the install container.
+	for _, v := range ps.Volumes {
+		if v.Name == "disk" && (v.EmptyDir == nil || v.EmptyDir.Medium != corev1.StorageMediumMemory || v.EmptyDir.SizeLimit.Value() != 64<<20) {
+			t.Errorf("disk volume %+v", v.VolumeSource)
+		}
+	}
+	if mountDir("/workspace/out") == mountDir("/workspace/in") || mountDir(strings.Repeat("/a", 500)) != mountDir(strings.Repeat("/a", 500)) {
+		t.Error("mountDir: not one name per path")
 	}
 	// Only netinit has a capability, and it is the only one.
 	for _, ic := range ps.InitContainers {
@@ -75,8 +84,26 @@ func TestPodObject(t *testing.T) {
 			t.Errorf("init container %s adds %v", ic.Name, add)
 		}
 	}
-	if len(ps.InitContainers) != 2 {
-		t.Errorf("%d init containers, want agent and netinit", len(ps.InitContainers))
+	names := []string{}
+	for _, ic := range ps.InitContainers {
+		names = append(names, ic.Name)
+	}
+	if strings.Join(names, " ") != "agent files netinit" {
+		t.Errorf("init containers %v, want agent, files, netinit", names)
+	}
+	// The files sidecar: a native sidecar, confined as the sandbox's container, the disk whole;
+	// its memory holds the disk's files it writes.
+	fc := ps.InitContainers[1]
+	if fc.RestartPolicy == nil || *fc.RestartPolicy != corev1.ContainerRestartPolicyAlways || *fc.SecurityContext.RunAsUser != 10000 ||
+		!*fc.SecurityContext.ReadOnlyRootFilesystem || len(fc.SecurityContext.Capabilities.Add) != 0 ||
+		fc.Resources.Limits.Memory().Value() != 64<<20+filesMemory || fc.VolumeMounts[0].MountPath != diskRoot || fc.VolumeMounts[0].SubPath != "" {
+		t.Errorf("files sidecar: %+v", fc)
+	}
+	if cmd := strings.Join(ps.InitContainers[0].Command, " "); !strings.Contains(cmd, diskRoot+"/"+mountDir("/workspace/in")) || !strings.Contains(cmd, diskRoot+"/"+tmpDir) {
+		t.Errorf("install: %s", cmd)
+	}
+	if cmd := strings.Join(ps.InitContainers[2].Command, " "); !strings.HasSuffix(cmd, fmt.Sprintf(" %d %d", AgentPort, FilesPort)) {
+		t.Errorf("netinit lets out the replies of %s, want the agent's and the files sidecar's", cmd)
 	}
 	if _, err := d.podObject("t-2", driver.Spec{RootFS: rootfs, CPU: 1, MemoryBytes: 1 << 20, DiskBytes: 1 << 20, Blocked: []string{"../x"}}, driver.ClusterImage{Ref: "x"}); err == nil {
 		t.Error("a relative blocked path was accepted")
@@ -102,8 +129,34 @@ func TestPodBlockedWritable(t *testing.T) {
 		seen[m.MountPath] = m.Name
 	}
 	for _, p := range spec.Blocked {
-		if seen[p] != "blocked" {
+		if seen[p] != "agent" {
 			t.Errorf("%s mounted from %q, want blocked", p, seen[p])
 		}
+	}
+}
+
+// TestPodBlockedInsideMount: a blocked path inside a read_only or read_write path gets its mount
+// point made in the disk's directory by the install container (the container runtime cannot make
+// it in a read-only mount), and one inside another blocked path is left to it.
+func TestPodBlockedInsideMount(t *testing.T) {
+	d := &Driver{ns: "ns", replica: "r", agentImage: "agent@sha256:00"}
+	spec := driver.Spec{RootFS: t.TempDir(), CPU: 0.5, MemoryBytes: 128 << 20, DiskBytes: 64 << 20,
+		Blocked: []string{"/workspace/data/secret/deep", "/workspace/hidden", "/workspace/hidden/x"},
+		Mounts:  []driver.Mount{{Path: "/workspace/data", ReadOnly: true}, {Path: "/workspace/hidden"}},
+		Network: egress.Policy{BlockOutbound: true}}
+	pod, err := d.podObject("t-3", spec, driver.ClusterImage{Ref: "python@sha256:11"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	install := strings.Join(pod.Spec.InitContainers[0].Command, " ")
+	if !strings.Contains(install, " "+diskRoot+"/"+mountDir("/workspace/data")+"/secret/deep") {
+		t.Errorf("install %s: no mount point for the blocked path inside the read_only one", install)
+	}
+	paths := map[string]int{}
+	for _, m := range pod.Spec.Containers[0].VolumeMounts {
+		paths[m.MountPath]++
+	}
+	if paths["/workspace/hidden/x"] != 0 || paths["/workspace/hidden"] != 1 || paths["/workspace/data/secret/deep"] != 1 {
+		t.Errorf("mounts %v", paths)
 	}
 }
