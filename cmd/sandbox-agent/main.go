@@ -6,7 +6,8 @@
 //	sandbox-agent [--python PATH] [--prestart 0|1]
 //	sandbox-agent --listen ADDR --secret-file PATH --prestart 0|1 [--python PATH]   (TCP mode: tcp.go)
 //	sandbox-agent install DIR                                                      (tcp.go)
-//	sandbox-agent netinit AGENT_PORT                                               (netinit.go)
+//	sandbox-agent netinit AGENT_PORT [GATEWAY_UID]                                 (netinit.go)
+//	sandbox-agent egress --control ADDR --secret-file PATH …                       (egress.go)
 //
 // Behaviour:
 //   - One run at a time. Connections are served strictly in order: a second connection made while
@@ -67,6 +68,9 @@ func main() {
 	}
 	if len(os.Args) > 1 && os.Args[1] == netinitCommand {
 		netinitMain(os.Args[2:]) // does not return
+	}
+	if len(os.Args) > 1 && os.Args[1] == egressCommand {
+		egressMain(os.Args[2:]) // does not return
 	}
 	log := newLogger("agent")
 	python := flag.String("python", "/usr/bin/python3", "the Python interpreter")

@@ -56,10 +56,10 @@ func (d *Driver) labels(id string) map[string]string {
 
 // secretObject is sandbox id's Secret: the agent's secret and the empty file that masks blocked
 // files.
-func (d *Driver) secretObject(id string, secret []byte) *corev1.Secret {
+func (d *Driver) secretObject(id string, secret, gatewaySecret []byte) *corev1.Secret {
 	return &corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{Name: objectName(id), Namespace: d.ns, Labels: d.labels(id)},
-		Data:       map[string][]byte{secretKey: secret, blockedKey: {}},
+		Data:       map[string][]byte{secretKey: secret, blockedKey: {}, gatewayKey: gatewaySecret},
 		Type:       corev1.SecretTypeOpaque,
 	}
 }
@@ -152,7 +152,11 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		VolumeMounts:    []corev1.VolumeMount{{Name: "agent", MountPath: "/agent"}},
 		SecurityContext: restricted,
 		Resources:       corev1.ResourceRequirements{Requests: initResources, Limits: initResources},
-	}, netinitContainer(d.agentImage)} // Create accepts only block_outbound without an allow list
+	}, netinitContainer(d.agentImage, needsGateway(spec.Network))}
+	if needsGateway(spec.Network) {
+		initContainers = append(initContainers, gatewayContainer(d.agentImage, d.denied, d.hosts))
+		volumes = append(volumes, gatewayVolumes(id)...)
+	}
 	var runtimeClass *string
 	if img.RuntimeClass != "" {
 		runtimeClass = &img.RuntimeClass

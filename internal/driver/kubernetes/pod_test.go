@@ -1,8 +1,11 @@
 package kubernetes
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -104,6 +107,66 @@ func TestPodBlockedWritable(t *testing.T) {
 	for _, p := range spec.Blocked {
 		if seen[p] != "blocked" {
 			t.Errorf("%s mounted from %q, want blocked", p, seen[p])
+		}
+	}
+}
+
+// TestPodGateway: a policy other than "block everything" gets the gateway sidecar — its own uid,
+// no capability, a read-only root, its secret mounted in it alone — and netinit's redirecting
+// rules for that uid; "block everything" gets neither.
+func TestPodGateway(t *testing.T) {
+	d := &Driver{ns: "ns", replica: "r", agentImage: "agent@sha256:00",
+		denied: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
+		hosts:  egress.StaticResolver{"api.company.com": {netip.MustParseAddr("192.0.2.10")}}}
+	for _, tc := range []struct {
+		policy  egress.Policy
+		gateway bool
+	}{
+		{egress.Policy{BlockOutbound: true}, false},
+		{egress.Policy{BlockOutbound: true, Rules: []egress.Rule{{Host: "api.company.com"}}}, true},
+		{egress.Policy{BlockOutbound: false}, true},
+	} {
+		spec := driver.Spec{RootFS: t.TempDir(), CPU: 0.5, MemoryBytes: 128 << 20, DiskBytes: 64 << 20, Network: tc.policy}
+		pod, err := d.podObject("t-3", spec, driver.ClusterImage{Ref: "python@sha256:11"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if hasGateway(pod) != tc.gateway {
+			t.Errorf("%+v: gateway %v, want %v", tc.policy, hasGateway(pod), tc.gateway)
+		}
+		var netinit, gw *corev1.Container
+		for i, c := range pod.Spec.InitContainers {
+			switch c.Name {
+			case "netinit":
+				netinit = &pod.Spec.InitContainers[i]
+			case gatewayName:
+				gw = &pod.Spec.InitContainers[i]
+			}
+		}
+		wantArgs := []string{"/sandbox-agent", "netinit", "7070"}
+		if tc.gateway {
+			wantArgs = append(wantArgs, "10001")
+		}
+		if netinit == nil || !slices.Equal(netinit.Command, wantArgs) {
+			t.Errorf("%+v: netinit %+v, want %v", tc.policy, netinit, wantArgs)
+		}
+		for _, m := range pod.Spec.Containers[0].VolumeMounts {
+			if m.Name == "egress-secret" || m.Name == "egress-state" {
+				t.Errorf("the sandbox's container mounts %s", m.Name)
+			}
+		}
+		if !tc.gateway {
+			continue
+		}
+		sc := gw.SecurityContext
+		if *gw.RestartPolicy != corev1.ContainerRestartPolicyAlways || *sc.RunAsUser != GatewayUID || *sc.RunAsGroup != GatewayUID ||
+			GatewayUID == driver.SandboxUser || !*sc.RunAsNonRoot || !*sc.ReadOnlyRootFilesystem || *sc.AllowPrivilegeEscalation ||
+			len(sc.Capabilities.Add) != 0 || sc.Capabilities.Drop[0] != "ALL" || sc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
+			t.Errorf("gateway: %+v", gw)
+		}
+		cmd := strings.Join(gw.Command, " ")
+		if !strings.Contains(cmd, "--deny 10.244.0.0/16") || !strings.Contains(cmd, "--host api.company.com=192.0.2.10") {
+			t.Errorf("gateway command %q", cmd)
 		}
 	}
 }

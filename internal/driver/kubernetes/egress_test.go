@@ -1,0 +1,529 @@
+package kubernetes
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
+	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/egressctl"
+)
+
+// The fake internet of these tests: a network namespace of the test's own behind the veth
+// sbxk8s-inet (10.218.255.1/30 on the host's side, .2 on the other), holding 192.0.2.10
+// ("api.company.com", HTTP on 80 and 8080) and 192.0.2.20 ("evil.example", HTTP on 80, UDP echo
+// on 9999); the host routes 192.0.2.0/24 there and the namespace routes everything back to the
+// host, which forwards to the pods' bridge. TEST-NET-1 is nobody's real network and not a range
+// the gateway treats as private; the container driver's tests use TEST-NET-2 and the e2e tests
+// TEST-NET-3, so all three can run at once. The pods' gateways resolve only from static records
+// (Options.Resolver), so no test sends a DNS query or a packet beyond the host.
+const (
+	k8sInetLink = "sbxk8s-inet"
+	k8sLinkHost = "10.218.255.1"
+	k8sLinkPeer = "10.218.255.2"
+	k8sInetNet  = "192.0.2.0/24"
+	k8sAPIIP    = "192.0.2.10"
+	k8sEvilIP   = "192.0.2.20"
+	k8sEchoPort = 9999
+)
+
+type fakeInet struct {
+	ns      netns.NsHandle
+	servers []*http.Server
+	udp     net.PacketConn
+	mu      sync.Mutex
+	udpSeen int
+}
+
+var (
+	inetOnce sync.Once
+	inet     *fakeInet
+	inetErr  error
+)
+
+func fakeInternet(t testing.TB) *fakeInet {
+	t.Helper()
+	inetOnce.Do(func() { inet, inetErr = startInternet() })
+	if inetErr != nil {
+		t.Fatalf("fake internet: %v", inetErr)
+	}
+	return inet
+}
+
+func startInternet() (f *fakeInet, err error) {
+	if l, err := netlink.LinkByName(k8sInetLink); err == nil { // left by a crashed run
+		_ = netlink.LinkDel(l)
+	}
+	f = &fakeInet{}
+	defer func() {
+		if err != nil {
+			f.stop()
+		}
+	}()
+	errc := make(chan error, 1)
+	go func() { // a thread that stays in the new namespace and dies with it
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- err
+			return
+		}
+		ns, err := netns.Get()
+		f.ns = ns
+		errc <- err
+	}()
+	if err := <-errc; err != nil {
+		return nil, err
+	}
+	la := netlink.NewLinkAttrs()
+	la.Name = k8sInetLink
+	la.Flags = net.FlagUp
+	veth := &netlink.Veth{LinkAttrs: la, PeerName: "eth0", PeerNamespace: netlink.NsFd(f.ns), PeerTxQLen: -1}
+	if err := netlink.LinkAdd(veth); err != nil {
+		return nil, err
+	}
+	if err := netlink.AddrAdd(veth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(k8sLinkHost), Mask: net.CIDRMask(30, 32)}}); err != nil {
+		return nil, err
+	}
+	h, err := netlink.NewHandleAt(f.ns)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	eth, err := h.LinkByName("eth0")
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range []struct {
+		ip   string
+		bits int
+	}{{k8sLinkPeer, 30}, {k8sAPIIP, 32}, {k8sEvilIP, 32}} {
+		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(a.ip), Mask: net.CIDRMask(a.bits, 32)}}); err != nil {
+			return nil, err
+		}
+	}
+	lo, _ := h.LinkByName("lo")
+	for _, l := range []netlink.Link{eth, lo} {
+		if err := h.LinkSetUp(l); err != nil {
+			return nil, err
+		}
+	}
+	if err := h.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: net.ParseIP(k8sLinkHost)}); err != nil {
+		return nil, fmt.Errorf("the fake internet's way back: %w", err)
+	}
+	_, dst, _ := net.ParseCIDR(k8sInetNet)
+	if err := netlink.RouteAdd(&netlink.Route{LinkIndex: veth.Index, Dst: dst, Gw: net.ParseIP(k8sLinkPeer)}); err != nil {
+		return nil, fmt.Errorf("route to the fake internet: %w", err)
+	}
+	for _, s := range []struct{ addr, body string }{{k8sAPIIP + ":80", "hello from api"}, {k8sAPIIP + ":8080", "api 8080"}, {k8sEvilIP + ":80", "evil"}} {
+		ln, err := f.listen("tcp4", s.addr)
+		if err != nil {
+			return nil, err
+		}
+		body := s.body
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, body) }), ReadHeaderTimeout: 5 * time.Second}
+		f.servers = append(f.servers, srv)
+		go srv.Serve(ln.(net.Listener))
+	}
+	pc, err := f.listen("udp4", fmt.Sprintf("%s:%d", k8sEvilIP, k8sEchoPort))
+	if err != nil {
+		return nil, err
+	}
+	f.udp = pc.(net.PacketConn)
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := f.udp.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			f.mu.Lock()
+			f.udpSeen++
+			f.mu.Unlock()
+			_, _ = f.udp.WriteTo(buf[:n], from)
+		}
+	}()
+	return f, nil
+}
+
+func (f *fakeInet) listen(network, addr string) (any, error) {
+	type res struct {
+		v   any
+		err error
+	}
+	c := make(chan res, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		if err := netns.Set(f.ns); err != nil {
+			c <- res{nil, err}
+			return
+		}
+		if strings.HasPrefix(network, "udp") {
+			pc, err := net.ListenPacket(network, addr)
+			c <- res{pc, err}
+			return
+		}
+		ln, err := net.Listen(network, addr)
+		c <- res{ln, err}
+	}()
+	r := <-c
+	return r.v, r.err
+}
+
+func (f *fakeInet) udpCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.udpSeen
+}
+
+func (f *fakeInet) stop() {
+	for _, s := range f.servers {
+		s.Close()
+	}
+	if f.udp != nil {
+		f.udp.Close()
+	}
+	if l, err := netlink.LinkByName(k8sInetLink); err == nil {
+		_ = netlink.LinkDel(l) // the route goes with it
+	}
+	if f.ns.IsOpen() {
+		f.ns.Close()
+	}
+}
+
+// decisions collects what a driver reports to Options.OnNetwork.
+type decisions struct {
+	mu sync.Mutex
+	ds []egress.Decision
+}
+
+func (c *decisions) add(d egress.Decision) {
+	c.mu.Lock()
+	c.ds = append(c.ds, d)
+	c.mu.Unlock()
+}
+
+// of returns (and forgets) the decisions of sandbox id so far.
+func (c *decisions) of(id string) []egress.Decision {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out, rest []egress.Decision
+	for _, d := range c.ds {
+		if d.SandboxID == id {
+			out = append(out, d)
+		} else {
+			rest = append(rest, d)
+		}
+	}
+	c.ds = rest
+	return out
+}
+
+var seen decisions
+
+// egressDriver is a driver whose gateways resolve api.company.com and evil.example to the fake
+// internet and report to seen.
+func egressDriver(t *testing.T) *Driver {
+	t.Helper()
+	e := setup(t)
+	fakeInternet(t)
+	return drivers.Get(t, "egress", func() (*Driver, error) {
+		o := e.opts
+		o.Replica = "egress"
+		o.Resolver = egress.StaticResolver{
+			"api.company.com": {netip.MustParseAddr(k8sAPIIP)},
+			"evil.example":    {netip.MustParseAddr(k8sEvilIP)},
+		}
+		o.OnNetwork = seen.add
+		return Open(o)
+	})
+}
+
+func policy(t *testing.T, block bool, allow ...string) egress.Policy {
+	t.Helper()
+	p, err := egress.ParsePolicy(block, allow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// egressProbe is Python that tries connections and collects {name: outcome} in result:
+// fetch(name, host, port, hostHeader) sends an HTTP/1.0 request over a plain socket (no proxy)
+// and records the body, "403 …", "refused" (reset, closed or refused without an answer), or
+// the error's type; urlget(name, url) uses urllib (the proxy of the environment).
+const egressProbe = `
+import os, socket, urllib.request, errno
+out = {}
+def fetch(name, host, port, host_header=None, timeout=10):
+    try:
+        s = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        out[name] = "refused"; return
+    except socket.gaierror as e:
+        out[name] = "nxdomain" if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)) else "gaierror %d" % e.errno; return
+    except OSError as e:
+        out[name] = type(e).__name__; return
+    try:
+        s.sendall(("GET / HTTP/1.0\r\nHost: %s\r\n\r\n" % (host_header or host)).encode())
+        data = b""
+        while True:
+            b = s.recv(4096)
+            if not b:
+                break
+            data += b
+    except (ConnectionResetError, BrokenPipeError):
+        out[name] = "refused"; return
+    except OSError as e:
+        out[name] = type(e).__name__; return
+    finally:
+        s.close()
+    if not data:
+        out[name] = "refused"; return
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n")[0].decode()
+    out[name] = body.decode() if " 200 " in status else status.split(" ", 1)[1] + " " + body.decode().strip()
+def urlget(name, url):
+    try:
+        out[name] = urllib.request.urlopen(url, timeout=10).read().decode()
+    except urllib.error.HTTPError as e:
+        out[name] = "%d %s" % (e.code, e.read().decode().strip())
+    except Exception as e:
+        out[name] = type(e).__name__
+def attempt(name, f):
+    try:
+        r = f()
+        out[name] = "ok" if r is None else "ok " + str(r)
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+result = out
+`
+
+func egressRun(t *testing.T, d driver.Driver, id, code string) map[string]string {
+	t.Helper()
+	res := drivertest.Exec(t, d, id, egressProbe+code, 3*time.Minute)
+	if res.Status != driver.StatusCompleted {
+		t.Fatalf("probe: %s: %s %+v", res.Status, res.Stderr, res.Error)
+	}
+	var got map[string]string
+	if err := json.Unmarshal(res.Result, &got); err != nil {
+		t.Fatalf("probe result %s: %v", res.Result, err)
+	}
+	return got
+}
+
+func expect(t *testing.T, got map[string]string, want map[string]func(string) bool, what map[string]string) {
+	t.Helper()
+	for k, ok := range want {
+		if !ok(got[k]) {
+			t.Errorf("%s: %q, want %s", k, got[k], what[k])
+		}
+	}
+}
+
+func is(s string) func(string) bool { return func(v string) bool { return v == s } }
+func hasPrefix(s string) func(string) bool {
+	return func(v string) bool { return strings.HasPrefix(v, s) }
+}
+func refusedish(v string) bool {
+	return v == "refused" || v == "timeout" || v == "ConnectionResetError"
+}
+func notReached(bad string) func(string) bool {
+	return func(v string) bool { return v != "" && !strings.Contains(v, bad) }
+}
+
+// TestEgressAllowList: a sandbox allowed api.company.com:80 reaches it through the pod's gateway —
+// by the proxy of its environment, and by a plain socket (DNS and TCP redirected to the gateway)
+// — and nothing else: not a denied name, not an address directly (not even with an allowed Host),
+// not another port of the allowed address, not UDP but DNS, not the node (kubelet), another pod,
+// the kubernetes service, the gateway's own ports on loopback, its control channel; it cannot
+// become the gateway's uid, read its secret or open a raw socket. Every decision reaches
+// Options.OnNetwork as the sandbox's. Then SetNetwork re-targets it.
+func TestEgressAllowList(t *testing.T) {
+	d := egressDriver(t)
+	f := fakeInternet(t)
+	spec := testSpec()
+	spec.Network = policy(t, true, "api.company.com:80")
+	id := sandbox(t, d, spec)
+	other := sandbox(t, d, testSpec())
+	ob, err := d.lookup(context.Background(), other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherIP, _, _ := net.SplitHostPort(ob.addr)
+	seen.of(id) // what Create's start decided (nothing yet)
+	udpBefore := f.udpCount()
+
+	got := egressRun(t, d, id, fmt.Sprintf(`
+import os
+own = socket.gethostbyname(socket.gethostname())
+urlget("proxy allowed", "http://api.company.com/")
+urlget("proxy denied", "http://evil.example/")
+fetch("socket allowed", "api.company.com", 80)
+fetch("socket denied name", "evil.example", 80)
+fetch("address of the denied name", %[1]q, 80, "evil.example")
+fetch("denied address, allowed Host", %[1]q, 80, "api.company.com")
+fetch("allowed address, other port", %[2]q, 8080)
+fetch("kubelet", %[3]q, 10250)
+fetch("kubelet http", %[3]q, 80)
+fetch("other pod's agent", %[4]q, %[5]d)
+fetch("kubernetes service", "10.96.0.1", 443)
+fetch("transparent port directly", "127.0.0.1", 15001)
+fetch("control port from inside", own, %[6]d)
+attempt("resolve allowed", lambda: socket.gethostbyname("api.company.com"))
+def udp(host, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    try:
+        s.sendto(b"ping", (host, port))
+        return s.recvfrom(100)[0].decode()
+    finally:
+        s.close()
+attempt("udp echo", lambda: udp(%[1]q, %[7]d))
+def dns_any(server):
+    # A query for api.company.com to any server: the gateway answers it.
+    q = bytes.fromhex("abcd01000001000000000000") + b"\x03api\x07company\x03com\x00" + b"\x00\x01\x00\x01"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    try:
+        s.sendto(q, (server, 53))
+        r = s.recvfrom(512)[0]
+        return ".".join(str(b) for b in r[-4:])
+    finally:
+        s.close()
+attempt("dns to an outside server", lambda: dns_any("8.8.8.8"))
+attempt("setuid gateway", lambda: os.setuid(%[8]d))
+attempt("gateway secret", lambda: os.listdir("/.sandbox/egress"))
+attempt("raw socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+attempt("ipv6", lambda: socket.create_connection(("2001:db8::1", 80), timeout=3))
+`, k8sEvilIP, k8sAPIIP, env.c.NodeIP, otherIP, AgentPort, ControlPort, k8sEchoPort, GatewayUID))
+
+	want := map[string]func(string) bool{
+		"proxy allowed":                is("hello from api"),
+		"proxy denied":                 hasPrefix("403"),
+		"socket allowed":               is("hello from api"),
+		"socket denied name":           is("nxdomain"),
+		"address of the denied name":   hasPrefix("403"),
+		"denied address, allowed Host": notReached("evil"),
+		"allowed address, other port":  refusedish,
+		"kubelet":                      refusedish,
+		"kubelet http":                 hasPrefix("403"),
+		"other pod's agent":            refusedish,
+		"kubernetes service":           refusedish,
+		"transparent port directly":    refusedish,
+		"control port from inside":     refusedish,
+		"resolve allowed":              is("ok " + k8sAPIIP),
+		"udp echo":                     notReached("ping"),
+		"dns to an outside server":     is("ok " + k8sAPIIP),
+		"setuid gateway":               is("EPERM"),
+		"gateway secret":               is("ENOENT"),
+		"raw socket":                   is("EPERM"),
+		"ipv6":                         notReached("ok"),
+	}
+	what := map[string]string{"proxy allowed": "the api's body", "socket allowed": "the api's body", "proxy denied": "403",
+		"denied address, allowed Host": "anything but evil's body", "udp echo": "no echo", "ipv6": "a failure"}
+	expect(t, got, want, what)
+	if n := f.udpCount() - udpBefore; n != 0 {
+		t.Errorf("the fake internet got %d UDP packets", n)
+	}
+
+	// Every decision reached the audit, as the sandbox's.
+	ds := seen.of(id)
+	var allowedAPI, deniedEvil, deniedKubelet bool
+	for _, x := range ds {
+		switch {
+		case x.Allowed && x.Host == "api.company.com":
+			allowedAPI = true
+		case !x.Allowed && x.Host == "evil.example":
+			deniedEvil = true
+		case !x.Allowed && x.Addr.String() == env.c.NodeIP:
+			deniedKubelet = true
+		}
+	}
+	if !allowedAPI || !deniedEvil || !deniedKubelet {
+		t.Errorf("decisions (api allowed %v, evil denied %v, kubelet denied %v): %+v", allowedAPI, deniedEvil, deniedKubelet, ds)
+	}
+
+	// The control channel: nobody without the gateway's own secret — not the agent's, which the
+	// sandbox can read.
+	ctx := context.Background()
+	b, err := d.lookup(ctx, id)
+	if err != nil || b.gw == nil {
+		t.Fatalf("lookup: %+v %v", b, err)
+	}
+	for name, key := range map[string][]byte{"agent's secret": b.secret, "another sandbox's": ob.secret, "random": []byte(fmt.Sprintf("%x", agent.MakeSecret()))} {
+		c := egressctl.Client{Addr: b.gw.Addr, Secret: key}
+		if _, err := c.SetPolicy(ctx, policy(t, false)); !errors.Is(err, agent.ErrAuth) {
+			t.Errorf("control channel with the %s: %v, want ErrAuth", name, err)
+		}
+	}
+
+	// Re-targeted: evil.example only.
+	if err := d.SetNetwork(ctx, id, policy(t, true, "evil.example")); err != nil {
+		t.Fatal(err)
+	}
+	got = egressRun(t, d, id, `
+fetch("api", "api.company.com", 80)
+fetch("evil", "evil.example", 80)
+`)
+	expect(t, got, map[string]func(string) bool{"api": is("nxdomain"), "evil": is("evil")}, nil)
+
+	// A sandbox made without a gateway takes no allow list.
+	if err := d.SetNetwork(ctx, other, policy(t, true, "api.company.com")); err == nil {
+		t.Error("a sandbox without a gateway took an allow list")
+	}
+	if err := d.SetNetwork(ctx, other, policy(t, true)); err != nil {
+		t.Errorf("block everything, again: %v", err)
+	}
+}
+
+// TestEgressOpen: block_outbound false goes through the gateway too: any name and public
+// address, but never the always-denied set (the node, other pods, private ranges, loopback).
+func TestEgressOpen(t *testing.T) {
+	d := egressDriver(t)
+	spec := testSpec()
+	spec.Network = policy(t, false)
+	id := sandbox(t, d, spec)
+	other := sandbox(t, d, testSpec())
+	ob, err := d.lookup(context.Background(), other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherIP, _, _ := net.SplitHostPort(ob.addr)
+	got := egressRun(t, d, id, fmt.Sprintf(`
+fetch("name", "evil.example", 80)
+fetch("address", %q, 8080)
+fetch("kubelet", %q, 10250)
+fetch("other pod", %q, %d)
+fetch("private", "10.96.0.1", 443)
+`, k8sAPIIP, env.c.NodeIP, otherIP, AgentPort))
+	expect(t, got, map[string]func(string) bool{
+		"name": is("evil"), "address": is("api 8080"),
+		"kubelet": refusedish, "other pod": refusedish, "private": refusedish,
+	}, nil)
+	ds := seen.of(id)
+	found := false
+	for _, x := range ds {
+		if x.Allowed && x.Host == "evil.example" {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no allowed decision for evil.example: %+v", ds)
+	}
+}
