@@ -24,10 +24,12 @@ import (
 // (other pods, the node, the apiserver, the internet) is dropped.
 //
 // With GATEWAY_UID (the pod's egress gateway, "sandbox-agent egress", runs as that uid): chain
-// redirect (nat, output) sends the IPv4 DNS (udp and tcp 53, any address) of every other uid to
-// 127.0.0.1:15053 and its other IPv4 TCP to 127.0.0.1:15001 (the gateway's DNS and transparent
+// redirect (nat, output) sends the IPv4 DNS (udp and tcp 53, any address, loopback included) of
+// every other uid to 127.0.0.1:15053 and its other IPv4 TCP not bound for loopback to
+// 127.0.0.1:15001 (the gateway's DNS and transparent
 // ports: SO_ORIGINAL_DST gives the gateway the destination, same namespace); chain output
-// (policy drop) lets out loopback, the agent's replies and whatever GATEWAY_UID sends — nothing
+// (policy drop) lets out loopback, the agent's replies, what was redirected (ct status dnat) and
+// whatever GATEWAY_UID sends — nothing
 // else: the sandbox's UDP, ICMP and IPv6, and any packet of another uid that is not redirected
 // to loopback, are dropped. A process of the sandbox cannot become GATEWAY_UID (no capability,
 // no setuid binary under no_new_privs).
@@ -95,10 +97,18 @@ func netRules(agentPort uint16, gatewayUID uint32) error {
 	if gatewayUID != 0 {
 		// meta skuid GATEWAY_UID accept
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: append(slices.Clone(ofGateway), accept)})
+		// ct status dnat accept: what chain redirect sent to the gateway. (Rerouted to loopback,
+		// but oifname still names the interface routed to before the redirect.)
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+			&expr.Ct{Register: 1, Key: expr.CtKeySTATUS},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+				Mask: binary.NativeEndian.AppendUint32(nil, ipsDstNAT), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
+			accept,
+		}})
 
 		nat := c.AddChain(&nftables.Chain{Name: "redirect", Table: t, Type: nftables.ChainTypeNAT,
 			Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityNATDest})
-		c.AddRule(&nftables.Rule{Table: t, Chain: nat, Exprs: append(slices.Clone(onLoopback), ret)})
 		c.AddRule(&nftables.Rule{Table: t, Chain: nat, Exprs: append(slices.Clone(ofGateway), ret)})
 		redirect := func(proto byte, dport, to uint16) {
 			e := []expr.Any{
@@ -117,8 +127,10 @@ func netRules(agentPort uint16, gatewayUID uint32) error {
 				&expr.Redir{RegisterProtoMin: 1})
 			c.AddRule(&nftables.Rule{Table: t, Chain: nat, Exprs: e})
 		}
+		// DNS to any server, loopback ones too (a resolv.conf naming 127.0.0.53 works as well).
 		redirect(unix.IPPROTO_UDP, 53, podDNSPort)
 		redirect(unix.IPPROTO_TCP, 53, podDNSPort)
+		c.AddRule(&nftables.Rule{Table: t, Chain: nat, Exprs: append(slices.Clone(onLoopback), ret)})
 		redirect(unix.IPPROTO_TCP, 0, podTransparentPort)
 	}
 	if err := c.Flush(); err != nil {
@@ -126,6 +138,10 @@ func netRules(agentPort uint16, gatewayUID uint32) error {
 	}
 	return nil
 }
+
+// ipsDstNAT is IPS_DST_NAT (linux/netfilter/nf_conntrack_common.h): the connection's destination
+// was translated (here: redirected).
+const ipsDstNAT = 1 << 5
 
 func l4proto() expr.Any { return &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1} }
 

@@ -273,7 +273,7 @@ out = {}
 def fetch(name, host, port, host_header=None, timeout=10):
     try:
         s = socket.create_connection((host, port), timeout=timeout)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         out[name] = "refused"; return
     except socket.gaierror as e:
         out[name] = "nxdomain" if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)) else "gaierror %d" % e.errno; return
