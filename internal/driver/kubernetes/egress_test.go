@@ -6,23 +6,18 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"net/netip"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/egressctl"
+	"github.com/sandboxd/sandboxd/internal/fakeinet"
 )
 
 // The fake internet of these tests: a network namespace of the test's own behind the veth
@@ -43,167 +38,26 @@ const (
 	k8sEchoPort = 9999
 )
 
-type fakeInet struct {
-	ns      netns.NsHandle
-	servers []*http.Server
-	udp     net.PacketConn
-	mu      sync.Mutex
-	udpSeen int
-}
-
 var (
 	inetOnce sync.Once
-	inet     *fakeInet
+	inet     *fakeinet.Net
 	inetErr  error
 )
 
-func fakeInternet(t testing.TB) *fakeInet {
+func fakeInternet(t testing.TB) *fakeinet.Net {
 	t.Helper()
-	inetOnce.Do(func() { inet, inetErr = startInternet() })
+	inetOnce.Do(func() {
+		inet, inetErr = fakeinet.Start(fakeinet.Config{
+			Link: k8sInetLink, HostAddr: k8sLinkHost, PeerAddr: k8sLinkPeer, Routed: netip.MustParsePrefix(k8sInetNet),
+			HTTP:      map[string]string{k8sAPIIP + ":80": "hello from api", k8sAPIIP + ":8080": "api 8080", k8sEvilIP + ":80": "evil"},
+			UDPEcho:   fmt.Sprintf("%s:%d", k8sEvilIP, k8sEchoPort),
+			RouteBack: true, // the pods are behind the host's bridge
+		})
+	})
 	if inetErr != nil {
 		t.Fatalf("fake internet: %v", inetErr)
 	}
 	return inet
-}
-
-func startInternet() (f *fakeInet, err error) {
-	if l, err := netlink.LinkByName(k8sInetLink); err == nil { // left by a crashed run
-		_ = netlink.LinkDel(l)
-	}
-	f = &fakeInet{}
-	defer func() {
-		if err != nil {
-			f.stop()
-		}
-	}()
-	errc := make(chan error, 1)
-	go func() { // a thread that stays in the new namespace and dies with it
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- err
-			return
-		}
-		ns, err := netns.Get()
-		f.ns = ns
-		errc <- err
-	}()
-	if err := <-errc; err != nil {
-		return nil, err
-	}
-	la := netlink.NewLinkAttrs()
-	la.Name = k8sInetLink
-	la.Flags = net.FlagUp
-	veth := &netlink.Veth{LinkAttrs: la, PeerName: "eth0", PeerNamespace: netlink.NsFd(f.ns), PeerTxQLen: -1}
-	if err := netlink.LinkAdd(veth); err != nil {
-		return nil, err
-	}
-	if err := netlink.AddrAdd(veth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(k8sLinkHost), Mask: net.CIDRMask(30, 32)}}); err != nil {
-		return nil, err
-	}
-	h, err := netlink.NewHandleAt(f.ns)
-	if err != nil {
-		return nil, err
-	}
-	defer h.Close()
-	eth, err := h.LinkByName("eth0")
-	if err != nil {
-		return nil, err
-	}
-	for _, a := range []struct {
-		ip   string
-		bits int
-	}{{k8sLinkPeer, 30}, {k8sAPIIP, 32}, {k8sEvilIP, 32}} {
-		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(a.ip), Mask: net.CIDRMask(a.bits, 32)}}); err != nil {
-			return nil, err
-		}
-	}
-	lo, _ := h.LinkByName("lo")
-	for _, l := range []netlink.Link{eth, lo} {
-		if err := h.LinkSetUp(l); err != nil {
-			return nil, err
-		}
-	}
-	if err := h.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: net.ParseIP(k8sLinkHost)}); err != nil {
-		return nil, fmt.Errorf("the fake internet's way back: %w", err)
-	}
-	_, dst, _ := net.ParseCIDR(k8sInetNet)
-	if err := netlink.RouteAdd(&netlink.Route{LinkIndex: veth.Index, Dst: dst, Gw: net.ParseIP(k8sLinkPeer)}); err != nil {
-		return nil, fmt.Errorf("route to the fake internet: %w", err)
-	}
-	for _, s := range []struct{ addr, body string }{{k8sAPIIP + ":80", "hello from api"}, {k8sAPIIP + ":8080", "api 8080"}, {k8sEvilIP + ":80", "evil"}} {
-		ln, err := f.listen("tcp4", s.addr)
-		if err != nil {
-			return nil, err
-		}
-		body := s.body
-		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, body) }), ReadHeaderTimeout: 5 * time.Second}
-		f.servers = append(f.servers, srv)
-		go srv.Serve(ln.(net.Listener))
-	}
-	pc, err := f.listen("udp4", fmt.Sprintf("%s:%d", k8sEvilIP, k8sEchoPort))
-	if err != nil {
-		return nil, err
-	}
-	f.udp = pc.(net.PacketConn)
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := f.udp.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			f.mu.Lock()
-			f.udpSeen++
-			f.mu.Unlock()
-			_, _ = f.udp.WriteTo(buf[:n], from)
-		}
-	}()
-	return f, nil
-}
-
-func (f *fakeInet) listen(network, addr string) (any, error) {
-	type res struct {
-		v   any
-		err error
-	}
-	c := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		if err := netns.Set(f.ns); err != nil {
-			c <- res{nil, err}
-			return
-		}
-		if strings.HasPrefix(network, "udp") {
-			pc, err := net.ListenPacket(network, addr)
-			c <- res{pc, err}
-			return
-		}
-		ln, err := net.Listen(network, addr)
-		c <- res{ln, err}
-	}()
-	r := <-c
-	return r.v, r.err
-}
-
-func (f *fakeInet) udpCount() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.udpSeen
-}
-
-func (f *fakeInet) stop() {
-	for _, s := range f.servers {
-		s.Close()
-	}
-	if f.udp != nil {
-		f.udp.Close()
-	}
-	if l, err := netlink.LinkByName(k8sInetLink); err == nil {
-		_ = netlink.LinkDel(l) // the route goes with it
-	}
-	if f.ns.IsOpen() {
-		f.ns.Close()
-	}
 }
 
 // decisions collects what a driver reports to Options.OnNetwork.
@@ -367,7 +221,7 @@ func TestEgressAllowList(t *testing.T) {
 	}
 	otherIP, _, _ := net.SplitHostPort(ob.addr)
 	seen.of(id) // what Create's start decided (nothing yet)
-	udpBefore := f.udpCount()
+	udpBefore := f.UDPCount()
 
 	got := egressRun(t, d, id, fmt.Sprintf(`
 import os
@@ -438,7 +292,7 @@ attempt("ipv6", lambda: socket.create_connection(("2001:db8::1", 80), timeout=3)
 	what := map[string]string{"proxy allowed": "the api's body", "socket allowed": "the api's body", "proxy denied": "403",
 		"denied address, allowed Host": "anything but evil's body", "udp echo": "no echo", "ipv6": "a failure"}
 	expect(t, got, want, what)
-	if n := f.udpCount() - udpBefore; n != 0 {
+	if n := f.UDPCount() - udpBefore; n != 0 {
 		t.Errorf("the fake internet got %d UDP packets", n)
 	}
 

@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	drivers.Close()
 	if inet != nil {
-		inet.stop()
+		inet.Stop()
 	}
 	k8stest.Stop()
 	if env != nil {
