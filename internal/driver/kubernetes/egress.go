@@ -106,6 +106,14 @@ func gatewayVolumes(id string) []corev1.Volume {
 	}
 }
 
+// gatewayDNSConfig makes the sandbox's resolver ask for a name with a dot as it is first: with
+// the cluster's ndots:5 each lookup of an allowed name would first ask for it under every search
+// domain, which the gateway denies — a denial in the audit per search domain and lookup.
+func gatewayDNSConfig() *corev1.PodDNSConfig {
+	one := "1"
+	return &corev1.PodDNSConfig{Options: []corev1.PodDNSConfigOption{{Name: "ndots", Value: &one}}}
+}
+
 // hasGateway says whether pod runs the gateway sidecar.
 func hasGateway(pod *corev1.Pod) bool {
 	return slices.ContainsFunc(pod.Spec.InitContainers, func(c corev1.Container) bool { return c.Name == gatewayName })

@@ -157,6 +157,10 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		initContainers = append(initContainers, gatewayContainer(d.agentImage, d.denied, d.hosts))
 		volumes = append(volumes, gatewayVolumes(id)...)
 	}
+	var dnsConfig *corev1.PodDNSConfig
+	if needsGateway(spec.Network) {
+		dnsConfig = gatewayDNSConfig()
+	}
 	var runtimeClass *string
 	if img.RuntimeClass != "" {
 		runtimeClass = &img.RuntimeClass
@@ -179,6 +183,7 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 				SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
 			},
 			InitContainers: initContainers,
+			DNSConfig:      dnsConfig,
 			Containers: []corev1.Container{{
 				Name:            "sandbox",
 				Image:           img.Ref,

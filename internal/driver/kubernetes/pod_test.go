@@ -155,6 +155,9 @@ func TestPodGateway(t *testing.T) {
 				t.Errorf("the sandbox's container mounts %s", m.Name)
 			}
 		}
+		if dc := pod.Spec.DNSConfig; (dc != nil) != tc.gateway || (dc != nil && (dc.Options[0].Name != "ndots" || *dc.Options[0].Value != "1")) {
+			t.Errorf("%+v: dns config %+v", tc.policy, dc)
+		}
 		if !tc.gateway {
 			continue
 		}
