@@ -159,6 +159,15 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			continue
 		}
 		delay = 0
+		if s.Admit != nil { // before a slot: refused peers cannot crowd out the driver
+			if err := s.Admit(c); err != nil {
+				c.Close()
+				if s.Log != nil {
+					s.Log("control connection refused", "remote", c.RemoteAddr().String(), "err", err)
+				}
+				continue
+			}
+		}
 		select {
 		case slots <- struct{}{}:
 		default:
@@ -177,11 +186,6 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 
 func (s *Server) serve(c net.Conn) error {
 	c.SetDeadline(time.Now().Add(connTimeout))
-	if s.Admit != nil {
-		if err := s.Admit(c); err != nil {
-			return err
-		}
-	}
 	br := bufio.NewReaderSize(c, 4096)
 	if err := agent.AgentAuth(c, br, s.Secret); err != nil {
 		return err

@@ -157,8 +157,9 @@ func (d *Driver) setPolicy(ctx context.Context, b *box, p egress.Policy) error {
 	}
 }
 
-// drainTimeout bounds taking a gateway's decisions after a run or before a Destroy.
-const drainTimeout = 10 * time.Second
+// drainTimeout bounds taking a gateway's decisions after a run or before a Destroy (a live
+// gateway answers in milliseconds; a gone pod must not hold a Destroy or an Exec's error long).
+const drainTimeout = 5 * time.Second
 
 // drain takes sandbox b's gateway's decisions and hands them to Options.OnNetwork, as sandbox
 // b's (whatever the gateway wrote in them). What it cannot take is logged, not returned: the run
