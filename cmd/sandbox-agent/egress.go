@@ -77,6 +77,7 @@ func runEgress(control, secretFile, state string, deny, hosts []string, logf fun
 		static := egress.StaticResolver{}
 		for _, h := range hosts {
 			name, addrs, ok := strings.Cut(h, "=")
+			name = strings.ToLower(strings.TrimSuffix(name, "."))
 			if !ok || name == "" {
 				return fmt.Errorf("--host %s: want NAME=ADDR[,ADDR…]", h)
 			}
@@ -85,7 +86,7 @@ func runEgress(control, secretFile, state string, deny, hosts []string, logf fun
 				if err != nil {
 					return fmt.Errorf("--host %s: %w", h, err)
 				}
-				static[strings.ToLower(strings.TrimSuffix(name, "."))] = append(static[strings.ToLower(strings.TrimSuffix(name, "."))], ip)
+				static[name] = append(static[name], ip)
 			}
 		}
 		cfg.Resolver = static
