@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/egressctl"
 )
@@ -353,67 +354,8 @@ fetch("evil", "evil.example", 80)
 	}
 }
 
-// netProbe: fetch(name, host, port, host_header) sends an HTTP/1.0 request over a plain socket
-// and records the body, "<status> <body>", "refused" or "nxdomain"; udp(host, port) sends a ping
-// and waits for the echo; dns_a(name, server) asks server for name's A record over UDP.
-const netProbe = `
-import json, os, socket, errno
-out = {}
-def fetch(name, host, port, host_header=None):
-    try:
-        s = socket.create_connection((host, port), timeout=10)
-    except (ConnectionRefusedError, ConnectionResetError):
-        out[name] = "refused"; return
-    except socket.gaierror as e:
-        out[name] = "nxdomain" if e.errno == socket.EAI_NONAME else "gaierror %d" % e.errno; return
-    except OSError as e:
-        out[name] = type(e).__name__; return
-    try:
-        s.sendall(("GET / HTTP/1.0\r\nHost: %s\r\n\r\n" % (host_header or host)).encode())
-        data = b""
-        while True:
-            b = s.recv(4096)
-            if not b:
-                break
-            data += b
-    except (ConnectionResetError, BrokenPipeError):
-        out[name] = "refused"; return
-    except OSError as e:
-        out[name] = type(e).__name__; return
-    finally:
-        s.close()
-    if not data:
-        out[name] = "refused"; return
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = head.split(b"\r\n")[0].decode()
-    out[name] = body.decode() if " 200 " in status else status.split(" ", 1)[1] + " " + body.decode().strip()
-def attempt(name, f):
-    try:
-        r = f()
-        out[name] = "ok" if r is None else "ok " + str(r)
-    except OSError as e:
-        out[name] = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
-def udp(host, port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(3)
-    try:
-        s.sendto(b"ping", (host, port))
-        return s.recvfrom(100)[0].decode()
-    finally:
-        s.close()
-def dns_a(name, server):
-    q = bytes.fromhex("abcd01000001000000000000") + b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\x00\x00\x01\x00\x01"
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(5)
-    try:
-        s.sendto(q, (server, 53))
-        r = s.recvfrom(512)[0]
-        return ".".join(str(b) for b in r[-4:])
-    finally:
-        s.close()
-import atexit
-atexit.register(lambda: print(json.dumps(out)))
-`
+// netProbe is drivertest.NetProbe printing its outcomes as JSON at exit.
+const netProbe = drivertest.NetProbe + "import atexit, json\natexit.register(lambda: print(json.dumps(out)))\n"
 
 func mustAddr(s string) *netlink.Addr {
 	a, err := netlink.ParseAddr(s)

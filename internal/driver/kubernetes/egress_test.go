@@ -117,56 +117,8 @@ func policy(t *testing.T, block bool, allow ...string) egress.Policy {
 	return p
 }
 
-// egressProbe is Python that tries connections and collects {name: outcome} in result:
-// fetch(name, host, port, hostHeader) sends an HTTP/1.0 request over a plain socket (no proxy)
-// and records the body, "403 …", "refused" (reset, closed or refused without an answer), or
-// the error's type; urlget(name, url) uses urllib (the proxy of the environment).
-const egressProbe = `
-import os, socket, urllib.request, errno
-out = {}
-def fetch(name, host, port, host_header=None, timeout=10):
-    try:
-        s = socket.create_connection((host, port), timeout=timeout)
-    except (ConnectionRefusedError, ConnectionResetError):
-        out[name] = "refused"; return
-    except socket.gaierror as e:
-        out[name] = "nxdomain" if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)) else "gaierror %d" % e.errno; return
-    except OSError as e:
-        out[name] = type(e).__name__; return
-    try:
-        s.sendall(("GET / HTTP/1.0\r\nHost: %s\r\n\r\n" % (host_header or host)).encode())
-        data = b""
-        while True:
-            b = s.recv(4096)
-            if not b:
-                break
-            data += b
-    except (ConnectionResetError, BrokenPipeError):
-        out[name] = "refused"; return
-    except OSError as e:
-        out[name] = type(e).__name__; return
-    finally:
-        s.close()
-    if not data:
-        out[name] = "refused"; return
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = head.split(b"\r\n")[0].decode()
-    out[name] = body.decode() if " 200 " in status else status.split(" ", 1)[1] + " " + body.decode().strip()
-def urlget(name, url):
-    try:
-        out[name] = urllib.request.urlopen(url, timeout=10).read().decode()
-    except urllib.error.HTTPError as e:
-        out[name] = "%d %s" % (e.code, e.read().decode().strip())
-    except Exception as e:
-        out[name] = type(e).__name__
-def attempt(name, f):
-    try:
-        r = f()
-        out[name] = "ok" if r is None else "ok " + str(r)
-    except OSError as e:
-        out[name] = errno.errorcode.get(e.errno, str(e.errno))
-result = out
-`
+// egressProbe is drivertest.NetProbe with its outcomes as the run's result.
+const egressProbe = drivertest.NetProbe + "result = out\n"
 
 func egressRun(t *testing.T, d driver.Driver, id, code string) map[string]string {
 	t.Helper()
@@ -240,27 +192,8 @@ fetch("kubernetes service", "10.96.0.1", 443)
 fetch("transparent port directly", "127.0.0.1", 15001)
 fetch("control port from inside", own, %[6]d)
 attempt("resolve allowed", lambda: socket.gethostbyname("api.company.com"))
-def udp(host, port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(3)
-    try:
-        s.sendto(b"ping", (host, port))
-        return s.recvfrom(100)[0].decode()
-    finally:
-        s.close()
 attempt("udp echo", lambda: udp(%[1]q, %[7]d))
-def dns_any(server):
-    # A query for api.company.com to any server: the gateway answers it.
-    q = bytes.fromhex("abcd01000001000000000000") + b"\x03api\x07company\x03com\x00" + b"\x00\x01\x00\x01"
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(5)
-    try:
-        s.sendto(q, (server, 53))
-        r = s.recvfrom(512)[0]
-        return ".".join(str(b) for b in r[-4:])
-    finally:
-        s.close()
-attempt("dns to an outside server", lambda: dns_any("8.8.8.8"))
+attempt("dns to an outside server", lambda: dns_a("api.company.com", "8.8.8.8"))
 attempt("setuid gateway", lambda: os.setuid(%[8]d))
 attempt("gateway secret", lambda: os.listdir("/.sandbox/egress"))
 attempt("raw socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
