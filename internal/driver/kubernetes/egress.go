@@ -215,13 +215,37 @@ func (d *Driver) SetNetwork(ctx context.Context, id string, p egress.Policy) err
 	return nil
 }
 
+// deniedTTL is how long the cluster's addresses are used before they are listed again (a node
+// that joins is denied to pods created from then on).
+const deniedTTL = 5 * time.Minute
+
+// refreshDenied lists the cluster's own addresses again if the last list is older than
+// deniedTTL; when the nodes cannot be listed it keeps the last list (the first time, what could
+// not be listed is denied only as the private ranges it lies in).
+func (d *Driver) refreshDenied(ctx context.Context) {
+	d.deniedMu.Lock()
+	defer d.deniedMu.Unlock()
+	if !d.deniedAt.IsZero() && time.Since(d.deniedAt) < deniedTTL {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	denied, err := d.clusterDenied(ctx, d.apiserver)
+	if err != nil && d.denied != nil {
+		d.log.Warn("egress: cannot list the cluster's addresses again: the gateways of new pods deny the last list", "err", err)
+		return // tried again at the next create
+	}
+	d.denied, d.deniedAt = denied, time.Now()
+}
+
 // clusterDenied are the cluster's own addresses, which no policy opens (the gateway's
 // Config.Denied): the apiserver's (from the kubeconfig), every node's addresses and pod ranges,
 // and the kubernetes service's cluster IP. The private ranges they usually lie in are denied
 // anyway unless an address rule lists them; these stay denied even then. What the driver may not
 // list (no permission on nodes) is logged and left to the private ranges.
-func (d *Driver) clusterDenied(ctx context.Context, apiserver string) []netip.Prefix {
-	var out []netip.Prefix
+func (d *Driver) clusterDenied(ctx context.Context, apiserver string) ([]netip.Prefix, error) {
+	out := []netip.Prefix{}
+	var lerr error
 	add := func(s string) {
 		if a, err := netip.ParseAddr(s); err == nil {
 			out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
@@ -255,6 +279,7 @@ func (d *Driver) clusterDenied(ctx context.Context, apiserver string) []netip.Pr
 		d.log.Warn("egress: no permission to list nodes: their addresses are denied only as private ranges", "err", err)
 	default:
 		d.log.Warn("egress: cannot list nodes", "err", err)
+		lerr = err
 	}
 	svc, err := d.cs.CoreV1().Services("default").Get(ctx, "kubernetes", metav1.GetOptions{})
 	if err == nil {
@@ -263,5 +288,5 @@ func (d *Driver) clusterDenied(ctx context.Context, apiserver string) []netip.Pr
 		}
 	}
 	slices.SortFunc(out, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
-	return slices.Compact(out)
+	return slices.Compact(out), lerr
 }

@@ -96,7 +96,11 @@ type Driver struct {
 	log        *slog.Logger
 	onNetwork  func(egress.Decision) // Options.OnNetwork
 	hosts      egress.StaticResolver // Options.Resolver: the gateways' static records (nil: the pods' resolver)
-	denied     []netip.Prefix        // the cluster's own addresses (clusterDenied)
+	apiserver  string                // the kubeconfig's server URL
+
+	deniedMu sync.Mutex
+	denied   []netip.Prefix // the cluster's own addresses (clusterDenied), as of deniedAt
+	deniedAt time.Time
 
 	mu    sync.Mutex
 	boxes map[string]*box // what Exec needs, cached (the API has it all)
@@ -144,9 +148,7 @@ func Open(opts driver.Options) (*Driver, error) {
 	if d.replica == "" {
 		d.replica = "default"
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	d.denied = d.clusterDenied(ctx, cfg.Host)
+	d.apiserver = cfg.Host
 	return d, nil
 }
 
@@ -186,6 +188,9 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	}
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
+	if needsGateway(spec.Network) {
+		d.refreshDenied(ctx)
 	}
 	pod, err := d.podObject(id, spec, img)
 	if err != nil {

@@ -154,7 +154,10 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		Resources:       corev1.ResourceRequirements{Requests: initResources, Limits: initResources},
 	}, netinitContainer(d.agentImage, needsGateway(spec.Network))}
 	if needsGateway(spec.Network) {
-		initContainers = append(initContainers, gatewayContainer(d.agentImage, d.denied, d.hosts))
+		d.deniedMu.Lock()
+		denied := d.denied
+		d.deniedMu.Unlock()
+		initContainers = append(initContainers, gatewayContainer(d.agentImage, denied, d.hosts))
 		volumes = append(volumes, gatewayVolumes(id)...)
 	}
 	var dnsConfig *corev1.PodDNSConfig

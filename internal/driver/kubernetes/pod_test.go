@@ -1,14 +1,22 @@
 package kubernetes
 
 import (
+	"context"
+	"errors"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/egress"
@@ -171,5 +179,39 @@ func TestPodGateway(t *testing.T) {
 		if !strings.Contains(cmd, "--deny 10.244.0.0/16") || !strings.Contains(cmd, "--host api.company.com=192.0.2.10") {
 			t.Errorf("gateway command %q", cmd)
 		}
+	}
+}
+
+// TestClusterDenied: what the gateways deny beyond the fixed set — the apiserver's address, every
+// node's addresses and pod ranges, the kubernetes service's IP — and that a failed list keeps
+// the last one.
+func TestClusterDenied(t *testing.T) {
+	cs := fake.NewClientset(
+		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"},
+			Spec: corev1.NodeSpec{PodCIDR: "10.244.1.0/24", PodCIDRs: []string{"10.244.1.0/24", "fd00:10:244:1::/64"}},
+			Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{
+				{Type: corev1.NodeInternalIP, Address: "192.168.7.10"}, {Type: corev1.NodeExternalIP, Address: "203.0.113.7"},
+				{Type: corev1.NodeHostName, Address: "n1"}}}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "kubernetes", Namespace: "default"},
+			Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.1", ClusterIPs: []string{"10.96.0.1"}}},
+	)
+	d := &Driver{cs: cs, log: slog.New(slog.DiscardHandler), apiserver: "https://198.51.100.5:6443"}
+	d.refreshDenied(context.Background())
+	var got []string
+	for _, p := range d.denied {
+		got = append(got, p.String())
+	}
+	want := []string{"10.244.1.0/24", "10.96.0.1/32", "192.168.7.10/32", "198.51.100.5/32", "203.0.113.7/32", "fd00:10:244:1::/64"}
+	if !slices.Equal(got, want) {
+		t.Errorf("denied %v, want %v", got, want)
+	}
+	// Past the TTL with the nodes unlistable: the last list stays.
+	d.deniedAt = time.Now().Add(-2 * deniedTTL)
+	cs.PrependReactor("list", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, errors.New("the apiserver is away")
+	})
+	d.refreshDenied(context.Background())
+	if len(d.denied) != len(want) {
+		t.Errorf("after a failed list: %v", d.denied)
 	}
 }
