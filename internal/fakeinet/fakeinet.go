@@ -47,16 +47,19 @@ type Net struct {
 
 // Start makes the namespace, the link, the route and the servers; it removes a link of the same
 // name left by a crashed run first. Every address of cfg's servers must be in cfg.Routed.
-func Start(cfg Config) (n *Net, err error) {
+func Start(cfg Config) (*Net, error) {
+	n := &Net{link: cfg.Link}
+	if err := n.start(cfg); err != nil {
+		n.Stop()
+		return nil, err
+	}
+	return n, nil
+}
+
+func (n *Net) start(cfg Config) error {
 	if l, err := netlink.LinkByName(cfg.Link); err == nil {
 		_ = netlink.LinkDel(l)
 	}
-	n = &Net{link: cfg.Link}
-	defer func() {
-		if err != nil {
-			n.Stop()
-		}
-	}()
 	errc := make(chan error, 1)
 	go func() { // a thread that stays in the new namespace and dies with its goroutine
 		runtime.LockOSThread()
@@ -69,26 +72,26 @@ func Start(cfg Config) (n *Net, err error) {
 		errc <- err
 	}()
 	if err := <-errc; err != nil {
-		return nil, err
+		return err
 	}
 	la := netlink.NewLinkAttrs()
 	la.Name = cfg.Link
 	la.Flags = net.FlagUp
 	veth := &netlink.Veth{LinkAttrs: la, PeerName: "eth0", PeerNamespace: netlink.NsFd(n.ns), PeerTxQLen: -1}
 	if err := netlink.LinkAdd(veth); err != nil {
-		return nil, err
+		return err
 	}
 	if err := netlink.AddrAdd(veth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(cfg.HostAddr), Mask: net.CIDRMask(30, 32)}}); err != nil {
-		return nil, err
+		return err
 	}
 	h, err := netlink.NewHandleAt(n.ns)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer h.Close()
 	eth, err := h.LinkByName("eth0")
 	if err != nil {
-		return nil, err
+		return err
 	}
 	addrs := map[string]bool{}
 	for hp := range cfg.HTTP {
@@ -98,30 +101,30 @@ func Start(cfg Config) (n *Net, err error) {
 		addrs[strings.Split(cfg.UDPEcho, ":")[0]] = true
 	}
 	if err := h.AddrAdd(eth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(cfg.PeerAddr), Mask: net.CIDRMask(30, 32)}}); err != nil {
-		return nil, err
+		return err
 	}
 	for a := range addrs {
 		if !cfg.Routed.Contains(netip.MustParseAddr(a)) {
-			return nil, fmt.Errorf("%s is not in %s", a, cfg.Routed)
+			return fmt.Errorf("%s is not in %s", a, cfg.Routed)
 		}
 		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(a), Mask: net.CIDRMask(32, 32)}}); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	lo, _ := h.LinkByName("lo")
 	for _, l := range []netlink.Link{eth, lo} {
 		if err := h.LinkSetUp(l); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	if cfg.RouteBack {
 		if err := h.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: net.ParseIP(cfg.HostAddr)}); err != nil {
-			return nil, fmt.Errorf("the fake internet's way back: %w", err)
+			return fmt.Errorf("the fake internet's way back: %w", err)
 		}
 	}
 	_, dst, _ := net.ParseCIDR(cfg.Routed.String())
 	if err := netlink.RouteAdd(&netlink.Route{LinkIndex: veth.Index, Dst: dst, Gw: net.ParseIP(cfg.PeerAddr)}); err != nil {
-		return nil, fmt.Errorf("route to the fake internet: %w", err)
+		return fmt.Errorf("route to the fake internet: %w", err)
 	}
 	// Never dial out for real: the fake internet's addresses must route to it.
 	for a := range addrs {
@@ -132,7 +135,7 @@ func Start(cfg Config) (n *Net, err error) {
 				break
 			}
 			if time.Now().After(deadline) {
-				return nil, fmt.Errorf("%s does not route to %s: %v %v", a, cfg.Link, rs, err)
+				return fmt.Errorf("%s does not route to %s: %v %v", a, cfg.Link, rs, err)
 			}
 			time.Sleep(5 * time.Millisecond)
 		}
@@ -140,7 +143,7 @@ func Start(cfg Config) (n *Net, err error) {
 	for addr, body := range cfg.HTTP {
 		ln, err := n.listen("tcp4", addr)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, body) }), ReadHeaderTimeout: 5 * time.Second}
 		n.servers = append(n.servers, srv)
@@ -149,7 +152,7 @@ func Start(cfg Config) (n *Net, err error) {
 	if cfg.UDPEcho != "" {
 		pc, err := n.listen("udp4", cfg.UDPEcho)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		n.udp = pc.(net.PacketConn)
 		go func() {
@@ -166,7 +169,7 @@ func Start(cfg Config) (n *Net, err error) {
 			}
 		}()
 	}
-	return n, nil
+	return nil
 }
 
 // listen opens a listener (tcp) or packet conn (udp) inside the namespace.

@@ -20,21 +20,23 @@ import (
 	"github.com/sandboxd/sandboxd/internal/fakeinet"
 )
 
-// The fake internet of these tests: a network namespace of the test's own behind the veth
-// sbxk8s-inet (10.218.255.1/30 on the host's side, .2 on the other), holding 192.0.2.10
-// ("api.company.com", HTTP on 80 and 8080) and 192.0.2.20 ("evil.example", HTTP on 80, UDP echo
-// on 9999); the host routes 192.0.2.0/24 there and the namespace routes everything back to the
-// host, which forwards to the pods' bridge. TEST-NET-1 is nobody's real network and not a range
-// the gateway treats as private; the container driver's tests use TEST-NET-2 and the e2e tests
-// TEST-NET-3, so all three can run at once. The pods' gateways resolve only from static records
-// (Options.Resolver), so no test sends a DNS query or a packet beyond the host.
+// The fake internet of these tests (package fakeinet): a network namespace of the test's own
+// behind the veth sbxk8s-inet (10.218.255.1/30 on the host's side, .2 on the other), holding
+// 203.0.113.241 ("api.company.com", HTTP on 80 and 8080) and .242 ("evil.example", HTTP on 80,
+// UDP echo on 9999); the host routes 203.0.113.240/28 there and the namespace routes everything
+// back to the host, which forwards to the pods' bridge. TEST-NET-3 is nobody's real network and
+// not a range the gateway treats as private; the e2e tests route all of 203.0.113.0/24 to their
+// own namespace and use .10 and .20: this /28 is more specific, so both can run at once (the
+// container driver's tests use TEST-NET-2; TEST-NET-1 is this CI machine's own network). The
+// pods' gateways resolve only from static records (Options.Resolver), so no test sends a DNS
+// query or a packet beyond the host.
 const (
 	k8sInetLink = "sbxk8s-inet"
 	k8sLinkHost = "10.218.255.1"
 	k8sLinkPeer = "10.218.255.2"
-	k8sInetNet  = "192.0.2.0/24"
-	k8sAPIIP    = "192.0.2.10"
-	k8sEvilIP   = "192.0.2.20"
+	k8sInetNet  = "203.0.113.240/28"
+	k8sAPIIP    = "203.0.113.241"
+	k8sEvilIP   = "203.0.113.242"
 	k8sEchoPort = 9999
 )
 
