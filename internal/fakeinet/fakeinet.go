@@ -7,6 +7,7 @@
 package fakeinet
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -18,7 +19,6 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 )
 
 // Config says what the fake internet holds.
@@ -60,18 +60,11 @@ func (n *Net) start(cfg Config) error {
 	if l, err := netlink.LinkByName(cfg.Link); err == nil {
 		_ = netlink.LinkDel(l)
 	}
-	errc := make(chan error, 1)
-	go func() { // a thread that stays in the new namespace and dies with its goroutine
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- err
-			return
-		}
-		ns, err := netns.Get()
+	if err := onThread(func() error {
+		ns, err := netns.New() // the thread's namespace until onThread puts it back
 		n.ns = ns
-		errc <- err
-	}()
-	if err := <-errc; err != nil {
+		return err
+	}); err != nil {
 		return err
 	}
 	la := netlink.NewLinkAttrs()
@@ -174,27 +167,46 @@ func (n *Net) start(cfg Config) error {
 
 // listen opens a listener (tcp) or packet conn (udp) inside the namespace.
 func (n *Net) listen(network, addr string) (any, error) {
-	type res struct {
-		v   any
-		err error
-	}
-	c := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+	var v any
+	err := onThread(func() error {
 		if err := netns.Set(n.ns); err != nil {
-			c <- res{nil, err}
-			return
+			return err
 		}
+		var err error
 		if strings.HasPrefix(network, "udp") {
-			pc, err := net.ListenPacket(network, addr)
-			c <- res{pc, err}
+			v, err = net.ListenPacket(network, addr)
+		} else {
+			v, err = net.Listen(network, addr)
+		}
+		return err
+	})
+	return v, err
+}
+
+// onThread runs fn on a locked thread and puts the thread back in the process's network
+// namespace afterwards. A thread must not end in another namespace (a goroutine that exits
+// locked ends its thread): a child process started from that thread with Pdeathsig — k8stest's
+// cluster components — would be killed with it. If the thread cannot be put back it ends.
+func onThread(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
 			return
 		}
-		ln, err := net.Listen(network, addr)
-		c <- res{ln, err}
+		defer orig.Close()
+		ferr := fn()
+		if err := netns.Set(orig); err != nil {
+			errc <- errors.Join(ferr, err) // still locked: the thread ends with the goroutine
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
 	}()
-	r := <-c
-	return r.v, r.err
+	return <-errc
 }
 
 // UDPCount is how many datagrams the echo server has received.
