@@ -7,7 +7,8 @@
 //	sandbox-agent --listen ADDR --secret-file PATH --prestart 0|1 [--python PATH]   (TCP mode: tcp.go)
 //	sandbox-agent install DIR [MKDIR...]                                           (tcp.go)
 //	sandbox-agent files --listen ADDR --secret-file PATH --root DIR                (files.go)
-//	sandbox-agent netinit PORT...                                                  (netinit.go)
+//	sandbox-agent netinit PORT[,PORT...] [GATEWAY_UID]                             (netinit.go)
+//	sandbox-agent egress --control ADDR --secret-file PATH …                       (egress.go)
 //
 // Behaviour:
 //   - One run at a time. Connections are served strictly in order: a second connection made while
@@ -71,6 +72,9 @@ func main() {
 	}
 	if len(os.Args) > 1 && os.Args[1] == netinitCommand {
 		netinitMain(os.Args[2:]) // does not return
+	}
+	if len(os.Args) > 1 && os.Args[1] == egressCommand {
+		egressMain(os.Args[2:]) // does not return
 	}
 	log := newLogger("agent")
 	python := flag.String("python", "/usr/bin/python3", "the Python interpreter")

@@ -165,7 +165,9 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 		opts.Resolver = cfg.StaticHosts
 	}
 	if cfg.Driver == kubernetes.Name {
-		opts = kubernetesOptions(cfg, replica, log)
+		k := kubernetesOptions(cfg, replica, log)
+		k.OnNetwork, k.Resolver = opts.OnNetwork, opts.Resolver // the pods' gateways report and resolve so too
+		opts = k
 	}
 	drv, err := driver.Open(cfg.Driver, opts)
 	if err != nil {

@@ -75,6 +75,10 @@ type Config struct {
 	OnAnswer func(sandboxID string, a Answer) error
 	// PinTTL is how long the addresses of an answer stay pinned to its name (0: an hour).
 	PinTTL time.Duration
+	// Ports are the gateway's DNS, proxy and transparent ports (zero: DNSPort, ProxyPort,
+	// TransparentPort). A gateway without CAP_NET_BIND_SERVICE (the kubernetes driver's sidecar,
+	// which the pod's own rules redirect to) listens on ports above 1023.
+	Ports [3]uint16
 	// ExemptForTests are prefixes taken out of the fixed always-denied set, the host-address
 	// check and the private ranges (not out of Denied, nor out of the policy): for tests whose
 	// fake upstreams listen on loopback. Never set it in production.
@@ -142,6 +146,11 @@ func NewGateway(cfg Config) (*Gateway, error) {
 	g := &Gateway{cfg: cfg, resolver: cfg.Resolver, dial: cfg.Dial, dialTimeout: cfg.DialTimeout,
 		maxConns: cfg.MaxConns, sandboxes: map[string]*sandbox{}, ports: [3]uint16{DNSPort, ProxyPort, TransparentPort}, origDst: originalDst,
 		headTimeout: defaultHeadTimeout}
+	for i, p := range cfg.Ports {
+		if p != 0 {
+			g.ports[i] = p
+		}
+	}
 	g.cfg.Denied = maskAll(cfg.Denied)
 	g.cfg.ExemptForTests = maskAll(cfg.ExemptForTests)
 	if g.resolver == nil {

@@ -47,7 +47,7 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	drivers.Close() // a test that failed half-way must not leave containers on the host
 	if inet != nil {
-		inet.stop()
+		inet.Stop()
 	}
 	if tmp != "" {
 		os.RemoveAll(tmp)

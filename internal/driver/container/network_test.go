@@ -5,12 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -19,12 +16,11 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/drivertest"
 	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/fakeinet"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
@@ -45,192 +41,27 @@ const (
 	echoPort = 9999
 )
 
-type fakeNet struct {
-	ns      netns.NsHandle
-	servers []*http.Server
-	udp     net.PacketConn
-	mu      sync.Mutex
-	udpSeen int
-}
-
 var (
 	inetOnce sync.Once
-	inet     *fakeNet
+	inet     *fakeinet.Net
 	inetErr  error
 )
 
 // fakeInternet starts the fake internet once for the test binary (TestMain stops it).
-func fakeInternet(t testing.TB) *fakeNet {
+func fakeInternet(t testing.TB) *fakeinet.Net {
 	t.Helper()
 	drivertest.Need(t, "the container driver's tests", setupErr)
-	inetOnce.Do(func() { inet, inetErr = startInternet() })
+	inetOnce.Do(func() {
+		inet, inetErr = fakeinet.Start(fakeinet.Config{
+			Link: inetLink, HostAddr: linkHost, PeerAddr: linkPeer, Routed: netip.MustParsePrefix("198.51.100.0/24"),
+			HTTP:    map[string]string{apiIP + ":80": "hello from api", evilIP + ":80": "evil"},
+			UDPEcho: fmt.Sprintf("%s:%d", evilIP, echoPort),
+		})
+	})
 	if inetErr != nil {
 		t.Fatalf("fake internet: %v", inetErr)
 	}
 	return inet
-}
-
-func startInternet() (f *fakeNet, err error) {
-	if l, err := netlink.LinkByName(inetLink); err == nil { // left by a crashed run
-		_ = netlink.LinkDel(l)
-	}
-	f = &fakeNet{}
-	defer func() {
-		if err != nil {
-			f.stop()
-		}
-	}()
-	// A goroutine whose thread stays in the new namespace and dies with it.
-	if err := inNewNS(func(ns netns.NsHandle) { f.ns = ns }); err != nil {
-		return nil, err
-	}
-	la := netlink.NewLinkAttrs()
-	la.Name = inetLink
-	la.Flags = net.FlagUp
-	veth := &netlink.Veth{LinkAttrs: la, PeerName: "eth0", PeerNamespace: netlink.NsFd(f.ns), PeerTxQLen: -1}
-	if err := netlink.LinkAdd(veth); err != nil {
-		return nil, err
-	}
-	if err := netlink.AddrAdd(veth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(linkHost), Mask: net.CIDRMask(30, 32)}}); err != nil {
-		return nil, err
-	}
-	h, err := netlink.NewHandleAt(f.ns)
-	if err != nil {
-		return nil, err
-	}
-	defer h.Close()
-	eth, err := h.LinkByName("eth0")
-	if err != nil {
-		return nil, err
-	}
-	for _, a := range []struct {
-		ip   string
-		bits int
-	}{{linkPeer, 30}, {apiIP, 32}, {evilIP, 32}} {
-		if err := h.AddrAdd(eth, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(a.ip), Mask: net.CIDRMask(a.bits, 32)}}); err != nil {
-			return nil, err
-		}
-	}
-	lo, _ := h.LinkByName("lo")
-	for _, l := range []netlink.Link{eth, lo} {
-		if err := h.LinkSetUp(l); err != nil {
-			return nil, err
-		}
-	}
-	route := &netlink.Route{LinkIndex: veth.Index, Dst: &net.IPNet{IP: net.ParseIP("198.51.100.0"), Mask: net.CIDRMask(24, 32)}, Gw: net.ParseIP(linkPeer)}
-	if err := netlink.RouteAdd(route); err != nil {
-		return nil, fmt.Errorf("route to the fake internet: %w", err)
-	}
-	// Never dial out for real: the fake internet's addresses must route to it.
-	for _, a := range []string{apiIP, evilIP} {
-		deadline := time.Now().Add(2 * time.Second)
-		for {
-			rs, err := netlink.RouteGet(net.ParseIP(a))
-			if err == nil && len(rs) > 0 && rs[0].LinkIndex == veth.Index {
-				break
-			}
-			if time.Now().After(deadline) {
-				return nil, fmt.Errorf("%s does not route to %s: %v %v", a, inetLink, rs, err)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
-	for _, s := range []struct{ addr, body string }{{apiIP, "hello from api"}, {evilIP, "evil"}} {
-		ln, err := f.listen("tcp4", s.addr+":80")
-		if err != nil {
-			return nil, err
-		}
-		body := s.body
-		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, body) }), ReadHeaderTimeout: 5 * time.Second}
-		f.servers = append(f.servers, srv)
-		go srv.Serve(ln.(net.Listener))
-	}
-	pc, err := f.listen("udp4", fmt.Sprintf("%s:%d", evilIP, echoPort))
-	if err != nil {
-		return nil, err
-	}
-	f.udp = pc.(net.PacketConn)
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := f.udp.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			f.mu.Lock()
-			f.udpSeen++
-			f.mu.Unlock()
-			_, _ = f.udp.WriteTo(buf[:n], from)
-		}
-	}()
-	return f, nil
-}
-
-// inNewNS runs fn on a thread in a new network namespace; the thread never leaves it and dies
-// with its goroutine.
-func inNewNS(fn func(netns.NsHandle)) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			errc <- err
-			return
-		}
-		ns, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		fn(ns)
-		errc <- nil
-	}()
-	return <-errc
-}
-
-// listen opens a listener (tcp) or packet conn (udp) inside the fake internet.
-func (f *fakeNet) listen(network, addr string) (any, error) {
-	type res struct {
-		v   any
-		err error
-	}
-	c := make(chan res, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		if err := netns.Set(f.ns); err != nil {
-			c <- res{nil, err}
-			return
-		}
-		if strings.HasPrefix(network, "udp") {
-			pc, err := net.ListenPacket(network, addr)
-			c <- res{pc, err}
-			return
-		}
-		ln, err := net.Listen(network, addr)
-		c <- res{ln, err}
-	}()
-	r := <-c
-	return r.v, r.err
-}
-
-func (f *fakeNet) udpCount() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.udpSeen
-}
-
-func (f *fakeNet) stop() {
-	for _, s := range f.servers {
-		s.Close()
-	}
-	if f.udp != nil {
-		f.udp.Close()
-	}
-	if l, err := netlink.LinkByName(inetLink); err == nil {
-		_ = netlink.LinkDel(l)
-	}
-	if f.ns.IsOpen() {
-		f.ns.Close()
-	}
 }
 
 // assertNetworkGone checks (after the background part of Destroy) that sandbox id has no veth,
@@ -340,7 +171,7 @@ func TestEgress(t *testing.T) {
 			spec := baseSpec(t)
 			spec.Network = policy
 			id := harness.Sandbox(t, d, spec)
-			udpBefore := in.udpCount()
+			udpBefore := in.UDPCount()
 			out := drivertest.MustExec(t, d, id, "EVIL = "+fmt.Sprintf("%q", evilIP)+"\n"+egressProbe)
 			var got map[string]any
 			if err := json.Unmarshal([]byte(out), &got); err != nil {
@@ -391,7 +222,7 @@ func TestEgress(t *testing.T) {
 			want("evil", "err:HTTPError:HTTP Error 403")
 			want("metadata", "err:HTTPError:HTTP Error 403")
 			want("dns_evil", "err:gaierror")
-			if n := in.udpCount() - udpBefore; n != 0 {
+			if n := in.UDPCount() - udpBefore; n != 0 {
 				t.Errorf("the fake internet received %d datagrams", n)
 			}
 			// Decisions: allowed api.company.com; denied evil.example, the metadata address, UDP.

@@ -33,12 +33,18 @@
 //     package agent's files protocol, files.go) on FilesPort behind the same challenge as the
 //     agent; every path resolved beneath its directory by package hostfs (RESOLVE_BENEATH), so
 //     the links and races of the sandbox, which writes those directories, lead nowhere else;
-//   - egress: a sandbox whose policy blocks everything gets a second init container, the only one
-//     with NET_ADMIN (as root), that runs "sandbox-agent netinit": nftables rules in the pod's
-//     network namespace that drop every packet out but the agent's and the files sidecar's
-//     replies. Other policies need an
-//     egress gateway reachable from pods, which the driver does not have yet: Create refuses them
-//     (driver.ErrUnsupported).
+//   - egress: an init container, the only one with NET_ADMIN (as root), runs "sandbox-agent
+//     netinit": nftables rules in the pod's network namespace. For a policy that blocks
+//     everything they drop every packet out but the agent's and the files sidecar's replies. Any
+//     other policy (egress.go) adds the egress gateway of package egress as a native sidecar from
+//     the agent image ("sandbox-agent egress", uid GatewayUID, no capabilities, read-only root),
+//     and the rules redirect the sandbox's DNS and TCP to it on the pod's loopback and let only
+//     its uid send out. The driver sets the policy over the gateway's control channel (package
+//     egressctl, the agent's HMAC challenge with a second secret only the sidecar mounts) at
+//     Create and SetNetwork, and drains its decisions to Options.OnNetwork after every run and
+//     at Destroy. The cluster's own addresses (apiserver, nodes, pod CIDRs, the kubernetes
+//     service) are denied whatever the policy lists; Options.Resolver, if set, must be static
+//     records (they are handed to the gateways).
 //
 // Exec dials the pod's IP (the host must route to the pod network) and speaks the agent protocol
 // over the authenticated connection. The driver keeps no state of its own: the pods and Secrets
@@ -58,7 +64,9 @@
 // allow_spawn needs it at most Spec.PidsLimit); an OOM is what the agent reads in its cgroup
 // (RunResult.OOMKill), or a sandbox container the kernel OOM-killed as a whole. A pod that ends
 // by itself (evicted, failed) makes Exec say driver.GoneError (gone.go); the pods of a lost
-// replica are destroyed by the replica that declared it lost (DestroyReplica, replicas.go).
+// replica are destroyed by the replica that declared it lost (DestroyReplica, replicas.go). The
+// sandbox's UDP and ICMP are dropped even when its policy does not block outbound traffic, and
+// the packets the pod's rules drop are not reported (no NFLOG reader in the pod).
 package kubernetes
 
 import (
@@ -67,7 +75,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
@@ -84,6 +94,8 @@ import (
 	"github.com/sandboxd/sandboxd/internal/agent"
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/egress"
+	"github.com/sandboxd/sandboxd/internal/egressctl"
 )
 
 // Name is the driver's registry name.
@@ -109,21 +121,31 @@ type Driver struct {
 	agentImage string
 	cpuRequest float64 // the share of its CPU limit a pod requests (Options.CPURequest)
 	log        *slog.Logger
+	onNetwork  func(egress.Decision) // Options.OnNetwork
+	hosts      egress.StaticResolver // Options.Resolver: the gateways' static records (nil: the pods' resolver)
+	apiserver  string                // the kubeconfig's server URL
+
+	deniedMu sync.Mutex
+	denied   []netip.Prefix // the cluster's own addresses (clusterDenied), as of deniedAt
+	deniedAt time.Time
 
 	mu     sync.Mutex
 	boxes  map[string]*box // what Exec needs, cached (the API has it all)
 	limits kubeletLimits   // what the nodes' kubelets enforce (kubelet.go)
 }
 
-// box is what the driver needs to reach a sandbox's agent.
+// box is what the driver needs to reach a sandbox's agent and its egress gateway.
 type box struct {
+	id        string
 	addr      string // the agent's pod IP:port
 	filesAddr string // the files sidecar's
 	secret    []byte
+	gw        *egressctl.Client // nil: no gateway (the policy blocks everything)
+	boot      string            // the gateway's boot ID last seen (guarded by Driver.mu)
 }
 
-func newBox(ip string, secret []byte) *box {
-	return &box{addr: net.JoinHostPort(ip, strconv.Itoa(AgentPort)), filesAddr: net.JoinHostPort(ip, strconv.Itoa(FilesPort)), secret: secret}
+func newBox(id, ip string, secret []byte) *box {
+	return &box{id: id, addr: net.JoinHostPort(ip, strconv.Itoa(AgentPort)), filesAddr: net.JoinHostPort(ip, strconv.Itoa(FilesPort)), secret: secret}
 }
 
 // Open connects to the cluster of opts.Kubeconfig.
@@ -144,7 +166,15 @@ func Open(opts driver.Options) (*Driver, error) {
 		return nil, fmt.Errorf("kubernetes driver: %w", err)
 	}
 	d := &Driver{cs: cs, ns: opts.Namespace, replica: opts.Replica, images: opts.ClusterImages,
-		agentImage: opts.AgentImage, log: opts.Log(), boxes: map[string]*box{}}
+		agentImage: opts.AgentImage, log: opts.Log(), boxes: map[string]*box{}, onNetwork: opts.OnNetwork}
+	switch r := opts.Resolver.(type) {
+	case nil:
+	case egress.StaticResolver:
+		d.hosts = r
+	default:
+		// The gateways resolve in the pods: only static records can be handed to them.
+		return nil, fmt.Errorf("kubernetes driver: a resolver other than static host records (%T) cannot be handed to the pods' gateways", r)
+	}
 	if d.ns == "" {
 		d.ns = "default"
 	}
@@ -159,6 +189,7 @@ func Open(opts driver.Options) (*Driver, error) {
 	if d.replica == "" {
 		d.replica = "default"
 	}
+	d.apiserver = cfg.Host
 	return d, nil
 }
 
@@ -201,9 +232,6 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if spec.SitePackages != "" {
 		return fmt.Errorf("kubernetes: site packages: %w", driver.ErrUnsupported)
 	}
-	if p := spec.Network; !p.BlockOutbound || len(p.Rules) > 0 {
-		return fmt.Errorf("kubernetes: egress (a policy other than block_outbound with no allow list needs a gateway pods reach): %w", driver.ErrUnsupported)
-	}
 	img, ok := d.images[spec.RootFS]
 	if !ok {
 		return fmt.Errorf("kubernetes: image %s has no cluster reference (config: the image's cluster ref)", spec.RootFS)
@@ -214,11 +242,15 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err := d.kubelets(ctx, false).fit(spec.AllowSpawn, spec.PidsLimit); err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
+	if needsGateway(spec.Network) {
+		d.refreshDenied(ctx)
+	}
 	pod, err := d.podObject(id, spec, img)
 	if err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
 	secret := []byte(fmt.Sprintf("%x", agent.MakeSecret()))
+	gwSecret := []byte(fmt.Sprintf("%x", agent.MakeSecret()))
 	defer func() {
 		if err != nil {
 			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), destroyTimeout)
@@ -228,7 +260,7 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 			}
 		}
 	}()
-	if _, err := d.cs.CoreV1().Secrets(d.ns).Create(ctx, d.secretObject(id, secret), metav1.CreateOptions{}); err != nil {
+	if _, err := d.cs.CoreV1().Secrets(d.ns).Create(ctx, d.secretObject(id, secret, gwSecret), metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("kubernetes: create %s: secret: %w", id, err)
 	}
 	created, err := d.cs.CoreV1().Pods(d.ns).Create(ctx, pod, metav1.CreateOptions{})
@@ -243,12 +275,20 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
-	b := newBox(ip, secret)
+	b := newBox(id, ip, secret)
+	if hasGateway(pod) {
+		b.gw = &egressctl.Client{Addr: net.JoinHostPort(ip, strconv.Itoa(ControlPort)), Secret: gwSecret}
+	}
 	if err := agent.WaitReadyDial(wctx, b.addr, agent.TCPDial(b.addr, b.secret)); err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
 	if err := waitFiles(wctx, b); err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
+	if b.gw != nil {
+		if err := d.setPolicy(wctx, b, spec.Network); err != nil {
+			return fmt.Errorf("kubernetes: create %s: %w", id, err)
+		}
 	}
 	d.mu.Lock()
 	d.boxes[id] = b
@@ -370,7 +410,10 @@ func (d *Driver) lookup(ctx context.Context, id string) (*box, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes: sandbox %s: %w", id, err)
 	}
-	b = newBox(pod.Status.PodIP, sec.Data[secretKey])
+	b = newBox(id, pod.Status.PodIP, sec.Data[secretKey])
+	if hasGateway(pod) {
+		b.gw = &egressctl.Client{Addr: net.JoinHostPort(pod.Status.PodIP, strconv.Itoa(ControlPort)), Secret: sec.Data[gatewayKey]}
+	}
 	d.mu.Lock()
 	d.boxes[id] = b
 	d.mu.Unlock()
@@ -389,7 +432,17 @@ func (d *Driver) Exec(ctx context.Context, id string, req driver.ExecRequest) (d
 		runCtx, cancel = context.WithTimeout(ctx, req.Timeout+agentGrace)
 		defer cancel()
 	}
-	areq := agent.RunRequest{Code: req.Code, TimeoutMS: req.Timeout.Milliseconds(), Env: req.Env,
+	env := req.Env
+	if b.gw != nil {
+		env = maps.Clone(req.Env)
+		if env == nil {
+			env = map[string]string{}
+		}
+		maps.Copy(env, proxyEnv())
+		// Every decision of the run reaches the service's audit before its result does.
+		defer d.drain(ctx, b)
+	}
+	areq := agent.RunRequest{Code: req.Code, TimeoutMS: req.Timeout.Milliseconds(), Env: env,
 		MaxOutput: req.MaxOutput, Agent: req.Agent, Context: req.Context} // AllowSpawn: the agent's own (--prestart)
 	started := time.Now()
 	onCall := func(ctx context.Context, call json.RawMessage) []byte { return driver.AnswerAgentCall(ctx, req, call) }
@@ -441,8 +494,12 @@ const startTimeout = 2 * time.Minute
 // Destroy deletes sandbox id's pod and Secret (foreground) and returns once both are gone.
 func (d *Driver) Destroy(ctx context.Context, id string) error {
 	d.mu.Lock()
+	b := d.boxes[id]
 	delete(d.boxes, id)
 	d.mu.Unlock()
+	if b != nil && b.gw != nil {
+		d.drain(ctx, b) // what the last moments decided (a run's stragglers)
+	}
 	if statedir.CheckID(id) != nil {
 		return nil
 	}

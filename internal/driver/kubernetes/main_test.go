@@ -30,6 +30,9 @@ import (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	drivers.Close()
+	if inet != nil {
+		inet.Stop()
+	}
 	k8stest.Stop()
 	if env != nil {
 		os.RemoveAll(env.tmp) // the agent binary and image built for the tests
@@ -139,12 +142,11 @@ var harness = drivertest.Harness{
 	Reopen: func(t *testing.T, old driver.Driver) driver.Driver {
 		return open(t, old.(*Driver).replica)
 	},
-	Spec:    func(t *testing.T) driver.Spec { setup(t); return testSpec() },
-	Python:  true,
-	Spawn:   true,
-	Signals: true,
-	// Egress other than all blocked needs a gateway pods reach: not done (Create refuses it).
-	Egress:    false,
+	Spec:      func(t *testing.T) driver.Spec { setup(t); return testSpec() },
+	Python:    true,
+	Spawn:     true,
+	Signals:   true,
+	Egress:    true, // allow lists through the pod's gateway sidecar (egress_test.go tries them)
 	Survives:  true, // the pods are the state; the secret is read back from the Secret
 	ImageFile: "/usr/lib/os-release",
 	// The pod's /tmp, working directory and paths are a tmpfs of the pod, not the spec's host

@@ -6,18 +6,24 @@ import (
 	corev1 "k8s.io/api/core/v1"
 )
 
-// netinitContainer is the init container that drops every packet the pod sends but the agent's
-// and the files sidecar's replies ("sandbox-agent netinit", cmd/sandbox-agent/netinit.go): the one container of the pod
-// with a capability (NET_ADMIN, as root, for the nftables rules of the pod's network namespace).
-// The sandbox's container, which starts after it has exited, has none.
-func netinitContainer(agentImage string) corev1.Container {
+// netinitContainer is the init container that installs the pod's egress rules ("sandbox-agent
+// netinit", cmd/sandbox-agent/netinit.go): without a gateway, drop every packet the pod sends but
+// the agent's and the files sidecar's replies; with one, redirect the sandbox's DNS and TCP to the
+// gateway and let only the gateway's uid send out. It is the one container of the pod with a
+// capability (NET_ADMIN, as root, for the nftables rules of the pod's network namespace); the
+// sidecars and the sandbox's container, which start after it has exited, have none.
+func netinitContainer(agentImage string, gateway bool) corev1.Container {
+	cmd := []string{"/sandbox-agent", "netinit", strconv.Itoa(AgentPort) + "," + strconv.Itoa(FilesPort)}
+	if gateway {
+		cmd = append(cmd, strconv.Itoa(GatewayUID))
+	}
 	f, t := false, true
 	root := int64(0)
 	return corev1.Container{
 		Name:            "netinit",
 		Image:           agentImage,
 		ImagePullPolicy: corev1.PullIfNotPresent,
-		Command:         []string{"/sandbox-agent", "netinit", strconv.Itoa(AgentPort), strconv.Itoa(FilesPort)},
+		Command:         cmd,
 		SecurityContext: &corev1.SecurityContext{
 			RunAsNonRoot:             &f,
 			RunAsUser:                &root,

@@ -80,10 +80,10 @@ func (d *Driver) labels(id string) map[string]string {
 
 // secretObject is sandbox id's Secret: the agent's secret and the empty file that masks blocked
 // files.
-func (d *Driver) secretObject(id string, secret []byte) *corev1.Secret {
+func (d *Driver) secretObject(id string, secret, gatewaySecret []byte) *corev1.Secret {
 	return &corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{Name: objectName(id), Namespace: d.ns, Labels: d.labels(id)},
-		Data:       map[string][]byte{secretKey: secret, blockedKey: {}},
+		Data:       map[string][]byte{secretKey: secret, blockedKey: {}, gatewayKey: gatewaySecret},
 		Type:       corev1.SecretTypeOpaque,
 	}
 }
@@ -180,8 +180,16 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		VolumeMounts:    []corev1.VolumeMount{{Name: "agent", MountPath: "/agent"}, {Name: "disk", MountPath: diskRoot}},
 		SecurityContext: restricted,
 		Resources:       corev1.ResourceRequirements{Requests: initResources, Limits: initResources},
-	}, filesContainer(d.agentImage, restricted, spec.DiskBytes),
-		netinitContainer(d.agentImage)} // Create accepts only block_outbound without an allow list
+	}, netinitContainer(d.agentImage, needsGateway(spec.Network)), filesContainer(d.agentImage, restricted, spec.DiskBytes)}
+	var dnsConfig *corev1.PodDNSConfig
+	if needsGateway(spec.Network) {
+		d.deniedMu.Lock()
+		denied := d.denied
+		d.deniedMu.Unlock()
+		initContainers = append(initContainers, gatewayContainer(d.agentImage, denied, d.hosts))
+		volumes = append(volumes, gatewayVolumes(id)...)
+		dnsConfig = gatewayDNSConfig()
+	}
 	var runtimeClass *string
 	if img.RuntimeClass != "" {
 		runtimeClass = &img.RuntimeClass
@@ -204,6 +212,7 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 				SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
 			},
 			InitContainers: initContainers,
+			DNSConfig:      dnsConfig,
 			Containers: []corev1.Container{{
 				Name:            sandboxContainer,
 				Image:           img.Ref,

@@ -1,13 +1,23 @@
 package kubernetes
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/egress"
@@ -158,5 +168,102 @@ func TestPodBlockedInsideMount(t *testing.T) {
 	}
 	if paths["/workspace/hidden/x"] != 0 || paths["/workspace/hidden"] != 1 || paths["/workspace/data/secret/deep"] != 1 {
 		t.Errorf("mounts %v", paths)
+	}
+}
+
+// TestPodGateway: a policy other than "block everything" gets the gateway sidecar — its own uid,
+// no capability, a read-only root, its secret mounted in it alone — and netinit's redirecting
+// rules for that uid; "block everything" gets neither.
+func TestPodGateway(t *testing.T) {
+	d := &Driver{ns: "ns", replica: "r", agentImage: "agent@sha256:00",
+		denied: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
+		hosts:  egress.StaticResolver{"api.company.com": {netip.MustParseAddr("192.0.2.10")}}}
+	for _, tc := range []struct {
+		policy  egress.Policy
+		gateway bool
+	}{
+		{egress.Policy{BlockOutbound: true}, false},
+		{egress.Policy{BlockOutbound: true, Rules: []egress.Rule{{Host: "api.company.com"}}}, true},
+		{egress.Policy{BlockOutbound: false}, true},
+	} {
+		spec := driver.Spec{RootFS: t.TempDir(), CPU: 0.5, MemoryBytes: 128 << 20, DiskBytes: 64 << 20, Network: tc.policy}
+		pod, err := d.podObject("t-3", spec, driver.ClusterImage{Ref: "python@sha256:11"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if hasGateway(pod) != tc.gateway {
+			t.Errorf("%+v: gateway %v, want %v", tc.policy, hasGateway(pod), tc.gateway)
+		}
+		var netinit, gw *corev1.Container
+		for i, c := range pod.Spec.InitContainers {
+			switch c.Name {
+			case "netinit":
+				netinit = &pod.Spec.InitContainers[i]
+			case gatewayName:
+				gw = &pod.Spec.InitContainers[i]
+			}
+		}
+		wantArgs := []string{"/sandbox-agent", "netinit", "7070"}
+		if tc.gateway {
+			wantArgs = append(wantArgs, "10001")
+		}
+		if netinit == nil || !slices.Equal(netinit.Command, wantArgs) {
+			t.Errorf("%+v: netinit %+v, want %v", tc.policy, netinit, wantArgs)
+		}
+		for _, m := range pod.Spec.Containers[0].VolumeMounts {
+			if m.Name == "egress-secret" || m.Name == "egress-state" {
+				t.Errorf("the sandbox's container mounts %s", m.Name)
+			}
+		}
+		if dc := pod.Spec.DNSConfig; (dc != nil) != tc.gateway || (dc != nil && (dc.Options[0].Name != "ndots" || *dc.Options[0].Value != "1")) {
+			t.Errorf("%+v: dns config %+v", tc.policy, dc)
+		}
+		if !tc.gateway {
+			continue
+		}
+		sc := gw.SecurityContext
+		if *gw.RestartPolicy != corev1.ContainerRestartPolicyAlways || *sc.RunAsUser != GatewayUID || *sc.RunAsGroup != GatewayUID ||
+			GatewayUID == driver.SandboxUser || !*sc.RunAsNonRoot || !*sc.ReadOnlyRootFilesystem || *sc.AllowPrivilegeEscalation ||
+			len(sc.Capabilities.Add) != 0 || sc.Capabilities.Drop[0] != "ALL" || sc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
+			t.Errorf("gateway: %+v", gw)
+		}
+		cmd := strings.Join(gw.Command, " ")
+		if !strings.Contains(cmd, "--deny 10.244.0.0/16") || !strings.Contains(cmd, "--host api.company.com=192.0.2.10") {
+			t.Errorf("gateway command %q", cmd)
+		}
+	}
+}
+
+// TestClusterDenied: what the gateways deny beyond the fixed set — the apiserver's address, every
+// node's addresses and pod ranges, the kubernetes service's IP — and that a failed list keeps
+// the last one.
+func TestClusterDenied(t *testing.T) {
+	cs := fake.NewClientset(
+		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"},
+			Spec: corev1.NodeSpec{PodCIDR: "10.244.1.0/24", PodCIDRs: []string{"10.244.1.0/24", "fd00:10:244:1::/64"}},
+			Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{
+				{Type: corev1.NodeInternalIP, Address: "192.168.7.10"}, {Type: corev1.NodeExternalIP, Address: "203.0.113.7"},
+				{Type: corev1.NodeHostName, Address: "n1"}}}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "kubernetes", Namespace: "default"},
+			Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.1", ClusterIPs: []string{"10.96.0.1"}}},
+	)
+	d := &Driver{cs: cs, log: slog.New(slog.DiscardHandler), apiserver: "https://198.51.100.5:6443"}
+	d.refreshDenied(context.Background())
+	var got []string
+	for _, p := range d.denied {
+		got = append(got, p.String())
+	}
+	want := []string{"10.244.1.0/24", "10.96.0.1/32", "192.168.7.10/32", "198.51.100.5/32", "203.0.113.7/32", "fd00:10:244:1::/64"}
+	if !slices.Equal(got, want) {
+		t.Errorf("denied %v, want %v", got, want)
+	}
+	// Past the TTL with the nodes unlistable: the last list stays.
+	d.deniedAt = time.Now().Add(-2 * deniedTTL)
+	cs.PrependReactor("list", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, errors.New("the apiserver is away")
+	})
+	d.refreshDenied(context.Background())
+	if len(d.denied) != len(want) {
+		t.Errorf("after a failed list: %v", d.denied)
 	}
 }
