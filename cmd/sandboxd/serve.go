@@ -265,7 +265,7 @@ func kubernetesOptions(cfg config.Config, replica string, log *slog.Logger) driv
 		}
 	}
 	return driver.Options{Kubeconfig: cfg.Kubeconfig, Namespace: cfg.Namespace, AgentImage: cfg.AgentImage,
-		ClusterImages: ims, Replica: replica, CPURequest: cfg.CPURequest, Logger: log.With("driver", kubernetes.Name)}
+		ClusterImages: ims, Replica: replica, CPURequest: cfg.CPURequest, Kubelet: cfg.Kubelet, Logger: log.With("driver", kubernetes.Name)}
 }
 
 // storeKind names the store in the log (never the URL: it may hold a password).

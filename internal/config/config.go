@@ -88,6 +88,7 @@ type Config struct {
 	AgentImage    string
 	CPURequest    float64
 	ClusterImages map[string]driver.ClusterImage
+	Kubelet       driver.KubeletLimits // what every kubelet sets, as the operator declares (the file's "kubelet")
 }
 
 // StoreUsage is the --store flag's help, for every command that opens the store.
@@ -143,6 +144,7 @@ type file struct {
 		StaticHosts map[string][]string `json:"static_hosts"`
 	} `json:"egress"`
 	ClusterImages map[string]driver.ClusterImage `json:"cluster_images"`
+	Kubelet       driver.KubeletLimits           `json:"kubelet"`
 	Agents        map[string]struct {
 		URL     string            `json:"url"`
 		Headers map[string]string `json:"headers"`
@@ -423,6 +425,7 @@ func (c *Config) loadFile(path string) error {
 		}
 	}
 	c.ClusterImages = f.ClusterImages
+	c.Kubelet = f.Kubelet
 	for id, a := range f.Agents {
 		if !sandbox.ValidAgentID(id) {
 			return fmt.Errorf("config %s: agents[%q]: not an agent_id (1-128 characters of A-Z a-z 0-9 . _ : -)", path, id)

@@ -399,6 +399,15 @@ type Options struct {
 	AgentImage    string
 	Replica       string
 	CPURequest    float64
+	Kubelet       KubeletLimits
+}
+
+// KubeletLimits is what the operator declares every kubelet of the cluster sets (the config
+// file's "kubelet"): the kubernetes driver cannot read a kubelet's configuration without a
+// permission that also allows exec into every pod, and Kubernetes has no pids limit per pod.
+type KubeletLimits struct {
+	PodPidsLimit         int64 `json:"pod_pids_limit"`          // the kubelets' podPidsLimit (0: none declared)
+	SingleProcessOOMKill bool  `json:"single_process_oom_kill"` // the kubelets' singleProcessOOMKill
 }
 
 // ClusterImage is an image as a Kubernetes cluster runs it: Ref, a reference pinned by digest

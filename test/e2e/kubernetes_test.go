@@ -119,6 +119,7 @@ func kubeArgs(dataDir string, args []string) ([]string, error) {
 		args = slices.Delete(slices.Clone(args), i, i+2)
 	}
 	cfg["cluster_images"] = map[string]any{"agentcop/agent-sandbox:latest": map[string]any{"ref": kube.imageRef}}
+	cfg["kubelet"] = map[string]any{"pod_pids_limit": k8stest.PodPidsLimit, "single_process_oom_kill": true} // k8stest's kubelet
 	b, err := json.Marshal(cfg)
 	if err != nil {
 		return nil, err

@@ -131,7 +131,7 @@ type Driver struct {
 
 	mu     sync.Mutex
 	boxes  map[string]*box // what Exec needs, cached (the API has it all)
-	limits kubeletLimits   // what the nodes' kubelets enforce (kubelet.go)
+	limits kubeletLimits   // what the nodes' kubelets enforce, as declared (kubelet.go)
 }
 
 // box is what the driver needs to reach a sandbox's agent and its egress gateway.
@@ -166,7 +166,8 @@ func Open(opts driver.Options) (*Driver, error) {
 		return nil, fmt.Errorf("kubernetes driver: %w", err)
 	}
 	d := &Driver{cs: cs, ns: opts.Namespace, replica: opts.Replica, images: opts.ClusterImages,
-		agentImage: opts.AgentImage, log: opts.Log(), boxes: map[string]*box{}, onNetwork: opts.OnNetwork}
+		agentImage: opts.AgentImage, log: opts.Log(), boxes: map[string]*box{}, onNetwork: opts.OnNetwork,
+		limits: kubeletLimitsOf(opts.Kubelet)}
 	switch r := opts.Resolver.(type) {
 	case nil:
 	case egress.StaticResolver:
@@ -199,19 +200,14 @@ func (d *Driver) Name() string { return Name }
 // Close releases nothing: the driver holds no resources of its process.
 func (d *Driver) Close() error { return nil }
 
-// Check asks the apiserver for the driver's pods (which also proves its permissions) and reads
-// the nodes' kubelet configuration: it fails while a node sets no pids limit or lacks
-// singleProcessOOMKill (kubelet.go).
+// Check asks the apiserver for the driver's pods (which also proves its permissions); it fails
+// while the kubelets are not declared to set a pids limit and singleProcessOOMKill (kubelet.go).
 func (d *Driver) Check(ctx context.Context) error {
 	_, err := d.cs.CoreV1().Pods(d.ns).List(ctx, metav1.ListOptions{LabelSelector: d.selector(), Limit: 1})
 	if err != nil {
 		return fmt.Errorf("kubernetes: %w", err)
 	}
-	k := d.kubelets(ctx, true)
-	if k.readError != nil {
-		return fmt.Errorf("kubernetes: %w", k.readError)
-	}
-	if k.err != nil {
+	if k := d.kubelets(ctx, true); k.err != nil {
 		return fmt.Errorf("kubernetes: the nodes cannot hold sandboxes safely: %w", k.err)
 	}
 	return nil

@@ -107,6 +107,7 @@ func newEnv(t testing.TB, c *k8stest.Cluster) (*testEnv, error) {
 		Namespace:     testNamespace,
 		ClusterImages: map[string]driver.ClusterImage{rootfs: {Ref: imageRef}},
 		AgentImage:    agentRef,
+		Kubelet:       driver.KubeletLimits{PodPidsLimit: k8stest.PodPidsLimit, SingleProcessOOMKill: true}, // k8stest's kubelet
 	}}, nil
 }
 

@@ -22,34 +22,28 @@ import (
 	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
-// TestNodeProblems: a kubelet without a pids limit or singleProcessOOMKill makes its node unfit;
-// allow_spawn is refused when the pods' limit is above the sandbox's.
+// TestNodeProblems: a declaration without a pids limit or singleProcessOOMKill makes the
+// kubelets unfit, saying what to declare; allow_spawn is refused when the pods' limit is above
+// the sandbox's.
 func TestNodeProblems(t *testing.T) {
-	cfg := func(js string) kubeletConfig {
-		var c kubeletConfig
-		if err := json.Unmarshal([]byte(js), &c); err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
 	for _, c := range []struct {
-		js   string
+		k    driver.KubeletLimits
 		want []string
 	}{
-		{`{"kubeletconfig":{"podPidsLimit":256,"singleProcessOOMKill":true}}`, nil},
-		{`{"kubeletconfig":{"podPidsLimit":-1,"singleProcessOOMKill":true}}`, []string{"podPidsLimit"}},
-		{`{"kubeletconfig":{"singleProcessOOMKill":true}}`, []string{"podPidsLimit"}},
-		{`{"kubeletconfig":{"podPidsLimit":256}}`, []string{"singleProcessOOMKill"}},
-		{`{"kubeletconfig":{"podPidsLimit":256,"singleProcessOOMKill":false}}`, []string{"singleProcessOOMKill"}},
+		{driver.KubeletLimits{PodPidsLimit: 256, SingleProcessOOMKill: true}, nil},
+		{driver.KubeletLimits{PodPidsLimit: -1, SingleProcessOOMKill: true}, []string{"pod_pids_limit"}},
+		{driver.KubeletLimits{SingleProcessOOMKill: true}, []string{"pod_pids_limit"}},
+		{driver.KubeletLimits{PodPidsLimit: 256}, []string{"single_process_oom_kill"}},
+		{driver.KubeletLimits{}, []string{"pod_pids_limit", "single_process_oom_kill"}},
 	} {
-		got := nodeProblems("n1", cfg(c.js))
-		if len(got) != len(c.want) {
-			t.Errorf("%s: %q, want problems with %q", c.js, got, c.want)
+		err := kubeletLimitsOf(c.k).err
+		if (err == nil) != (len(c.want) == 0) {
+			t.Errorf("%+v: %v, want problems with %q", c.k, err, c.want)
 			continue
 		}
-		for i, w := range c.want {
-			if !strings.Contains(got[i], w) || !strings.Contains(got[i], "n1") {
-				t.Errorf("%s: %q, want %q named", c.js, got[i], w)
+		for _, w := range c.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%+v: %v, want %q named", c.k, err, w)
 			}
 		}
 	}
@@ -94,20 +88,30 @@ func TestPodEnd(t *testing.T) {
 	}
 }
 
-// TestKubeletLimits: the driver reads the test cluster's kubelet (podPidsLimit, singleProcessOOMKill)
-// and Check passes; a sandbox with allow_spawn and a pids limit below the pods' is refused.
+// TestKubeletLimits: with the test cluster's kubelet declared (podPidsLimit, singleProcessOOMKill)
+// Check passes; a sandbox with allow_spawn and a pids limit below the pods' is refused; a driver
+// whose options declare nothing fails Check, saying what to declare.
 func TestKubeletLimits(t *testing.T) {
 	d := shared(t)
 	ctx := context.Background()
 	if err := d.Check(ctx); err != nil {
 		t.Fatalf("Check: %v", err)
 	}
-	if k := d.kubelets(ctx, true); k.pids != k8stest.PodPidsLimit || k.err != nil || len(k.nodes) != 1 {
-		t.Fatalf("kubelets: %+v, want pids %d on one node", k, k8stest.PodPidsLimit)
+	if k := d.kubelets(ctx, true); k.pids != k8stest.PodPidsLimit || k.err != nil {
+		t.Fatalf("kubelets: %+v, want pids %d", k, k8stest.PodPidsLimit)
+	}
+	o := env.opts
+	o.Kubelet, o.Replica = driver.KubeletLimits{}, "undeclared"
+	undeclared, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := undeclared.Check(ctx); err == nil || !strings.Contains(err.Error(), "pod_pids_limit") {
+		t.Errorf("Check without a declaration: %v", err)
 	}
 	spec := testSpec()
 	spec.AllowSpawn, spec.PidsLimit = true, 64
-	err := d.Create(ctx, "sbx_pids"+strings.ToLower(fmt.Sprint(time.Now().UnixNano()%1e6)), spec)
+	err = d.Create(ctx, "sbx_pids"+strings.ToLower(fmt.Sprint(time.Now().UnixNano()%1e6)), spec)
 	if !errors.Is(err, driver.ErrUnsupported) || !strings.Contains(err.Error(), "podPidsLimit") {
 		t.Fatalf("allow_spawn with pids 64 under a podPidsLimit of %d: %v, want ErrUnsupported", k8stest.PodPidsLimit, err)
 	}
