@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,6 +26,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/k8stest"
 	"github.com/sandboxd/sandboxd/internal/store/postgres/pgtest"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
@@ -47,9 +49,10 @@ type kubeEnv struct {
 }
 
 var (
-	kube     *kubeEnv
-	kubeErr  error
-	kubeOnce sync.Once
+	kubeLaunches atomic.Uint32 // servers launched in the pass (kubeArgs: their id ranges)
+	kube         *kubeEnv
+	kubeErr      error
+	kubeOnce     sync.Once
 )
 
 // kubeSetup starts the cluster and PostgreSQL and imports the images, once per process.
@@ -120,6 +123,10 @@ func kubeArgs(dataDir string, args []string) ([]string, error) {
 	}
 	cfg["cluster_images"] = map[string]any{"agentcop/agent-sandbox:latest": map[string]any{"ref": kube.imageRef}}
 	cfg["kubelet"] = map[string]any{"pod_pids_limit": k8stest.PodPidsLimit, "single_process_oom_kill": true} // k8stest's kubelet
+	// Replicas on one cluster need disjoint id ranges (a pod's uid is its sandbox's): each server
+	// of the pass gets its own.
+	slot := uint32(kubeLaunches.Add(1) % 8)
+	cfg["ids"] = map[string]any{"first": 1<<30 + slot*512*driver.IDsPerSandbox, "sandboxes": 512}
 	b, err := json.Marshal(cfg)
 	if err != nil {
 		return nil, err

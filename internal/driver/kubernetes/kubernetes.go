@@ -12,7 +12,8 @@
 //     HMAC challenge, package agent: auth.go) and refuses connections from the pod itself;
 //   - the sandbox's container runs the image the operator approved, by a digest-pinned reference
 //     (Options.ClusterImages, keyed by Spec.RootFS; optional RuntimeClass, e.g. gVisor's), pulled
-//     by the cluster; as uid/gid 10000, runAsNonRoot, read-only root, no privilege escalation, no
+//     by the cluster; as the sandbox's own uid/gid (runUID: Spec.HostIDs+10000, unique among the
+//     live pods, labelled sandboxd/uid), runAsNonRoot, read-only root, no privilege escalation, no
 //     capabilities, seccomp RuntimeDefault, no service-account token, no service links, none of
 //     the host's namespaces; limits of CPU, memory and ephemeral-storage (the disk), requests the
 //     same but for CPU: a share of the limit (Options.CPURequest, default DefaultCPURequest),
@@ -238,6 +239,9 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	if err := d.kubelets(ctx, false).fit(spec.AllowSpawn, spec.PidsLimit); err != nil {
 		return fmt.Errorf("kubernetes: create %s: %w", id, err)
 	}
+	if err := d.uidFree(ctx, spec); err != nil {
+		return fmt.Errorf("kubernetes: create %s: %w", id, err)
+	}
 	if needsGateway(spec.Network) {
 		d.refreshDenied(ctx)
 	}
@@ -289,6 +293,28 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	d.mu.Lock()
 	d.boxes[id] = b
 	d.mu.Unlock()
+	return nil
+}
+
+// uidFree fails when a live pod of the namespace already runs as spec's run uid (runUID): the
+// service gives no two of its live sandboxes the same host ids, but two replicas on one cluster
+// must be given disjoint id ranges (the config's "ids") to keep that true across them.
+func (d *Driver) uidFree(ctx context.Context, spec driver.Spec) error {
+	if spec.HostIDs == 0 {
+		return nil
+	}
+	uid := strconv.FormatUint(uint64(runUID(spec)), 10)
+	pods, err := d.cs.CoreV1().Pods(d.ns).List(ctx, metav1.ListOptions{
+		LabelSelector: labels.SelectorFromSet(labels.Set{labelManagedBy: managedBy, labelUID: uid}).String()})
+	if err != nil {
+		return fmt.Errorf("list the pods of uid %s: %w", uid, err)
+	}
+	for _, p := range pods.Items {
+		if p.DeletionTimestamp == nil {
+			return fmt.Errorf("uid %s is the uid of the live pod %s (replica %s): replicas on one cluster need disjoint id ranges (config \"ids\": {\"first\": …})",
+				uid, p.Name, p.Labels[labelReplica])
+		}
+	}
 	return nil
 }
 

@@ -35,7 +35,7 @@ const (
 	secretDir  = "/.sandbox/secret" // the sandbox's Secret
 	secretKey  = "secret"           // its key holding the agent's secret (hex)
 	blockedKey = "blocked"          // its key holding an empty file of mode 000: what masks a blocked file
-	agentUID   = driver.SandboxUser // the agent and the code share the run uid (tcp.go in cmd/sandbox-agent)
+	labelUID   = "sandboxd/uid"     // the pod's run uid (runUID): no two live pods share one
 )
 
 // The directories of the disk volume (diskRoot in the containers that mount it whole: the install
@@ -60,6 +60,19 @@ const sandboxContainer = "sandbox"
 // blockedDir is the agent volume's directory of mode 000 that covers blocked directories (made by
 // "sandbox-agent install").
 const blockedDir = "blocked"
+
+// runUID is the uid (and gid) of everything of a sandbox's pod but netinit and the gateway: the
+// agent, the code, the files sidecar. It is the sandbox's own host ids' SandboxUser
+// (Spec.HostIDs, which no other live sandbox of the service has), so no per-user kernel limit
+// (inotify instances, pipe buffers, processes, message queues) is shared with another sandbox's
+// pod: pods have no user namespace (containerd 1.6 cannot give them one), so the uid inside is the
+// node's. A spec without host ids (tests) runs as SandboxUser.
+func runUID(spec driver.Spec) uint32 {
+	if spec.HostIDs == 0 {
+		return driver.SandboxUser
+	}
+	return spec.HostIDs + driver.SandboxUser
+}
 
 // AgentPort is the port the agent listens on in every pod.
 const AgentPort = 7070
@@ -107,7 +120,7 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 	requests[corev1.ResourceCPU] = *resource.NewMilliQuantity(max(int64(spec.CPU*1000*d.cpuRequest+0.5), 1), resource.DecimalSI)
 	f := false
 	t := true
-	uid := int64(agentUID)
+	uid := int64(runUID(spec))
 	restricted := &corev1.SecurityContext{
 		RunAsNonRoot:             &t,
 		RunAsUser:                &uid,
@@ -194,8 +207,10 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 	if img.RuntimeClass != "" {
 		runtimeClass = &img.RuntimeClass
 	}
+	podLabels := d.labels(id)
+	podLabels[labelUID] = strconv.FormatUint(uint64(runUID(spec)), 10)
 	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: objectName(id), Namespace: d.ns, Labels: d.labels(id)},
+		ObjectMeta: metav1.ObjectMeta{Name: objectName(id), Namespace: d.ns, Labels: podLabels},
 		Spec: corev1.PodSpec{
 			RestartPolicy:                 corev1.RestartPolicyNever,
 			AutomountServiceAccountToken:  &f,
