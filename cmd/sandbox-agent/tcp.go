@@ -107,11 +107,14 @@ func ownAddress(ip net.IP) (bool, error) {
 
 // installCommand is "sandbox-agent install DIR [MKDIR...]": the agent image's entrypoint, run by a
 // pod's init container, copies this binary to DIR/sandbox-agent (an emptyDir the sandbox's
-// container mounts read-only and runs the agent from), makes DIR/blocked (empty, mode 000: what
-// covers blocked directories) and creates the directories MKDIR and their
+// container mounts read-only and runs the agent from), makes DIR/blocked (mode 000: what covers
+// blocked directories; empty but for the kubelet's /etc mount points) and creates the directories MKDIR and their
 // parents (absolute; those of the pod's disk volume that the containers mount, and the mount
 // points in them, made here, as the sandbox's user, before any container mounts them).
 const installCommand = "install"
+
+// kubeletEtcFiles are the files the kubelet mounts in /etc of every container.
+var kubeletEtcFiles = []string{"hosts", "hostname", "resolv.conf"}
 
 func installMain(args []string) {
 	if len(args) < 1 || slices.ContainsFunc(args, func(a string) bool { return !filepath.IsAbs(a) }) {
@@ -120,9 +123,19 @@ func installMain(args []string) {
 	}
 	err := install(args[0])
 	if err == nil {
-		// What covers blocked directories (the kubernetes driver's): empty, mode 000.
+		// What covers blocked directories (the kubernetes driver's): empty, mode 000 — but for the
+		// mount points of the files the kubelet mounts in /etc of every container (a blocked /etc
+		// is this directory, read-only: the runtime could not make them there), files of mode 000
+		// the sandbox cannot reach either (it cannot traverse the directory, nor chmod it: the
+		// mount is read-only).
 		blocked := filepath.Join(args[0], "blocked")
-		if err = os.Mkdir(blocked, 0); err == nil {
+		err = os.Mkdir(blocked, 0o700)
+		for _, f := range kubeletEtcFiles {
+			if err == nil {
+				err = os.WriteFile(filepath.Join(blocked, f), nil, 0)
+			}
+		}
+		if err == nil {
 			err = os.Chmod(blocked, 0)
 		}
 	}
