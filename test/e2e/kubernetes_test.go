@@ -16,15 +16,21 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	authv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
 	"github.com/sandboxd/sandboxd/internal/k8stest"
@@ -40,12 +46,14 @@ const e2eNamespace = "sandboxd-e2e"
 
 // kubeEnv is the cluster every server of the pass uses.
 type kubeEnv struct {
-	cluster  *k8stest.Cluster
-	cs       kubernetes.Interface
-	pg       *pgtest.Server
-	tmp      string // the agent image's layout; removed at the end
-	agentRef string // the agent image, pinned
-	imageRef string // the default image (SANDBOXD_ROOTFS), pinned
+	cluster *k8stest.Cluster
+	cs      kubernetes.Interface
+	pg      *pgtest.Server
+	tmp     string // the agent image's layout; removed at the end
+	// kubeconfig has a token of deploy/kubernetes/rbac.yaml's service account: what the servers use.
+	kubeconfig string
+	agentRef   string // the agent image, pinned
+	imageRef   string // the default image (SANDBOXD_ROOTFS), pinned
 }
 
 var (
@@ -84,9 +92,61 @@ func newKubeEnv(t *testing.T, c *k8stest.Cluster, pg *pgtest.Server) (*kubeEnv, 
 	if _, err := cs.CoreV1().Namespaces().Create(context.Background(), ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return nil, fmt.Errorf("namespace: %w", err)
 	}
-	return &kubeEnv{cluster: c, cs: cs, pg: pg, tmp: tmp,
+	kubeconfig, err := serviceAccountKubeconfig(c, cs, tmp)
+	if err != nil {
+		return nil, err
+	}
+	return &kubeEnv{cluster: c, cs: cs, pg: pg, tmp: tmp, kubeconfig: kubeconfig,
 		agentRef: c.ImportImage(t, layout, "sandboxd.invalid/sandbox-agent:e2e"),
 		imageRef: c.ImportImage(t, rootfs, "sandboxd.invalid/agent-sandbox:e2e")}, nil
+}
+
+// serviceAccountKubeconfig applies deploy/kubernetes/rbac.yaml as it is (its namespace made the
+// pass's) and writes, in dir, a kubeconfig with a token of its service account: the servers of the
+// pass have what an operator gives sandboxd, not the cluster's admin.
+func serviceAccountKubeconfig(c *k8stest.Cluster, cs kubernetes.Interface, dir string) (string, error) {
+	ctx := context.Background()
+	b, err := os.ReadFile("../../deploy/kubernetes/rbac.yaml")
+	if err != nil {
+		return "", err
+	}
+	manifest := strings.ReplaceAll(string(b), "namespace: sandboxes", "namespace: "+e2eNamespace)
+	for _, doc := range strings.Split(manifest, "\n---\n") {
+		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode([]byte(doc), nil, nil)
+		if err != nil {
+			return "", fmt.Errorf("rbac.yaml: %w", err)
+		}
+		switch o := obj.(type) {
+		case *corev1.ServiceAccount:
+			_, err = cs.CoreV1().ServiceAccounts(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.Role:
+			_, err = cs.RbacV1().Roles(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.RoleBinding:
+			_, err = cs.RbacV1().RoleBindings(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.ClusterRole:
+			_, err = cs.RbacV1().ClusterRoles().Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.ClusterRoleBinding:
+			_, err = cs.RbacV1().ClusterRoleBindings().Create(ctx, o, metav1.CreateOptions{})
+		default:
+			return "", fmt.Errorf("rbac.yaml: unexpected %T", obj)
+		}
+		if err != nil && !apierrors.IsAlreadyExists(err) {
+			return "", fmt.Errorf("rbac.yaml: %w", err)
+		}
+	}
+	hours := int64(6 * 3600)
+	tok, err := cs.CoreV1().ServiceAccounts(e2eNamespace).CreateToken(ctx, "sandboxd",
+		&authv1.TokenRequest{Spec: authv1.TokenRequestSpec{ExpirationSeconds: &hours}}, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("service account token: %w", err)
+	}
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["e2e"] = &clientcmdapi.Cluster{Server: c.Config.Host, CertificateAuthorityData: c.Config.CAData}
+	cfg.AuthInfos["sandboxd"] = &clientcmdapi.AuthInfo{Token: tok.Status.Token}
+	cfg.Contexts["e2e"] = &clientcmdapi.Context{Cluster: "e2e", AuthInfo: "sandboxd", Namespace: e2eNamespace}
+	cfg.CurrentContext = "e2e"
+	file := filepath.Join(dir, "sandboxd.kubeconfig")
+	return file, clientcmd.WriteToFile(*cfg, file)
 }
 
 // stopKube stops what kubeSetup started (TestMain).
@@ -135,7 +195,7 @@ func kubeArgs(dataDir string, args []string) ([]string, error) {
 	if err := os.WriteFile(file, b, 0o600); err != nil {
 		return nil, err
 	}
-	return append(args, "--config", file, "--driver", "kubernetes", "--kubeconfig", kube.cluster.Kubeconfig,
+	return append(args, "--config", file, "--driver", "kubernetes", "--kubeconfig", kube.kubeconfig,
 		"--namespace", e2eNamespace, "--agent-image", kube.agentRef), nil
 }
 
