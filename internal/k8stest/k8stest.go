@@ -63,6 +63,11 @@ const (
 	cniNetwork = "sandboxd-k8stest"
 	// PauseImage is the pods' sandbox image, imported at Start: busybox sleeping.
 	PauseImage = "sandboxd.invalid/k8stest/pause:1"
+	// FakeInternetRoute is the one range beyond the pods' subnet that pods have a route to
+	// (through the host, which forwards it to the kubernetes driver's tests' fake internet, a
+	// network namespace of theirs): pods have no default route, so nothing they send leaves
+	// the host.
+	FakeInternetRoute = "203.0.113.240/28"
 	// serviceCIDR is the range of service IPs (no kube-proxy: nothing routes them).
 	serviceCIDR = "10.96.0.0/24"
 	// stepTimeout bounds each wait of Start for a broken component; not a speed target.
@@ -362,6 +367,7 @@ state = %[2]q
 			"ipam": map[string]any{
 				"type":    "host-local",
 				"ranges":  [][]map[string]string{{{"subnet": c.CNIBridgeCIDR}}},
+				"routes":  []map[string]string{{"dst": FakeInternetRoute}},
 				"dataDir": filepath.Join(c.dir, "cni/ipam"),
 			},
 		}},

@@ -18,6 +18,7 @@ import (
 	"github.com/sandboxd/sandboxd/internal/egress"
 	"github.com/sandboxd/sandboxd/internal/egressctl"
 	"github.com/sandboxd/sandboxd/internal/fakeinet"
+	"github.com/sandboxd/sandboxd/internal/k8stest"
 )
 
 // The fake internet of these tests (package fakeinet): a network namespace of the test's own
@@ -34,7 +35,7 @@ const (
 	k8sInetLink = "sbxk8s-inet"
 	k8sLinkHost = "10.218.255.1"
 	k8sLinkPeer = "10.218.255.2"
-	k8sInetNet  = "203.0.113.240/28"
+	k8sInetNet  = k8stest.FakeInternetRoute // the pods route it to the host
 	k8sAPIIP    = "203.0.113.241"
 	k8sEvilIP   = "203.0.113.242"
 	k8sEchoPort = 9999
