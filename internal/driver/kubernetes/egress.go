@@ -52,8 +52,6 @@ func needsGateway(p egress.Policy) bool { return !p.BlockOutbound || len(p.Rules
 // gatewayContainer is the gateway sidecar of a pod. deny are the prefixes no policy opens (the
 // cluster's own addresses), hosts the static records it resolves from (none: the pod's resolver).
 func gatewayContainer(agentImage string, deny []netip.Prefix, hosts egress.StaticResolver) corev1.Container {
-	f, t := false, true
-	uid := int64(GatewayUID)
 	always := corev1.ContainerRestartPolicyAlways
 	cmd := []string{"/sandbox-agent", "egress", "--control", ":" + strconv.Itoa(ControlPort),
 		"--secret-file", gatewayDir + "/" + gatewayKey, "--state", gatewayState + "/policy.json"}
@@ -78,17 +76,8 @@ func gatewayContainer(agentImage string, deny []netip.Prefix, hosts egress.Stati
 			{Name: "egress-secret", MountPath: gatewayDir, ReadOnly: true},
 			{Name: "egress-state", MountPath: gatewayState},
 		},
-		SecurityContext: &corev1.SecurityContext{
-			RunAsNonRoot:             &t,
-			RunAsUser:                &uid,
-			RunAsGroup:               &uid,
-			ReadOnlyRootFilesystem:   &t,
-			AllowPrivilegeEscalation: &f,
-			Privileged:               &f,
-			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
-			SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
-		},
-		Resources: corev1.ResourceRequirements{Requests: gatewayResources, Limits: gatewayResources},
+		SecurityContext: confined(GatewayUID),
+		Resources:       corev1.ResourceRequirements{Requests: gatewayResources, Limits: gatewayResources},
 	}
 }
 

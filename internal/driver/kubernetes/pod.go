@@ -74,6 +74,22 @@ func runUID(spec driver.Spec) uint32 {
 	return spec.HostIDs + driver.SandboxUser
 }
 
+// confined is the security context of every container of a pod but netinit: uid (and gid), not
+// root, a read-only root, no privilege escalation, no capabilities, seccomp RuntimeDefault.
+func confined(uid uint32) *corev1.SecurityContext {
+	f, t, id := false, true, int64(uid)
+	return &corev1.SecurityContext{
+		RunAsNonRoot:             &t,
+		RunAsUser:                &id,
+		RunAsGroup:               &id,
+		ReadOnlyRootFilesystem:   &t,
+		AllowPrivilegeEscalation: &f,
+		Privileged:               &f,
+		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+		SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+	}
+}
+
 // AgentPort is the port the agent listens on in every pod.
 const AgentPort = 7070
 
@@ -121,16 +137,7 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 	f := false
 	t := true
 	uid := int64(runUID(spec))
-	restricted := &corev1.SecurityContext{
-		RunAsNonRoot:             &t,
-		RunAsUser:                &uid,
-		RunAsGroup:               &uid,
-		ReadOnlyRootFilesystem:   &t,
-		AllowPrivilegeEscalation: &f,
-		Privileged:               &f,
-		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
-		SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
-	}
+	restricted := confined(runUID(spec))
 	secretMode, blockedMode := int32(0o444), int32(0)
 	volumes := []corev1.Volume{
 		{Name: "agent", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{SizeLimit: resource.NewQuantity(64<<20, resource.BinarySI)}}},
