@@ -693,6 +693,30 @@ func (s *Service) Get(ctx context.Context, acct store.Account, id string) (api.S
 	return s.view(ctx, rec)
 }
 
+// diskUsed is what live sandbox id (of mode) uses of its disk: its host disk's, or what its
+// driver says when the driver keeps its files (driver.Filer; at most diskUsageWait, 0 if it
+// cannot tell: a sandbox's GET does not fail for it).
+func (s *Service) diskUsed(ctx context.Context, id, mode string) int64 {
+	h := s.hostOf(id)
+	if h == nil {
+		return 0
+	}
+	f, ok := s.drivers[mode].(driver.Filer)
+	if !h.filer || !ok {
+		return h.diskUsed()
+	}
+	ctx, cancel := context.WithTimeout(ctx, diskUsageWait)
+	defer cancel()
+	used, err := f.DiskUsage(ctx, id)
+	if err != nil {
+		return 0
+	}
+	return used
+}
+
+// diskUsageWait bounds a Filer driver's answer to how much of its disk a sandbox uses.
+const diskUsageWait = 2 * time.Second
+
 func (s *Service) view(ctx context.Context, rec store.Sandbox) (api.Sandbox, error) {
 	u, err := s.st.SandboxUsage(ctx, rec.ID)
 	if err != nil {
@@ -706,9 +730,7 @@ func (s *Service) view(ctx context.Context, rec store.Sandbox) (api.Sandbox, err
 			BilledMinutes: billedMinutes(rec.CreatedAt, rec.DestroyedAt), DiskUsedBytes: rec.DiskUsedBytes},
 	}
 	if rec.DestroyedAt == nil {
-		if h := s.hostOf(rec.ID); h != nil {
-			out.Usage.DiskUsedBytes = h.diskUsed()
-		}
+		out.Usage.DiskUsedBytes = s.diskUsed(ctx, rec.ID, rec.Mode)
 	}
 	if rec.DestroyReason != "" {
 		r := rec.DestroyReason
@@ -857,11 +879,17 @@ func (s *Service) record(lv *live, reason string) {
 		return
 	}
 	lv.recorded = true
-	failed := lv.rec.Status == store.SandboxError
+	failed, mode := lv.rec.Status == store.SandboxError, lv.rec.Mode
+	lv.mu.Unlock()
+	var used int64
+	if !failed {
+		used = s.diskUsed(context.Background(), lv.id, mode) // a driver may be asked: not under lv.mu
+	}
+	lv.mu.Lock()
 	if !failed {
 		t := now()
 		lv.rec.Status, lv.rec.DestroyedAt, lv.rec.DestroyReason = store.SandboxDestroyed, &t, reason
-		lv.rec.DiskUsedBytes = s.hostOf(lv.id).diskUsed()
+		lv.rec.DiskUsedBytes = used
 	}
 	rec := lv.rec
 	lv.mu.Unlock()
