@@ -580,7 +580,7 @@ func TestFreePlanConcurrency(t *testing.T) {
 			mu.Lock()
 			defer mu.Unlock()
 			codes[status]++
-			if status == 201 {
+			if status == 201 || status == 202 { // 202: still provisioning (a slow node), as the API allows
 				ids = append(ids, m["sandbox_id"].(string))
 			}
 		}()
@@ -589,8 +589,8 @@ func TestFreePlanConcurrency(t *testing.T) {
 	for _, id := range ids {
 		s.do("DELETE", "/api/sandbox/"+id, key, nil)
 	}
-	if codes[201] != 3 || codes[429] != 47 {
-		t.Fatalf("status counts %v; want 3×201 and 47×429", codes)
+	if codes[201]+codes[202] != 3 || codes[429] != 47 {
+		t.Fatalf("status counts %v; want 3 created (201 or 202) and 47×429", codes)
 	}
 }
 

@@ -39,11 +39,18 @@ const (
 	gatewayProxyPort = 3128
 )
 
-// gatewayResources are what the sidecar gets (counted in the pod's requests = limits).
-var gatewayResources = corev1.ResourceList{
-	corev1.ResourceCPU:    resource.MustParse("200m"),
-	corev1.ResourceMemory: resource.MustParse("128Mi"),
-}
+// gatewayResources are what the sidecar may use; gatewayRequests what it asks the scheduler for
+// (it idles with its sandbox).
+var (
+	gatewayResources = corev1.ResourceList{
+		corev1.ResourceCPU:    resource.MustParse("200m"),
+		corev1.ResourceMemory: resource.MustParse("128Mi"),
+	}
+	gatewayRequests = corev1.ResourceList{
+		corev1.ResourceCPU:    resource.MustParse("20m"),
+		corev1.ResourceMemory: resource.MustParse("64Mi"),
+	}
+)
 
 // needsGateway says whether a sandbox of policy p gets the gateway: every policy but "block
 // everything" with no allow list (netinit alone enforces that).
@@ -77,7 +84,7 @@ func gatewayContainer(agentImage string, deny []netip.Prefix, hosts egress.Stati
 			{Name: "egress-state", MountPath: gatewayState},
 		},
 		SecurityContext: confined(GatewayUID),
-		Resources:       corev1.ResourceRequirements{Requests: gatewayResources, Limits: gatewayResources},
+		Resources:       corev1.ResourceRequirements{Requests: gatewayRequests, Limits: gatewayResources},
 	}
 }
 

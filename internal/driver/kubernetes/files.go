@@ -31,9 +31,15 @@ const filesMemory = 32 << 20
 // to its memory: its limit is the disk's size and its own needs.
 func filesContainer(agentImage string, restricted *corev1.SecurityContext, diskBytes int64) corev1.Container {
 	always := corev1.ContainerRestartPolicyAlways
-	res := corev1.ResourceList{
+	// It requests only its own needs: the disk's pages are there only as far as the sandbox's
+	// files fill it (the scheduler would otherwise reserve the whole disk again per pod).
+	limits := corev1.ResourceList{
 		corev1.ResourceCPU:    resource.MustParse("100m"),
 		corev1.ResourceMemory: *resource.NewQuantity(diskBytes+filesMemory, resource.BinarySI),
+	}
+	requests := corev1.ResourceList{
+		corev1.ResourceCPU:    resource.MustParse("10m"),
+		corev1.ResourceMemory: *resource.NewQuantity(filesMemory, resource.BinarySI),
 	}
 	return corev1.Container{
 		Name:            "files",
@@ -48,7 +54,7 @@ func filesContainer(agentImage string, restricted *corev1.SecurityContext, diskB
 			{Name: "secret", MountPath: secretDir, ReadOnly: true},
 		},
 		SecurityContext: restricted,
-		Resources:       corev1.ResourceRequirements{Requests: res, Limits: res},
+		Resources:       corev1.ResourceRequirements{Requests: requests, Limits: limits},
 	}
 }
 
