@@ -44,6 +44,11 @@ func podEnd(p *corev1.Pod) (reason string, oom bool) {
 	case p.Status.Phase == corev1.PodFailed || p.Status.Phase == corev1.PodSucceeded:
 		return fmt.Sprintf("its pod ended (%s %s%s)", p.Status.Phase, p.Status.Reason, suffix(p.Status.Message)), false
 	case p.DeletionTimestamp != nil:
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.DisruptionTarget && c.Status == corev1.ConditionTrue {
+				return fmt.Sprintf("its pod was evicted by the cluster (%s%s)", c.Reason, suffix(c.Message)), false
+			}
+		}
 		return "its pod is being deleted by the cluster", false
 	}
 	return "", false
