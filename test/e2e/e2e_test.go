@@ -596,7 +596,11 @@ func TestFreePlanConcurrency(t *testing.T) {
 
 func TestExpiry(t *testing.T) {
 	s := sharedServer(t)
-	id := s.create(s.key, map[string]any{"resources": map[string]any{"timeout": 2}})
+	life := 2
+	if onKubernetes {
+		life = 12 // a pod takes seconds to start: a 2 s sandbox would expire before it is ready
+	}
+	id := s.create(s.key, map[string]any{"resources": map[string]any{"timeout": life}})
 	if onKubernetes {
 		expiredPod(t, s, id)
 		return
