@@ -195,7 +195,9 @@ func kubeArgs(dataDir string, args []string) ([]string, error) {
 	if err := os.WriteFile(file, b, 0o600); err != nil {
 		return nil, err
 	}
-	return append(args, "--config", file, "--driver", "kubernetes", "--kubeconfig", kube.kubeconfig,
+	// The test node has two cores: pods request a fiftieth of their CPU limit, so that the warm
+	// pools of both replicas and the tests' sandboxes fit at once.
+	return append(args, "--config", file, "--cpu-request", "0.02", "--driver", "kubernetes", "--kubeconfig", kube.kubeconfig,
 		"--namespace", e2eNamespace, "--agent-image", kube.agentRef), nil
 }
 

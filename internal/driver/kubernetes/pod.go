@@ -264,7 +264,7 @@ func diskMountOf(mounts []corev1.VolumeMount, p string) *corev1.VolumeMount {
 
 // initResources are what an init container gets.
 var initResources = corev1.ResourceList{
-	corev1.ResourceCPU:    resource.MustParse("100m"),
+	corev1.ResourceCPU:    resource.MustParse("20m"), // a copy and a few nftables rules: the pod's request is at least this
 	corev1.ResourceMemory: resource.MustParse("64Mi"),
 }
 
