@@ -24,6 +24,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/deathsig"
 )
 
 // State is where a build is.
@@ -195,7 +197,7 @@ func (b *Build) command(ctx context.Context, logf *os.File) (string, error) {
 	// Its own process group (Close kills the group), killed with its parent thread as well.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	cmd.WaitDelay = 10 * time.Second // a descendant that keeps stdout open does not hold Wait forever
-	if err := cmd.Start(); err != nil {
+	if err := deathsig.Start(cmd); err != nil {
 		return "", fmt.Errorf("start %q: %w", b.cfg.Command, err)
 	}
 	pgid := cmd.Process.Pid

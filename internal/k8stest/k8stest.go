@@ -51,6 +51,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	"github.com/sandboxd/sandboxd/internal/deathsig"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
@@ -291,7 +292,7 @@ func (c *Cluster) spawn(name, path string, args ...string) (*proc, error) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = c.dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := deathsig.Start(cmd); err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/cgroup"
+	"github.com/sandboxd/sandboxd/internal/deathsig"
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
 	"github.com/sandboxd/sandboxd/internal/driver/wasm/protocol"
 )
@@ -102,7 +103,7 @@ func (d *Driver) startProcCache(ctx context.Context, image string, background bo
 		return nil, err
 	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = child, errW, errW
-	err = cmd.Start()
+	err = deathsig.Start(cmd)
 	child.Close()
 	errW.Close()
 	if err != nil {

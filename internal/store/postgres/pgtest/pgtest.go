@@ -33,6 +33,7 @@ import (
 
 	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" database/sql driver
 
+	"github.com/sandboxd/sandboxd/internal/deathsig"
 	"github.com/sandboxd/sandboxd/internal/waitfor"
 )
 
@@ -194,7 +195,7 @@ func start(bin string) (*Server, error) {
 		"-c", "listen_addresses=", "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
 		"-c", "max_connections=300", "-c", "shared_buffers=32MB")
 	prep(s.cmd)
-	if err := s.cmd.Start(); err != nil {
+	if err := deathsig.Start(s.cmd); err != nil {
 		close(s.exited)
 		return fail(fmt.Errorf("postgres: %w", err))
 	}
