@@ -222,6 +222,8 @@ result = out
 `
 
 func TestNetworkEgress(t *testing.T) {
+	hostOnly(t, "its fake internet, metadata and host addresses are not routed to the test cluster's pods "+
+		"(they have no default route); the pods' egress is tested in internal/driver/kubernetes (TestEgress*)")
 	requireEnv(t)
 	if _, err := exec.LookPath("ip"); err != nil {
 		if os.Getenv("CI") != "" {
