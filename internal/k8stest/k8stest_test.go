@@ -271,6 +271,9 @@ func TestStopLeavesNothing(t *testing.T) {
 	if _, err := os.Lstat("/sys/class/net/" + BridgeName); err == nil {
 		left = append(left, "bridge "+BridgeName)
 	}
+	if out, _ := exec.Command("ip", "route", "show", "exact", serviceCIDR, "proto", serviceRouteProto).Output(); len(strings.TrimSpace(string(out))) > 0 {
+		left = append(left, "route "+strings.TrimSpace(string(out)))
+	}
 	for _, v := range veths {
 		if _, err := os.Lstat("/sys/class/net/" + v.Name()); err == nil {
 			left = append(left, "veth "+v.Name())

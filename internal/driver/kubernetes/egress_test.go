@@ -234,7 +234,9 @@ attempt("ipv6", lambda: socket.create_connection(("2001:db8::1", 80), timeout=3)
 
 	// Every decision reached the audit, as the sandbox's.
 	ds := seen.of(id)
-	var allowedAPI, deniedEvil, deniedKubelet bool
+	// The node and the service IP are routed in the test cluster's pods: refused by the gateway's
+	// decision, not by a missing route.
+	var allowedAPI, deniedEvil, deniedKubelet, deniedService bool
 	for _, x := range ds {
 		switch {
 		case x.Allowed && x.Host == "api.company.com":
@@ -243,10 +245,12 @@ attempt("ipv6", lambda: socket.create_connection(("2001:db8::1", 80), timeout=3)
 			deniedEvil = true
 		case !x.Allowed && x.Addr.String() == env.c.NodeIP:
 			deniedKubelet = true
+		case !x.Allowed && x.Addr.String() == "10.96.0.1":
+			deniedService = true
 		}
 	}
-	if !allowedAPI || !deniedEvil || !deniedKubelet {
-		t.Errorf("decisions (api allowed %v, evil denied %v, kubelet denied %v): %+v", allowedAPI, deniedEvil, deniedKubelet, ds)
+	if !allowedAPI || !deniedEvil || !deniedKubelet || !deniedService {
+		t.Errorf("decisions (api allowed %v, evil denied %v, kubelet denied %v, service denied %v): %+v", allowedAPI, deniedEvil, deniedKubelet, deniedService, ds)
 	}
 
 	// The control channel: nobody without the gateway's own secret — not the agent's, which the
@@ -307,13 +311,18 @@ fetch("private", "10.96.0.1", 443)
 		"kubelet": refusedish, "other pod": refusedish, "private": refusedish,
 	}, nil)
 	ds := seen.of(id)
-	found := false
+	var found, deniedKubelet, deniedService bool
 	for _, x := range ds {
-		if x.Allowed && x.Host == "evil.example" {
+		switch {
+		case x.Allowed && x.Host == "evil.example":
 			found = true
+		case !x.Allowed && x.Addr.String() == env.c.NodeIP:
+			deniedKubelet = true
+		case !x.Allowed && x.Addr.String() == "10.96.0.1":
+			deniedService = true
 		}
 	}
-	if !found {
-		t.Errorf("no allowed decision for evil.example: %+v", ds)
+	if !found || !deniedKubelet || !deniedService {
+		t.Errorf("decisions (evil.example allowed %v, kubelet denied %v, service denied %v): %+v", found, deniedKubelet, deniedService, ds)
 	}
 }
