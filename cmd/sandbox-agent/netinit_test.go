@@ -212,23 +212,7 @@ func TestNetinitGateway(t *testing.T) {
 
 	sandbox := func(code string) map[string]string {
 		t.Helper()
-		var out []byte
-		err := pod.do(func() error {
-			cmd := exec.Command(py, "-c", netProbe+code)
-			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 10000, Gid: 10000}}
-			cmd.Dir = "/"
-			var err error
-			out, err = cmd.Output()
-			return err
-		})
-		if err != nil {
-			t.Fatalf("probe: %v: %s", err, out)
-		}
-		got := map[string]string{}
-		if err := json.Unmarshal(out, &got); err != nil {
-			t.Fatalf("probe output %q: %v", out, err)
-		}
-		return got
+		return probeAs(t, pod, py, code)
 	}
 
 	// Before the policy: nothing.
@@ -442,10 +426,8 @@ func TestNetinitBlock(t *testing.T) {
 		}
 	}()
 
-	var out []byte
-	err = pod.do(func() error {
-		// A timeout far above any reset's delay: "refused" can only be the reset.
-		cmd := exec.Command(py, "-c", netProbe+`
+	// A timeout far above any reset's delay: "refused" can only be the reset.
+	got := probeAs(t, pod, py, `
 import time
 t0 = time.monotonic()
 try:
@@ -457,19 +439,6 @@ except Exception as e:
 out["tcp seconds"] = "%.1f" % (time.monotonic() - t0)
 attempt("udp", lambda: udp("10.99.0.1", 9999))
 `)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 10000, Gid: 10000}}
-		cmd.Dir = "/"
-		var err error
-		out, err = cmd.Output()
-		return err
-	})
-	if err != nil {
-		t.Fatalf("probe: %v: %s", err, out)
-	}
-	got := map[string]string{}
-	if err := json.Unmarshal(out, &got); err != nil {
-		t.Fatalf("probe output %q: %v", out, err)
-	}
 	t.Logf("probe: %v", got)
 	if got["tcp"] != "refused" {
 		t.Errorf("tcp out: %q, want refused (a reset)", got["tcp"])
@@ -497,6 +466,29 @@ attempt("udp", lambda: udp("10.99.0.1", 9999))
 	}); err != nil || string(body) != "agent" {
 		t.Errorf("the agent from outside: %q %v", body, err)
 	}
+}
+
+// probeAs runs netProbe+code with python py as uid 10000 (the sandbox's) in pod and returns its
+// outcomes.
+func probeAs(t *testing.T, pod *nsThread, py, code string) map[string]string {
+	t.Helper()
+	var out []byte
+	err := pod.do(func() error {
+		cmd := exec.Command(py, "-c", netProbe+code)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 10000, Gid: 10000}}
+		cmd.Dir = "/"
+		var err error
+		out, err = cmd.Output()
+		return err
+	})
+	if err != nil {
+		t.Fatalf("probe: %v: %s", err, out)
+	}
+	got := map[string]string{}
+	if err := json.Unmarshal(out, &got); err != nil {
+		t.Fatalf("probe output %q: %v", out, err)
+	}
+	return got
 }
 
 // netProbe is drivertest.NetProbe printing its outcomes as JSON at exit.
