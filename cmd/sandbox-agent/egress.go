@@ -25,7 +25,9 @@ import (
 // channel (package egressctl, on --control, authenticated with the secret in --secret-file,
 // refusing connections from the pod itself as the agent does), and keeps its decisions there
 // until the driver drains them. The policy set last is kept in --state (an emptyDir of this
-// container alone), so a restarted gateway enforces it at once.
+// container alone), so a restarted gateway enforces it at once. It resolves names from its --host
+// records or with the --upstream server, never with the pod's resolv.conf (the kubernetes driver
+// makes it name 127.0.0.1: the gateway's DNS port).
 const egressCommand = "egress"
 
 // Loopback ports of the pod's gateway (above 1023: it has no capability to bind lower ones).
@@ -47,20 +49,21 @@ func egressMain(args []string) {
 	state := fs.String("state", "", "the file that keeps the policy set last")
 	var deny, hosts listFlag
 	fs.Var(&deny, "deny", "a prefix no policy opens (repeatable): the cluster's own addresses")
-	fs.Var(&hosts, "host", "NAME=ADDR[,ADDR…]: resolve only from these records (repeatable; none: the pod's resolver)")
-	if err := fs.Parse(args); err != nil || fs.NArg() != 0 || *control == "" || *secretFile == "" {
-		fmt.Fprintln(os.Stderr, "usage: sandbox-agent egress --control ADDR --secret-file PATH [--state PATH] [--deny PREFIX]… [--host NAME=ADDR,…]…")
+	fs.Var(&hosts, "host", "NAME=ADDR[,ADDR…]: resolve only from these records (repeatable)")
+	upstream := fs.String("upstream", "", "IP[:PORT]: the DNS server the gateway resolves with (the cluster's; not with --host)")
+	if err := fs.Parse(args); err != nil || fs.NArg() != 0 || *control == "" || *secretFile == "" || (len(hosts) > 0) == (*upstream != "") {
+		fmt.Fprintln(os.Stderr, "usage: sandbox-agent egress --control ADDR --secret-file PATH [--state PATH] [--deny PREFIX]… (--host NAME=ADDR,… … | --upstream IP[:PORT])")
 		os.Exit(2)
 	}
 	log := newLogger("egress")
-	if err := runEgress(*control, *secretFile, *state, deny, hosts, log.Info); err != nil {
+	if err := runEgress(*control, *secretFile, *state, deny, hosts, *upstream, log.Info); err != nil {
 		log.Error("egress gateway", "err", err)
 		os.Exit(1)
 	}
 	os.Exit(0)
 }
 
-func runEgress(control, secretFile, state string, deny, hosts []string, logf func(string, ...any)) error {
+func runEgress(control, secretFile, state string, deny, hosts []string, upstream string, logf func(string, ...any)) error {
 	secret, err := os.ReadFile(secretFile)
 	if err != nil {
 		return fmt.Errorf("the gateway's secret: %w", err)
@@ -90,6 +93,12 @@ func runEgress(control, secretFile, state string, deny, hosts []string, logf fun
 			}
 		}
 		cfg.Resolver = static
+	} else {
+		r, err := upstreamResolver(upstream)
+		if err != nil {
+			return err
+		}
+		cfg.Resolver = r
 	}
 	rec := &egressctl.Recorder{}
 	cfg.OnDecision = rec.Record
@@ -124,6 +133,31 @@ func runEgress(control, secretFile, state string, deny, hosts []string, logf fun
 	defer stop()
 	logf("serving", "control", ln.Addr().String(), "boot", srv.Boot())
 	return srv.Serve(ctx, ln)
+}
+
+// upstreamResolver resolves with the DNS server at addr (IP or IP:PORT, port 53 by default)
+// only. The gateway never uses the pod's resolv.conf: it names the gateway itself (127.0.0.1,
+// where the sandbox's DNS is redirected; the gateway's own packets are not).
+func upstreamResolver(addr string) (*net.Resolver, error) {
+	if addr == "" {
+		return nil, fmt.Errorf("no resolver: --host records or an --upstream server")
+	}
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		ip, perr := netip.ParseAddr(addr)
+		if perr != nil {
+			return nil, fmt.Errorf("--upstream %s: want IP or IP:PORT", addr)
+		}
+		ap = netip.AddrPortFrom(ip, 53)
+	}
+	if ap.Port() == 0 {
+		return nil, fmt.Errorf("--upstream %s: port 0", addr)
+	}
+	server := ap.String()
+	return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, server)
+	}}, nil
 }
 
 // admitFromOutside refuses a connection from the pod itself: the sandbox's code connects from

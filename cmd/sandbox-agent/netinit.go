@@ -23,7 +23,8 @@ import (
 // loopback and the TCP replies of the pod's servers (source port one of PORT: the agent's and the
 // files sidecar's; a connection to one of them is the only one the pod answers); everything else
 // the pod sends, of any protocol, to any address (other pods, the node, the apiserver, the
-// internet) is dropped.
+// internet) is stopped: a TCP connection is refused at once (its SYN answered with a reset), anything
+// else dropped.
 //
 // With GATEWAY_UID (the pod's egress gateway, "sandbox-agent egress", runs as that uid): chain
 // redirect (nat, output) sends the IPv4 DNS (udp and tcp 53, any address, loopback included) of
@@ -33,8 +34,8 @@ import (
 // (policy drop) lets out loopback, the servers' replies, what was redirected (ct status dnat) and
 // whatever GATEWAY_UID sends — nothing
 // else: the sandbox's UDP, ICMP and IPv6, and any packet of another uid that is not redirected
-// to loopback, are dropped. A process of the sandbox cannot become GATEWAY_UID (no capability,
-// no setuid binary under no_new_privs).
+// to loopback, are dropped (TCP refused with a reset). A process of the sandbox cannot become
+// GATEWAY_UID (no capability, no setuid binary under no_new_privs).
 const netinitCommand = "netinit"
 
 func netinitMain(args []string) {
@@ -145,6 +146,17 @@ func netRules(ports []uint16, gatewayUID uint32) error {
 		c.AddRule(&nftables.Rule{Table: t, Chain: nat, Exprs: append(slices.Clone(onLoopback), ret)})
 		redirect(unix.IPPROTO_TCP, 0, podTransparentPort)
 	}
+	// meta l4proto tcp tcp flags & (syn|ack) == syn reject with tcp reset: a TCP connection the
+	// rules above do not let out is refused at once (as the container driver refuses it), not
+	// left to time out on the drop. Only the opening SYN: what else is not let out is dropped.
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+		l4proto(),
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{tcpSYN | tcpACK}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{tcpSYN}},
+		&expr.Reject{Type: unix.NFT_REJECT_TCP_RST},
+	}})
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
@@ -154,6 +166,12 @@ func netRules(ports []uint16, gatewayUID uint32) error {
 // ipsDstNAT is IPS_DST_NAT (linux/netfilter/nf_conntrack_common.h): the connection's destination
 // was translated (here: redirected).
 const ipsDstNAT = 1 << 5
+
+// TCP header flags (byte 13 of the header).
+const (
+	tcpSYN = 0x02
+	tcpACK = 0x10
+)
 
 func l4proto() expr.Any { return &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1} }
 

@@ -101,32 +101,7 @@ func TestNetinitGateway(t *testing.T) {
 	need(t, err)
 
 	pod, inet := newNSThread(t), newNSThread(t)
-	// Wire them: pod eth0 10.99.0.2/24 ⇄ inet eth0 10.99.0.1/24 (+ 192.0.2.10, .20).
-	err = pod.do(func() error {
-		la := netlink.NewLinkAttrs()
-		la.Name = "eth0"
-		veth := &netlink.Veth{LinkAttrs: la, PeerName: "eth0", PeerNamespace: netlink.NsFd(inet.ns)}
-		if err := netlink.LinkAdd(veth); err != nil {
-			return err
-		}
-		eth, err := netlink.LinkByName("eth0")
-		if err != nil {
-			return err
-		}
-		if err := netlink.AddrAdd(eth, mustAddr("10.99.0.2/24")); err != nil {
-			return err
-		}
-		lo, _ := netlink.LinkByName("lo")
-		for _, l := range []netlink.Link{eth, lo} {
-			if err := netlink.LinkSetUp(l); err != nil {
-				return err
-			}
-		}
-		return netlink.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: net.ParseIP("10.99.0.1")})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	wire(t, pod, inet)
 	var servers []*http.Server
 	var udp net.PacketConn
 	err = inet.do(func() error {
@@ -237,23 +212,7 @@ func TestNetinitGateway(t *testing.T) {
 
 	sandbox := func(code string) map[string]string {
 		t.Helper()
-		var out []byte
-		err := pod.do(func() error {
-			cmd := exec.Command(py, "-c", netProbe+code)
-			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 10000, Gid: 10000}}
-			cmd.Dir = "/"
-			var err error
-			out, err = cmd.Output()
-			return err
-		})
-		if err != nil {
-			t.Fatalf("probe: %v: %s", err, out)
-		}
-		got := map[string]string{}
-		if err := json.Unmarshal(out, &got); err != nil {
-			t.Fatalf("probe output %q: %v", out, err)
-		}
-		return got
+		return probeAs(t, pod, py, code)
 	}
 
 	// Before the policy: nothing.
@@ -352,6 +311,184 @@ fetch("evil", "evil.example", 80)
 	if got["api"] != "api" || got["evil"] != "nxdomain" {
 		t.Errorf("after a restart: %v", got)
 	}
+}
+
+// wire joins pod and inet: pod eth0 10.99.0.2/24 ⇄ inet eth0 10.99.0.1/24, pod's default route
+// through inet.
+func wire(t *testing.T, pod, inet *nsThread) {
+	t.Helper()
+	err := pod.do(func() error {
+		la := netlink.NewLinkAttrs()
+		la.Name = "eth0"
+		veth := &netlink.Veth{LinkAttrs: la, PeerName: "eth0", PeerNamespace: netlink.NsFd(inet.ns)}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return err
+		}
+		eth, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		if err := netlink.AddrAdd(eth, mustAddr("10.99.0.2/24")); err != nil {
+			return err
+		}
+		lo, _ := netlink.LinkByName("lo")
+		for _, l := range []netlink.Link{eth, lo} {
+			if err := netlink.LinkSetUp(l); err != nil {
+				return err
+			}
+		}
+		return netlink.RouteAdd(&netlink.Route{LinkIndex: eth.Attrs().Index, Gw: net.ParseIP("10.99.0.1")})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestNetinitBlock: without a gateway (a policy that blocks everything), a process of another
+// uid (the sandbox's) gets a TCP connection out refused at once (a reset, not a drop it would
+// wait on until its timeout), its UDP dropped; the pod's servers still answer from outside.
+func TestNetinitBlock(t *testing.T) {
+	if os.Geteuid() != 0 {
+		need(t, errors.New("needs root (network namespaces, nftables, other uids)"))
+	}
+	const py = "/usr/bin/python3"
+	_, err := os.Stat(py)
+	need(t, err)
+	pod, inet := newNSThread(t), newNSThread(t)
+	wire(t, pod, inet)
+	var tcpLn net.Listener
+	var udp net.PacketConn
+	err = inet.do(func() error {
+		eth, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		if err := netlink.AddrAdd(eth, mustAddr("10.99.0.1/24")); err != nil {
+			return err
+		}
+		lo, _ := netlink.LinkByName("lo")
+		for _, l := range []netlink.Link{eth, lo} {
+			if err := netlink.LinkSetUp(l); err != nil {
+				return err
+			}
+		}
+		if tcpLn, err = net.Listen("tcp4", "10.99.0.1:80"); err != nil {
+			return err
+		}
+		udp, err = net.ListenPacket("udp4", "10.99.0.1:9999")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tcpLn.Close(); udp.Close() })
+	accepted := make(chan struct{}, 10)
+	go func() {
+		for {
+			c, err := tcpLn.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+			accepted <- struct{}{}
+		}
+	}()
+	udpSeen := make(chan struct{}, 10)
+	go func() {
+		buf := make([]byte, 100)
+		for {
+			if _, _, err := udp.ReadFrom(buf); err != nil {
+				return
+			}
+			udpSeen <- struct{}{}
+		}
+	}()
+	var agentLn net.Listener
+	if err := pod.do(func() error {
+		if err := netRules([]uint16{7070}, 0); err != nil {
+			return err
+		}
+		var err error
+		agentLn, err = net.Listen("tcp4", "10.99.0.2:7070")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer agentLn.Close()
+	go func() {
+		for {
+			c, err := agentLn.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, "agent")
+			c.Close()
+		}
+	}()
+
+	// A timeout far above any reset's delay: "refused" can only be the reset.
+	got := probeAs(t, pod, py, `
+import time
+t0 = time.monotonic()
+try:
+    socket.create_connection(("10.99.0.1", 80), timeout=60); out["tcp"] = "connected"
+except ConnectionRefusedError:
+    out["tcp"] = "refused"
+except Exception as e:
+    out["tcp"] = type(e).__name__
+out["tcp seconds"] = "%.1f" % (time.monotonic() - t0)
+attempt("udp", lambda: udp("10.99.0.1", 9999))
+`)
+	t.Logf("probe: %v", got)
+	if got["tcp"] != "refused" {
+		t.Errorf("tcp out: %q, want refused (a reset)", got["tcp"])
+	}
+	if v := got["udp"]; v == "" || strings.Contains(v, "ping") {
+		t.Errorf("udp: %q, want it dropped", v)
+	}
+	select {
+	case <-accepted:
+		t.Error("a TCP connection of the sandbox's reached the outside")
+	case <-udpSeen:
+		t.Error("a UDP packet of the sandbox's reached the outside")
+	default:
+	}
+	// The pod's server still answers from outside.
+	var body []byte
+	if err := inet.do(func() error {
+		c, err := net.Dial("tcp4", "10.99.0.2:7070")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		body, err = io.ReadAll(c)
+		return err
+	}); err != nil || string(body) != "agent" {
+		t.Errorf("the agent from outside: %q %v", body, err)
+	}
+}
+
+// probeAs runs netProbe+code with python py as uid 10000 (the sandbox's) in pod and returns its
+// outcomes.
+func probeAs(t *testing.T, pod *nsThread, py, code string) map[string]string {
+	t.Helper()
+	var out []byte
+	err := pod.do(func() error {
+		cmd := exec.Command(py, "-c", netProbe+code)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 10000, Gid: 10000}}
+		cmd.Dir = "/"
+		var err error
+		out, err = cmd.Output()
+		return err
+	})
+	if err != nil {
+		t.Fatalf("probe: %v: %s", err, out)
+	}
+	got := map[string]string{}
+	if err := json.Unmarshal(out, &got); err != nil {
+		t.Fatalf("probe output %q: %v", out, err)
+	}
+	return got
 }
 
 // netProbe is drivertest.NetProbe printing its outcomes as JSON at exit.

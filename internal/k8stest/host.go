@@ -104,28 +104,36 @@ func nodeIP() (string, error) {
 	return "", errors.New("no non-loopback IPv4 address for the node (the kubelet must not listen on loopback)")
 }
 
+// hostRoutes are the host's IPv4 routes but the default one and those of interface skip.
+func hostRoutes(skip string) []*net.IPNet {
+	var routes []*net.IPNet
+	f, err := os.Open("/proc/net/route")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fs := strings.Fields(sc.Text())
+		if len(fs) < 8 || fs[1] == "Destination" || fs[1] == "00000000" || (skip != "" && fs[0] == skip) {
+			continue
+		}
+		d, err1 := strconv.ParseUint(fs[1], 16, 32)
+		m, err2 := strconv.ParseUint(fs[7], 16, 32)
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		ip, mask := make(net.IP, 4), make(net.IPMask, 4)
+		binary.LittleEndian.PutUint32(ip, uint32(d))
+		binary.LittleEndian.PutUint32(mask, uint32(m))
+		routes = append(routes, &net.IPNet{IP: ip, Mask: mask})
+	}
+	return routes
+}
+
 // podCIDR is the first of 10.244.N.0/24 that no route of the host's overlaps.
 func podCIDR() (string, error) {
-	var routes []*net.IPNet
-	if f, err := os.Open("/proc/net/route"); err == nil {
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			fs := strings.Fields(sc.Text())
-			if len(fs) < 8 || fs[1] == "Destination" || fs[1] == "00000000" || fs[0] == BridgeName {
-				continue
-			}
-			d, err1 := strconv.ParseUint(fs[1], 16, 32)
-			m, err2 := strconv.ParseUint(fs[7], 16, 32)
-			if err1 != nil || err2 != nil {
-				continue
-			}
-			ip, mask := make(net.IP, 4), make(net.IPMask, 4)
-			binary.LittleEndian.PutUint32(ip, uint32(d))
-			binary.LittleEndian.PutUint32(mask, uint32(m))
-			routes = append(routes, &net.IPNet{IP: ip, Mask: mask})
-		}
-		f.Close()
-	}
+	routes := hostRoutes(BridgeName)
 	for n := 0; n < 256; n++ {
 		_, cand, _ := net.ParseCIDR(fmt.Sprintf("10.244.%d.0/24", n))
 		free := true
@@ -140,6 +148,38 @@ func podCIDR() (string, error) {
 		}
 	}
 	return "", errors.New("no free 10.244.N.0/24 for the pods")
+}
+
+// serviceRouteProto marks the host's unreachable route for serviceCIDR as the cluster's (ip
+// route's "proto"), so that teardown deletes that route and no other.
+const serviceRouteProto = "77"
+
+// blockServiceCIDR makes serviceCIDR unreachable on the host: the pods route it to the host
+// (podRoutes), which has no kube-proxy and would otherwise forward it along its default route,
+// beyond the host. A host route of its own overlapping serviceCIDR is an error (not replaced).
+func blockServiceCIDR() error {
+	_, svc, _ := net.ParseCIDR(serviceCIDR)
+	for _, r := range hostRoutes("") {
+		if r.Contains(svc.IP) || svc.Contains(r.IP) {
+			return fmt.Errorf("the host has a route %s overlapping the cluster's service range %s", r, serviceCIDR)
+		}
+	}
+	if out, err := exec.Command("ip", "route", "add", "unreachable", serviceCIDR, "proto", serviceRouteProto).CombinedOutput(); err != nil {
+		return fmt.Errorf("ip route add unreachable %s: %v: %s", serviceCIDR, err, out)
+	}
+	return nil
+}
+
+// unblockServiceCIDR deletes blockServiceCIDR's route, if there.
+func unblockServiceCIDR() error {
+	out, err := exec.Command("ip", "route", "show", "exact", serviceCIDR, "proto", serviceRouteProto).Output()
+	if err != nil || len(strings.TrimSpace(string(out))) == 0 {
+		return nil
+	}
+	if out, err := exec.Command("ip", "route", "del", "unreachable", serviceCIDR, "proto", serviceRouteProto).CombinedOutput(); err != nil {
+		return fmt.Errorf("ip route del unreachable %s: %v: %s", serviceCIDR, err, out)
+	}
+	return nil
 }
 
 // cgroupMounts are the mount points of the host's cgroup hierarchies (v1 and v2).
@@ -317,6 +357,9 @@ func teardown(dir string) error {
 				}
 			}
 		}
+	}
+	if err := unblockServiceCIDR(); err != nil {
+		errs = append(errs, err)
 	}
 	if _, err := net.InterfaceByName(BridgeName); err == nil {
 		if out, err := exec.Command("ip", "link", "del", BridgeName).CombinedOutput(); err != nil {

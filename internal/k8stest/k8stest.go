@@ -64,16 +64,26 @@ const (
 	cniNetwork = "sandboxd-k8stest"
 	// PauseImage is the pods' sandbox image, imported at Start: busybox sleeping.
 	PauseImage = "sandboxd.invalid/k8stest/pause:1"
-	// FakeInternetRoute is the one range beyond the pods' subnet that pods have a route to
-	// (through the host, which forwards it to the kubernetes driver's tests' fake internet, a
-	// network namespace of theirs): pods have no default route, so nothing they send leaves
-	// the host.
+	// FakeInternetRoute is the one range beyond the host that pods have a route to (through the
+	// host, which forwards it to the kubernetes driver's tests' fake internet, a network
+	// namespace of theirs): pods have no default route, so nothing they send leaves the host.
+	// Their other routes stay on the host too: the node's IP (the host's own address) and
+	// serviceCIDR (unreachable on the host) — so that a pod's connection there is routed, and an
+	// egress rule in the pod (the kubernetes driver's gateway) decides about it, not a missing
+	// route.
 	FakeInternetRoute = "203.0.113.240/28"
-	// serviceCIDR is the range of service IPs (no kube-proxy: nothing routes them).
+	// serviceCIDR is the range of service IPs (no kube-proxy: nothing serves them). Pods have
+	// a route to it (podRoutes); the host's route for it is unreachable (blockServiceCIDR).
 	serviceCIDR = "10.96.0.0/24"
 	// stepTimeout bounds each wait of Start for a broken component; not a speed target.
 	stepTimeout = 3 * time.Minute
 )
+
+// podRoutes are the routes of the pods (through the bridge): FakeInternetRoute, the node's IP,
+// serviceCIDR; no default route.
+func podRoutes(nodeIP string) []map[string]string {
+	return []map[string]string{{"dst": FakeInternetRoute}, {"dst": nodeIP + "/32"}, {"dst": serviceCIDR}}
+}
 
 // Cluster is the process's running cluster.
 type Cluster struct {
@@ -239,6 +249,9 @@ func start(t testing.TB) (*Cluster, error) {
 	if c.CNIBridgeCIDR, err = podCIDR(); err != nil {
 		return c, err
 	}
+	if err := blockServiceCIDR(); err != nil {
+		return c, err
+	}
 	for _, d := range []string{"logs", "pki", "containerd", "cni/net.d", "cni/ipam", "etcd", "kubelet", "pods"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
 			return c, err
@@ -368,7 +381,7 @@ state = %[2]q
 			"ipam": map[string]any{
 				"type":    "host-local",
 				"ranges":  [][]map[string]string{{{"subnet": c.CNIBridgeCIDR}}},
-				"routes":  []map[string]string{{"dst": FakeInternetRoute}},
+				"routes":  podRoutes(c.NodeIP),
 				"dataDir": filepath.Join(c.dir, "cni/ipam"),
 			},
 		}},

@@ -185,7 +185,8 @@ func TestHostReachesPod(t *testing.T) {
 
 // A pod's code is hostile: from the pods' network it must not reach etcd (loopback only: the
 // cluster's whole state) at any of the host's addresses it can route to (the node's, the
-// bridge's), nor the kubelet's API without a client certificate of the cluster's CA.
+// bridge's), nor the kubelet's API without a client certificate of the cluster's CA, nor
+// anything through the service range it has a route to (the host's route there is unreachable).
 func TestPodCannotReachClusterState(t *testing.T) {
 	c, cs, img := python(t)
 	gateway, _, _ := strings.Cut(c.CNIBridgeCIDR, "/")
@@ -204,6 +205,10 @@ except urllib.error.HTTPError as e:
     print("kubelet: %%d" %% e.code)
 except Exception as e:
     print("kubelet: not connected:", repr(e))
+try:
+    socket.create_connection(("10.96.0.1", 443), timeout=5); print("service: connected")
+except OSError as e:
+    print("service: not connected:", repr(e))
 `, c.NodeIP, c.etcdPort, c.kubeletPort, gateway)
 	run(t, cs, pod("probe", img, "python3", "-c", probe), corev1.PodSucceeded)
 	logs, err := cs.CoreV1().Pods("default").GetLogs("probe", &corev1.PodLogOptions{}).DoRaw(context.Background())
@@ -212,9 +217,12 @@ except Exception as e:
 	}
 	t.Logf("the pod's probe:\n%s", logs)
 	lines := strings.Split(strings.TrimSpace(string(logs)), "\n")
-	if len(lines) != 3 || !strings.HasPrefix(lines[0], "etcd: not connected") || !strings.HasPrefix(lines[1], "etcd: not connected") ||
-		!(lines[2] == "kubelet: 401" || strings.HasPrefix(lines[2], "kubelet: not connected")) {
-		t.Fatalf("probe said %q, want etcd not connected, and the kubelet refusing (401) or not connected", logs)
+	// The service range is routed to the host, whose route for it is unreachable: refused there
+	// (EHOSTUNREACH), not forwarded beyond the host.
+	if len(lines) != 4 || !strings.HasPrefix(lines[0], "etcd: not connected") || !strings.HasPrefix(lines[1], "etcd: not connected") ||
+		!(lines[2] == "kubelet: 401" || strings.HasPrefix(lines[2], "kubelet: not connected")) ||
+		!strings.HasPrefix(lines[3], "service: not connected: OSError(113") {
+		t.Fatalf("probe said %q, want etcd not connected, the kubelet refusing (401) or not connected, the service IP unreachable at the host", logs)
 	}
 }
 
@@ -270,6 +278,9 @@ func TestStopLeavesNothing(t *testing.T) {
 	}
 	if _, err := os.Lstat("/sys/class/net/" + BridgeName); err == nil {
 		left = append(left, "bridge "+BridgeName)
+	}
+	if out, _ := exec.Command("ip", "route", "show", "exact", serviceCIDR, "proto", serviceRouteProto).Output(); len(strings.TrimSpace(string(out))) > 0 {
+		left = append(left, "route "+strings.TrimSpace(string(out)))
 	}
 	for _, v := range veths {
 		if _, err := os.Lstat("/sys/class/net/" + v.Name()); err == nil {

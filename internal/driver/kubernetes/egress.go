@@ -57,8 +57,9 @@ var (
 func needsGateway(p egress.Policy) bool { return !p.BlockOutbound || len(p.Rules) > 0 }
 
 // gatewayContainer is the gateway sidecar of a pod. deny are the prefixes no policy opens (the
-// cluster's own addresses), hosts the static records it resolves from (none: the pod's resolver).
-func gatewayContainer(agentImage string, deny []netip.Prefix, hosts egress.StaticResolver) corev1.Container {
+// cluster's own addresses), hosts the static records it resolves from, or else upstream the DNS
+// server it resolves with (the cluster's: the pod's resolv.conf names the gateway itself).
+func gatewayContainer(agentImage string, deny []netip.Prefix, hosts egress.StaticResolver, upstream netip.Addr) corev1.Container {
 	always := corev1.ContainerRestartPolicyAlways
 	cmd := []string{"/sandbox-agent", "egress", "--control", ":" + strconv.Itoa(ControlPort),
 		"--secret-file", gatewayDir + "/" + gatewayKey, "--state", gatewayState + "/policy.json"}
@@ -71,6 +72,9 @@ func gatewayContainer(agentImage string, deny []netip.Prefix, hosts egress.Stati
 			as = append(as, a.String())
 		}
 		cmd = append(cmd, "--host", name+"="+strings.Join(as, ","))
+	}
+	if len(hosts) == 0 {
+		cmd = append(cmd, "--upstream", upstream.String())
 	}
 	return corev1.Container{
 		Name:            gatewayName,
@@ -102,12 +106,15 @@ func gatewayVolumes(id string) []corev1.Volume {
 	}
 }
 
-// gatewayDNSConfig makes the sandbox's resolver ask for a name with a dot as it is first: with
-// the cluster's ndots:5 each lookup of an allowed name would first ask for it under every search
-// domain, which the gateway denies — a denial in the audit per search domain and lookup.
+// gatewayDNSConfig is the resolv.conf of a pod with a gateway (dnsPolicy None): the gateway's
+// DNS (127.0.0.1, where netinit redirects the sandbox's DNS to the gateway's DNS port), no
+// search domain, ndots 1 — nothing depends on the cluster's DNS being reachable from the pod,
+// and a lookup of an allowed name is not first asked under search domains the gateway would deny
+// (a denial in the audit per search domain and lookup).
 func gatewayDNSConfig() *corev1.PodDNSConfig {
 	one := "1"
-	return &corev1.PodDNSConfig{Options: []corev1.PodDNSConfigOption{{Name: "ndots", Value: &one}}}
+	return &corev1.PodDNSConfig{Nameservers: []string{"127.0.0.1"}, Searches: []string{},
+		Options: []corev1.PodDNSConfigOption{{Name: "ndots", Value: &one}}}
 }
 
 // hasGateway says whether pod runs the gateway sidecar.
@@ -226,6 +233,16 @@ func (d *Driver) refreshDenied(ctx context.Context) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	if len(d.hosts) == 0 {
+		// The gateways' upstream: the cluster's DNS service (kube-system/kube-dns).
+		if svc, err := d.cs.CoreV1().Services("kube-system").Get(ctx, "kube-dns", metav1.GetOptions{}); err != nil {
+			d.log.Warn("egress: cannot get the cluster's DNS service (kube-system/kube-dns) for the gateways", "err", err)
+		} else if a, err := netip.ParseAddr(svc.Spec.ClusterIP); err != nil {
+			d.log.Warn("egress: the cluster's DNS service has no cluster IP", "ip", svc.Spec.ClusterIP)
+		} else {
+			d.upstream = a
+		}
+	}
 	denied, err := d.clusterDenied(ctx, d.apiserver)
 	if err != nil && d.denied != nil {
 		d.log.Warn("egress: cannot list the cluster's addresses again: the gateways of new pods deny the last list", "err", err)

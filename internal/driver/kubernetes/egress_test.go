@@ -161,8 +161,10 @@ func notReached(bad string) func(string) bool {
 // — and nothing else: not a denied name, not an address directly (not even with an allowed Host),
 // not another port of the allowed address, not UDP but DNS, not the node (kubelet), another pod,
 // the kubernetes service, the gateway's own ports on loopback, its control channel; it cannot
-// become the gateway's uid, read its secret or open a raw socket. Every decision reaches
-// Options.OnNetwork as the sandbox's. Then SetNetwork re-targets it.
+// become the gateway's uid, read its secret or open a raw socket. Its DNS to an outside server
+// (an address of the fake internet, which serves no DNS there: the pods have no default route)
+// is answered by the gateway. Every decision reaches Options.OnNetwork as the sandbox's. Then
+// SetNetwork re-targets it.
 func TestEgressAllowList(t *testing.T) {
 	d := egressDriver(t)
 	f := fakeInternet(t)
@@ -196,7 +198,7 @@ fetch("transparent port directly", "127.0.0.1", 15001)
 fetch("control port from inside", own, %[6]d)
 attempt("resolve allowed", lambda: socket.gethostbyname("api.company.com"))
 attempt("udp echo", lambda: udp(%[1]q, %[7]d))
-attempt("dns to an outside server", lambda: dns_a("api.company.com", "8.8.8.8"))
+attempt("dns to an outside server", lambda: dns_a("api.company.com", %[1]q))
 attempt("setuid gateway", lambda: os.setuid(%[8]d))
 attempt("gateway secret", lambda: os.listdir("/.sandbox/egress"))
 attempt("raw socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
@@ -234,7 +236,9 @@ attempt("ipv6", lambda: socket.create_connection(("2001:db8::1", 80), timeout=3)
 
 	// Every decision reached the audit, as the sandbox's.
 	ds := seen.of(id)
-	var allowedAPI, deniedEvil, deniedKubelet bool
+	// The node and the service IP are routed in the test cluster's pods: refused by the gateway's
+	// decision, not by a missing route.
+	var allowedAPI, deniedEvil, deniedKubelet, deniedService bool
 	for _, x := range ds {
 		switch {
 		case x.Allowed && x.Host == "api.company.com":
@@ -243,10 +247,12 @@ attempt("ipv6", lambda: socket.create_connection(("2001:db8::1", 80), timeout=3)
 			deniedEvil = true
 		case !x.Allowed && x.Addr.String() == env.c.NodeIP:
 			deniedKubelet = true
+		case !x.Allowed && x.Addr.String() == "10.96.0.1":
+			deniedService = true
 		}
 	}
-	if !allowedAPI || !deniedEvil || !deniedKubelet {
-		t.Errorf("decisions (api allowed %v, evil denied %v, kubelet denied %v): %+v", allowedAPI, deniedEvil, deniedKubelet, ds)
+	if !allowedAPI || !deniedEvil || !deniedKubelet || !deniedService {
+		t.Errorf("decisions (api allowed %v, evil denied %v, kubelet denied %v, service denied %v): %+v", allowedAPI, deniedEvil, deniedKubelet, deniedService, ds)
 	}
 
 	// The control channel: nobody without the gateway's own secret — not the agent's, which the
@@ -307,13 +313,18 @@ fetch("private", "10.96.0.1", 443)
 		"kubelet": refusedish, "other pod": refusedish, "private": refusedish,
 	}, nil)
 	ds := seen.of(id)
-	found := false
+	var found, deniedKubelet, deniedService bool
 	for _, x := range ds {
-		if x.Allowed && x.Host == "evil.example" {
+		switch {
+		case x.Allowed && x.Host == "evil.example":
 			found = true
+		case !x.Allowed && x.Addr.String() == env.c.NodeIP:
+			deniedKubelet = true
+		case !x.Allowed && x.Addr.String() == "10.96.0.1":
+			deniedService = true
 		}
 	}
-	if !found {
-		t.Errorf("no allowed decision for evil.example: %+v", ds)
+	if !found || !deniedKubelet || !deniedService {
+		t.Errorf("decisions (evil.example allowed %v, kubelet denied %v, service denied %v): %+v", found, deniedKubelet, deniedService, ds)
 	}
 }

@@ -123,12 +123,13 @@ type Driver struct {
 	cpuRequest float64 // the share of its CPU limit a pod requests (Options.CPURequest)
 	log        *slog.Logger
 	onNetwork  func(egress.Decision) // Options.OnNetwork
-	hosts      egress.StaticResolver // Options.Resolver: the gateways' static records (nil: the pods' resolver)
+	hosts      egress.StaticResolver // Options.Resolver: the gateways' static records (nil: the cluster's DNS, upstream)
 	apiserver  string                // the kubeconfig's server URL
 
 	deniedMu sync.Mutex
 	denied   []netip.Prefix // the cluster's own addresses (clusterDenied), as of deniedAt
 	deniedAt time.Time
+	upstream netip.Addr // the gateways' DNS server when hosts is nil: kube-system/kube-dns's IP, as of deniedAt
 
 	mu     sync.Mutex
 	boxes  map[string]*box // what Exec needs, cached (the API has it all)

@@ -201,14 +201,17 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 		SecurityContext: restricted,
 		Resources:       corev1.ResourceRequirements{Requests: initResources, Limits: initResources},
 	}, netinitContainer(d.agentImage, needsGateway(spec.Network)), filesContainer(d.agentImage, restricted, spec.DiskBytes)}
-	var dnsConfig *corev1.PodDNSConfig
+	dnsPolicy, dnsConfig := corev1.DNSClusterFirst, (*corev1.PodDNSConfig)(nil)
 	if needsGateway(spec.Network) {
 		d.deniedMu.Lock()
-		denied := d.denied
+		denied, upstream := d.denied, d.upstream
 		d.deniedMu.Unlock()
-		initContainers = append(initContainers, gatewayContainer(d.agentImage, denied, d.hosts))
+		if len(d.hosts) == 0 && !upstream.IsValid() {
+			return nil, fmt.Errorf("no DNS server for the egress gateway: the cluster's (service kube-system/kube-dns) was not found, and no static host records are configured")
+		}
+		initContainers = append(initContainers, gatewayContainer(d.agentImage, denied, d.hosts, upstream))
 		volumes = append(volumes, gatewayVolumes(id)...)
-		dnsConfig = gatewayDNSConfig()
+		dnsPolicy, dnsConfig = corev1.DNSNone, gatewayDNSConfig()
 	}
 	var runtimeClass *string
 	if img.RuntimeClass != "" {
@@ -234,6 +237,7 @@ func (d *Driver) podObject(id string, spec driver.Spec, img driver.ClusterImage)
 				SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
 			},
 			InitContainers: initContainers,
+			DNSPolicy:      dnsPolicy,
 			DNSConfig:      dnsConfig,
 			Containers: []corev1.Container{{
 				Name:            sandboxContainer,

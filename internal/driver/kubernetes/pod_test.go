@@ -98,12 +98,13 @@ func TestPodObject(t *testing.T) {
 	for _, ic := range ps.InitContainers {
 		names = append(names, ic.Name)
 	}
-	if strings.Join(names, " ") != "agent files netinit" {
-		t.Errorf("init containers %v, want agent, files, netinit", names)
+	// netinit before the files sidecar: its rules are in place before any sidecar serves.
+	if strings.Join(names, " ") != "agent netinit files" {
+		t.Errorf("init containers %v, want agent, netinit, files", names)
 	}
 	// The files sidecar: a native sidecar, confined as the sandbox's container, the disk whole;
 	// its memory holds the disk's files it writes.
-	fc := ps.InitContainers[1]
+	fc := ps.InitContainers[2]
 	if fc.RestartPolicy == nil || *fc.RestartPolicy != corev1.ContainerRestartPolicyAlways || *fc.SecurityContext.RunAsUser != 10000 ||
 		!*fc.SecurityContext.ReadOnlyRootFilesystem || len(fc.SecurityContext.Capabilities.Add) != 0 ||
 		fc.Resources.Limits.Memory().Value() != 64<<20+filesMemory || fc.VolumeMounts[0].MountPath != diskRoot || fc.VolumeMounts[0].SubPath != "" {
@@ -112,7 +113,7 @@ func TestPodObject(t *testing.T) {
 	if cmd := strings.Join(ps.InitContainers[0].Command, " "); !strings.Contains(cmd, diskRoot+"/"+mountDir("/workspace/in")) || !strings.Contains(cmd, diskRoot+"/"+tmpDir) {
 		t.Errorf("install: %s", cmd)
 	}
-	if cmd := strings.Join(ps.InitContainers[2].Command, " "); !strings.HasSuffix(cmd, fmt.Sprintf(" %d %d", AgentPort, FilesPort)) {
+	if cmd := strings.Join(ps.InitContainers[1].Command, " "); !strings.HasSuffix(cmd, fmt.Sprintf(" %d,%d", AgentPort, FilesPort)) {
 		t.Errorf("netinit lets out the replies of %s, want the agent's and the files sidecar's", cmd)
 	}
 	if _, err := d.podObject("t-2", driver.Spec{RootFS: rootfs, CPU: 1, MemoryBytes: 1 << 20, DiskBytes: 1 << 20, Blocked: []string{"../x"}}, driver.ClusterImage{Ref: "x"}); err == nil {
@@ -203,7 +204,7 @@ func TestPodGateway(t *testing.T) {
 				gw = &pod.Spec.InitContainers[i]
 			}
 		}
-		wantArgs := []string{"/sandbox-agent", "netinit", "7070"}
+		wantArgs := []string{"/sandbox-agent", "netinit", "7070,7071"}
 		if tc.gateway {
 			wantArgs = append(wantArgs, "10001")
 		}
@@ -215,8 +216,14 @@ func TestPodGateway(t *testing.T) {
 				t.Errorf("the sandbox's container mounts %s", m.Name)
 			}
 		}
-		if dc := pod.Spec.DNSConfig; (dc != nil) != tc.gateway || (dc != nil && (dc.Options[0].Name != "ndots" || *dc.Options[0].Value != "1")) {
-			t.Errorf("%+v: dns config %+v", tc.policy, dc)
+		// With a gateway, the pod's resolver is the gateway (127.0.0.1), nothing of the cluster's.
+		dc := pod.Spec.DNSConfig
+		if tc.gateway && (pod.Spec.DNSPolicy != corev1.DNSNone || dc == nil || !slices.Equal(dc.Nameservers, []string{"127.0.0.1"}) ||
+			len(dc.Searches) != 0 || dc.Options[0].Name != "ndots" || *dc.Options[0].Value != "1") {
+			t.Errorf("%+v: dns policy %s, config %+v", tc.policy, pod.Spec.DNSPolicy, dc)
+		}
+		if !tc.gateway && (pod.Spec.DNSPolicy != corev1.DNSClusterFirst || dc != nil) {
+			t.Errorf("%+v: dns policy %s, config %+v", tc.policy, pod.Spec.DNSPolicy, dc)
 		}
 		if !tc.gateway {
 			continue
@@ -228,8 +235,26 @@ func TestPodGateway(t *testing.T) {
 			t.Errorf("gateway: %+v", gw)
 		}
 		cmd := strings.Join(gw.Command, " ")
-		if !strings.Contains(cmd, "--deny 10.244.0.0/16") || !strings.Contains(cmd, "--host api.company.com=192.0.2.10") {
+		if !strings.Contains(cmd, "--deny 10.244.0.0/16") || !strings.Contains(cmd, "--host api.company.com=192.0.2.10") || strings.Contains(cmd, "--upstream") {
 			t.Errorf("gateway command %q", cmd)
+		}
+	}
+
+	// Without static records the gateway resolves with the cluster's DNS server, given
+	// explicitly; none known: no pod (not a gateway that would ask itself).
+	spec := driver.Spec{RootFS: t.TempDir(), CPU: 0.5, MemoryBytes: 128 << 20, DiskBytes: 64 << 20, Network: egress.Policy{BlockOutbound: false}}
+	d.hosts = nil
+	if _, err := d.podObject("t-3", spec, driver.ClusterImage{Ref: "python@sha256:11"}); err == nil {
+		t.Error("a gateway pod without static records nor the cluster's DNS server")
+	}
+	d.upstream = netip.MustParseAddr("10.96.0.10")
+	pod, err := d.podObject("t-3", spec, driver.ClusterImage{Ref: "python@sha256:11"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range pod.Spec.InitContainers {
+		if cmd := strings.Join(c.Command, " "); c.Name == gatewayName && (!strings.HasSuffix(cmd, " --upstream 10.96.0.10") || strings.Contains(cmd, "--host")) {
+			t.Errorf("gateway command %q, want --upstream 10.96.0.10", cmd)
 		}
 	}
 }
@@ -246,6 +271,8 @@ func TestClusterDenied(t *testing.T) {
 				{Type: corev1.NodeHostName, Address: "n1"}}}},
 		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "kubernetes", Namespace: "default"},
 			Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.1", ClusterIPs: []string{"10.96.0.1"}}},
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "kube-dns", Namespace: "kube-system"},
+			Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.10", ClusterIPs: []string{"10.96.0.10"}}},
 	)
 	d := &Driver{cs: cs, log: slog.New(slog.DiscardHandler), apiserver: "https://198.51.100.5:6443"}
 	d.refreshDenied(context.Background())
@@ -256,6 +283,9 @@ func TestClusterDenied(t *testing.T) {
 	want := []string{"10.244.1.0/24", "10.96.0.1/32", "192.168.7.10/32", "198.51.100.5/32", "203.0.113.7/32", "fd00:10:244:1::/64"}
 	if !slices.Equal(got, want) {
 		t.Errorf("denied %v, want %v", got, want)
+	}
+	if d.upstream.String() != "10.96.0.10" {
+		t.Errorf("the gateways' upstream %v, want kube-dns's 10.96.0.10", d.upstream)
 	}
 	// Past the TTL with the nodes unlistable: the last list stays.
 	d.deniedAt = time.Now().Add(-2 * deniedTTL)
