@@ -3,6 +3,7 @@ package kubernetes
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -108,6 +109,9 @@ func newEnv(t testing.TB, c *k8stest.Cluster) (*testEnv, error) {
 		ClusterImages: map[string]driver.ClusterImage{rootfs: {Ref: imageRef}},
 		AgentImage:    agentRef,
 		Kubelet:       driver.KubeletLimits{PodPidsLimit: k8stest.PodPidsLimit, SingleProcessOOMKill: true}, // k8stest's kubelet
+		// The test cluster has no cluster DNS (kube-system/kube-dns): the gateways resolve from
+		// static records (the egress tests set their own).
+		Resolver: egress.StaticResolver{"example.com": {netip.MustParseAddr("203.0.113.250")}},
 	}}, nil
 }
 
