@@ -12,7 +12,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
@@ -193,11 +192,12 @@ func TestEvictedPodIsGone(t *testing.T) {
 	if err := admin.PolicyV1().Evictions(d.ns).Evict(context.Background(), ev); err != nil {
 		t.Fatalf("evict: %v", err)
 	}
-	waitfor.True(t, 2*time.Minute, func() bool { // the eviction is asked; the kubelet then kills
-		_, err := d.cs.CoreV1().Pods(d.ns).Get(context.Background(), objectName(id), metav1.GetOptions{})
-		return apierrors.IsNotFound(err)
+	// The pod's grace is 0, so the object goes at once and the kubelet kills the containers when it
+	// sees that: Exec runs until then.
+	waitfor.True(t, 2*time.Minute, func() bool {
+		_, err = d.Exec(context.Background(), id, driver.ExecRequest{Code: "print(1)", Timeout: time.Minute, MaxOutput: 1 << 20})
+		return err != nil
 	})
-	_, err = d.Exec(context.Background(), id, driver.ExecRequest{Code: "print(1)", Timeout: time.Minute, MaxOutput: 1 << 20})
 	if !errors.Is(err, driver.ErrNotFound) { // a GoneError saying why while the pod is still seen
 		t.Fatalf("Exec in an evicted pod: %v, want ErrNotFound (the service then ends the sandbox)", err)
 	}
