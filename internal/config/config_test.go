@@ -183,3 +183,45 @@ func TestStoreURL(t *testing.T) {
 		}
 	}
 }
+
+// TestDeployManifestArgs: the serve arguments of deploy/kubernetes/sandboxd.yaml, with what the
+// pod's environment fills in, parse with deploy/kubernetes/config.example.json as its config: an
+// in-cluster replica, no host set-up, its StatefulSet index's part of the id range.
+func TestDeployManifestArgs(t *testing.T) {
+	b, err := os.ReadFile("../../deploy/kubernetes/sandboxd.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var args []string
+	in := false
+	for _, l := range strings.Split(string(b), "\n") {
+		switch s := strings.TrimSpace(l); {
+		case s == "args:":
+			in = true
+		case in && strings.HasPrefix(s, "- "):
+			a := strings.TrimPrefix(s, "- ")
+			a = strings.NewReplacer("$(POD_IP)", "10.244.0.9", "$(POD_NAMESPACE)", "sbx", "$(POD_INDEX)", "1",
+				"sandboxd-image", "r/sandboxd@sha256:ab", "/etc/sandboxd/config.json", "../../deploy/kubernetes/config.example.json").Replace(a)
+			args = append(args, a)
+		default:
+			in = false
+		}
+	}
+	if len(args) == 0 || args[0] != "serve" {
+		t.Fatalf("args %q: want serve's", args)
+	}
+	agent := filepath.Join(t.TempDir(), "sandbox-agent")
+	if err := os.WriteFile(agent, nil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SANDBOXD_STORE", "postgres://sandboxd@postgres/sandboxd")
+	c, err := ParseServe(append(args[1:], "--agent-bin", agent))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Driver != "kubernetes" || c.Kubeconfig != "" || c.Namespace != "sbx" || c.Store == "" || c.HostRuns() ||
+		c.Advertise != "http://10.244.0.9:8080" || len(c.Images) != 1 || !IsClusterRef(c.Images[0].RootFS) || !c.Images[0].Default ||
+		c.IDs != (sandbox.IDRange{First: 1<<30 + 1024*driver.IDsPerSandbox, Sandboxes: 1024}) {
+		t.Fatalf("config %+v", c)
+	}
+}
