@@ -302,9 +302,11 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	return nil
 }
 
-// uidFree fails when a live pod of the namespace already runs as spec's run uid (runUID): the
-// service gives no two of its live sandboxes the same host ids, but two replicas on one cluster
-// must be given disjoint id ranges (the config's "ids") to keep that true across them.
+// uidFree fails when a pod of the namespace already runs as spec's run uid (runUID), terminating
+// ones too (their processes run as that uid until they are gone): the service gives no two of its
+// live sandboxes the same host ids, but two replicas on one cluster must be given disjoint id
+// ranges (the config's "ids", --ids-slot) to keep that true across them, and a replica that
+// replaced a lost one of the same range waits for the lost one's pods to be gone.
 func (d *Driver) uidFree(ctx context.Context, spec driver.Spec) error {
 	if spec.HostIDs == 0 {
 		return nil
@@ -316,10 +318,8 @@ func (d *Driver) uidFree(ctx context.Context, spec driver.Spec) error {
 		return fmt.Errorf("list the pods of uid %s: %w", uid, err)
 	}
 	for _, p := range pods.Items {
-		if p.DeletionTimestamp == nil {
-			return fmt.Errorf("uid %s is the uid of the live pod %s (replica %s): replicas on one cluster need disjoint id ranges (config \"ids\": {\"first\": …})",
-				uid, p.Name, p.Labels[labelReplica])
-		}
+		return fmt.Errorf("uid %s is the uid of the pod %s (replica %s): replicas on one cluster need disjoint id ranges (config \"ids\": {\"first\": …}, --ids-slot)",
+			uid, p.Name, p.Labels[labelReplica])
 	}
 	return nil
 }
