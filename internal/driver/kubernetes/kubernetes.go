@@ -317,7 +317,8 @@ func (d *Driver) uidFree(ctx context.Context, spec driver.Spec) error {
 	if err != nil {
 		return fmt.Errorf("list the pods of uid %s: %w", uid, err)
 	}
-	for _, p := range pods.Items {
+	if len(pods.Items) > 0 {
+		p := pods.Items[0]
 		return fmt.Errorf("uid %s is the uid of the pod %s (replica %s): replicas on one cluster need disjoint id ranges (config \"ids\": {\"first\": …}, --ids-slot)",
 			uid, p.Name, p.Labels[labelReplica])
 	}
