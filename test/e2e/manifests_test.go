@@ -83,7 +83,7 @@ func applyManifest(t *testing.T, c *k8stest.Cluster, name string, replace ...str
 // the lost replica, its sandbox's pod is destroyed, the StatefulSet replaces it and the new
 // replica serves.
 func TestDeployManifests(t *testing.T) {
-	kubeOnly(t)
+	kubeOnly(t, "sandboxd deployed into the test cluster by its manifests")
 	k := kubeSetup(t)
 	ctx := context.Background()
 	ns := e2eNamespace
