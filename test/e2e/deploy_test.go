@@ -48,8 +48,8 @@ func kubeOnly(t *testing.T, why string) {
 // placeholder and namespace. The test cluster has no storage provisioner, so a PersistentVolume
 // (a host directory, bound to the StatefulSet's claim) stands in for one. It waits for the pod to
 // be Ready and returns the superuser's URLs at the pod's IP (the host reaches it, so do the pods)
-// and at the Service's ClusterIP (what a real cluster's pods use; the test cluster has no
-// kube-proxy, so there nothing answers it). Everything is deleted when t ends.
+// and at the Service's ClusterIP (what pods use; the host cannot reach ClusterIPs: kube-proxy
+// serves them to pods). Everything is deleted when t ends.
 func deployPostgres(t *testing.T, c *k8stest.Cluster, cs kubernetes.Interface, ns string) (hostURL, serviceURL string) {
 	t.Helper()
 	rootfs := os.Getenv("SANDBOXD_POSTGRES_ROOTFS")
@@ -101,37 +101,10 @@ func deployPostgres(t *testing.T, c *k8stest.Cluster, cs kubernetes.Interface, n
 		t.Fatalf("secret: %v", err)
 	}
 
-	b, err := os.ReadFile("../../deploy/kubernetes/postgres.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	manifest := string(b)
-	for _, r := range [][2]string{{"image: postgres-image", "image: " + ref}, {"namespace: sandboxes", "namespace: " + ns}} {
-		if !strings.Contains(manifest, r[0]) {
-			t.Fatalf("postgres.yaml has no %q to replace", r[0])
-		}
-		manifest = strings.ReplaceAll(manifest, r[0], r[1])
-	}
-	var svc *corev1.Service
-	for _, doc := range strings.Split(manifest, "\n---\n") {
-		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode([]byte(doc), nil, nil)
-		if err != nil {
-			t.Fatalf("postgres.yaml: %v", err)
-		}
-		switch o := obj.(type) {
-		case *corev1.Service:
-			svc, err = cs.CoreV1().Services(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
-		case *appsv1.StatefulSet:
-			_, err = cs.AppsV1().StatefulSets(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
-		default:
-			t.Fatalf("postgres.yaml: unexpected %T", obj)
-		}
-		if err != nil {
-			t.Fatalf("postgres.yaml: %v", err)
-		}
-	}
-	if svc == nil || svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == corev1.ClusterIPNone {
-		t.Fatalf("postgres.yaml: no Service with a cluster IP: %+v", svc)
+	applyManifest(t, c, "postgres.yaml", "image: postgres-image", "image: "+ref, "namespace: sandboxes", "namespace: "+ns)
+	svc, err := cs.CoreV1().Services(ns).Get(ctx, "postgres", metav1.GetOptions{})
+	if err != nil || svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == corev1.ClusterIPNone {
+		t.Fatalf("postgres.yaml: no Service postgres with a cluster IP: %v %+v", err, svc)
 	}
 	ip := waitPostgresReady(t, cs, ns, "")
 	u := func(host string) string {

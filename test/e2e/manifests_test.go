@@ -29,7 +29,7 @@ import (
 )
 
 // applyManifest applies every document of the manifest deploy/kubernetes/NAME, its text changed
-// only by the replacer's old/new pairs, with server-side apply (what `kubectl apply
+// only by the old/new pairs of replace (each old one must be there), with server-side apply (what `kubectl apply
 // --server-side` does); it returns the objects applied, to delete.
 func applyManifest(t *testing.T, c *k8stest.Cluster, name string, replace ...string) []*unstructured.Unstructured {
 	t.Helper()
@@ -37,7 +37,13 @@ func applyManifest(t *testing.T, c *k8stest.Cluster, name string, replace ...str
 	if err != nil {
 		t.Fatal(err)
 	}
-	text := strings.NewReplacer(replace...).Replace(string(b))
+	text := string(b)
+	for i := 0; i+1 < len(replace); i += 2 {
+		if !strings.Contains(text, replace[i]) {
+			t.Fatalf("%s has no %q to replace", name, replace[i])
+		}
+	}
+	text = strings.NewReplacer(replace...).Replace(text)
 	dc, err := dynamic.NewForConfig(c.Config)
 	if err != nil {
 		t.Fatal(err)
