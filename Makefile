@@ -16,10 +16,12 @@ deps:
 	@scripts/install-deps.sh
 
 # The container images, Debian root filesystems cached in ~/.cache/sandboxd: the default (data)
-# image, python3 with numpy, pandas, scipy, matplotlib and more, and the slim one, python3 alone.
+# image, python3 with numpy, pandas, scipy, matplotlib and more, the slim one, python3 alone, and
+# PostgreSQL's for deploy/kubernetes/postgres.yaml (the kubernetes pass of test/e2e deploys it).
 image: deps
 	@scripts/build-image.sh >/dev/null
 	@scripts/build-image.sh slim >/dev/null
+	@scripts/build-image.sh postgres >/dev/null
 
 # The WASM image: CPython 3.11 for wasm32-wasi built from Debian's sources (about 4-8 minutes the
 # first time), cached in ~/.cache/sandboxd/python-wasm.
@@ -61,7 +63,8 @@ run:
 # The host's tests first, then test/vm alone: the VM's two emulated CPUs take both cores of a
 # small machine, and timing-sensitive host tests must not share them. test/vm's summary lines
 # (vm[init|systemd]: boot, tests, results) are printed; its whole output goes to bin/test-vm.log.
-TESTENV = SANDBOXD_ROOTFS=$$(scripts/build-image.sh) SANDBOXD_PYTHON_WASM=$$(scripts/build-python-wasm.sh 2>/dev/null) \
+TESTENV = SANDBOXD_ROOTFS=$$(scripts/build-image.sh) SANDBOXD_POSTGRES_ROOTFS=$$(scripts/build-image.sh postgres) \
+	SANDBOXD_PYTHON_WASM=$$(scripts/build-python-wasm.sh 2>/dev/null) \
 	SANDBOXD_RUNSC=$$(scripts/build-runsc.sh 2>/dev/null) SANDBOXD_K8S=$$(scripts/build-k8s.sh 2>/dev/null) \
 	SANDBOXD_BIN=$(CURDIR)/bin
 

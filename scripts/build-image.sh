@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
 # Builds a container image as a plain root filesystem from Debian bookworm — debootstrap minbase
-# plus the packages its recipe names — and caches it outside the repository. Two images:
-#   data  agentcop/agent-sandbox:latest, the default: python3 with numpy, pandas, scipy,
-#         matplotlib (Agg, DejaVu fonts, its font list built here), openpyxl, requests,
-#         beautifulsoup4, lxml, pillow, sympy (scripts/image/data.packages)
-#   slim  agentcop/agent-sandbox:slim: python3 alone (scripts/image/slim.packages)
+# plus the packages its recipe names — and caches it outside the repository. Three images:
+#   data      agentcop/agent-sandbox:latest, the default: python3 with numpy, pandas, scipy,
+#             matplotlib (Agg, DejaVu fonts, its font list built here), openpyxl, requests,
+#             beautifulsoup4, lxml, pillow, sympy (scripts/image/data.packages)
+#   slim      agentcop/agent-sandbox:slim: python3 alone (scripts/image/slim.packages)
+#   postgres  PostgreSQL 15's server for deploy/kubernetes/postgres.yaml (scripts/image/postgres.*)
 # A recipe pins every package it names to its exact Debian version; the build fails, naming the
 # package, when bookworm no longer serves that version (a point release): update the pin. A
 # "-package" line leaves out a dependency and what it alone brings (dpkg --force-depends: the image
-# is never upgraded in place).
+# is never upgraded in place). A variant's own finishing steps, if it has any, are a script beside
+# its recipe, image/VARIANT.sh, run last with the root filesystem's path as its argument.
 #
-# Usage: scripts/build-image.sh [data|slim] [CACHE_DIR]   (default: data, ~/.cache/sandboxd)
+# Usage: scripts/build-image.sh [data|slim|postgres] [CACHE_DIR]   (default: data, ~/.cache/sandboxd)
 # Prints the rootfs path as its last line. Each image is cached in
 # CACHE_DIR/images/agent-sandbox-VARIANT-<recipe hash>/ (the first 12 hex digits of the sha256 of
-# `sha256sum build-image.sh image/VARIANT.packages`'s output, in scripts/), so it is rebuilt only
-# when this file or its recipe changes; beside rootfs/: digest (GET /api/images) and
-# build-seconds (make bench).
+# `sha256sum build-image.sh image/VARIANT.packages [image/VARIANT.sh]`'s output, in scripts/), so it
+# is rebuilt only when this file or its own recipe and steps change; beside rootfs/: digest
+# (GET /api/images) and build-seconds (make bench).
 set -euo pipefail
 variant=${1:-data}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 recipe=image/$variant.packages
-[ -f "$here/$recipe" ] || { echo "build-image: unknown image $variant (want data or slim)" >&2; exit 2; }
+steps=image/$variant.sh
+[ -f "$here/$recipe" ] || { echo "build-image: unknown image $variant (want data, slim or postgres)" >&2; exit 2; }
+[ -f "$here/$steps" ] || steps=
 cache=${2:-${SANDBOXD_CACHE:-$HOME/.cache/sandboxd}}
-recipe_hash=$( (cd "$here" && sha256sum build-image.sh "$recipe") | sha256sum | cut -c1-12)
+recipe_hash=$( (cd "$here" && sha256sum build-image.sh "$recipe" $steps) | sha256sum | cut -c1-12)
 dir="$cache/images/agent-sandbox-$variant-$recipe_hash"
 if [ -f "$dir/.complete" ]; then echo "$dir/rootfs"; exit 0; fi
 
@@ -51,13 +55,14 @@ while IFS== read -r name want; do
 done <<<"$pins"
 [ "$stale" = 0 ] || exit 1
 # Leave out what only the omitted packages need: keep what the recipe's packages, apt and the
-# required base depend on (the first installed alternative) without going through them.
+# required base depend on (the first installed alternative) without going through them. The
+# host's python3 reads the image's dpkg status: not every image has a python3.
 if [ -n "$omit" ]; then
-  purge=$(cut -d= -f1 <<<"$pins" | chroot "$r" /usr/bin/python3 -c '
+  purge=$(cut -d= -f1 <<<"$pins" | python3 -c '
 import re, sys
-omit, roots = set(sys.argv[1:]), set(sys.stdin.read().split()) | {"apt"}
+status, omit, roots = sys.argv[1], set(sys.argv[2:]), set(sys.stdin.read().split()) | {"apt"}
 pkgs, provides = {}, {}
-for para in open("/var/lib/dpkg/status").read().split("\n\n"):
+for para in open(status).read().split("\n\n"):
     f = dict(re.findall(r"^([\w-]+): (.*(?:\n .*)*)", para, re.M))
     if "Package" not in f or not f.get("Status", "").endswith(" installed"):
         continue
@@ -79,14 +84,16 @@ while todo:
                 todo.extend(found)
                 break
 print(" ".join(sorted(set(pkgs) - keep)))
-' $omit)
+' "$r/var/lib/dpkg/status" $omit)
   echo "build-image: leaving out" $omit": purging" $purge >&2
   chroot "$r" dpkg --purge --force-depends $purge >"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; exit 1; }
 fi
 # Fit for a read-only root: no apt caches, no docs, no packages' own test suites.
 rm -rf "$r"/var/cache/apt/archives/*.deb "$r"/var/lib/apt/lists/* "$r"/usr/share/doc/* "$r"/usr/share/man/* \
        "$r"/usr/share/locale/* "$r"/var/log/*
-find "$r/usr/lib/python3/dist-packages" -depth -type d -name tests -exec rm -rf {} +
+if [ -d "$r/usr/lib/python3/dist-packages" ]; then
+  find "$r/usr/lib/python3/dist-packages" -depth -type d -name tests -exec rm -rf {} +
+fi
 # Mount points the sandbox runtime uses.
 mkdir -p "$r/workspace" "$r/.sandbox"
 if [ -f "$r/etc/matplotlibrc" ]; then
@@ -106,7 +113,11 @@ if [ -f "$r/etc/matplotlibrc" ]; then
 fi
 # Precompile the standard library and the packages so a read-only root never tries to write .pyc
 # files (some of the standard library's test files do not compile: on purpose).
-chroot "$r" /usr/bin/python3 -m compileall -q /usr/lib/python3.11 /usr/lib/python3/dist-packages >/dev/null 2>&1 || true
+[ ! -x "$r/usr/bin/python3" ] || chroot "$r" /usr/bin/python3 -m compileall -q /usr/lib/python3.11 /usr/lib/python3/dist-packages >/dev/null 2>&1 || true
+# The variant's own steps.
+if [ -n "$steps" ]; then
+  bash "$here/$steps" "$r" >"$tmp.log" 2>&1 || { tail -20 "$tmp.log" >&2; exit 1; }
+fi
 # A content digest, reported by GET /api/images.
 echo "sha256:$(cd "$r" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)" >"$tmp/digest"
 echo $((SECONDS - start)) >"$tmp/build-seconds"

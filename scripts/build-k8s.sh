@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds the Kubernetes control plane and node agent that internal/k8stest runs as a single-node
-# cluster for make test — kube-apiserver, kube-controller-manager, kube-scheduler, kubelet — and
-# etcd, statically from their Go modules at pinned versions, and caches them outside the
-# repository (neither their sources nor their binaries are in the repo).
+# Builds the Kubernetes control plane and node components that internal/k8stest runs as a
+# single-node cluster for make test — kube-apiserver, kube-controller-manager, kube-scheduler,
+# kubelet, kube-proxy — and etcd, statically from their Go modules at pinned versions, and caches
+# them outside the repository (neither their sources nor their binaries are in the repo).
 #
 # Usage: scripts/build-k8s.sh [CACHE_DIR]   (default: ${SANDBOXD_CACHE:-~/.cache/sandboxd})
 # Prints the binaries' directory, CACHE_DIR/k8s/<version>-<recipe hash>, as its last line of
@@ -25,17 +25,20 @@
 #   go.etcd.io/etcd/server/v3 ETCD_VERSION   its main package is etcd itself; built in the same
 #                                    module (Kubernetes already requires etcd's server module, so
 #                                    they share one dependency graph and most compiled packages).
-# One `go build` for all five, so that the packages they share compile once.
+# One `go build` for all six, so that the packages they share compile once.
 #
 # Output: CACHE_DIR/k8s/<KUBE_VERSION>-<recipe hash>/
-#   kube-apiserver kube-controller-manager kube-scheduler kubelet etcd   static binaries (-s -w)
+#   kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy etcd
+#                   static binaries (-s -w)
 #   go.mod go.sum   the scratch module the build used (every dependency's version and sum)
 #   BUILDINFO       key=value: versions, go, sha256 of each binary, fetch and build seconds
 #   .complete       written last; a directory without it is never used
 # The containerd, runc and CNI plugins the cluster also needs are Debian's (scripts/install-deps.sh).
 # Cost (this 2-core machine): ~19 min of compiling cold when the machine is otherwise idle (28 CPU
 # minutes; 72 min of wall time when it was shared at load 15–24), ~400 MB of binaries, and the
-# modules' sources in the Go module cache (k8s.io alone ~280 MB).
+# modules' sources in the Go module cache (k8s.io alone ~280 MB). kube-proxy (the pods' Services)
+# adds ~80 MB of binary and little to the cold compile (most of its packages are the kubelet's);
+# a rebuild after a recipe change, the Go build cache warm, takes ~70-90 s.
 set -euo pipefail
 
 KUBE_VERSION=v1.37.2
@@ -43,7 +46,7 @@ KUBE_SUM=h1:A2VDEiObzkYqFTKhSsn0ZEb0RlLEXpHWj93gi2HqEwE=
 STAGING_VERSION=v0.37.2
 ETCD_VERSION=v3.7.3
 ETCD_SUM=h1:KcTZ/aEZrOiQe0/kdr7iYYcvyfbEoOwDOacHkz8xwZc=
-BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet etcd)
+BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy etcd)
 
 # shellcheck source=lib/cache.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/cache.sh"
@@ -85,10 +88,10 @@ mapfile -t staging < <(sed -n 's#^[[:space:]]*\(k8s\.io/[^ ]*\) => \./staging/.*
   for m in "${staging[@]}"; do echo "	$m => $m $STAGING_VERSION"; done
   echo ")"
 } >"$src/go.mod"
-pkgs=(k8s.io/kubernetes/cmd/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet} go.etcd.io/etcd/server/v3)
+pkgs=(k8s.io/kubernetes/cmd/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet,kube-proxy} go.etcd.io/etcd/server/v3)
 logf="$base/$KUBE_VERSION-$recipe_hash.log"
 # go mod tidy needs a package importing what it should keep; main packages cannot be imported,
-# so `go get` of the five packages resolves the graph and writes go.sum.
+# so `go get` of the six packages resolves the graph and writes go.sum.
 (cd "$src" && GOFLAGS=-mod=mod go get "${pkgs[@]}") >"$logf" 2>&1 || { tail -n 30 "$logf" >&2; die "go get failed; full log in $logf"; }
 
 t_build=$SECONDS

@@ -5,7 +5,7 @@
 //	sandboxd images import|pull|ls|rm …   the approved OCI images (images.go)
 //	sandboxd bench [-n N] [--image NAME=ROOTFS] [--wasm-image NAME=DIR] [--runtime R] …
 //	sandboxd doctor [--json] [serve flags]   checks this host for serve
-//	sandboxd agent-image --out DIR   the kubernetes driver's agent image, an OCI layout to push
+//	sandboxd cluster-image --out DIR   the image of the API replicas and the sandbox pods' agent, an OCI layout to push
 //	sandboxd create|ls|get|run|logs|cp|rm|mcp …   (clients of a running server: see client.go)
 package main
 
@@ -34,7 +34,7 @@ const usage = `usage:
   sandboxd images pull REF [--name NAME] [--runtime crun|runc|runsc] [--data-dir DIR] · images ls [--json] · images rm NAME
   sandboxd bench [-n N] [--idle N] [--throughput-for DURATION] [--json] [--cpu-only] [--image NAME=ROOTFS]
                  [--wasm-image NAME=DIR] [--runtime crun|runc] [--runsc PATH] [--runsc-n N]   starts its own server; prints figures
-  sandboxd agent-image --out DIR [--agent-bin PATH]   writes the kubernetes driver's agent image (an OCI layout to push); prints its digest
+  sandboxd cluster-image --out DIR [--agent-bin PATH] [--server-bin PATH]   writes the cluster image: sandboxd and the pods' agent (an OCI layout to push); prints its digest
   sandboxd doctor [--json] [--data-dir DIR] [--config FILE] [serve flags]   checks this host: ok / missing (exit 1) / warn, with fixes
 client commands (a running server: --url or SANDBOXD_URL, --key or SANDBOXD_API_KEY; --json for the API's JSON):
   sandboxd create [--agent-id ID --mode M --image I --ro PATH --rw PATH --blocked PATH --allow HOST
@@ -66,8 +66,8 @@ func main() {
 		err = bench(os.Args[2:], log)
 	case "doctor":
 		err = doctorCmd(os.Args[2:])
-	case "agent-image":
-		err = agentImage(os.Args[2:], os.Stdout)
+	case "cluster-image":
+		err = clusterImage(os.Args[2:], os.Stdout)
 	case protocol.WorkerCommand: // hidden: a worker process of the wasm driver (see wasmworker.go)
 		wasmWorker(os.Args[2:])
 	case "create", "ls", "get", "run", "logs", "cp", "rm", "context", "mcp":
@@ -130,36 +130,45 @@ func newLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
-// agentImage is "sandboxd agent-image": it writes the kubernetes driver's agent image (only the
-// static sandbox-agent; kubernetes.WriteAgentImage) as an OCI layout in --out, and prints its
-// digest: push the layout to the cluster's registry and pass REPO@DIGEST as --agent-image.
-func agentImage(args []string, out io.Writer) error {
-	fs := flag.NewFlagSet("agent-image", flag.ContinueOnError)
+// clusterImage is "sandboxd cluster-image": it writes the cluster image (kubernetes.WriteImage:
+// the static sandbox-agent and this sandboxd, its entrypoint) as an OCI layout in --out, and
+// prints its digest: push the layout to the cluster's registry and pass REPO@DIGEST as
+// --agent-image, and as the image of deploy/kubernetes/sandboxd.yaml.
+func clusterImage(args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("cluster-image", flag.ContinueOnError)
 	dir := fs.String("out", "", "directory to write the OCI layout in (created; must not exist or be empty)")
 	agentBin := fs.String("agent-bin", "", "path of the sandbox-agent binary (default: next to sandboxd)")
+	serverBin := fs.String("server-bin", "", "path of the sandboxd binary (default: this one)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *dir == "" || fs.NArg() > 0 {
-		return errors.New("agent-image: want 'agent-image --out DIR [--agent-bin PATH]'")
+		return errors.New("cluster-image: want 'cluster-image --out DIR [--agent-bin PATH] [--server-bin PATH]'")
 	}
 	if ents, err := os.ReadDir(*dir); err == nil && len(ents) > 0 {
-		return fmt.Errorf("agent-image: %s is not empty: name a new directory", *dir)
+		return fmt.Errorf("cluster-image: %s is not empty: name a new directory", *dir)
+	}
+	server := *serverBin
+	if server == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("cluster-image: %w", err)
+		}
+		server = exe
 	}
 	bin := *agentBin
 	if bin == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return fmt.Errorf("agent-image: %w", err)
-		}
-		bin = filepath.Join(filepath.Dir(exe), "sandbox-agent")
+		bin = filepath.Join(filepath.Dir(server), "sandbox-agent")
 	}
 	if err := config.CheckAgentBin(bin); err != nil {
-		return fmt.Errorf("agent-image: %w (--agent-bin names it)", err)
+		return fmt.Errorf("cluster-image: %w (--agent-bin names it)", err)
 	}
-	h, err := kubernetes.WriteAgentImage(*dir, bin)
+	if _, err := os.Stat(server); err != nil {
+		return fmt.Errorf("cluster-image: sandboxd binary: %w (--server-bin names it)", err)
+	}
+	h, err := kubernetes.WriteImage(*dir, bin, server)
 	if err != nil {
-		return fmt.Errorf("agent-image: %w", err)
+		return fmt.Errorf("cluster-image: %w", err)
 	}
 	fmt.Fprintln(out, h.String())
 	return nil

@@ -40,9 +40,11 @@ import (
 )
 
 // openStore opens the records of every command that reads or writes them: the PostgreSQL
-// database at url (--store postgres://…), or when url is "" the SQLite file in dataDir.
+// database at url (--store postgres://…, else $SANDBOXD_STORE: config.StoreURL), or when there
+// is none the SQLite file in dataDir.
 func openStore(ctx context.Context, dataDir, url string) (store.Store, error) {
-	if err := config.CheckStore(url); err != nil {
+	url, err := config.StoreURL(url)
+	if err != nil {
 		return nil, err
 	}
 	if url != "" {
@@ -216,14 +218,17 @@ func start(ctx context.Context, cfg config.Config, firstKey bool, log *slog.Logg
 		}
 		return nil
 	})
-	// Every sandbox's disk: images in the data directory, mounted in sandboxd's mount namespace.
-	disks, err := disk.NewManager(filepath.Join(cfg.DataDir, "disks"))
-	if err != nil {
-		return fail(err)
-	}
-	mountDir, err := mountns.Dir(cfg.DataDir)
-	if err != nil {
-		return fail(err)
+	// Every sandbox's disk: images in the data directory, mounted in sandboxd's mount namespace
+	// (none when no sandbox runs on this host: the kubernetes driver's are in their pods).
+	var disks *disk.Manager
+	var mountDir string
+	if cfg.HostRuns() {
+		if disks, err = disk.NewManager(filepath.Join(cfg.DataDir, "disks")); err != nil {
+			return fail(err)
+		}
+		if mountDir, err = mountns.Dir(cfg.DataDir); err != nil {
+			return fail(err)
+		}
 	}
 	agents, err := agentcall.New(cfg.Agents)
 	if err != nil {
@@ -289,7 +294,7 @@ func runtimeOf(drv driver.Driver) string {
 func describeImages(ims []sandbox.Image, rt string) []sandbox.Image {
 	out := slices.Clone(ims)
 	for i, im := range out {
-		if im.RootFS == "" || im.Build != nil {
+		if im.RootFS == "" || im.Build != nil || config.IsClusterRef(im.RootFS) { // nothing at hand to read
 			if im.Mode == sandbox.ModeContainer {
 				out[i].Runtime = rt
 			}
@@ -386,16 +391,18 @@ func serve(args []string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if err := cgroup.EnterScope(cfg.DataDir, filepath.Join(cfg.DataDir, "lock")); err != nil {
-		return err
-	}
-	if err := mountns.Enter(); err != nil {
-		return err
-	}
-	if base, err := cgroup.Delegate(); err != nil {
-		return err
-	} else if base != "" {
-		log.Info("cgroup v2: sandboxes' groups below a delegated cgroup", "cgroup", base)
+	if cfg.HostRuns() { // a kubernetes replica runs no sandbox here, unprivileged (config.HostRuns)
+		if err := cgroup.EnterScope(cfg.DataDir, filepath.Join(cfg.DataDir, "lock")); err != nil {
+			return err
+		}
+		if err := mountns.Enter(); err != nil {
+			return err
+		}
+		if base, err := cgroup.Delegate(); err != nil {
+			return err
+		} else if base != "" {
+			log.Info("cgroup v2: sandboxes' groups below a delegated cgroup", "cgroup", base)
+		}
 	}
 	// Watched from here to the exit (stop.go): a signal during start-up cancels it, and one
 	// during the stop is the "second signal".

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -78,10 +79,13 @@ type Config struct {
 	// agent_id: the file's "agents" (see package agentcall).
 	Agents map[string]agentcall.Endpoint
 	// Driver runs container-mode sandboxes: "container" (default) or "kubernetes" (--driver; WASM
-	// stays local). The kubernetes driver's cluster: Kubeconfig (--kubeconfig), Namespace
+	// stays local). The kubernetes driver's cluster: Kubeconfig (--kubeconfig; "": the cluster
+	// sandboxd runs in, by its pod's service account), Namespace
 	// (--namespace), AgentImage (--agent-image: the agent image's digest-pinned reference),
 	// CPURequest (--cpu-request: the share of the CPU limit a pod requests) and,
-	// per image name, what the cluster runs for it (the file's "cluster_images").
+	// per image name, what the cluster runs for it (the file's "cluster_images"). Under the
+	// kubernetes driver an image may have no root on this host (--image NAME, a file image
+	// without rootfs): its RootFS is then its cluster reference (IsClusterRef).
 	Driver        string
 	Kubeconfig    string
 	Namespace     string
@@ -92,7 +96,7 @@ type Config struct {
 }
 
 // StoreUsage is the --store flag's help, for every command that opens the store.
-const StoreUsage = "where the records live: a postgres://user@host/db URL, shared by several serve replicas (default: the SQLite file in the data directory)"
+const StoreUsage = "where the records live: a postgres://user@host/db URL, shared by several serve replicas (default: $SANDBOXD_STORE, else the SQLite file in the data directory)"
 
 // CheckStore checks a --store value: "" (the SQLite file in the data directory) or a
 // postgres:// (postgresql://) URL.
@@ -168,6 +172,9 @@ func ParseServe(args []string) (Config, error) {
 		return c, fmt.Errorf("no approved image: pass --image %s=ROOTFS_DIR (build one with scripts/build-image.sh, or use make run)", DefaultImage)
 	}
 	for i := range c.Images {
+		if IsClusterRef(c.Images[i].RootFS) {
+			continue
+		}
 		if err := CheckImage(&c.Images[i]); err != nil {
 			return c, err
 		}
@@ -196,11 +203,12 @@ func parse(name string, args []string) (Config, error) {
 	fs.StringVar(&c.AgentBin, "agent-bin", "", "path of the sandbox-agent binary (default: next to sandboxd)")
 	fs.StringVar(&cfgPath, "config", "", "optional JSON file with images, plans and limits")
 	fs.StringVar(&c.Driver, "driver", "container", "what runs container-mode sandboxes: container (this host) or kubernetes (pods of --kubeconfig's cluster; the config file's cluster_images)")
-	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "--driver kubernetes: the cluster's kubeconfig")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "--driver kubernetes: the cluster's kubeconfig (default: the cluster sandboxd runs in, by its pod's service account)")
 	fs.StringVar(&c.Namespace, "namespace", "default", "--driver kubernetes: the namespace of the sandboxes' pods")
 	fs.StringVar(&c.AgentImage, "agent-image", "", "--driver kubernetes: the agent image's digest-pinned reference (REPO@sha256:…)")
 	fs.Float64Var(&c.CPURequest, "cpu-request", 0.1, "--driver kubernetes: the share of a sandbox's CPU limit its pod requests from the scheduler, in (0, 1] (1: Guaranteed pods)")
-	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR (repeatable; the first is the container default)")
+	fs.Var(&images, "image", "approved image as NAME=ROOTFS_DIR, or NAME alone under --driver kubernetes (the config file's cluster_images[NAME]) (repeatable; the first is the container default)")
+	idsSlot := fs.String("ids-slot", "", "K/N: use the K-th of N equal parts (K from 0) of the host ids range (the config file's ids, or the default): replicas sharing a cluster need disjoint ones, e.g. a StatefulSet's pod index")
 	warm := fs.Int("warm-pool", DefaultWarmPool, fmt.Sprintf("provisioned sandboxes kept ready per shape asked for, 0 to %d (0: none; over the config file's warm_pool)", MaxWarmPool))
 	fs.DurationVar(&c.StopGrace, "stop-grace", DefaultStopGrace, "on SIGINT/SIGTERM, how long live sandboxes may take to be destroyed before the rest are killed at once")
 	fs.Var(&wasmImages, "wasm-image", "approved WASM image as NAME=DIR holding python.wasm and lib/ (repeatable; the first is the wasm default)")
@@ -221,13 +229,13 @@ func parse(name string, args []string) (Config, error) {
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("%s takes no arguments, got %q", name, fs.Args())
 	}
+	if c.Store, err = StoreURL(c.Store); err != nil {
+		return c, err
+	}
 	if c.StopGrace <= 0 {
 		return c, fmt.Errorf("--stop-grace %v: want a positive duration, e.g. 20s", c.StopGrace)
 	}
 	if c.DataDir, err = filepath.Abs(c.DataDir); err != nil {
-		return c, err
-	}
-	if err := CheckStore(c.Store); err != nil {
 		return c, err
 	}
 	if c.Advertise == "" {
@@ -249,6 +257,11 @@ func parse(name string, args []string) (Config, error) {
 	if warmSet {
 		c.WarmPool = *warm
 	}
+	if *idsSlot != "" {
+		if c.IDs, err = slotOf(c.IDs, *idsSlot); err != nil {
+			return c, err
+		}
+	}
 	if err := c.checkDriver(); err != nil {
 		return c, err
 	}
@@ -257,7 +270,9 @@ func parse(name string, args []string) (Config, error) {
 	}
 	for i, v := range images {
 		name, root, ok := strings.Cut(v, "=")
-		if !ok || name == "" || root == "" {
+		if !ok && name != "" && c.Driver == "kubernetes" {
+			ok, root = true, "" // the cluster's image: clusterImages
+		} else if !ok || name == "" || root == "" {
 			return c, fmt.Errorf("--image %q: want NAME=ROOTFS_DIR, e.g. --image %s=$(scripts/build-image.sh | tail -1)", v, DefaultImage)
 		}
 		c.Images = append(c.Images, sandbox.Image{Name: name, Mode: sandbox.ModeContainer, RootFS: root, Default: i == 0 && !hasDefault(c.Images, sandbox.ModeContainer)})
@@ -282,8 +297,11 @@ func parse(name string, args []string) (Config, error) {
 		c.Images = append(c.Images, sandbox.Image{Name: name, Mode: sandbox.ModeWASM, Default: i == 0 && !hasDefault(c.Images, sandbox.ModeWASM)})
 		c.Builds = append(c.Builds, Build{Image: name, Command: command})
 	}
+	if err := c.clusterImages(); err != nil {
+		return c, err
+	}
 	for i := range c.Images {
-		if c.Images[i].RootFS == "" { // built by the server (--wasm-build)
+		if c.Images[i].RootFS == "" || IsClusterRef(c.Images[i].RootFS) { // built by the server (--wasm-build); the cluster's
 			continue
 		}
 		if c.Images[i].RootFS, err = filepath.Abs(c.Images[i].RootFS); err != nil {
@@ -298,6 +316,74 @@ func parse(name string, args []string) (Config, error) {
 		c.AgentBin = filepath.Join(filepath.Dir(exe), "sandbox-agent")
 	}
 	return c, nil
+}
+
+// clusterImages gives each container image without a root on this host (kubernetes driver) its
+// cluster reference as RootFS (what the driver's Options.ClusterImages is keyed by) and the
+// reference's digest.
+func (c *Config) clusterImages() error {
+	for i, im := range c.Images {
+		if im.Mode != sandbox.ModeContainer || im.RootFS != "" {
+			continue
+		}
+		ci, ok := c.ClusterImages[im.Name]
+		if !ok {
+			return fmt.Errorf("image %s has no root filesystem on this host: name it in the config file's cluster_images (\"%s\": {\"ref\": \"REPO@sha256:…\"}), or pass --image %s=ROOTFS_DIR", im.Name, im.Name, im.Name)
+		}
+		c.Images[i].RootFS = ci.Ref
+		_, c.Images[i].Digest, _ = strings.Cut(ci.Ref, "@")
+	}
+	return nil
+}
+
+// IsClusterRef tells an image's RootFS that is a cluster's image reference (clusterImages) from
+// a directory of this host (absolute after parsing).
+func IsClusterRef(rootfs string) bool {
+	return !filepath.IsAbs(rootfs) && strings.Contains(rootfs, "@sha256:")
+}
+
+// HostRuns reports whether this host runs sandboxes itself — the container driver, or a WASM
+// image (WASM runs locally whatever the driver) — and so needs the host's set-up (a delegated
+// cgroup, a mount namespace, loop-device disks). A kubernetes replica with container images
+// only runs none: it needs no privilege and runs in a pod as a plain user.
+func (c *Config) HostRuns() bool {
+	if c.Driver != "kubernetes" {
+		return true
+	}
+	for _, im := range c.Images {
+		if im.Mode == sandbox.ModeWASM {
+			return true
+		}
+	}
+	return false
+}
+
+// slotOf is the slot-th part (--ids-slot K/N) of r (zero: sandbox.DefaultIDRange()).
+func slotOf(r sandbox.IDRange, slot string) (sandbox.IDRange, error) {
+	ks, ns, ok := strings.Cut(slot, "/")
+	k, kerr := strconv.Atoi(ks)
+	n, nerr := strconv.Atoi(ns)
+	if !ok || kerr != nil || nerr != nil || n < 1 || k < 0 || k >= n {
+		return r, fmt.Errorf("--ids-slot %q: want K/N with 0 <= K < N, e.g. 0/8", slot)
+	}
+	if r == (sandbox.IDRange{}) {
+		r = sandbox.DefaultIDRange()
+	}
+	per := r.Sandboxes / n
+	if per < 1 {
+		return r, fmt.Errorf("--ids-slot %s: the id range's %d sandboxes do not split into %d parts", slot, r.Sandboxes, n)
+	}
+	return sandbox.IDRange{First: r.First + uint32(k*per)*driver.IDsPerSandbox, Sandboxes: per}, nil
+}
+
+// StoreURL is the store a command uses: flag (--store) or, when empty, $SANDBOXD_STORE (so that
+// a URL with a password need not be on a command line: a pod takes it from a Secret), checked
+// (CheckStore).
+func StoreURL(flag string) (string, error) {
+	if flag == "" {
+		flag = os.Getenv("SANDBOXD_STORE")
+	}
+	return flag, CheckStore(flag)
 }
 
 // CheckImage checks that an image's directory (absolute) is what its mode needs — a root file
@@ -371,12 +457,12 @@ func (c *Config) loadFile(path string) error {
 		return fmt.Errorf("config %s: %w", path, err)
 	}
 	for _, im := range f.Images {
-		if im.Name == "" || im.RootFS == "" {
-			return fmt.Errorf("config %s: every image needs a name and a rootfs", path)
-		}
 		mode := im.Mode
 		if mode == "" {
 			mode = sandbox.ModeContainer
+		}
+		if im.Name == "" || (im.RootFS == "" && (mode != sandbox.ModeContainer || c.Driver != "kubernetes")) {
+			return fmt.Errorf("config %s: every image needs a name and a rootfs (under --driver kubernetes a container image may have none: cluster_images[NAME] is what runs)", path)
 		}
 		c.Images = append(c.Images, sandbox.Image{Name: im.Name, Mode: mode, RootFS: im.RootFS, Default: im.Default})
 	}
@@ -469,9 +555,6 @@ func (c *Config) checkDriver() error {
 	case "kubernetes":
 	default:
 		return fmt.Errorf("--driver %q: want container or kubernetes", c.Driver)
-	}
-	if c.Kubeconfig == "" {
-		return errors.New("--driver kubernetes needs --kubeconfig PATH")
 	}
 	if c.CPURequest <= 0 || c.CPURequest > 1 {
 		return fmt.Errorf("--cpu-request %v: want the share of the CPU limit a pod requests, in (0, 1]", c.CPURequest)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sandboxd/sandboxd/internal/driver"
+	"github.com/sandboxd/sandboxd/internal/sandbox"
 )
 
 func TestParseServe(t *testing.T) {
@@ -108,7 +109,34 @@ func TestParseServe(t *testing.T) {
 				t.Fatalf("config %+v", c)
 			}
 		}},
-		{"kubernetes: no kubeconfig", []string{img, "--agent-bin", agent, "--driver", "kubernetes", "--agent-image", "r/a@sha256:ab"}, "--kubeconfig", nil},
+		{"kubernetes: in its cluster, images by reference", []string{"--image", DefaultImage, "--agent-bin", agent, "--driver", "kubernetes", "--agent-image", "r/a@sha256:ab",
+			"--ids-slot", "3/8", "--config", cfgFile("k8s3.json", `{"cluster_images": {"`+DefaultImage+`": {"ref": "r/py@sha256:cd"}, "other": {"ref": "r/o@sha256:ef"}},
+			"images": [{"name": "other"}], "ids": {"first": 1073741824, "sandboxes": 800}}`)}, "", func(t *testing.T, c Config) {
+			if c.Kubeconfig != "" || len(c.Images) != 2 || c.HostRuns() {
+				t.Fatalf("config %+v", c)
+			}
+			for _, im := range c.Images {
+				want := c.ClusterImages[im.Name].Ref
+				if im.RootFS != want || !IsClusterRef(im.RootFS) || !strings.HasSuffix(want, "@"+im.Digest) || im.Default != (im.Name == DefaultImage) {
+					t.Errorf("image %+v, want root %s, its digest, default only for %s", im, want, DefaultImage)
+				}
+			}
+			if want := (sandbox.IDRange{First: 1<<30 + 3*100*driver.IDsPerSandbox, Sandboxes: 100}); c.IDs != want {
+				t.Errorf("ids %+v, want %+v (the 4th of 8 parts)", c.IDs, want)
+			}
+		}},
+		{"kubernetes: image not in cluster_images", []string{"--image", "nope", "--agent-bin", agent, "--driver", "kubernetes", "--agent-image", "r/a@sha256:ab"},
+			`image nope has no root filesystem on this host: name it in the config file's cluster_images`, nil},
+		{"container: image without a root", []string{"--image", DefaultImage, "--agent-bin", agent}, "want NAME=ROOTFS_DIR", nil},
+		{"container: file image without a root", []string{img, "--agent-bin", agent, "--config", cfgFile("noroot.json", `{"images": [{"name": "x"}]}`)}, "every image needs a name and a rootfs", nil},
+		{"ids slot, default range", []string{img, "--agent-bin", agent, "--ids-slot", "7/8"}, "", func(t *testing.T, c Config) {
+			if want := (sandbox.IDRange{First: 1<<30 + 7*1024*driver.IDsPerSandbox, Sandboxes: 1024}); c.IDs != want || !c.HostRuns() {
+				t.Errorf("ids %+v, want %+v; host runs %v", c.IDs, want, c.HostRuns())
+			}
+		}},
+		{"ids slot out of range", []string{img, "--agent-bin", agent, "--ids-slot", "8/8"}, "want K/N with 0 <= K < N", nil},
+		{"ids slot not a slot", []string{img, "--agent-bin", agent, "--ids-slot", "a"}, "want K/N with 0 <= K < N", nil},
+		{"ids slot too small", []string{img, "--agent-bin", agent, "--ids-slot", "0/9", "--config", cfgFile("ids8.json", `{"ids": {"first": 1073741824, "sandboxes": 8}}`)}, "do not split into 9 parts", nil},
 		{"kubernetes: agent image by tag", []string{img, "--agent-bin", agent, "--driver", "kubernetes", "--kubeconfig", "/k", "--agent-image", "r/a:1"}, "pinned by digest", nil},
 		{"kubernetes: image by tag", []string{img, "--agent-bin", agent, "--driver", "kubernetes", "--kubeconfig", "/k", "--agent-image", "r/a@sha256:ab",
 			"--config", cfgFile("k8s2.json", `{"cluster_images": {"x": {"ref": "r/py:1"}}}`)}, `cluster_images["x"].ref`, nil},
@@ -130,5 +158,70 @@ func TestParseServe(t *testing.T) {
 				t.Fatalf("err %v, want one containing %q", err, c.errHas)
 			}
 		})
+	}
+}
+
+// TestStoreURL: --store wins; without it $SANDBOXD_STORE (a pod's Secret) is the store; either
+// is checked.
+func TestStoreURL(t *testing.T) {
+	for _, c := range []struct{ flag, env, want, errHas string }{
+		{"", "", "", ""},
+		{"postgres://a@h/db", "postgres://b@h/db", "postgres://a@h/db", ""},
+		{"", "postgres://b@h/db", "postgres://b@h/db", ""},
+		{"", "mysql://h/db", "", `--store "mysql://h/db"`},
+	} {
+		t.Setenv("SANDBOXD_STORE", c.env)
+		got, err := StoreURL(c.flag)
+		if c.errHas != "" {
+			if err == nil || !strings.Contains(err.Error(), c.errHas) {
+				t.Errorf("StoreURL(%q) with env %q: err %v, want %q", c.flag, c.env, err, c.errHas)
+			}
+			continue
+		}
+		if err != nil || got != c.want {
+			t.Errorf("StoreURL(%q) with env %q = %q, %v; want %q", c.flag, c.env, got, err, c.want)
+		}
+	}
+}
+
+// TestDeployManifestArgs: the serve arguments of deploy/kubernetes/sandboxd.yaml, with what the
+// pod's environment fills in, parse with deploy/kubernetes/config.example.json as its config: an
+// in-cluster replica, no host set-up, its StatefulSet index's part of the id range.
+func TestDeployManifestArgs(t *testing.T) {
+	b, err := os.ReadFile("../../deploy/kubernetes/sandboxd.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var args []string
+	in := false
+	for _, l := range strings.Split(string(b), "\n") {
+		switch s := strings.TrimSpace(l); {
+		case s == "args:":
+			in = true
+		case in && strings.HasPrefix(s, "- "):
+			a := strings.TrimPrefix(s, "- ")
+			a = strings.NewReplacer("$(POD_IP)", "10.244.0.9", "$(POD_NAMESPACE)", "sbx", "$(POD_INDEX)", "1",
+				"sandboxd-image", "r/sandboxd@sha256:ab", "/etc/sandboxd/config.json", "../../deploy/kubernetes/config.example.json").Replace(a)
+			args = append(args, a)
+		default:
+			in = false
+		}
+	}
+	if len(args) == 0 || args[0] != "serve" {
+		t.Fatalf("args %q: want serve's", args)
+	}
+	agent := filepath.Join(t.TempDir(), "sandbox-agent")
+	if err := os.WriteFile(agent, nil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SANDBOXD_STORE", "postgres://sandboxd@postgres/sandboxd")
+	c, err := ParseServe(append(args[1:], "--agent-bin", agent))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Driver != "kubernetes" || c.Kubeconfig != "" || c.Namespace != "sbx" || c.Store == "" || c.HostRuns() ||
+		c.Advertise != "http://10.244.0.9:8080" || len(c.Images) != 1 || !IsClusterRef(c.Images[0].RootFS) || !c.Images[0].Default ||
+		c.IDs != (sandbox.IDRange{First: 1<<30 + 1024*driver.IDsPerSandbox, Sandboxes: 1024}) {
+		t.Fatalf("config %+v", c)
 	}
 }

@@ -390,7 +390,7 @@ type Options struct {
 	// Kubernetes driver. Kubeconfig is the path of the kubeconfig it talks to the cluster with,
 	// Namespace the namespace of its pods ("": "default"); ClusterImages maps an image's RootFS
 	// (Spec.RootFS) to what the cluster runs for it; AgentImage is the pinned reference of the
-	// agent image (package kubernetes: WriteAgentImage); Replica tells this service's pods from
+	// cluster image (package kubernetes: WriteImage); Replica tells this service's pods from
 	// another's in the same namespace ("": "default"); CPURequest is the share of a sandbox's CPU
 	// limit its pod requests from the scheduler, in (0, 1] (0: the driver's default).
 	Kubeconfig    string

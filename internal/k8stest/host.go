@@ -155,8 +155,10 @@ func podCIDR() (string, error) {
 const serviceRouteProto = "77"
 
 // blockServiceCIDR makes serviceCIDR unreachable on the host: the pods route it to the host
-// (podRoutes), which has no kube-proxy and would otherwise forward it along its default route,
-// beyond the host. A host route of its own overlapping serviceCIDR is an error (not replaced).
+// (podRoutes), where kube-proxy DNATs the Service ports it programmed before routing; without
+// this route the rest of the range (an unallocated address, a Service's other port) would be
+// forwarded along the host's default route, beyond the host. A host route of its own
+// overlapping serviceCIDR is an error (not replaced).
 func blockServiceCIDR() error {
 	_, svc, _ := net.ParseCIDR(serviceCIDR)
 	for _, r := range hostRoutes("") {
@@ -180,6 +182,42 @@ func unblockServiceCIDR() error {
 		return fmt.Errorf("ip route del unreachable %s: %v: %s", serviceCIDR, err, out)
 	}
 	return nil
+}
+
+// proxyTables are the nftables tables kube-proxy (nftables mode) makes, family and name.
+var proxyTables = [][2]string{{"ip", "kube-proxy"}, {"ip6", "kube-proxy"}}
+
+// leftProxyTables is those of proxyTables the host has.
+func leftProxyTables() ([][2]string, error) {
+	out, err := exec.Command("nft", "list", "tables").Output()
+	if err != nil {
+		return nil, fmt.Errorf("nft list tables: %w", err)
+	}
+	var left [][2]string
+	for _, l := range strings.Split(string(out), "\n") {
+		for _, t := range proxyTables {
+			if strings.TrimSpace(l) == "table "+t[0]+" "+t[1] {
+				left = append(left, t)
+			}
+		}
+	}
+	return left, nil
+}
+
+// deleteProxyTables deletes kube-proxy's tables (its rules do not outlive the cluster: it
+// leaves them when it exits, to keep serving across a restart).
+func deleteProxyTables() error {
+	left, err := leftProxyTables()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, t := range left {
+		if out, err := exec.Command("nft", "delete", "table", t[0], t[1]).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("nft delete table %s %s: %v: %s", t[0], t[1], err, out))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // cgroupMounts are the mount points of the host's cgroup hierarchies (v1 and v2).
@@ -359,6 +397,9 @@ func teardown(dir string) error {
 		}
 	}
 	if err := unblockServiceCIDR(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := deleteProxyTables(); err != nil {
 		errs = append(errs, err)
 	}
 	if _, err := net.InterfaceByName(BridgeName); err == nil {

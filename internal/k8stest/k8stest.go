@@ -1,17 +1,20 @@
 // Package k8stest runs, for tests, one real single-node Kubernetes cluster per test process:
-// etcd, kube-apiserver, kube-controller-manager, kube-scheduler and a kubelet built by
-// scripts/build-k8s.sh (their directory in $SANDBOXD_K8S), over a containerd of its own (Debian's
-// containerd, runc and bridge CNI plugin).
+// etcd, kube-apiserver, kube-controller-manager, kube-scheduler, a kubelet and kube-proxy built
+// by scripts/build-k8s.sh (their directory in $SANDBOXD_K8S), over a containerd of its own
+// (Debian's containerd, runc and bridge CNI plugin).
 //
 // Everything the cluster writes is under one state directory (os.TempDir()/sandboxd-k8s-*):
 // containerd's root, state and socket (not the system's /run/containerd), the runc state, the
 // pods' network namespaces, etcd's data, the certificates (generated here), the kubeconfigs, the
 // kubelet's root and the pods' logs, and one log file per component (logs/NAME.log; their tails
 // are printed when a test that used the cluster fails). Ports are on loopback, but for the
-// kubelet's, which listens on the node's address (the host's, as the apiserver reaches it there).
+// kubelet's and the apiserver's, which listen on the node's address (the host's: the apiserver
+// reaches the kubelet there, pods reach the apiserver there; neither allows anonymous access).
 // The pods' network is a bridge (BridgeName, no masquerading) whose subnet the host routes to:
-// a pod's IP is reachable from the host directly. Pods' cgroups are under CgroupRoot in every
-// cgroup hierarchy.
+// a pod's IP is reachable from the host directly. Pods reach Services through kube-proxy
+// (nftables mode), the apiserver at the kubernetes Service's 10.96.0.1:443 included; the host
+// does not (its route for the service range is unreachable). Pods' cgroups are under CgroupRoot
+// in every cgroup hierarchy.
 //
 // One cluster at a time on a host: Start takes an exclusive flock on os.TempDir()/sandboxd-k8stest.lock
 // (a second test process waits for the first one's Stop), which also records the state directory,
@@ -21,10 +24,14 @@
 // kernel settings the kubelet and the bridge plugin change (vm.overcommit_memory, vm.panic_on_oom,
 // kernel.panic, kernel.panic_on_oops, kernel.keys.root_max{keys,bytes}, net.ipv4.ip_forward)
 // and removes the host directories the components created (/var/log/containers, …) if they are
-// empty; no iptables or nftables rule is made (kubelet: makeIPTablesUtilChains false; the bridge
-// plugin: ipMasq false).
+// empty. On the host the cluster makes one route (serviceCIDR unreachable, proto 77) and
+// kube-proxy's two nftables tables, ip kube-proxy and ip6 kube-proxy (its Service DNAT,
+// masquerading and rejects); Stop and Start's cleanup of a killed process's leftovers delete
+// them. No other iptables or nftables rule is made (kubelet: makeIPTablesUtilChains false; the
+// bridge plugin: ipMasq false; kube-proxy's PATH holds only nft, so its start-up cleanup of its
+// iptables and IPVS modes touches nothing).
 //
-// Needs root, $SANDBOXD_K8S, and containerd, ctr, runc, busybox (static: the pods' pause
+// Needs root, $SANDBOXD_K8S, and containerd, ctr, runc, nft, busybox (static: the pods' pause
 // process) and /usr/lib/cni/{bridge,host-local,loopback} (scripts/install-deps.sh).
 package k8stest
 
@@ -68,12 +75,12 @@ const (
 	// host, which forwards it to the kubernetes driver's tests' fake internet, a network
 	// namespace of theirs): pods have no default route, so nothing they send leaves the host.
 	// Their other routes stay on the host too: the node's IP (the host's own address) and
-	// serviceCIDR (unreachable on the host) — so that a pod's connection there is routed, and an
-	// egress rule in the pod (the kubernetes driver's gateway) decides about it, not a missing
-	// route.
+	// serviceCIDR (kube-proxy's Services; the rest unreachable on the host) — so that a pod's
+	// connection there is routed, and an egress rule in the pod (the kubernetes driver's
+	// gateway) decides about it, not a missing route.
 	FakeInternetRoute = "203.0.113.240/28"
-	// serviceCIDR is the range of service IPs (no kube-proxy: nothing serves them). Pods have
-	// a route to it (podRoutes); the host's route for it is unreachable (blockServiceCIDR).
+	// serviceCIDR is the range of service IPs, served by kube-proxy to the pods, which have a
+	// route to it (podRoutes); the host's route for it is unreachable (blockServiceCIDR).
 	serviceCIDR = "10.96.0.0/24"
 	// stepTimeout bounds each wait of Start for a broken component; not a speed target.
 	stepTimeout = 3 * time.Minute
@@ -172,7 +179,7 @@ func prerequisites() error {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root")
 	}
-	for _, f := range []string{"containerd", "ctr", "runc", "containerd-shim-runc-v2", "busybox"} {
+	for _, f := range []string{"containerd", "ctr", "runc", "containerd-shim-runc-v2", "busybox", "nft"} {
 		if _, err := exec.LookPath(f); err != nil {
 			return fmt.Errorf("%s: %w (scripts/install-deps.sh)", f, err)
 		}
@@ -192,7 +199,7 @@ func prerequisites() error {
 
 const cniBinDir = "/usr/lib/cni"
 
-var binaries = []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"}
+var binaries = []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy"}
 
 // PodPidsLimit is the kubelet's podPidsLimit: the pids.max of every pod's cgroup (the pause
 // process, init containers and the sandbox's agent and runs count).
@@ -272,6 +279,9 @@ func start(t testing.TB) (*Cluster, error) {
 	if err := c.startKubelet(); err != nil {
 		return c, fmt.Errorf("kubelet: %w", err)
 	}
+	if err := c.startKubeProxy(); err != nil {
+		return c, fmt.Errorf("kube-proxy: %w", err)
+	}
 	c.StartDuration = time.Since(t0)
 	return c, nil
 }
@@ -296,6 +306,11 @@ func (p *proc) exited() bool {
 // spawn starts a component with its output in logs/NAME.log. It dies with this process
 // (Pdeathsig) and is in a process group of its own.
 func (c *Cluster) spawn(name, path string, args ...string) (*proc, error) {
+	return c.spawnEnv(name, nil, path, args...)
+}
+
+// spawnEnv is spawn with the environment env (nil: this process's).
+func (c *Cluster) spawnEnv(name string, env []string, path string, args ...string) (*proc, error) {
 	logf, err := os.OpenFile(c.logPath(name), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
@@ -303,7 +318,7 @@ func (c *Cluster) spawn(name, path string, args ...string) (*proc, error) {
 	defer logf.Close()
 	cmd := exec.Command(path, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Dir = c.dir
+	cmd.Dir, cmd.Env = c.dir, env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := deathsig.Start(cmd); err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
@@ -328,8 +343,11 @@ func await(p *proc, what string, ready func() bool) error {
 }
 
 // freePort is a TCP port free on loopback now.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+func freePort() (int, error) { return freePortOn("127.0.0.1") }
+
+// freePortOn is a TCP port free on the address ip now.
+func freePortOn(ip string) (int, error) {
+	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
 	if err != nil {
 		return 0, err
 	}
@@ -422,11 +440,13 @@ func (c *Cluster) startControlPlane() error {
 	if err != nil {
 		return err
 	}
-	apiPort, err := freePort()
+	// The apiserver listens on the node's address, which pods reach through the bridge: the
+	// kubernetes Service's endpoint (kube-proxy forwards 10.96.0.1:443 there).
+	apiPort, err := freePortOn(c.NodeIP)
 	if err != nil {
 		return err
 	}
-	server := "https://127.0.0.1:" + strconv.Itoa(apiPort)
+	server := "https://" + net.JoinHostPort(c.NodeIP, strconv.Itoa(apiPort))
 
 	c.etcdPort = etcdClient
 	etcdURL := "http://127.0.0.1:" + strconv.Itoa(etcdClient)
@@ -445,8 +465,8 @@ func (c *Cluster) startControlPlane() error {
 	f := func(n string) string { return filepath.Join(pkiDir, n) }
 	api, err := c.spawn("kube-apiserver", filepath.Join(c.bins, "kube-apiserver"),
 		"--etcd-servers", etcdURL,
-		"--bind-address", "127.0.0.1", "--secure-port", strconv.Itoa(apiPort), "--advertise-address", c.NodeIP,
-		"--endpoint-reconciler-type", "none", "--cert-dir", f("apiserver-generated"),
+		"--bind-address", c.NodeIP, "--secure-port", strconv.Itoa(apiPort), "--advertise-address", c.NodeIP,
+		"--endpoint-reconciler-type", "lease", "--anonymous-auth=false", "--cert-dir", f("apiserver-generated"),
 		"--tls-cert-file", serving.certFile, "--tls-private-key-file", serving.keyFile,
 		"--client-ca-file", f("ca.crt"),
 		"--service-account-key-file", f("sa.pub"), "--service-account-signing-key-file", f("sa.key"),
@@ -479,6 +499,14 @@ func (c *Cluster) startControlPlane() error {
 		return err
 	}
 
+	// kube-proxy's user is bound to the ClusterRole system:node-proxier by the default RBAC.
+	proxy, err := ca.issue("kube-proxy", "system:kube-proxy", nil)
+	if err != nil {
+		return err
+	}
+	if _, err := ca.kubeconfig(filepath.Join(c.dir, "kube-proxy.kubeconfig"), server, proxy); err != nil {
+		return err
+	}
 	for _, comp := range []struct{ name, cn string }{
 		{"kube-controller-manager", "system:kube-controller-manager"},
 		{"kube-scheduler", "system:kube-scheduler"},
@@ -615,6 +643,82 @@ func (c *Cluster) startKubelet() error {
 		_, err := c.clients.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
 		return err == nil
 	})
+}
+
+// kubernetesService is the cluster IP of the default namespace's kubernetes Service (the first
+// of serviceCIDR), its endpoint the apiserver at the node's address.
+const kubernetesService = "10.96.0.1"
+
+// startKubeProxy runs kube-proxy in nftables mode: it serves the Service IPs to the pods, with
+// its rules in the host's tables ip kube-proxy and ip6 kube-proxy (teardown deletes them). It
+// masquerades all traffic to a cluster IP (a pod reaching a Service of a pod on the same bridge
+// gets the answer back through the host, without br_netfilter), leaves the conntrack sysctls
+// and its OOM score alone, and serves its healthz and metrics on loopback. Its PATH holds nft
+// alone: at start kube-proxy deletes what its other modes (iptables, IPVS) would have left on
+// the host, which is not this cluster's to touch. Start returns once the kubernetes Service is
+// programmed.
+func (c *Cluster) startKubeProxy() error {
+	health, metrics, err := freePort2()
+	if err != nil {
+		return err
+	}
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		return fmt.Errorf("nft: %w (scripts/install-deps.sh)", err)
+	}
+	binDir := filepath.Join(c.dir, "kube-proxy", "bin")
+	if err := os.MkdirAll(binDir, 0o700); err != nil {
+		return err
+	}
+	if err := os.Symlink(nft, filepath.Join(binDir, "nft")); err != nil {
+		return err
+	}
+	zero, zeroDuration := int32(0), metav1.Duration{}
+	cfg, _ := json.MarshalIndent(map[string]any{
+		"apiVersion":         "kubeproxy.config.k8s.io/v1alpha1",
+		"kind":               "KubeProxyConfiguration",
+		"clientConnection":   map[string]any{"kubeconfig": filepath.Join(c.dir, "kube-proxy.kubeconfig")},
+		"mode":               "nftables",
+		"hostnameOverride":   c.NodeName,
+		"clusterCIDR":        c.CNIBridgeCIDR,
+		"detectLocalMode":    "ClusterCIDR",
+		"nodePortAddresses":  []string{c.NodeIP + "/32"},
+		"healthzBindAddress": "127.0.0.1:" + strconv.Itoa(health),
+		"metricsBindAddress": "127.0.0.1:" + strconv.Itoa(metrics),
+		"oomScoreAdj":        zero,
+		"nftables":           map[string]any{"masqueradeAll": true, "syncPeriod": "30s", "minSyncPeriod": "0s"},
+		// Zero: kube-proxy sets none of the host's nf_conntrack sysctls.
+		"conntrack": map[string]any{"maxPerCore": zero, "min": zero,
+			"tcpEstablishedTimeout": zeroDuration, "tcpCloseWaitTimeout": zeroDuration},
+	}, "", "  ")
+	conf := filepath.Join(c.dir, "kube-proxy.yaml") // JSON is YAML
+	if err := os.WriteFile(conf, cfg, 0o600); err != nil {
+		return err
+	}
+	p, err := c.spawnEnv("kube-proxy", []string{"PATH=" + binDir}, filepath.Join(c.bins, "kube-proxy"),
+		"--config", conf, "--v", "1")
+	if err != nil {
+		return err
+	}
+	return await(p, "serving the kubernetes Service", func() bool { return c.ServiceProgrammed(kubernetesService, "tcp", 443) })
+}
+
+// ServiceProgrammed says whether kube-proxy has programmed the Service port ip:port/proto
+// ("tcp", "udp", "sctp") with at least one endpoint: whether a pod's connection there is
+// forwarded now. Tests wait for it after creating a Service (kube-proxy syncs its rules within
+// about a second of a change to a Service or its endpoints).
+func (c *Cluster) ServiceProgrammed(ip, proto string, port int) bool {
+	family := "ip"
+	if strings.Contains(ip, ":") {
+		family = "ip6"
+	}
+	out, err := exec.Command("nft", "list", "map", family, "kube-proxy", "service-ips").Output()
+	if err != nil {
+		return false
+	}
+	// An element reads "10.96.0.1 . tcp . 443 : goto service-…"; it is there only while the
+	// service has endpoints (else it is in the map no-endpoint-services).
+	return strings.Contains(string(out), fmt.Sprintf("%s . %s . %d : ", ip, proto, port))
 }
 
 // tails is the last lines of every component's log.

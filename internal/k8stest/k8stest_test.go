@@ -2,6 +2,7 @@ package k8stest
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -16,6 +17,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/sandboxd/sandboxd/internal/waitfor"
@@ -61,7 +63,17 @@ func TestStartReclaimsLeftovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = syscall.Unmount(point, syscall.MNT_DETACH); os.RemoveAll(left) })
+	// A killed cluster's kube-proxy left its table; a chain kube-proxy would not delete marks it
+	// (the new cluster's kube-proxy makes a table of the same name).
+	for _, args := range [][]string{{"add", "table", "ip", "kube-proxy"}, {"add", "chain", "ip", "kube-proxy", leftoverChain}} {
+		if out, err := exec.Command("nft", args...).CombinedOutput(); err != nil {
+			t.Fatalf("nft %v: %v: %s", args, err, out)
+		}
+	}
 	Start(t)
+	if out, err := exec.Command("nft", "list", "chain", "ip", "kube-proxy", leftoverChain).CombinedOutput(); err == nil {
+		t.Errorf("the leftover kube-proxy table is still there: %s", out)
+	}
 	if _, err := os.Lstat(left); !os.IsNotExist(err) {
 		t.Errorf("the leftover state dir %s is still there (%v)", left, err)
 	}
@@ -74,6 +86,9 @@ func TestStartReclaimsLeftovers(t *testing.T) {
 		t.Errorf("the bind mount's source was touched: %v", err)
 	}
 }
+
+// leftoverChain marks a kube-proxy table left by a killed cluster (TestStartReclaimsLeftovers).
+const leftoverChain = "sandboxd-k8stest-leftover"
 
 // python starts the cluster and imports $SANDBOXD_ROOTFS (python3): a client and the pinned image.
 func python(t *testing.T) (*Cluster, *kubernetes.Clientset, string) {
@@ -205,11 +220,12 @@ except urllib.error.HTTPError as e:
     print("kubelet: %%d" %% e.code)
 except Exception as e:
     print("kubelet: not connected:", repr(e))
-try:
-    socket.create_connection(("10.96.0.1", 443), timeout=5); print("service: connected")
-except OSError as e:
-    print("service: not connected:", repr(e))
-`, c.NodeIP, c.etcdPort, c.kubeletPort, gateway)
+for name, host, port in (("service", "10.96.0.255", 443), ("service port", %[5]q, 80)):
+    try:
+        socket.create_connection((host, port), timeout=5); print(name + ": connected")
+    except OSError as e:
+        print(name + ": not connected:", repr(e))
+`, c.NodeIP, c.etcdPort, c.kubeletPort, gateway, kubernetesService)
 	run(t, cs, pod("probe", img, "python3", "-c", probe), corev1.PodSucceeded)
 	logs, err := cs.CoreV1().Pods("default").GetLogs("probe", &corev1.PodLogOptions{}).DoRaw(context.Background())
 	if err != nil {
@@ -217,12 +233,113 @@ except OSError as e:
 	}
 	t.Logf("the pod's probe:\n%s", logs)
 	lines := strings.Split(strings.TrimSpace(string(logs)), "\n")
-	// The service range is routed to the host, whose route for it is unreachable: refused there
-	// (EHOSTUNREACH), not forwarded beyond the host.
-	if len(lines) != 4 || !strings.HasPrefix(lines[0], "etcd: not connected") || !strings.HasPrefix(lines[1], "etcd: not connected") ||
+	// The service range is routed to the host. What kube-proxy does not serve there — an address
+	// no Service has (the range's broadcast address is never allocated), a Service's address at
+	// a port it does not serve — meets the host's unreachable route for the range
+	// (EHOSTUNREACH): nothing is forwarded beyond the host.
+	if len(lines) != 5 || !strings.HasPrefix(lines[0], "etcd: not connected") || !strings.HasPrefix(lines[1], "etcd: not connected") ||
 		!(lines[2] == "kubelet: 401" || strings.HasPrefix(lines[2], "kubelet: not connected")) ||
-		!strings.HasPrefix(lines[3], "service: not connected: OSError(113") {
-		t.Fatalf("probe said %q, want etcd not connected, the kubelet refusing (401) or not connected, the service IP unreachable at the host", logs)
+		!strings.HasPrefix(lines[3], "service: not connected: OSError(113") ||
+		!strings.HasPrefix(lines[4], "service port: not connected: OSError(113") {
+		t.Fatalf("probe said %q, want etcd not connected, the kubelet refusing (401) or not connected, "+
+			"an unallocated service IP and a service's unserved port unreachable at the host", logs)
+	}
+}
+
+// TestPodReachesService: a pod reaches another pod's server through its ClusterIP Service
+// (kube-proxy's DNAT and masquerade on the host; both pods on the bridge).
+func TestPodReachesService(t *testing.T) {
+	c := Start(t)
+	cs, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	server := pod("web", PauseImage, "/busybox", "sh", "-c",
+		"/busybox mkdir -p /www && echo hello-from-web >/www/index.html && exec /busybox httpd -f -p 8080 -h /www")
+	server.Labels = map[string]string{"app": "web"}
+	run(t, cs, server, corev1.PodRunning)
+	svc, err := cs.CoreV1().Services("default").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec: corev1.ServiceSpec{
+			Selector: map[string]string{"app": "web"},
+			Ports:    []corev1.ServicePort{{Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cs.CoreV1().Services("default").Delete(context.Background(), "web", metav1.DeleteOptions{})
+	})
+	t0 := time.Now()
+	if !waitfor.Until(time.Minute, func() bool { return c.ServiceProgrammed(svc.Spec.ClusterIP, "tcp", 80) }) {
+		t.Fatalf("kube-proxy did not program %s:80 within a minute", svc.Spec.ClusterIP)
+	}
+	t.Logf("Service %s:80 created → programmed: %v", svc.Spec.ClusterIP, time.Since(t0).Round(time.Millisecond))
+	// busybox's wget needs files the image lacks (it crashes): a request through nc.
+	run(t, cs, pod("fetch", PauseImage, "/busybox", "sh", "-c",
+		`printf 'GET / HTTP/1.0\r\n\r\n' | /busybox nc -w 10 `+svc.Spec.ClusterIP+` 80`), corev1.PodSucceeded)
+	logs, err := cs.CoreV1().Pods("default").GetLogs("fetch", &corev1.PodLogOptions{}).DoRaw(ctx)
+	if err != nil {
+		t.Fatalf("logs: %v", err)
+	}
+	// The container's log is lines: the response's CRLFs read as LFs.
+	if !strings.HasPrefix(string(logs), "HTTP/1.1 200 OK\n") || !strings.HasSuffix(string(logs), "\n\nhello-from-web\n") {
+		t.Fatalf("GET http://%s/ from a pod: %q, want 200 and hello-from-web", svc.Spec.ClusterIP, logs)
+	}
+}
+
+// TestPodReachesAPIServer: a pod reaches the apiserver as rest.InClusterConfig does — at
+// $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT (the kubernetes Service), verifying its
+// certificate with the service account's ca.crt — and is refused without a token (anonymous
+// auth is off), known with its service account's token.
+func TestPodReachesAPIServer(t *testing.T) {
+	_, cs, img := python(t)
+	probe := `
+import json, os, ssl, urllib.request, urllib.error
+d = "/var/run/secrets/kubernetes.io/serviceaccount/"
+ctx = ssl.create_default_context(cafile=d + "ca.crt")
+token = open(d + "token").read().strip()
+base = "https://%s:%s" % (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"])
+def get(path, token=None):
+    req = urllib.request.Request(base + path)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            return [r.status, json.load(r)]
+    except urllib.error.HTTPError as e:
+        return [e.code, None]
+print(json.dumps({"base": base, "anonymous": get("/version")[0], "version": get("/version", token),
+                  "pods": get("/api/v1/namespaces/kube-system/pods", token)[0]}))
+`
+	p := pod("incluster", img, "python3", "-c", probe)
+	yes := true
+	p.Spec.AutomountServiceAccountToken = &yes
+	run(t, cs, p, corev1.PodSucceeded)
+	logs, err := cs.CoreV1().Pods("default").GetLogs("incluster", &corev1.PodLogOptions{}).DoRaw(context.Background())
+	if err != nil {
+		t.Fatalf("logs: %v", err)
+	}
+	t.Logf("the pod's probe: %s", logs)
+	var got struct {
+		Base      string
+		Anonymous int
+		Version   []json.RawMessage
+		Pods      int
+	}
+	if err := json.Unmarshal(logs, &got); err != nil {
+		t.Fatalf("probe said %q: %v", logs, err)
+	}
+	var version struct{ GitVersion string }
+	if len(got.Version) == 2 {
+		_ = json.Unmarshal(got.Version[1], &version)
+	}
+	// 403: the token names the default service account, which may not list kube-system's pods.
+	if got.Base != "https://"+kubernetesService+":443" || got.Anonymous != http.StatusUnauthorized ||
+		len(got.Version) != 2 || string(got.Version[0]) != "200" || version.GitVersion == "" || got.Pods != http.StatusForbidden {
+		t.Fatalf("probe said %s; want base https://%s:443, anonymous 401, /version 200 with a gitVersion, pods 403", logs, kubernetesService)
 	}
 }
 
@@ -303,13 +420,16 @@ func TestStopLeavesNothing(t *testing.T) {
 			left = append(left, "directory "+d)
 		}
 	}
+	if tables, err := leftProxyTables(); err != nil || len(tables) > 0 {
+		left = append(left, fmt.Sprintf("kube-proxy's nftables tables %v (%v)", tables, err))
+	}
 	for _, cmd := range [][]string{{"iptables-save"}, {"nft", "list", "ruleset"}} {
 		out, err := exec.Command(cmd[0], cmd[1:]...).CombinedOutput()
 		if err != nil {
 			continue // no such tool: no such rules
 		}
 		for _, l := range strings.Split(string(out), "\n") {
-			for _, s := range []string{BridgeName, c.CNIBridgeCIDR, "KUBE-", "CNI-"} {
+			for _, s := range []string{BridgeName, c.CNIBridgeCIDR, "KUBE-", "CNI-", "kube-proxy", serviceCIDR} {
 				if strings.Contains(l, s) {
 					left = append(left, fmt.Sprintf("%s: %s", cmd[0], l))
 				}

@@ -52,7 +52,7 @@ type kubeEnv struct {
 	tmp     string // the agent image's layout; removed at the end
 	// kubeconfig has a token of deploy/kubernetes/rbac.yaml's service account: what the servers use.
 	kubeconfig string
-	agentRef   string // the agent image, pinned
+	agentRef   string // the cluster image (sandboxd cluster-image: the agent and sandboxd), pinned
 	imageRef   string // the default image (SANDBOXD_ROOTFS), pinned
 }
 
@@ -80,9 +80,9 @@ func newKubeEnv(t *testing.T, c *k8stest.Cluster, pg *pgtest.Server) (*kubeEnv, 
 	if err != nil {
 		return nil, err
 	}
-	layout := filepath.Join(tmp, "agent-image") // as an operator makes it, to push
-	if out, err := exec.Command(filepath.Join(binDir, "sandboxd"), "agent-image", "--out", layout).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("sandboxd agent-image: %v: %s", err, out)
+	layout := filepath.Join(tmp, "cluster-image") // as an operator makes it, to push
+	if out, err := exec.Command(filepath.Join(binDir, "sandboxd"), "cluster-image", "--out", layout).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("sandboxd cluster-image: %v: %s", err, out)
 	}
 	cs, err := kubernetes.NewForConfig(c.Config)
 	if err != nil {
@@ -97,7 +97,7 @@ func newKubeEnv(t *testing.T, c *k8stest.Cluster, pg *pgtest.Server) (*kubeEnv, 
 		return nil, err
 	}
 	return &kubeEnv{cluster: c, cs: cs, pg: pg, tmp: tmp, kubeconfig: kubeconfig,
-		agentRef: c.ImportImage(t, layout, "sandboxd.invalid/sandbox-agent:e2e"),
+		agentRef: c.ImportImage(t, layout, "sandboxd.invalid/sandboxd:e2e"),
 		imageRef: c.ImportImage(t, rootfs, "sandboxd.invalid/agent-sandbox:e2e")}, nil
 }
 

@@ -5,7 +5,7 @@
 // sandboxd/id=<id> and sandboxd/replica=<Options.Replica>, and a Secret of the same name holding
 // the sandbox's agent secret:
 //
-//   - an init container from the agent image (WriteAgentImage: only the static sandbox-agent)
+//   - an init container from the agent image (WriteImage: the static sandbox-agent, and sandboxd)
 //     copies the agent into an emptyDir ("sandbox-agent install"), which the sandbox's container
 //     mounts read-only at /.sandbox/bin and runs as its command: the agent in TCP mode
 //     (--listen :7070), which authenticates every connection with the sandbox's secret (a mutual
@@ -90,6 +90,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
@@ -150,15 +151,19 @@ func newBox(id, ip string, secret []byte) *box {
 	return &box{id: id, addr: net.JoinHostPort(ip, strconv.Itoa(AgentPort)), filesAddr: net.JoinHostPort(ip, strconv.Itoa(FilesPort)), secret: secret}
 }
 
-// Open connects to the cluster of opts.Kubeconfig.
+// Open connects to the cluster of opts.Kubeconfig or, without one, to the cluster it runs in
+// (its pod's service account: deploy/kubernetes/sandboxd.yaml).
 func Open(opts driver.Options) (*Driver, error) {
-	if opts.Kubeconfig == "" {
-		return nil, errors.New("kubernetes driver: no kubeconfig")
-	}
 	if opts.AgentImage == "" {
 		return nil, errors.New("kubernetes driver: no agent image")
 	}
-	cfg, err := clientcmd.BuildConfigFromFlags("", opts.Kubeconfig)
+	var cfg *rest.Config
+	var err error
+	if opts.Kubeconfig != "" {
+		cfg, err = clientcmd.BuildConfigFromFlags("", opts.Kubeconfig)
+	} else if cfg, err = rest.InClusterConfig(); err != nil {
+		err = fmt.Errorf("%w (outside a cluster, pass --kubeconfig)", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes driver: kubeconfig: %w", err)
 	}
@@ -297,9 +302,11 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 	return nil
 }
 
-// uidFree fails when a live pod of the namespace already runs as spec's run uid (runUID): the
-// service gives no two of its live sandboxes the same host ids, but two replicas on one cluster
-// must be given disjoint id ranges (the config's "ids") to keep that true across them.
+// uidFree fails when a pod of the namespace already runs as spec's run uid (runUID), terminating
+// ones too (their processes run as that uid until they are gone): the service gives no two of its
+// live sandboxes the same host ids, but two replicas on one cluster must be given disjoint id
+// ranges (the config's "ids", --ids-slot) to keep that true across them, and a replica that
+// replaced a lost one of the same range waits for the lost one's pods to be gone.
 func (d *Driver) uidFree(ctx context.Context, spec driver.Spec) error {
 	if spec.HostIDs == 0 {
 		return nil
@@ -310,11 +317,10 @@ func (d *Driver) uidFree(ctx context.Context, spec driver.Spec) error {
 	if err != nil {
 		return fmt.Errorf("list the pods of uid %s: %w", uid, err)
 	}
-	for _, p := range pods.Items {
-		if p.DeletionTimestamp == nil {
-			return fmt.Errorf("uid %s is the uid of the live pod %s (replica %s): replicas on one cluster need disjoint id ranges (config \"ids\": {\"first\": …})",
-				uid, p.Name, p.Labels[labelReplica])
-		}
+	if len(pods.Items) > 0 {
+		p := pods.Items[0]
+		return fmt.Errorf("uid %s is the uid of the pod %s (replica %s): replicas on one cluster need disjoint id ranges (config \"ids\": {\"first\": …}, --ids-slot)",
+			uid, p.Name, p.Labels[labelReplica])
 	}
 	return nil
 }

@@ -25,7 +25,7 @@ import (
 
 // The tests run real pods in the test process's cluster (package k8stest: $SANDBOXD_K8S, root),
 // from the default image (scripts/build-image.sh, or $SANDBOXD_ROOTFS) and the agent image this
-// package writes (WriteAgentImage) of the sandbox-agent built from ./cmd/sandbox-agent; both are
+// package writes (WriteImage, without the server) of the sandbox-agent built from ./cmd/sandbox-agent; both are
 // imported into the cluster's containerd. Without a cluster they skip, except under $CI.
 
 func TestMain(m *testing.M) {
@@ -86,7 +86,7 @@ func newEnv(t testing.TB, c *k8stest.Cluster) (*testEnv, error) {
 		return nil, fmt.Errorf("build the agent: %v: %s", err, out)
 	}
 	layout := filepath.Join(tmp, "agent-image")
-	if _, err := WriteAgentImage(layout, agentBin); err != nil {
+	if _, err := WriteImage(layout, agentBin, ""); err != nil {
 		return nil, err
 	}
 	rootfs, err := drivertest.ImageRootFS(root)
