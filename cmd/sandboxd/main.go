@@ -28,7 +28,7 @@ const usage = `usage:
   sandboxd serve [--listen ADDR] [--data-dir DIR] [--store postgres://…] [--advertise URL] --image NAME=ROOTFS [--runtime crun|runc|runsc] [--runsc PATH] [--config FILE]
                  [--agent-bin PATH] [--warm-pool N] [--stop-grace DURATION] [--wasm-image NAME=DIR]
                  [--wasm-build NAME=COMMAND] [--driver container|kubernetes] [--kubeconfig PATH] [--namespace NS]
-                 [--agent-image REF] [--cpu-request SHARE]   (sandboxd serve -h says what each does)
+                 [--agent-image REF] [--cpu-request SHARE] [--ids-slot K/N]   (sandboxd serve -h says what each does)
   sandboxd keys create [--data-dir DIR] [--store postgres://…] --account NAME [--plan free|pro|enterprise]
   sandboxd images import FILE|DIR --name NAME [--runtime crun|runc|runsc] [--data-dir DIR]   a 'docker save' archive or an OCI layout
   sandboxd images pull REF [--name NAME] [--runtime crun|runc|runsc] [--data-dir DIR] · images ls [--json] · images rm NAME
