@@ -19,7 +19,7 @@ import (
 // not the same one) in the `agent` object's closure, as hostile code could: CH.
 const channelFD = `def _cells(f):
     return {n: c.cell_contents for n, c in zip(f.__code__.co_freevars, f.__closure__ or ())}
-CH = _cells(_cells(_cells(type(agent).run)["call"])["exchange"])["state"][0]
+CH = _cells(_cells(_cells(type(agent).run)["cur"][1])["exchange"])["state"][0]
 `
 
 // AgentEndpoint stands for the service's OnAgentCall in tests: it records the calls a driver
