@@ -43,9 +43,12 @@ def _sandbox_run():
             os.set_inheritable(4, False)
         except OSError:
             pass
-    with open(code_src, "rb") as f:
-        src = f.read()
-    agent_globals, _ = _sandbox_agent(sys.argv[5] if len(sys.argv) > 5 else 6, imp)
+    if type(code_src) is int:
+        src = _read_all(code_src)  # no file object: fewer pages written than open().read()
+    else:
+        with open(code_src, "rb") as f:
+            src = f.read()
+    agent_globals, _ = _sandbox_agent(sys.argv[5] if len(sys.argv) > 5 else 6, imp, globals().pop("_agent_pre", None))
 
     builtins = sys.modules["builtins"]
     old_main = sys.modules.get("__main__")
@@ -98,6 +101,18 @@ def _sandbox_run():
             sys.exit(130)
         _leave(1, g)
     _leave(exit_arg, g)
+
+
+def _read_all(fd):
+    """The bytes of descriptor fd to its end; fd is closed."""
+    parts = []
+    while True:
+        c = os.read(fd, 1 << 20)
+        if not c:
+            break
+        parts.append(c)
+    os.close(fd)
+    return b"".join(parts)
 
 
 def _importer(std_path):
@@ -418,7 +433,34 @@ def _agent_errors():
     return _agent_error_classes
 
 
-def _sandbox_agent(chan, imp):
+def _agent_type():
+    """A class Agent and its cell [info, call] that _sandbox_agent fills in: what the run's
+    `agent` answers (info: agent_id, sandbox_id, run_id) and how it calls (call)."""
+    cur = [("", "", ""), None]
+
+    class Agent:
+        """The agent this sandbox runs for (its agent_id) and a way to it: agent.run(task, **kw),
+        agent.call(tool, **kw), answered by the endpoint the operator configured for it."""
+        __module__, __qualname__, __slots__ = "builtins", "Agent", ()
+        id = property(lambda self: cur[0][0], doc="the sandbox's agent_id")
+        sandbox_id = property(lambda self: cur[0][1], doc="the sandbox's id")
+        run_id = property(lambda self: cur[0][2], doc="this run's id")
+
+        def run(self, task, **kwargs):
+            """Ask the agent's endpoint to run task (a str); returns its JSON answer, decoded."""
+            return cur[1]("run", "task", task, kwargs)
+
+        def call(self, tool, **kwargs):
+            """Call tool (a name) at the agent's endpoint; returns its JSON answer, decoded."""
+            return cur[1]("call", "tool", tool, kwargs)
+
+        def __repr__(self):
+            return "<agent %r sandbox=%r run=%r>" % cur[0]
+
+    return Agent, cur
+
+
+def _sandbox_agent(chan, imp, pre=None):
     """The globals `agent`, `AgentCallError` and `AgentNotConfigured` of a run (API.md §3).
 
     agent.id, agent.sandbox_id and agent.run_id say who the run is; agent.run(task, **kw) and
@@ -430,6 +472,11 @@ def _sandbox_agent(chan, imp):
     AgentNotConfigured when the operator configured no endpoint for the agent_id. Calls are made
     one at a time (a lock), from the run's own process only: a forked child shares the channel's
     descriptor, and its calls would interleave with the parent's, so they are refused.
+
+    pre is what _agent_type() returned, made before this process was forked (a zygote's: a fresh
+    run's process, which serves one run), so that no class is built per run; else (a context's
+    runs, a launched process) each call builds its own, and an `agent` kept from an earlier run
+    of a context still answers as that run's.
     """
     import _thread
 
@@ -527,24 +574,8 @@ def _sandbox_agent(chan, imp):
         status = doc.get("status")
         raise typ(str(doc.get("message")), status if type(status) is int else None)
 
-    class Agent:
-        """The agent this sandbox runs for (its agent_id) and a way to it: agent.run(task, **kw),
-        agent.call(tool, **kw), answered by the endpoint the operator configured for it."""
-        __module__, __qualname__, __slots__ = "builtins", "Agent", ()
-        id = property(lambda self: info[0], doc="the sandbox's agent_id")
-        sandbox_id = property(lambda self: info[1], doc="the sandbox's id")
-        run_id = property(lambda self: info[2], doc="this run's id")
-
-        def run(self, task, **kwargs):
-            """Ask the agent's endpoint to run task (a str); returns its JSON answer, decoded."""
-            return call("run", "task", task, kwargs)
-
-        def call(self, tool, **kwargs):
-            """Call tool (a name) at the agent's endpoint; returns its JSON answer, decoded."""
-            return call("call", "tool", tool, kwargs)
-
-        def __repr__(self):
-            return "<agent %r sandbox=%r run=%r>" % info
+    Agent, cur = pre if pre is not None else _agent_type()
+    cur[0], cur[1] = info, call
 
     def close():
         # The run is over (a context's: its interpreter lives on): this object's channel is closed

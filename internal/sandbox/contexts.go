@@ -179,9 +179,9 @@ func (s *Service) contextBefore(sandboxID, id string) (store.Context, error) {
 	return s.st.GetContext(context.Background(), sandboxID, id)
 }
 
-// contextAfter records what a run did to its context (execMu held) and returns the run's
-// context_reset reason ("" none).
-func (s *Service) contextAfter(c store.Context, res driver.ExecResult, err error) string {
+// contextAfter returns what a run did to its context (execMu held) — the record to write with the
+// run's end (nil: none, the context is deleted) — and the run's context_reset reason ("" none).
+func (s *Service) contextAfter(c store.Context, res driver.ExecResult, err error) (*store.Context, string) {
 	reset := ""
 	if c.Status == store.ContextReset {
 		reset = c.ResetReason
@@ -195,12 +195,10 @@ func (s *Service) contextAfter(c store.Context, res driver.ExecResult, err error
 	case err == nil:
 		c.Status, c.ResetReason = store.ContextReady, ""
 	}
-	if c.Status != store.ContextDeleted {
-		if uerr := s.st.UpdateContext(context.Background(), c); uerr != nil {
-			s.log.Error("record context", "context", c.ID, "err", uerr)
-		}
+	if c.Status == store.ContextDeleted {
+		return nil, reset
 	}
-	return reset
+	return &c, reset
 }
 
 // resetNotice is the line a run's stderr starts with when its context's interpreter was fresh.

@@ -147,6 +147,7 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 
 	lv.execMu.Lock()
 	var cx store.Context
+	var cxEnd *store.Context // the context's record, written with the run's end
 	var cerr error
 	if j.run.Context != "" {
 		cx, cerr = s.contextBefore(lv.id, j.run.Context)
@@ -167,7 +168,8 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 			OnAgentCall: s.newAgentCalls(lv, j.run.ID, timeout).handle,
 		})
 		if j.run.Context != "" {
-			if reset := s.contextAfter(cx, res, err); reset != "" {
+			var reset string
+			if cxEnd, reset = s.contextAfter(cx, res, err); reset != "" {
 				j.run.ContextReset = reset
 				res.Stderr = append([]byte(resetNotice(reset)), res.Stderr...)
 			}
@@ -189,8 +191,9 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	finished := s.event(store.Event{AccountID: run.AccountID, Type: "run.finished", SandboxID: lv.id, RunID: run.ID, AgentID: lv.rec.AgentID,
 		Detail: obj("status", run.Status, "exit_code", run.ExitCode, "duration_ms", run.DurationMS)})
 	if !recorded {
-		// The run's end, the sandbox ready again and the audit event: one commit.
-		if err := s.st.RecordRun(ctx, run, ready, &finished); errors.Is(err, store.ErrFinal) {
+		// The run's end, the sandbox ready again, the audit event and the context's run count and
+		// status: one commit.
+		if err := s.recordEnd(ctx, run, ready, &finished, cxEnd); errors.Is(err, store.ErrFinal) {
 			// Another replica ended it first (it declared this one lost): its record stays. If
 			// that replica ended only the sandbox (the run was made after it listed the runs),
 			// the run's own end is written without the sandbox's.
@@ -206,6 +209,7 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	if recorded {
 		s.writeStatus(lv, ready)
 		s.addEvent(ctx, finished)
+		s.writeContext(ctx, cxEnd)
 	}
 	s.cfg.Observer.RunFinished(lv.rec.Mode, run.Status, end.Sub(start))
 	lv.mu.Lock()
@@ -213,6 +217,37 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	lv.mu.Unlock()
 	if errors.Is(err, driver.ErrNotFound) {
 		s.sandboxLost(lv, err)
+	}
+}
+
+// recordEnd writes a run's end (store.RecordRun), with its context's record when cx is not nil
+// (store.RecordContextRun). If that commit fails for any other reason than ErrFinal — the run or
+// the sandbox ended elsewhere, for which the caller writes the run alone — the context is not
+// what keeps the run's end from being written: the run's end is written without it, then the
+// context.
+func (s *Service) recordEnd(ctx context.Context, run store.Run, sb *store.Sandbox, ev *store.Event, cx *store.Context) error {
+	if cx == nil {
+		return s.st.RecordRun(ctx, run, sb, ev)
+	}
+	err := s.st.RecordContextRun(ctx, run, sb, ev, *cx)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, store.ErrFinal) {
+		s.log.Error("record context run end: writing the run and its context apart", "run", run.ID, "err", err)
+		err = s.st.RecordRun(ctx, run, sb, ev)
+	}
+	s.writeContext(ctx, cx)
+	return err
+}
+
+// writeContext writes the context record cx (nil: nothing), logging a failure.
+func (s *Service) writeContext(ctx context.Context, cx *store.Context) {
+	if cx == nil {
+		return
+	}
+	if err := s.st.UpdateContext(ctx, *cx); err != nil {
+		s.log.Error("record context", "context", cx.ID, "err", err)
 	}
 }
 

@@ -290,6 +290,10 @@ type Store interface {
 	// for each start and end of a run. Nothing is written if a part fails (ErrNotFound when the
 	// run or the sandbox does not exist, ErrFinal when either is final).
 	RecordRun(ctx context.Context, r Run, sb *Sandbox, ev *Event) error
+	// RecordContextRun is RecordRun for a run in a code context that also writes c as
+	// UpdateContext does (a deleted context is left as it is), in the same commit: a context run's
+	// end and its context's run count and status. Nothing is written if a part fails.
+	RecordContextRun(ctx context.Context, r Run, sb *Sandbox, ev *Event, c Context) error
 	// GetRun returns one run of a sandbox, or ErrNotFound.
 	GetRun(ctx context.Context, sandboxID, runID string) (Run, error)
 	// ListRuns returns a sandbox's runs newest first, and their total.

@@ -155,10 +155,13 @@ const zygoteWait = 5 * time.Second
 // zygoteReady reports whether sandbox id has a zygote with a child (the agent forks its standby
 // from the zygote as soon as the zygote has said hello).
 func (d *Driver) zygoteReady(id string) bool {
-	procs, zygotes, err := d.sandboxProcs(id)
-	if err != nil {
+	pids, err := d.cg.procs(id)
+	// The agent, the zygote and its child at least: until then no process's status is read (Warm
+	// polls this while the zygote starts).
+	if err != nil || len(pids) < 3 {
 		return false
 	}
+	procs, zygotes := procsOf(pids)
 	for _, p := range procs {
 		if zygotes[p.ppid] {
 			return true
@@ -180,6 +183,12 @@ func (d *Driver) sandboxProcs(id string) ([]sandboxProc, map[int]bool, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	procs, zygotes := procsOf(pids)
+	return procs, zygotes, nil
+}
+
+// procsOf reads the status of processes pids (host PIDs of a sandbox's cgroups): sandboxProcs.
+func procsOf(pids []int) ([]sandboxProc, map[int]bool) {
 	procs := make([]sandboxProc, len(pids))
 	zygotes := map[int]bool{}
 	for i, p := range pids {
@@ -189,7 +198,7 @@ func (d *Driver) sandboxProcs(id string) ([]sandboxProc, map[int]bool, error) {
 			zygotes[p] = true
 		}
 	}
-	return procs, zygotes, nil
+	return procs, zygotes
 }
 
 // killZygotes SIGKILLs the processes of sandbox id's cgroup that are outside its PID namespace.

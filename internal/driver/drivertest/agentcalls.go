@@ -19,7 +19,7 @@ import (
 // not the same one) in the `agent` object's closure, as hostile code could: CH.
 const channelFD = `def _cells(f):
     return {n: c.cell_contents for n, c in zip(f.__code__.co_freevars, f.__closure__ or ())}
-CH = _cells(_cells(_cells(type(agent).run)["call"])["exchange"])["state"][0]
+CH = _cells(_cells(_cells(type(agent).run)["cur"][1])["exchange"])["state"][0]
 `
 
 // AgentEndpoint stands for the service's OnAgentCall in tests: it records the calls a driver
@@ -118,6 +118,9 @@ func testAgentCalls(t *testing.T, h Harness, d driver.Driver) {
 		{name: "a flood of lines without reading", // what waits to be read stays bounded (one at a time)
 			code: channelFD + "import os\ntry:\n    os.set_blocking(CH, False)\nexcept Exception:\n    pass\nsent = 0\n" +
 				"for i in range(16):\n    try:\n        sent += os.write(CH, b'\\n' * (1 << 20))\n    except OSError:\n        break\n" +
+				// The answers come while the lines are read: wait for the first (a non-blocking read
+				// right away may find none yet).
+				"try:\n    import select\n    select.select([CH], [], [], 10)\nexcept Exception:\n    pass\n" +
 				"got = 0\nwhile got < (64 << 20):\n    try:\n        c = os.read(CH, 1 << 16)\n    except OSError:\n        break\n" +
 				"    if not c:\n        break\n    got += len(c)\nresult = [sent > 0, got > 0, got < (64 << 20)]",
 			result: `[true, true, true]`},

@@ -43,7 +43,12 @@ func (d *DB) CreateContext(ctx context.Context, c store.Context, limit int) erro
 // UpdateContext overwrites Status, ResetReason, DeletedAt and Runs unless the record is deleted
 // (then it is left as it is, and that is no error); store.ErrNotFound if there is none.
 func (d *DB) UpdateContext(ctx context.Context, c store.Context) error {
-	err := d.write(ctx, func(tx *sql.Tx) error {
+	return d.write(ctx, func(tx *sql.Tx) error { return updateContext(ctx, tx, c) })
+}
+
+// updateContext is UpdateContext in tx.
+func updateContext(ctx context.Context, tx *sql.Tx, c store.Context) error {
+	err := func() error {
 		res, err := tx.ExecContext(ctx, `UPDATE contexts SET status = $1, reset_reason = $2, deleted_at = $3, runs = $4
 			WHERE id = $5 AND status != $6`, c.Status, c.ResetReason, ptime(c.DeletedAt), c.Runs, c.ID, store.ContextDeleted)
 		if err != nil {
@@ -53,7 +58,7 @@ func (d *DB) UpdateContext(ctx context.Context, c store.Context) error {
 			return err
 		}
 		return nil // deleted: left as it is
-	})
+	}()
 	if err != nil {
 		return fmt.Errorf("update context %s: %w", c.ID, classify(err))
 	}

@@ -78,7 +78,22 @@ func (d *DB) UpdateRun(ctx context.Context, r store.Run) error {
 // fields as UpdateSandbox does (when sb is not nil), then the event ev (when not nil). Nothing is
 // written if any part fails.
 func (d *DB) RecordRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event) error {
+	return d.recordRun(ctx, r, sb, ev, nil)
+}
+
+// RecordContextRun is RecordRun that also writes context c as UpdateContext does, in the same
+// transaction.
+func (d *DB) RecordContextRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event, c store.Context) error {
+	return d.recordRun(ctx, r, sb, ev, &c)
+}
+
+func (d *DB) recordRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event, c *store.Context) error {
 	return d.write(ctx, func(tx *sql.Tx) error {
+		if c != nil {
+			if err := updateContext(ctx, tx, *c); err != nil {
+				return err
+			}
+		}
 		if err := updateRun(ctx, tx, r); err != nil {
 			return err
 		}

@@ -43,12 +43,17 @@ func (d *DB) CreateContext(ctx context.Context, c store.Context, limit int) erro
 // (a deleted record is final: a run that ends after its sandbox's contexts were ended must not
 // bring its context back); store.ErrNotFound if there is none.
 func (d *DB) UpdateContext(ctx context.Context, c store.Context) error {
+	return d.write(ctx, func(tx *sql.Tx) error { return d.updateContext(ctx, tx, c) })
+}
+
+// updateContext is UpdateContext in tx.
+func (d *DB) updateContext(ctx context.Context, tx *sql.Tx, c store.Context) error {
 	var e enc
 	args := []any{c.Status, c.ResetReason, e.ptime(c.DeletedAt), c.Runs, c.ID, store.ContextDeleted}
 	if e.err != nil {
 		return fmt.Errorf("update context %s: %w", c.ID, e.err)
 	}
-	err := d.write(ctx, func(tx *sql.Tx) error {
+	err := func() error {
 		res, err := d.exec(ctx, tx, `UPDATE contexts SET status = ?, reset_reason = ?, deleted_at = ?, runs = ?
 			WHERE id = ? AND status != ?`, args...)
 		if err != nil {
@@ -65,7 +70,7 @@ func (d *DB) UpdateContext(ctx context.Context, c store.Context) error {
 			return store.ErrNotFound
 		}
 		return nil // deleted: left as it is
-	})
+	}()
 	if err != nil {
 		return fmt.Errorf("update context %s: %w", c.ID, classify(err))
 	}

@@ -53,7 +53,22 @@ func (d *DB) UpdateRun(ctx context.Context, r store.Run) error {
 // written if any part fails (store.ErrNotFound when the run or the sandbox does not exist,
 // store.ErrFinal when either is final).
 func (d *DB) RecordRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event) error {
+	return d.recordRun(ctx, r, sb, ev, nil)
+}
+
+// RecordContextRun is RecordRun that also writes context c as UpdateContext does, in the same
+// transaction.
+func (d *DB) RecordContextRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event, c store.Context) error {
+	return d.recordRun(ctx, r, sb, ev, &c)
+}
+
+func (d *DB) recordRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event, c *store.Context) error {
 	return d.write(ctx, func(tx *sql.Tx) error {
+		if c != nil {
+			if err := d.updateContext(ctx, tx, *c); err != nil {
+				return err
+			}
+		}
 		if err := d.updateRun(ctx, tx, r); err != nil {
 			return err
 		}

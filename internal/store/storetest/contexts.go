@@ -116,3 +116,84 @@ func canonContext(c store.Context, want bool) store.Context {
 }
 
 func secs(i int) time.Duration { return time.Duration(i) * time.Second }
+
+// testRecordContextRun: a context run's end and its context's record in one commit; nothing
+// written when a part fails; a deleted context left as it is while the run's end is written.
+func testRecordContextRun(t *testing.T, st store.Store) {
+	ctx := t.Context()
+	a := account(t, st, "acct_crr")
+	sb := createSandbox(t, st, sandbox("sbx_crr", a.ID, at(0), store.SandboxRunning))
+	mkCtx := func(id string) store.Context {
+		c := store.Context{ID: id, SandboxID: sb.ID, AccountID: a.ID, Status: store.ContextReady, CreatedAt: at(0)}
+		ok(t, st.CreateContext(ctx, c, -1))
+		return c
+	}
+	live, gone := mkCtx("ctx_crr_live"), mkCtx("ctx_crr_gone")
+	gone.Status, gone.DeletedAt = store.ContextDeleted, ptr(at(secs(1)))
+	ok(t, st.UpdateContext(ctx, gone))
+	mkRun := func(id, status string) store.Run {
+		r := run(id, sb.ID, a.ID, at(0), status)
+		r.Context = live.ID
+		ok(t, st.CreateRun(ctx, r))
+		return r
+	}
+	ended := func(r store.Run, status string) store.Run {
+		r.Status, r.FinishedAt = status, ptr(at(secs(2)))
+		return r
+	}
+	ready := sb
+	ready.Status = store.SandboxReady
+	runs := func(c store.Context, n int, status, reason string) store.Context {
+		c.Runs, c.Status, c.ResetReason = n, status, reason
+		return c
+	}
+	final := mkRun("run_crr_final", "queued")
+	ok(t, st.UpdateRun(ctx, ended(final, "completed")))
+	tests := []struct {
+		name       string
+		run        store.Run
+		c          store.Context
+		wantErr    error
+		wantRun    string
+		wantCtx    store.Context // the context's record after the call
+		wantGoneOK bool          // the deleted context still deleted
+	}{
+		{"run and context", ended(mkRun("run_crr_1", "running"), "completed"), runs(live, 1, store.ContextReady, ""), nil,
+			"completed", runs(live, 1, store.ContextReady, ""), true},
+		{"a reset", ended(mkRun("run_crr_2", "running"), "failed"), runs(live, 2, store.ContextReset, "the interpreter exited"), nil,
+			"failed", runs(live, 2, store.ContextReset, "the interpreter exited"), true},
+		{"final run: nothing written", ended(final, "error"), runs(live, 9, store.ContextReady, ""), store.ErrFinal,
+			"completed", runs(live, 2, store.ContextReset, "the interpreter exited"), true},
+		{"missing context: nothing written", ended(mkRun("run_crr_3", "running"), "completed"),
+			store.Context{ID: "ctx_crr_none", SandboxID: sb.ID, AccountID: a.ID, Status: store.ContextReady, Runs: 1}, store.ErrNotFound,
+			"running", runs(live, 2, store.ContextReset, "the interpreter exited"), true},
+		{"deleted context left as it is", ended(mkRun("run_crr_4", "running"), "completed"), runs(gone, 7, store.ContextReady, ""), nil,
+			"completed", runs(live, 2, store.ContextReset, "the interpreter exited"), true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := st.RecordContextRun(ctx, tc.run, &ready, nil, tc.c)
+			if tc.wantErr == nil {
+				ok(t, err)
+			} else {
+				wantErr(t, "RecordContextRun", err, tc.wantErr)
+			}
+			gr, err := st.GetRun(ctx, sb.ID, tc.run.ID)
+			ok(t, err)
+			if gr.Status != tc.wantRun {
+				t.Errorf("run %s: %s, want %s", tc.run.ID, gr.Status, tc.wantRun)
+			}
+			gc, err := st.GetContext(ctx, sb.ID, live.ID)
+			ok(t, err)
+			if gc.Runs != tc.wantCtx.Runs || gc.Status != tc.wantCtx.Status || gc.ResetReason != tc.wantCtx.ResetReason {
+				t.Errorf("context: runs %d %s %q, want %d %s %q", gc.Runs, gc.Status, gc.ResetReason,
+					tc.wantCtx.Runs, tc.wantCtx.Status, tc.wantCtx.ResetReason)
+			}
+			gg, err := st.GetContext(ctx, sb.ID, gone.ID)
+			ok(t, err)
+			if gg.Status != store.ContextDeleted || gg.Runs != 0 {
+				t.Errorf("deleted context after the call: %s runs %d", gg.Status, gg.Runs)
+			}
+		})
+	}
+}

@@ -65,6 +65,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"Usage", testUsage},
 		{"CancelledContext", testCancelledContext},
 		{"Contexts", testContexts},
+		{"RecordContextRun", testRecordContextRun},
 		{"HostileBytes", testHostileBytes},
 		{"Replicas", testReplicas},
 		{"Locks", testLocks},
