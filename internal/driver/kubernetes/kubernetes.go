@@ -306,7 +306,8 @@ func (d *Driver) Create(ctx context.Context, id string, spec driver.Spec) (err e
 // ones too (their processes run as that uid until they are gone): the service gives no two of its
 // live sandboxes the same host ids, but two replicas on one cluster must be given disjoint id
 // ranges (the config's "ids", --ids-slot) to keep that true across them, and a replica that
-// replaced a lost one of the same range waits for the lost one's pods to be gone.
+// replaced a lost one of the same range (a StatefulSet's new pod) gets none of the lost one's uids
+// until its pods are gone: such a create fails.
 func (d *Driver) uidFree(ctx context.Context, spec driver.Spec) error {
 	if spec.HostIDs == 0 {
 		return nil
