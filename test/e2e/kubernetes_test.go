@@ -16,7 +16,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -24,11 +23,9 @@ import (
 
 	authv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
@@ -92,7 +89,7 @@ func newKubeEnv(t *testing.T, c *k8stest.Cluster, pg *pgtest.Server) (*kubeEnv, 
 	if _, err := cs.CoreV1().Namespaces().Create(context.Background(), ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return nil, fmt.Errorf("namespace: %w", err)
 	}
-	kubeconfig, err := serviceAccountKubeconfig(c, cs, tmp)
+	kubeconfig, err := serviceAccountKubeconfig(t, c, cs, tmp)
 	if err != nil {
 		return nil, err
 	}
@@ -104,36 +101,9 @@ func newKubeEnv(t *testing.T, c *k8stest.Cluster, pg *pgtest.Server) (*kubeEnv, 
 // serviceAccountKubeconfig applies deploy/kubernetes/rbac.yaml as it is (its namespace made the
 // pass's) and writes, in dir, a kubeconfig with a token of its service account: the servers of the
 // pass have what an operator gives sandboxd, not the cluster's admin.
-func serviceAccountKubeconfig(c *k8stest.Cluster, cs kubernetes.Interface, dir string) (string, error) {
+func serviceAccountKubeconfig(t *testing.T, c *k8stest.Cluster, cs kubernetes.Interface, dir string) (string, error) {
 	ctx := context.Background()
-	b, err := os.ReadFile("../../deploy/kubernetes/rbac.yaml")
-	if err != nil {
-		return "", err
-	}
-	manifest := strings.ReplaceAll(string(b), "namespace: sandboxes", "namespace: "+e2eNamespace)
-	for _, doc := range strings.Split(manifest, "\n---\n") {
-		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode([]byte(doc), nil, nil)
-		if err != nil {
-			return "", fmt.Errorf("rbac.yaml: %w", err)
-		}
-		switch o := obj.(type) {
-		case *corev1.ServiceAccount:
-			_, err = cs.CoreV1().ServiceAccounts(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
-		case *rbacv1.Role:
-			_, err = cs.RbacV1().Roles(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
-		case *rbacv1.RoleBinding:
-			_, err = cs.RbacV1().RoleBindings(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
-		case *rbacv1.ClusterRole:
-			_, err = cs.RbacV1().ClusterRoles().Create(ctx, o, metav1.CreateOptions{})
-		case *rbacv1.ClusterRoleBinding:
-			_, err = cs.RbacV1().ClusterRoleBindings().Create(ctx, o, metav1.CreateOptions{})
-		default:
-			return "", fmt.Errorf("rbac.yaml: unexpected %T", obj)
-		}
-		if err != nil && !apierrors.IsAlreadyExists(err) {
-			return "", fmt.Errorf("rbac.yaml: %w", err)
-		}
-	}
+	applyManifest(t, c, "rbac.yaml", "namespace: sandboxes", "namespace: "+e2eNamespace)
 	hours := int64(6 * 3600)
 	tok, err := cs.CoreV1().ServiceAccounts(e2eNamespace).CreateToken(ctx, "sandboxd",
 		&authv1.TokenRequest{Spec: authv1.TokenRequestSpec{ExpirationSeconds: &hours}}, metav1.CreateOptions{})

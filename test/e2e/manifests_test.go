@@ -83,7 +83,8 @@ func applyManifest(t *testing.T, c *k8stest.Cluster, name string, replace ...str
 // (postgres.yaml), the replicas' identity (rbac.yaml, applied by kubeSetup) and the StatefulSet of
 // two API replicas (sandboxd.yaml) running the cluster image (sandboxd cluster-image), the
 // manifests as they are but for their placeholders — serves the API end to end from inside the
-// cluster: the seed's example created through one replica and run through the other, the Free
+// cluster: the seed's example created through one replica and run through the other, a sandbox
+// with open egress that reaches neither the replicas nor their Services (nor PostgreSQL's), the Free
 // plan's quota atomic across them under parallel creates, and a replica killed mid-run (its
 // process SIGKILLed, its pod force-deleted) loses no record: its run ends as an error naming
 // the lost replica, its sandbox's pod is destroyed, the StatefulSet replaces it and the new
@@ -103,6 +104,8 @@ func TestDeployManifests(t *testing.T) {
 		"kubelet":        map[string]any{"pod_pids_limit": k8stest.PodPidsLimit, "single_process_oom_kill": true},
 		"ids":            map[string]any{"first": 1<<30 + 8*512*driver.IDsPerSandbox, "sandboxes": 512},
 		"warm_pool":      0,
+		// The pods' egress gateways resolve from static records (the test cluster has no kube-dns).
+		"egress": map[string]any{"static_hosts": map[string]any{"example.test": []string{"203.0.113.250"}}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -179,27 +182,58 @@ func TestDeployManifests(t *testing.T) {
 		t.Fatalf("delete through B: %d", st)
 	}
 
-	// The Free plan's 3 sandboxes, atomic across the replicas.
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	codes := map[int]int{}
-	created := map[*server][]string{}
-	for i := range 20 {
-		s := []*server{a, b}[i%2]
-		wg.Go(func() {
-			st, m := s.do("POST", "/api/sandbox/create", key, map[string]any{"agent_id": "burst"})
-			mu.Lock()
-			defer mu.Unlock()
-			codes[st]++
-			if st == 201 || st == 202 {
-				created[s] = append(created[s], m["sandbox_id"].(string))
-				ids.Store(m["sandbox_id"], true)
-			}
-		})
+	// The replicas' pods and Services are the cluster's: a sandbox whose egress is open reaches
+	// none of them (its pod's gateway denies the cluster's addresses), though a sandbox pod is in
+	// their namespace. What counts is who answers: the gateway takes each connection, then closes
+	// it, or, on port 80, answers 403 with its reason itself.
+	id = a.createReady(key, map[string]any{"agent_id": "attacker", "config": map[string]any{"network": map[string]any{"block_outbound": false}}})
+	ids.Store(id, true)
+	sandboxdSvc, err := k.cs.CoreV1().Services(ns).Get(ctx, "sandboxd", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
 	}
-	wg.Wait()
+	pgSvc, err := k.cs.CoreV1().Services(ns).Get(ctx, "postgres", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostOf := func(u string) string { return strings.TrimSuffix(strings.TrimPrefix(u, "http://"), ":8080") }
+	probe := fmt.Sprintf(`import socket
+HTTP, PG = b"GET /health HTTP/1.0\r\n\r\n", bytes.fromhex("0000000804d2162f")  # PG: an SSLRequest
+got = {}
+for host, port, hello in [(%q, 8080, HTTP), (%q, 8080, HTTP), (%q, 80, HTTP), (%q, 5432, PG)]:
+    try:
+        c = socket.create_connection((host, port), timeout=3)
+        c.settimeout(3)
+        c.sendall(hello)
+        answer = b""
+        while len(answer) < 512:
+            part = c.recv(512)
+            if not part:
+                break
+            answer += part
+        got["%%s:%%d" %% (host, port)] = answer.decode(errors="replace")
+    except OSError as e:
+        got["%%s:%%d" %% (host, port)] = ""
+result = got`, hostOf(a.url), hostOf(b.url), sandboxdSvc.Spec.ClusterIP, pgSvc.Spec.ClusterIP)
+	r := a.run(key, id, probe, 60)
+	answers, _ := r["result"].(map[string]any)
+	if r["status"] != "completed" || len(answers) != 4 {
+		t.Fatalf("probe of the cluster's services from a sandbox: %v", r)
+	}
+	for target, answer := range answers {
+		if a := answer.(string); a != "" && !(strings.HasPrefix(a, "HTTP/1.1 403") && strings.Contains(a, "denied: ")) {
+			t.Errorf("a sandbox with open egress got an answer from %s: %q", target, answer)
+		}
+	}
+	if st, _ := a.do("DELETE", "/api/sandbox/"+id, key, nil); st != 204 {
+		t.Fatalf("delete the attacker: %d", st)
+	}
+
+	// The Free plan's 3 sandboxes, atomic across the replicas.
+	codes, created := burst(t, []*server{a, b}, key, 20)
 	for s, l := range created {
 		for _, id := range l {
+			ids.Store(id, true)
 			s.do("DELETE", "/api/sandbox/"+id, key, nil)
 		}
 	}

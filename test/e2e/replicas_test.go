@@ -40,17 +40,17 @@ func keyFor(t *testing.T, url, account, plan string) string {
 	return lines[len(lines)-1]
 }
 
-// TestReplicasQuota: 50 parallel creates of one Free account, spread over two replicas on one
-// database, make exactly 3 sandboxes; the other 47 are refused with the API's 429.
-func TestReplicasQuota(t *testing.T) {
-	reps, url := replicas(t, 2)
-	key := keyFor(t, url, "e2e-replicas-free", "free")
+// burst makes n creates of key's account at once, the i-th through reps[i%len(reps)]; it returns
+// how many got each status and the sandboxes made, by the replica that made them. A 429 must say
+// concurrency_limit.
+func burst(t *testing.T, reps []*server, key string, n int) (map[int]int, map[*server][]string) {
+	t.Helper()
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	codes := map[int]int{}
 	created := map[*server][]string{}
-	for i := range 50 {
-		s := reps[i%2]
+	for i := range n {
+		s := reps[i%len(reps)]
 		wg.Go(func() {
 			status, m := s.do("POST", "/api/sandbox/create", key, map[string]any{"agent_id": "burst"})
 			mu.Lock()
@@ -64,6 +64,15 @@ func TestReplicasQuota(t *testing.T) {
 		})
 	}
 	wg.Wait()
+	return codes, created
+}
+
+// TestReplicasQuota: 50 parallel creates of one Free account, spread over two replicas on one
+// database, make exactly 3 sandboxes; the other 47 are refused with the API's 429.
+func TestReplicasQuota(t *testing.T) {
+	reps, url := replicas(t, 2)
+	key := keyFor(t, url, "e2e-replicas-free", "free")
+	codes, created := burst(t, reps, key, 50)
 	for s, ids := range created { // each sandbox is deleted through the replica that owns it
 		for _, id := range ids {
 			s.do("DELETE", "/api/sandbox/"+id, key, nil)
