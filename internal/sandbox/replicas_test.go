@@ -222,11 +222,16 @@ func testLostReplicaComesBack(t *testing.T, db backend) {
 	if n := len(events(t, st, rec.ID, "run.finished")); n != 1 {
 		t.Fatalf("%d run.finished events, want 1", n)
 	}
-	// It registered again and works: a new sandbox is its own, and live.
-	resp2, err := a.Create(ctx, acct, api.CreateSandboxRequest{AgentID: "a"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	// It registers again and works: a new sandbox is its own, and live. Until it has registered,
+	// a create is refused as unavailable (a client retries after Retry-After).
+	var resp2 api.CreateSandboxResponse
+	waitfor.True(t, time.Minute, func() bool {
+		resp2, err = a.Create(ctx, acct, api.CreateSandboxRequest{AgentID: "a"})
+		if err != nil && sandbox.KindOf(err) != sandbox.KindUnavailable {
+			t.Fatal(err)
+		}
+		return err == nil
+	})
 	if rec, err := st.GetSandbox(ctx, "", resp2.SandboxID); err != nil || rec.Replica != "rep_slow" {
 		t.Fatalf("new sandbox: %+v %v", rec, err)
 	}
