@@ -127,6 +127,10 @@ func (t *timedStore) CreateContext(ctx context.Context, c store.Context, limit i
 	return t.exec("create_context", func() error { return t.st.CreateContext(ctx, c, limit) })
 }
 
+func (t *timedStore) StartRun(ctx context.Context, r store.Run, sb store.Sandbox, ev *store.Event) error {
+	return t.exec("start_run", func() error { return t.st.StartRun(ctx, r, sb, ev) })
+}
+
 func (t *timedStore) RecordContextRun(ctx context.Context, r store.Run, sb *store.Sandbox, ev *store.Event, c store.Context) error {
 	return t.exec("record_context_run", func() error { return t.st.RecordContextRun(ctx, r, sb, ev, c) })
 }

@@ -65,9 +65,14 @@ func (s *Service) Run(ctx context.Context, acct store.Account, sandboxID string,
 	case len(lv.queue) >= MaxQueuedRuns:
 		err = errorf(KindRunQueueFull, "sandbox %s already has %d runs waiting", sandboxID, MaxQueuedRuns)
 	default:
-		if err = s.st.CreateRun(ctx, j.run); err != nil {
-			err = internal("record run", err)
-		} else {
+		// Idle (nothing queued or running) and synchronous: recorded as it starts, in one commit.
+		j.unrecorded = !req.Async && len(lv.jobs) == 0
+		if !j.unrecorded {
+			if err = s.st.CreateRun(ctx, j.run); err != nil {
+				err = internal("record run", err)
+			}
+		}
+		if err == nil {
 			queued = j.run // the worker owns j.run once it is queued
 			lv.queue = append(lv.queue, j)
 			lv.jobs[j.run.ID] = j
@@ -87,6 +92,9 @@ func (s *Service) Run(ctx context.Context, acct store.Account, sandboxID string,
 	}
 	select {
 	case <-j.done:
+		if j.err != nil {
+			return api.Run{}, false, j.err
+		}
 		return runView(j.run), false, nil
 	case <-ctx.Done():
 		return api.Run{}, false, ctx.Err()
@@ -127,20 +135,31 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	j.run.Status, j.run.StartedAt = RunRunning, &start
 	// The run, the sandbox's status and the audit event: one commit.
 	started := s.event(store.Event{AccountID: j.run.AccountID, Type: "run.started", SandboxID: lv.id, RunID: j.run.ID, AgentID: lv.rec.AgentID})
-	if err := s.st.RecordRun(ctx, j.run, s.statusRecord(lv, store.SandboxRunning), &started); errors.Is(err, store.ErrFinal) {
-		// Another replica ended the run, or its sandbox, before it started (it declared this one
-		// lost): the code is not run, and the record stays as that replica wrote it.
+	sb := s.statusRecord(lv, store.SandboxRunning)
+	var serr error
+	if j.unrecorded {
+		serr = s.startUnrecorded(ctx, j, sb, &started)
+	} else {
+		serr = s.st.RecordRun(ctx, j.run, sb, &started)
+	}
+	if final := errors.Is(serr, store.ErrFinal); final || errors.Is(serr, errNotRecorded) {
+		// The code is not run. Final: another replica ended the run, or its sandbox, before it
+		// started (it declared this one lost), and the record stays as that replica wrote it.
+		// Not recorded: the caller gets the store's error (j.err), as when a queued run's record
+		// fails.
 		j.final = true
-		s.closeRun(ctx, lv, &j.run, "before the run started")
+		if final {
+			s.closeRun(ctx, lv, &j.run, "before the run started")
+			s.log.Warn("run not started: another replica ended its record", "run", j.run.ID)
+		}
 		j.finalMu.Unlock()
 		s.statusRecord(lv, store.SandboxReady) // in memory only: nothing was written
-		s.log.Warn("run not started: another replica ended its record", "run", j.run.ID)
 		lv.mu.Lock()
 		delete(lv.jobs, j.run.ID)
 		lv.mu.Unlock()
 		return
-	} else if err != nil {
-		s.log.Error("record run start", "run", j.run.ID, "err", err)
+	} else if serr != nil {
+		s.log.Error("record run start", "run", j.run.ID, "err", serr)
 	}
 	j.finalMu.Unlock()
 	lv.net.start(j.run.ID)
@@ -218,6 +237,36 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	if errors.Is(err, driver.ErrNotFound) {
 		s.sandboxLost(lv, err)
 	}
+}
+
+// errNotRecorded: startUnrecorded could not record the run at all (job.err says why).
+var errNotRecorded = errors.New("the run could not be recorded")
+
+// startUnrecorded records the start of a run that has no record yet (job.unrecorded): its insert,
+// its sandbox's status sb and its event in one commit (store.StartRun). If that commit is refused
+// — the sandbox is final (another replica ended it) or the store failed — the run is recorded
+// queued, as any other, and its start then written as usual (RecordRun), so the caller's handling
+// of a final record or of a failed write is the usual one too. If even the queued record fails,
+// it returns errNotRecorded (with j.err set): the code is not run. j.finalMu is held.
+func (s *Service) startUnrecorded(ctx context.Context, j *job, sb *store.Sandbox, started *store.Event) error {
+	if sb != nil {
+		err := s.st.StartRun(ctx, j.run, *sb, started)
+		if err == nil {
+			j.unrecorded = false
+			return nil
+		}
+		if !errors.Is(err, store.ErrFinal) {
+			s.log.Error("record run start", "run", j.run.ID, "err", err)
+		}
+	}
+	queued := j.run
+	queued.Status, queued.StartedAt = RunQueued, nil
+	if err := s.st.CreateRun(ctx, queued); err != nil {
+		j.err = internal("record run", err)
+		return errNotRecorded
+	}
+	j.unrecorded = false
+	return s.st.RecordRun(ctx, j.run, sb, started)
 }
 
 // recordEnd writes a run's end (store.RecordRun), with its context's record when cx is not nil

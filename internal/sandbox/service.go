@@ -210,6 +210,11 @@ type job struct {
 
 	finalMu sync.Mutex
 	final   bool // the final record is written: execute does not write another (see endRuns)
+	// unrecorded: the run has no record yet. A synchronous run that finds its sandbox idle is
+	// recorded first as it starts (store.StartRun: one commit instead of two); nobody else knows
+	// its ID before it ends, so nobody looks for its record meanwhile.
+	unrecorded bool
+	err        error // the run could not be recorded: Run returns this instead of the run
 }
 
 // New opens the service: it reconciles what a previous process of this replica left (its live
@@ -946,7 +951,11 @@ func (s *Service) endRuns(lv *live, wait time.Duration) {
 			j.final = true
 			r := j.run
 			r.Status, r.FinishedAt = string(driver.StatusCancelled), &t
-			if err := s.st.UpdateRun(context.Background(), r); err != nil {
+			write := s.st.UpdateRun
+			if j.unrecorded {
+				write = s.st.CreateRun
+			}
+			if err := write(context.Background(), r); err != nil {
 				s.log.Error("record run cancelled", "run", r.ID, "err", err)
 			}
 		}

@@ -290,6 +290,12 @@ type Store interface {
 	// for each start and end of a run. Nothing is written if a part fails (ErrNotFound when the
 	// run or the sandbox does not exist, ErrFinal when either is final).
 	RecordRun(ctx context.Context, r Run, sb *Sandbox, ev *Event) error
+	// StartRun records run r for the first time as it starts — a run that was never recorded
+	// queued (a synchronous run that found its sandbox idle): sb as UpdateSandbox does, then r
+	// inserted as CreateRun does, then ev appended (when not nil), in one commit instead of two.
+	// Nothing is written if a part fails: ErrFinal when the sandbox is final (it ended before the
+	// run could start), ErrNotFound when it does not exist, ErrConflict on a duplicate run ID.
+	StartRun(ctx context.Context, r Run, sb Sandbox, ev *Event) error
 	// RecordContextRun is RecordRun for a run in a code context that also writes c as
 	// UpdateContext does (a deleted context is left as it is), in the same commit: a context run's
 	// end and its context's run count and status. Nothing is written if a part fails.

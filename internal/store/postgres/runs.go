@@ -49,6 +49,16 @@ func runFields(r store.Run) ([]any, error) {
 // CreateRun inserts a run; store.ErrConflict on a duplicate ID, store.ErrNotFound if its sandbox
 // does not exist.
 func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
+	return insertRun(ctx, d.db, r)
+}
+
+// execer is a *sql.DB or *sql.Tx.
+type execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// insertRun is CreateRun on db, a pool or a transaction.
+func insertRun(ctx context.Context, db execer, r store.Run) error {
 	f, err := runFields(r)
 	if err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, err)
@@ -60,12 +70,30 @@ func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
 	a = append(a, f[10:17]...) // started_at … network_denied
 	a = append(a, r.Context)
 	a = append(a, f[17:]...) // context_reset … outputs_truncated
-	_, err = d.db.ExecContext(ctx, `INSERT INTO runs (`+runCols+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
+	_, err = db.ExecContext(ctx, `INSERT INTO runs (`+runCols+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
 		$10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)`, a...)
 	if err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, classify(err))
 	}
 	return nil
+}
+
+// StartRun records run r for the first time as it starts: sb as UpdateSandbox does, then r
+// inserted, then ev, in one transaction. The sandbox's conditional update comes first: a start
+// after the sandbox's end (a sweeper's, committed first) is refused with ErrFinal.
+func (d *DB) StartRun(ctx context.Context, r store.Run, sb store.Sandbox, ev *store.Event) error {
+	return d.write(ctx, func(tx *sql.Tx) error {
+		if err := updateSandbox(ctx, tx, sb); err != nil {
+			return err
+		}
+		if err := insertRun(ctx, tx, r); err != nil {
+			return err
+		}
+		if ev != nil {
+			return addEvent(ctx, tx, *ev)
+		}
+		return nil
+	})
 }
 
 // UpdateRun overwrites every field of the run with r.ID but ID, SandboxID, AccountID, Code and

@@ -21,9 +21,17 @@ const updateRunSQL = `UPDATE runs SET status = ?, timeout_seconds = ?, async = ?
 	network_allowed = ?, network_denied = ?, context_reset = ?, display = ?, outputs = ?, outputs_truncated = ?
 	WHERE id = ? AND status IN ('queued', 'running')`
 
+const insertRunSQL = `INSERT INTO runs (` + runCols + `)
+	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+
 // CreateRun inserts a run; store.ErrConflict on a duplicate ID, store.ErrNotFound if its sandbox
 // does not exist.
 func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
+	return d.insertRun(ctx, nil, r)
+}
+
+// insertRun is CreateRun, in tx when tx is not nil.
+func (d *DB) insertRun(ctx context.Context, tx *sql.Tx, r store.Run) error {
 	var e enc
 	args := []any{r.ID, r.SandboxID, r.AccountID, r.Status, r.Code, r.TimeoutSeconds, r.Async, r.ExitCode,
 		r.Stdout, r.Stderr, r.StdoutTruncated, r.StderrTruncated, e.json("result", r.Result),
@@ -33,12 +41,27 @@ func (d *DB) CreateRun(ctx context.Context, r store.Run) error {
 	if e.err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, e.err)
 	}
-	_, err := d.exec(ctx, nil, `INSERT INTO runs (`+runCols+`)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, args...)
-	if err != nil {
+	if _, err := d.exec(ctx, tx, insertRunSQL, args...); err != nil {
 		return fmt.Errorf("create run %s: %w", r.ID, classify(err))
 	}
 	return nil
+}
+
+// StartRun records run r for the first time as it starts: sb as UpdateSandbox does (the update
+// that refuses a final sandbox), r inserted, then ev, in one transaction.
+func (d *DB) StartRun(ctx context.Context, r store.Run, sb store.Sandbox, ev *store.Event) error {
+	return d.write(ctx, func(tx *sql.Tx) error {
+		if err := d.updateSandbox(ctx, tx, sb); err != nil {
+			return err
+		}
+		if err := d.insertRun(ctx, tx, r); err != nil {
+			return err
+		}
+		if ev != nil {
+			return d.addEvent(ctx, tx, *ev)
+		}
+		return nil
+	})
 }
 
 // UpdateRun overwrites every field of the run with r.ID but ID, SandboxID, AccountID, Code and

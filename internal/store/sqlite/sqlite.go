@@ -126,7 +126,7 @@ func Open(ctx context.Context, path string) (*DB, error) {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 
-	if err := d.ws.prime(ctx, updateRunSQL, updateSandboxSQL, addEventSQL); err != nil {
+	if err := d.ws.prime(ctx, insertRunSQL, updateRunSQL, updateSandboxSQL, addEventSQL); err != nil {
 		w.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}

@@ -57,6 +57,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"RunRoundTrip", testRunRoundTrip},
 		{"RunUpdate", testRunUpdate},
 		{"RecordRun", testRecordRun},
+		{"StartRun", testStartRun},
 		{"ListRuns", testListRuns},
 		{"EndOpenRuns", testEndOpenRuns},
 		{"SandboxUsage", testSandboxUsage},
@@ -817,6 +818,76 @@ func testRecordRun(t *testing.T, st store.Store) {
 			if got2.Status != "running" {
 				t.Errorf("run of the destroyed sandbox: status %q, want running (its end refused with the sandbox's)", got2.Status)
 			}
+		})
+	}
+}
+
+// testStartRun: a run recorded for the first time as it starts, with its sandbox's status and its
+// event in one commit; nothing is written when a part fails.
+func testStartRun(t *testing.T, st store.Store) {
+	a := account(t, st, "acct_a")
+	sb := createSandbox(t, st, sandbox("sbx_1", a.ID, base, store.SandboxReady))
+	gone := createSandbox(t, st, sandbox("sbx_2", a.ID, base, store.SandboxDestroyed))
+	missing := sandbox("sbx_missing", a.ID, base, store.SandboxReady)
+	started := func(id string, of store.Sandbox) store.Run {
+		r := run(id, of.ID, a.ID, base, "running")
+		r.StartedAt = ptr(at(time.Second))
+		return r
+	}
+	running := func(of store.Sandbox) store.Sandbox { of.Status = store.SandboxRunning; return of }
+	ev := func(id, sbID, runID string) *store.Event {
+		return &store.Event{ID: id, AccountID: a.ID, Type: "run.started", At: at(time.Second), SandboxID: sbID, RunID: runID}
+	}
+	tests := []struct {
+		name    string
+		run     store.Run
+		sb      store.Sandbox
+		ev      *store.Event
+		wantErr error
+		// what the records are after the call
+		wantRun    bool // the run exists (running)
+		wantSb     string
+		wantEvents []string
+	}{
+		{"all three", started("run_1", sb), running(sb), ev("evt_1", sb.ID, "run_1"), nil, true, store.SandboxRunning, []string{"evt_1"}},
+		{"without an event", started("run_2", sb), running(sb), nil, nil, true, store.SandboxRunning, []string{"evt_1"}},
+		{"duplicate run: nothing written", started("run_1", sb), sb, ev("evt_2", sb.ID, "run_1"), store.ErrConflict,
+			true, store.SandboxRunning, []string{"evt_1"}},
+		{"duplicate event: nothing written", started("run_3", sb), sb, ev("evt_1", sb.ID, "run_3"), store.ErrConflict,
+			false, store.SandboxRunning, []string{"evt_1"}},
+		{"final sandbox: nothing written", started("run_4", gone), running(gone), ev("evt_3", gone.ID, "run_4"), store.ErrFinal,
+			false, store.SandboxDestroyed, []string{"evt_1"}},
+		{"unknown sandbox: nothing written", started("run_5", missing), running(missing), ev("evt_4", missing.ID, "run_5"),
+			store.ErrNotFound, false, "", []string{"evt_1"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := st.StartRun(ctx, tc.run, tc.sb, tc.ev)
+			if tc.wantErr == nil {
+				ok(t, err)
+			} else {
+				wantErr(t, "StartRun", err, tc.wantErr)
+			}
+			got, err := st.GetRun(ctx, tc.run.SandboxID, tc.run.ID)
+			switch {
+			case tc.wantRun:
+				ok(t, err)
+				if got.Status != "running" || got.StartedAt == nil {
+					t.Errorf("run: status %q started %v, want running with its start", got.Status, got.StartedAt)
+				}
+			case !errors.Is(err, store.ErrNotFound):
+				t.Errorf("run: %+v %v, want none", got, err)
+			}
+			if tc.wantSb != "" {
+				gotSb, err := st.GetSandbox(ctx, a.ID, tc.sb.ID)
+				ok(t, err)
+				if gotSb.Status != tc.wantSb {
+					t.Errorf("sandbox status %q, want %q", gotSb.Status, tc.wantSb)
+				}
+			}
+			evs, _, err := st.ListEvents(ctx, store.EventFilter{AccountID: a.ID})
+			ok(t, err)
+			same(t, "events", eventIDs(evs), tc.wantEvents)
 		})
 	}
 }
