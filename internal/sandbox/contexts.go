@@ -157,26 +157,31 @@ func (s *Service) DeleteContext(ctx context.Context, acct store.Account, sandbox
 }
 
 // runContext checks the context a run names: it must exist and not be deleted.
-func (s *Service) runContext(ctx context.Context, rec store.Sandbox, id string) error {
+func (s *Service) runContext(ctx context.Context, rec store.Sandbox, id string) (store.Context, error) {
 	if _, ok := s.drivers[rec.Mode].(driver.Contexter); !ok {
-		return errorf(KindUnsupportedInMode, "code contexts are not available in %s mode yet: run without \"context\"", rec.Mode)
+		return store.Context{}, errorf(KindUnsupportedInMode, "code contexts are not available in %s mode yet: run without \"context\"", rec.Mode)
 	}
 	c, err := s.st.GetContext(ctx, rec.ID, id)
 	if errors.Is(err, store.ErrNotFound) {
-		return errorf(KindNotFound, "no context %q in sandbox %s", id, rec.ID)
+		return c, errorf(KindNotFound, "no context %q in sandbox %s", id, rec.ID)
 	} else if err != nil {
-		return internal("get context", err)
+		return c, internal("get context", err)
 	}
 	if c.Status == store.ContextDeleted {
-		return errorf(KindNotFound, "context %s was deleted (%s)", id, c.ResetReason)
+		return c, errorf(KindNotFound, "context %s was deleted (%s)", id, c.ResetReason)
 	}
-	return nil
+	return c, nil
 }
 
-// contextBefore is called as a context's run starts (execMu held): the reason its interpreter
-// will be fresh, if its record says it was reset.
-func (s *Service) contextBefore(sandboxID, id string) (store.Context, error) {
-	return s.st.GetContext(context.Background(), sandboxID, id)
+// contextBefore is called as a context's run starts (execMu held): the context's record, whose
+// status says whether its interpreter will be fresh. A run that found its sandbox idle when it
+// was made (j.cx) uses the record read then: every earlier run of the sandbox had written its end
+// (and its context's) before it.
+func (s *Service) contextBefore(sandboxID string, j *job) (store.Context, error) {
+	if j.cx != nil {
+		return *j.cx, nil
+	}
+	return s.st.GetContext(context.Background(), sandboxID, j.run.Context)
 }
 
 // contextAfter returns what a run did to its context (execMu held) — the record to write with the

@@ -45,8 +45,9 @@ func (s *Service) Run(ctx context.Context, acct store.Account, sandboxID string,
 		}
 		return api.Run{}, false, errorf(KindSandboxDestroyed, "sandbox %s is %s: create a new one", sandboxID, rec.Status)
 	}
+	var cx store.Context
 	if req.Context != "" {
-		if err := s.runContext(ctx, rec, req.Context); err != nil {
+		if cx, err = s.runContext(ctx, rec, req.Context); err != nil {
 			return api.Run{}, false, err
 		}
 	}
@@ -67,6 +68,9 @@ func (s *Service) Run(ctx context.Context, acct store.Account, sandboxID string,
 	default:
 		// Idle (nothing queued or running) and synchronous: recorded as it starts, in one commit.
 		j.unrecorded = !req.Async && len(lv.jobs) == 0
+		if j.unrecorded && req.Context != "" {
+			j.cx = &cx
+		}
 		if !j.unrecorded {
 			if err = s.st.CreateRun(ctx, j.run); err != nil {
 				err = internal("record run", err)
@@ -169,7 +173,7 @@ func (s *Service) execute(lv *live, drv driver.Driver, j *job) {
 	var cxEnd *store.Context // the context's record, written with the run's end
 	var cerr error
 	if j.run.Context != "" {
-		cx, cerr = s.contextBefore(lv.id, j.run.Context)
+		cx, cerr = s.contextBefore(lv.id, j)
 	}
 	var res driver.ExecResult
 	var err error

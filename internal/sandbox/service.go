@@ -214,7 +214,8 @@ type job struct {
 	// recorded first as it starts (store.StartRun: one commit instead of two); nobody else knows
 	// its ID before it ends, so nobody looks for its record meanwhile.
 	unrecorded bool
-	err        error // the run could not be recorded: Run returns this instead of the run
+	err        error          // the run could not be recorded: Run returns this instead of the run
+	cx         *store.Context // an unrecorded run's context record, read as it was made (contextBefore)
 }
 
 // New opens the service: it reconciles what a previous process of this replica left (its live
