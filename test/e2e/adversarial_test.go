@@ -60,7 +60,7 @@ func startTenants(t *testing.T) *tenants {
 // sandbox creates a sandbox of key's account; mode "" is container.
 func (tn *tenants) sandbox(key, mode string, cfg map[string]any) string {
 	tn.s.t.Helper()
-	status, m := tn.s.do("POST", "/api/sandbox/create", key, map[string]any{"agent_id": "adversary", "mode": mode, "config": cfg})
+	status, m := tn.s.awaitReady(key)(tn.s.do("POST", "/api/sandbox/create", key, map[string]any{"agent_id": "adversary", "mode": mode, "config": cfg}))
 	if status != 201 || m["status"] != "ready" {
 		tn.s.t.Fatalf("create: %d %v", status, m)
 	}

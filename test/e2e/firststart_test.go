@@ -89,7 +89,7 @@ func TestWasmImageBuiltInTheBackground(t *testing.T) {
 		if _, h = state(s); im["status"] != "ready" || h["status"] != "ready" || !strings.HasPrefix(im["digest"].(string), "sha256:") {
 			t.Fatalf("after the build: images %v, health %v", im, h)
 		}
-		status, m = s.do("POST", "/api/sandbox/create", s.key, wasmCreate)
+		status, m = s.awaitReady(s.key)(s.do("POST", "/api/sandbox/create", s.key, wasmCreate))
 		if status != 201 || m["mode"] != "wasm" {
 			t.Fatalf("wasm create after the build: %d %v", status, m)
 		}

@@ -131,8 +131,13 @@ func TestReplicaLost(t *testing.T) {
 	if sb["status"] != "destroyed" || sb["destroy_reason"] != "replica_lost" {
 		t.Fatalf("sandbox of the killed replica: %v", sb)
 	}
-	_, ev := b.do("GET", "/api/audit?type=sandbox.destroyed", key, nil)
-	if ev["total"] != float64(1) {
+	// The sweep writes the sandbox's end, then its audit event.
+	var ev map[string]any
+	if !waitfor.Until(time.Minute, func() bool {
+		time.Sleep(200 * time.Millisecond) // within the API key's rate limit
+		_, ev = b.do("GET", "/api/audit?type=sandbox.destroyed", key, nil)
+		return ev["total"] == float64(1)
+	}) {
 		t.Fatalf("sandbox.destroyed events: %v", ev)
 	}
 	// The surviving replica serves on.
