@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/pseudofs"
 	"github.com/sandboxd/sandboxd/internal/pyrunner"
 )
 
@@ -47,6 +48,9 @@ type pyContext struct {
 	// lastCPU is the interpreter's own CPU count (µs, itself and its reaped children) at the end of
 	// its last run.
 	lastCPU int64
+	// noSpawn: the interpreter runs under the no-spawn filter (started without allow_spawn), set
+	// before any code it runs and never lifted: its runs cannot make a process (see runInContext).
+	noSpawn bool
 }
 
 // contextParent is the directory the contexts' working directories are made in.
@@ -255,7 +259,7 @@ func (a *agentServer) startContext(c *pyContext, req *agent.RunRequest) (err err
 		return fail(fmt.Errorf("the interpreter did not start (%q, %v)", line, err))
 	}
 	conn.SetDeadline(time.Time{})
-	c.pid, c.exited, c.ctl, c.br, c.lost, c.lastCPU = pid, exited, conn, br, "", 0
+	c.pid, c.exited, c.ctl, c.br, c.lost, c.lastCPU, c.noSpawn = pid, exited, conn, br, "", 0, !req.AllowSpawn
 	return nil
 }
 
@@ -370,8 +374,8 @@ func (a *agentServer) runInContext(req *agent.RunRequest, s *sender, answers <-c
 		callsDone.Wait()
 	}()
 	a.dropLaunchedStandby()
-	pid := c.pid
-	os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0) // its peak RSS starts again
+	pid, spawnless := c.pid, c.noSpawn
+	pseudofs.WriteFile("/proc/"+strconv.Itoa(pid)+"/clear_refs", []byte("5")) // its peak RSS starts again
 	ticks0, _ := procCPUTicks(pid)
 	c.seq++
 	fds := make([]int, len(theirs))
@@ -509,7 +513,16 @@ wait:
 			res.ContextLost = lost
 		}
 	}
-	a.killRun(0) // what the run started is not to outlive it (the contexts and the standby are spared)
+	// What the run started is not to outlive it (the contexts and the standby are spared). An
+	// interpreter under the no-spawn filter cannot have started anything: fork, vfork, clone
+	// without CLONE_THREAD and clone3 fail for it and for its threads, the filter is installed
+	// before its first line of code and cannot be removed, and every other process of the sandbox
+	// that code reaches (other contexts, fresh runs, the standby) is under the same filter, as
+	// allow_spawn is the sandbox's. The scan of /proc is then skipped; the driver's straggler
+	// check on the host still lists the sandbox's cgroups after every run.
+	if !spawnless {
+		a.killRun(0)
+	}
 	if err := pyrunner.EmptyDir(pyrunner.WorkDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		a.log.Warn("emptying the working directory", "err", err)
 	}
@@ -591,7 +604,7 @@ const clockTicks = 100
 // procStat returns the fields of /proc/<pid>/stat after the command's ")": state(0) ppid pgrp
 // session tty tpgid flags minflt cminflt majflt cmajflt utime(11) stime cutime cstime …
 func procStat(pid int) ([]string, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	b, err := pseudofs.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return nil, err
 	}
@@ -624,7 +637,7 @@ func procCPUTicks(pid int) (int64, error) {
 
 // procHWM returns the peak RSS (VmHWM) of process pid in bytes, 0 if unknown.
 func procHWM(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	b, err := pseudofs.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return 0
 	}

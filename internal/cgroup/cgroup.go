@@ -28,6 +28,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/sandboxd/sandboxd/internal/pseudofs"
 )
 
 // Controllers the package creates groups in. On v1, "cpuacct" may be its own hierarchy or share
@@ -176,7 +178,7 @@ func (l Layout) OOMKills(group string) (int64, error) {
 	if l.MemoryV2() {
 		name = "memory.events"
 	}
-	b, err := os.ReadFile(filepath.Join(l.MemoryDir(group), name))
+	b, err := pseudofs.ReadFile(filepath.Join(l.MemoryDir(group), name))
 	if err != nil {
 		return 0, err
 	}
@@ -206,7 +208,7 @@ func procsUnder(dir string) ([]int, error) {
 		if !d.IsDir() {
 			return nil
 		}
-		b, err := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+		b, err := pseudofs.ReadFile(filepath.Join(p, "cgroup.procs"))
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				return nil
@@ -477,14 +479,14 @@ func (l Layout) CPUUsage(group string) (time.Duration, error) {
 		return 0, errors.New("cgroup: no hierarchy accounts CPU time")
 	}
 	if !m.V2 {
-		b, err := os.ReadFile(filepath.Join(Dir(m, group), "cpuacct.usage"))
+		b, err := pseudofs.ReadFile(filepath.Join(Dir(m, group), "cpuacct.usage"))
 		if err != nil {
 			return 0, err
 		}
 		ns, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
 		return time.Duration(ns), err
 	}
-	b, err := os.ReadFile(filepath.Join(Dir(m, group), "cpu.stat"))
+	b, err := pseudofs.ReadFile(filepath.Join(Dir(m, group), "cpu.stat"))
 	if err != nil {
 		return 0, err
 	}

@@ -129,6 +129,7 @@ type box struct {
 	zygote  chan struct{}                  // closed once startZygote has returned; nil after a reload
 	zygoted bool                           // startZygote started one (read once zygote is closed)
 	broker  *os.Process                    // runsc: the agent's broker started by this process (nil after a reload)
+	known   knownProcs                     // the straggler check's own processes, pinned by pidfds
 }
 
 // Open opens the container driver: it requires mountns.Enter to have run, checks the agent
@@ -1081,6 +1082,9 @@ func (d *Driver) killStragglers(id string, initPid, standby int, forked bool) er
 // run only once the zygote has reaped it: after an answer, a child of the zygote is a standby.
 // Without an answer it may be the run.)
 //
+// The status of a process seen at an earlier check is not read again while the host's pidfd of
+// it says it lives (knownProcs: a PID cannot be reused while a pidfd of its process is open).
+//
 // Under gVisor (runsc) the sandbox's processes are not the host's: its cgroups hold the Sentry,
 // the gofer and their helpers. There it lists the PIDs inside gVisor (runsc ps) but the agent's
 // (1) and the standby's.
@@ -1102,9 +1106,19 @@ func (d *Driver) runProcesses(id string, initPid, standby int, forked bool) ([]i
 		}
 		return slices.DeleteFunc(pids, func(p int) bool { return p == 1 || p == standby || contexts[p] }), nil
 	}
-	procs, zygotes, err := d.sandboxProcs(id)
+	pids, err := d.cg.procs(id)
 	if err != nil {
 		return nil, err
+	}
+	var procs []sandboxProc
+	var zygotes map[int]bool
+	d.mu.Lock()
+	b := d.boxes[id]
+	d.mu.Unlock()
+	if b != nil {
+		procs, zygotes = b.known.procsOf(pids, initPid)
+	} else {
+		procs, zygotes = procsOf(pids)
 	}
 	var out []int
 	for _, p := range procs {
@@ -1181,6 +1195,9 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 		return fmt.Errorf("destroy sandbox %s: %w", id, errors.Join(errs...))
 	}
 	d.mu.Lock()
+	if b := d.boxes[id]; b != nil {
+		b.known.close()
+	}
 	delete(d.boxes, id)
 	d.mu.Unlock()
 	return nil

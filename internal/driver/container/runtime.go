@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/driver/statedir"
+	"github.com/sandboxd/sandboxd/internal/pseudofs"
 )
 
 // knownRuntimes are the OCI runtimes the driver detects, in order of preference. gVisor's runsc
@@ -170,7 +171,7 @@ func (r *ociRuntime) killAndWait(ctx context.Context, id string) bool {
 
 // exited reports whether process pid is gone or a zombie.
 func exited(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	b, err := pseudofs.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return true
 	}

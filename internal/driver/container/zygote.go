@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sandboxd/sandboxd/internal/agent"
+	"github.com/sandboxd/sandboxd/internal/pseudofs"
 )
 
 // Every sandbox gets a zygote once its agent is ready: a Python that has started once and forks
@@ -132,7 +133,7 @@ func (d *Driver) joinCgroups(id string, pid int) error {
 // one entry for a process outside every sandbox, such as a zygote) and its parent's PID; nil and 0
 // if it is gone.
 func procStatus(pid int) (nspid []int, ppid int) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	b, err := pseudofs.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return nil, 0
 	}
