@@ -30,15 +30,25 @@ func (s *Service) Run(ctx context.Context, acct store.Account, sandboxID string,
 	if err != nil {
 		return api.Run{}, false, err
 	}
-	rec, err := s.st.GetSandbox(ctx, acct.ID, sandboxID)
-	if errors.Is(err, store.ErrNotFound) {
-		return api.Run{}, false, errorf(KindNotFound, "no sandbox %q", sandboxID)
-	} else if err != nil {
-		return api.Run{}, false, internal("get sandbox", err)
-	}
+	// A sandbox live here is known by its record in memory (this replica writes it); any other is
+	// read from the store, which also tells another tenant's sandbox from none (both: not found).
 	s.mu.Lock()
 	lv := s.live[sandboxID]
 	s.mu.Unlock()
+	var rec store.Sandbox
+	if lv != nil {
+		lv.mu.Lock()
+		rec = lv.rec
+		lv.mu.Unlock()
+	}
+	if lv == nil || rec.AccountID != acct.ID {
+		rec, err = s.st.GetSandbox(ctx, acct.ID, sandboxID)
+		if errors.Is(err, store.ErrNotFound) {
+			return api.Run{}, false, errorf(KindNotFound, "no sandbox %q", sandboxID)
+		} else if err != nil {
+			return api.Run{}, false, internal("get sandbox", err)
+		}
+	}
 	if lv == nil {
 		if err := s.elsewhere(rec); err != nil {
 			return api.Run{}, false, err
