@@ -375,7 +375,8 @@ func (a *agentServer) runInContext(req *agent.RunRequest, s *sender, answers <-c
 	}()
 	a.dropLaunchedStandby()
 	pid, spawnless := c.pid, c.noSpawn
-	pseudofs.WriteFile("/proc/"+strconv.Itoa(pid)+"/clear_refs", []byte("5")) // its peak RSS starts again
+	// (Its peak RSS is reset by the interpreter itself as the run starts: between runs it is not
+	// dumpable, and its /proc files are not ours to write.)
 	ticks0, _ := procCPUTicks(pid)
 	c.seq++
 	fds := make([]int, len(theirs))

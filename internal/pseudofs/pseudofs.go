@@ -1,4 +1,4 @@
-// Package pseudofs reads and writes the small files of the kernel's pseudo-filesystems — /proc,
+// Package pseudofs reads the small files of the kernel's pseudo-filesystems — /proc,
 // the cgroup filesystem — on paths taken for every run (the agent's and the container driver's
 // per-run checks), in as few system calls as the kernel allows.
 //
@@ -14,7 +14,6 @@
 package pseudofs
 
 import (
-	"io"
 	"io/fs"
 
 	"golang.org/x/sys/unix"
@@ -51,33 +50,6 @@ func ReadFile(name string) ([]byte, error) {
 		return nil, &fs.PathError{Op: "close", Path: name, Err: err}
 	}
 	return b, nil
-}
-
-// WriteFile writes data to the existing file name (open write-only, without O_CREAT or
-// O_TRUNC, which these files ignore): open, write, close.
-func WriteFile(name string, data []byte) error {
-	fd, err := open(name, unix.O_WRONLY)
-	if err != nil {
-		return err
-	}
-	for len(data) > 0 {
-		n, err := unix.Write(fd, data)
-		if err == unix.EINTR {
-			continue
-		}
-		if err == nil && n == 0 {
-			err = io.ErrShortWrite
-		}
-		if err != nil {
-			unix.Close(fd)
-			return &fs.PathError{Op: "write", Path: name, Err: err}
-		}
-		data = data[n:]
-	}
-	if err := unix.Close(fd); err != nil {
-		return &fs.PathError{Op: "close", Path: name, Err: err}
-	}
-	return nil
 }
 
 func open(name string, mode int) (int, error) {

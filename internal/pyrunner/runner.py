@@ -777,6 +777,16 @@ def _context_run(seq, fds, g, limit, imp, null, sock, resource):
     import _signal
     _live[0] = False  # whatever a previous run left: SIGINT is for user code of this run only
     _context_dumpable(1)  # as a fresh run's process is
+    # The run's peak RSS (the agent reads VmHWM after it) starts from here. Only the interpreter
+    # itself can reset it: between runs it is not dumpable, so its /proc files are not the agent's.
+    try:
+        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        try:
+            os.write(fd, b"5")
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
     # Between runs SIGCHLD is ignored, so that the children the agent kills after a run are reaped
     # by the kernel (no zombies wait for the next run); the run's code gets the default back.
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
