@@ -19,6 +19,12 @@ import (
 func TestSyncRunRecordedAsItStarts(t *testing.T) {
 	e := newEnv(t, "pro")
 	ctx := context.Background()
+	if err := e.svc.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	calls := &runCalls{Store: e.st}
+	e.st = calls
+	e.svc = e.open(t)
 	id := e.create(t, nil)
 	done := make(chan api.Run, 1)
 	go func() {
@@ -56,6 +62,26 @@ func TestSyncRunRecordedAsItStarts(t *testing.T) {
 	if len(runs) != 2 || runs[0].Status != "completed" || runs[1].Status != "completed" {
 		t.Fatalf("runs at the end: %+v", runs)
 	}
+	// The idle synchronous run: one commit at its start; the one made meanwhile: inserted queued.
+	if s, c := calls.start.Load(), calls.create.Load(); s != 1 || c != 1 {
+		t.Fatalf("StartRun %d, CreateRun %d calls; want 1 and 1", s, c)
+	}
+}
+
+// runCalls is a Store that counts how runs are first recorded.
+type runCalls struct {
+	store.Store
+	start, create atomic.Int32
+}
+
+func (c *runCalls) StartRun(ctx context.Context, r store.Run, sb store.Sandbox, ev *store.Event) error {
+	c.start.Add(1)
+	return c.Store.StartRun(ctx, r, sb, ev)
+}
+
+func (c *runCalls) CreateRun(ctx context.Context, r store.Run) error {
+	c.create.Add(1)
+	return c.Store.CreateRun(ctx, r)
 }
 
 // A synchronous run whose sandbox another replica ended (having declared this one lost) before

@@ -281,6 +281,13 @@ func (d *Driver) Close() error {
 	for _, rt := range d.all {
 		rt.close()
 	}
+	// The sandboxes live on (a reopened driver finds them); the straggler check's pidfds of their
+	// processes are this driver's.
+	d.mu.Lock()
+	for _, b := range d.boxes {
+		b.known.close()
+	}
+	d.mu.Unlock()
 	return errors.Join(d.gw.Close(), d.net.Close())
 }
 

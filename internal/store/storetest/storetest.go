@@ -805,14 +805,7 @@ func testRecordRun(t *testing.T, st store.Store) {
 			if got.Status != tc.wantRun {
 				t.Errorf("run status %q, want %q", got.Status, tc.wantRun)
 			}
-			gotSb, err := st.GetSandbox(ctx, a.ID, sb.ID)
-			ok(t, err)
-			if gotSb.Status != tc.wantSb {
-				t.Errorf("sandbox status %q, want %q", gotSb.Status, tc.wantSb)
-			}
-			evs, _, err := st.ListEvents(ctx, store.EventFilter{AccountID: a.ID})
-			ok(t, err)
-			same(t, "events", eventIDs(evs), tc.wantEvents)
+			wantSandboxEvents(t, st, a.ID, sb.ID, tc.wantSb, tc.wantEvents)
 			got2, err := st.GetRun(ctx, sb2.ID, r2.ID)
 			ok(t, err)
 			if got2.Status != "running" {
@@ -878,18 +871,25 @@ func testStartRun(t *testing.T, st store.Store) {
 			case !errors.Is(err, store.ErrNotFound):
 				t.Errorf("run: %+v %v, want none", got, err)
 			}
-			if tc.wantSb != "" {
-				gotSb, err := st.GetSandbox(ctx, a.ID, tc.sb.ID)
-				ok(t, err)
-				if gotSb.Status != tc.wantSb {
-					t.Errorf("sandbox status %q, want %q", gotSb.Status, tc.wantSb)
-				}
-			}
-			evs, _, err := st.ListEvents(ctx, store.EventFilter{AccountID: a.ID})
-			ok(t, err)
-			same(t, "events", eventIDs(evs), tc.wantEvents)
+			wantSandboxEvents(t, st, a.ID, tc.sb.ID, tc.wantSb, tc.wantEvents)
 		})
 	}
+}
+
+// wantSandboxEvents checks sandbox sbID's status (unless wantSb is "": it does not exist) and the
+// IDs of account accountID's events.
+func wantSandboxEvents(t *testing.T, st store.Store, accountID, sbID, wantSb string, wantEvents []string) {
+	t.Helper()
+	if wantSb != "" {
+		gotSb, err := st.GetSandbox(ctx, accountID, sbID)
+		ok(t, err)
+		if gotSb.Status != wantSb {
+			t.Errorf("sandbox status %q, want %q", gotSb.Status, wantSb)
+		}
+	}
+	evs, _, err := st.ListEvents(ctx, store.EventFilter{AccountID: accountID})
+	ok(t, err)
+	same(t, "events", eventIDs(evs), wantEvents)
 }
 
 func testListRuns(t *testing.T, st store.Store) {
