@@ -372,9 +372,19 @@ func TestStopLeavesNothing(t *testing.T) {
 	}
 
 	var left []string
+	// A killed shim is reparented to init (or a subreaper), which reaps it when it gets to it:
+	// an exited process not yet reaped (a zombie) has left, whoever reaps it.
+	waitfor.Until(10*time.Second, func() bool {
+		for _, pid := range pids {
+			if _, ok := running(pid); ok {
+				return false
+			}
+		}
+		return true
+	})
 	for _, pid := range pids {
-		if err := syscall.Kill(pid, 0); err != syscall.ESRCH {
-			left = append(left, fmt.Sprintf("process %d (%v)", pid, err))
+		if stat, ok := running(pid); ok {
+			left = append(left, fmt.Sprintf("process %d: %s", pid, stat))
 		}
 	}
 	for _, pid := range pidsNaming(dir) {
@@ -439,4 +449,19 @@ func TestStopLeavesNothing(t *testing.T) {
 	if len(left) > 0 {
 		t.Fatalf("left after Stop:\n%s", strings.Join(left, "\n"))
 	}
+}
+
+// running reports whether process pid exists and has not exited (a zombie has), with its
+// /proc/<pid>/stat line to name it.
+func running(pid int) (string, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return "", false
+	}
+	stat := strings.TrimSpace(string(b))
+	// The state follows the command's name, which ends at the last ')'.
+	if i := strings.LastIndexByte(stat, ')'); i > 0 && len(stat) > i+2 && strings.ContainsRune("ZXx", rune(stat[i+2])) {
+		return stat, false
+	}
+	return stat, true
 }
