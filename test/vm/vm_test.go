@@ -57,6 +57,9 @@ const (
 	e2eTimeout = 20 * time.Minute
 	// bootAllowance is what the VM may take besides the suite: boot and power-off.
 	bootAllowance = 5 * time.Minute
+	// watchdogLead is how long before the suite's timeout the guest's watchdog looks at a suite
+	// still running (jobScript): the Go timeout's own report never came from a guest that hung.
+	watchdogLead = 3 * time.Minute
 	// poweroffGrace is how long the guest has to power off once it wrote its status.
 	poweroffGrace = 60 * time.Second
 )
@@ -143,8 +146,24 @@ cat /proc/self/cgroup >$J/cgroup.self
 cat /sys/fs/cgroup/cgroup.controllers >$J/cgroup.controllers
 nft list tables >$J/nft.before 2>&1
 cd "$E2E_DIR" || exit 1
+# The watchdog: a suite still running shortly before its own timeout records what the guest is
+# doing, then SIGQUITs the servers (their goroutines go to the suite's logs) and the suite (its own).
+quit() { for d in /proc/[0-9]*; do [ "$(cat $d/comm 2>/dev/null)" = "$1" ] && kill -QUIT "${d#/proc/}"; done; }
+( sleep "$WATCHDOG_S" || exit
+  { echo "vm: watchdog after $WATCHDOG_S s: load $(cat /proc/loadavg)"; cat /proc/meminfo | head -3
+    for d in /proc/[0-9]*; do
+      c=$(tr '\0' ' ' <$d/cmdline 2>/dev/null)
+      case "$c" in *e2e.test*|*sandboxd*|*sandbox-agent*|*python*|*crun*)
+        echo "== ${d#/proc/} state $(cut -d' ' -f3 $d/stat) wchan $(cat $d/wchan) cgroup $(tr "\n" " " <$d/cgroup): $c"
+        cat $d/stack;;
+      esac
+    done
+  } >$J/watchdog.log 2>&1
+  quit sandboxd; sleep 30; quit e2e.test ) &
+wd=$!
 $J/e2e.test -test.v -test.count=1 -test.timeout="$E2E_TIMEOUT" -test.run "$E2E_RUN" -test.skip "$E2E_SKIP"
 rc=$?
+kill $wd 2>/dev/null
 ip netns list >$J/netns.after 2>&1
 nft list tables >$J/nft.after 2>&1
 find /sys/fs/cgroup -name '*sandbox*' -type d | while read -r d; do echo "$d ($(grep populated "$d/cgroup.events"))"; done >$J/cgroups.after 2>&1
@@ -170,6 +189,7 @@ func runVM(t *testing.T, e env, root, e2eBin, variant string) {
 		{"SANDBOXD_BIN", e.bin}, {"SANDBOXD_ROOTFS", e.rootfs}, {"SANDBOXD_PYTHON_WASM", e.wasm},
 		{"SANDBOXD_VM_VARIANT", variant},
 		{"E2E_DIR", filepath.Join(root, "test", "e2e")}, {"E2E_RUN", suite}, {"E2E_SKIP", skip}, {"E2E_TIMEOUT", e2eTimeout.String()},
+		{"WATCHDOG_S", strconv.Itoa(int((e2eTimeout - watchdogLead).Seconds()))},
 	}
 	var envFile strings.Builder
 	for _, kv := range vars {
@@ -241,6 +261,9 @@ wait:
 	}
 	output := readFile(filepath.Join(job, "output.log"))
 	t.Logf("guest output (%s):\n%s", variant, output)
+	if wd := readFile(filepath.Join(job, "watchdog.log")); wd != "" {
+		t.Errorf("the guest's watchdog fired (the suite neared its timeout):\n%s", tail(wd, 200))
+	}
 	if done.IsZero() {
 		t.Fatalf("the guest wrote no status (qemu: %v, after %.0f s, limit %v); console tail:\n%s\nguest output tail:\n%s",
 			qemuErr, time.Since(start).Seconds(), limit, tail(readFile(consolePath), 40), tail(output, 40))
