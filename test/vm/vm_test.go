@@ -146,10 +146,14 @@ cat /proc/self/cgroup >$J/cgroup.self
 cat /sys/fs/cgroup/cgroup.controllers >$J/cgroup.controllers
 nft list tables >$J/nft.before 2>&1
 cd "$E2E_DIR" || exit 1
-# The watchdog: a suite still running shortly before its own timeout records what the guest is
-# doing, then SIGQUITs the servers (their goroutines go to the suite's logs) and the suite (its own).
+# The watchdog: a heartbeat every 30 s; a suite still running shortly before its own timeout
+# records what the guest is doing, then SIGQUITs the servers (their goroutines go to the suite's
+# logs) and the suite (its own).
 quit() { for d in /proc/[0-9]*; do [ "$(cat $d/comm 2>/dev/null)" = "$1" ] && kill -QUIT "${d#/proc/}"; done; }
-( sleep "$WATCHDOG_S" || exit
+( n=0
+  while [ $n -lt "$WATCHDOG_S" ]; do # a heartbeat: a guest that stops writing it hung as a whole
+    sleep 30 || exit; n=$((n + 30)); echo "$n s: load $(cat /proc/loadavg)" >>$J/heartbeat.log
+  done
   { echo "vm: watchdog after $WATCHDOG_S s: load $(cat /proc/loadavg)"; cat /proc/meminfo | head -3
     for d in /proc/[0-9]*; do
       c=$(tr '\0' ' ' <$d/cmdline 2>/dev/null)
@@ -265,8 +269,8 @@ wait:
 		t.Errorf("the guest's watchdog fired (the suite neared its timeout):\n%s", tail(wd, 200))
 	}
 	if done.IsZero() {
-		t.Fatalf("the guest wrote no status (qemu: %v, after %.0f s, limit %v); console tail:\n%s\nguest output tail:\n%s",
-			qemuErr, time.Since(start).Seconds(), limit, tail(readFile(consolePath), 40), tail(output, 40))
+		t.Fatalf("the guest wrote no status (qemu: %v, after %.0f s, limit %v); console tail:\n%s\nguest output tail:\n%s\nguest heartbeat tail:\n%s",
+			qemuErr, time.Since(start).Seconds(), limit, tail(readFile(consolePath), 40), tail(output, 40), tail(readFile(filepath.Join(job, "heartbeat.log")), 5))
 	}
 
 	passed, failed := results(output)
